@@ -8,5 +8,9 @@ from .modeling_nbp import NBPForVideoGeneration, NBPModel
 
 AutoConfig.register("nbp", NBPConfig, exist_ok=True)
 AutoModel.register(NBPConfig, NBPForVideoGeneration, exist_ok=True)
+# saved folders carry the modeling code, so `AutoModel.from_pretrained(path, trust_remote_code=True)` works
+# on a machine without this package
+NBPConfig.register_for_auto_class()
+NBPForVideoGeneration.register_for_auto_class("AutoModel")
 
 __all__ = ["BlockLayout", "NBPConfig", "NBPForVideoGeneration", "NBPModel"]

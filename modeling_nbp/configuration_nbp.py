@@ -83,6 +83,10 @@ class NBPConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.condition_mode not in CONDITION_MODES:
+            raise ValueError(f"condition_mode must be one of {CONDITION_MODES}, got {self.condition_mode!r}")
+        if self.first_block not in FIRST_BLOCK_SCHEMES:
+            raise ValueError(f"first_block must be one of {FIRST_BLOCK_SCHEMES}, got {self.first_block!r}")
         self.latent_shape = list(self.latent_shape or [5, 16, 16])
         self.block_shape = list(self.block_shape or [1, 1, self.latent_shape[-1]])
         if self.intermediate_size is None:
@@ -113,9 +117,10 @@ class NBPConfig(PreTrainedConfig):
             # one condition id per class
             self.class_condition_ids = [[self.condition_token_offset + c] for c in range(self.num_classes)]
         super().__post_init__(**kwargs)
+        self.validate_architecture()
 
     def validate_architecture(self):
-        """Checked by transformers' `@strict` validation and on every instantiation."""
+        """Checked on every instantiation (also on loading)."""
         if len(self.latent_shape) != 3 or len(self.block_shape) != 3:
             raise ValueError(
                 f"latent_shape and block_shape must be (T', H', W') and (t, h, w); got {self.latent_shape}, "
@@ -126,10 +131,6 @@ class NBPConfig(PreTrainedConfig):
                 f"block_shape {tuple(self.block_shape)} does not tile latent_shape {tuple(self.latent_shape)}: "
                 "each block dimension must divide the matching grid dimension"
             )
-        if self.condition_mode not in CONDITION_MODES:
-            raise ValueError(f"condition_mode must be one of {CONDITION_MODES}, got {self.condition_mode!r}")
-        if self.first_block not in FIRST_BLOCK_SCHEMES:
-            raise ValueError(f"first_block must be one of {FIRST_BLOCK_SCHEMES}, got {self.first_block!r}")
         if self.first_block == "none" and self.condition_mode != "frames":
             raise ValueError(
                 "first_block='none' means the first block is always given as context, which needs "

@@ -20,6 +20,12 @@ import torch
 class BlockLayout:
     def __init__(self, latent_shape, block_shape, num_condition_tokens=0, first_block="none", bov_token_id=0,
                  video_token_offset=0):
+        with torch.device("cpu"):  # small index tables; models may be built under a meta-device context
+            self._build(latent_shape, block_shape, num_condition_tokens, first_block, bov_token_id,
+                        video_token_offset)
+
+    def _build(self, latent_shape, block_shape, num_condition_tokens, first_block, bov_token_id,
+               video_token_offset):
         self.latent_shape = tuple(int(x) for x in latent_shape)
         self.block_shape = tuple(int(x) for x in block_shape)
         if any(b < 1 or g % b for g, b in zip(self.latent_shape, self.block_shape)):

@@ -1,0 +1,73 @@
+"""Cutting fixed-size training clips out of video files.
+
+A clip is ``num_frames`` consecutive frames of the video resampled to ``fps`` (nearest frame by
+timestamp), resized so that the shorter side equals ``resolution`` (PIL bilinear, which averages over
+the source pixels when shrinking) and centre-cropped to ``resolution x resolution``.
+
+Too-short rule: a video with fewer than ``num_frames`` frames at the target rate is used whole and
+padded at the end by repeating its last frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..video_io import read_video
+
+SAMPLING_MODES = ("random", "center", "start")
+
+
+def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "center",
+                       generator: torch.Generator | None = None) -> np.ndarray:
+    """Indices (into ``num_available`` frames) of a clip of ``num_frames`` consecutive frames.
+
+    ``sampling``: "random" picks a uniformly random start (torch's RNG, so DataLoader workers differ),
+    "center" takes the middle window, "start" the first one. Short videos follow the too-short rule:
+    all frames, then the last index repeated.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if num_frames < 1 or num_available < 1:
+        raise ValueError(f"need num_frames >= 1 and num_available >= 1, got {num_frames}, {num_available}")
+    if num_available < num_frames:
+        return np.minimum(np.arange(num_frames), num_available - 1)
+    spare = num_available - num_frames
+    if sampling == "random":
+        start = int(torch.randint(0, spare + 1, (1,), generator=generator))
+    elif sampling == "center":
+        start = spare // 2
+    else:
+        start = 0
+    return np.arange(start, start + num_frames)
+
+
+def resize_center_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize ``uint8`` frames ``(T, H, W, 3)`` so the shorter side is ``resolution``, then centre crop."""
+    _, height, width, _ = frames.shape
+    scale = resolution / min(height, width)
+    new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    box = (left, top, left + resolution, top + resolution)
+    if (new_h, new_w) == (height, width):
+        return np.ascontiguousarray(frames[:, top:top + resolution, left:left + resolution])
+    return np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR).crop(box))
+                     for frame in frames])
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """``uint8`` ``(T, H, W, 3)`` -> float ``(3, T, H, W)`` in ``[0, 1]``."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0)
+
+
+def load_clip(path: str, num_frames: int = 17, resolution: int = 128, fps: float | None = 8,
+              sampling: str = "center", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Read one training clip: FloatTensor ``(3, num_frames, resolution, resolution)`` in ``[0, 1]``.
+
+    ``fps=None`` keeps the file's own frame rate. Raises `VideoDecodeError` for unreadable files.
+    """
+    frames, _ = read_video(
+        path, fps=fps, select=lambda n: clip_frame_indices(n, num_frames, sampling, generator)
+    )
+    return frames_to_tensor(resize_center_crop(frames, resolution))

@@ -1,0 +1,300 @@
+"""Reading and writing videos with PyAV and PIL.
+
+Conventions used throughout this module:
+
+* Decoded videos are ``uint8`` numpy arrays of shape ``(T, H, W, 3)`` (RGB).
+* Writers accept one of
+    - a list of ``PIL.Image`` frames or of ``(H, W, 3)`` numpy arrays,
+    - a numpy array ``(T, H, W, 3)``, ``uint8`` or float in ``[0, 1]``,
+    - a torch tensor ``(3, T, H, W)`` (channels first, the dataset/tokenizer layout), ``uint8`` or float
+      in ``[0, 1]``.
+  Float values outside ``[0, 1]`` are clipped.
+* Every file is written under a temporary name in the target folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fractions
+import os
+import shutil
+import uuid
+from typing import Callable, Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "VideoDecodeError",
+    "read_video",
+    "resample_frame_indices",
+    "as_uint8_frames",
+    "export_to_mp4",
+    "export_to_gif",
+    "make_contact_sheet",
+    "atomic_output_path",
+]
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file could not be opened or decoded (missing, corrupt, truncated, no video stream)."""
+
+
+@contextlib.contextmanager
+def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
+
+    Works for files and for directories (e.g. ``datasets.Dataset.save_to_disk``). On failure the
+    temporary file or folder is removed and the exception propagates. The temporary name keeps the
+    extension of ``path`` so that format detection by extension still works.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float) -> np.ndarray:
+    """Indices of the source frames that represent the video at ``fps`` (nearest frame by timestamp).
+
+    The video is taken to last ``(last - first timestamp) + 1 / native_fps`` seconds, so ``n`` frames
+    at ``native_fps`` give ``floor(n * fps / native_fps)`` frames (at least one). Target times are
+    ``first + k / fps``; ties go to the earlier frame.
+    """
+    if fps <= 0:
+        raise ValueError(f"`fps` must be positive, got {fps}")
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    duration = timestamps[-1] - timestamps[0] + 1.0 / native_fps
+    count = max(1, int(np.floor(duration * fps + 1e-6)))
+    targets = timestamps[0] + np.arange(count) / fps
+    right = np.clip(np.searchsorted(timestamps, targets, side="left"), 0, len(timestamps) - 1)
+    left = np.clip(right - 1, 0, len(timestamps) - 1)
+    closer_left = np.abs(targets - timestamps[left]) <= np.abs(timestamps[right] - targets) + 1e-9
+    return np.where(closer_left, left, right)
+
+
+def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
+    """Decode every frame of the first video stream: (frames as av.VideoFrame, timestamps in s, fps)."""
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"video file not found: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    except VideoDecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VideoDecodeError(f"cannot decode {path}: {message}") from err
+    if not frames:
+        raise VideoDecodeError(f"no decodable frames in {path}")
+
+    times = [frame.time for frame in frames]
+    if any(t is None for t in times):  # no usable timestamps: assume a constant rate
+        native_fps = float(rate) if rate else 25.0
+        timestamps = np.arange(len(frames)) / native_fps
+    else:
+        timestamps = np.asarray(times, dtype=np.float64)
+        order = np.argsort(timestamps, kind="stable")  # decoders emit presentation order; be safe
+        frames = [frames[i] for i in order]
+        timestamps = timestamps[order]
+        if rate:
+            native_fps = float(rate)
+        elif len(frames) > 1 and timestamps[-1] > timestamps[0]:
+            native_fps = (len(frames) - 1) / (timestamps[-1] - timestamps[0])
+        else:
+            native_fps = 25.0
+    return frames, timestamps, native_fps
+
+
+def read_video(
+    path: str | os.PathLike,
+    fps: float | None = None,
+    select: Callable[[int], Sequence[int]] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Decode a video file with PyAV.
+
+    Args:
+        path: the video file.
+        fps: when given, resample in time to this rate (nearest frame by timestamp, see
+            `resample_frame_indices`); otherwise keep every decoded frame.
+        select: optional function mapping the number ``n`` of (resampled) frames to the indices
+            (``0 <= i < n``, repeats allowed) of the frames to return. Only those frames are converted
+            to RGB, which saves time and memory when a short clip is cut from a long video.
+
+    Returns:
+        ``(frames, fps)``: ``uint8`` array ``(T, H, W, 3)`` and the frame rate of the returned sequence
+        (``fps`` if given, else the stream's rate).
+
+    Raises:
+        VideoDecodeError: the file is missing, unreadable, corrupt or has no video frames.
+    """
+    path = os.fspath(path)
+    frames, timestamps, native_fps = _decode_all(path)
+    indices = np.arange(len(frames))
+    if fps is not None:
+        indices = resample_frame_indices(timestamps, native_fps, fps)
+    if select is not None:
+        chosen = np.asarray(select(len(indices)), dtype=np.int64)
+        if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= len(indices):
+            raise ValueError(f"`select` must return indices in [0, {len(indices)}), got {chosen.tolist()}")
+        indices = indices[chosen]
+    try:
+        rgb = np.stack([frames[i].to_ndarray(format="rgb24") for i in indices])
+    except (av.FFmpegError, ValueError) as err:
+        raise VideoDecodeError(f"cannot convert frames of {path} to RGB: {err}") from err
+    return rgb, float(fps if fps is not None else native_fps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def as_uint8_frames(frames) -> np.ndarray:
+    """Convert any accepted frame container (see module docstring) to ``uint8`` ``(T, H, W, 3)``."""
+    if isinstance(frames, torch.Tensor):
+        if frames.ndim != 4 or frames.shape[0] != 3:
+            raise ValueError(f"a video tensor must have shape (3, T, H, W), got {tuple(frames.shape)}")
+        frames = frames.detach().cpu().permute(1, 2, 3, 0).numpy()
+    elif isinstance(frames, (list, tuple)):
+        if not frames:
+            raise ValueError("`frames` is empty")
+        frames = np.stack([np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f)
+                           for f in frames])
+    elif not isinstance(frames, np.ndarray):
+        raise TypeError(
+            "`frames` must be a list of PIL images / (H, W, 3) arrays, a (T, H, W, 3) numpy array or a "
+            f"(3, T, H, W) torch tensor, got {type(frames).__name__}"
+        )
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames must have shape (T, H, W, 3) with T >= 1, got {frames.shape}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if np.issubdtype(frames.dtype, np.floating):
+        return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise TypeError(f"frames must be uint8 or float in [0, 1], got dtype {frames.dtype}")
+
+
+def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12) -> str:
+    """Write an H.264 MP4 (libx264, yuv420p) and return its path.
+
+    yuv420p needs even sizes: an odd height or width is padded by repeating the last row or column,
+    so a 63x63 video is stored (and read back) as 64x64. ``crf`` sets the quality (0 lossless luma,
+    higher = smaller files); the default of 12 keeps small frames such as 64x64 close to the input.
+    """
+    if fps <= 0:
+        raise ValueError(f"`fps` must be positive, got {fps}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"`crf` must be in [0, 51], got {crf}")
+    video = as_uint8_frames(frames)
+    _, height, width, _ = video.shape
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+    if height % 2 or width % 2:
+        video = np.pad(video, pad, mode="edge")
+    path = os.fspath(path)
+    with atomic_output_path(path) as tmp:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = video.shape[2], video.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in video:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush
+                container.mux(packet)
+    return path
+
+
+def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
+    """Write an animated GIF that loops forever and return its path.
+
+    GIF stores frame durations in hundredths of a second, so the rate is rounded accordingly.
+    Each frame gets its own 256-colour palette. Pillow merges identical consecutive frames into one
+    longer frame, so a video with repeated frames reads back with fewer frames.
+    """
+    if fps <= 0:
+        raise ValueError(f"`fps` must be positive, got {fps}")
+    images = [Image.fromarray(frame) for frame in as_uint8_frames(frames)]
+    path = os.fspath(path)
+    with atomic_output_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=1000.0 / fps, loop=0)
+    return path
+
+
+def make_contact_sheet(
+    videos,
+    path: str | os.PathLike | None = None,
+    columns: int | None = None,
+    labels: Sequence[str] | None = None,
+    gap: int = 2,
+) -> Image.Image:
+    """Lay videos out as a grid: one row per video, one column per frame.
+
+    Args:
+        videos: a list of videos (each in any form `as_uint8_frames` accepts), a batch tensor
+            ``(B, 3, T, H, W)`` or a numpy array ``(B, T, H, W, 3)``. All videos must share H and W.
+        path: when given, the sheet is saved there (PNG by extension) atomically.
+        columns: number of frames shown per video, picked evenly from first to last frame; default
+            all frames of the longest video. Shorter videos leave their trailing cells black.
+        labels: one text per video, drawn with PIL's default font in a margin left of each row.
+        gap: pixels between cells.
+
+    Returns:
+        The sheet as an RGB ``PIL.Image``.
+    """
+    if isinstance(videos, (torch.Tensor, np.ndarray)) and videos.ndim == 5:
+        videos = list(videos)
+    if not isinstance(videos, (list, tuple)) or not videos:
+        raise ValueError("`videos` must be a non-empty list of videos or a 5-D batch")
+    clips = [as_uint8_frames(video) for video in videos]
+    height, width = clips[0].shape[1:3]
+    if any(clip.shape[1:3] != (height, width) for clip in clips):
+        raise ValueError(f"all videos must share one frame size, got {[c.shape[1:3] for c in clips]}")
+    if labels is not None and len(labels) != len(clips):
+        raise ValueError(f"`labels` has {len(labels)} entries for {len(clips)} videos")
+    longest = max(len(clip) for clip in clips)
+    columns = longest if columns is None else columns
+    if columns < 1:
+        raise ValueError(f"`columns` must be >= 1, got {columns}")
+
+    font = ImageFont.load_default()
+    margin = 0
+    if labels is not None:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        margin = max(int(np.ceil(probe.textlength(str(text), font=font))) for text in labels) + 2 * gap + 4
+    sheet = Image.new("RGB", (margin + columns * (width + gap) + gap, len(clips) * (height + gap) + gap))
+    draw = ImageDraw.Draw(sheet)
+    for row, clip in enumerate(clips):
+        top = gap + row * (height + gap)
+        if labels is not None:
+            draw.text((gap + 2, top + 2), str(labels[row]), fill=(255, 255, 255), font=font)
+        picks = np.round(np.linspace(0, longest - 1, columns)).astype(int) if columns > 1 else [0]
+        for col, index in enumerate(picks):
+            if index < len(clip):
+                sheet.paste(Image.fromarray(clip[index]), (margin + gap + col * (width + gap), top))
+    if path is not None:
+        with atomic_output_path(path) as tmp:
+            sheet.save(tmp)
+    return sheet

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from modeling_nbp import BlockLayout, NBPConfig
+
+
+@pytest.mark.parametrize("block", [(1, 1, 1), (1, 1, 4), (1, 4, 4), (2, 1, 2), (3, 4, 4)])
+def test_grid_sequence_round_trip(block):
+    layout = BlockLayout((3, 4, 4) if block[0] != 2 else (4, 4, 4), block)
+    grid = torch.randint(0, 100, (2, *layout.latent_shape))
+    seq = layout.grid_to_sequence(grid)
+    assert torch.equal(layout.sequence_to_grid(seq), grid)
+    # every block is contiguous in the sequence: its tokens come from one (t, h, w) tile of the grid
+    S = layout.block_size
+    idx = layout.grid_to_sequence(torch.arange(grid[0].numel()).view(1, *layout.latent_shape))[0]
+    T, H, W = layout.latent_shape
+    t_, h_, w_ = idx // (H * W), idx // W % H, idx % W
+    for b in range(layout.num_blocks):
+        sl = slice(b * S, (b + 1) * S)
+        for coord, size in zip((t_, h_, w_), block):
+            assert len(set((coord[sl] // size).tolist())) == 1
+
+
+def test_rows_and_frames_are_raster_order():
+    for block in [(1, 1, 16), (1, 16, 16)]:
+        layout = BlockLayout((5, 16, 16), block)
+        grid = torch.arange(1280).view(1, 5, 16, 16)
+        assert torch.equal(layout.grid_to_sequence(grid)[0], torch.arange(1280))
+
+
+def test_official_step_counts():
+    ucf = NBPConfig.from_preset("ucf-tiny")
+    k600 = NBPConfig.from_preset("k600-tiny")
+    assert len(BlockLayout.from_config(ucf).decode_schedule(0)) == 95
+    k = BlockLayout.from_config(k600)
+    assert len(k.decode_schedule(k.context_tokens(2))) == 48
+    assert ucf.vocab_size == 96016 and ucf.video_token_offset == 32016 and ucf.num_condition_tokens == 8
+    assert k600.vocab_size == 64000 and k600.video_token_offset == 0
+    assert ucf.sequence_length == 8 + 16 + 1280 and BlockLayout.from_config(ucf).input_length == 1288
+
+
+def official_hybrid_mask(prefix_len, seq_len, S):
+    """The official hybrid mask, written from its description: causal, prefix columns visible to every row,
+    and from prefix + S on, blocks of S that see every earlier block and themselves."""
+    m = torch.tril(torch.ones(seq_len, seq_len))
+    m[:, :prefix_len] = 1
+    start = prefix_len + S
+    for i in range(start, seq_len, S):
+        m[i : i + S, start : i + S] = 1
+    return m.bool()
+
+
+def official_plain_mask(prefix_len, seq_len, S):
+    m = torch.zeros(seq_len, seq_len)
+    m[:, :prefix_len] = 1
+    for i in range(prefix_len, seq_len, S):
+        m[i : i + S, prefix_len : i + S] = 1
+    return m.bool()
+
+
+def test_masks_match_official_construction():
+    hybrid = BlockLayout((5, 16, 16), (1, 1, 16), num_condition_tokens=8, first_block="hybrid")
+    L = hybrid.input_length
+    assert torch.equal(hybrid.allowed(0, L), official_hybrid_mask(8, L, 16))
+    plain = BlockLayout((5, 16, 16), (1, 1, 16), first_block="none")
+    L = plain.input_length
+    assert torch.equal(plain.allowed(0, L), official_plain_mask(0, L, 16))
+
+
+def test_hybrid_training_targets():
+    S, P = 4, 2
+    layout = BlockLayout((2, 2, 4), (1, 1, S), num_condition_tokens=P, first_block="hybrid", bov_token_id=0,
+                         video_token_offset=100)
+    grid = torch.arange(16).view(1, 2, 2, 4)
+    inputs, labels = layout.training_inputs(torch.tensor([[50, 51]]), grid)
+    v = [100 + i for i in range(16)]
+    # [prefix][BOV][v0..v3][ph 1..3][v4..v11]  (v12..v15 is the last block: target only)
+    assert inputs[0].tolist() == [50, 51, 0] + v[:4] + [1, 2, 3] + v[4:12]
+    assert labels[0].tolist() == [-100, -100] + v
+    # token by token over BOV, v0, v1, v2; then the block [v3, ph1, ph2, ph3]
+    assert layout.decode_schedule(0)[:5] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 8)]
+
+
+def test_plain_targets_shift_by_one_block():
+    layout = BlockLayout((2, 2, 4), (1, 1, 4), first_block="none")
+    inputs, labels = layout.training_inputs(torch.zeros(1, 0, dtype=torch.long), torch.arange(16).view(1, 2, 2, 4))
+    assert inputs[0].tolist() == list(range(12))
+    assert labels[0].tolist() == list(range(4, 16))
+
+
+def test_frame_end_tracks_completed_frames():
+    layout = BlockLayout((4, 2, 2), (2, 1, 2))
+    # blocks span two frames: frame 0's last token is the 6th of the sequence, frame 1's the 8th
+    assert layout.frame_end.tolist() == [6, 8, 14, 16]
+
+
+@pytest.mark.parametrize("latent,block", [((5, 16, 16), (1, 3, 16)), ((5, 16, 16), (2, 1, 16))])
+def test_non_tiling_block_is_rejected(latent, block):
+    with pytest.raises(ValueError, match="does not tile"):
+        NBPConfig(latent_shape=list(latent), block_shape=list(block), condition_mode="none", first_block="bov")
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="condition_mode"):
+        NBPConfig(condition_mode="text")
+    with pytest.raises(ValueError, match="first_block"):
+        NBPConfig(condition_mode="none", first_block="ntp")
+    with pytest.raises(ValueError, match="first_block='none'"):
+        NBPConfig(condition_mode="class", num_classes=3, first_block="none")
+    with pytest.raises(ValueError, match="unknown preset"):
+        NBPConfig.from_preset("ucf-9b")

@@ -1,0 +1,277 @@
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel
+
+from modeling_nbp import NBPConfig, NBPForVideoGeneration
+
+
+def tiny_config(block=(1, 1, 4), latent=(3, 4, 4), mode="class", first_block="bov", **kw):
+    kw = dict(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.0,
+                   video_vocab_size=40), **kw)
+    if mode == "class":
+        kw.setdefault("num_classes", 3)
+    return NBPConfig(latent_shape=list(latent), block_shape=list(block), condition_mode=mode, first_block=first_block,
+                     **kw)
+
+
+def make_model(seed=0, attn="sdpa", **kw):
+    torch.manual_seed(seed)
+    model = NBPForVideoGeneration(tiny_config(**kw)).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def grid(model, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.video_vocab_size, (batch, *model.config.latent_shape), generator=g)
+
+
+# ---- block-causal attention, checked through the model ------------------------------------------------------------
+@pytest.mark.parametrize("first_block", ["bov", "hybrid"])
+def test_later_blocks_never_change_earlier_logits(first_block):
+    model = make_model(first_block=first_block)
+    inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
+    S, L = model.layout.block_size, inputs.shape[1]
+    base = model(input_ids=inputs).logits
+    for b_start in range(L - S, 5, -S):
+        changed = inputs.clone()
+        changed[:, b_start:] = model.config.video_token_offset + (changed[:, b_start:] - model.config.video_token_offset + 7) % 40
+        group = model.layout.block_ids[b_start]
+        first = b_start if group < 0 else int((model.layout.block_ids == group).nonzero()[0])
+        logits = model(input_ids=changed).logits
+        torch.testing.assert_close(logits[:, :first], base[:, :first], rtol=0, atol=1e-5)
+        assert not torch.allclose(logits[:, b_start:], base[:, b_start:])
+
+
+def test_tokens_inside_a_block_see_each_other():
+    model = make_model(block=(1, 1, 4))
+    inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
+    P, S = model.layout.prefix_length, model.layout.block_size
+    block_start = P + 2 * S  # the third block: positions P+2S .. P+3S-1
+    last = block_start + S - 1
+    changed = inputs.clone()
+    changed[:, last] = model.config.video_token_offset + (inputs[:, last] - model.config.video_token_offset + 1) % 40
+    base, logits = model(input_ids=inputs).logits, model(input_ids=changed).logits
+    # the block's first position sees its last one (bidirectional inside the block) ...
+    assert not torch.allclose(logits[:, block_start], base[:, block_start])
+    # ... and nothing before the block does
+    torch.testing.assert_close(logits[:, :block_start], base[:, :block_start], rtol=0, atol=1e-5)
+
+
+def test_condition_prefix_reaches_every_position():
+    model = make_model()
+    g = grid(model, batch=1)
+    a, _ = model.prepare_training_inputs(g, [0])
+    b, _ = model.prepare_training_inputs(g, [2])
+    la, lb = model(input_ids=a).logits, model(input_ids=b).logits
+    assert ((la - lb).abs().amax(dim=-1) > 1e-6).all()  # every position, the first one included
+
+
+def test_prefix_tokens_are_bidirectional():
+    model = make_model(num_classes=2, num_condition_tokens=2, class_condition_ids=[[3, 4], [5, 6]])
+    inputs, _ = model.prepare_training_inputs(grid(model, batch=1), [0])
+    changed = inputs.clone()
+    changed[:, 1] = 5
+    assert not torch.allclose(model(input_ids=changed).logits[:, 0], model(input_ids=inputs).logits[:, 0])
+
+
+# ---- cached decoding = full recompute -------------------------------------------------------------------------------
+@pytest.mark.parametrize("block,first_block", [((1, 1, 1), "bov"), ((1, 1, 4), "bov"), ((1, 4, 4), "bov"),
+                                                ((1, 1, 4), "hybrid"), ((1, 4, 4), "hybrid"), ((2, 1, 2), "bov")])
+def test_cached_generation_equals_full_recompute(block, first_block):
+    latent = (4, 4, 4) if block[0] == 2 else (3, 4, 4)
+    model = make_model(block=block, latent=latent, first_block=first_block)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, temperature=1.0)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), **kw)
+    full = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert torch.equal(cached, full)
+    assert cached.shape == (2, *latent)
+
+
+def test_cached_frame_prediction_equals_full_recompute():
+    model = make_model(mode="frames", first_block="none", num_context_frames=1)
+    context = grid(model)[:, :1]
+    kw = dict(context_ids=context, top_k=10)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(0), **kw)
+    full = model.generate_video_tokens(generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached[:, :1], context)  # context kept as given
+    assert len(model.layout.decode_schedule(16)) == (48 - 16) // 4
+
+
+def test_cached_guidance_equals_full_recompute():
+    model = make_model(first_block="hybrid")
+    kw = dict(class_labels=[1, 2], guidance_scale=3.0)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), **kw)
+    full = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert torch.equal(cached, full)
+
+
+def test_batch_equals_single_runs_with_generator_list():
+    model = make_model()
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    batch = model.generate_video_tokens(class_labels=[0, 1], generator=gens, top_k=10)
+    singles = [model.generate_video_tokens(class_labels=[c], generator=torch.Generator().manual_seed(s), top_k=10)
+               for c, s in ((0, 1), (1, 2))]
+    assert torch.equal(batch, torch.cat(singles))
+
+
+def test_greedy_is_deterministic_and_seeds_differ():
+    model = make_model()
+    greedy = [model.generate_video_tokens(class_labels=[0], temperature=0) for _ in range(2)]
+    assert torch.equal(*greedy)
+    a = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(0))
+    b = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+
+
+def test_top_k_larger_than_vocab_and_top_p_one_are_plain_sampling():
+    model = make_model()
+    a = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(4), top_k=10**6, top_p=1.0)
+    b = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+
+
+def test_top_k_one_is_greedy():
+    model = make_model()
+    a = model.generate_video_tokens(class_labels=[1], generator=torch.Generator().manual_seed(4), top_k=1)
+    assert torch.equal(a, model.generate_video_tokens(class_labels=[1], temperature=0))
+
+
+# ---- equivalences and numerics ------------------------------------------------------------------------------------
+def test_block_one_is_a_plain_causal_lm():
+    """NBP with 1x1x1 blocks and a start block of one BOV is next-token prediction: logits equal a
+    straightforward causal GPT written here from the published description."""
+    model = make_model(block=(1, 1, 1))
+    inputs, labels = model.prepare_training_inputs(grid(model), [0, 1])
+    m, cfg = model.model, model.config
+    x = m.embed_tokens(inputs) + m.embed_positions.weight[: inputs.shape[1]]
+    L, H = inputs.shape[1], cfg.num_attention_heads
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    for layer in m.layers:
+        a = layer.self_attn
+        h = F.layer_norm(x, (cfg.hidden_size,), layer.input_layernorm.weight, layer.input_layernorm.bias, 1e-5)
+        q, k, v = (lin(h).view(2, L, H, -1).transpose(1, 2) for lin in (a.q_proj, a.k_proj, a.v_proj))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + a.o_proj((att @ v).transpose(1, 2).reshape(2, L, -1))
+        h = F.layer_norm(x, (cfg.hidden_size,), layer.post_attention_layernorm.weight,
+                         layer.post_attention_layernorm.bias, 1e-5)
+        x = x + layer.mlp.fc2(F.gelu(layer.mlp.fc1(h)))
+    ref = model.lm_head(F.layer_norm(x, (cfg.hidden_size,), m.norm.weight, m.norm.bias, 1e-5))
+    torch.testing.assert_close(model(input_ids=inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    # and the targets are the next token
+    assert torch.equal(labels[:, 1:-1], inputs[:, 2:])
+
+
+def test_sdpa_and_eager_agree():
+    sdpa, eager = make_model(attn="sdpa", first_block="hybrid"), make_model(attn="eager", first_block="hybrid")
+    inputs, labels = sdpa.prepare_training_inputs(grid(sdpa), [0, 1])
+    a, b = sdpa(input_ids=inputs, labels=labels), eager(input_ids=inputs, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    gen = dict(class_labels=[0, 1], top_k=10)
+    assert torch.equal(sdpa.generate_video_tokens(generator=torch.Generator().manual_seed(0), **gen),
+                       eager.generate_video_tokens(generator=torch.Generator().manual_seed(0), **gen))
+
+
+def test_loss_decreases_on_tiny_overfit():
+    torch.manual_seed(0)
+    model = NBPForVideoGeneration(tiny_config(first_block="hybrid"))
+    model.train()
+    video, labels = grid(model, batch=4), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(video_ids=video, class_labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(40) * 0.8
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_class_dropout_uses_unconditional_prefix():
+    model = make_model(class_dropout_prob=1.0)
+    model.train()
+    g = grid(model, batch=1)
+    a = model(video_ids=g, class_labels=[0]).logits
+    b = model(video_ids=g, class_labels=[2]).logits
+    torch.testing.assert_close(a, b)  # every row dropped: the class no longer matters
+    model.eval()
+    assert not torch.allclose(model(video_ids=g, class_labels=[0]).logits, model(video_ids=g, class_labels=[2]).logits)
+
+
+# ---- save / load ---------------------------------------------------------------------------------------------------
+def test_save_load_round_trip_and_auto_classes(tmp_path):
+    model = make_model(first_block="hybrid")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
+    for loaded in (NBPForVideoGeneration.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert type(loaded) is NBPForVideoGeneration
+        torch.testing.assert_close(loaded.eval()(input_ids=inputs).logits, model(input_ids=inputs).logits,
+                                   rtol=0, atol=0)
+    assert AutoConfig.from_pretrained(tmp_path).block_shape == [1, 1, 4]
+
+
+def test_remote_code_loads_without_the_package(tmp_path):
+    model = make_model(first_block="hybrid")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_nbp.py").exists() and (tmp_path / "configuration_nbp.py").exists()
+    inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
+    torch.save({"inputs": inputs, "logits": model(input_ids=inputs).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "modeling_nbp":
+                    raise ImportError("modeling_nbp is not installed here")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        torch.testing.assert_close(model(input_ids=expected["inputs"]).logits, expected["logits"])
+        print("remote ok")
+    """)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "remote ok" in out.stdout
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------------
+def test_bad_inputs_give_clear_errors():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"grid must have shape"):
+        model(video_ids=torch.zeros(1, 3, 4, 5, dtype=torch.long), class_labels=[0])
+    with pytest.raises(ValueError, match=r"video token ids must lie in \[0, 40\)"):
+        model(video_ids=torch.full((1, 3, 4, 4), 40), class_labels=[0])
+    with pytest.raises(ValueError, match=r"input_ids must lie in"):
+        model(input_ids=torch.full((1, 5), 10**6))
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
+        model.generate_video_tokens(class_labels=[3])
+    with pytest.raises(ValueError, match="pass class_labels"):
+        model.generate_video_tokens()
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate_video_tokens(class_labels=[0], top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate_video_tokens(class_labels=[0], temperature=-1)
+    frames = make_model(mode="frames", first_block="none", num_context_frames=1)
+    with pytest.raises(ValueError, match="unconditional embedding"):
+        frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="at least one block of context"):
+        frames.generate_video_tokens(batch_size=1)
+    with pytest.raises(ValueError, match="context_ids must have shape"):
+        frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        frames.generate_video_tokens(class_labels=[0], context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
