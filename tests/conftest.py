@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+
+# tests/ has no __init__.py: make its helper modules (e.g. `hub_server`) importable from the test files.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hub_server import LocalHubServer, forget_hub_clients, use_local_hub  # noqa: E402
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A running `LocalHubServer` (Hub API test double on 127.0.0.1), with the Hub client pointed at it.
+
+    The client's environment and `huggingface_hub.constants` are patched for this test only (see `use_local_hub`):
+    endpoint, dummy token, telemetry and Xet off, online mode, and an empty cache under `tmp_path / "hf_home"`.
+    """
+    server = LocalHubServer().start()
+    try:
+        use_local_hub(monkeypatch, server.endpoint, tmp_path / "hf_home")
+        yield server
+    finally:
+        server.stop()
+        forget_hub_clients()
