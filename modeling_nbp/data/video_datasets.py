@@ -38,7 +38,7 @@ K600_SPLIT_ALIASES = {
 
 
 def class_name_to_text(name: str) -> str:
-    """"ApplyEyeMakeup" -> "apply eye makeup" (camel case split, underscores to spaces, lower case)."""
+    """Class name as text: camel case split, underscores to spaces, lower case ("YoYo" -> "yo yo")."""
     return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
 
 

@@ -1,0 +1,208 @@
+"""Pre-tokenization: run a video tokenizer over a dataset once and store the token grids.
+
+Output folder layout::
+
+    output_dir/pretokenize.json      # {"num_items", "chunk_size"}: checked when a run resumes
+    output_dir/chunks/chunk_000000/  # one `datasets` Arrow dataset per chunk of `chunk_size` items,
+    output_dir/chunks/chunk_000001/  #   written under a temporary name and renamed into place
+    output_dir/tokens/               # the merged dataset (chunks are deleted once it exists)
+    output_dir/skipped.json          # paths of items that could not be decoded
+
+Rows: ``tokens`` (flat int32 list), ``latent_shape`` ([T', H', W']), ``label`` (int64) and ``index``
+(position in the source dataset). Chunk ``k`` holds items ``[k * chunk_size, (k + 1) * chunk_size)``
+and belongs to shard ``k % num_shards``, so processes can split the work by index and a killed run
+restarted with the same arguments skips the chunks already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+
+import datasets
+import numpy as np
+import torch
+
+from ..video_io import atomic_output_path
+from .video_datasets import collate_videos
+
+logger = logging.getLogger(__name__)
+
+TOKEN_FEATURES = datasets.Features({
+    "tokens": datasets.List(datasets.Value("int32")),
+    "latent_shape": datasets.List(datasets.Value("int32")),
+    "label": datasets.Value("int64"),
+    "index": datasets.Value("int64"),
+})
+
+
+class _IndexedItems(torch.utils.data.Dataset):
+    """Items ``indices`` of ``dataset``, each tagged with its source index; None becomes a skipped item."""
+
+    def __init__(self, dataset, indices: range):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict:
+        index = self.indices[j]
+        item = self.dataset[index]
+        if item is None or item.get("video") is None:
+            return {"video": None, "path": str(item.get("path", f"item {index}")) if item else f"item {index}"}
+        return {"video": item["video"], "label": int(item["label"]), "index": index}
+
+
+def _write_json(path: str, content) -> None:
+    with atomic_output_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f)
+
+
+def _check_metadata(output_dir: str, num_items: int, chunk_size: int) -> None:
+    meta_path = os.path.join(output_dir, "pretokenize.json")
+    wanted = {"num_items": num_items, "chunk_size": chunk_size}
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            found = json.load(f)
+        if found != wanted:
+            raise ValueError(f"{output_dir} holds a pre-tokenization with {found}, this run has {wanted}; "
+                             "use the same dataset and chunk_size, or a fresh output_dir")
+    else:
+        _write_json(meta_path, wanted)
+
+
+def _chunk_dir(output_dir: str, chunk: int) -> str:
+    return os.path.join(output_dir, "chunks", f"chunk_{chunk:06d}")
+
+
+@torch.inference_mode()
+def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_workers: int,
+                    device: torch.device) -> tuple[dict, list[str]]:
+    loader = torch.utils.data.DataLoader(_IndexedItems(dataset, indices), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate_videos)
+    rows = {"tokens": [], "latent_shape": [], "label": [], "index": []}
+    skipped = []
+    for batch in loader:
+        skipped += batch["skipped_paths"]
+        if batch["video"] is None:
+            continue
+        tokens = tokenizer.encode(batch["video"].to(device))
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tokens.shape[0] != len(batch["label"]):
+            raise ValueError("tokenizer.encode must return a LongTensor (B, T', H', W'), got "
+                             f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+        if tokens.is_floating_point() or tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
+            raise ValueError("tokenizer.encode must return non-negative integer ids that fit in int32")
+        grid = tokens.cpu().numpy().astype(np.int32)
+        rows["tokens"] += list(grid.reshape(len(grid), -1))
+        rows["latent_shape"] += [list(grid.shape[1:])] * len(grid)
+        rows["label"] += batch["label"].tolist()
+        rows["index"] += batch["index"]
+    return rows, skipped
+
+
+def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: int = 8, num_shards: int = 1,
+                shard_index: int = 0, chunk_size: int = 256, num_workers: int = 0,
+                device: str | torch.device | None = None) -> datasets.Dataset | None:
+    """Tokenize this process's share of ``dataset`` into ``output_dir`` (see the module docstring).
+
+    Args:
+        dataset: a map-style dataset of ``{"video": (3, T, H, W) in [0, 1], "label"}`` items; items that
+            are None or have ``"video"`` None (unreadable files) are skipped and listed in skipped.json.
+        tokenizer: any object with ``encode(video (B, 3, T, H, W) float in [0, 1]) -> LongTensor
+            (B, T', H', W')``.
+        batch_size, num_workers: DataLoader settings for decoding.
+        num_shards, shard_index: this process handles chunks ``k`` with ``k % num_shards == shard_index``.
+        chunk_size: items per chunk file (the unit of resumption).
+        device: where videos are sent; default the tokenizer's parameters' device, else CPU.
+
+    Returns:
+        With ``num_shards == 1``, the merged dataset (as `merge_token_chunks`). With several shards,
+        None: once every process is done, call `merge_token_chunks(output_dir)` from one of them.
+    """
+    if batch_size < 1 or chunk_size < 1 or num_workers < 0:
+        raise ValueError(f"need batch_size >= 1, chunk_size >= 1, num_workers >= 0; got {batch_size}, "
+                         f"{chunk_size}, {num_workers}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"`tokenizer` must have an encode(video) method, got {type(tokenizer).__name__}")
+    output_dir = os.fspath(output_dir)
+    if os.path.isdir(os.path.join(output_dir, "tokens")):
+        logger.info("%s is already merged; nothing to do", output_dir)
+        return merge_token_chunks(output_dir) if num_shards == 1 else None
+    if device is None:
+        parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, torch.nn.Module) else None
+        device = parameter.device if parameter is not None else torch.device("cpu")
+
+    num_items = len(dataset)
+    if num_items == 0:
+        raise ValueError("`dataset` is empty")
+    _check_metadata(output_dir, num_items, chunk_size)
+    num_chunks = math.ceil(num_items / chunk_size)
+    for chunk in range(shard_index, num_chunks, num_shards):
+        target = _chunk_dir(output_dir, chunk)
+        if os.path.isdir(target):
+            logger.info("chunk %d/%d already on disk, skipped", chunk + 1, num_chunks)
+            continue
+        indices = range(chunk * chunk_size, min(num_items, (chunk + 1) * chunk_size))
+        rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device)
+        with atomic_output_path(target) as tmp:
+            datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(tmp)
+            _write_json(os.path.join(tmp, "skipped.json"), skipped)
+        logger.info("chunk %d/%d written (%d items, %d skipped)", chunk + 1, num_chunks, len(rows["label"]), len(skipped))
+    return merge_token_chunks(output_dir) if num_shards == 1 else None
+
+
+def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
+    """Concatenate all chunks (in index order) into ``output_dir/tokens``, delete the chunks and return
+    the merged dataset. Does nothing but load it if the merge already happened; raises if chunks are
+    missing."""
+    output_dir = os.fspath(output_dir)
+    final = os.path.join(output_dir, "tokens")
+    if not os.path.isdir(final):
+        with open(os.path.join(output_dir, "pretokenize.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        num_chunks = math.ceil(meta["num_items"] / meta["chunk_size"])
+        missing = [k for k in range(num_chunks) if not os.path.isdir(_chunk_dir(output_dir, k))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {num_chunks} chunks are not written yet, e.g. "
+                                    f"{_chunk_dir(output_dir, missing[0])}; finish every shard first")
+        parts, skipped = [], []
+        for k in range(num_chunks):
+            parts.append(datasets.load_from_disk(_chunk_dir(output_dir, k)))
+            with open(os.path.join(_chunk_dir(output_dir, k), "skipped.json"), encoding="utf-8") as f:
+                skipped += json.load(f)
+        _write_json(os.path.join(output_dir, "skipped.json"), skipped)
+        with atomic_output_path(final) as tmp:
+            datasets.concatenate_datasets(parts).save_to_disk(tmp)
+        shutil.rmtree(os.path.join(output_dir, "chunks"), ignore_errors=True)
+        if skipped:
+            logger.warning("pre-tokenization skipped %d of %d items: %s", len(skipped), meta["num_items"],
+                           ", ".join(skipped[:20]))
+    return datasets.load_from_disk(final)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Pre-tokenized items ``{"input_ids": LongTensor (T', H', W'), "label": int}``."""
+
+    def __init__(self, tokens: datasets.Dataset):
+        self.tokens = tokens.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.tokens[int(i)]
+        grid = torch.from_numpy(row["tokens"].astype(np.int64)).view(*row["latent_shape"].tolist())
+        return {"input_ids": grid, "label": int(row["label"])}
+
+
+def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
+    """Open a finished pre-tokenization: ``path`` is the ``output_dir`` of `pretokenize` or its ``tokens``
+    folder."""
+    path = os.fspath(path)
+    merged = os.path.join(path, "tokens")
+    return TokenDataset(datasets.load_from_disk(merged if os.path.isdir(merged) else path))

@@ -1,0 +1,275 @@
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_nbp.data import (MovingDigits, SkipSummary, VideoClipDataset, clip_frame_indices, collate_videos,
+                               load_clip, load_token_dataset, load_video_dataset, merge_token_chunks,
+                               pretokenize, resize_center_crop, streaming_video_dataset)
+from modeling_nbp.video_io import export_to_mp4
+
+
+def write_counting_video(path, frames=20, fps=16, height=24, width=32):
+    """Grey frames of brightness 10 * index: a decoded frame tells which source frame it came from."""
+    video = np.repeat((np.arange(frames) * 10).astype(np.uint8), height * width * 3).reshape(frames, height, width, 3)
+    return export_to_mp4(video, path, fps=fps)
+
+
+def frame_numbers(clip):
+    """(3, T, H, W) in [0, 1] -> source frame number of each frame."""
+    return np.round(clip.mean(dim=(0, 2, 3)).numpy() * 255 / 10).astype(int).tolist()
+
+
+def write_corrupt(path, kind):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if kind == "random":
+        data = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    else:  # a real file cut in half
+        data = open(write_counting_video(str(path) + ".full.mp4"), "rb").read()
+        os.remove(str(path) + ".full.mp4")
+        data = data[: len(data) // 2]
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# ---------------------------------------------------------------------------------------- clips
+
+
+def test_clip_frame_indices_windows_and_too_short_rule():
+    assert clip_frame_indices(20, 17, "center").tolist() == list(range(1, 18))
+    assert clip_frame_indices(20, 17, "start").tolist() == list(range(17))
+    assert clip_frame_indices(5, 8, "random").tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    starts = {int(clip_frame_indices(20, 17, "random", torch.Generator().manual_seed(s))[0]) for s in range(40)}
+    assert starts == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="sampling"):
+        clip_frame_indices(20, 17, "middle")
+
+
+def test_load_clip_resamples_and_pads_short_videos(tmp_path):
+    path = write_counting_video(tmp_path / "v.mp4", frames=20, fps=16)  # 1.25 s
+    clip = load_clip(path, num_frames=4, resolution=16, fps=8, sampling="start")
+    assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.float32
+    assert frame_numbers(clip) == [0, 2, 4, 6]
+    # 10 frames at 8 fps < 17 needed: all of them, then the last one repeated
+    short = load_clip(path, num_frames=17, resolution=16, fps=8, sampling="random")
+    assert frame_numbers(short) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18] + [18] * 7
+
+
+def test_resize_center_crop_keeps_the_middle():
+    frames = np.zeros((1, 20, 40, 3), dtype=np.uint8)
+    frames[:, :, 8:32] = 255  # white middle, a little wider than the crop (bilinear blurs 2 px)
+    out = resize_center_crop(frames, 10)  # 20x40 -> 10x20 -> keep columns 5..14 = source columns 10..29
+    assert out.shape == (1, 10, 10, 3)
+    assert out.min() == 255
+
+
+# --------------------------------------------------------------------------------------- layouts
+
+
+def test_folder_layout(tmp_path):
+    for name, count in [("dogs", 2), ("Cats", 1), ("birds", 3)]:
+        for k in range(count):
+            write_counting_video(tmp_path / name / f"{k}.mp4", frames=18, fps=8)
+    (tmp_path / "birds" / "notes.txt").write_text("not a video")
+    data = load_video_dataset(tmp_path, layout="folder", num_frames=17, resolution=16, fps=8)
+    assert data.class_names == ["Cats", "birds", "dogs"]  # sorted folder names
+    assert len(data) == 6
+    assert sorted(data.index["label"]) == [0, 1, 1, 1, 2, 2]
+    item = data[0]
+    assert item["video"].shape == (3, 17, 16, 16) and 0 <= item["video"].min() and item["video"].max() <= 1
+    assert item["label"] == 0 and item["path"].endswith(os.path.join("Cats", "0.mp4"))
+    assert data.sampling == "random"  # split "train"
+
+
+def test_folder_layout_with_split_folders(tmp_path):
+    write_counting_video(tmp_path / "train" / "a" / "0.mp4", frames=4)
+    write_counting_video(tmp_path / "test" / "a" / "1.mp4", frames=4)
+    test = load_video_dataset(tmp_path, split="test", num_frames=4, resolution=8)
+    assert test.index["path"] == [str(tmp_path / "test" / "a" / "1.mp4")] and test.sampling == "center"
+    with pytest.raises(ValueError, match="split folders"):
+        load_video_dataset(tmp_path, split="validation")
+
+
+def make_ucf(tmp_path):
+    root = tmp_path / "UCF-101"
+    names = {"ApplyEyeMakeup": 2, "Biking": 2, "YoYo": 1}
+    train, test = [], []
+    for name, count in names.items():
+        for group in range(1, count + 1):
+            relative = f"{name}/v_{name}_g0{group}_c01.avi"
+            write_counting_video(root / relative, frames=12, fps=25)
+            (test if group == 1 else train).append(relative)
+    lists = tmp_path / "ucfTrainTestlist"  # next to the class folders' root, as in the official archive
+    lists.mkdir()
+    # classInd numbers differ from the sorted order on purpose: labels must follow sorted names
+    (lists / "classInd.txt").write_text("1 YoYo\n2 ApplyEyeMakeup\n3 Biking\n")
+    (lists / "trainlist01.txt").write_text("".join(f"{p} 9\n" for p in train) + "Biking/v_Biking_g09_c01.avi 3\n")
+    (lists / "testlist01.txt").write_text("".join(f"{p}\n" for p in test))
+    return root
+
+
+def test_ucf101_layout(tmp_path, caplog):
+    root = make_ucf(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        train = load_video_dataset(root, layout="auto", split="train", num_frames=5, resolution=16)
+    assert "1 of 3 listed videos are missing" in caplog.text  # v_Biking_g09 is listed but absent
+    assert train.class_names == ["ApplyEyeMakeup", "Biking", "YoYo"]
+    assert train.class_texts == ["apply eye makeup", "biking", "yo yo"]
+    assert [os.path.basename(p) for p in train.index["path"]] == ["v_ApplyEyeMakeup_g02_c01.avi", "v_Biking_g02_c01.avi"]
+    assert train.index["label"] == [0, 1]
+    test = load_video_dataset(root, layout="ucf101", split="test", num_frames=5, resolution=16)
+    assert test.index["label"] == [0, 1, 2]
+    assert test[2]["video"].shape == (3, 5, 16, 16)  # an mp4 stream in a .avi name decodes by content
+    with pytest.raises(ValueError, match="fold"):
+        load_video_dataset(root, layout="ucf101", fold=4)
+
+
+def test_k600_layout(tmp_path):
+    header = "label,youtube_id,time_start,time_end,split\n"
+    rows = [("playing cello", "abc", 3, 13), ("abseiling", "x_y-z", 0, 10), ("playing cello", "gone", 5, 15)]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.csv").write_text(header + "".join(f"{l},{y},{s},{e},train\n" for l, y, s, e in rows))
+    (tmp_path / "annotations" / "test.csv").write_text("youtube_id,time_start,time_end,split\nabc,3,13,test\n")
+    for _, youtube_id, start, end in rows[:2]:
+        write_counting_video(tmp_path / "train" / f"{youtube_id}_{start:06d}_{end:06d}.mp4", frames=20, fps=16)
+    write_counting_video(tmp_path / "test" / "some_class" / "abc_000003_000013.mp4", frames=20, fps=16)
+
+    train = load_video_dataset(tmp_path, split="train", num_frames=8, resolution=16, fps=16)
+    assert train.class_names == ["abseiling", "playing cello"]
+    assert [os.path.basename(p) for p in train.index["path"]] == ["abc_000003_000013.mp4", "x_y-z_000000_000010.mp4"]
+    assert train.index["label"] == [1, 0]
+    test = load_video_dataset(tmp_path, layout="k600", split="test", num_frames=8, resolution=16, fps=16)
+    assert test.index["label"] == [-1] and test[0]["label"] == -1  # unlabelled split, clip in a subfolder
+    with pytest.raises(ValueError, match="split"):
+        load_video_dataset(tmp_path, layout="k600", split="dev")
+
+
+# ------------------------------------------------------------------------------ skipping, streaming
+
+
+@pytest.fixture
+def folder_with_corrupt_files(tmp_path):
+    for k in range(4):
+        write_counting_video(tmp_path / "a" / f"{k}.mp4", frames=6, fps=8)
+    write_corrupt(tmp_path / "b" / "random.mp4", "random")
+    write_corrupt(tmp_path / "b" / "truncated.mp4", "truncated")
+    return tmp_path
+
+
+def test_corrupt_videos_are_logged_and_skipped(folder_with_corrupt_files, caplog):
+    data = load_video_dataset(folder_with_corrupt_files, num_frames=6, resolution=8)
+    with caplog.at_level(logging.WARNING):
+        items = [data[i] for i in range(len(data))]
+    assert len([r for r in caplog.records if "skipping unreadable video" in r.getMessage()]) == 2
+    batch = collate_videos(items[3:] + [None])
+    assert batch["video"].shape == (1, 3, 6, 8, 8) and batch["label"].tolist() == [0]
+    assert [os.path.basename(p) for p in batch["skipped_paths"]] == ["random.mp4", "truncated.mp4", "<unknown>"]
+    empty = collate_videos(items[4:])
+    assert empty["video"] is None and empty["label"].numel() == 0
+
+
+def test_dataloader_with_workers_counts_skipped_videos(folder_with_corrupt_files):
+    data = load_video_dataset(folder_with_corrupt_files, num_frames=6, resolution=8)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=collate_videos)
+    summary = SkipSummary()
+    labels = []
+    for batch in loader:
+        summary.update(batch)
+        labels += batch["label"].tolist()
+    assert labels == [0, 0, 0, 0] and summary.total == 6 and summary.num_skipped == 2
+    assert str(summary).startswith("skipped 2 of 6 videos: ") and "truncated.mp4" in str(summary)
+
+
+def test_streaming_split_by_node(folder_with_corrupt_files):
+    data = load_video_dataset(folder_with_corrupt_files, num_frames=6, resolution=8, sampling="center")
+    seen = []
+    for rank in range(2):
+        part = list(streaming_video_dataset(data, rank=rank, world_size=2))
+        assert part and all(item["video"] is None or item["video"].shape == (3, 6, 8, 8) for item in part)
+        seen.append({item["path"] for item in part})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(data.index["path"])
+    torch.testing.assert_close(next(iter(streaming_video_dataset(data)))["video"], data[0]["video"])
+    with pytest.raises(ValueError, match="rank"):
+        streaming_video_dataset(data, rank=2, world_size=2)
+
+
+def test_video_clip_dataset_validates_arguments(folder_with_corrupt_files):
+    data = load_video_dataset(folder_with_corrupt_files)
+    with pytest.raises(ValueError, match="sampling"):
+        VideoClipDataset(data.index, sampling="middle")
+    with pytest.raises(ValueError, match="layout"):
+        load_video_dataset(folder_with_corrupt_files, layout="kinetics")
+
+
+# ---------------------------------------------------------------------------------- pre-tokenization
+
+
+class FakeTokenizer:
+    """Average-pools each 1x4x4 block (frames kept) and quantizes the mean to 0..15."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def encode(self, video):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        pooled = torch.nn.functional.avg_pool3d(video.mean(1, keepdim=True), (1, 4, 4))[:, 0]
+        return (pooled * 15.999).long()
+
+
+class WithUnreadable(torch.utils.data.Dataset):
+    """Moving digits where items 3 and 9 are 'unreadable'."""
+
+    def __init__(self):
+        self.clips = MovingDigits(14, seed=3, num_frames=3, size=16, digit_size=8)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        return None if i in (3, 9) else self.clips[i]
+
+
+def read_all(path):
+    tokens = load_token_dataset(path)
+    return [(item["input_ids"].tolist(), item["label"]) for item in tokens]
+
+
+def test_pretokenize_round_trip_and_resume(tmp_path):
+    data = WithUnreadable()
+    reference = pretokenize(data, FakeTokenizer(), tmp_path / "clean", batch_size=2, chunk_size=4)
+    assert len(reference) == 12 and reference["index"] == [i for i in range(14) if i not in (3, 9)]
+    items = read_all(tmp_path / "clean")
+    expected = FakeTokenizer().encode(data[5]["video"][None])[0]
+    assert items[4] == (expected.tolist(), data[5]["label"])
+    assert torch.tensor(items[0][0]).shape == (3, 4, 4)
+    assert not os.path.exists(tmp_path / "clean" / "chunks")  # chunks are removed after the merge
+    assert (tmp_path / "clean" / "skipped.json").read_text() == '["item 3", "item 9"]'
+
+    # crash in the third encode call (chunk 1 has two batches): chunk 0 is complete, chunk 1 is not
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretokenize(data, FakeTokenizer(fail_after=2), tmp_path / "resumed", batch_size=2, chunk_size=4)
+    assert sorted(os.listdir(tmp_path / "resumed" / "chunks")) == ["chunk_000000"]
+    with pytest.raises(ValueError, match="chunk_size"):  # resuming needs the same chunking
+        pretokenize(data, FakeTokenizer(), tmp_path / "resumed", batch_size=2, chunk_size=5)
+    second = FakeTokenizer()
+    pretokenize(data, second, tmp_path / "resumed", batch_size=2, chunk_size=4)
+    assert second.calls == 5  # chunks 1..3 only: 2 + 2 + 1 batches
+    assert read_all(tmp_path / "resumed") == items
+
+
+def test_pretokenize_sharded_then_merged(tmp_path):
+    data = WithUnreadable()
+    pretokenize(data, FakeTokenizer(), tmp_path / "one", batch_size=3, chunk_size=3)
+    reference = read_all(tmp_path / "one")
+    out = tmp_path / "sharded"
+    assert pretokenize(data, FakeTokenizer(), out, batch_size=3, chunk_size=3, num_shards=2, shard_index=1) is None
+    with pytest.raises(FileNotFoundError, match="chunks are not written"):
+        merge_token_chunks(out)
+    pretokenize(data, FakeTokenizer(), out, batch_size=3, chunk_size=3, num_shards=2, shard_index=0)
+    merge_token_chunks(out)
+    assert read_all(out) == reference

@@ -1,0 +1,125 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_nbp.video_io import (VideoDecodeError, as_uint8_frames, export_to_gif, export_to_mp4,
+                                   make_contact_sheet, read_video)
+
+
+def smooth_video(frames=17, height=48, width=64):
+    """A smooth, slowly moving colour pattern, float (T, H, W, 3) in [0, 1]."""
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    red = 0.5 + 0.35 * np.sin(2 * np.pi * (x + 2 * t) / width)
+    green = 0.5 + 0.35 * np.cos(2 * np.pi * (y - t) / height)
+    blue = 0.3 + 0.2 * np.sin(2 * np.pi * (x + y) / (width + height))
+    return np.stack([red, green, blue], axis=-1)
+
+
+def index_video(frames, size=16):
+    """Grey frames whose brightness is 10 * frame index, so each decoded frame names its source frame."""
+    return np.repeat((np.arange(frames) * 10).astype(np.uint8), size * size * 3).reshape(frames, size, size, 3)
+
+
+def decoded_indices(frames):
+    return np.round(frames.astype(float).mean(axis=(1, 2, 3)) / 10).astype(int).tolist()
+
+
+def test_mp4_round_trip(tmp_path):
+    video = smooth_video()
+    path = export_to_mp4(video, tmp_path / "clip.mp4", fps=8)
+    frames, fps = read_video(path)
+    assert frames.shape == (17, 48, 64, 3) and frames.dtype == np.uint8
+    assert fps == 8.0
+    error = np.abs(frames.astype(float) - as_uint8_frames(video).astype(float)).mean()
+    assert error < 6.0, error
+    assert [f for f in os.listdir(tmp_path)] == ["clip.mp4"]  # no temporary file left behind
+
+
+def test_mp4_accepts_tensor_and_pil_frames_alike(tmp_path):
+    video = as_uint8_frames(smooth_video(frames=5, height=16, width=16))
+    tensor = torch.from_numpy(video).permute(3, 0, 1, 2).float() / 255  # (3, T, H, W)
+    from_tensor = read_video(export_to_mp4(tensor, tmp_path / "t.mp4"))[0]
+    from_pil = read_video(export_to_mp4([Image.fromarray(f) for f in video], tmp_path / "p.mp4"))[0]
+    np.testing.assert_array_equal(from_tensor, from_pil)
+    with pytest.raises(ValueError, match=r"\(3, T, H, W\)"):
+        export_to_mp4(tensor.permute(1, 0, 2, 3), tmp_path / "bad.mp4")  # (T, 3, H, W) is not accepted
+
+
+def test_mp4_odd_size_is_padded_to_even(tmp_path):
+    video = as_uint8_frames(smooth_video(frames=3, height=47, width=63))
+    frames, _ = read_video(export_to_mp4(video, tmp_path / "odd.mp4"))
+    assert frames.shape == (3, 48, 64, 3)
+    assert np.abs(frames[:, :47, :63].astype(float) - video).mean() < 6.0
+
+
+def test_gif_round_trip(tmp_path):
+    video = smooth_video(frames=9, height=32, width=40)
+    path = export_to_gif(video, tmp_path / "clip.gif", fps=10)
+    with Image.open(path) as gif:
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 100
+        assert gif.n_frames == 9
+    frames, _ = read_video(path)
+    assert frames.shape == (9, 32, 40, 3)
+    assert np.abs(frames.astype(float) - as_uint8_frames(video).astype(float)).mean() < 8.0
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "first_half", "missing"])
+def test_unreadable_files_raise_video_decode_error(tmp_path, damage):
+    good = export_to_mp4(smooth_video(frames=9, height=16, width=16), tmp_path / "good.mp4")
+    data = open(good, "rb").read()
+    path = tmp_path / "bad.mp4"
+    if damage == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    elif damage == "first_half":  # truncated: the index (moov box) at the end is lost
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoDecodeError):
+        read_video(path)
+
+
+def test_fps_resampling_picks_nearest_frames(tmp_path):
+    path = export_to_mp4(index_video(16), tmp_path / "count.mp4", fps=16)  # 1 s of video
+    half, fps = read_video(path, fps=8)
+    assert fps == 8.0 and decoded_indices(half) == [0, 2, 4, 6, 8, 10, 12, 14]
+    double, _ = read_video(path, fps=32)
+    assert decoded_indices(double) == [k // 2 for k in range(32)]
+    third, _ = read_video(path, fps=16 / 3)  # targets at 0, 3, 6, ... source frames
+    assert decoded_indices(third) == [0, 3, 6, 9, 12]
+
+
+def test_read_video_select_returns_only_chosen_frames(tmp_path):
+    path = export_to_mp4(index_video(12), tmp_path / "count.mp4", fps=8)
+    frames, _ = read_video(path, select=lambda n: [n - 1, 0, 0])
+    assert decoded_indices(frames) == [11, 0, 0]
+    with pytest.raises(ValueError, match="select"):
+        read_video(path, select=lambda n: [n])
+
+
+def test_as_uint8_frames_validates_input():
+    np.testing.assert_array_equal(as_uint8_frames(np.array([[[[-0.5, 0.5, 2.0]]]])), [[[[0, 128, 255]]]])
+    with pytest.raises(TypeError):
+        as_uint8_frames(np.zeros((1, 2, 2, 3), dtype=np.int64))
+    with pytest.raises(ValueError):
+        as_uint8_frames(np.zeros((2, 2, 3)))
+    with pytest.raises(TypeError):
+        as_uint8_frames("frames")
+
+
+def test_contact_sheet_layout(tmp_path):
+    long = index_video(5, size=16)
+    short = index_video(3, size=16)
+    sheet = make_contact_sheet([long, short], gap=2)
+    assert sheet.size == (5 * 18 + 2, 2 * 18 + 2)
+    pixels = np.asarray(sheet)
+    np.testing.assert_array_equal(pixels[2:18, 2 + 3 * 18:18 + 3 * 18], long[3])  # row 0, column 3
+    np.testing.assert_array_equal(pixels[20:36, 2 + 2 * 18:18 + 2 * 18], short[2])  # row 1, column 2
+    assert pixels[20:36, 2 + 4 * 18:18 + 4 * 18].max() == 0  # past the short video's end: black
+
+    labelled = make_contact_sheet([long, short], path=tmp_path / "sheet.png", labels=["first", "second"], columns=2)
+    assert labelled.size[0] > 2 * 18 + 2 and labelled.size[1] == 38
+    with Image.open(tmp_path / "sheet.png") as saved:
+        assert saved.size == labelled.size
+    with pytest.raises(ValueError, match="labels"):
+        make_contact_sheet([long, short], labels=["only one"])
