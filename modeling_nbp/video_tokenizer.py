@@ -341,9 +341,10 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FSQ of encoder latents `z` (B, D, T', H', W') -> (codes float32 (B, D, T', H', W') with straight-through
         gradients, ids int64 (B, T', H', W'))."""
-        if not isinstance(z, torch.Tensor) or z.ndim != 5:
-            raise ValueError(f"`z` must be a 5-D tensor (batch, {self.quantizer.dim}, latent_frames, latent_height, "
-                             f"latent_width); got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != self.quantizer.dim:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"`z` must have shape (batch, {self.quantizer.dim}, latent_frames, latent_height, "
+                             f"latent_width), one channel per FSQ level; got {got}")
         codes, ids = self.quantizer(z.movedim(1, -1))
         return codes.movedim(-1, 1), ids
 
@@ -356,7 +357,10 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
     def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in layers:
-            x = self._gradient_checkpointing_func(layer, x) if checkpoint and isinstance(layer, ResidualUnit) else layer(x)
+            if checkpoint and isinstance(layer, ResidualUnit):
+                x = self._gradient_checkpointing_func(layer, x)
+            else:
+                x = layer(x)
         return x
 
     def _encode_latents(self, video: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,317 @@
+import math
+
+import pytest
+import torch
+
+from modeling_nbp.video_tokenizer import NBPVideoTokenizer, depth_to_space, space_to_depth
+
+# Tiny configurations: (time, space) compression (2, 2), (4, 8) with the official stride pattern, and (4, 8)
+# from a 2x space-to-depth stem plus two conv downsamplings.
+TINY = dict(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+            fsq_levels=(8, 5, 5, 5), norm_num_groups=4)
+OFFICIAL_PATTERN = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=(1, 1, 1, 2),
+                        downsample_strides=((1, 2), (2, 2), (2, 2)), fsq_levels=(8, 8, 8), norm_num_groups=4)
+PATCHED = dict(block_out_channels=(8, 16, 16), layers_per_block=(1, 1, 1), downsample_strides=((2, 2), (2, 2)),
+               fsq_levels=(8, 5, 5, 5), norm_num_groups=4, patch_size=2)
+
+
+def make(config, seed=0):
+    torch.manual_seed(seed)
+    return NBPVideoTokenizer(**config).eval()
+
+
+def rand_video(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- official structure
+def _official_layer_table():
+    """Hand-written from the official nbp/magvit2.py: (index, kind, in_channels, out_channels)."""
+    res = lambda c_in, c_out: ("res", c_in, c_out)  # noqa: E731
+    encoder = [("conv3", 3, 128), *[res(128, 128)] * 4, ("conv3", 128, 128), res(128, 256), *[res(256, 256)] * 3,
+               ("conv3", 256, 256), *[res(256, 256)] * 4, ("conv3", 256, 256), res(256, 512),
+               *[res(512, 512)] * 7, ("norm", 512, 512), ("swish", 512, 512), ("plain1", 512, 6)]
+    decoder = [("conv3", 6, 512), *[res(512, 512)] * 8, ("conv3", 512, 4096), ("d2s", 0, 0), res(512, 256),
+               *[res(256, 256)] * 3, ("conv3", 256, 2048), ("d2s", 0, 0), *[res(256, 256)] * 4,
+               ("conv3", 256, 1024), ("d2s", 0, 0), res(256, 128), *[res(128, 128)] * 3, ("norm", 128, 128),
+               ("swish", 128, 128), ("conv3", 128, 3)]
+    return {"encoder_layers": encoder, "decoder_layers": decoder}
+
+
+def _expected_official_shapes():
+    def conv(prefix, c_in, c_out, k):
+        return {f"{prefix}.weight": (c_out, c_in, k, k, k), f"{prefix}.bias": (c_out,)}
+
+    shapes = {}
+    for stack, layers in _official_layer_table().items():
+        for i, (kind, c_in, c_out) in enumerate(layers):
+            p = f"{stack}.{i}"
+            if kind == "conv3":
+                shapes.update(conv(f"{p}.conv", c_in, c_out, 3))
+            elif kind == "plain1":
+                shapes.update(conv(p, c_in, c_out, 1))
+            elif kind == "norm":
+                shapes.update({f"{p}.weight": (c_in,), f"{p}.bias": (c_in,)})
+            elif kind == "swish":
+                shapes[f"{p}.beta"] = (1, c_in, 1, 1, 1)
+            elif kind == "res":
+                shapes.update({f"{p}.fn.0.weight": (c_in,), f"{p}.fn.0.bias": (c_in,),
+                               f"{p}.fn.1.beta": (1, c_in, 1, 1, 1),
+                               f"{p}.fn.3.weight": (c_out,), f"{p}.fn.3.bias": (c_out,),
+                               f"{p}.fn.4.beta": (1, c_out, 1, 1, 1)})
+                shapes.update(conv(f"{p}.fn.2.conv", c_in, c_out, 3))
+                shapes.update(conv(f"{p}.fn.5.conv", c_out, c_out, 3))
+                if c_in != c_out:
+                    shapes.update(conv(f"{p}.residual_fn.0.conv", c_in, c_out, 1))
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def official_meta():
+    with torch.device("meta"):
+        return NBPVideoTokenizer()
+
+
+def test_official_config_matches_checkpoint_keys_and_size(official_meta):
+    state = official_meta.state_dict()
+    expected = _expected_official_shapes()
+    assert len(state) == 434 == len(expected)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    # representative keys from the official checkpoint (NBP_REFERENCE.md section 4)
+    assert state["encoder_layers.0.conv.weight"].shape == (128, 3, 3, 3, 3)
+    assert state["encoder_layers.6.residual_fn.0.conv.weight"].shape == (256, 128, 1, 1, 1)
+    assert state["encoder_layers.26.weight"].shape == (6, 512, 1, 1, 1)
+    assert state["decoder_layers.0.conv.weight"].shape == (512, 6, 3, 3, 3)
+    assert state["decoder_layers.9.conv.weight"].shape == (4096, 512, 3, 3, 3)
+    assert state["decoder_layers.15.conv.weight"].shape == (2048, 256, 3, 3, 3)
+    assert state["decoder_layers.21.conv.weight"].shape == (1024, 256, 3, 3, 3)
+    assert state["decoder_layers.23.residual_fn.0.conv.weight"].shape == (128, 256, 1, 1, 1)
+    assert state["decoder_layers.28.beta"].shape == (1, 128, 1, 1, 1)
+    assert state["decoder_layers.29.conv.weight"].shape == (3, 128, 3, 3, 3)
+    n_params = sum(p.numel() for p in official_meta.parameters())
+    assert n_params == sum(math.prod(s) for s in expected.values()) == 370_372_105  # the paper's 370.37M
+
+
+def test_official_config_geometry(official_meta):
+    tok = official_meta
+    assert (tok.temporal_compression, tok.spatial_compression, tok.codebook_size) == (4, 8, 64000)
+    assert tok.latent_shape(17, 128, 128) == (5, 16, 16)
+    assert tok.num_frames_for_latent(5) == 17
+    ids = tok.encode(torch.empty(1, 3, 17, 128, 128, device="meta"))
+    assert ids.shape == (1, 5, 16, 16) and ids.dtype == torch.int64
+    assert tok.decode(ids).shape == (1, 3, 17, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("config, frames, size, latent", [
+    (TINY, 5, 8, (3, 4, 4)),
+    (OFFICIAL_PATTERN, 9, 16, (3, 2, 2)),
+    (PATCHED, 5, 16, (2, 2, 2)),
+])
+def test_encode_decode_shapes(config, frames, size, latent):
+    tok = make(config)
+    video = rand_video(2, 3, frames, size, size)
+    assert tok.latent_shape(frames, size, size) == latent
+    assert tok.num_frames_for_latent(latent[0]) == frames
+    ids = tok.encode(video)
+    assert ids.shape == (2, *latent) and ids.dtype == torch.int64
+    assert 0 <= ids.min() and ids.max() < tok.codebook_size
+    decoded = tok.decode(ids)
+    assert decoded.shape == video.shape and decoded.min() >= 0 and decoded.max() <= 1
+    out = tok(video)
+    assert out.reconstruction.shape == video.shape and torch.equal(out.ids, ids)
+    codes, ids_again = tok.quantize(tok._encode_latents(video))
+    assert torch.equal(ids_again, ids) and torch.equal(tok.indices_to_codes(ids), codes)
+
+
+def test_depth_to_space_layout_by_hand():
+    # channel (dh * 2 + dw) goes to pixel (dh, dw)
+    x = torch.arange(4.0).reshape(1, 4, 1, 1, 1)
+    assert depth_to_space(x, 1, 2).flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    # time: channel dt goes to frame dt
+    x = torch.tensor([10.0, 11.0]).reshape(1, 2, 1, 1, 1)
+    assert depth_to_space(x, 2, 1).flatten().tolist() == [10.0, 11.0]
+    video = rand_video(2, 3, 3, 4, 6)
+    assert torch.equal(depth_to_space(space_to_depth(video, 2), 1, 2), video)
+
+
+# -------------------------------------------------------------------------------------- causality
+def test_encoder_is_causal_in_time():
+    tok = make(OFFICIAL_PATTERN)
+    video = rand_video(1, 3, 13, 16, 16)
+    ids = tok.encode(video)
+    latents = tok._encode_latents(video)
+    for k in range(3):  # latent frame k sees pixel frames 0..4k only
+        changed = video.clone()
+        changed[:, :, 4 * k + 1:] = rand_video(1, 3, 12 - 4 * k, 16, 16, seed=k + 1)
+        assert torch.equal(tok.encode(changed)[:, :k + 1], ids[:, :k + 1])
+        assert not torch.allclose(tok._encode_latents(changed)[:, :, k + 1], latents[:, :, k + 1])
+
+
+def test_decoder_is_causal_in_time():
+    tok = make(OFFICIAL_PATTERN)
+    ids = torch.randint(0, tok.codebook_size, (1, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    video = tok.decode(ids)
+    for j in range(4):
+        changed = ids.clone()
+        changed[:, j] = (changed[:, j] + 97) % tok.codebook_size
+        new = tok.decode(changed)
+        # latent frame j (j >= 1) decodes to pixel frames 4j-3 .. 4j; latent frame 0 to pixel frame 0
+        first = 0 if j == 0 else 4 * j - 3
+        assert torch.equal(new[:, :, :first], video[:, :, :first])
+        assert not torch.allclose(new[:, :, first], video[:, :, first])
+
+
+def test_prefix_decoding_matches_full_decoding():
+    tok = make(OFFICIAL_PATTERN)
+    ids = torch.randint(0, tok.codebook_size, (2, 4, 2, 2), generator=torch.Generator().manual_seed(1))
+    full = tok.decode(ids)
+    for k in (1, 2, 3):
+        prefix = tok.decode(ids[:, :k])
+        assert prefix.shape[2] == tok.num_frames_for_latent(k)
+        torch.testing.assert_close(prefix, full[:, :, :prefix.shape[2]], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_encoding_matches_full_encoding():
+    tok = make(OFFICIAL_PATTERN)
+    video = rand_video(1, 3, 13, 16, 16)
+    full = tok._encode_latents(video)
+    torch.testing.assert_close(tok._encode_latents(video[:, :, :5]), full[:, :, :2], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- training
+def _blob_clips(n, frames, size, seed=0):
+    """Coloured Gaussian blobs moving in straight lines on a dark background."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.arange(size).float()
+    clips = torch.empty(n, 3, frames, size, size)
+    for i in range(n):
+        color = torch.rand(3, generator=g)
+        cy, cx = (torch.rand(2, generator=g) * size).tolist()
+        vy, vx = (torch.rand(2, generator=g) * 2 - 1).tolist()
+        for t in range(frames):
+            d2 = (grid[:, None] - cy - vy * t) ** 2 + (grid[None, :] - cx - vx * t) ** 2
+            clips[i, :, t] = 0.1 + 0.8 * color[:, None, None] * torch.exp(-d2 / (2 * (size / 5) ** 2))
+    return clips
+
+
+def _psnr(a, b):
+    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
+
+
+def test_tiny_tokenizer_overfits_a_few_clips():
+    config = dict(block_out_channels=(16, 32), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                  fsq_levels=(8, 5, 5, 5), norm_num_groups=4, patch_size=2)
+    tok = make(config).train()
+    clips = _blob_clips(4, 5, 16)
+    with torch.no_grad():
+        untrained = _psnr(tok.decode(tok.encode(clips)), clips)
+    constant = _psnr(clips.mean(dim=(0, 2, 3, 4), keepdim=True).expand_as(clips), clips)
+    optimizer = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = ((tok(clips).reconstruction - clips) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        trained = _psnr(tok.decode(tok.encode(clips)), clips)
+    assert trained > untrained + 6 and trained > constant + 4, (untrained, constant, trained)
+
+
+def test_straight_through_gradients_reach_the_encoder():
+    tok = make(TINY).train()
+    video = rand_video(1, 3, 5, 8, 8)
+    tok(video).reconstruction.mean().backward()
+    assert tok.encoder_layers[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    video = rand_video(1, 3, 5, 8, 8)
+    grads = []
+    for checkpointing in (False, True):
+        tok = make(TINY).train()
+        if checkpointing:
+            tok.enable_gradient_checkpointing()
+        tok(video).reconstruction.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tok.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------------- saving, dtypes, batching
+def test_save_and_load_round_trip(tmp_path):
+    tok = make(PATCHED)
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = NBPVideoTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.spatial_compression == tok.spatial_compression == 8
+    video = rand_video(2, 3, 5, 16, 16)
+    ids = tok.encode(video)
+    assert torch.equal(loaded.encode(video), ids)
+    assert torch.equal(loaded.decode(ids), tok.decode(ids))
+
+
+def test_bfloat16_encode_and_decode():
+    tok = make(TINY).to(torch.bfloat16)
+    video = rand_video(2, 3, 5, 8, 8)  # float32 input is cast to the module dtype
+    ids = tok.encode(video)
+    assert ids.dtype == torch.int64 and ids.shape == (2, 3, 4, 4) and ids.max() < tok.codebook_size
+    decoded = tok.decode(ids)
+    assert decoded.dtype == torch.bfloat16 and decoded.shape == video.shape
+    assert torch.isfinite(decoded).all() and decoded.min() >= 0 and decoded.max() <= 1
+
+
+def test_decode_in_chunks_matches_one_pass():
+    tok = make(TINY)
+    ids = torch.randint(0, tok.codebook_size, (5, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(tok.decode(ids, decode_batch_size=2), tok.decode(ids), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("video, error, message", [
+    (rand_video(1, 3, 6, 16, 16), ValueError,
+     r"`video` frame count \(dim 2\) must be 1 \+ 4 \* n \(one of 1, 5, 9, 13, 17"),
+    (rand_video(1, 3, 5, 12, 16), ValueError,
+     r"`video` height \(dim 3\) must be a multiple of the spatial compression 8"),
+    (rand_video(1, 3, 5, 16, 20), ValueError, r"`video` width \(dim 4\) must be a multiple"),
+    (rand_video(1, 1, 5, 16, 16), ValueError, r"`video` must have 3 channels"),
+    (rand_video(1, 3, 5, 16, 16) * 255, ValueError, r"`video` values must lie in \[0, 1\].*0\.\.255"),
+    (rand_video(1, 3, 5, 16, 16) * 2 - 1, ValueError, r"`video` values must lie in \[0, 1\].*\[-1, 1\]"),
+    (torch.full((1, 3, 5, 16, 16), float("nan")), ValueError, r"`video` contains NaN"),
+    ((rand_video(1, 3, 5, 16, 16) * 255).to(torch.uint8), TypeError, r"`video` must be a floating-point tensor"),
+    (rand_video(3, 5, 16, 16), ValueError, r"`video` must have shape \(batch, channels, frames, height, width\)"),
+])
+def test_bad_video_is_rejected(video, error, message):
+    tok = make(OFFICIAL_PATTERN)
+    with pytest.raises(error, match=message):
+        tok.encode(video)
+    with pytest.raises(error, match=message):
+        tok(video)
+
+
+@pytest.mark.parametrize("ids, kwargs, error, message", [
+    (torch.full((1, 2, 2, 2), 512), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
+    (torch.full((1, 2, 2, 2), -1), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
+    (torch.zeros(1, 2, 2, 2), {}, TypeError, r"`ids` must be an integer tensor"),
+    (torch.zeros(1, 8, dtype=torch.long), {}, ValueError, r"`ids` must have shape \(batch, latent_frames"),
+    (torch.zeros(1, 2, 2, 2, dtype=torch.long), {"decode_batch_size": 0}, ValueError, r"`decode_batch_size`"),
+])
+def test_bad_ids_are_rejected(ids, kwargs, error, message):
+    tok = make(OFFICIAL_PATTERN)
+    with pytest.raises(error, match=message):
+        tok.decode(ids, **kwargs)
+
+
+def test_bad_sizes_and_configs_are_rejected():
+    tok = make(OFFICIAL_PATTERN)
+    with pytest.raises(ValueError, match=r"`num_frames` must be 1 \+ 4 \* n"):
+        tok.latent_shape(16, 64, 64)
+    with pytest.raises(ValueError, match=r"`z` must have shape \(batch, 3, latent_frames"):
+        tok.quantize(torch.zeros(1, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"`latent_frames` must be a positive integer"):
+        tok.num_frames_for_latent(0)
+    with pytest.raises(ValueError, match=r"`norm_num_groups` \(32\) must divide"):
+        NBPVideoTokenizer(block_out_channels=(48, 64), layers_per_block=(1, 1), downsample_strides=((2, 2),))
+    with pytest.raises(ValueError, match=r"`downsample_strides` must hold"):
+        NBPVideoTokenizer(block_out_channels=(32, 64), layers_per_block=(1, 1), downsample_strides=((3, 2),))
+    with pytest.raises(ValueError, match=r"`layers_per_block` needs one entry per level"):
+        NBPVideoTokenizer(block_out_channels=(32, 64), layers_per_block=(1,), downsample_strides=((2, 2),))
