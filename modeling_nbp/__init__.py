@@ -5,6 +5,9 @@ from transformers import AutoConfig, AutoModel
 from .configuration_nbp import NBPConfig
 from .layout import BlockLayout
 from .modeling_nbp import NBPForVideoGeneration, NBPModel
+from .video_tokenizer import NBPVideoTokenizer
+from .pipelines.pipeline_nbp_video import (PAPER_SAMPLING, NBPVideoPipeline, NBPVideoPipelineOutput,
+                                           NBPVideoStreamChunk)
 
 AutoConfig.register("nbp", NBPConfig, exist_ok=True)
 AutoModel.register(NBPConfig, NBPForVideoGeneration, exist_ok=True)
@@ -13,4 +16,5 @@ AutoModel.register(NBPConfig, NBPForVideoGeneration, exist_ok=True)
 NBPConfig.register_for_auto_class()
 NBPForVideoGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["BlockLayout", "NBPConfig", "NBPForVideoGeneration", "NBPModel"]
+__all__ = ["BlockLayout", "NBPConfig", "NBPForVideoGeneration", "NBPModel", "NBPVideoPipeline",
+           "NBPVideoPipelineOutput", "NBPVideoStreamChunk", "NBPVideoTokenizer", "PAPER_SAMPLING"]

@@ -52,8 +52,9 @@ def check_sampling_args(temperature, top_k, top_p, guidance_scale):
 
 @dataclass
 class GenerationStep:
-    """What one decoding step produced: video tokens [start, end) in block order; `video_tokens` (B, end)
-    holds every token known so far (context included)."""
+    """What one decoding step produced: video tokens [start, end) in block order. `video_tokens` is the live
+    (B, N) tensor of video ids in block order (-1 = not generated yet; copy it to keep it): a consumer may
+    overwrite [start, end) before asking for the next step, and generation continues from the new tokens."""
 
     step: int
     num_steps: int
@@ -152,8 +153,9 @@ class NBPGenerationMixin:
                 logits = uncond + guidance_scale * (cond - uncond)
             tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
             video[:, a:b] = tokens
-            seq[:, layout.video_positions[a:b].to(device)] = (tokens + off).repeat(2 if guided else 1, 1)
-            yield GenerationStep(step, len(schedule), a, b, video[:, :b].clone())
+            yield GenerationStep(step, len(schedule), a, b, video)
+            # read back after the yield: a consumer may have replaced this step's tokens
+            seq[:, layout.video_positions[a:b].to(device)] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
 
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
@@ -168,4 +170,4 @@ class NBPGenerationMixin:
                                          guidance_scale, generator, use_cache, condition_ids):
             if callback is not None:
                 callback(last)
-        return self.layout.sequence_to_grid(last.video_tokens)
+        return self.layout.sequence_to_grid(last.video_tokens.clone())
