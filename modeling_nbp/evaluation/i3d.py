@@ -8,10 +8,9 @@ Input: (B, 3, T, 224, 224) in [-1, 1], T >= 9. Output: (B, num_classes) logits b
 Weights come from `convert_i3d_weights.py` as a safetensors file; `load_i3d` builds the network from it.
 """
 
-import math
 import os
 from collections import OrderedDict
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,13 +43,14 @@ INCEPTION_BLOCKS = (
 Triple = Tuple[int, int, int]
 
 
-def _tf_same_padding(sizes: Sequence[int], kernel: Triple, stride: Triple) -> Tuple[int, ...]:
+def _tf_same_padding(sizes: List[int], kernel: List[int], stride: List[int]) -> List[int]:
     """F.pad amounts (last dim first) reproducing TF "SAME": output = ceil(size / stride), extra pixel after."""
-    pads = []
-    for size, k, s in zip(reversed(sizes), reversed(kernel), reversed(stride)):
-        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+    pads: List[int] = []
+    for dim in range(len(sizes) - 1, -1, -1):
+        size, k, s = sizes[dim], kernel[dim], stride[dim]
+        total = max(((size + s - 1) // s - 1) * s + k - size, 0)
         pads += [total // 2, total - total // 2]
-    return tuple(pads)
+    return pads
 
 
 class TFSamePad(nn.Module):
@@ -58,11 +58,11 @@ class TFSamePad(nn.Module):
 
     def __init__(self, kernel: Triple, stride: Triple, value: float = 0.0):
         super().__init__()
-        self.kernel, self.stride, self.value = kernel, stride, value
+        self.kernel, self.stride, self.value = list(kernel), list(stride), value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = _tf_same_padding(x.shape[2:], self.kernel, self.stride)
-        return F.pad(x, pads, value=self.value) if any(pads) else x
+        pads = _tf_same_padding(list(x.shape[2:]), self.kernel, self.stride)
+        return F.pad(x, pads, value=self.value) if max(pads) > 0 else x
 
 
 def _max_pool_same(kernel: Triple, stride: Triple) -> nn.Module:
@@ -78,9 +78,10 @@ class ShiftOnlyBatchNorm3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        self.eps = BATCH_NORM_EPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, False, 0.0, BATCH_NORM_EPS)
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, False, 0.0, self.eps)
 
 
 class Unit3D(nn.Module):
@@ -144,18 +145,19 @@ class I3D(nn.Module):
                 channels = block.out_channels
                 blocks.append((name, block))
         self.blocks = nn.Sequential(OrderedDict(blocks))
+        self.input_size, self.min_frames = I3D_INPUT_SIZE, I3D_MIN_FRAMES
         self.avg_pool = nn.AvgPool3d((2, 7, 7), stride=1)
         self.logits = nn.Conv3d(channels, num_classes, kernel_size=1, bias=True)
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         """videos: (B, 3, T, 224, 224) in [-1, 1] -> logits (B, num_classes), averaged over time."""
         if videos.dim() != 5 or videos.shape[1] != 3:
-            raise ValueError(f"I3D expects videos of shape (B, 3, T, H, W), got {tuple(videos.shape)}")
-        frames, height, width = videos.shape[2:]
-        if (height, width) != (I3D_INPUT_SIZE, I3D_INPUT_SIZE):
-            raise ValueError(f"I3D expects {I3D_INPUT_SIZE}x{I3D_INPUT_SIZE} frames, got {height}x{width}")
-        if frames < I3D_MIN_FRAMES:
-            raise ValueError(f"I3D needs at least {I3D_MIN_FRAMES} frames, got {frames}")
+            raise ValueError(f"I3D expects videos of shape (B, 3, T, H, W), got {list(videos.shape)}")
+        frames, height, width = videos.shape[2], videos.shape[3], videos.shape[4]
+        if height != self.input_size or width != self.input_size:
+            raise ValueError(f"I3D expects {self.input_size}x{self.input_size} frames, got {height}x{width}")
+        if frames < self.min_frames:
+            raise ValueError(f"I3D needs at least {self.min_frames} frames, got {frames}")
         x = self.conv3d_1a_7x7(videos)
         x = self.conv3d_2c_3x3(self.conv3d_2b_1x1(self.maxpool_2a(x)))
         x = self.blocks(self.maxpool_3a(x))  # (B, 1024, T', 7, 7)

