@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 
 def _noise(shape, generator, device):
@@ -99,13 +99,18 @@ class NBPGenerationMixin:
 
     @torch.no_grad()
     def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0, top_k=None,
-                        top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None):
+                        top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None,
+                        cache_implementation="dynamic"):
         """Generate block by block, yielding a `GenerationStep` after every step (for streaming).
 
         class_labels: (B,) ints for class-conditional models. context_ids: (B, c, H', W') video ids of the
         first c latent frames (frame prediction). guidance_scale g != 1 runs classifier-free guidance in one
         doubled batch: logits = uncond + g (cond - uncond), the unconditional half using `uncond_embedding`
-        as its prefix. use_cache=False recomputes the whole sequence every step (the reference path)."""
+        as its prefix. use_cache=False recomputes the whole sequence every step (the reference path).
+        cache_implementation="static" preallocates the cache for the whole sequence (transformers' StaticCache):
+        every decode step then has fixed shapes and no host synchronisation (CUDA graphs / torch.compile)."""
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         check_sampling_args(temperature, top_k, top_p, guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
         sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
@@ -137,7 +142,11 @@ class NBPGenerationMixin:
             prefix = torch.cat([prefix, prefix])
             drop = torch.arange(2 * B, device=device) >= B
         seq = layout.build_sequence(prefix, video[:, :c].repeat(2 if guided else 1, 1))
-        cache = DynamicCache(config=cfg) if use_cache else None
+        cache = None
+        if use_cache and cache_implementation == "static":
+            cache = StaticCache(config=cfg, max_cache_len=layout.sequence_length)
+        elif use_cache:
+            cache = DynamicCache(config=cfg)
         fed = 0
         for step, (a, b) in enumerate(schedule):
             positions = layout.step_positions(a, b).to(device)
@@ -160,14 +169,15 @@ class NBPGenerationMixin:
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
                               top_k=None, top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True,
-                              condition_ids=None, callback=None):
+                              condition_ids=None, callback=None, cache_implementation="dynamic"):
         """Generate video token grids (B, T', H', W') block by block (see `iter_generation` for arguments).
         Steps = (video tokens - context tokens) / block size, plus block_size - 1 for the hybrid start
         (48 for the K600 setting with 1x1x16 blocks, 95 for UCF's hybrid start). `callback(step_info)` is
         called after every step."""
         last = None
         for last in self.iter_generation(class_labels, context_ids, batch_size, temperature, top_k, top_p,
-                                         guidance_scale, generator, use_cache, condition_ids):
+                                         guidance_scale, generator, use_cache, condition_ids,
+                                         cache_implementation):
             if callback is not None:
                 callback(last)
         return self.layout.sequence_to_grid(last.video_tokens.clone())

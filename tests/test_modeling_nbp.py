@@ -275,3 +275,23 @@ def test_bad_inputs_give_clear_errors():
         frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="not class-conditional"):
         frames.generate_video_tokens(class_labels=[0], context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
+
+
+# ---- the fast path: a static (preallocated) cache gives the reference tokens -------------------------------------
+@pytest.mark.parametrize("block,first_block,guidance", [((1, 1, 4), "hybrid", 1.0), ((1, 4, 4), "bov", 2.5),
+                                                         ((1, 1, 1), "bov", 1.0), ((1, 1, 4), "hybrid", 3.0)])
+def test_static_cache_equals_reference(block, first_block, guidance):
+    model = make_model(block=block, first_block=first_block)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=guidance)
+    fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static", **kw)
+    reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    assert torch.equal(fast, reference)
+
+
+def test_static_cache_frame_prediction_equals_reference():
+    model = make_model(mode="frames", first_block="none", num_context_frames=1)
+    kw = dict(context_ids=grid(model)[:, :1], top_k=10)
+    fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(2), cache_implementation="static", **kw)
+    assert torch.equal(fast, model.generate_video_tokens(generator=torch.Generator().manual_seed(2), use_cache=False, **kw))
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate_video_tokens(cache_implementation="paged", **kw)
