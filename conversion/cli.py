@@ -1,0 +1,140 @@
+"""`nbp convert`: official NBP checkpoints -> a diffusers-style pipeline folder (safetensors), optionally pushed.
+
+    nbp convert --generator ucf_base_nbp16_hybrid.ckpt --tokenizer magvit2_ucf.pt --output nbp-ucf-700m
+    nbp convert --generator k600_3b_nbp16.ckpt --tokenizer magvit2_k600.pt --output nbp-k600-3b --dtype bfloat16
+
+The folder is an `NBPVideoPipeline` (`NBPVideoPipeline.from_pretrained(folder)`): `transformer/`
+(`NBPForVideoGeneration`), `video_tokenizer/` (`NBPVideoTokenizer`), model_index.json. Converting only one of the
+two writes just its subfolder. The frozen tokenizer copy that a generator checkpoint may embed
+(`first_stage_model.*`) is skipped, or converted as the tokenizer with --tokenizer_from_generator (instead of a
+--tokenizer file). Paper sampling (the pipeline's PAPER_SAMPLING, not stored here): top-k 16000, top-p 0.9,
+temperature 1.0; UCF-101 95 steps, K600 2 context latent frames and 48 steps.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .convert_nbp import generator_from_checkpoint
+from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
+from .safe_load import safe_torch_load
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_size) -> None:
+    """Save the converted components into `folder`: a full `NBPVideoPipeline` folder (model_index.json, the
+    components' subfolders and code) when both exist, else the one component in its subfolder of that layout."""
+    if transformer is not None and video_tokenizer is not None:
+        from ..pipelines import NBPVideoPipeline
+
+        pipeline = NBPVideoPipeline(transformer=transformer, video_tokenizer=video_tokenizer)
+        pipeline.save_pretrained(folder, max_shard_size=max_shard_size)
+    elif transformer is not None:
+        transformer.save_pretrained(os.path.join(folder, "transformer"), max_shard_size=max_shard_size)
+    else:
+        video_tokenizer.save_pretrained(os.path.join(folder, "video_tokenizer"), max_shard_size=max_shard_size)
+
+
+def _replace_dir(source: str, target: str) -> None:
+    """Move the finished folder `source` to `target`; an existing `target` is removed only after the move."""
+    old = None
+    if os.path.exists(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.replace(target, os.path.join(old, "folder"))
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "float32", max_shard_size="5GB",
+                        push_to_hub: str | None = None, private: bool = False, overwrite: bool = False,
+                        tokenizer_config: dict | None = None, num_context_frames: int = 2,
+                        tokenizer_from_generator: bool = False) -> str:
+    """Convert an official generator `*.ckpt` and/or tokenizer `*.pt` into the folder `output` (written under a
+    temporary name, then renamed). `dtype`: one of `DTYPES`. `tokenizer_config`: `NBPVideoTokenizer` keyword
+    arguments for non-official architectures. `num_context_frames`: context latent frames for unconditional
+    (frame prediction) generators. `tokenizer_from_generator`: convert the generator checkpoint's embedded
+    tokenizer copy (`first_stage_model.*`) instead of a tokenizer file. Returns the folder path."""
+    if generator is None and tokenizer is None:
+        raise ValueError("give a generator checkpoint (generator=...), a tokenizer file (tokenizer=...) or both")
+    if tokenizer_from_generator and (generator is None or tokenizer is not None):
+        raise ValueError("tokenizer_from_generator needs a generator checkpoint and no tokenizer file")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    output = os.path.abspath(os.fspath(output))
+    if os.path.exists(output) and not overwrite:
+        raise ValueError(f"output folder {output} already exists; pass overwrite=True (--overwrite) to replace it")
+    torch_dtype = DTYPES[dtype]
+
+    transformer, tokenizer_tensors = None, {}
+    if generator is not None:
+        transformer, embedded = generator_from_checkpoint(safe_torch_load(generator), torch_dtype, num_context_frames)
+        if tokenizer_from_generator and not embedded:
+            raise ValueError(f"{generator} embeds no tokenizer (no first_stage_model.* tensors); give a tokenizer file")
+        if tokenizer_from_generator:
+            tokenizer_tensors = embedded
+        elif embedded:
+            logger.warning("skipped the %d first_stage_model.* tensors (the embedded tokenizer copy) of %s; "
+                           "use tokenizer_from_generator=True to convert them", len(embedded), generator)
+    if tokenizer is not None:
+        tokenizer_tensors = tokenizer_state_dict_from_checkpoint(safe_torch_load(tokenizer))
+    video_tokenizer = (tokenizer_from_state_dict(tokenizer_tensors, tokenizer_config, torch_dtype)
+                       if tokenizer is not None or tokenizer_from_generator else None)
+
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
+    try:
+        write_pipeline_folder(staging, transformer, video_tokenizer, max_shard_size)
+        _replace_dir(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, private=private, exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=output, commit_message="Convert official NBP checkpoints")
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="nbp convert", description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generator", help="official generator checkpoint (PyTorch Lightning *.ckpt)")
+    parser.add_argument("--tokenizer", help="official tokenizer file (magvit2_{ucf,k600}.pt)")
+    parser.add_argument("--output", required=True, help="folder to write (safetensors)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest weight file (default 5GB: the 3B is sharded)")
+    parser.add_argument("--num_context_frames", type=int, default=2,
+                        help="context latent frames of unconditional (K600 frame prediction) models (default 2)")
+    parser.add_argument("--tokenizer_from_generator", action="store_true",
+                        help="convert the tokenizer copy embedded in the generator checkpoint (first_stage_model.*)")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.generator is None and args.tokenizer is None:
+        parser.error("give --generator, --tokenizer or both")
+    try:
+        folder = convert_checkpoints(args.output, args.generator, args.tokenizer, args.dtype, args.max_shard_size,
+                                     args.push_to_hub, args.private, args.overwrite,
+                                     num_context_frames=args.num_context_frames,
+                                     tokenizer_from_generator=args.tokenizer_from_generator)
+    except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+        parser.exit(2, f"nbp convert: error: {error}\n")
+    parts = sorted(p for p in os.listdir(folder) if not p.startswith("."))
+    print(f"wrote {folder} ({', '.join(parts)})" + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
