@@ -6,10 +6,11 @@ import sys
 
 COMMANDS = {
     "generate": "generate videos with a pipeline folder or Hub repo and write MP4/GIF files and a contact sheet",
-    "demo": "train-free demo: generate every class of the bundled moving-digits model (no download)",
+    "demo": "generate every class of the bundled moving-digits model, and a frame-prediction example (no download)",
     "train": "train an NBP generator with Accelerate (see examples/train_nbp.py)",
     "train-tokenizer": "train a video tokenizer with Accelerate (see examples/train_tokenizer.py)",
     "pretokenize": "run a video tokenizer over a video dataset once and store the token grids",
+    "make-digits": "write the procedural moving-digits dataset as video files (folder layout)",
     "convert": "convert the official NBP checkpoints into a pipeline folder",
     "evaluate": "FVD (and PSNR/SSIM for reconstructions) between two sets of videos",
     "bench": "time NBP against NTP generation side by side",
@@ -114,6 +115,8 @@ def main(argv=None):
         from .training.train_tokenizer import main as run
     elif command == "pretokenize":
         from .data.pretokenize import main as run
+    elif command == "make-digits":
+        from .data.moving_digits import main as run
     elif command == "convert":
         from .conversion.cli import main as run
     elif command == "evaluate":

@@ -148,23 +148,25 @@ class NBPGenerationMixin:
         elif use_cache:
             cache = DynamicCache(config=cfg)
         fed = 0
-        for step, (a, b) in enumerate(schedule):
-            positions = layout.step_positions(a, b).to(device)
-            upto = int(positions.max()) + 1
+        # index tensors of every step, moved to the device once (the loop then only launches device work)
+        plan = [(a, b, int(layout.step_positions(a, b).max()) + 1, layout.step_positions(a, b).to(device))
+                for a, b in schedule]
+        video_positions = layout.video_positions.to(device)
+        off = cfg.video_token_offset
+        for step, (a, b, upto, positions) in enumerate(plan):
             start = fed if use_cache else 0
             out = self(input_ids=seq[:, start:upto], cache=cache, use_cache=use_cache, drop_condition=drop,
                        logits_to_keep=positions - start)
             fed = upto
-            off = cfg.video_token_offset
             logits = out.logits[..., off : off + cfg.video_vocab_size].float()
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)
             tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
             video[:, a:b] = tokens
-            yield GenerationStep(step, len(schedule), a, b, video)
+            yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
-            seq[:, layout.video_positions[a:b].to(device)] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
+            seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
 
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,

@@ -206,3 +206,41 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
     path = os.fspath(path)
     merged = os.path.join(path, "tokens")
     return TokenDataset(datasets.load_from_disk(merged if os.path.isdir(merged) else path))
+
+
+def main(argv=None):
+    """`nbp pretokenize`: encode a video dataset with a tokenizer once; several processes (torchrun / accelerate
+    launch) split the chunks by rank, and a rerun resumes."""
+    import argparse
+
+    from ..video_tokenizer import NBPVideoTokenizer
+    from .video_datasets import load_video_dataset
+
+    p = argparse.ArgumentParser(prog="nbp pretokenize", description=main.__doc__)
+    p.add_argument("--data", required=True, help="video dataset root (folder of class folders, UCF-101, K600)")
+    p.add_argument("--layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
+    p.add_argument("--split", default="train")
+    p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_frames", type=int, default=17)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--fps", type=float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--chunk_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    folder = args.tokenizer
+    if os.path.isdir(os.path.join(folder, "video_tokenizer")):
+        folder = os.path.join(folder, "video_tokenizer")
+    tokenizer = NBPVideoTokenizer.from_pretrained(folder).to(args.device).eval()
+    dataset = load_video_dataset(args.data, layout=args.layout, split=args.split, num_frames=args.num_frames,
+                                 resolution=args.resolution, fps=args.fps, sampling="center")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    result = pretokenize(dataset, tokenizer, args.output_dir, batch_size=args.batch_size, num_shards=world,
+                         shard_index=rank, chunk_size=args.chunk_size, num_workers=args.num_workers,
+                         device=args.device)
+    if result is not None:
+        print(f"{len(result)} token grids in {os.path.join(args.output_dir, 'tokens')}")
+    else:
+        print(f"shard {rank}/{world} done; run merge_token_chunks({args.output_dir!r}) once all shards finished")
