@@ -1,0 +1,430 @@
+"""Accelerate plumbing shared by the generator and tokenizer training scripts.
+
+* Checkpoints: `output_dir/checkpoint-{step}` folders written by `accelerator.save_state` into a temporary
+  folder, completed by a marker file (`trainer_state.json`, written last) and then renamed into place. Only
+  renamed folders holding the marker count, so a run killed mid-save is never resumed from a half-written
+  checkpoint. Old checkpoints are rotated out (`total_limit`).
+* Data order: `StepBatchSampler` gives every process its share of micro-batch `m` as a pure function of
+  (seed, m), so a resumed run sees exactly the batches an uninterrupted run would, whatever the number of
+  processes (for the same global batch).
+* Randomness inside a step (dropout, class-label dropout) is reseeded from (seed, micro-step, process) by
+  `seed_step`, so it does not depend on what ran before a resume either.
+* Logging: per-step JSON lines (`JsonlLog`), trackers (TensorBoard, W&B when installed and configured),
+  sample videos; `push_folder_to_hub`; throughput and MFU estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..video_io import atomic_output_path, export_to_mp4, make_contact_sheet
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+_TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
+REPORT_TO = ("auto", "tensorboard", "wandb", "all", "none")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Path of the newest complete checkpoint in `output_dir`, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """`None` -> None; "latest" -> the newest complete checkpoint of `output_dir` (None if there is none yet,
+    so the same command starts or resumes a run); a path -> that path, which must be a complete checkpoint."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        return find_latest_checkpoint(output_dir)
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_MARKER)):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint folder "
+                         f"(no {CHECKPOINT_MARKER}); pass 'latest' or a {CHECKPOINT_PREFIX}<step> folder")
+    return resume_from_checkpoint
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder by first renaming it, so a crash mid-delete never leaves a damaged checkpoint behind."""
+    trash = os.path.join(os.path.dirname(path), f".deleting-{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Delete temporary checkpoint folders left by a killed run (call from the main process before training)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(_TMP_PREFIX) or name.startswith(".deleting-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def write_json(path: str, content) -> None:
+    with atomic_output_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict,
+                    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    total_limit: int | None = None) -> str:
+    """Save the full training state as `output_dir/checkpoint-{step}`; every process must call this.
+
+    `accelerator.save_state` writes models, optimizers, schedulers and RNG states; `tensors` maps a file stem
+    to a flat tensor dict saved as `<stem>.safetensors` by the main process (e.g. EMA weights); the marker
+    `trainer_state.json` (`trainer_state` plus the step) is written last, then the folder is renamed into
+    place. Keeps at most `total_limit` complete checkpoints (None = all)."""
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}")  # same name on every process (shared folder)
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for stem, flat in (tensors or {}).items():
+            flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+            save_file(flat, os.path.join(tmp, f"{stem}.safetensors"))
+        write_json(os.path.join(tmp, CHECKPOINT_MARKER), dict(trainer_state, global_step=step))
+        if os.path.isdir(final):  # e.g. a run restarted from scratch in the same output_dir
+            remove_tree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                remove_tree(old)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    """Restore what `save_checkpoint` saved through the accelerator; returns the trainer state (with
+    `global_step`). Extra tensor files are read with `load_checkpoint_tensors`."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint_tensors(path: str, stem: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, f"{stem}.safetensors"))
+
+
+# ------------------------------------------------------------------------------------- data order, seeding
+def _derived_seed(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0])
+
+
+def seed_step(seed: int, micro_step: int, process_index: int) -> None:
+    """Reseed torch (CPU and CUDA) for one micro-step: dropout masks become a function of (seed, step, process)."""
+    torch.manual_seed(_derived_seed(seed, micro_step, process_index))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Infinite batch sampler: this process's indices for micro-steps `start_step`, `start_step + 1`, ...
+
+    A global micro-batch has `batch_size * num_processes` items; micro-step `m` takes the `(m % S)`-th slice of
+    epoch `m // S`'s permutation (seeded by (seed, epoch); S = steps per epoch, the incomplete tail of each
+    permutation is dropped) and process `p` gets the p-th `batch_size` items of it. So the global order depends
+    only on the seed and the global micro-batch size, not on the number of processes or on resumes."""
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
+                 seed: int = 0, start_step: int = 0, shuffle: bool = True):
+        if batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes or start_step < 0:
+            raise ValueError(f"need batch_size >= 1, 0 <= process_index < num_processes, start_step >= 0; got "
+                             f"{batch_size}, {process_index}, {num_processes}, {start_step}")
+        self.global_batch = batch_size * num_processes
+        if num_items < self.global_batch:
+            raise ValueError(f"the dataset has {num_items} items, fewer than one global batch ({batch_size} per "
+                             f"process x {num_processes} processes); lower the batch size")
+        self.num_items, self.batch_size, self.process_index = num_items, batch_size, process_index
+        self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
+        self.steps_per_epoch = num_items // self.global_batch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_items)
+        generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch))
+        return torch.randperm(self.num_items, generator=generator)
+
+    def __iter__(self):
+        step, epoch, order = self.start_step, None, None
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = self.epoch_order(epoch)
+            start = (step % self.steps_per_epoch) * self.global_batch + self.process_index * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+            step += 1
+
+
+def dataloader_worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # many workers x many intra-op threads oversubscribe the CPU during collation
+
+
+# ------------------------------------------------------------------------------------------------- weights
+class EMA:
+    """Exponential moving average of a model's trainable parameters, kept in float32 on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError("the EMA weights in the checkpoint do not match this model's parameters")
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- logging
+class JsonlLog:
+    """One JSON object per line (`{"step": ..., ...}`), appended and flushed by the main process."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate(self, last_step: int) -> None:
+        """Drop records after `last_step` (those a killed run wrote after the checkpoint it is resumed from)."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        with atomic_output_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+
+def resolve_report_to(report_to: str) -> list[str]:
+    """Tracker names for `Accelerator(log_with=...)`. "auto": TensorBoard, plus W&B when `wandb` is installed
+    and configured (WANDB_API_KEY or WANDB_MODE set), so a run never stops at a login prompt."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"--report_to must be one of {REPORT_TO}, got {report_to!r}")
+    import importlib.util
+
+    has_wandb = importlib.util.find_spec("wandb") is not None
+    if report_to == "auto":
+        configured = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+        return ["tensorboard"] + (["wandb"] if has_wandb and configured else [])
+    if report_to in ("wandb", "all") and not has_wandb:
+        raise ValueError(f"--report_to {report_to} needs the `wandb` package (pip install wandb)")
+    return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}[report_to]
+
+
+def tracker_config(args) -> dict:
+    """argparse namespace -> flat dict of str/int/float/bool, as TensorBoard's hparams need."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+def resolve_mixed_precision(value: str) -> str | None:
+    """"auto": the `accelerate launch` config's choice if there is one, else bf16 where CUDA supports it, else no."""
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION}, got {value!r}")
+    if value != "auto":
+        return value
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # Accelerator reads it from the environment
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_batch_layout(train_batch_size: int | None, gradient_accumulation_steps: int | None,
+                         global_batch_size: int | None, num_processes: int, default_batch_size: int) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation steps). Without a global batch: the given values (defaults
+    `default_batch_size` and 1). With one: whichever of the other two is missing is derived (accumulation 1 if
+    both are), and `micro-batch x accumulation x processes` must equal it."""
+    b, a, G = train_batch_size, gradient_accumulation_steps, global_batch_size
+    if G is None:
+        b, a, rem = b or default_batch_size, a or 1, 0
+    elif b is None:
+        a = a or 1
+        b, rem = divmod(G, a * num_processes)
+    elif a is None:
+        a, rem = divmod(G, b * num_processes)
+    else:
+        rem = G - a * b * num_processes
+    if rem or b < 1 or a < 1:
+        raise ValueError(f"--global_batch_size {G} must equal --train_batch_size x --gradient_accumulation_steps x "
+                         f"{num_processes} processes (got {train_batch_size}, {gradient_accumulation_steps})")
+    return b, a
+
+
+def make_accelerator(args, gradient_accumulation_steps: int):
+    """The `Accelerator` both scripts use, from their shared flags (--cpu, --mixed_precision, --report_to,
+    --output_dir). The scheduler is stepped by the scripts themselves, once per optimizer update."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        cpu=use_cpu(args.cpu), mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=resolve_report_to(args.report_to) or None, step_scheduler_with_optimizer=False,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")))
+
+
+def use_cpu(requested: bool) -> bool:
+    """`Accelerator(cpu=...)`: as requested, and always for several processes without CUDA (DDP over gloo; without
+    it Accelerate would start each process as a separate single-process run)."""
+    return requested or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def log_videos(accelerator, tag: str, videos: torch.Tensor, step: int, output_dir: str, fps: float = 8,
+               labels: list[str] | None = None) -> list[str]:
+    """Main process: write `videos` (B, 3, T, H, W) in [0, 1] as MP4 files and a contact sheet under
+    `output_dir/samples/step-{step}/`, add the sheet to TensorBoard and the clips to W&B. Returns the paths."""
+    if not accelerator.is_main_process:
+        return []
+    folder = os.path.join(output_dir, "samples", f"step-{step:07d}")
+    videos = videos.detach().float().clamp(0, 1).cpu()
+    paths = [export_to_mp4(video, os.path.join(folder, f"{tag}_{i}.mp4"), fps=fps) for i, video in enumerate(videos)]
+    sheet = make_contact_sheet(list(videos), os.path.join(folder, f"{tag}.png"), labels=labels)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(sheet), step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Video(p, fps=fps, format="mp4") for p in paths]}, step=step)
+    return paths
+
+
+def push_folder_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
+                       commit_message: str = "Upload trained model") -> str:
+    """Create `repo_id` if needed and upload `folder` to it; returns the full repo id."""
+    from huggingface_hub import HfApi
+
+    if not repo_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/nbp-ucf')")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return repo_id
+
+
+# ------------------------------------------------------------------------------------- throughput and MFU
+class ThroughputMeter:
+    """Tokens (or items) per second of training steps. The clock starts after the first `skip` steps (warm-up,
+    compilation) and stops between `pause()` and `resume()` (evaluation, samples, checkpoints)."""
+
+    def __init__(self, skip: int = 1):
+        self.skip, self.steps, self.count = skip, 0, 0
+        self.start = self.paused_at = None
+        self.excluded = 0.0
+
+    def step(self, count: int) -> None:
+        self.steps += 1
+        if self.steps == self.skip:
+            self.start = time.perf_counter()
+        elif self.steps > self.skip:
+            self.count += count
+
+    def pause(self) -> None:
+        self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self.paused_at is not None and self.start is not None:
+            self.excluded += time.perf_counter() - max(self.paused_at, self.start)
+        self.paused_at = None
+
+    @property
+    def rate(self) -> float:
+        if self.start is None or self.count == 0:
+            return float("nan")
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return self.count / (now - self.start - self.excluded)
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in matrix multiplies (every Linear weight; embeddings are lookups)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def training_flops_per_token(matmul_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's convention: 6 * N for the weight matmuls plus
+    12 * L * D * S for attention scores and weighted values over the full S x S matrix (masked entries counted,
+    activation recomputation not counted)."""
+    return 6.0 * matmul_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+# dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device (`override_tflops` wins), None when unknown (e.g. CPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def estimate_mfu(tokens_per_second: float, flops_per_token: float, num_devices: int,
+                 peak_flops_per_device: float | None) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved training FLOP/s over the devices' peak (NaN if unknown)."""
+    if not peak_flops_per_device or not math.isfinite(tokens_per_second):
+        return float("nan")
+    return tokens_per_second * flops_per_token / (num_devices * peak_flops_per_device)
+
+
+__all__ = [
+    "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "JsonlLog", "StepBatchSampler", "ThroughputMeter",
+    "dataloader_worker_init", "estimate_mfu", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "load_checkpoint_tensors", "log_videos", "make_accelerator", "matmul_parameters", "peak_flops",
+    "push_folder_to_hub", "remove_stale_temporaries", "remove_tree", "resolve_batch_layout",
+    "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
+    "tracker_config", "training_flops_per_token", "use_cpu", "write_json",
+]

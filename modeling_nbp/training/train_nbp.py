@@ -1,0 +1,444 @@
+"""Train an NBP generator on pre-tokenized video (the output folder of `pretokenize` / `nbp pretokenize`).
+
+    accelerate launch examples/train_nbp.py --train_data tokens/ucf_train --output_dir runs/ucf \\
+        --preset ucf-700m --tokenizer pretrained/tokenizer --resume_from_checkpoint latest
+
+Outputs in --output_dir: checkpoint-<step>/ (complete training state; resume with --resume_from_checkpoint),
+train_log.jsonl (one line per logged step), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with
+--tokenizer) and final/ (a pipeline folder with --tokenizer, else the generator's folder).
+"""
+
+import argparse
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DistributedType
+
+from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
+from ..data import load_token_dataset
+from ..modeling_nbp import NBPForVideoGeneration
+from ..video_io import atomic_output_path
+from . import common
+from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
+from .presets import GENERATOR_PRESETS, get_preset
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = dict(train_batch_size=8, learning_rate=3e-4, max_steps=1000, dropout=0.1, num_layers=4, hidden_size=256,
+                num_heads=8)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--train_data", required=True, help="pre-tokenized dataset folder (output of pretokenize)")
+    g.add_argument("--validation_data", help="pre-tokenized validation folder: its loss is reported")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder): enables sample videos and "
+                   "makes final/ a full NBPVideoPipeline")
+    g.add_argument("--dataloader_num_workers", type=int, default=2)
+    g = p.add_argument_group("model (one of --preset, --model_config or the size flags; the latent grid, video "
+                             "vocabulary and classes come from the data)")
+    g.add_argument("--preset", choices=sorted(GENERATOR_PRESETS),
+                   help="paper setting: model size and task plus batch, lr, warmup and steps (flags override)")
+    g.add_argument("--model_config", help="NBPConfig JSON file or model folder")
+    g.add_argument("--num_layers", type=int, help=f"default {DEFAULTS['num_layers']}")
+    g.add_argument("--hidden_size", type=int, help=f"default {DEFAULTS['hidden_size']}")
+    g.add_argument("--num_heads", type=int, help=f"default {DEFAULTS['num_heads']}")
+    g.add_argument("--block_shape", type=_int_list, help="t,h,w of a block (default: one row of the grid, 1,1,W')")
+    g.add_argument("--first_block", choices=FIRST_BLOCK_SCHEMES,
+                   help="default hybrid ('none' for --condition_mode frames)")
+    g.add_argument("--condition_mode", choices=CONDITION_MODES,
+                   help="default: class if every item has a label >= 0, else none")
+    g.add_argument("--num_context_frames", type=int, default=1,
+                   help="frames mode: latent frames given as context when sampling (training predicts all)")
+    g.add_argument("--num_classes", type=int, help="default: largest label in the data + 1")
+    g.add_argument("--video_vocab_size", type=int,
+                   help="default: the tokenizer's codebook, the preset's, or the largest id in the data + 1")
+    g.add_argument("--dropout", type=float, help=f"embedding/residual dropout (default {DEFAULTS['dropout']})")
+    g.add_argument("--class_dropout_prob", type=float, default=0.0,
+                   help="probability of replacing the class prefix by the unconditional embedding (for CFG)")
+    g.add_argument("--attn_implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
+                   help="auto: flex_attention on CUDA, sdpa on CPU")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer_recipe", choices=sorted(OPTIMIZER_RECIPES), default="official",
+                   help="official: AdamW(0.9, 0.95) + cosine; paper: Adam(W)(0.9, 0.98) + linear decay")
+    g.add_argument("--lr_schedule", choices=SCHEDULES, help="override the recipe's schedule")
+    g.add_argument("--learning_rate", type=float, help=f"peak learning rate (default {DEFAULTS['learning_rate']})")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="on Linear weights only")
+    g.add_argument("--warmup_steps", type=int, help="linear warmup steps (default 5%% of --max_steps)")
+    g.add_argument("--warmup_lr_init", type=float, default=0.0)
+    g.add_argument("--lr_min", type=float, default=0.0)
+    g.add_argument("--lr_schedule_steps", type=int, help="length of the decay (default --max_steps)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the weights (0 = off); final/ gets the EMA")
+    g.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEFAULTS['max_steps']})")
+    g.add_argument("--train_batch_size", type=int,
+                   help=f"clips per process and micro-step (default {DEFAULTS['train_batch_size']})")
+    g.add_argument("--global_batch_size", type=int,
+                   help="per optimizer step over all processes; sets whichever of --train_batch_size and "
+                        "--gradient_accumulation_steps is not given")
+    g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--mixed_precision", choices=common.MIXED_PRECISION, default="auto",
+                   help="auto: the accelerate config's, else bf16 on CUDA, else no")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present (several processes "
+                   "without CUDA always use CPU + gloo)")
+    g = p.add_argument_group("checkpoints, logging, hub")
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int)
+    g.add_argument("--resume_from_checkpoint", help="'latest' (start fresh if there is none) or a checkpoint folder")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--validation_steps", type=int, default=0, help="0: validate at the end only")
+    g.add_argument("--sample_steps", type=int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
+                   "at the end only)")
+    g.add_argument("--num_samples", type=int, default=4)
+    g.add_argument("--report_to", choices=common.REPORT_TO, default="auto",
+                   help="auto: TensorBoard, plus W&B when installed and configured")
+    g.add_argument("--tracker_project_name", default="nbp")
+    g.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of one device, for MFU (known GPUs: auto)")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id")
+    g.add_argument("--hub_private", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        preset = get_preset(GENERATOR_PRESETS, known.preset, "generator")
+        parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    for key in ("learning_rate", "max_steps", "dropout"):
+        if getattr(args, key) is None:
+            setattr(args, key, DEFAULTS[key])
+    if args.warmup_steps is None:
+        args.warmup_steps = args.max_steps // 20  # the UCF recipe's share: 5k of 100k steps
+    for key in ("max_steps", "checkpointing_steps", "logging_steps", "num_samples"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    if args.preset and args.model_config:
+        raise ValueError("give --preset or --model_config, not both")
+    if args.preset or args.model_config:  # these flags only shape a model built from the size flags
+        ignored = ["num_layers", "hidden_size", "num_heads", "first_block", "condition_mode", "num_classes"]
+        ignored += ["block_shape", "video_vocab_size"] if args.model_config else []
+        given = [f"--{k}" for k in ignored if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with "
+                             f"{'--preset' if args.preset else '--model_config'}, which defines the model")
+    return args
+
+
+def describe_tokens(path: str) -> dict:
+    """Grid shape, label range and dataset of a pre-tokenized folder."""
+    data = load_token_dataset(path)
+    if len(data) == 0:
+        raise ValueError(f"{path} holds no items")
+    shapes = np.unique(np.asarray(data.tokens["latent_shape"][:]), axis=0)
+    if len(shapes) != 1:
+        raise ValueError(f"{path} mixes latent grids {shapes.tolist()}; training needs one grid size")
+    labels = np.asarray(data.tokens["label"][:])
+    return dict(data=data, latent_shape=[int(v) for v in shapes[0]], min_label=int(labels.min()),
+                max_label=int(labels.max()))
+
+
+def max_token_id(data) -> int:
+    return max(int(batch["tokens"].max()) for batch in data.tokens.iter(batch_size=4096))
+
+
+def build_config(args, info: dict, tokenizer) -> NBPConfig:
+    latent = info["latent_shape"]
+    training = dict(hidden_dropout=args.dropout, class_dropout_prob=args.class_dropout_prob)
+    if args.model_config:
+        config = NBPConfig.from_pretrained(args.model_config, **training)
+        if list(config.latent_shape) != latent:
+            raise ValueError(f"--model_config has latent_shape {config.latent_shape}, the data {latent}")
+        return config
+    vocab = args.video_vocab_size or (tokenizer.codebook_size if tokenizer is not None else None)
+    block = args.block_shape or [1, 1, latent[2]]
+    if args.preset:
+        preset_vocab = NBPConfig.from_preset(args.model_preset).video_vocab_size
+        config = NBPConfig.from_preset(args.model_preset, latent_shape=latent, block_shape=block,
+                                       video_vocab_size=vocab or preset_vocab, **training)
+    else:
+        mode = args.condition_mode or ("class" if info["min_label"] >= 0 else "none")
+        first = args.first_block or ("none" if mode == "frames" else "hybrid")
+        config = NBPConfig(
+            latent_shape=latent, block_shape=block, video_vocab_size=vocab or max_token_id(info["data"]) + 1,
+            condition_mode=mode, first_block=first, num_classes=args.num_classes or info["max_label"] + 1,
+            num_condition_tokens=1, num_context_frames=args.num_context_frames if mode == "frames" else 0,
+            num_hidden_layers=args.num_layers or DEFAULTS["num_layers"],
+            hidden_size=args.hidden_size or DEFAULTS["hidden_size"],
+            num_attention_heads=args.num_heads or DEFAULTS["num_heads"], **training)
+    if config.condition_mode == "class" and not 0 <= info["min_label"] <= info["max_label"] < config.num_classes:
+        raise ValueError(f"the data has labels in [{info['min_label']}, {info['max_label']}], the model "
+                         f"{config.num_classes} classes")
+    if tokenizer is not None and tokenizer.codebook_size != config.video_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.codebook_size} codes, the model {config.video_vocab_size}")
+    return config
+
+
+def load_tokenizer(path: str | None, device):
+    if path is None:
+        return None
+    from ..video_tokenizer import NBPVideoTokenizer
+
+    subfolder = "video_tokenizer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    return NBPVideoTokenizer.from_pretrained(path, subfolder=subfolder).to(device).eval()
+
+
+def collate_tokens(items: list[dict]) -> dict:
+    return {"video_ids": torch.stack([it["input_ids"] for it in items]),
+            "class_labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
+
+
+def model_inputs(batch: dict, config: NBPConfig, device) -> dict:
+    inputs = {"video_ids": batch["video_ids"].to(device, non_blocking=True)}
+    if config.condition_mode == "class":
+        inputs["class_labels"] = batch["class_labels"].to(device, non_blocking=True)
+    return inputs
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, data, batch_size: int) -> float:
+    """Mean next-block loss over `data` (each item once, shared out over the processes)."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_tokens)
+    loader = prepare_data_loader(loader, accelerator.device, accelerator.num_processes, accelerator.process_index,
+                                 put_on_device=True)
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch in loader:
+        inputs = model_inputs(batch, unwrapped.config, accelerator.device)
+        input_ids, labels = unwrapped.prepare_training_inputs(inputs["video_ids"], inputs.get("class_labels"))
+        logits = model(input_ids=input_ids).logits
+        per_item = torch.stack([F.cross_entropy(lg.float(), lb) for lg, lb in zip(logits, labels)])
+        losses.append(accelerator.gather_for_metrics(per_item))
+    model.train(was_training)
+    return torch.cat(losses).mean().item()
+
+
+@torch.no_grad()
+def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int, seed: int, step: int, output_dir: str):
+    """Generate `num_samples` videos with the paper's sampling and log them (main process)."""
+    unwrapped = accelerator.unwrap_model(model)
+    config = unwrapped.config
+    kwargs, labels = {}, None
+    if config.condition_mode == "class":
+        classes = [i % config.num_classes for i in range(num_samples)]
+        kwargs["class_labels"] = classes
+        names = config.id2label if len(config.id2label or {}) == config.num_classes else {}  # not the LABEL_i default
+        labels = [str(names.get(c, c)) for c in classes]
+    elif config.condition_mode == "frames":
+        grids = torch.stack([context_data[i % len(context_data)]["input_ids"] for i in range(num_samples)])
+        kwargs["context_ids"] = grids[:, : config.num_context_frames].to(accelerator.device)
+    else:
+        kwargs["batch_size"] = num_samples
+    was_training, attention = unwrapped.training, config._attn_implementation
+    unwrapped.eval()
+    unwrapped.set_attn_implementation("sdpa")  # decoding with the KV cache needs no mask after the first step
+    generator = torch.Generator(accelerator.device).manual_seed(seed)
+    grid = unwrapped.generate_video_tokens(generator=generator, top_k=min(16000, config.video_vocab_size), top_p=0.9,
+                                           temperature=1.0, **kwargs)
+    unwrapped.set_attn_implementation(attention)
+    unwrapped.train(was_training)
+    videos = tokenizer.decode(grid)
+    common.log_videos(accelerator, "samples", videos, step, output_dir, labels=labels)
+
+
+def save_final(accelerator, model, config, tokenizer, ema, output_dir: str) -> str:
+    """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer, else the generator folder."""
+    final_dir = os.path.join(output_dir, "final")
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
+    if accelerator.is_main_process:
+        final = NBPForVideoGeneration(NBPConfig.from_dict(config.to_dict()))  # default attention, not the training one
+        final.load_state_dict(state_dict)
+        if ema is not None:
+            ema.copy_to(final)
+        if os.path.isdir(final_dir):
+            common.remove_tree(final_dir)
+        pipeline_cls = _pipeline_class() if tokenizer is not None else None
+        with atomic_output_path(final_dir) as tmp:
+            if pipeline_cls is not None:
+                pipeline_cls(transformer=final, video_tokenizer=tokenizer).save_pretrained(tmp)
+            else:
+                final.save_pretrained(tmp)
+                if tokenizer is not None:
+                    logger.warning("NBPVideoPipeline is not importable: saved the generator and the tokenizer "
+                                   "side by side instead of a pipeline folder")
+                    tokenizer.save_pretrained(os.path.join(tmp, "video_tokenizer"))
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+def _pipeline_class():
+    try:
+        from ..pipelines import NBPVideoPipeline
+    except ImportError:
+        return None
+    return NBPVideoPipeline
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    per_device_batch, accum = common.resolve_batch_layout(
+        args.train_batch_size, args.gradient_accumulation_steps, args.global_batch_size,
+        PartialState(cpu=common.use_cpu(args.cpu)).num_processes, DEFAULTS["train_batch_size"])
+    accelerator = common.make_accelerator(args, accum)
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    if args.ema_decay and sharded:
+        raise ValueError("--ema_decay is not supported with FSDP or DeepSpeed ZeRO-3 (sharded weights)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_device_batch
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        common.remove_stale_temporaries(args.output_dir)
+
+    info = describe_tokens(args.train_data)
+    val_data = load_token_dataset(args.validation_data) if args.validation_data else None
+    tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
+    config = build_config(args, info, tokenizer)
+    torch.manual_seed(args.seed)  # same initial weights on every process
+    model = NBPForVideoGeneration(config)
+    attn = args.attn_implementation
+    model.set_attn_implementation(("flex_attention" if accelerator.device.type == "cuda" else "sdpa")
+                                  if attn == "auto" else attn)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.class_dropout_prob == 0 or model.layout.prefix_length == 0:
+        # never used in a forward pass of this run: freezing it keeps DDP from waiting for its gradient
+        model.model.uncond_embedding.requires_grad_(False)
+    recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, recipe["betas"],
+                                fused=accelerator.device.type == "cuda" or None)
+    scheduler = build_lr_scheduler(optimizer, args.lr_schedule_steps or args.max_steps, args.warmup_steps,
+                                   args.lr_schedule or recipe["schedule"], args.lr_min, args.warmup_lr_init)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = common.EMA(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay else None
+
+    log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
+    global_step = 0
+    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume:
+        state = common.load_checkpoint(accelerator, resume)
+        global_step = state["global_step"]
+        if state.get("global_batch_size") != per_device_batch * accum * accelerator.num_processes:
+            logger.warning("resuming with a global batch of %d clips instead of %s: the data order changes",
+                           per_device_batch * accum * accelerator.num_processes, state.get("global_batch_size"))
+        if ema is not None:
+            ema.load_state_dict(common.load_checkpoint_tensors(resume, "ema"))
+        log.truncate(global_step)
+        accelerator.print(f"resumed from {resume} at step {global_step}")
+    elif accelerator.is_main_process and os.path.isfile(log.path):
+        os.remove(log.path)  # a fresh run starts a fresh log
+    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+
+    sampler = common.StepBatchSampler(len(info["data"]), per_device_batch, accelerator.num_processes,
+                                      accelerator.process_index, args.seed, start_step=global_step * accum)
+    loader = torch.utils.data.DataLoader(info["data"], batch_sampler=sampler, collate_fn=collate_tokens,
+                                         num_workers=args.dataloader_num_workers,
+                                         worker_init_fn=common.dataloader_worker_init,
+                                         pin_memory=accelerator.device.type == "cuda")
+    unwrapped = accelerator.unwrap_model(model)
+    global_batch = per_device_batch * accum * accelerator.num_processes
+    tokens_per_step = global_batch * unwrapped.layout.input_length
+    flops_per_token = common.training_flops_per_token(common.matmul_parameters(unwrapped), config.num_hidden_layers,
+                                                      config.hidden_size, unwrapped.layout.input_length)
+    peak = common.peak_flops(accelerator.device, args.peak_tflops)
+    accelerator.print(f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, grid "
+                      f"{config.latent_shape}, blocks {config.block_shape}, {accelerator.num_processes} process(es) x "
+                      f"{per_device_batch} x {accum} accumulation = {global_batch} clips per step")
+    can_sample = tokenizer is not None and not sharded
+    meter = common.ThroughputMeter()
+    start_time, loss_value, val_loss = time.perf_counter(), float("nan"), None
+    model.train()
+    batches = iter(loader)
+    while global_step < args.max_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        for micro in range(accum):
+            batch = next(batches)
+            common.seed_step(args.seed, global_step * accum + micro, accelerator.process_index)
+            with accelerator.accumulate(model):
+                loss = model(**model_inputs(batch, config, accelerator.device)).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / accum
+        scheduler.step()
+        global_step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+        meter.step(tokens_per_step)
+        done = global_step == args.max_steps
+        if global_step % args.logging_steps == 0 or done:
+            loss_value = accelerator.reduce(step_loss, "mean").item()
+            record = {"step": global_step, "loss": loss_value, "lr": step_lr,
+                      "epoch": global_step * accum / sampler.steps_per_epoch, "tokens_per_s": meter.rate,
+                      "mfu": common.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)}
+            log.append(record)
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
+        meter.pause()
+        if val_data is not None and args.validation_steps and global_step % args.validation_steps == 0 and not done:
+            val = validation_loss(accelerator, model, val_data, per_device_batch)
+            accelerator.log({"val/loss": val}, step=global_step)
+        if can_sample and args.sample_steps and global_step % args.sample_steps == 0 and accelerator.is_main_process:
+            sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
+                          global_step, args.output_dir)
+        if global_step % args.checkpointing_steps == 0 or done:
+            common.save_checkpoint(accelerator, args.output_dir, global_step,
+                                   {"seed": args.seed, "global_batch_size": global_batch},
+                                   {"ema": ema.state_dict()} if ema is not None else None,
+                                   args.checkpoints_total_limit)
+        meter.resume()
+
+    if val_data is not None:
+        val_loss = validation_loss(accelerator, model, val_data, per_device_batch)
+        accelerator.log({"val/loss": val_loss}, step=global_step)
+        log.append({"step": global_step, "val_loss": val_loss})
+    if can_sample and accelerator.is_main_process:
+        sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
+                      global_step, args.output_dir)
+    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir)
+    if args.push_to_hub and accelerator.is_main_process:
+        repo = common.push_folder_to_hub(final_dir, args.hub_model_id, private=args.hub_private or None,
+                                         commit_message=f"NBP generator after {global_step} steps")
+        accelerator.print(f"pushed {final_dir} to {repo}")
+    wall = time.perf_counter() - start_time
+    mfu = common.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)
+    summary = {"steps": global_step, "train_loss": loss_value, "val_loss": val_loss, "tokens_per_s": meter.rate,
+               "mfu": mfu, "wall_time_s": wall, "final_dir": final_dir}
+    accelerator.print(
+        f"done: {global_step} steps, train loss {loss_value:.4f}, val loss "
+        f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}, {meter.rate:.0f} tokens/s"
+        f"{'' if math.isnan(mfu) else f' (MFU {100 * mfu:.1f}%)'}, wall time {wall:.1f} s, saved {final_dir}")
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

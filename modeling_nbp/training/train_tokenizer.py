@@ -1,0 +1,359 @@
+"""Train an NBP video tokenizer (causal 3D CNN + FSQ) on pixels.
+
+    accelerate launch examples/train_tokenizer.py --train_data /data/UCF-101 --preset ucf --output_dir runs/tok
+    accelerate launch examples/train_tokenizer.py --dataset moving_digits --num_clips 2000 --resolution 64 \\
+        --base_channels 32 --channel_multipliers 1,2,2 --layers_per_block 1 --time_strides 2,2 \\
+        --space_strides 2,2 --fsq_levels 8,5,5,5 --patch_size 2 --output_dir runs/tok_digits
+
+Loss: L1 + L2 reconstruction, + perceptual (--perceptual_model: no perceptual weights ship with nbp-video and
+none are downloaded, so it is off unless you give a network), + PatchGAN adversarial loss from
+--disc_start_step on. Adam with linear warmup (1% of the steps by default) and linear decay, as in the paper's
+Table 5. PSNR / SSIM on held-out clips are printed every --eval_steps and at the end.
+
+Outputs in --output_dir: checkpoint-<step>/ (resume with --resume_from_checkpoint), train_log.jsonl, logs/
+(TensorBoard), samples/ (held-out clips above their reconstructions) and final/ (the tokenizer folder, loadable
+with NBPVideoTokenizer.from_pretrained).
+"""
+
+import argparse
+import logging
+import math
+import os
+import time
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+
+from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
+from ..evaluation.reconstruction import psnr, ssim
+from ..video_io import atomic_output_path
+from ..video_tokenizer import NBPVideoTokenizer
+from . import common
+from .optim import SCHEDULES, lr_at_step
+from .presets import TOKENIZER_PRESETS, get_preset
+from .tokenizer_losses import (DISCRIMINATOR_KINDS, GAN_LOSSES, PatchDiscriminator, adversarial_active,
+                               discriminator_loss, generator_adversarial_loss, load_perceptual_model,
+                               reconstruction_loss)
+
+logger = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,4; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--train_data", help="video dataset root (folder of class folders, UCF-101 or Kinetics layout)")
+    g.add_argument("--dataset", choices=["folder", "moving_digits"], default="folder",
+                   help="moving_digits: the built-in procedural dataset (no files needed)")
+    g.add_argument("--layout", default="auto", help="--train_data layout: auto, folder, ucf101, k600")
+    g.add_argument("--num_clips", type=int, default=1000, help="moving_digits: training clips")
+    g.add_argument("--validation_data", help="held-out video root; default: the last --num_eval_clips training "
+                   "items are held out (moving_digits: separate clips)")
+    g.add_argument("--validation_split", default="test")
+    g.add_argument("--num_eval_clips", type=int, default=16)
+    g.add_argument("--num_frames", type=int, default=17)
+    g.add_argument("--resolution", type=int, default=128)
+    g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--dataloader_num_workers", type=int, default=4)
+    g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
+    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override)")
+    g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
+    g.add_argument("--base_channels", type=int, default=128)
+    g.add_argument("--channel_multipliers", type=_ints, default=[1, 2, 2, 4], help="width of each level / base")
+    g.add_argument("--layers_per_block", type=_ints, default=[4, 4, 4, 8], help="one value or one per level")
+    g.add_argument("--time_strides", type=_ints, default=[1, 2, 2], help="time factor (1 or 2) between levels")
+    g.add_argument("--space_strides", type=_ints, default=[2, 2, 2], help="space factor (1 or 2) between levels")
+    g.add_argument("--fsq_levels", type=_ints, default=[8, 8, 8, 5, 5, 5])
+    g.add_argument("--norm_num_groups", type=int, default=32)
+    g.add_argument("--patch_size", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("losses")
+    g.add_argument("--l1_weight", type=float, default=1.0)
+    g.add_argument("--l2_weight", type=float, default=1.0)
+    g.add_argument("--perceptual_model", default="none",
+                   help="'none' (default: no perceptual weights ship with nbp-video or are downloaded), a "
+                        "torch.export .pt2 file, a TorchScript file, or 'package.module:factory'; the network maps "
+                        "two (N, 3, H, W) image batches in [-1, 1] to one distance per image (LPIPS convention)")
+    g.add_argument("--perceptual_weight", type=float, default=0.1)
+    g.add_argument("--adversarial_weight", type=float, default=0.1)
+    g.add_argument("--disc_start_step", type=int, help="optimizer steps without the GAN (default 20%% of --max_steps)")
+    g.add_argument("--gan_loss", choices=GAN_LOSSES, default="hinge")
+    g.add_argument("--discriminator", choices=DISCRIMINATOR_KINDS, default="3d")
+    g.add_argument("--disc_base_channels", type=int, default=64)
+    g.add_argument("--disc_num_layers", type=int, default=3)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--disc_learning_rate", type=float, help="default --learning_rate")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--lr_schedule", choices=SCHEDULES, default="linear")
+    g.add_argument("--warmup_steps", type=int, help="default 1%% of --max_steps (paper Table 5)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_steps", type=int, default=10_000)
+    g.add_argument("--train_batch_size", type=int, help="per process and micro-step (default 8)")
+    g.add_argument("--global_batch_size", type=int, help="per optimizer step over all processes")
+    g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--mixed_precision", choices=common.MIXED_PRECISION, default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true")
+    g = p.add_argument_group("checkpoints, logging, hub")
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int)
+    g.add_argument("--resume_from_checkpoint", help="'latest' (start fresh if there is none) or a checkpoint folder")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--eval_steps", type=int, default=0, help="PSNR/SSIM every N steps (0: at the end only)")
+    g.add_argument("--num_log_videos", type=int, default=4, help="held-out reconstructions saved at each eval")
+    g.add_argument("--report_to", choices=common.REPORT_TO, default="auto")
+    g.add_argument("--tracker_project_name", default="nbp-tokenizer")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id")
+    g.add_argument("--hub_private", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**get_preset(TOKENIZER_PRESETS, known.preset, "tokenizer"))
+    args = parser.parse_args(argv)
+    if (args.dataset == "folder") != (args.train_data is not None):
+        raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
+    for key in ("max_steps", "checkpointing_steps", "logging_steps", "num_eval_clips", "num_frames", "resolution"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.warmup_steps is None:
+        args.warmup_steps = args.max_steps // 100
+    if args.disc_start_step is None:
+        args.disc_start_step = args.max_steps // 5
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    return args
+
+
+def build_tokenizer(args) -> NBPVideoTokenizer:
+    if args.tokenizer_config:
+        return NBPVideoTokenizer.from_config(NBPVideoTokenizer.load_config(args.tokenizer_config))
+    levels = len(args.channel_multipliers)
+    units = args.layers_per_block * levels if len(args.layers_per_block) == 1 else args.layers_per_block
+    if len(args.time_strides) != levels - 1 or len(args.space_strides) != levels - 1:
+        raise ValueError(f"--time_strides and --space_strides need {levels - 1} values (levels - 1) for "
+                         f"--channel_multipliers {args.channel_multipliers}")
+    return NBPVideoTokenizer(
+        block_out_channels=tuple(args.base_channels * m for m in args.channel_multipliers),
+        layers_per_block=tuple(units), downsample_strides=tuple(zip(args.time_strides, args.space_strides)),
+        fsq_levels=tuple(args.fsq_levels), norm_num_groups=args.norm_num_groups, patch_size=args.patch_size)
+
+
+def build_datasets(args):
+    """(train, held-out) map-style datasets of {"video": (3, T, H, W) in [0, 1], "label"} items."""
+    if args.dataset == "moving_digits":
+        clip = dict(num_frames=args.num_frames, size=args.resolution, digit_size=max(1, args.resolution * 3 // 8))
+        # held-out clips come from another seed, so they are different clips
+        return (MovingDigits(args.num_clips, seed=args.seed, **clip),
+                MovingDigits(args.num_eval_clips, seed=args.seed + 1, **clip))
+    clip = dict(layout=args.layout, num_frames=args.num_frames, resolution=args.resolution, fps=args.fps)
+    train = load_video_dataset(args.train_data, split="train", **clip)
+    if args.validation_data:
+        return train, load_video_dataset(args.validation_data, split=args.validation_split, sampling="center", **clip)
+    if len(train) <= args.num_eval_clips:
+        raise ValueError(f"{args.train_data} has {len(train)} videos, not more than --num_eval_clips "
+                         f"{args.num_eval_clips}; pass --validation_data or hold out fewer clips")
+    n = len(train) - args.num_eval_clips
+    return (torch.utils.data.Subset(train, range(n)),
+            torch.utils.data.Subset(train, range(n, len(train))))
+
+
+def adam(params, lr: float, args) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def lambda_schedule(optimizer, args, offset: int = 0):
+    """Per-update lr factor; `offset` = the global step of the optimizer's first update."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at_step(
+        i + offset, 1.0, args.max_steps, args.warmup_steps, args.lr_schedule))
+
+
+@torch.no_grad()
+def evaluate(accelerator, tokenizer, eval_data, batch_size: int, step: int, output_dir: str,
+             num_log_videos: int) -> dict:
+    """Main process: PSNR / SSIM of reconstructions of the held-out clips, and the first reconstructions saved
+    as videos (each clip above its reconstruction)."""
+    tokenizer = accelerator.unwrap_model(tokenizer)
+    loader = torch.utils.data.DataLoader(eval_data, batch_size=batch_size, collate_fn=collate_videos)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    scores, shown = {"psnr": [], "ssim": []}, []
+    for batch in loader:
+        if batch["video"] is None:
+            continue
+        video = batch["video"].to(accelerator.device)
+        reconstruction = tokenizer(video).reconstruction.float().clamp(0, 1)
+        scores["psnr"].append(psnr(reconstruction, video))
+        scores["ssim"].append(ssim(reconstruction, video))
+        shown += [torch.cat([v, r], dim=2) for v, r in zip(video, reconstruction)][: num_log_videos - len(shown)]
+    tokenizer.train(was_training)
+    if not scores["psnr"]:
+        raise ValueError("no held-out clip could be decoded")
+    if shown:
+        common.log_videos(accelerator, "reconstruction", torch.stack(shown), step, output_dir)
+    return {k: torch.cat(v).mean().item() for k, v in scores.items()}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    per_device_batch, accum = common.resolve_batch_layout(
+        args.train_batch_size, args.gradient_accumulation_steps, args.global_batch_size,
+        PartialState(cpu=common.use_cpu(args.cpu)).num_processes, 8)
+    accelerator = common.make_accelerator(args, accum)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError("tokenizer training runs on one device or with DDP (multi_gpu / multi_node configs); it "
+                         "trains two models (tokenizer and discriminator), which this script does not shard")
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        common.remove_stale_temporaries(args.output_dir)
+
+    train_data, eval_data = build_datasets(args)
+    torch.manual_seed(args.seed)  # same initial weights on every process
+    tokenizer = build_tokenizer(args)
+    tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
+    if args.gradient_checkpointing:
+        tokenizer.enable_gradient_checkpointing()
+    discriminator = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
+    perceptual = load_perceptual_model(args.perceptual_model)
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
+    opt_g = adam(tokenizer.parameters(), args.learning_rate, args)
+    opt_d = adam(discriminator.parameters(), args.disc_learning_rate or args.learning_rate, args)
+    # the discriminator's first update is global step disc_start_step: its schedule starts there
+    sched_g, sched_d = lambda_schedule(opt_g, args), lambda_schedule(opt_d, args, offset=args.disc_start_step)
+    tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
+        tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d)
+    raw_discriminator = accelerator.unwrap_model(discriminator)
+
+    log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
+    global_step = 0
+    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume:
+        global_step = common.load_checkpoint(accelerator, resume)["global_step"]
+        log.truncate(global_step)
+        accelerator.print(f"resumed from {resume} at step {global_step}")
+    elif accelerator.is_main_process and os.path.isfile(log.path):
+        os.remove(log.path)
+    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+
+    sampler = common.StepBatchSampler(len(train_data), per_device_batch, accelerator.num_processes,
+                                      accelerator.process_index, args.seed, start_step=global_step * accum)
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_videos,
+                                         num_workers=args.dataloader_num_workers,
+                                         worker_init_fn=common.dataloader_worker_init,
+                                         pin_memory=accelerator.device.type == "cuda")
+    clip_shape = (3, args.num_frames, args.resolution, args.resolution)
+    global_batch = per_device_batch * accum * accelerator.num_processes
+    accelerator.print(f"tokenizer {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, "
+                      f"discriminator {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M; "
+                      f"{accelerator.num_processes} process(es) x {per_device_batch} x {accum} accumulation")
+    skips, meter = SkipSummary(), common.ThroughputMeter()
+    start_time, record, scores = time.perf_counter(), {}, {}
+    tokenizer.train()
+    discriminator.train()
+    batches = iter(loader)
+    while global_step < args.max_steps:
+        gan = adversarial_active(global_step, args.disc_start_step)
+        lr = sched_g.get_last_lr()[0]
+        totals = {}
+        for micro in range(accum):
+            batch = next(batches)
+            skips.update(batch)
+            video, weight = batch["video"], 1.0
+            if video is None:  # every clip of this micro-batch was unreadable: keep the processes in step
+                video, weight = torch.zeros(per_device_batch, *clip_shape), 0.0
+            video = video.to(accelerator.device, non_blocking=True)
+            common.seed_step(args.seed, global_step * accum + micro, accelerator.process_index)
+            with accelerator.accumulate(tokenizer, discriminator):
+                reconstruction = tokenizer(video).reconstruction
+                rec, parts = reconstruction_loss(reconstruction, video, args.l1_weight, args.l2_weight)
+                loss_g, terms = rec, dict(parts, reconstruction=rec.detach())
+                if perceptual is not None and args.perceptual_weight:
+                    terms["perceptual"] = perceptual(reconstruction, video)
+                    loss_g = loss_g + args.perceptual_weight * terms["perceptual"]
+                if gan:
+                    raw_discriminator.requires_grad_(False)  # the generator's loss must not train the critic
+                    fake = raw_discriminator(reconstruction)
+                    terms["g_adversarial"] = generator_adversarial_loss(fake, args.gan_loss)
+                    raw_discriminator.requires_grad_(True)
+                    loss_g = loss_g + args.adversarial_weight * terms["g_adversarial"]
+                accelerator.backward(weight * loss_g)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(tokenizer.parameters(), args.max_grad_norm)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                if gan:
+                    # one forward over real and fake clips (GroupNorm: no clip affects another's score)
+                    real, fake = discriminator(torch.cat([video, reconstruction.detach().to(video.dtype)])).chunk(2)
+                    terms["discriminator"] = discriminator_loss(real, fake, args.gan_loss)
+                    accelerator.backward(weight * terms["discriminator"])
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+            for key, value in dict(terms, total=loss_g).items():
+                totals[key] = totals.get(key, 0.0) + value.detach() / accum
+        sched_g.step()
+        if gan:
+            sched_d.step()
+        global_step += 1
+        meter.step(global_batch)
+        done = global_step == args.max_steps
+        if global_step % args.logging_steps == 0 or done:
+            record = {"step": global_step, "lr": lr, "clips_per_s": meter.rate}
+            record.update({k: accelerator.reduce(v, "mean").item() for k, v in totals.items()})
+            log.append(record)
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
+        meter.pause()
+        if ((args.eval_steps and global_step % args.eval_steps == 0) or done) and accelerator.is_main_process:
+            scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
+                              args.num_log_videos)
+            accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=global_step)
+            log.append({"step": global_step, **{f"eval_{k}": v for k, v in scores.items()}})
+            accelerator.print(f"step {global_step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
+                              f"({len(eval_data)} held-out clips)")
+        if global_step % args.checkpointing_steps == 0 or done:
+            common.save_checkpoint(accelerator, args.output_dir, global_step,
+                                   {"seed": args.seed, "global_batch_size": global_batch},
+                                   total_limit=args.checkpoints_total_limit)
+        meter.resume()
+
+    final_dir = os.path.join(args.output_dir, "final")
+    if accelerator.is_main_process:
+        if os.path.isdir(final_dir):
+            common.remove_tree(final_dir)
+        with atomic_output_path(final_dir) as tmp:
+            accelerator.unwrap_model(tokenizer).save_pretrained(tmp)
+        if args.push_to_hub:
+            repo = common.push_folder_to_hub(final_dir, args.hub_model_id, private=args.hub_private or None,
+                                             commit_message=f"NBP video tokenizer after {global_step} steps")
+            accelerator.print(f"pushed {final_dir} to {repo}")
+    accelerator.wait_for_everyone()
+    wall = time.perf_counter() - start_time
+    if skips.num_skipped:
+        accelerator.print(str(skips))
+    accelerator.print(f"done: {global_step} steps, loss {record.get('total', math.nan):.4f}, PSNR "
+                      f"{scores.get('psnr', math.nan):.2f} dB, SSIM {scores.get('ssim', math.nan):.4f}, "
+                      f"{meter.rate:.1f} clips/s, wall time {wall:.1f} s, saved {final_dir}")
+    accelerator.end_training()
+    return {"steps": global_step, "loss": record.get("total"), "psnr": scores.get("psnr"),
+            "ssim": scores.get("ssim"), "clips_per_s": meter.rate, "wall_time_s": wall, "final_dir": final_dir}
+
+
+if __name__ == "__main__":
+    main()

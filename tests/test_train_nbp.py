@@ -1,0 +1,328 @@
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from modeling_nbp import NBPConfig, NBPForVideoGeneration
+from modeling_nbp.data.pretokenize import TOKEN_FEATURES
+from modeling_nbp.training import common
+from modeling_nbp.training.train_nbp import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "examples" / "train_nbp.py")
+GRID, VOCAB, CLASSES = (2, 4, 4), 16, 3
+TINY = ["--num_layers", "2", "--hidden_size", "32", "--num_heads", "4", "--block_shape", "1,1,4",
+        "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1", "--warmup_steps", "2"]
+
+
+def write_tokens(path: Path, n: int, seed: int) -> str:
+    """A pre-tokenized folder in the `pretokenize` format: n random (2, 4, 4) grids, labels i % 3."""
+    grids = np.random.default_rng(seed).integers(0, VOCAB, (n, *GRID)).astype(np.int32)
+    rows = {"tokens": list(grids.reshape(n, -1)), "latent_shape": [list(GRID)] * n,
+            "label": [i % CLASSES for i in range(n)], "index": list(range(n))}
+    datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(str(path / "tokens"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    return write_tokens(root / "train", 24, 0), write_tokens(root / "val", 6, 1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; forget the previous one's shared state."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def read_log(output_dir) -> list[dict]:
+    with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def subprocess_env() -> dict:
+    # same intra-op thread count as this process, so a subprocess computes bit-identical results
+    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
+
+
+# ---- plumbing --------------------------------------------------------------------------------------------------
+def test_step_batch_sampler_order_is_independent_of_processes_and_resumes():
+    def batches(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    single = batches(common.StepBatchSampler(10, 4, seed=3), 6)  # 2 steps per epoch (2 items dropped per epoch)
+    halves = [batches(common.StepBatchSampler(10, 2, 2, p, seed=3), 6) for p in range(2)]
+    assert [a + b for a, b in zip(*halves)] == single
+    assert batches(common.StepBatchSampler(10, 4, seed=3, start_step=4), 2) == single[4:]
+    for epoch in range(3):
+        items = single[2 * epoch] + single[2 * epoch + 1]
+        assert len(set(items)) == 8  # no repeats inside an epoch
+    assert single[:2] != single[2:4]  # reshuffled each epoch
+    assert batches(common.StepBatchSampler(10, 4, seed=4), 2) != single[:2]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        common.StepBatchSampler(3, 2, 2, 0)
+
+
+def test_batch_layout_from_global_batch():
+    assert common.resolve_batch_layout(None, None, None, 4, 8) == (8, 1)
+    assert common.resolve_batch_layout(None, None, 256, 8, 8) == (32, 1)
+    assert common.resolve_batch_layout(4, None, 256, 8, 8) == (4, 8)  # the official UCF run: 4 per GPU x 64 GPUs
+    assert common.resolve_batch_layout(None, 2, 64, 4, 8) == (8, 2)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        common.resolve_batch_layout(3, None, 64, 4, 8)
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        if complete:
+            (folder / common.CHECKPOINT_MARKER).write_text("{}")
+    (tmp_path / ".tmp-checkpoint-20").mkdir()  # a save cut short by a crash
+    assert common.find_latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert common.resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert common.resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        common.resolve_resume_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-15"))
+
+
+def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    for step in (1, 2, 3):
+        common.save_checkpoint(accelerator, str(tmp_path), step, {"seed": 0}, {"ema": {"w": torch.ones(2)}},
+                               total_limit=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]  # no temporaries left over
+    state = common.load_checkpoint(accelerator, str(tmp_path / "checkpoint-3"))
+    assert state == {"seed": 0, "global_step": 3}
+    assert torch.equal(common.load_checkpoint_tensors(str(tmp_path / "checkpoint-3"), "ema")["w"], torch.ones(2))
+    del model
+
+
+def test_flops_and_mfu_estimates():
+    D, L = 32, 2
+    config = NBPConfig(latent_shape=list(GRID), block_shape=[1, 1, 4], video_vocab_size=VOCAB, num_classes=CLASSES,
+                       first_block="hybrid", hidden_size=D, num_hidden_layers=L, num_attention_heads=4)
+    assert config.vocab_size == 4 + CLASSES + VOCAB  # BOV + 3 placeholders, one id per class, video ids
+    net = NBPForVideoGeneration(config)
+    # per layer q, k, v, o (D x D each) and the MLP (D x 4D twice), plus the output head
+    assert common.matmul_parameters(net) == L * 12 * D * D + D * config.vocab_size
+    assert common.training_flops_per_token(1000, 2, 32, 10) == 6 * 1000 + 12 * 2 * 32 * 10
+    assert common.estimate_mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
+    assert np.isnan(common.estimate_mfu(1000.0, 1e9, 2, None))
+    assert common.peak_flops(torch.device("cpu")) is None and common.peak_flops(torch.device("cpu"), 100) == 1e14
+
+
+def test_help_through_the_example_wrapper(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train_nbp.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--train_data", "--preset", "--optimizer_recipe", "--resume_from_checkpoint", "--ema_decay",
+                 "--class_dropout_prob", "--push_to_hub", "--global_batch_size"):
+        assert flag in text
+    assert "ucf-700m" in build_parser().format_help()
+
+
+def test_bad_arguments_are_clear_errors(token_data, tmp_path):
+    with pytest.raises(ValueError, match="hub_model_id"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--push_to_hub"])
+    with pytest.raises(ValueError, match="--num_layers cannot be combined with --preset"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--preset", "ucf-700m",
+              "--num_layers", "2"])
+    with pytest.raises(ValueError, match="labels in \\[0, 2\\], the model 2 classes"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--num_classes", "2", *TINY])
+
+
+# ---- training runs ---------------------------------------------------------------------------------------------
+def test_two_process_ddp_matches_one_process(token_data, tmp_path):
+    args = ["--train_data", token_data[0], *TINY, "--max_steps", "4", "--dropout", "0", "--checkpointing_steps", "100"]
+    main([*args, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *args,
+               "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"]
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 4 steps") == 1  # one run of two processes, reported once
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    losses = lambda run: [r["loss"] for r in read_log(tmp_path / run)]  # noqa: E731
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+
+
+def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
+    args = ["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "24",
+            "--train_batch_size", "4", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
+            "--class_dropout_prob", "0.2", "--ema_decay", "0.9", "--seed", "7"]
+    reference = tmp_path / "reference"
+    summary = main([*args, "--output_dir", str(reference)])
+    assert summary["steps"] == 24 and np.isfinite(summary["val_loss"]) and summary["tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "done: 24 steps" in out and "val loss" in out and "tokens/s" in out
+    assert sorted(p for p in os.listdir(reference) if p.startswith("checkpoint-")) == ["checkpoint-20", "checkpoint-24"]
+    reloaded = NBPForVideoGeneration.from_pretrained(reference / "final")
+    assert reloaded.config.latent_shape == list(GRID) and reloaded.config.num_classes == CLASSES
+
+    # the same run, killed with SIGKILL once a checkpoint exists
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--output_dir", str(killed)], env=subprocess_env(),
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not (killed / "checkpoint-4" / common.CHECKPOINT_MARKER).exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it was killed; the test needs a longer run"
+    for name in os.listdir(killed):  # a visible checkpoint folder is always complete
+        if name.startswith("checkpoint-"):
+            assert (killed / name / common.CHECKPOINT_MARKER).exists()
+    # a half-written checkpoint (no marker) and a leftover temporary must never be picked up
+    (killed / "checkpoint-9999").mkdir()
+    (killed / "checkpoint-9999" / "model.safetensors").write_bytes(b"garbage")
+    (killed / ".tmp-checkpoint-10000").mkdir()
+    latest_step = common.list_checkpoints(killed)[-1][0]
+    assert 4 <= latest_step < 24
+
+    summary = main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert f"resumed from {killed / f'checkpoint-{latest_step}'} at step {latest_step}" in capsys.readouterr().out
+    assert summary["steps"] == 24
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rs]  # noqa: E731
+    assert strip(read_log(killed)) == strip(read_log(reference))  # every step's loss and lr, and the val loss
+    final_a = load_file(str(reference / "final" / "model.safetensors"))
+    final_b = load_file(str(killed / "final" / "model.safetensors"))
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # EMA weights included
+    assert not (killed / ".tmp-checkpoint-10000").exists()
+
+
+def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub):
+    from huggingface_hub import HfApi
+
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    torch.manual_seed(0)  # 16 FSQ codes = the data's vocabulary; 3 frames x 16 x 16 pixels <-> a 2 x 4 x 4 grid
+    tokenizer = NBPVideoTokenizer(block_out_channels=(8, 8), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                                  fsq_levels=(4, 4), norm_num_groups=4, patch_size=2)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    out = tmp_path / "run"
+    main(["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4", "--output_dir", str(out),
+          "--tokenizer", str(tmp_path / "tokenizer"), "--sample_steps", "1", "--num_samples", "2",
+          "--push_to_hub", "--hub_model_id", "test-user/tiny-nbp"])
+    for step in (1, 2):
+        names = os.listdir(out / "samples" / f"step-{step:07d}")
+        assert {"samples_0.mp4", "samples_1.mp4", "samples.png"} <= set(names)
+    final = out / "final"
+    if (final / "model_index.json").exists():  # NBPVideoPipeline folder
+        transformer_dir, tokenizer_dir = final / "transformer", final / "video_tokenizer"
+    else:  # the pipeline is not importable: model folder with the tokenizer beside it
+        transformer_dir, tokenizer_dir = final, final / "video_tokenizer"
+    assert NBPForVideoGeneration.from_pretrained(transformer_dir).config.video_vocab_size == VOCAB
+    assert NBPVideoTokenizer.from_pretrained(tokenizer_dir).codebook_size == VOCAB
+    pushed = set(HfApi().list_repo_files("test-user/tiny-nbp"))
+    local = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
+    assert local <= pushed
+
+
+# ---- accelerate configs (dry run: FSDP and DeepSpeed cannot run on this CPU-only machine) ------------------------
+CONFIGS = {  # file -> (distributed type, processes, machines, mixed precision)
+    "cpu": ("NO", 1, 1, "no"), "single_gpu": ("NO", 1, 1, "bf16"), "multi_gpu": ("MULTI_GPU", 8, 1, "bf16"),
+    "multi_node": ("MULTI_GPU", 16, 2, "bf16"), "fsdp": ("FSDP", 8, 1, "bf16"),
+    "deepspeed_zero2": ("DEEPSPEED", 8, 1, "bf16"), "deepspeed_zero3": ("DEEPSPEED", 8, 1, "bf16"),
+}
+
+
+def test_every_config_is_covered():
+    assert {p.stem for p in (ROOT / "examples" / "accelerate_configs").glob("*.yaml")} == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_accelerate_config_dry_run(name, monkeypatch):
+    """Parse each YAML the way `accelerate launch --config_file` does and build the launch environment, without
+    starting anything."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import (prepare_deepspeed_cmd_env, prepare_multi_gpu_env,
+                                         prepare_simple_launcher_cmd_env)
+
+    from modeling_nbp import modeling_nbp
+
+    path = ROOT / "examples" / "accelerate_configs" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), SCRIPT, "--help"])
+    args, defaults, _ = _validate_launch_command(args)
+    kind, processes, machines, precision = CONFIGS[name]
+    assert defaults.distributed_type.value == kind
+    assert (args.num_processes, args.num_machines, args.mixed_precision) == (processes, machines, precision)
+    if kind == "DEEPSPEED":
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        plugin = DeepSpeedPlugin()  # reads the launch environment like the training process would
+        assert plugin.zero_stage == int(name[-1]) and plugin.deepspeed_config["gradient_clipping"] == 1.0
+    elif kind in ("FSDP", "MULTI_GPU"):
+        env = prepare_multi_gpu_env(args)
+        if kind == "FSDP":
+            assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_USE_ORIG_PARAMS"] == "true"
+            assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+            layer = env["FSDP_TRANSFORMER_CLS_TO_WRAP"]
+            assert layer == "NBPDecoderLayer" and layer in modeling_nbp.NBPPreTrainedModel._no_split_modules
+            assert hasattr(modeling_nbp, layer)
+    else:
+        _, env = prepare_simple_launcher_cmd_env(args)
+        assert env["ACCELERATE_USE_CPU"] == str(name == "cpu")
+    if name == "multi_node":
+        text = path.read_text()
+        assert "accelerate launch" in text and "--machine_rank" in text and "--main_process_ip" in text
+
+
+def test_preset_fills_defaults_and_flags_win(token_data, tmp_path):
+    from modeling_nbp.training.train_nbp import build_config, parse_args
+
+    base = ["--train_data", token_data[0], "--output_dir", str(tmp_path)]
+    args = parse_args([*base, "--preset", "k600-700m"])
+    assert (args.learning_rate, args.global_batch_size, args.warmup_steps) == (1e-3, 64, 10_000)
+    assert args.max_steps == 100_000
+    assert args.lr_schedule_steps == 4_000_000 and args.optimizer_recipe == "official" and args.dropout == 0.1
+    assert parse_args([*base, "--preset", "ucf-3b", "--learning_rate", "1e-4"]).learning_rate == 1e-4
+    config = build_config(args, {"latent_shape": [5, 16, 16], "min_label": -1, "max_label": -1}, None)
+    assert (config.num_hidden_layers, config.hidden_size, config.condition_mode) == (24, 1536, "frames")
+    ucf = parse_args([*base, "--preset", "ucf-700m"])
+    with pytest.raises(ValueError, match="labels in \\[0, 200\\], the model 101 classes"):
+        build_config(ucf, {"latent_shape": [5, 16, 16], "min_label": 0, "max_label": 200}, None)
+
+
+@pytest.mark.parametrize("mode", ["frames", "none"])
+def test_frame_prediction_and_unconditional_runs(mode, token_data, tmp_path):
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    torch.manual_seed(0)
+    NBPVideoTokenizer(block_out_channels=(8, 8), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                      fsq_levels=(4, 4), norm_num_groups=4, patch_size=2).save_pretrained(tmp_path / "tokenizer")
+    summary = main(["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4",
+                    "--condition_mode", mode, "--output_dir", str(tmp_path / "run"), "--tokenizer",
+                    str(tmp_path / "tokenizer"), "--num_samples", "2"])
+    assert np.isfinite(summary["train_loss"])
+    assert os.path.isfile(tmp_path / "run" / "samples" / "step-0000002" / "samples_1.mp4")

@@ -1,0 +1,206 @@
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from torch import nn
+
+from modeling_nbp.training import common
+from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversarial_active, discriminator_loss,
+                                                    generator_adversarial_loss, load_perceptual_model,
+                                                    reconstruction_loss)
+from modeling_nbp.training.train_tokenizer import build_tokenizer, main, parse_args
+from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+# 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
+TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2", "--num_frames", "5",
+        "--resolution", "16", "--base_channels", "8", "--channel_multipliers", "1,1", "--layers_per_block", "1",
+        "--time_strides", "2", "--space_strides", "2", "--fsq_levels", "4,4", "--norm_num_groups", "4",
+        "--patch_size", "2", "--disc_base_channels", "8", "--disc_num_layers", "2", "--train_batch_size", "2",
+        "--max_steps", "4", "--disc_start_step", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
+        "--eval_steps", "2", "--num_log_videos", "1", "--dataloader_num_workers", "0", "--report_to", "none",
+        "--learning_rate", "1e-3", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def read_log(output_dir) -> list[dict]:
+    with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class L1Distance(nn.Module):
+    """A stand-in perceptual network: mean absolute difference per image."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+
+# ---- losses (values computed by hand) --------------------------------------------------------------------------
+def test_reconstruction_loss_terms():
+    target = torch.zeros(1, 1, 1, 2, 2)
+    reconstruction = torch.tensor([1.0, -1.0, 0.0, 2.0]).view(1, 1, 1, 2, 2)
+    total, parts = reconstruction_loss(reconstruction, target, l1_weight=2.0, l2_weight=0.5)
+    assert parts["l1"].item() == 1.0 and parts["l2"].item() == 1.5  # (1 + 1 + 0 + 2) / 4, (1 + 1 + 0 + 4) / 4
+    assert total.item() == pytest.approx(2.0 * 1.0 + 0.5 * 1.5)
+    with pytest.raises(ValueError, match="shape"):
+        reconstruction_loss(reconstruction, torch.zeros(1, 1, 1, 2, 3))
+
+
+def test_gan_losses():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    # hinge: relu(1 - real) = [0, 1], relu(1 + fake) = [0, 1.5]
+    assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(0.5 * (0.5 + 0.75))
+    assert generator_adversarial_loss(fake, "hinge").item() == pytest.approx(0.75)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    expected = 0.5 * ((sp(-2) + sp(0)) / 2 + (sp(-2) + sp(0.5)) / 2)
+    assert discriminator_loss(real, fake, "non_saturating").item() == pytest.approx(expected, rel=1e-6)
+    assert generator_adversarial_loss(fake, "non_saturating").item() == pytest.approx((sp(2) + sp(-0.5)) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="GAN loss"):
+        discriminator_loss(real, fake, "wasserstein")
+    assert not adversarial_active(1, 2) and adversarial_active(2, 2)
+
+
+# 16 px -> 8 -> 4 (two strided convs) -> 3 -> 2 (two stride-1 4x4 convs); time keeps its 5 frames
+@pytest.mark.parametrize("kind, shape", [("3d", (2, 1, 5, 2, 2)), ("2d", (10, 1, 2, 2))])
+def test_patch_discriminator_scores_patches(kind, shape):
+    disc = PatchDiscriminator(base_channels=8, num_layers=2, kind=kind)
+    video = torch.rand(2, 3, 5, 16, 16)
+    assert disc(video).shape == shape
+    one = disc(video[:1])  # GroupNorm: a clip's scores do not depend on the rest of the batch
+    torch.testing.assert_close(one, disc(video)[: one.shape[0]])
+    with pytest.raises(ValueError, match="kind"):
+        PatchDiscriminator(kind="4d")
+
+
+def export_l1(path) -> str:
+    """The stand-in network as a torch.export program with dynamic image batch and size."""
+    n, h, w = torch.export.Dim("n"), torch.export.Dim("h"), torch.export.Dim("w")
+    examples = (torch.zeros(4, 3, 8, 8), torch.ones(4, 3, 8, 8))  # two tensors: one passed twice would alias
+    shapes = ({0: n, 2: h, 3: w},) * 2
+    torch.export.save(torch.export.export(L1Distance(), examples, dynamic_shapes=shapes), str(path))
+    return str(path)
+
+
+def test_perceptual_model_is_pluggable(tmp_path):
+    assert load_perceptual_model("none") is None
+    a, b = torch.zeros(1, 3, 2, 4, 4), torch.full((1, 3, 2, 4, 4), 0.25)
+    for spec in (export_l1(tmp_path / "l1.pt2"), "test_train_tokenizer:L1Distance"):
+        loss = load_perceptual_model(spec)
+        assert loss(a, b).item() == pytest.approx(0.5)  # 0.25 in [0, 1] is 0.5 in [-1, 1]
+        assert not any(p.requires_grad for p in loss.parameters())
+        loss.train()  # never reaches the frozen network (an exported program cannot switch modes)
+    with pytest.raises(ValueError, match="perceptual_model"):
+        load_perceptual_model("vgg16")
+    with pytest.raises(ValueError, match="no such"):
+        load_perceptual_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        load_perceptual_model("builtins:dict")
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="train_data"):
+        parse_args(["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="time_strides"):
+        build_tokenizer(parse_args([*TINY, "--output_dir", str(tmp_path), "--time_strides", "2,2"]))
+    args = parse_args(["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--max_steps", "1000"])
+    assert (args.warmup_steps, args.disc_start_step) == (10, 200)  # 1% warmup (paper Table 5), GAN after 20%
+    assert build_tokenizer(args).config.block_out_channels == (128, 256, 256, 512)  # official sizes by default
+
+
+# ---- training runs ---------------------------------------------------------------------------------------------
+def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
+    scripted = export_l1(tmp_path / "l1.pt2")
+    run = tmp_path / "run"
+    summary = main([*TINY, "--output_dir", str(run), "--perceptual_model", scripted])
+    out = capsys.readouterr().out
+    assert "step 2: PSNR" in out and "step 4: PSNR" in out and "done: 4 steps" in out
+    assert 0 < summary["psnr"] < 100 and -1 <= summary["ssim"] <= 1
+
+    records = [r for r in read_log(run) if "total" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert all(math.isfinite(v) for k, v in r.items() if k != "clips_per_s" and v is not None)
+        assert r["perceptual"] == pytest.approx(2 * r["l1"], rel=1e-5)  # L1 distance in [-1, 1] = 2x L1 in [0, 1]
+    assert all("discriminator" not in r and "g_adversarial" not in r for r in records[:2])
+    assert all("discriminator" in r and "g_adversarial" in r for r in records[2:])
+    # the discriminator's weights do not move before disc_start_step
+    disc = [load_file(str(run / f"checkpoint-{s}" / "model_1.safetensors")) for s in (1, 2, 3)]
+    assert all(torch.equal(disc[0][k], disc[1][k]) for k in disc[0])
+    assert any(not torch.equal(disc[1][k], disc[2][k]) for k in disc[0])
+    assert [r["step"] for r in read_log(run) if "eval_psnr" in r] == [2, 4]
+    assert os.path.isfile(run / "samples" / "step-0000004" / "reconstruction_0.mp4")
+    reloaded = NBPVideoTokenizer.from_pretrained(run / "final")
+    assert reloaded.latent_shape(5, 16, 16) == (3, 4, 4) and reloaded.codebook_size == 16
+
+    # crash after step 2 (simulated: only checkpoint-2 survives), resume: steps 3-4 repeat exactly
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in capsys.readouterr().out
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731
+    assert strip(read_log(resumed)) == strip(read_log(run))
+    for name in ("model.safetensors", "model_1.safetensors"):  # tokenizer and discriminator
+        a, b = load_file(str(run / "checkpoint-4" / name)), load_file(str(resumed / "checkpoint-4" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert common.find_latest_checkpoint(resumed).endswith("checkpoint-4")
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """Tokenizer and discriminator (GAN on from step 1) under DDP over gloo: 2 x 2 clips = 1 x 4 clips."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [*TINY, "--max_steps", "3", "--disc_start_step", "1", "--eval_steps", "0", "--checkpointing_steps", "3"]
+    main([*args, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"])
+    script = str(Path(__file__).resolve().parents[1] / "examples" / "train_tokenizer.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args,
+               "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 3 steps") == 1
+    losses = lambda run: [r["total"] for r in read_log(tmp_path / run) if "total" in r]  # noqa: E731
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    # Adam moves a weight by up to ~lr per step whatever its gradient's size, so where a gradient is near zero
+    # (e.g. first-layer discriminator weights over black background) rounding-level differences between the two
+    # reductions show up at the scale of the learning rate (1e-3); everything else agrees far more closely.
+    for name, atol in (("model.safetensors", 1e-4), ("model_1.safetensors", 1e-3)):
+        one = load_file(str(tmp_path / "one" / "checkpoint-3" / name))
+        two = load_file(str(tmp_path / "two" / "checkpoint-3" / name))
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=atol, msg=f"{name}: {key}")
+
+
+def test_presets_set_the_paper_values(tmp_path):
+    base = ["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--max_steps", "500"]
+    ucf, k600 = parse_args([*base, "--preset", "ucf"]), parse_args([*base, "--preset", "k600", "--fps", "8"])
+    assert (ucf.learning_rate, ucf.global_batch_size, ucf.fps, ucf.perceptual_weight, ucf.adversarial_weight) == (
+        5e-5, 256, 8, 0.1, 0.1)
+    assert (k600.learning_rate, k600.fps, k600.warmup_steps, k600.lr_schedule) == (1e-4, 8, 5, "linear")
+
+
+def test_help_through_the_example_wrapper(monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["train_tokenizer.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "train_tokenizer.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--perceptual_model", "--disc_start_step", "--gan_loss", "--fsq_levels", "--patch_size",
+                 "--tokenizer_config", "--push_to_hub", "no perceptual weights ship"):
+        assert flag in text
