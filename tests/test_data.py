@@ -273,3 +273,18 @@ def test_pretokenize_sharded_then_merged(tmp_path):
     pretokenize(data, FakeTokenizer(), out, batch_size=3, chunk_size=3, num_shards=2, shard_index=0)
     merge_token_chunks(out)
     assert read_all(out) == reference
+
+
+def test_pretokenize_keeps_class_names(tmp_path):
+    class Named(torch.utils.data.Dataset):
+        class_names = ["zero", "one"]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"video": torch.full((3, 5, 8, 8), i / 3), "label": i % 2}
+
+    merged = pretokenize(Named(), FakeTokenizer(), tmp_path / "named", batch_size=2)
+    assert merged.features["label"].names == ["zero", "one"]
+    assert merged["label"] == [0, 1, 0]

@@ -39,6 +39,14 @@ TOKEN_FEATURES = datasets.Features({
 })
 
 
+def token_features(dataset) -> datasets.Features:
+    """The token rows' features; the label column carries the source's class names when it has them."""
+    names = getattr(dataset, "class_names", None)
+    if not names:
+        return TOKEN_FEATURES
+    return datasets.Features(dict(TOKEN_FEATURES, label=datasets.ClassLabel(names=list(names))))
+
+
 class _IndexedItems(torch.utils.data.Dataset):
     """Items ``indices`` of ``dataset``, each tagged with its source index; None becomes a skipped item."""
 
@@ -150,7 +158,7 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
         indices = range(chunk * chunk_size, min(num_items, (chunk + 1) * chunk_size))
         rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device)
         with atomic_output_path(target) as tmp:
-            datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(tmp)
+            datasets.Dataset.from_dict(rows, features=token_features(dataset)).save_to_disk(tmp)
             _write_json(os.path.join(tmp, "skipped.json"), skipped)
         logger.info("chunk %d/%d written (%d items, %d skipped)", chunk + 1, num_chunks, len(rows["label"]), len(skipped))
     return merge_token_chunks(output_dir) if num_shards == 1 else None

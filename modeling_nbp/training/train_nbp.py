@@ -156,8 +156,9 @@ def describe_tokens(path: str) -> dict:
     if len(shapes) != 1:
         raise ValueError(f"{path} mixes latent grids {shapes.tolist()}; training needs one grid size")
     labels = np.asarray(data.tokens["label"][:])
+    label_feature = data.tokens.features["label"]
     return dict(data=data, latent_shape=[int(v) for v in shapes[0]], min_label=int(labels.min()),
-                max_label=int(labels.max()))
+                max_label=int(labels.max()), class_names=getattr(label_feature, "names", None))
 
 
 def max_token_id(data) -> int:
@@ -184,6 +185,7 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
         config = NBPConfig(
             latent_shape=latent, block_shape=block, video_vocab_size=vocab or max_token_id(info["data"]) + 1,
             condition_mode=mode, first_block=first, num_classes=args.num_classes or info["max_label"] + 1,
+            id2label=dict(enumerate(info["class_names"])) if mode == "class" and info["class_names"] else None,
             num_condition_tokens=1, num_context_frames=args.num_context_frames if mode == "frames" else 0,
             num_hidden_layers=args.num_layers or DEFAULTS["num_layers"],
             hidden_size=args.hidden_size or DEFAULTS["hidden_size"],

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Retrain the bundled demo model (modeling_nbp/pretrained/nbp-moving-digits) from scratch on 2 CPU cores with the
+# project's own scripts. Wall times and final figures of the shipped run are in the README ("The demo model").
+set -euo pipefail
+RUNS=${RUNS:-runs/demo}
+DATA="--size 32 --digit_size 16 --speed_range 1 2 --styles_per_class 2"   # = modeling_nbp.demo.DEMO_DATA
+
+# 1. data: 5000 training clips (seed 0) and 200 held-out clips (seed 12345), as MP4 files in class folders
+nbp make-digits --output_dir $RUNS/digits_train --clips_per_class 500 --seed 0 $DATA
+nbp make-digits --output_dir $RUNS/digits_val --clips_per_class 20 --seed 12345 $DATA
+
+# 2. video tokenizer: 17x32x32 -> 5x8x8 ids, FSQ [8,5,5,5] = 1000 codes (no GAN, no perceptual loss)
+nbp train-tokenizer --train_data $RUNS/digits_train --validation_data $RUNS/digits_val \
+  --num_frames 17 --resolution 32 --output_dir $RUNS/tokenizer \
+  --base_channels 16 --channel_multipliers 1,2,4 --layers_per_block 1 --time_strides 2,2 --space_strides 1,2 \
+  --patch_size 2 --fsq_levels 8,5,5,5 --norm_num_groups 8 \
+  --adversarial_weight 0 --disc_start_step 1000000 --learning_rate 1.5e-3 --max_steps 1500 --train_batch_size 4 \
+  --logging_steps 50 --eval_steps 500 --checkpointing_steps 250 --checkpoints_total_limit 2 \
+  --mixed_precision no --dataloader_num_workers 1 --seed 0
+
+# 3. token grids of both sets, once
+nbp pretokenize --data $RUNS/digits_train --tokenizer $RUNS/tokenizer/final --output_dir $RUNS/tokens_train \
+  --num_frames 17 --resolution 32 --batch_size 32
+nbp pretokenize --data $RUNS/digits_val --tokenizer $RUNS/tokenizer/final --output_dir $RUNS/tokens_val \
+  --num_frames 17 --resolution 32 --batch_size 32
+
+# 4. generator: 4 layers x 256, class token + hybrid start, row blocks of 8 tokens (47 steps), class dropout for CFG
+nbp train --train_data $RUNS/tokens_train/tokens --validation_data $RUNS/tokens_val/tokens \
+  --tokenizer $RUNS/tokenizer/final --output_dir $RUNS/generator \
+  --num_layers 4 --hidden_size 256 --num_heads 8 --block_shape 1,1,8 --first_block hybrid --condition_mode class \
+  --class_dropout_prob 0.1 --dropout 0.0 --learning_rate 1e-3 --warmup_steps 50 --lr_min 1e-4 \
+  --max_steps ${GEN_STEPS:-700} --train_batch_size 16 --checkpointing_steps 100 --checkpoints_total_limit 2 \
+  --logging_steps 25 --mixed_precision no --dataloader_num_workers 1 --seed 0
+
+# 5. ship it: the pipeline folder in float16
+python - <<PY
+import torch
+from modeling_nbp import NBPVideoPipeline
+pipe = NBPVideoPipeline.from_pretrained("$RUNS/generator/final")
+pipe.to(torch.float16).save_pretrained("modeling_nbp/pretrained/nbp-moving-digits")
+PY
