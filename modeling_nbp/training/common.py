@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -428,3 +429,11 @@ __all__ = [
     "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
     "tracker_config", "training_flops_per_token", "use_cpu", "write_json",
 ]
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated integers such as 1,1,16."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None

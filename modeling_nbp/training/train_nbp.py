@@ -35,13 +35,6 @@ DEFAULTS = dict(train_batch_size=8, learning_rate=3e-4, max_steps=1000, dropout=
                 num_heads=8)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
@@ -59,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_layers", type=int, help=f"default {DEFAULTS['num_layers']}")
     g.add_argument("--hidden_size", type=int, help=f"default {DEFAULTS['hidden_size']}")
     g.add_argument("--num_heads", type=int, help=f"default {DEFAULTS['num_heads']}")
-    g.add_argument("--block_shape", type=_int_list, help="t,h,w of a block (default: one row of the grid, 1,1,W')")
+    g.add_argument("--block_shape", type=common.int_list, help="t,h,w of a block (default: one row of the grid, 1,1,W')")
     g.add_argument("--first_block", choices=FIRST_BLOCK_SCHEMES,
                    help="default hybrid ('none' for --condition_mode frames)")
     g.add_argument("--condition_mode", choices=CONDITION_MODES,

@@ -39,13 +39,6 @@ from .tokenizer_losses import (DISCRIMINATOR_KINDS, GAN_LOSSES, PatchDiscriminat
 logger = logging.getLogger(__name__)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2,4; got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
@@ -67,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override)")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
     g.add_argument("--base_channels", type=int, default=128)
-    g.add_argument("--channel_multipliers", type=_ints, default=[1, 2, 2, 4], help="width of each level / base")
-    g.add_argument("--layers_per_block", type=_ints, default=[4, 4, 4, 8], help="one value or one per level")
-    g.add_argument("--time_strides", type=_ints, default=[1, 2, 2], help="time factor (1 or 2) between levels")
-    g.add_argument("--space_strides", type=_ints, default=[2, 2, 2], help="space factor (1 or 2) between levels")
-    g.add_argument("--fsq_levels", type=_ints, default=[8, 8, 8, 5, 5, 5])
+    g.add_argument("--channel_multipliers", type=common.int_list, default=[1, 2, 2, 4], help="width of each level / base")
+    g.add_argument("--layers_per_block", type=common.int_list, default=[4, 4, 4, 8], help="one value or one per level")
+    g.add_argument("--time_strides", type=common.int_list, default=[1, 2, 2], help="time factor (1 or 2) between levels")
+    g.add_argument("--space_strides", type=common.int_list, default=[2, 2, 2], help="space factor (1 or 2) between levels")
+    g.add_argument("--fsq_levels", type=common.int_list, default=[8, 8, 8, 5, 5, 5])
     g.add_argument("--norm_num_groups", type=int, default=32)
     g.add_argument("--patch_size", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")

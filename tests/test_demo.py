@@ -1,0 +1,32 @@
+"""The README's main command (`make demo` = `nbp demo`) end to end, with the bundled model."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from modeling_nbp.demo import DEMO_MODEL, main as demo
+from modeling_nbp.video_io import read_video
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")),
+                                reason="the bundled demo model is not in this checkout")
+
+
+def test_demo_writes_every_promised_file(tmp_path):
+    written = demo(["--output_dir", str(tmp_path)])
+    names = [str(d) for d in range(10)]
+    for name in names:
+        for ext in ("gif", "mp4"):
+            path = tmp_path / f"{name}.{ext}"
+            assert str(path) in written
+            frames, _ = read_video(str(path))
+            assert frames.shape == (17, 32, 32, 3)
+            assert frames.max() > 100  # a bright digit on the black background, not an empty video
+    sheet = PIL.Image.open(tmp_path / "contact_sheet.png")
+    assert sheet.size[0] > 17 * 32 and sheet.size[1] >= 10 * 2 * 32  # 17 frames across, 2 videos per class
+    frames, _ = read_video(str(tmp_path / "frame_prediction.gif"))
+    assert frames.shape == (17, 10 * 32, 2 * 32, 3)  # true clips beside their continuations
+    assert os.path.isfile(tmp_path / "frame_prediction.png")
+    # the continuation starts from the given frames: the first frame matches the true clip closely
+    assert np.abs(frames[0, :, :32].astype(float) - frames[0, :, 32:]).mean() < 20
