@@ -29,13 +29,19 @@ nbp train --train_data $RUNS/tokens_train/tokens --validation_data $RUNS/tokens_
   --tokenizer $RUNS/tokenizer/final --output_dir $RUNS/generator \
   --num_layers 4 --hidden_size 256 --num_heads 8 --block_shape 1,1,8 --first_block hybrid --condition_mode class \
   --class_dropout_prob 0.1 --dropout 0.0 --learning_rate 1e-3 --warmup_steps 50 --lr_min 1e-4 \
-  --max_steps ${GEN_STEPS:-700} --train_batch_size 16 --checkpointing_steps 100 --checkpoints_total_limit 2 \
+  --max_steps ${GEN_STEPS:-2400} --train_batch_size 16 --checkpointing_steps 100 --checkpoints_total_limit 2 \
   --logging_steps 25 --mixed_precision no --dataloader_num_workers 1 --seed 0
 
-# 5. ship it: the pipeline folder in float16
+# 5. ship it: the pipeline folder in float16, the position table cut to the 329 positions this layout uses
 python - <<PY
 import torch
-from modeling_nbp import NBPVideoPipeline
+from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
 pipe = NBPVideoPipeline.from_pretrained("$RUNS/generator/final")
-pipe.to(torch.float16).save_pretrained("modeling_nbp/pretrained/nbp-moving-digits")
+config = NBPConfig.from_dict({**pipe.transformer.config.to_dict(), "max_position_embeddings": pipe.transformer.layout.sequence_length})
+state = pipe.transformer.state_dict()
+state["model.embed_positions.weight"] = state["model.embed_positions.weight"][: config.max_position_embeddings]
+model = NBPForVideoGeneration(config)
+model.load_state_dict(state)
+NBPVideoPipeline(transformer=model.eval(), video_tokenizer=pipe.video_tokenizer).to(torch.float16).save_pretrained(
+    "modeling_nbp/pretrained/nbp-moving-digits")
 PY

@@ -1,0 +1,397 @@
+"""NBPVideoPipeline: class-conditional generation and frame prediction with a Next-Block Prediction model.
+
+This file only needs torch, numpy, PIL and diffusers: saved pipelines carry a copy of it (with the components'
+code) so that `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` works without nbp-video.
+
+Pixel convention: videos go in and come out in [0, 1] (PIL/uint8 inputs are scaled once, in `preprocess_video`);
+that is also the video tokenizer's range.
+"""
+
+import inspect
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+# the sampling of every result in the paper
+PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class NBPVideoPipelineOutput(BaseOutput):
+    """`frames`: "pil" a list (per video) of lists of PIL images; "np" (B, T, H, W, 3) float32 in [0, 1];
+    "pt" (B, T, 3, H, W) float in [0, 1]; "latent" the token grids (B, T', H', W')."""
+
+    frames: list | np.ndarray | torch.Tensor
+
+
+@dataclass
+class NBPVideoStreamChunk(BaseOutput):
+    """Pixel frames [start_frame, start_frame + n) of every video, available once their latent frame is complete.
+    `frames` has the pipeline's `output_type` layout; `done` is True for the last chunk."""
+
+    frames: list | np.ndarray | torch.Tensor
+    start_frame: int
+    step: int
+    done: bool
+
+
+def preprocess_video(video) -> torch.Tensor:
+    """The one place where user videos become the tokenizer's (B, 3, T, H, W) float in [0, 1].
+
+    Accepts: a torch tensor (T, 3, H, W) or (B, T, 3, H, W), float in [0, 1] or uint8; a numpy array (T, H, W, 3) or
+    (B, T, H, W, 3), float in [0, 1] or uint8; a list of PIL images (one video) or a list of such lists."""
+    if isinstance(video, list) and video and isinstance(video[0], PIL.Image.Image):
+        video = [video]
+    if isinstance(video, list) and video and isinstance(video[0], list):
+        video = np.stack([np.stack([np.asarray(f.convert("RGB")) for f in v]) for v in video])
+    if isinstance(video, np.ndarray):
+        if video.ndim == 4:
+            video = video[None]
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"a numpy video must be (T, H, W, 3) or (B, T, H, W, 3); got {video.shape}")
+        video = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 1, 4, 2, 3)
+    if not isinstance(video, torch.Tensor):
+        raise TypeError("video must be a torch tensor, a numpy array or a list of PIL images; got "
+                        f"{type(video).__name__}")
+    if video.ndim == 4:
+        video = video[None]
+    if video.ndim != 5 or video.shape[2] != 3:
+        raise ValueError(f"a video tensor must be (T, 3, H, W) or (B, T, 3, H, W); got {tuple(video.shape)}")
+    if video.dtype == torch.uint8:
+        video = video.float() / 255
+    elif not video.is_floating_point():
+        raise TypeError(f"video must be float in [0, 1] or uint8; got {video.dtype}")
+    elif video.min() < -1e-3 or video.max() > 1 + 1e-3:
+        raise ValueError(f"video values must lie in [0, 1]; got [{float(video.min()):.3f}, {float(video.max()):.3f}]"
+                         " (scale [-1, 1] videos with (v + 1) / 2)")
+    return video.permute(0, 2, 1, 3, 4).float()  # (B, 3, T, H, W)
+
+
+def postprocess_video(video: torch.Tensor, output_type: str):
+    """(B, 3, T, H, W) in [0, 1] -> the requested output type."""
+    video = video.float().clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W)
+    if output_type == "pt":
+        return video
+    array = video.permute(0, 1, 3, 4, 2).cpu().numpy()
+    if output_type == "np":
+        return array
+    return [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in array]
+
+
+class NBPVideoPipeline(DiffusionPipeline):
+    r"""Video generation with a Next-Block Prediction generator and a causal video tokenizer.
+
+    Components: `transformer` (`NBPForVideoGeneration`) and `video_tokenizer` (`NBPVideoTokenizer`).
+
+    ```py
+    >>> pipe = NBPVideoPipeline.from_pretrained("path/or/repo")
+    >>> video = pipe(class_labels=["ApplyEyeMakeup"], generator=torch.Generator().manual_seed(0)).frames[0]
+    >>> for chunk in pipe.stream(class_labels=[3]):  # frames as soon as their latent frame is complete
+    ...     show(chunk.frames)
+    ```
+    """
+
+    model_cpu_offload_seq = "transformer->video_tokenizer"
+    _callback_tensor_inputs = ["video_tokens"]
+
+    def __init__(self, transformer, video_tokenizer):
+        super().__init__()
+        self.register_modules(transformer=transformer, video_tokenizer=video_tokenizer)
+
+    # ---- properties ---------------------------------------------------------------------------------------------
+    @property
+    def num_frames(self) -> int:
+        """Pixel frames of a generated video (the tokenizer's frames for the generator's latent frames)."""
+        return self.video_tokenizer.num_frames_for_latent(self.transformer.config.latent_shape[0])
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        _, h, w = self.transformer.config.latent_shape
+        s = self.video_tokenizer.spatial_compression
+        return h * s, w * s
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def class_names(self) -> list[str]:
+        id2label = getattr(self.transformer.config, "id2label", None) or {}
+        return [id2label[i] for i in sorted(id2label)] if id2label else []
+
+    # ---- inputs -------------------------------------------------------------------------------------------------
+    def _class_ids(self, class_labels) -> list[int]:
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.view(-1).tolist()
+        id2label = getattr(self.transformer.config, "id2label", None) or {}
+        lookup = {str(name).lower(): int(i) for i, name in id2label.items()}
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str) and label.lower() not in lookup and label.isdigit():
+                label = int(label)  # "3" from a command line, when no class is named "3"
+            if isinstance(label, str):
+                if label.lower() not in lookup:
+                    raise ValueError(f"unknown class name {label!r}; valid names: {self.class_names}")
+                ids.append(lookup[label.lower()])
+            else:
+                ids.append(int(label))
+        num_classes = self.transformer.config.num_classes
+        bad = [i for i in ids if not 0 <= i < num_classes]
+        if bad:
+            raise ValueError(f"class_labels must be ints in [0, {num_classes}) or class names; got {bad}")
+        return ids
+
+    def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt):
+        T = self.num_frames
+        t = self.video_tokenizer.temporal_compression
+        if num_frames is not None and num_frames != T:
+            raise ValueError(f"num_frames must be of the form 1 + {t}n and match this model: it generates "
+                             f"{T} frames (got {num_frames})")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+                k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
+
+    def encode_context(self, video, num_videos_per_prompt: int = 1) -> torch.Tensor:
+        """Context video -> token grids (B, c, H', W') of its latent frames, checked against the model."""
+        pixels = preprocess_video(video)
+        tok, cfg = self.video_tokenizer, self.transformer.config
+        B, _, T, H, W = pixels.shape
+        if (H, W) != self.resolution:
+            raise ValueError(f"context video must be {self.resolution[0]}x{self.resolution[1]} (height x width) "
+                             f"for this model; got {H}x{W}")
+        t = tok.temporal_compression
+        if (T - 1) % t or not 1 <= 1 + (T - 1) // t < cfg.latent_shape[0]:
+            allowed = [1 + t * k for k in range(cfg.latent_shape[0] - 1)]
+            raise ValueError(f"context video must have one of {allowed} frames (1 + {t}k, fewer than the "
+                             f"{self.num_frames} generated); got {T}")
+        pixels = pixels.to(device=self._execution_device, dtype=tok.dtype)
+        ids = tok.encode(pixels)
+        return ids.repeat_interleave(num_videos_per_prompt, dim=0)
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    def _steps(self, class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
+               temperature, generator, condition_ids, callback_on_step_end, callback_on_step_end_tensor_inputs,
+               use_cache) -> Iterator:
+        """Run the generator, handling callbacks, interrupt and the progress bar; yields every step."""
+        cfg = self.transformer.config
+        labels = context = None
+        if class_labels is not None:
+            labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_videos_per_prompt)
+        if video is not None:
+            context = self.encode_context(video, num_videos_per_prompt)
+        if condition_ids is not None:
+            condition_ids = torch.as_tensor(condition_ids).repeat_interleave(num_videos_per_prompt, dim=0)
+        if labels is None and context is None and condition_ids is None:
+            if cfg.condition_mode == "class":
+                raise ValueError("this model is class-conditional: pass class_labels (ints or names from "
+                                 f"{self.class_names[:10]}{'...' if len(self.class_names) > 10 else ''})")
+            if cfg.condition_mode == "frames":
+                raise ValueError("this model predicts frames: pass video= with the context frames")
+            batch_size = (batch_size or 1) * num_videos_per_prompt
+        top_k = min(top_k, cfg.video_vocab_size) if top_k else top_k
+        self._interrupt = False
+        steps = self.transformer.iter_generation(
+            class_labels=labels, context_ids=context, batch_size=batch_size, temperature=temperature, top_k=top_k,
+            top_p=top_p, guidance_scale=guidance_scale, generator=generator, use_cache=use_cache,
+            condition_ids=condition_ids)
+        first = next(steps, None)
+        if first is None:
+            return
+        with self.progress_bar(total=first.num_steps) as progress_bar:
+            step = first
+            while step is not None:
+                if callback_on_step_end is not None:
+                    kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step.step, step.step, kwargs) or {}
+                    if "video_tokens" in outputs and outputs["video_tokens"] is not step.video_tokens:
+                        step.video_tokens.copy_(outputs["video_tokens"])
+                progress_bar.update()
+                yield step
+                if self.interrupt:
+                    steps.close()
+                    return
+                step = next(steps, None)
+
+    def _decode(self, grid: torch.Tensor, output_type: str, decode_batch_size):
+        if output_type == "latent":
+            return grid
+        tok = self.video_tokenizer
+        return postprocess_video(tok.decode(grid.to(tok.device), decode_batch_size=decode_batch_size), output_type)
+
+    def _complete_frames(self, video_tokens: torch.Tensor, end: int) -> torch.Tensor:
+        """Token grids of the latent frames that the first `end` tokens (block order) complete."""
+        layout = self.transformer.layout
+        n = int((layout.frame_end <= end).sum())
+        _, H, W = layout.latent_shape
+        return layout.sequence_to_grid(video_tokens[:, : n * H * W])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list | torch.Tensor | None = None,
+        video=None,
+        num_frames: int | None = None,
+        num_videos_per_prompt: int = 1,
+        batch_size: int | None = None,
+        guidance_scale: float = 1.0,
+        top_k: int | None = PAPER_SAMPLING["top_k"],
+        top_p: float = PAPER_SAMPLING["top_p"],
+        temperature: float = PAPER_SAMPLING["temperature"],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("video_tokens",),
+        decode_batch_size: int | None = None,
+        condition_ids: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ):
+        r"""Generate videos.
+
+        Args:
+            class_labels: class ids or names (`transformer.config.id2label`) for class-conditional models.
+            video: context frames for frame prediction (e.g. 5 frames -> 2 latent frames, the K600 setting); any
+                form `preprocess_video` accepts, values in [0, 1] (or uint8). The output starts with the
+                tokenizer's reconstruction of these frames.
+            num_frames: must equal the model's frame count (`pipe.num_frames`) when given.
+            num_videos_per_prompt: videos per class label / context video.
+            batch_size: number of videos for unconditional models.
+            guidance_scale: classifier-free guidance in one batched forward per step (1 = off).
+            top_k, top_p, temperature: sampling (defaults: the paper's 16000 / 0.9 / 1.0; temperature 0 = greedy).
+            generator: a `torch.Generator` or one per video (then a batch equals the single runs).
+            output_type: "pil", "np", "pt" or "latent" (token ids).
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, called after every step;
+                `callback_kwargs["video_tokens"]` is the live (B, N) tensor of video ids in block order (-1 = not
+                generated yet); a returned "video_tokens" replaces it (only the tokens of the step just made can
+                still change what follows). Set `pipe._interrupt = True` from it to stop early: the output then
+                holds the complete latent frames generated so far.
+            decode_batch_size: decode this many videos at a time (less memory).
+            condition_ids: a raw (B, P) condition prefix (e.g. free-text ids for the UCF model) instead of labels.
+            use_cache: False recomputes the whole sequence each step (the reference path).
+        """
+        self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt)
+        last = None
+        for last in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
+                                top_p, temperature, generator, condition_ids, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs, use_cache):
+            pass
+        grid = self._complete_frames(last.video_tokens, last.end)
+        frames = self._decode(grid, output_type, decode_batch_size)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return NBPVideoPipelineOutput(frames=frames)
+
+    @torch.no_grad()
+    def stream(self, class_labels=None, video=None, num_videos_per_prompt: int = 1, batch_size: int | None = None,
+               guidance_scale: float = 1.0, top_k: int | None = PAPER_SAMPLING["top_k"],
+               top_p: float = PAPER_SAMPLING["top_p"], temperature: float = PAPER_SAMPLING["temperature"],
+               generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
+               use_cache: bool = True) -> Iterator[NBPVideoStreamChunk]:
+        """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
+        its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own).
+        Concatenating the chunks' frames gives the `__call__` result for the same seed."""
+        if output_type == "latent":
+            raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
+        self.check_inputs(None, output_type, None, num_videos_per_prompt)
+        emitted_latent = emitted_pixels = 0
+        T = self.transformer.config.latent_shape[0]
+        for step in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
+                                top_p, temperature, generator, condition_ids, None, None, use_cache):
+            grid = self._complete_frames(step.video_tokens, step.end)
+            if grid.shape[1] == emitted_latent:
+                continue
+            pixels = self.video_tokenizer.decode(grid.to(self.video_tokenizer.device), decode_batch_size)
+            new = pixels[:, :, emitted_pixels:]
+            emitted_latent, start, emitted_pixels = grid.shape[1], emitted_pixels, pixels.shape[2]
+            yield NBPVideoStreamChunk(frames=postprocess_video(new, output_type), start_frame=start, step=step.step,
+                                      done=emitted_latent == T)
+
+    # ---- saving and loading -------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+        """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors) that also
+        carries the code of the pipeline and its components, so `DiffusionPipeline.from_pretrained(path,
+        trust_remote_code=True)` works without nbp-video; `push_to_hub=True` uploads it (kwargs: repo_id,
+        private, token, commit_message)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
+        self._write_remote_code(save_directory)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hub.get("token"))
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
+            repo_id = api.create_repo(repo_id, private=hub.get("private"), exist_ok=True).repo_id
+            api.upload_folder(repo_id=repo_id, folder_path=save_directory,
+                              commit_message=hub.get("commit_message") or "Upload NBPVideoPipeline")
+
+    def _write_remote_code(self, save_directory):
+        with open(os.path.join(save_directory, "model_index.json")) as f:
+            index = json.load(f)
+        shutil.copy(inspect.getsourcefile(type(self)), os.path.join(save_directory, "pipeline_nbp_video.py"))
+        index["_class_name"] = ["pipeline_nbp_video", type(self).__name__]
+        for name in ("transformer", "video_tokenizer"):
+            module = getattr(self, name)
+            source = inspect.getsourcefile(type(module))
+            for path in _module_with_relative_imports(source):
+                shutil.copy(path, os.path.join(save_directory, name, os.path.basename(path)))
+            index[name] = [os.path.splitext(os.path.basename(source))[0], type(module).__name__]
+        tmp = os.path.join(save_directory, "model_index.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(save_directory, "model_index.json"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
+        installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
+        options: torch_dtype, revision, cache_dir, token, local_files_only."""
+        try:
+            from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
+        except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
+            return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+        folder = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        if not os.path.isdir(folder):
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(folder, **hub_kwargs)
+        dtype = kwargs.pop("torch_dtype", None)
+        transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
+            os.path.join(folder, "transformer"), **({"dtype": dtype} if dtype else {}))
+        video_tokenizer = kwargs.pop("video_tokenizer", None) or NBPVideoTokenizer.from_pretrained(
+            os.path.join(folder, "video_tokenizer"), **({"torch_dtype": dtype} if dtype else {}))
+        if kwargs:
+            raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
+        return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
+
+
+def _module_with_relative_imports(path: str) -> list[str]:
+    """`path` and every sibling file it reaches through `from .x import ...` (what the code copy needs)."""
+    import re
+
+    todo, seen = [path], []
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        with open(current, encoding="utf-8") as f:
+            names = re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), flags=re.MULTILINE)
+        todo += [os.path.join(os.path.dirname(current), n + ".py") for n in names]
+    return seen

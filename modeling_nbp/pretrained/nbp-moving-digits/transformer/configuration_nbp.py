@@ -1,0 +1,200 @@
+"""Configuration of the NBP generator (a minGPT-style decoder trained with next-block prediction)."""
+
+import math
+
+from transformers import PreTrainedConfig
+
+CONDITION_MODES = ("class", "frames", "none")
+FIRST_BLOCK_SCHEMES = ("none", "bov", "hybrid")
+
+# name -> (layers, width, heads); the paper's XL / XXL / 3B models (NBP_REFERENCE.md section 2)
+SIZE_PRESETS = {
+    "700m": (24, 1536, 16),
+    "1.2b": (24, 2048, 32),
+    "3b": (32, 3072, 32),
+    "tiny": (2, 64, 4),
+}
+
+# the official task settings; combine with a size: NBPConfig.from_preset("ucf-700m")
+TASK_PRESETS = {
+    # UCF-101: 8 LLaMA-2 text ids (+16) per class, BOV + 15 placeholders, hybrid start, 95 steps
+    "ucf": dict(
+        latent_shape=[5, 16, 16], block_shape=[1, 1, 16], video_vocab_size=64000, condition_mode="class",
+        num_condition_tokens=8, condition_vocab_size=32000, first_block="hybrid",
+    ),
+    # Kinetics-600 frame prediction: 2 context latent frames, 48 steps, no special tokens
+    "k600": dict(
+        latent_shape=[5, 16, 16], block_shape=[1, 1, 16], video_vocab_size=64000, condition_mode="frames",
+        num_condition_tokens=0, condition_vocab_size=0, first_block="none", num_context_frames=2,
+    ),
+}
+
+
+class NBPConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`NBPForVideoGeneration`].
+
+    The sequence the model reads is `[condition prefix][start tokens][video tokens]`:
+    - the video token grid `latent_shape` = (T', H', W') is cut into blocks of `block_shape` = (t, h, w);
+      video tokens are laid out block after block (raster order inside a block and over blocks), so with
+      1x1xW' rows or 1xH'xW' frames this is plain raster order;
+    - the condition prefix is `num_condition_tokens` ids per class (`class_condition_ids`), or nothing;
+    - `first_block` says how the first block is produced: "none" (it is given as context: frame
+      prediction), "bov" (a start block of `block_size` BOV tokens predicts it in parallel) or "hybrid"
+      (the paper's start: BOV and the first block's tokens predict it token by token, then the block of
+      its last token and `block_size - 1` placeholder ids predicts the second block).
+
+    Token ids: `[0, num_special_tokens)` BOV then placeholders, `[condition_token_offset,
+    + condition_vocab_size)` condition ids, `[video_token_offset, + video_vocab_size)` video ids.
+    Offsets left as None are derived in that order.
+    """
+
+    model_type = "nbp"
+    keys_to_ignore_at_inference = ["cache"]
+
+    # video grid and blocks
+    latent_shape: list[int] | None = None
+    block_shape: list[int] | None = None
+    video_vocab_size: int = 64000
+    # conditioning
+    condition_mode: str = "class"
+    num_classes: int | None = None
+    num_condition_tokens: int = 1
+    condition_vocab_size: int | None = None
+    class_condition_ids: list[list[int]] | None = None
+    num_context_frames: int = 0
+    class_dropout_prob: float = 0.0
+    first_block: str = "hybrid"
+    # vocabulary layout
+    bov_token_id: int = 0
+    condition_token_offset: int | None = None
+    video_token_offset: int | None = None
+    vocab_size: int | None = None
+    # transformer
+    hidden_size: int = 1536
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 5120
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.condition_mode not in CONDITION_MODES:
+            raise ValueError(f"condition_mode must be one of {CONDITION_MODES}, got {self.condition_mode!r}")
+        if self.first_block not in FIRST_BLOCK_SCHEMES:
+            raise ValueError(f"first_block must be one of {FIRST_BLOCK_SCHEMES}, got {self.first_block!r}")
+        self.latent_shape = list(self.latent_shape or [5, 16, 16])
+        self.block_shape = list(self.block_shape or [1, 1, self.latent_shape[-1]])
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.condition_mode == "class":
+            if self.class_condition_ids is not None:
+                self.class_condition_ids = [list(map(int, ids)) for ids in self.class_condition_ids]
+                self.num_classes = len(self.class_condition_ids)
+                self.num_condition_tokens = len(self.class_condition_ids[0]) if self.class_condition_ids else 0
+            if self.condition_vocab_size is None:
+                self.condition_vocab_size = self.num_classes or 0
+        else:
+            self.num_classes, self.class_condition_ids = 0, None
+            self.num_condition_tokens = 0
+            self.condition_vocab_size = self.condition_vocab_size or 0
+        if self.condition_token_offset is None:
+            self.condition_token_offset = self.num_special_tokens
+        if self.video_token_offset is None:
+            self.video_token_offset = self.condition_token_offset + self.condition_vocab_size
+        if self.vocab_size is None:
+            self.vocab_size = self.video_token_offset + self.video_vocab_size
+        if self.condition_mode == "class" and self.class_condition_ids is None and self.num_classes:
+            if self.num_condition_tokens != 1:
+                raise ValueError(
+                    "class_condition_ids must be given when num_condition_tokens != 1 "
+                    f"(got num_condition_tokens={self.num_condition_tokens})"
+                )
+            # one condition id per class
+            self.class_condition_ids = [[self.condition_token_offset + c] for c in range(self.num_classes)]
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Checked on every instantiation (also on loading)."""
+        if len(self.latent_shape) != 3 or len(self.block_shape) != 3:
+            raise ValueError(
+                f"latent_shape and block_shape must be (T', H', W') and (t, h, w); got {self.latent_shape}, "
+                f"{self.block_shape}"
+            )
+        if any(b < 1 or g % b for g, b in zip(self.latent_shape, self.block_shape)):
+            raise ValueError(
+                f"block_shape {tuple(self.block_shape)} does not tile latent_shape {tuple(self.latent_shape)}: "
+                "each block dimension must divide the matching grid dimension"
+            )
+        if self.first_block == "none" and self.condition_mode != "frames":
+            raise ValueError(
+                "first_block='none' means the first block is always given as context, which needs "
+                "condition_mode='frames'; use first_block='bov' or 'hybrid' for class-conditional or "
+                "unconditional models"
+            )
+        if self.condition_mode == "class" and not self.num_classes:
+            raise ValueError("condition_mode='class' needs num_classes > 0 or class_condition_ids")
+        if self.condition_mode == "class":
+            bad = [ids for ids in self.class_condition_ids if len(ids) != self.num_condition_tokens]
+            if bad:
+                raise ValueError("every entry of class_condition_ids must have num_condition_tokens ids")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.sequence_length > self.max_position_embeddings:
+            raise ValueError(
+                f"the sequence ({self.sequence_length} positions) is longer than max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if self.video_token_offset + self.video_vocab_size > self.vocab_size:
+            raise ValueError("vocab_size is smaller than video_token_offset + video_vocab_size")
+        if self.condition_mode == "frames" and self.num_context_frames % self.block_shape[0]:
+            raise ValueError(
+                f"num_context_frames ({self.num_context_frames}) must be a multiple of the block's "
+                f"time extent ({self.block_shape[0]})"
+            )
+
+    @property
+    def block_size(self) -> int:
+        return math.prod(self.block_shape)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return math.prod(self.latent_shape)
+
+    @property
+    def num_special_tokens(self) -> int:
+        """BOV (for 'bov' and 'hybrid') and the hybrid start's block_size - 1 placeholders."""
+        return {"none": 0, "bov": 1, "hybrid": self.block_size}[self.first_block]
+
+    @property
+    def sequence_length(self) -> int:
+        """Length of the full sequence: prefix, start tokens and every video token."""
+        start = {"none": 0, "bov": self.block_size, "hybrid": self.block_size}[self.first_block]
+        return self.num_condition_tokens + start + self.num_video_tokens
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "NBPConfig":
+        """`"ucf-700m"`, `"k600-3b"`, `"ucf-tiny"`, ...: a task setting of the paper with a model size."""
+        task, _, size = name.partition("-")
+        if task not in TASK_PRESETS or size not in SIZE_PRESETS:
+            names = [f"{t}-{s}" for t in TASK_PRESETS for s in SIZE_PRESETS]
+            raise ValueError(f"unknown preset {name!r}; choose one of {names}")
+        layers, width, heads = SIZE_PRESETS[size]
+        kwargs = dict(TASK_PRESETS[task], num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads)
+        if task == "ucf" and "class_condition_ids" not in overrides:
+            from .ucf101 import ucf101_class_condition_ids, ucf101_id2label
+
+            kwargs.update(class_condition_ids=ucf101_class_condition_ids(), id2label=ucf101_id2label())
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+__all__ = ["NBPConfig"]

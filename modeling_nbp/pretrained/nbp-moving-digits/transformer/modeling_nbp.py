@@ -1,0 +1,258 @@
+"""The NBP generator: a minGPT-style decoder (pre-LN, learned absolute positions, biased q/k/v/proj, exact GELU
+MLP, untied bias-free head) with block-causal attention, as in the official Next-Block Prediction code."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_nbp import NBPConfig
+from .generation import NBPGenerationMixin
+from .layout import BlockLayout
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class NBPAttention(nn.Module):
+    def __init__(self, config: NBPConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.num_key_value_groups = 1
+        # never let SDPA apply its own causal mask: the block-causal mask comes from the layout, and a decode
+        # step (one block fed against the cache) needs none
+        self.is_causal = False
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.o_proj = nn.Linear(D, D)
+        self.resid_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        B, L, _ = hidden_states.shape
+        shape = (B, L, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, heads, L, head_dim)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self, q, k, v, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, is_causal=False, **kwargs,
+        )
+        out = self.resid_dropout(self.o_proj(out.reshape(B, L, -1)))
+        return out, weights
+
+
+class NBPMLP(nn.Module):
+    def __init__(self, config: NBPConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as the official nn.GELU()
+
+
+class NBPDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NBPConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = NBPAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = NBPMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        attn, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        hidden_states = hidden_states + attn
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class NBPPreTrainedModel(PreTrainedModel):
+    config_class = NBPConfig
+    config: NBPConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NBPDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False  # flash kernels take no custom mask; block-causal training needs one
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NBPModel):
+            nn.init.normal_(module.embed_positions.weight, std=self.config.initializer_range)
+            nn.init.normal_(module.uncond_embedding, std=self.config.hidden_size**-0.5)
+
+
+@dataclass
+class NBPModelOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+class NBPModel(NBPPreTrainedModel):
+    """The decoder without its output head."""
+
+    def __init__(self, config: NBPConfig):
+        super().__init__(config)
+        self.layout = BlockLayout.from_config(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # replaces the condition prefix for classifier-free guidance (official: `uncond_embedding`, P x D)
+        self.uncond_embedding = nn.Parameter(torch.zeros(config.num_condition_tokens, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(NBPDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: Cache | None = None,
+                use_cache: bool | None = None, drop_condition: torch.Tensor | None = None, **kwargs):
+        """`input_ids` (B, q) are the sequence positions [past, past + q) where past = tokens in `cache`.
+        `drop_condition` (B,) bool replaces the condition prefix of those rows by `uncond_embedding`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        # a static cache (preallocated, `is_compileable`) keeps its length on the device: the step then runs
+        # without host synchronisation (no input checks, positions and mask computed on the device)
+        static = cache is not None and getattr(cache, "is_compileable", False)
+        if inputs_embeds is None:
+            if not static and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.config.vocab_size}); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0  # a device tensor for a static cache
+        q_len = inputs_embeds.shape[1]
+        if not isinstance(past, torch.Tensor) and past + q_len > self.layout.sequence_length:
+            raise ValueError(
+                f"sequence of {past + q_len} positions is longer than this model's layout "
+                f"({self.layout.sequence_length}: prefix {self.layout.prefix_length}, "
+                f"latent_shape {self.layout.latent_shape}, first_block {self.layout.first_block!r})"
+            )
+
+        P = self.layout.prefix_length
+        if drop_condition is not None and P and not isinstance(past, torch.Tensor) and past < P:
+            n = P - past  # prefix positions inside this chunk (a static cache gets the prefix in its first chunk)
+            uncond = self.uncond_embedding[past:P].to(inputs_embeds.dtype).expand(inputs_embeds.shape[0], -1, -1)
+            keep = ~drop_condition.to(inputs_embeds.device).view(-1, 1, 1)
+            inputs_embeds = torch.cat([torch.where(keep, inputs_embeds[:, :n], uncond[:, : min(n, q_len)]),
+                                       inputs_embeds[:, n:]], dim=1)
+
+        positions = past + torch.arange(q_len, device=inputs_embeds.device)
+        hidden = self.dropout(inputs_embeds + self.embed_positions(positions))
+
+        if attention_mask is None and static:
+            attention_mask = self.static_cache_mask(positions, cache.get_max_length())
+        elif attention_mask is None and self.layout.needs_mask(past, past + q_len):
+            block_ids = self.layout.block_ids[: past + q_len].to(hidden.device)
+            attention_mask = create_causal_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                block_sequence_ids=block_ids.expand(hidden.shape[0], -1),
+                position_ids=positions.unsqueeze(0),
+            )
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention_mask, cache=cache, **kwargs)
+        return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)
+
+
+    def static_cache_mask(self, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """(1, 1, q, cache_len) boolean block-causal mask over a preallocated cache, from device tensors only:
+        key k is visible to query q when k <= q or both sit in the same block (unfilled slots are later ones)."""
+        groups = self.layout.block_ids.to(positions.device)
+        keys = torch.arange(cache_len, device=positions.device)
+        gq, gk = groups[positions][:, None], groups[keys.clamp(max=len(groups) - 1)][None, :]
+        allowed = (keys[None, :] <= positions[:, None]) | ((gq == gk) & (gq >= 0) & (keys[None, :] < len(groups)))
+        return allowed[None, None]
+
+
+class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
+    """NBP generator with its output head. Training: `model(video_ids=grid, class_labels=y)` or
+    `model(input_ids=..., labels=...)` (labels aligned with input_ids: each position holds the id it predicts,
+    -100 elsewhere; `layout.training_inputs` builds both). Generation: `generate_video_tokens(...)`."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: NBPConfig):
+        super().__init__(config)
+        self.model = NBPModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self.model.layout
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, labels=None, video_ids=None, class_labels=None, inputs_embeds=None,
+                attention_mask=None, cache: Cache | None = None, use_cache: bool | None = None,
+                drop_condition=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> NBPModelOutput:
+        if video_ids is not None:
+            if input_ids is not None or labels is not None:
+                raise ValueError("give either video_ids (with class_labels) or input_ids/labels, not both")
+            input_ids, labels = self.prepare_training_inputs(video_ids, class_labels)
+        if drop_condition is None and self.training and self.config.class_dropout_prob > 0:
+            n = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            drop_condition = torch.rand(n, device=self.device) < self.config.class_dropout_prob
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         cache=cache, use_cache=use_cache, drop_condition=drop_condition, **kwargs)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100)
+        return NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+
+    def prepare_training_inputs(self, video_ids: torch.Tensor, class_labels=None):
+        """Video token grids (B, T', H', W') (+ class labels) -> (input_ids, labels) for next-block training."""
+        self.check_video_ids(video_ids)
+        prefix = self.condition_prefix(class_labels, video_ids.shape[0], video_ids.device)
+        return self.layout.training_inputs(prefix, video_ids)
+
+
+__all__ = ["NBPConfig", "NBPModel", "NBPForVideoGeneration", "NBPPreTrainedModel"]

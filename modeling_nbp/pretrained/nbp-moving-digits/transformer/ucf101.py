@@ -1,0 +1,26 @@
+"""The UCF-101 class table of the official models: class names and their 8 LLaMA-2 condition ids.
+
+The table (modeling_nbp/assets/ucf101_classes.json) holds, for the 101 classes in the official label order
+(sorted class folders), the lower-cased camel-case split text and the 8 ids that the official preprocessing
+gets from the LLaMA-2 tokenizer (BOS first, right-padded with EOS). The official generator adds 16 to them
+(BOV + 15 placeholders come first), so converting and running the official UCF models needs no LLaMA tokenizer.
+"""
+
+import json
+import os
+
+UCF101_TEXT_ID_OFFSET = 16
+
+
+def load_ucf101_table() -> list[dict]:
+    path = os.path.join(os.path.dirname(__file__), "assets", "ucf101_classes.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["classes"]
+
+
+def ucf101_class_condition_ids() -> list[list[int]]:
+    return [[i + UCF101_TEXT_ID_OFFSET for i in c["llama2_ids"]] for c in load_ucf101_table()]
+
+
+def ucf101_id2label() -> dict[int, str]:
+    return {c["label"]: c["name"] for c in load_ucf101_table()}

@@ -1,0 +1,113 @@
+"""Finite scalar quantization (FSQ, Mentzer et al. 2023) with the index math of the official NBP tokenizer.
+
+Every latent channel i is squashed into a bounded range and rounded to one of `levels[i]` values; the code of
+a position is the vector of those values, normalised to [-1, 1) by `levels // 2`, and its id is the
+mixed-radix number formed by the per-channel digits (channel 0 is the least significant digit). There is no
+learned codebook: the module has no parameters, and its constants are non-persistent buffers, so it adds
+nothing to a state dict.
+
+All tensors here are channel-last: `(..., len(levels))` for latents and codes, `(...)` for ids.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+# Keeps the bounded value strictly inside the outermost rounding cells (official value).
+_BOUND_EPS = 1e-3
+
+
+def round_straight_through(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer in the forward pass; pass the gradient through unchanged (d/dx = 1)."""
+    return x + (x.round() - x).detach()
+
+
+class FSQ(nn.Module):
+    """Parameter-free finite scalar quantizer.
+
+    Args:
+        levels: number of quantization levels per latent channel, e.g. `(8, 8, 8, 5, 5, 5)` (64000 codes,
+            the official NBP tokenizer) or `(8, 5, 5, 5)` (1000 codes). Each level must be >= 2.
+    """
+
+    def __init__(self, levels):
+        super().__init__()
+        levels = tuple(levels)
+        if len(levels) == 0 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in levels):
+            raise ValueError(f"`levels` must be a non-empty sequence of integers >= 2, e.g. (8, 5, 5, 5); got {levels}")
+        self.levels = levels
+        # basis[i] = prod(levels[:i]): the place value of channel i in the id.
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        # Integer buffers: `module.to(dtype)` leaves them alone, so the quantizer math stays exact.
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        """Number of latent channels the quantizer expects."""
+        return len(self.levels)
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of distinct codes, `prod(levels)`."""
+        return math.prod(self.levels)
+
+    def _half_width(self) -> torch.Tensor:
+        # levels // 2, as float: the factor that maps integer digits to codes in [-1, 1).
+        return (self._levels // 2).float()
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash `z` (float32, channel-last) so that rounding yields exactly `levels[i]` integer values.
+
+        Odd levels L give the integers -(L-1)/2 .. (L-1)/2; even levels are shifted by 0.5 (and the input by
+        tan(0.5 / half_l), so that z = 0 still lands on 0) and give -L/2 .. L/2 - 1.
+        """
+        levels = self._levels.float()
+        half_l = (levels - 1) * (1 - _BOUND_EPS) / 2
+        offset = (self._levels % 2 == 0).float() * 0.5
+        shift = torch.tan(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def _check_latents(self, z: torch.Tensor, name: str) -> None:
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor; got {type(z).__name__}"
+                            f"{'' if not isinstance(z, torch.Tensor) else ' of dtype ' + str(z.dtype)}")
+        if z.ndim == 0 or z.shape[-1] != self.dim:
+            raise ValueError(f"`{name}` must have {self.dim} channels in its last dimension (one per FSQ level "
+                             f"{self.levels}); got shape {tuple(z.shape)}")
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize channel-last latents.
+
+        Args:
+            z: `(..., dim)` floating-point latents (any float dtype; the math runs in float32).
+
+        Returns:
+            codes: `(..., dim)` float32 values on the grid `k / (levels // 2)`, with straight-through
+                gradients to `z` (the rounding passes the gradient unchanged).
+            ids: `(...)` int64 codebook ids in `[0, codebook_size)`.
+        """
+        self._check_latents(z, "z")
+        rounded = round_straight_through(self.bound(z.float()))
+        codes = rounded / self._half_width()
+        return codes, self.codes_to_indices(codes)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Map grid codes `(..., dim)` to int64 ids `(...)`: id = sum_i (code_i * half_i + half_i) * basis_i."""
+        self._check_latents(codes, "codes")
+        half = self._half_width()
+        digits = torch.round(codes.detach().float() * half + half).long()
+        return (digits * self._basis).sum(dim=-1)
+
+    def indices_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Map int ids `(...)` to float32 codes `(..., dim)`; the inverse of `codes_to_indices`."""
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"`ids` must be an integer tensor; got "
+                            f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}")
+        digits = (ids.long().unsqueeze(-1) // self._basis) % self._levels
+        half = self._half_width()
+        return (digits.float() - half) / half
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, codebook_size={self.codebook_size}"

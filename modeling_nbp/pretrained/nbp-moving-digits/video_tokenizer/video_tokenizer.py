@@ -1,0 +1,425 @@
+"""NBP's video tokenizer: a MAGVIT-v2-style causal 3D CNN with finite scalar quantization (FSQ).
+
+Video (B, C, T, H, W) in [0, 1] -> causal 3D conv encoder -> FSQ ids (B, T', H', W') -> causal decoder ->
+video. Time is causal: frame 0 is encoded alone, then every `temporal_compression` frames form one latent
+frame, so T = 1 + temporal_compression * (T' - 1) (official: 17 frames <-> 5 latent frames).
+
+With the default configuration the module tree mirrors the official checkpoint: `encoder_layers.{0..26}`
+and `decoder_layers.{0..29}` hold the same layers at the same indices (layers without weights keep their
+index), so the official state dict loads after stripping its `module.` prefix. For the official config:
+
+    encoder_layers: 0 conv 3->128 | 1-4 res 128 | 5 conv stride (1,2,2) | 6 res 128->256 | 7-9 res 256
+                    | 10 conv stride (2,2,2) | 11-14 res 256 | 15 conv stride (2,2,2) | 16 res 256->512
+                    | 17-23 res 512 | 24 GroupNorm | 25 Swish | 26 Conv3d 1x1x1 512->6
+    decoder_layers: 0 conv 6->512 | 1-8 res 512 | 9 conv 512->4096 | 10 depth-to-space (2,2,2)
+                    | 11 res 512->256 | 12-14 res 256 | 15 conv 256->2048 | 16 depth-to-space (2,2,2)
+                    | 17-20 res 256 | 21 conv 256->1024 | 22 depth-to-space (1,2,2) | 23 res 256->128
+                    | 24-26 res 128 | 27 GroupNorm | 28 Swish | 29 conv 128->3
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import nn
+
+from .fsq import FSQ
+
+# Inputs outside this range are almost certainly not [0, 1] pixels (e.g. [-1, 1] or 0..255).
+_PIXEL_SLACK = 0.5
+
+
+def depth_to_space(x: torch.Tensor, time_factor: int, space_factor: int) -> torch.Tensor:
+    """(B, C*t*s*s, T, H, W) -> (B, C, T*t, H*s, W*s).
+
+    Channel layout (the official one, which the upsampling conv weights depend on): input channel
+    ((dt * s + dh) * s + dw) * C + c goes to output channel c at offset (dt, dh, dw).
+    """
+    b, c, f, h, w = x.shape
+    t, s = time_factor, space_factor
+    c_out = c // (t * s * s)
+    x = x.reshape(b, t, s, s, c_out, f, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)  # b c f dt h dh w dw
+    return x.reshape(b, c_out, f * t, h * s, w * s)
+
+
+def space_to_depth(x: torch.Tensor, space_factor: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, s*s*C, T, H/s, W/s); the exact inverse of `depth_to_space(x, 1, s)`."""
+    b, c, f, h, w = x.shape
+    s = space_factor
+    x = x.reshape(b, c, f, h // s, s, w // s, s).permute(0, 4, 6, 1, 2, 3, 5)  # b dh dw c f h w
+    return x.reshape(b, s * s * c, f, h // s, w // s)
+
+
+class Swish(nn.Module):
+    """x * sigmoid(beta * x) with a learnable per-channel beta of shape (1, C, 1, 1, 1), initialised to 1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm applied to every frame on its own: statistics over (channels in group, H, W), never time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d that sees only the current and past frames.
+
+    Time is padded at the front by 2 * (k_t // 2) frames, space symmetrically by k // 2 pixels, all with
+    replicate padding (official), so a stride-1 conv keeps T, H, W and a stride-2 conv maps T = 1 + 2n to
+    1 + n and H to H / 2.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride=(1, 1, 1)):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
+        half = kernel_size // 2
+        self.padding = (half, half, half, half, 2 * half, 0)  # (W left/right, H top/bottom, T front/back)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.padding):
+            x = F.pad(x, self.padding, mode="replicate")
+        return self.conv(x)
+
+
+class ResidualUnit(nn.Module):
+    """Pre-norm residual unit: [GroupNorm, Swish, conv 3x3x3, GroupNorm, Swish, conv 3x3x3] + shortcut.
+
+    The shortcut is a 1x1x1 causal conv when the channel count changes, else the identity. Submodule names
+    (`fn.{0..5}`, `residual_fn.0`) match the official checkpoint keys.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_num_groups: int):
+        super().__init__()
+        self.fn = nn.Sequential(
+            FrameGroupNorm(norm_num_groups, in_channels),
+            Swish(in_channels),
+            CausalConv3d(in_channels, out_channels),
+            FrameGroupNorm(norm_num_groups, out_channels),
+            Swish(out_channels),
+            CausalConv3d(out_channels, out_channels),
+        )
+        if in_channels != out_channels:
+            self.residual_fn = nn.Sequential(CausalConv3d(in_channels, out_channels, kernel_size=1))
+        else:
+            self.residual_fn = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + self.residual_fn(x)
+
+
+class CausalDepthToSpace(nn.Module):
+    """Upsampling by rearranging channels; drops the first t-1 frames so that T' latent frames give
+    1 + t * (T' - 1) frames (latent frame 0 stays a single frame)."""
+
+    def __init__(self, time_factor: int, space_factor: int):
+        super().__init__()
+        self.time_factor = time_factor
+        self.space_factor = space_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depth_to_space(x, self.time_factor, self.space_factor)[:, :, self.time_factor - 1:]
+
+    def extra_repr(self) -> str:
+        return f"time_factor={self.time_factor}, space_factor={self.space_factor}"
+
+
+@dataclass
+class NBPVideoTokenizerOutput(BaseOutput):
+    """Output of `NBPVideoTokenizer.forward`.
+
+    Args:
+        reconstruction: `(batch, channels, frames, height, width)` decoded video, NOT clamped (so that a
+            training loss gets gradients everywhere); clamp to [0, 1] before viewing it.
+        ids: `(batch, latent_frames, latent_height, latent_width)` int64 FSQ token ids.
+    """
+
+    reconstruction: torch.Tensor
+    ids: torch.Tensor
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_ints(name: str, values, example: str) -> tuple:
+    values = tuple(values) if isinstance(values, (list, tuple)) else None
+    if not values or not all(_is_int(v) and v >= 1 for v in values):
+        raise ValueError(f"`{name}` must be a non-empty sequence of positive integers, e.g. {example}")
+    return values
+
+
+class NBPVideoTokenizer(ModelMixin, ConfigMixin):
+    r"""Causal 3D CNN video tokenizer with FSQ, as used by Next-Block Prediction (MAGVIT-v2 style, no attention).
+
+    The defaults build the official NBP tokenizer (370.37M parameters, 17x128x128 video -> 5x16x16 ids from a
+    64000-code FSQ codebook).
+
+    Parameters:
+        in_channels (`int`, defaults to 3): channels of the video (also the output channels).
+        block_out_channels (`tuple[int]`, defaults to `(128, 256, 256, 512)`): width of each resolution level.
+        layers_per_block (`tuple[int]`, defaults to `(4, 4, 4, 8)`): residual units per level (the decoder
+            mirrors the encoder). The first unit of a level changes the width.
+        downsample_strides (`tuple[tuple[int, int]]`, defaults to `((1, 2), (2, 2), (2, 2))`): the
+            (time, space) factor, each 1 or 2, between consecutive levels; the decoder upsamples by the same
+            factors in reverse order. Official: 4x in time, 8x in space.
+        fsq_levels (`tuple[int]`, defaults to `(8, 8, 8, 5, 5, 5)`): FSQ levels; the latent has one channel
+            per level and the codebook `prod(fsq_levels)` codes.
+        norm_num_groups (`int`, defaults to 32): GroupNorm groups; must divide every width.
+        patch_size (`int`, defaults to 1): space-to-depth factor applied before the first conv (and
+            depth-to-space after the last). 2 makes small models much faster to train; the spatial
+            compression becomes `patch_size * prod(space strides)`.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (128, 256, 256, 512),
+        layers_per_block: tuple[int, ...] = (4, 4, 4, 8),
+        downsample_strides: tuple[tuple[int, int], ...] = ((1, 2), (2, 2), (2, 2)),
+        fsq_levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5),
+        norm_num_groups: int = 32,
+        patch_size: int = 1,
+    ):
+        super().__init__()
+        widths = _check_positive_ints("block_out_channels", block_out_channels, "(128, 256, 256, 512)")
+        units = _check_positive_ints("layers_per_block", layers_per_block, "(4, 4, 4, 8)")
+        if len(units) != len(widths):
+            raise ValueError(f"`layers_per_block` needs one entry per level of `block_out_channels` "
+                             f"({len(widths)}); got {len(units)}")
+        strides = tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in downsample_strides)
+        if len(strides) != len(widths) - 1 or not all(
+            isinstance(s, tuple) and len(s) == 2 and all(f in (1, 2) and _is_int(f) for f in s) for s in strides
+        ):
+            raise ValueError(f"`downsample_strides` must hold len(block_out_channels) - 1 = {len(widths) - 1} "
+                             f"(time, space) pairs with factors 1 or 2, e.g. ((1, 2), (2, 2), (2, 2)); got "
+                             f"{downsample_strides}")
+        for name, value in (("in_channels", in_channels), ("norm_num_groups", norm_num_groups),
+                            ("patch_size", patch_size)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
+        if any(w % norm_num_groups for w in widths):
+            raise ValueError(f"`norm_num_groups` ({norm_num_groups}) must divide every width in "
+                             f"`block_out_channels` {widths}")
+
+        self.quantizer = FSQ(fsq_levels)
+        self._time_factors = tuple(t for t, _ in strides)
+        self._space_factors = tuple(s for _, s in strides)
+        self._patch_size = patch_size
+        self._in_channels = in_channels
+        self.gradient_checkpointing = False
+
+        latent_dim = self.quantizer.dim
+        pixel_channels = in_channels * patch_size * patch_size
+        # Index order matters: it reproduces the official `encoder_layers` / `decoder_layers` numbering.
+        encoder = [CausalConv3d(pixel_channels, widths[0])]
+        width = widths[0]
+        for level, (level_width, n_units) in enumerate(zip(widths, units)):
+            if level > 0:
+                t, s = strides[level - 1]
+                encoder.append(CausalConv3d(width, width, stride=(t, s, s)))
+            for _ in range(n_units):
+                encoder.append(ResidualUnit(width, level_width, norm_num_groups))
+                width = level_width
+        encoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), nn.Conv3d(width, latent_dim, 1)]
+        self.encoder_layers = nn.ModuleList(encoder)
+
+        decoder = [CausalConv3d(latent_dim, widths[-1])]
+        width = widths[-1]
+        for level in reversed(range(len(widths))):
+            for _ in range(units[level]):
+                decoder.append(ResidualUnit(width, widths[level], norm_num_groups))
+                width = widths[level]
+            if level > 0:
+                t, s = strides[level - 1]
+                decoder += [CausalConv3d(width, width * t * s * s), CausalDepthToSpace(t, s)]
+        decoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), CausalConv3d(width, pixel_channels)]
+        self.decoder_layers = nn.ModuleList(decoder)
+
+    # ----------------------------------------------------------------------------------------- geometry
+    @property
+    def temporal_compression(self) -> int:
+        """Pixel frames per latent frame after the first (official: 4)."""
+        return math.prod(self._time_factors)
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent position along height and width (official: 8)."""
+        return math.prod(self._space_factors) * self._patch_size
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of token ids, `prod(fsq_levels)` (official: 64000)."""
+        return self.quantizer.codebook_size
+
+    def _allowed_frame_counts(self) -> str:
+        return ", ".join(str(1 + self.temporal_compression * n) for n in range(5)) + ", ..."
+
+    def _latent_shape(self, num_frames, height, width, names) -> tuple[int, int, int]:
+        for name, value in zip(names, (num_frames, height, width)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        tc, sc = self.temporal_compression, self.spatial_compression
+        if (num_frames - 1) % tc:
+            raise ValueError(
+                f"{names[0]} must be 1 + {tc} * n (one of {self._allowed_frame_counts()}): the first frame is "
+                f"encoded alone and the rest in groups of {tc}; got {num_frames}")
+        for name, value in zip(names[1:], (height, width)):
+            if value % sc:
+                raise ValueError(f"{name} must be a multiple of the spatial compression {sc} "
+                                 f"(e.g. {4 * sc} or {8 * sc}); got {value}")
+        return 1 + (num_frames - 1) // tc, height // sc, width // sc
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The id grid `(T', H', W')` for a video of the given size; raises ValueError for sizes it cannot encode."""
+        return self._latent_shape(num_frames, height, width, ("`num_frames`", "`height`", "`width`"))
+
+    def num_frames_for_latent(self, latent_frames: int) -> int:
+        """Number of pixel frames that `latent_frames` latent frames decode to: 1 + temporal_compression * (t - 1)."""
+        if not _is_int(latent_frames) or latent_frames < 1:
+            raise ValueError(f"`latent_frames` must be a positive integer; got {latent_frames!r}")
+        return 1 + self.temporal_compression * (latent_frames - 1)
+
+    # ------------------------------------------------------------------------------------- validation
+    def _check_video(self, video) -> None:
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"`video` must be a torch.Tensor of shape (batch, channels, frames, height, width); "
+                            f"got {type(video).__name__}")
+        if not video.is_floating_point():
+            raise TypeError(f"`video` must be a floating-point tensor with values in [0, 1]; got dtype "
+                            f"{video.dtype} (for 0..255 pixels use `video.float() / 255`)")
+        if video.ndim != 5 or video.shape[0] == 0:
+            raise ValueError(f"`video` must have shape (batch, channels, frames, height, width) with batch >= 1; "
+                             f"got shape {tuple(video.shape)}")
+        if video.shape[1] != self._in_channels:
+            raise ValueError(f"`video` must have {self._in_channels} channels in dim 1 (batch, channels, frames, "
+                             f"height, width); got shape {tuple(video.shape)} (a (batch, frames, channels, ...) "
+                             f"tensor needs `video.permute(0, 2, 1, 3, 4)`)")
+        self._latent_shape(*video.shape[2:], names=("`video` frame count (dim 2)", "`video` height (dim 3)",
+                                                    "`video` width (dim 4)"))
+        if video.device.type == "meta":  # shape-only run: there are no values to check
+            return
+        low, high = (v.item() for v in torch.aminmax(video.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("`video` contains NaN or infinite values")
+        if low < -_PIXEL_SLACK or high > 1 + _PIXEL_SLACK:
+            hint = ("it looks like [-1, 1] pixels: pass `(video + 1) / 2`" if low < -_PIXEL_SLACK
+                    else "it looks like 0..255 pixels: pass `video / 255`")
+            raise ValueError(f"`video` values must lie in [0, 1]; got min {low:.4g}, max {high:.4g} ({hint})")
+
+    def _check_ids(self, ids) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"`ids` must be an integer tensor of token ids (e.g. torch.long); got {got}")
+        if ids.ndim != 4 or ids.shape[0] == 0:
+            raise ValueError(f"`ids` must have shape (batch, latent_frames, latent_height, latent_width) with "
+                             f"batch >= 1; got shape {tuple(ids.shape)} (reshape a flat sequence to the grid first)")
+        if ids.device.type == "meta":
+            return
+        low, high = (v.item() for v in torch.aminmax(ids))
+        if low < 0 or high >= self.codebook_size:
+            raise ValueError(f"`ids` must lie in [0, {self.codebook_size}) (the FSQ codebook size); got min {low}, "
+                             f"max {high}")
+
+    # ------------------------------------------------------------------------------------ quantizer
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FSQ of encoder latents `z` (B, D, T', H', W') -> (codes float32 (B, D, T', H', W') with straight-through
+        gradients, ids int64 (B, T', H', W'))."""
+        if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != self.quantizer.dim:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"`z` must have shape (batch, {self.quantizer.dim}, latent_frames, latent_height, "
+                             f"latent_width), one channel per FSQ level; got {got}")
+        codes, ids = self.quantizer(z.movedim(1, -1))
+        return codes.movedim(-1, 1), ids
+
+    def indices_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T', H', W') -> float32 FSQ codes (B, D, T', H', W')."""
+        self._check_ids(ids)
+        return self.quantizer.indices_to_codes(ids).movedim(-1, 1)
+
+    # -------------------------------------------------------------------------------- encoder/decoder
+    def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in layers:
+            if checkpoint and isinstance(layer, ResidualUnit):
+                x = self._gradient_checkpointing_func(layer, x)
+            else:
+                x = layer(x)
+        return x
+
+    def _encode_latents(self, video: torch.Tensor) -> torch.Tensor:
+        x = video.to(self.dtype)
+        if self._patch_size > 1:
+            x = space_to_depth(x, self._patch_size)
+        return self._run_layers(self.encoder_layers, x)
+
+    def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self._run_layers(self.decoder_layers, codes.to(self.dtype))
+        if self._patch_size > 1:
+            x = depth_to_space(x, 1, self._patch_size)
+        return x
+
+    @apply_forward_hook
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Tokenize a video.
+
+        Args:
+            video: `(batch, channels, frames, height, width)` float video in [0, 1]; frames = 1 + 4n and
+                height/width multiples of 8 for the official configuration.
+
+        Returns:
+            int64 ids of shape `(batch, latent_frames, latent_height, latent_width)`, see `latent_shape`.
+        """
+        self._check_video(video)
+        with torch.no_grad():  # ids are discrete: no gradient can flow through them
+            return self.quantize(self._encode_latents(video))[1]
+
+    @apply_forward_hook
+    def decode(self, ids: torch.Tensor, decode_batch_size: int | None = None) -> torch.Tensor:
+        """Turn token ids back into video.
+
+        Args:
+            ids: `(batch, latent_frames, latent_height, latent_width)` integer ids in `[0, codebook_size)`.
+            decode_batch_size: decode at most this many videos at a time (bounds peak memory); `None` decodes
+                the whole batch in one pass. The result does not depend on it.
+
+        Returns:
+            `(batch, channels, 1 + temporal_compression * (latent_frames - 1), H' * s, W' * s)` video in [0, 1],
+            in the model's dtype. The decoder is causal in time, so decoding `ids[:, :k]` gives the first
+            `num_frames_for_latent(k)` frames of decoding `ids`.
+        """
+        self._check_ids(ids)
+        if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
+            raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
+        chunks = ids.split(decode_batch_size) if decode_batch_size else (ids,)
+        videos = [self._decode_codes(self.indices_to_codes(chunk)).clamp(0, 1) for chunk in chunks]
+        return videos[0] if len(videos) == 1 else torch.cat(videos)
+
+    def forward(self, video: torch.Tensor, return_dict: bool = True) -> NBPVideoTokenizerOutput | tuple:
+        """Training pass: encode, quantize with straight-through gradients, decode (unclamped).
+
+        Returns `NBPVideoTokenizerOutput(reconstruction, ids)`, or the tuple `(reconstruction, ids)` when
+        `return_dict=False`.
+        """
+        self._check_video(video)
+        codes, ids = self.quantize(self._encode_latents(video))
+        reconstruction = self._decode_codes(codes)
+        if not return_dict:
+            return reconstruction, ids
+        return NBPVideoTokenizerOutput(reconstruction=reconstruction, ids=ids)
