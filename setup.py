@@ -17,9 +17,9 @@ setup(
         "modeling_nbp.pipelines": "pipelines",
         "modeling_nbp.conversion": "conversion",
     },
-    # the bundled demo pipeline (safetensors + the code copies a saved pipeline carries)
-    package_data={"modeling_nbp": ["assets/*.json", "pretrained/*/*.json", "pretrained/*/*.py",
-                                   "pretrained/*/*/*.json", "pretrained/*/*/*.py", "pretrained/*/*/*.safetensors"]},
+    # the bundled demo pipeline
+    package_data={"modeling_nbp": ["assets/*.json", "pretrained/*/*.json", "pretrained/*/*/*.json",
+                                   "pretrained/*/*/*.safetensors"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<3",

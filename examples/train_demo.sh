@@ -43,5 +43,5 @@ state["model.embed_positions.weight"] = state["model.embed_positions.weight"][: 
 model = NBPForVideoGeneration(config)
 model.load_state_dict(state)
 NBPVideoPipeline(transformer=model.eval(), video_tokenizer=pipe.video_tokenizer).to(torch.float16).save_pretrained(
-    "modeling_nbp/pretrained/nbp-moving-digits")
+    "modeling_nbp/pretrained/nbp-moving-digits", carry_code=False)  # the package holds the code
 PY

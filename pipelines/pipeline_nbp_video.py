@@ -323,14 +323,28 @@ class NBPVideoPipeline(DiffusionPipeline):
                                       done=emitted_latent == T)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
-        """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors) that also
-        carries the code of the pipeline and its components, so `DiffusionPipeline.from_pretrained(path,
-        trust_remote_code=True)` works without nbp-video; `push_to_hub=True` uploads it (kwargs: repo_id,
-        private, token, commit_message)."""
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
+                        carry_code: bool = True, **kwargs):
+        """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors). With
+        `carry_code` (default) it also carries the code of the pipeline and its components, so
+        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` works without nbp-video; without it the
+        folder names the installed modules (for folders that live beside the package, like the bundled demo).
+        `push_to_hub=True` uploads it (kwargs: repo_id, private, token, commit_message)."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
-        self._write_remote_code(save_directory)
+        if carry_code:
+            self._write_remote_code(save_directory)
+        else:  # undo the code copy that transformers makes on its own (register_for_auto_class)
+            folder = os.path.join(save_directory, "transformer")
+            for name in os.listdir(folder):
+                if name.endswith(".py"):
+                    os.remove(os.path.join(folder, name))
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
+            config.pop("auto_map", None)
+            with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+            os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
         if push_to_hub:
             from huggingface_hub import HfApi
 

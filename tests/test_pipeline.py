@@ -244,3 +244,12 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
             # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
             assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
     assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
+
+
+def test_save_without_code_names_the_installed_modules(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path, carry_code=False)
+    assert not list(tmp_path.rglob("*.py"))
+    loaded = NBPVideoPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(loaded(class_labels=[0], generator=gen(1), output_type="np").frames,
+                                  pipe(class_labels=[0], generator=gen(1), output_type="np").frames)
