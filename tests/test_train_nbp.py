@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from modeling_nbp import NBPConfig, NBPForVideoGeneration
 from modeling_nbp.data.pretokenize import TOKEN_FEATURES
 from modeling_nbp.training import common
 from modeling_nbp.training.train_nbp import build_parser, main
+from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train_nbp.py")
@@ -40,19 +40,6 @@ def write_tokens(path: Path, n: int, seed: int) -> str:
 def token_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens")
     return write_tokens(root / "train", 24, 0), write_tokens(root / "val", 6, 1)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; forget the previous one's shared state."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def subprocess_env() -> dict:

@@ -1,11 +1,9 @@
-import json
 import math
 import os
 import shutil
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -15,6 +13,7 @@ from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversar
                                                     reconstruction_loss)
 from modeling_nbp.training.train_tokenizer import build_tokenizer, main, parse_args
 from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
 # 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
 TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2", "--num_frames", "5",
@@ -24,18 +23,6 @@ TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2
         "--max_steps", "4", "--disc_start_step", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
         "--eval_steps", "2", "--num_log_videos", "1", "--dataloader_num_workers", "0", "--report_to", "none",
         "--learning_rate", "1e-3", "--seed", "3"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "train_log.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class L1Distance(nn.Module):

@@ -437,3 +437,10 @@ def int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
+
+
+def add_hub_arguments(group) -> None:
+    """--push_to_hub / --hub_model_id / --hub_private, shared by the training scripts."""
+    group.add_argument("--push_to_hub", action="store_true", help="upload the final folder to the Hub")
+    group.add_argument("--hub_model_id", help="repo id, required with --push_to_hub (e.g. your-name/nbp-ucf)")
+    group.add_argument("--hub_private", action="store_true")

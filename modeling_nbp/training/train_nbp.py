@@ -105,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: TensorBoard, plus W&B when installed and configured")
     g.add_argument("--tracker_project_name", default="nbp")
     g.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of one device, for MFU (known GPUs: auto)")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id")
-    g.add_argument("--hub_private", action="store_true")
+    common.add_hub_arguments(g)
     return p
 
 

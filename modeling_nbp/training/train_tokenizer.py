@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_log_videos", type=int, default=4, help="held-out reconstructions saved at each eval")
     g.add_argument("--report_to", choices=common.REPORT_TO, default="auto")
     g.add_argument("--tracker_project_name", default="nbp-tokenizer")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id")
-    g.add_argument("--hub_private", action="store_true")
+    common.add_hub_arguments(g)
     return p
 
 
