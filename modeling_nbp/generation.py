@@ -1,6 +1,7 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
@@ -15,11 +16,18 @@ def _noise(shape, generator, device):
     return torch.empty(shape, device=device).exponential_(generator=generator)
 
 
+def noise_shape(logits_shape, top_k: int | None) -> tuple:
+    """Shape of the Exp(1) noise that `sample_tokens` consumes for logits of `logits_shape` (..., V)."""
+    V = logits_shape[-1]
+    return (*logits_shape[:-1], top_k if top_k and top_k < V else V)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                  generator=None) -> torch.Tensor:
+                  generator=None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: keep
     the smallest set of tokens whose probability reaches top_p) as in the official sampler. Runs on the
-    logits' device without host synchronisation (sampling by the exponential race argmax(p / E), E ~ Exp(1))."""
+    logits' device without host synchronisation (sampling by the exponential race argmax(p / E), E ~ Exp(1)).
+    `noise` (shape `noise_shape(logits.shape, top_k)`) may be drawn beforehand; else it is drawn here."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -35,7 +43,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         # drop a token when the tokens ranked above it already reach top_p
         drop = probs.cumsum(dim=-1) - probs > top_p
         probs = probs.masked_fill(drop, 0.0)
-    choice = (probs / _noise(probs.shape, generator, probs.device)).argmax(dim=-1)
+    if noise is None:
+        noise = _noise(probs.shape, generator, probs.device)
+    choice = (probs / noise).argmax(dim=-1)
     return choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
@@ -100,17 +110,29 @@ class NBPGenerationMixin:
     @torch.no_grad()
     def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0, top_k=None,
                         top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None,
-                        cache_implementation="dynamic"):
+                        cache_implementation=None, use_cuda_graphs=None):
         """Generate block by block, yielding a `GenerationStep` after every step (for streaming).
 
         class_labels: (B,) ints for class-conditional models. context_ids: (B, c, H', W') video ids of the
         first c latent frames (frame prediction). guidance_scale g != 1 runs classifier-free guidance in one
         doubled batch: logits = uncond + g (cond - uncond), the unconditional half using `uncond_embedding`
         as its prefix. use_cache=False recomputes the whole sequence every step (the reference path).
-        cache_implementation="static" preallocates the cache for the whole sequence (transformers' StaticCache):
-        every decode step then has fixed shapes and no host synchronisation (CUDA graphs / torch.compile)."""
+        cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
+        preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
+        shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
+        (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`).
+        The same seed gives the same tokens on every path, up to the float rounding of the device's kernels."""
+        if cache_implementation is None:
+            cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        graphs_ok = cache_implementation == "static" and use_cache and cuda_graphs_supported(self.device)
+        if use_cuda_graphs is None:
+            use_cuda_graphs = graphs_ok
+        if use_cuda_graphs and not graphs_ok:
+            raise ValueError("use_cuda_graphs needs a model on a CUDA device, use_cache=True and "
+                             f"cache_implementation='static' (got device {self.device}, use_cache={use_cache}, "
+                             f"cache_implementation={cache_implementation!r})")
         check_sampling_args(temperature, top_k, top_p, guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
         sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
@@ -142,9 +164,10 @@ class NBPGenerationMixin:
             prefix = torch.cat([prefix, prefix])
             drop = torch.arange(2 * B, device=device) >= B
         seq = layout.build_sequence(prefix, video[:, :c].repeat(2 if guided else 1, 1))
-        cache = None
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+        decoder = cache = None
         if use_cache and cache_implementation == "static":
-            cache = StaticCache(config=cfg, max_cache_len=layout.sequence_length)
+            decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, **sampling)
         elif use_cache:
             cache = DynamicCache(config=cfg)
         fed = 0
@@ -155,23 +178,51 @@ class NBPGenerationMixin:
         off = cfg.video_token_offset
         for step, (a, b, upto, positions) in enumerate(plan):
             start = fed if use_cache else 0
-            out = self(input_ids=seq[:, start:upto], cache=cache, use_cache=use_cache, drop_condition=drop,
-                       logits_to_keep=positions - start)
+            ids, keep = seq[:, start:upto], positions - start
+            noise = None
+            if temperature > 0:
+                noise = _noise(noise_shape((B, b - a, cfg.video_vocab_size), top_k), generator, device)
+            step_drop = drop if start < layout.prefix_length else None
+            if decoder is not None:
+                tokens = decoder(ids, keep, noise, step_drop, prefill=start == 0)
+            else:
+                tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache, **sampling)
             fed = upto
-            logits = out.logits[..., off : off + cfg.video_vocab_size].float()
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + guidance_scale * (cond - uncond)
-            tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
             seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
 
+    def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, temperature=1.0, top_k=None, top_p=1.0,
+                    guidance_scale=1.0):
+        """One forward over `ids` (the sequence positions that follow the cache) and the video ids sampled from
+        the logits at the positions `keep` (indices into `ids`), CFG applied: (B, len(keep))."""
+        off, V = self.config.video_token_offset, self.config.video_vocab_size
+        logits = self(input_ids=ids, cache=cache, use_cache=use_cache, drop_condition=drop,
+                      logits_to_keep=keep).logits[..., off : off + V].float()
+        if guidance_scale != 1.0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
+        return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
+
+    def static_decoder(self, batch_size: int, use_cuda_graphs: bool, **sampling) -> "StaticDecoder":
+        """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
+        (with its cache and graphs) between calls; another configuration replaces it."""
+        key = (batch_size, self.device, self.dtype, use_cuda_graphs, tuple(sorted(sampling.items())))
+        decoder = getattr(self, "_static_decoder", None)
+        if decoder is None or decoder.key != key:
+            self._static_decoder = None  # free the old cache and graphs before allocating new ones
+            step = partial(self.decode_step, **sampling)
+            decoder = StaticDecoder(key, StaticCache(config=self.config, max_cache_len=self.layout.sequence_length),
+                                    step, use_cuda_graphs)
+            self._static_decoder = decoder
+        decoder.cache.reset()
+        return decoder
+
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
                               top_k=None, top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True,
-                              condition_ids=None, callback=None, cache_implementation="dynamic"):
+                              condition_ids=None, callback=None, cache_implementation=None, use_cuda_graphs=None):
         """Generate video token grids (B, T', H', W') block by block (see `iter_generation` for arguments).
         Steps = (video tokens - context tokens) / block size, plus block_size - 1 for the hybrid start
         (48 for the K600 setting with 1x1x16 blocks, 95 for UCF's hybrid start). `callback(step_info)` is
@@ -179,7 +230,52 @@ class NBPGenerationMixin:
         last = None
         for last in self.iter_generation(class_labels, context_ids, batch_size, temperature, top_k, top_p,
                                          guidance_scale, generator, use_cache, condition_ids,
-                                         cache_implementation):
+                                         cache_implementation, use_cuda_graphs):
             if callback is not None:
                 callback(last)
         return self.layout.sequence_to_grid(last.video_tokens.clone())
+
+
+def cuda_graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def capture_cuda_graph(fn):
+    """Record `fn()` (device work only) into a CUDA graph without running it: -> (graph, fn's output tensors)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+class StaticDecoder:
+    """Decode steps over a preallocated cache, for one batch size and sampling configuration.
+
+    With `use_cuda_graphs`, every step shape but a sequence's first step (the prefill, which also applies the
+    CFG condition drop) is captured once as a CUDA graph and replayed afterwards, in this call and later
+    ones. A shape's first occurrence runs eagerly (the warm-up), its second is captured. Before a replay the
+    step's ids, kept positions and pre-drawn sampling noise are copied into the graph's static inputs, so the
+    graph holds no host work, no allocation and no random draw: tokens equal the eager step's."""
+
+    def __init__(self, key, cache, step, use_cuda_graphs: bool):
+        self.key, self.cache, self.step, self.use_cuda_graphs = key, cache, step, use_cuda_graphs
+        self.graphs, self.warm = {}, set()
+
+    def __call__(self, ids, keep, noise, drop, prefill: bool):
+        if prefill or not self.use_cuda_graphs:
+            return self.step(ids, keep, noise, drop, self.cache)
+        key = (tuple(ids.shape), tuple(keep.shape))
+        if key not in self.graphs:
+            if key not in self.warm:
+                self.warm.add(key)
+                return self.step(ids, keep, noise, drop, self.cache)
+            inputs = (ids.clone(), keep.clone(), None if noise is None else noise.clone())
+            graph, out = capture_cuda_graph(lambda: self.step(*inputs, drop, self.cache))
+            self.graphs[key] = (graph, inputs, out)
+        graph, (g_ids, g_keep, g_noise), out = self.graphs[key]
+        g_ids.copy_(ids)
+        g_keep.copy_(keep)
+        if noise is not None:
+            g_noise.copy_(noise)
+        graph.replay()
+        return out

@@ -170,15 +170,14 @@ class NBPModel(NBPPreTrainedModel):
                 f"latent_shape {self.layout.latent_shape}, first_block {self.layout.first_block!r})"
             )
 
-        P = self.layout.prefix_length
-        if drop_condition is not None and P and not isinstance(past, torch.Tensor) and past < P:
-            n = P - past  # prefix positions inside this chunk (a static cache gets the prefix in its first chunk)
-            uncond = self.uncond_embedding[past:P].to(inputs_embeds.dtype).expand(inputs_embeds.shape[0], -1, -1)
-            keep = ~drop_condition.to(inputs_embeds.device).view(-1, 1, 1)
-            inputs_embeds = torch.cat([torch.where(keep, inputs_embeds[:, :n], uncond[:, : min(n, q_len)]),
-                                       inputs_embeds[:, n:]], dim=1)
-
         positions = past + torch.arange(q_len, device=inputs_embeds.device)
+        P = self.layout.prefix_length
+        if drop_condition is not None and P:
+            # rows with drop_condition see `uncond_embedding` at the prefix positions (device ops only: the
+            # chunk may start anywhere, and a static cache's length is a device tensor)
+            uncond = self.uncond_embedding[positions.clamp(max=P - 1)].to(inputs_embeds.dtype)  # (q, D)
+            replace = drop_condition.to(inputs_embeds.device).view(-1, 1, 1) & (positions < P).view(1, -1, 1)
+            inputs_embeds = torch.where(replace, uncond, inputs_embeds)
         hidden = self.dropout(inputs_embeds + self.embed_positions(positions))
 
         if attention_mask is None and static:
@@ -198,7 +197,7 @@ class NBPModel(NBPPreTrainedModel):
     def static_cache_mask(self, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
         """(1, 1, q, cache_len) boolean block-causal mask over a preallocated cache, from device tensors only:
         key k is visible to query q when k <= q or both sit in the same block (unfilled slots are later ones)."""
-        groups = self.layout.block_ids.to(positions.device)
+        groups = self.layout.block_ids_on(positions.device)
         keys = torch.arange(cache_len, device=positions.device)
         gq, gk = groups[positions][:, None], groups[keys.clamp(max=len(groups) - 1)][None, :]
         allowed = (keys[None, :] <= positions[:, None]) | ((gq == gk) & (gq >= 0) & (keys[None, :] < len(groups)))

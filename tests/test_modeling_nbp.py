@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
-from modeling_nbp import NBPConfig, NBPForVideoGeneration
+from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
 
 
 def tiny_config(block=(1, 1, 4), latent=(3, 4, 4), mode="class", first_block="bov", **kw):
@@ -286,6 +286,49 @@ def test_static_cache_equals_reference(block, first_block, guidance):
     fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static", **kw)
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     assert torch.equal(fast, reference)
+
+
+class ReplayGraph:
+    """Stands in for a CUDA graph on CPU. Capturing records the step without changing the cache (a capture runs
+    nothing); a replay re-runs the recorded step on its static inputs and writes its static output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.out.copy_(self.fn())
+        self.replays += 1
+
+
+def test_cuda_graph_replays_give_the_reference_tokens(monkeypatch):
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    graphs = []
+
+    def capture(fn):
+        layers = model._static_decoder.cache.layers
+        saved = [(x.keys.clone(), x.values.clone(), x.cumulative_length.clone()) for x in layers]
+        out = fn()
+        for x, (k, v, n) in zip(layers, saved):
+            x.keys.copy_(k), x.values.copy_(v), x.cumulative_length.copy_(n)
+        graphs.append(ReplayGraph(fn, out))
+        return graphs[-1], out
+
+    monkeypatch.setattr(generation, "capture_cuda_graph", capture)
+    monkeypatch.setattr(generation, "cuda_graphs_supported", lambda device: True)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0)
+    reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    kw["cache_implementation"] = "static"  # the default on CUDA (the CPU default is "dynamic")
+    steps = len(model.layout.decode_schedule(0))
+    for call in range(3):  # the graphs are captured in the first call and replayed in the later ones
+        fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw)
+        assert torch.equal(fast, reference)
+        assert len(graphs) == 2  # one per step shape: token-by-token steps, block steps
+        # per call: the prefill runs eagerly; in the first call each shape's first step warms up eagerly
+        assert sum(g.replays for g in graphs) == (call + 1) * (steps - 1) - 2
+    other = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **{**kw, "top_k": 5})
+    assert len(graphs) == 4 and not torch.equal(other, reference)  # new sampling: a new decoder, new graphs
+    with pytest.raises(ValueError, match="use_cuda_graphs needs"):
+        model.generate_video_tokens(cache_implementation="dynamic", use_cuda_graphs=True, class_labels=[0])
 
 
 def test_static_cache_frame_prediction_equals_reference():
