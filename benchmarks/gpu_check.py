@@ -1,201 +1,232 @@
-"""One prepared run that checks and times generation (and a training step) on a GPU; prints a table last.
+"""One prepared run that checks and times generation and training on a GPU; prints a table last.
 
     python benchmarks/gpu_check.py                      # on the device machine: 700M, official tokenizer
-    python benchmarks/gpu_check.py --size small --tokenizer small --ntp_repeats 1   # a CPU smoke run
+    python benchmarks/gpu_check.py --size small --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2
+                                                        # a CPU smoke run of the same code
 
-Checks first (CUDA only where noted): the optimized path (bf16 weights, static cache, torch.compile
-"reduce-overhead" = CUDA graphs) gives the tokens of the eager dynamic-cache path for the same seed (fp32
-weights); flex attention (CUDA) gives the SDPA logits of the block-causal training forward. Then times, with
-CUDA events after warm-up (median of repeats), the K600 setting (2 context latent frames, 48 steps of 16 tokens)
-with the paper's sampling (top-k 16000, top-p 0.9): NBP and NTP, eager and optimized, batch 1 and a large batch,
-classifier-free guidance (UCF-like model, one batched forward), the full pipeline (encode 5 frames, generate,
-decode 17 frames at 128x128), and a bf16 training step with flex attention (tokens/s, MFU). Random weights.
+Sections (each one runs even if an earlier one failed; results.json is rewritten after each):
+1. ceilings: device-to-device copy bandwidth and a bf16 matrix product, measured here.
+2. checks: optimized tokens (static cache + CUDA graphs, graphs replayed in a second call) against the eager
+   dynamic-cache tokens (fp32, same seed); graphs against the same static step without graphs (bf16, bit-equal
+   expected); flex attention against SDPA logits of the block-causal training forward.
+3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized, batch 1 and a large batch, the K600
+   setting with the paper's sampling; peak memory per row.
+4. classifier-free guidance: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
+5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
+   tokenizer's encode and decode timed alone too.
+6. training step: 700M bf16 autocast, flex attention (and SDPA), fused AdamW: tokens/s and MFU.
+7. profile: GPU kernel time of one optimized generation without graphs (the floor a graph can reach).
+Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
 
 import argparse
 import json
 import os
-import statistics
 import time
+import traceback
 
 import torch
 
-from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
-from modeling_nbp.bench import SIZES
+from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
+from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
+                                generation_rows, peak_memory_gib, reset_peak_memory, timed)
 
-SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
-GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
-
-
-def timed(fn, device, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet rates (SXM)
 
 
-def build(size, block, device, dtype, task="k600", attn="sdpa"):
-    cfg = NBPConfig.from_preset(f"{task}-tiny", block_shape=list(block), hidden_dropout=0.0, **SIZES[size])
-    torch.manual_seed(0)
-    model = NBPForVideoGeneration(cfg).eval().to(device=device, dtype=dtype)
-    model.set_attn_implementation(attn)
-    return model
-
-
-def optimize(model, device):
-    """bf16 + static cache (+ CUDA graphs through torch.compile on CUDA)."""
-    if device.type == "cuda":
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
-    return dict(cache_implementation="static")
-
-
-def peak_memory(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+def section(results, name, path):
+    """Decorator: run a section, store its result or its error, rewrite results.json."""
+    def wrap(fn):
+        start = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception:  # noqa: BLE001 - a failed section must not stop the others
+            results[name] = {"error": traceback.format_exc()}
+            print(results[name]["error"], flush=True)
+        print(f"[{name}] {time.perf_counter() - start:.1f} s: {results[name]}", flush=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return fn
+    return wrap
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="700m")
+    p.add_argument("--size", choices=["small", "700m"], default="700m")
     p.add_argument("--tokenizer", choices=["official", "small"], default="official")
     p.add_argument("--large_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--ntp_repeats", type=int, default=3)
+    p.add_argument("--ntp_repeats", type=int, default=2)
+    p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
     p.add_argument("--output", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow: smoke runs use fp32
-    rows, checks = [], {}
-
-    def row(name, fn, batch, steps, repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = timed(fn, device, repeats)
-        rows.append(dict(name=name, batch=batch, steps=steps, ms_per_video=1000 * seconds / batch,
-                         fps=GENERATED_FRAMES * batch / seconds, peak_gib=peak_memory(device)))
-        print(rows[-1], flush=True)
-
-    # ---- correctness of the fast path --------------------------------------------------------------------------
-    ref = build(args.size, (1, 1, 16), device, torch.float32)
-    T, H, W = ref.config.latent_shape
-    ctx = torch.randint(0, ref.config.video_vocab_size, (2, 2, H, W), device=device)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow: smoke runs use fp32
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, "results.json")
+    import diffusers
+    import transformers
+    results = dict(env=dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                            transformers=transformers.__version__, diffusers=diffusers.__version__,
+                            size=args.size, tokenizer=args.tokenizer, date=time.strftime("%Y-%m-%d %H:%M")))
+    print(results["env"], flush=True)
+    run = lambda name: section(results, name, path) if name not in args.skip else (lambda fn: fn)  # noqa: E731
     gen = lambda s: torch.Generator(device).manual_seed(s)  # noqa: E731
-    eager = ref.generate_video_tokens(context_ids=ctx, generator=gen(0), **SAMPLING)
-    static = ref.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static", **SAMPLING)
-    checks["static_cache_tokens_equal_fp32"] = bool(torch.equal(eager, static))
-    if device.type == "cuda":
-        inputs, labels = ref.prepare_training_inputs(torch.randint(0, 64000, (2, T, H, W), device=device))
-        sdpa_logits = ref(input_ids=inputs).logits
-        ref.set_attn_implementation("flex_attention")
-        flex_logits = ref(input_ids=inputs).logits
-        checks["flex_vs_sdpa_rel_err"] = float((flex_logits - sdpa_logits).norm() / sdpa_logits.norm())
-        ref.set_attn_implementation("sdpa")
-    del ref
 
-    # ---- generation timings --------------------------------------------------------------------------------------
-    for name, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
-        repeats = args.repeats if name == "NBP" else args.ntp_repeats
-        model = build(args.size, block, device, bf16)
-        steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
-        for batch in (1, args.large_batch) if name == "NBP" else (1,):
-            c = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-            row(f"{name} eager bf16", lambda: model.generate_video_tokens(context_ids=c, generator=gen(1), **SAMPLING),
-                batch, steps, repeats)
-        fast = optimize(model, device)
-        for batch in (1, args.large_batch) if name == "NBP" else (1,):
-            c = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-            row(f"{name} optimized", lambda: model.generate_video_tokens(context_ids=c, generator=gen(1), **fast,
-                                                                          **SAMPLING), batch, steps, repeats)
-        if name == "NBP":
-            a = model.generate_video_tokens(context_ids=c[:1], generator=gen(3), **fast, **SAMPLING)
-            b = model.generate_video_tokens(context_ids=c[:1], generator=gen(3), **fast, **SAMPLING)
-            checks["optimized_deterministic"] = bool(torch.equal(a, b))
-        del model
+    @run("ceilings")
+    def _():
+        if not cuda:
+            return {}
+        x = torch.empty(2**30, dtype=torch.uint8, device=device)
+        y = torch.empty_like(x)
+        copy = timed(lambda: y.copy_(x), device, 20, warmup=3)
+        a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+        mm = timed(lambda: a @ b, device, 20, warmup=3)
+        return dict(copy_tb_per_s=2 * 2**30 / copy / 1e12, bf16_matmul_tflops=2 * 8192**3 / mm / 1e12)
 
-    # ---- classifier-free guidance: one doubled batch per step ---------------------------------------------------
-    ucf = build(args.size, (1, 1, 16), device, bf16, task="ucf")
-    fast = optimize(ucf, device)
-    for g in (1.0, 3.0):
-        row(f"UCF 95 steps cfg={g}", lambda: ucf.generate_video_tokens(class_labels=[0], guidance_scale=g,
-                                                                        generator=gen(2), **fast, **SAMPLING),
-            1, 95, args.repeats)
-    del ucf
+    @run("checks")
+    def _():
+        out = {}
+        model = build(args.size, (1, 1, 16), device, torch.float32)
+        H, W = model.config.latent_shape[1:]
+        ctx = torch.randint(0, model.config.video_vocab_size, (2, 2, H, W), device=device)
+        def agreement(a, b):  # fraction of equal tokens, and the first differing token (block order)
+            diff = (a != b).flatten(1).int().argmax(dim=1).tolist() if not torch.equal(a, b) else None
+            return dict(equal=float((a == b).float().mean()), first_difference=diff)
 
-    # ---- end to end through the pipeline -------------------------------------------------------------------------
-    if args.tokenizer == "official":
-        tok = NBPVideoTokenizer()
-    else:
-        tok = NBPVideoTokenizer(block_out_channels=(32, 64, 64, 128), layers_per_block=(1, 1, 1, 1), norm_num_groups=8)
-    tok = tok.eval().to(device=device, dtype=bf16)
-    model = build(args.size, (1, 1, 16), device, bf16)
-    fast = optimize(model, device)
-    pipe = NBPVideoPipeline(transformer=model, video_tokenizer=tok)
-    pipe.set_progress_bar_config(disable=True)
-    s = tok.spatial_compression
-    video = torch.rand(1, 5, 3, H * s, W * s, device=device)
-    with torch.autocast(device.type, dtype=bf16, enabled=device.type == "cuda"):
-        row("pipeline end-to-end", lambda: pipe(video=video, output_type="pt", generator=gen(4), **SAMPLING), 1, 48,
-            args.repeats)
-    del pipe, model, tok
+        for name, sampling in (("sampled", PAPER_SAMPLING), ("greedy", dict(temperature=0.0))):
+            eager = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="dynamic",
+                                                **sampling)
+            for call in (1, 2):  # the second call replays the graphs captured in the first
+                fast = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static",
+                                                   **sampling)
+                out[f"fp32 optimized vs eager, {name}, call {call}"] = agreement(fast, eager)
+        model = model.to(bf16)
+        graphs = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
+                                             **PAPER_SAMPLING)
+        plain = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
+                                            use_cuda_graphs=False, **PAPER_SAMPLING)
+        out["bf16 graphs vs the same static step without graphs"] = agreement(graphs, plain)
+        model._static_decoder = None
+        if cuda:
+            model = model.float()
+            inputs, _ = model.prepare_training_inputs(torch.randint(0, 64000, (2, 5, H, W), device=device))
+            sdpa = model(input_ids=inputs).logits
+            model.set_attn_implementation("flex_attention")
+            flex = model(input_ids=inputs).logits
+            out["flex vs sdpa training logits, relative error (fp32)"] = float((flex - sdpa).norm() / sdpa.norm())
+        return out
 
-    # ---- training step: bf16, flex attention on CUDA --------------------------------------------------------------
-    attn = "flex_attention" if device.type == "cuda" else "sdpa"
-    model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = 8 if device.type == "cuda" else 2
-    grids = torch.randint(0, 64000, (batch, T, H, W), device=device)
+    @run("generation")
+    def _():
+        rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats)
+        return dict(rows=rows, ratios=generation_ratios(rows))
 
-    def train_step():
-        with torch.autocast(device.type, dtype=bf16, enabled=device.type == "cuda"):
-            loss = model(video_ids=grids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    @run("cfg")
+    def _():
+        model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
+        out = {}
+        for g in (1.0, 3.0):
+            reset_peak_memory(device)
+            s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
+                                                          **PAPER_SAMPLING), device, args.repeats)
+            out[f"guidance {g}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
+        out["cost (guidance 3 / guidance 1)"] = out["guidance 3.0"]["ms_per_video"] / out["guidance 1.0"]["ms_per_video"]
+        return out
 
-    seconds = timed(train_step, device, max(3, args.repeats // 2), warmup=2)
-    tokens = batch * (model.layout.input_length)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    cfg = model.config
-    flops = 6 * n_params * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size * model.layout.input_length * tokens
-    peak = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12}.get(
-        next((k for k in ("NVIDIA H100", "NVIDIA H200") if device.type == "cuda" and k in torch.cuda.get_device_name()),
-             None), float("nan"))
-    train = dict(tokens_per_s=tokens / seconds, mfu=flops / seconds / peak, batch=batch, attn=attn)
+    @run("pipeline")
+    def _():
+        with torch.device(device):
+            if args.tokenizer == "official":
+                tok = NBPVideoTokenizer()
+            else:
+                tok = NBPVideoTokenizer(block_out_channels=(32, 64, 64, 128), layers_per_block=(1, 1, 1, 1),
+                                        norm_num_groups=8)
+        tok = tok.eval().to(dtype=bf16)
+        model = build(args.size, (1, 1, 16), device, bf16)
+        pipe = NBPVideoPipeline(transformer=model, video_tokenizer=tok)
+        pipe.set_progress_bar_config(disable=True)
+        H, W = model.config.latent_shape[1:]
+        s = tok.spatial_compression
+        video = torch.rand(1, 5, 3, H * s, W * s, device=device)
+        ids = torch.randint(0, model.config.video_vocab_size, (1, 5, H, W), device=device)
+        out = {}
+        with torch.no_grad():
+            out["encode 5 frames ms"] = 1000 * timed(lambda: tok.encode(video.to(bf16).transpose(1, 2)), device,
+                                                      args.repeats)
+            out["decode 17 frames ms"] = 1000 * timed(lambda: tok.decode(ids), device, args.repeats)
+        reset_peak_memory(device)
+        seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), **PAPER_SAMPLING), device,
+                        args.repeats)
+        out.update({"end-to-end ms per video": 1000 * seconds, "generated FPS": GENERATED_FRAMES / seconds,
+                    "peak_gib": peak_memory_gib(device)})
+        return out
+
+    @run("training")
+    def _():
+        out = {}
+        for attn in ("flex_attention", "sdpa") if cuda else ("sdpa",):
+            model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+            T, H, W = model.config.latent_shape
+            grids = torch.randint(0, 64000, (args.train_batch, T, H, W), device=device)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(video_ids=grids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            reset_peak_memory(device)
+            seconds = timed(step, device, 5, warmup=2)
+            cfg, n = model.config, model.layout.input_length
+            params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+            tokens = args.train_batch * n
+            # 6 N per token, plus attention 12 L D n per token halved by the (block-)causal mask
+            flops = tokens * (6 * params + 6 * cfg.num_hidden_layers * cfg.hidden_size * n)
+            peak = next((v for k, v in BF16_PEAK.items() if k in results["env"]["device"]), float("nan"))
+            ceiling = results.get("ceilings", {}).get("bf16_matmul_tflops", float("nan")) * 1e12
+            out[attn] = dict(batch=args.train_batch, tokens_per_s=tokens / seconds, step_ms=1000 * seconds,
+                             mfu_datasheet=flops / seconds / peak, mfu_measured_matmul=flops / seconds / ceiling,
+                             peak_gib=peak_memory_gib(device))
+            del model, opt
+        return out
+
+    @run("profile")
+    def _():
+        if not cuda:
+            return {}
+        model = build(args.size, (1, 1, 16), device, bf16)
+        H, W = model.config.latent_shape[1:]
+        ctx = torch.randint(0, 64000, (1, 2, H, W), device=device)
+        fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5), cache_implementation="static",  # noqa: E731
+                                                 use_cuda_graphs=False, **PAPER_SAMPLING)
+        fn()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total = sum(e.device_time_total for e in events) / 1000  # microseconds -> ms
+        top = sorted(events, key=lambda e: -e.device_time_total)[:12]
+        return {"kernel ms per video (no graphs)": total, "kernel launches": sum(e.count for e in events),
+                "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
 
     # ---- report ---------------------------------------------------------------------------------------------------
-    by = {(r["name"], r["batch"]): r for r in rows}
-    ratios = {
-        "NBP/NTP eager (batch 1)": by[("NTP eager bf16", 1)]["ms_per_video"] / by[("NBP eager bf16", 1)]["ms_per_video"],
-        "NBP/NTP optimized (batch 1)": by[("NTP optimized", 1)]["ms_per_video"] / by[("NBP optimized", 1)]["ms_per_video"],
-        "optimized speed-up over eager (NBP batch 1)":
-            by[("NBP eager bf16", 1)]["ms_per_video"] / by[("NBP optimized", 1)]["ms_per_video"],
-        "CFG cost (cfg 3 / cfg 1)": by[("UCF 95 steps cfg=3.0", 1)]["ms_per_video"] / by[("UCF 95 steps cfg=1.0", 1)]["ms_per_video"],
-    }
-    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-               size=args.size, tokenizer=args.tokenizer, date=time.strftime("%Y-%m-%d"))
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump(dict(env=env, checks=checks, rows=rows, ratios=ratios, train=train), f, indent=2)
-    print("\n" + " ".join(f"{k}={v}" for k, v in env.items()))
-    print("checks:", checks)
-    print(f"{'run':<24} {'batch':>5} {'steps':>5} {'ms/video':>10} {'FPS':>9} {'peak GiB':>9}")
-    for r in rows:
-        print(f"{r['name']:<24} {r['batch']:>5} {r['steps']:>5} {r['ms_per_video']:>10.1f} {r['fps']:>9.1f} "
-              f"{r['peak_gib']:>9.2f}")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
-    print(f"training step ({attn}, bf16, batch {batch}): {train['tokens_per_s']:.0f} tokens/s, MFU {train['mfu']:.1%}")
+    print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
+    for name in ("ceilings", "checks", "cfg", "pipeline", "training", "profile"):
+        print(f"{name}: {results.get(name)}")
+    gen_result = results.get("generation", {})
+    if "rows" in gen_result:
+        print(format_table(gen_result["rows"]))
+        for k, v in gen_result["ratios"].items():
+            print(f"{k}: {v:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Generation benchmark: NBP (row blocks) vs NTP (1x1x1) with the same weights, side by side in one run.
+"""Generation benchmark: NBP (1x1x16 row blocks) vs NTP (1x1x1) with the same weights, eager and optimized, batch 1
+and a large batch, side by side in one run. `nbp bench` / `python benchmarks/bench_generate.py`.
 
-`nbp bench` / `python benchmarks/bench_generate.py`. The K600 setting: 2 context latent frames (5 pixel frames),
-3 generated latent frames (12 pixel frames) on a 5x16x16 grid; NBP takes 48 steps, NTP 768.
+The K600 setting: 2 context latent frames (5 pixel frames), 3 generated latent frames (12 pixel frames) on a
+5x16x16 grid, the paper's sampling (top-k 16000, top-p 0.9); NBP takes 48 steps, NTP 768. "eager" is the
+reference decoder (transformers' DynamicCache, one kernel launch per op); "optimized" is the default fast path
+(a static cache; on CUDA every decode step replayed from a CUDA graph). Times are medians over repeats after a
+warm-up, taken with CUDA events on a GPU; FPS counts generated frames. Random weights.
 """
 
 import argparse
@@ -15,55 +19,126 @@ from .modeling_nbp import NBPForVideoGeneration
 
 SIZES = {"small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8),
          "700m": dict(num_hidden_layers=24, hidden_size=1536, num_attention_heads=16)}
+PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
+GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
+VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static")}
 
 
-def build(size: str, block_shape, device, dtype):
-    cfg = NBPConfig.from_preset("k600-tiny", block_shape=list(block_shape), **SIZES[size])
-    torch.manual_seed(0)  # same weights for every block shape: the layout has no parameters
-    return NBPForVideoGeneration(cfg).eval().to(device=device, dtype=dtype)
+def build(size: str, block_shape, device, dtype, task="k600", attn="sdpa"):
+    """A random-weight model of `size`; the same weights for every block shape (the layout has no parameters)."""
+    cfg = NBPConfig.from_preset(f"{task}-tiny", block_shape=list(block_shape), hidden_dropout=0.0, **SIZES[size])
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: fast for the 700M model
+        model = NBPForVideoGeneration(cfg)
+    model = model.eval().to(dtype=dtype)
+    model.set_attn_implementation(attn)
+    return model
 
 
-def time_generation(model, batch_size, repeats, sampling, device):
-    T, H, W = model.config.latent_shape
-    context = torch.randint(0, model.config.video_vocab_size, (batch_size, 2, H, W), device=device)
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for i in range(repeats + 1):  # the first run warms up
-        gen = torch.Generator(device=device).manual_seed(i)
+    for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate_video_tokens(context_ids=context, generator=gen, **sampling)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print):
+    """Time NBP and NTP, eager and optimized, at each batch size: a list of row dicts."""
+    rows = []
+    for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
+        model = build(size, block, device, dtype)
+        H, W = model.config.latent_shape[1:]
+        steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
+        for variant, kwargs in VARIANTS.items():
+            for batch in batches:
+                context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
+                generator = torch.Generator(device).manual_seed(0)
+
+                def run():
+                    model.generate_video_tokens(context_ids=context, generator=generator, **kwargs, **sampling)
+
+                reset_peak_memory(device)
+                seconds = timed(run, device, repeats if method == "NBP" else ntp_repeats)
+                rows.append(dict(method=method, variant=variant, batch=batch, steps=steps,
+                                 ms_per_video=1000 * seconds / batch, fps=GENERATED_FRAMES * batch / seconds,
+                                 peak_gib=peak_memory_gib(device)))
+                log(rows[-1])
+        model._static_decoder = None
+        del model
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
-    return statistics.median(times[1:]), steps
+            torch.cuda.empty_cache()
+    return rows
+
+
+def generation_ratios(rows) -> dict:
+    by = {(r["method"], r["variant"], r["batch"]): r["ms_per_video"] for r in rows}
+    out = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        for variant in VARIANTS:
+            if ("NTP", variant, batch) in by and ("NBP", variant, batch) in by:
+                out[f"NBP speed-up over NTP ({variant}, batch {batch})"] = (by[("NTP", variant, batch)]
+                                                                           / by[("NBP", variant, batch)])
+        for method in ("NBP", "NTP"):
+            if (method, "eager", batch) in by and (method, "optimized", batch) in by:
+                out[f"{method} optimized over eager (batch {batch})"] = (by[(method, "eager", batch)]
+                                                                         / by[(method, "optimized", batch)])
+    return out
+
+
+def format_table(rows) -> str:
+    lines = [f"{'method':<6} {'variant':<10} {'batch':>5} {'steps':>5} {'ms/video':>10} {'FPS':>9} {'peak GiB':>9}"]
+    for r in rows:
+        peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"  # NaN on CPU
+        lines.append(f"{r['method']:<6} {r['variant']:<10} {r['batch']:>5} {r['steps']:>5} {r['ms_per_video']:>10.1f} "
+                     f"{r['fps']:>9.1f} {peak:>9}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default: small)")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--size", choices=sorted(SIZES), default="700m" if cuda else "small",
+                        help="model size (default: 700m on a GPU, small on CPU)")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow)")
+    parser.add_argument("--large_batch", type=int, default=64 if cuda else 8)
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3, help="timed NBP runs after a warm-up")
+    parser.add_argument("--ntp_repeats", type=int, default=3 if cuda else 1, help="timed NTP runs after a warm-up")
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sampling = dict(top_k=16000, top_p=0.9, temperature=1.0)  # the paper's sampling
-    frames = 12  # generated pixel frames per video
-    rows = {}
-    for name, block in (("NBP 1x1x16", (1, 1, 16)), ("NTP 1x1x1", (1, 1, 1))):
-        model = build(args.size, block, device, dtype)
-        seconds, steps = time_generation(model, args.batch_size, args.repeats, sampling, device)
-        rows[name] = (seconds, steps)
-        del model
-    print(f"device={device} dtype={args.dtype} size={args.size} batch={args.batch_size} torch={torch.__version__}")
-    print(f"{'method':<12} {'steps':>6} {'ms/video':>10} {'frames/s':>9}")
-    for name, (seconds, steps) in rows.items():
-        ms = 1000 * seconds / args.batch_size
-        print(f"{name:<12} {steps:>6} {ms:>10.1f} {frames * args.batch_size / seconds:>9.1f}")
-    ratio = rows["NTP 1x1x1"][0] / rows["NBP 1x1x16"][0]
-    print(f"NBP speed-up over NTP: {ratio:.2f}x")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = generation_rows(args.size, device, dtype, (1, args.large_batch), args.repeats, args.ntp_repeats,
+                           log=lambda row: None)
+    print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"dtype={str(dtype).removeprefix('torch.')} size={args.size} torch={torch.__version__} "
+          f"sampling=top-k {PAPER_SAMPLING['top_k']}, top-p {PAPER_SAMPLING['top_p']}")
+    print(format_table(rows))
+    for name, ratio in generation_ratios(rows).items():
+        print(f"{name}: {ratio:.2f}x")
     return rows
 
 
