@@ -4,7 +4,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicCache
+
 
 
 def _noise(shape, generator, device):
@@ -47,6 +48,15 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         noise = _noise(probs.shape, generator, probs.device)
     choice = (probs / noise).argmax(dim=-1)
     return choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0):
+    """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without."""
+    logits = logits.float()
+    if guidance_scale != 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + guidance_scale * (cond - uncond)
+    return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
 
 
 def check_sampling_args(temperature, top_k, top_p, guidance_scale):
@@ -168,56 +178,63 @@ class NBPGenerationMixin:
         decoder = cache = None
         if use_cache and cache_implementation == "static":
             decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, **sampling)
-        elif use_cache:
-            cache = DynamicCache(config=cfg)
-        fed = 0
-        # index tensors of every step, moved to the device once (the loop then only launches device work)
-        plan = [(a, b, int(layout.step_positions(a, b).max()) + 1, layout.step_positions(a, b).to(device))
-                for a, b in schedule]
+        if use_cache:
+            cache = DynamicCache(config=cfg)  # the static path's prefill runs through it too
+        # every step's inputs, computed once (the loop then only launches device work): the positions fed,
+        # [start, upto), and which of them give this step's logits (`keep`, relative to start)
+        plan, fed = [], 0
+        for a, b in schedule:
+            positions = layout.step_positions(a, b)
+            start, upto = (fed if use_cache else 0), int(positions.max()) + 1
+            keep = positions - start
+            plan.append((a, b, start, upto, keep.to(device), slice(int(keep[0]), int(keep[-1]) + 1)))
+            if decoder is not None and start > 0 and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
+                raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
+            fed = upto
         video_positions = layout.video_positions.to(device)
         off = cfg.video_token_offset
-        for step, (a, b, upto, positions) in enumerate(plan):
-            start = fed if use_cache else 0
-            ids, keep = seq[:, start:upto], positions - start
+        for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
+            ids = seq[:, start:upto]
             noise = None
             if temperature > 0:
                 noise = _noise(noise_shape((B, b - a, cfg.video_vocab_size), top_k), generator, device)
             step_drop = drop if start < layout.prefix_length else None
-            if decoder is not None:
-                tokens = decoder(ids, keep, noise, step_drop, prefill=start == 0)
+            if decoder is not None and start > 0:
+                tokens = decoder(ids, start, keep_slice, noise)
             else:
                 tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache, **sampling)
-            fed = upto
+                if decoder is not None:
+                    decoder.cache.load_prefill(cache)
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
             seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
 
-    def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, temperature=1.0, top_k=None, top_p=1.0,
-                    guidance_scale=1.0):
+    def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, **sampling):
         """One forward over `ids` (the sequence positions that follow the cache) and the video ids sampled from
         the logits at the positions `keep` (indices into `ids`), CFG applied: (B, len(keep))."""
         off, V = self.config.video_token_offset, self.config.video_vocab_size
         logits = self(input_ids=ids, cache=cache, use_cache=use_cache, drop_condition=drop,
-                      logits_to_keep=keep).logits[..., off : off + V].float()
-        if guidance_scale != 1.0:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + guidance_scale * (cond - uncond)
-        return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
+                      logits_to_keep=keep).logits[..., off : off + V]
+        return sample_guided(logits, noise, **sampling)
+
+    def static_step(self, ids, start: int, keep: slice, noise, cache, **sampling):
+        """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
+        return sample_guided(self.decode_block_logits(cache, ids, start, keep), noise, **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, **sampling) -> "StaticDecoder":
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
-        (with its cache and graphs) between calls; another configuration replaces it."""
-        key = (batch_size, self.device, self.dtype, use_cuda_graphs, tuple(sorted(sampling.items())))
+        (with its cache and graphs) between calls; another configuration, or parameters moved or replaced,
+        give a new one."""
+        key = (batch_size, self.device, self.dtype, use_cuda_graphs, tuple(sorted(sampling.items())),
+               tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is None or decoder.key != key:
             self._static_decoder = None  # free the old cache and graphs before allocating new ones
-            step = partial(self.decode_step, **sampling)
-            decoder = StaticDecoder(key, StaticCache(config=self.config, max_cache_len=self.layout.sequence_length),
-                                    step, use_cuda_graphs)
-            self._static_decoder = decoder
-        decoder.cache.reset()
-        return decoder
+            self._static_decoder = StaticDecoder(key, self, batch_size, partial(self.static_step, **sampling),
+                                                 use_cuda_graphs)
+        self._static_decoder.cache.reset()
+        return self._static_decoder
 
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
@@ -236,45 +253,92 @@ class NBPGenerationMixin:
         return self.layout.sequence_to_grid(last.video_tokens.clone())
 
 
+# ---- the fast decode path: a preallocated block KV cache, a lean decode step, and CUDA graphs of the steps.
+#
+# A decode step feeds one block (or one token of the hybrid start) that may see every earlier position and all of
+# its own block, so attention needs no mask: it runs over exactly the filled part of the cache. Every step of a
+# sequence therefore has its own fixed shapes, and on CUDA each one is captured once as a CUDA graph and replayed
+# in later steps and calls. The prefill (the condition prefix and context, which need the block-causal mask) runs
+# through the model's ordinary forward and is copied into the cache.
+
+
+class BlockKVCache:
+    """Keys and values of every layer, (B, heads, max_len, head_dim) each, preallocated for the whole sequence,
+    and the fused q/k/v projection weights of the decode step (refreshed from the model at every `reset`, so
+    they follow training updates)."""
+
+    def __init__(self, model, batch_size: int):
+        cfg, layers = model.config, model.model.layers
+        heads, dim = cfg.num_attention_heads, cfg.hidden_size
+        shape = (batch_size, heads, model.layout.sequence_length, dim // heads)
+        kw = dict(dtype=model.dtype, device=model.device)
+        self.keys = [torch.zeros(shape, **kw) for _ in layers]
+        self.values = [torch.zeros(shape, **kw) for _ in layers]
+        self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
+        self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
+        self.model = model
+
+    @torch.no_grad()
+    def reset(self):
+        for layer, w, b in zip(self.model.model.layers, self.qkv_weight, self.qkv_bias):
+            a = layer.self_attn
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=w)
+            torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b)
+
+    def load_prefill(self, cache):
+        """Copy a prefill's DynamicCache (positions [0, n)) into the buffers."""
+        for i, layer in enumerate(cache.layers):
+            n = layer.keys.shape[2]
+            self.keys[i][:, :, :n].copy_(layer.keys)
+            self.values[i][:, :, :n].copy_(layer.values)
+
+
 def cuda_graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def capture_cuda_graph(fn):
-    """Record `fn()` (device work only) into a CUDA graph without running it: -> (graph, fn's output tensors)."""
+def capture_cuda_graph(fn, pool):
+    """Record `fn()` (device work only) into a CUDA graph drawing on memory `pool`, without running it:
+    -> (graph, fn's output)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 
 
 class StaticDecoder:
-    """Decode steps over a preallocated cache, for one batch size and sampling configuration.
+    """Decode steps over a `BlockKVCache` for one batch size and sampling configuration, kept on the model
+    between calls (`NBPGenerationMixin.static_decoder`).
 
-    With `use_cuda_graphs`, every step shape but a sequence's first step (the prefill, which also applies the
-    CFG condition drop) is captured once as a CUDA graph and replayed afterwards, in this call and later
-    ones. A shape's first occurrence runs eagerly (the warm-up), its second is captured. Before a replay the
-    step's ids, kept positions and pre-drawn sampling noise are copied into the graph's static inputs, so the
-    graph holds no host work, no allocation and no random draw: tokens equal the eager step's."""
+    With `use_cuda_graphs`, every decode step (not the prefill) is captured once as a CUDA graph and replayed
+    in later calls; the first step of each feed length runs eagerly first, as the warm-up. Before a replay the
+    step's ids and pre-drawn sampling noise are copied into the graph's static inputs, so a graph holds no host
+    work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
+    (they run one after another, and each output is copied out before the next replay)."""
 
-    def __init__(self, key, cache, step, use_cuda_graphs: bool):
-        self.key, self.cache, self.step, self.use_cuda_graphs = key, cache, step, use_cuda_graphs
-        self.graphs, self.warm = {}, set()
+    def __init__(self, key, model, batch_size: int, step, use_cuda_graphs: bool):
+        self.key, self.step, self.use_cuda_graphs = key, step, use_cuda_graphs
+        self.cache = BlockKVCache(model, batch_size)
+        self.graphs, self.inputs, self.warm = {}, {}, set()
+        self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
 
-    def __call__(self, ids, keep, noise, drop, prefill: bool):
-        if prefill or not self.use_cuda_graphs:
-            return self.step(ids, keep, noise, drop, self.cache)
-        key = (tuple(ids.shape), tuple(keep.shape))
-        if key not in self.graphs:
-            if key not in self.warm:
-                self.warm.add(key)
-                return self.step(ids, keep, noise, drop, self.cache)
-            inputs = (ids.clone(), keep.clone(), None if noise is None else noise.clone())
-            graph, out = capture_cuda_graph(lambda: self.step(*inputs, drop, self.cache))
-            self.graphs[key] = (graph, inputs, out)
-        graph, (g_ids, g_keep, g_noise), out = self.graphs[key]
+    def __call__(self, ids, start: int, keep: slice, noise):
+        """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n)."""
+        if not self.use_cuda_graphs:
+            return self.step(ids, start, keep, noise, self.cache)
+        shape = (ids.shape[1], keep.start, keep.stop)
+        if (start, shape) not in self.graphs:
+            if shape not in self.warm:
+                self.warm.add(shape)
+                return self.step(ids, start, keep, noise, self.cache)
+            if shape not in self.inputs:  # static inputs, shared by the graphs of every step of this shape
+                self.inputs[shape] = (ids.clone(), None if noise is None else noise.clone())
+            g_ids, g_noise = self.inputs[shape]
+            self.graphs[start, shape] = capture_cuda_graph(lambda: self.step(g_ids, start, keep, g_noise, self.cache),
+                                                           self.pool)
+        graph, out = self.graphs[start, shape]
+        g_ids, g_noise = self.inputs[shape]
         g_ids.copy_(ids)
-        g_keep.copy_(keep)
         if noise is not None:
             g_noise.copy_(noise)
         graph.replay()
