@@ -175,32 +175,40 @@ class NBPGenerationMixin:
             drop = torch.arange(2 * B, device=device) >= B
         seq = layout.build_sequence(prefix, video[:, :c].repeat(2 if guided else 1, 1))
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        decoder = cache = None
-        if use_cache and cache_implementation == "static":
-            decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, **sampling)
-        if use_cache:
-            cache = DynamicCache(config=cfg)  # the static path's prefill runs through it too
         # every step's inputs, computed once (the loop then only launches device work): the positions fed,
         # [start, upto), and which of them give this step's logits (`keep`, relative to start)
+        static = use_cache and cache_implementation == "static"
         plan, fed = [], 0
         for a, b in schedule:
             positions = layout.step_positions(a, b)
             start, upto = (fed if use_cache else 0), int(positions.max()) + 1
             keep = positions - start
             plan.append((a, b, start, upto, keep.to(device), slice(int(keep[0]), int(keep[-1]) + 1)))
-            if decoder is not None and start > 0 and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
+            if static and start > 0 and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
+        cache = DynamicCache(config=cfg) if use_cache else None  # the static path's prefill runs through it too
+        decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, **sampling) if static else None
+        try:
+            yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
+                                         sampling)
+        finally:
+            if decoder is not None:
+                decoder.in_use = False
+
+    def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling):
+        """The decoding loop of `iter_generation` over its precomputed plan."""
+        cfg, layout, device = self.config, self.layout, self.device
         video_positions = layout.video_positions.to(device)
         off = cfg.video_token_offset
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
             ids = seq[:, start:upto]
             noise = None
-            if temperature > 0:
-                noise = _noise(noise_shape((B, b - a, cfg.video_vocab_size), top_k), generator, device)
+            if sampling["temperature"] > 0:
+                noise = _noise(noise_shape((B, b - a, cfg.video_vocab_size), sampling["top_k"]), generator, device)
             step_drop = drop if start < layout.prefix_length else None
             if decoder is not None and start > 0:
-                tokens = decoder(ids, start, keep_slice, noise)
+                tokens = decoder(self, ids, start, keep_slice, noise)
             else:
                 tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache, **sampling)
                 if decoder is not None:
@@ -229,12 +237,16 @@ class NBPGenerationMixin:
         key = (batch_size, self.device, self.dtype, use_cuda_graphs, tuple(sorted(sampling.items())),
                tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
-        if decoder is None or decoder.key != key:
+        if decoder is not None and decoder.in_use:
+            # another generation on this model is still under way (two streams consumed in turn, say): it keeps
+            # the shared decoder, this one gets a private cache and runs without graphs
+            decoder = StaticDecoder(key, self, batch_size, sampling, use_cuda_graphs=False)
+        elif decoder is None or decoder.key != key:
             self._static_decoder = None  # free the old cache and graphs before allocating new ones
-            self._static_decoder = StaticDecoder(key, self, batch_size, partial(self.static_step, **sampling),
-                                                 use_cuda_graphs)
-        self._static_decoder.cache.reset()
-        return self._static_decoder
+            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, sampling, use_cuda_graphs)
+        decoder.cache.reset(self)
+        decoder.in_use = True
+        return decoder
 
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
@@ -276,11 +288,11 @@ class BlockKVCache:
         self.values = [torch.zeros(shape, **kw) for _ in layers]
         self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
         self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
-        self.model = model
 
     @torch.no_grad()
-    def reset(self):
-        for layer, w, b in zip(self.model.model.layers, self.qkv_weight, self.qkv_bias):
+    def reset(self, model):
+        """Take the model's current q/k/v weights (a new sequence overwrites the keys and values)."""
+        for layer, w, b in zip(model.model.layers, self.qkv_weight, self.qkv_bias):
             a = layer.self_attn
             torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=w)
             torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b)
@@ -316,26 +328,27 @@ class StaticDecoder:
     work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
     (they run one after another, and each output is copied out before the next replay)."""
 
-    def __init__(self, key, model, batch_size: int, step, use_cuda_graphs: bool):
-        self.key, self.step, self.use_cuda_graphs = key, step, use_cuda_graphs
+    def __init__(self, key, model, batch_size: int, sampling: dict, use_cuda_graphs: bool):
+        self.key, self.sampling, self.use_cuda_graphs = key, sampling, use_cuda_graphs
         self.cache = BlockKVCache(model, batch_size)
+        self.in_use = False
         self.graphs, self.inputs, self.warm = {}, {}, set()
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
 
-    def __call__(self, ids, start: int, keep: slice, noise):
+    def __call__(self, model, ids, start: int, keep: slice, noise):
         """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n)."""
+        step = partial(model.static_step, cache=self.cache, **self.sampling)
         if not self.use_cuda_graphs:
-            return self.step(ids, start, keep, noise, self.cache)
+            return step(ids, start, keep, noise)
         shape = (ids.shape[1], keep.start, keep.stop)
         if (start, shape) not in self.graphs:
             if shape not in self.warm:
                 self.warm.add(shape)
-                return self.step(ids, start, keep, noise, self.cache)
+                return step(ids, start, keep, noise)
             if shape not in self.inputs:  # static inputs, shared by the graphs of every step of this shape
                 self.inputs[shape] = (ids.clone(), None if noise is None else noise.clone())
             g_ids, g_noise = self.inputs[shape]
-            self.graphs[start, shape] = capture_cuda_graph(lambda: self.step(g_ids, start, keep, g_noise, self.cache),
-                                                           self.pool)
+            self.graphs[start, shape] = capture_cuda_graph(lambda: step(g_ids, start, keep, g_noise), self.pool)
         graph, out = self.graphs[start, shape]
         g_ids, g_noise = self.inputs[shape]
         g_ids.copy_(ids)

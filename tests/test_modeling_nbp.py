@@ -349,6 +349,21 @@ def test_static_decoder_follows_weight_updates():
     assert torch.equal(fast, reference)
 
 
+def test_interleaved_static_generations_do_not_share_a_cache():
+    # two generations of one configuration consumed in turn (two streams, say): the second may not reuse the
+    # first one's cache while it is still under way
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    kw = dict(class_labels=[1], top_k=20, cache_implementation="static")
+    alone = model.generate_video_tokens(generator=torch.Generator().manual_seed(4), **kw)
+    a = model.iter_generation(generator=torch.Generator().manual_seed(4), **kw)
+    b = model.iter_generation(generator=torch.Generator().manual_seed(4), **kw)
+    for step_a, step_b in zip(a, b):
+        pass
+    assert torch.equal(step_a.video_tokens, step_b.video_tokens)
+    assert torch.equal(model.layout.sequence_to_grid(step_a.video_tokens), alone)
+    assert not model._static_decoder.in_use  # released when the generation ends
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
