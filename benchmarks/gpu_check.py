@@ -4,23 +4,24 @@
     python benchmarks/gpu_check.py --size small --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2
                                                         # a CPU smoke run of the same code
 
-Sections (each one runs even if an earlier one failed; results.json is rewritten after each):
+Sections, most important first (each one runs even if an earlier one failed; results.json is rewritten after each):
 1. ceilings: device-to-device copy bandwidth and a bf16 matrix product, measured here.
 2. checks: optimized tokens (static cache + CUDA graphs, graphs replayed in a second call) against the eager
-   dynamic-cache tokens (fp32, same seed); graphs against the same static step without graphs (bf16, bit-equal
-   expected); flex attention against SDPA logits of the block-causal training forward.
+   dynamic-cache tokens (fp32, sampled and greedy); graphs against the same static step without graphs and against
+   eager (bf16); flex attention against SDPA logits of the block-causal training forward.
 3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized, batch 1 and a large batch, the K600
    setting with the paper's sampling; peak memory per row.
-4. classifier-free guidance: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
+4. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too.
-6. training step: 700M bf16 autocast, flex attention (and SDPA), fused AdamW: tokens/s and MFU.
-7. attention backends: the optimized path with each SDPA kernel forced.
-8. profile: GPU kernel time of one optimized generation without graphs (the floor a graph can reach).
+6. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach).
+7. training step: 700M bf16 autocast, flex attention, fused AdamW: tokens/s and MFU.
+8. attention_backends: the optimized generation with each SDPA kernel forced.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -47,6 +48,7 @@ def section(results, name, path):
         print(f"[{name}] {time.perf_counter() - start:.1f} s: {results[name]}", flush=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=2, default=str)
+        gc.collect()  # free the section's models and caches before the next one counts its peak memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return fn
@@ -131,27 +133,6 @@ def main(argv=None):
         rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats)
         return dict(rows=rows, ratios=generation_ratios(rows))
 
-    @run("attention_backends")
-    def _():  # which SDPA kernel the unmasked decode steps should use (the graphs keep the kernel they captured)
-        if not cuda:
-            return {}
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        model = build(args.size, (1, 1, 16), device, bf16)
-        H, W = model.config.latent_shape[1:]
-        out = {}
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-            for batch in (1, args.large_batch):
-                ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-                model._static_decoder = None
-                try:
-                    with sdpa_kernel([getattr(SDPBackend, name)]):
-                        s = timed(lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(6),
-                                                                      **PAPER_SAMPLING), device, args.repeats)
-                    out[f"{name} batch {batch} ms/video"] = 1000 * s / batch
-                except Exception as e:  # noqa: BLE001 - a backend may refuse these shapes
-                    out[f"{name} batch {batch}"] = repr(e)[:200]
-        return out
-
     @run("cfg")
     def _():
         model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
@@ -192,6 +173,26 @@ def main(argv=None):
                     "peak_gib": peak_memory_gib(device)})
         return out
 
+    @run("profile")
+    def _():
+        if not cuda:
+            return {}
+        model = build(args.size, (1, 1, 16), device, bf16)
+        H, W = model.config.latent_shape[1:]
+        ctx = torch.randint(0, 64000, (1, 2, H, W), device=device)
+        fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5), cache_implementation="static",  # noqa: E731
+                                                 use_cuda_graphs=False, **PAPER_SAMPLING)
+        fn()
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total = sum(e.device_time_total for e in events) / 1000  # microseconds -> ms
+        top = sorted(events, key=lambda e: -e.device_time_total)[:12]
+        return {"kernel ms per video (no graphs)": total, "kernel launches": sum(e.count for e in events),
+                "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
+
     @run("training")
     def _():
         out = {}
@@ -223,29 +224,30 @@ def main(argv=None):
             del model, opt
         return out
 
-    @run("profile")
-    def _():
+    @run("attention_backends")
+    def _():  # which SDPA kernel the unmasked decode steps should use (the graphs keep the kernel they captured)
         if not cuda:
             return {}
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         model = build(args.size, (1, 1, 16), device, bf16)
         H, W = model.config.latent_shape[1:]
-        ctx = torch.randint(0, 64000, (1, 2, H, W), device=device)
-        fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5), cache_implementation="static",  # noqa: E731
-                                                 use_cuda_graphs=False, **PAPER_SAMPLING)
-        fn()
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        total = sum(e.device_time_total for e in events) / 1000  # microseconds -> ms
-        top = sorted(events, key=lambda e: -e.device_time_total)[:12]
-        return {"kernel ms per video (no graphs)": total, "kernel launches": sum(e.count for e in events),
-                "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
+        out = {}
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            for batch in (1, args.large_batch):
+                ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
+                model._static_decoder = None
+                try:
+                    with sdpa_kernel([getattr(SDPBackend, name)]):
+                        s = timed(lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(6),
+                                                                      **PAPER_SAMPLING), device, args.repeats)
+                    out[f"{name} batch {batch} ms/video"] = 1000 * s / batch
+                except Exception as e:  # noqa: BLE001 - a backend may refuse these shapes
+                    out[f"{name} batch {batch}"] = repr(e)[:200]
+        return out
 
     # ---- report ---------------------------------------------------------------------------------------------------
     print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
-    for name in ("ceilings", "checks", "attention_backends", "cfg", "pipeline", "training", "profile"):
+    for name in ("ceilings", "checks", "cfg", "pipeline", "profile", "training", "attention_backends"):
         print(f"{name}: {results.get(name)}")
     gen_result = results.get("generation", {})
     if "rows" in gen_result:
