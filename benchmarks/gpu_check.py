@@ -130,7 +130,8 @@ def main(argv=None):
 
     @run("generation")
     def _():
-        rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats)
+        rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats,
+                               variants=("eager", "optimized", "compiled"))
         return dict(rows=rows, ratios=generation_ratios(rows))
 
     @run("cfg")

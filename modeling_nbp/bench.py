@@ -4,7 +4,8 @@ and a large batch, side by side in one run. `nbp bench` / `python benchmarks/ben
 The K600 setting: 2 context latent frames (5 pixel frames), 3 generated latent frames (12 pixel frames) on a
 5x16x16 grid, the paper's sampling (top-k 16000, top-p 0.9); NBP takes 48 steps, NTP 768. "eager" is the
 reference decoder (transformers' DynamicCache, one kernel launch per op); "optimized" is the default fast path
-(a static cache; on CUDA every decode step replayed from a CUDA graph). Times are medians over repeats after a
+(a static cache; on CUDA every decode step replayed from a CUDA graph); "compiled" (--compile) adds
+torch.compile of the decode step's dense parts. Times are medians over repeats after a
 warm-up, taken with CUDA events on a GPU; FPS counts generated frames. Random weights.
 """
 
@@ -21,7 +22,8 @@ SIZES = {"small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads
          "700m": dict(num_hidden_layers=24, hidden_size=1536, num_attention_heads=16)}
 PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
-VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static")}
+VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
+            "compiled": dict(cache_implementation="static", compile_decode=True)}
 
 
 def build(size: str, block_shape, device, dtype, task="k600", attn="sdpa"):
@@ -65,14 +67,19 @@ def peak_memory_gib(device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print):
-    """Time NBP and NTP, eager and optimized, at each batch size: a list of row dicts."""
+def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
+                    variants=("eager", "optimized")):
+    """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size: a list of row dicts
+    (NTP skips "compiled")."""
     rows = []
     for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
         model = build(size, block, device, dtype)
         H, W = model.config.latent_shape[1:]
         steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
-        for variant, kwargs in VARIANTS.items():
+        for variant in variants:
+            if method == "NTP" and variant == "compiled":
+                continue
+            kwargs = VARIANTS[variant]
             for batch in batches:
                 context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
                 generator = torch.Generator(device).manual_seed(0)
@@ -102,9 +109,10 @@ def generation_ratios(rows) -> dict:
                 out[f"NBP speed-up over NTP ({variant}, batch {batch})"] = (by[("NTP", variant, batch)]
                                                                            / by[("NBP", variant, batch)])
         for method in ("NBP", "NTP"):
-            if (method, "eager", batch) in by and (method, "optimized", batch) in by:
-                out[f"{method} optimized over eager (batch {batch})"] = (by[(method, "eager", batch)]
-                                                                         / by[(method, "optimized", batch)])
+            for variant in ("optimized", "compiled"):
+                if (method, "eager", batch) in by and (method, variant, batch) in by:
+                    out[f"{method} {variant} over eager (batch {batch})"] = (by[(method, "eager", batch)]
+                                                                             / by[(method, variant, batch)])
     return out
 
 
@@ -128,11 +136,14 @@ def main(argv=None):
     parser.add_argument("--large_batch", type=int, default=64 if cuda else 8)
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3, help="timed NBP runs after a warm-up")
     parser.add_argument("--ntp_repeats", type=int, default=3 if cuda else 1, help="timed NTP runs after a warm-up")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time NBP with compile_decode=True (torch.compile of the decode step's dense parts)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    variants = ("eager", "optimized", "compiled") if args.compile else ("eager", "optimized")
     rows = generation_rows(args.size, device, dtype, (1, args.large_batch), args.repeats, args.ntp_repeats,
-                           log=lambda row: None)
+                           log=lambda row: None, variants=variants)
     print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"dtype={str(dtype).removeprefix('torch.')} size={args.size} torch={torch.__version__} "
           f"sampling=top-k {PAPER_SAMPLING['top_k']}, top-p {PAPER_SAMPLING['top_p']}")

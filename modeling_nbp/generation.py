@@ -120,7 +120,7 @@ class NBPGenerationMixin:
     @torch.no_grad()
     def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0, top_k=None,
                         top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None,
-                        cache_implementation=None, use_cuda_graphs=None):
+                        cache_implementation=None, use_cuda_graphs=None, compile_decode=False):
         """Generate block by block, yielding a `GenerationStep` after every step (for streaming).
 
         class_labels: (B,) ints for class-conditional models. context_ids: (B, c, H', W') video ids of the
@@ -130,7 +130,8 @@ class NBPGenerationMixin:
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
-        (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`).
+        (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
+        compile_decode runs the dense halves of its layers through `torch.compile` (static cache only).
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels."""
         if cache_implementation is None:
             cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
@@ -188,7 +189,9 @@ class NBPGenerationMixin:
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
         cache = DynamicCache(config=cfg) if use_cache else None  # the static path's prefill runs through it too
-        decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, **sampling) if static else None
+        if compile_decode and not static:
+            raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
+        decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
                                          sampling)
@@ -226,24 +229,26 @@ class NBPGenerationMixin:
                       logits_to_keep=keep).logits[..., off : off + V]
         return sample_guided(logits, noise, **sampling)
 
-    def static_step(self, ids, start: int, keep: slice, noise, cache, **sampling):
+    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=False, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
-        return sample_guided(self.decode_block_logits(cache, ids, start, keep), noise, **sampling)
+        return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, **sampling)
 
-    def static_decoder(self, batch_size: int, use_cuda_graphs: bool, **sampling) -> "StaticDecoder":
+    def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: bool = False,
+                       **sampling) -> "StaticDecoder":
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls; another configuration, or parameters moved or replaced,
         give a new one."""
-        key = (batch_size, self.device, self.dtype, use_cuda_graphs, tuple(sorted(sampling.items())),
+        key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, tuple(sorted(sampling.items())),
                tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is not None and decoder.in_use:
             # another generation on this model is still under way (two streams consumed in turn, say): it keeps
             # the shared decoder, this one gets a private cache and runs without graphs
-            decoder = StaticDecoder(key, self, batch_size, sampling, use_cuda_graphs=False)
+            decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode), False)
         elif decoder is None or decoder.key != key:
             self._static_decoder = None  # free the old cache and graphs before allocating new ones
-            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, sampling, use_cuda_graphs)
+            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode),
+                                                           use_cuda_graphs)
         decoder.cache.reset(self)
         decoder.in_use = True
         return decoder
@@ -251,7 +256,8 @@ class NBPGenerationMixin:
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
                               top_k=None, top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True,
-                              condition_ids=None, callback=None, cache_implementation=None, use_cuda_graphs=None):
+                              condition_ids=None, callback=None, cache_implementation=None, use_cuda_graphs=None,
+                              compile_decode=False):
         """Generate video token grids (B, T', H', W') block by block (see `iter_generation` for arguments).
         Steps = (video tokens - context tokens) / block size, plus block_size - 1 for the hybrid start
         (48 for the K600 setting with 1x1x16 blocks, 95 for UCF's hybrid start). `callback(step_info)` is
@@ -259,7 +265,7 @@ class NBPGenerationMixin:
         last = None
         for last in self.iter_generation(class_labels, context_ids, batch_size, temperature, top_k, top_p,
                                          guidance_scale, generator, use_cache, condition_ids,
-                                         cache_implementation, use_cuda_graphs):
+                                         cache_implementation, use_cuda_graphs, compile_decode):
             if callback is not None:
                 callback(last)
         return self.layout.sequence_to_grid(last.video_tokens.clone())
@@ -328,8 +334,8 @@ class StaticDecoder:
     work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
     (they run one after another, and each output is copied out before the next replay)."""
 
-    def __init__(self, key, model, batch_size: int, sampling: dict, use_cuda_graphs: bool):
-        self.key, self.sampling, self.use_cuda_graphs = key, sampling, use_cuda_graphs
+    def __init__(self, key, model, batch_size: int, step_options: dict, use_cuda_graphs: bool):
+        self.key, self.step_options, self.use_cuda_graphs = key, step_options, use_cuda_graphs
         self.cache = BlockKVCache(model, batch_size)
         self.in_use = False
         self.graphs, self.inputs, self.warm = {}, {}, set()
@@ -337,7 +343,7 @@ class StaticDecoder:
 
     def __call__(self, model, ids, start: int, keep: slice, noise):
         """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n)."""
-        step = partial(model.static_step, cache=self.cache, **self.sampling)
+        step = partial(model.static_step, cache=self.cache, **self.step_options)
         if not self.use_cuda_graphs:
             return step(ids, start, keep, noise)
         shape = (ids.shape[1], keep.start, keep.stop)

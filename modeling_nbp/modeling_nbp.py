@@ -1,6 +1,7 @@
 """The NBP generator: a minGPT-style decoder (pre-LN, learned absolute positions, biased q/k/v/proj, exact GELU
 MLP, untied bias-free head) with block-causal attention, as in the official Next-Block Prediction code."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,6 +205,27 @@ class NBPModel(NBPPreTrainedModel):
         return allowed[None, None]
 
 
+# the two dense halves of a layer in the static decode step, as plain functions of tensors (the same ops as the
+# modules' forward), so that one `torch.compile` serves every layer
+def _attention_input(x, norm_weight, norm_bias, eps: float, qkv_weight, qkv_bias):
+    return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
+
+
+def _attention_output_and_mlp(x, attn, o_weight, o_bias, norm_weight, norm_bias, eps: float, fc1_weight, fc1_bias,
+                              fc2_weight, fc2_bias):
+    x = x + F.linear(attn, o_weight, o_bias)
+    h = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+DECODE_PARTS = (_attention_input, _attention_output_and_mlp)
+
+
+@functools.cache
+def compiled_decode_parts():
+    return tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in DECODE_PARTS)
+
+
 class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
     """NBP generator with its output head. Training: `model(video_ids=grid, class_labels=y)` or
     `model(input_ids=..., labels=...)` (labels aligned with input_ids: each position holds the id it predicts,
@@ -247,26 +269,29 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(logits.device), ignore_index=-100)
         return NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
-    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice) -> torch.Tensor:
+    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: bool = False):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) of `ids`
         (B, n) at positions [start, start + n), which see every earlier position and each other (so no mask);
         their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly
-        its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, no mask)."""
+        its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, no mask). `compiled` runs the
+        two dense halves of each layer through `torch.compile` (their shapes do not depend on the step)."""
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
         heads = cfg.num_attention_heads
+        attention_input, attention_output_and_mlp = compiled_decode_parts() if compiled else DECODE_PARTS
         x = m.embed_tokens(ids) + m.embed_positions.weight[start:end]
         for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            qkv = F.linear(layer.input_layernorm(x), cache.qkv_weight[i], cache.qkv_bias[i])
+            attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+            qkv = attention_input(x, norm1.weight, norm1.bias, norm1.eps, cache.qkv_weight[i], cache.qkv_bias[i])
             q, k, v = qkv.view(B, n, 3, heads, -1).transpose(1, 3).unbind(2)  # each (B, heads, n, head_dim)
             cache.keys[i][:, :, start:end] = k
             cache.values[i][:, :, start:end] = v
             o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
                                                scale=attn.scaling)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = attention_output_and_mlp(x, o.transpose(1, 2).reshape(B, n, -1), attn.o_proj.weight,
+                                         attn.o_proj.bias, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight,
+                                         mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
         off = cfg.video_token_offset
         return F.linear(m.norm(x[:, keep]), self.lm_head.weight[off : off + cfg.video_vocab_size])
 

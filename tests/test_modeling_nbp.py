@@ -365,6 +365,18 @@ def test_interleaved_static_generations_do_not_share_a_cache():
     assert not model._static_decoder.in_use  # released when the generation ends
 
 
+def test_compiled_decode_gives_the_same_tokens():
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    kw = dict(class_labels=[0, 2], cache_implementation="static", guidance_scale=2.0)
+    for sampling in (dict(temperature=0.0), dict(top_k=20, top_p=0.9)):
+        plain = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), **kw, **sampling)
+        compiled = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), compile_decode=True,
+                                               **kw, **sampling)
+        assert torch.equal(plain, compiled)
+    with pytest.raises(ValueError, match="compile_decode needs"):
+        model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode=True)
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
