@@ -63,6 +63,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ntp_repeats", type=int, default=1)
     p.add_argument("--train_batch", type=int, default=16)
+    p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
     p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
     p.add_argument("--output", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = p.parse_args(argv)
@@ -172,6 +173,14 @@ def main(argv=None):
                         args.repeats)
         out.update({"end-to-end ms per video": 1000 * seconds, "generated FPS": GENERATED_FRAMES / seconds,
                     "peak_gib": peak_memory_gib(device)})
+        if cuda:  # candidates for the tokenizer: channels-last 3D convolutions, compiled decode step
+            tok = tok.to(memory_format=torch.channels_last_3d)
+            with torch.no_grad():
+                out["decode 17 frames ms, channels_last_3d"] = 1000 * timed(lambda: tok.decode(ids), device,
+                                                                            args.repeats)
+            seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), compile_decode=True,
+                                         **PAPER_SAMPLING), device, args.repeats)
+            out["end-to-end ms per video, channels_last_3d + compile_decode"] = 1000 * seconds
         return out
 
     @run("profile")
@@ -197,15 +206,17 @@ def main(argv=None):
     @run("training")
     def _():
         out = {}
-        for attn in ("flex_attention",) if cuda else ("sdpa",):
+        runs = [("flex_attention", False)] + ([("flex_attention", True)] if args.train_compile else [])
+        for attn, compiled in runs if cuda else [("sdpa", False)]:
             model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
+            forward = torch.compile(model) if compiled else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
             T, H, W = model.config.latent_shape
             grids = torch.randint(0, 64000, (args.train_batch, T, H, W), device=device)
 
             def step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = model(video_ids=grids).loss
+                    loss = forward(video_ids=grids).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -219,7 +230,7 @@ def main(argv=None):
             flops = tokens * (6 * params + 6 * cfg.num_hidden_layers * cfg.hidden_size * n)
             peak = next((v for k, v in BF16_PEAK.items() if k in results["env"]["device"]), float("nan"))
             ceiling = results.get("ceilings", {}).get("bf16_matmul_tflops", float("nan")) * 1e12
-            out[attn] = dict(batch=args.train_batch, tokens_per_s=tokens / seconds, step_ms=1000 * seconds,
+            out[attn + (" compiled" if compiled else "")] = dict(batch=args.train_batch, tokens_per_s=tokens / seconds, step_ms=1000 * seconds,
                              mfu_datasheet=flops / seconds / peak, mfu_measured_matmul=flops / seconds / ceiling,
                              peak_gib=peak_memory_gib(device))
             del model, opt

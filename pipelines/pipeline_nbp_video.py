@@ -186,7 +186,7 @@ class NBPVideoPipeline(DiffusionPipeline):
     # ---- generation ---------------------------------------------------------------------------------------------
     def _steps(self, class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
                temperature, generator, condition_ids, callback_on_step_end, callback_on_step_end_tensor_inputs,
-               use_cache) -> Iterator:
+               use_cache, cache_implementation=None, compile_decode=False) -> Iterator:
         """Run the generator, handling callbacks, interrupt and the progress bar; yields every step."""
         cfg = self.transformer.config
         labels = context = None
@@ -208,7 +208,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         steps = self.transformer.iter_generation(
             class_labels=labels, context_ids=context, batch_size=batch_size, temperature=temperature, top_k=top_k,
             top_p=top_p, guidance_scale=guidance_scale, generator=generator, use_cache=use_cache,
-            condition_ids=condition_ids)
+            condition_ids=condition_ids, cache_implementation=cache_implementation, compile_decode=compile_decode)
         first = next(steps, None)
         if first is None:
             return
@@ -260,6 +260,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         decode_batch_size: int | None = None,
         condition_ids: torch.Tensor | None = None,
         use_cache: bool = True,
+        cache_implementation: str | None = None,
+        compile_decode: bool = False,
     ):
         r"""Generate videos.
 
@@ -283,12 +285,16 @@ class NBPVideoPipeline(DiffusionPipeline):
             decode_batch_size: decode this many videos at a time (less memory).
             condition_ids: a raw (B, P) condition prefix (e.g. free-text ids for the UCF model) instead of labels.
             use_cache: False recomputes the whole sequence each step (the reference path).
+            cache_implementation: "static" (the default on CUDA: preallocated cache, decode steps replayed from CUDA
+                graphs) or "dynamic" (the default elsewhere); see `NBPForVideoGeneration.iter_generation`.
+            compile_decode: run the static path's decode step through `torch.compile` (the first call compiles).
         """
         self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt)
         last = None
         for last in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
                                 top_p, temperature, generator, condition_ids, callback_on_step_end,
-                                callback_on_step_end_tensor_inputs, use_cache):
+                                callback_on_step_end_tensor_inputs, use_cache, cache_implementation,
+                                compile_decode):
             pass
         grid = self._complete_frames(last.video_tokens, last.end)
         frames = self._decode(grid, output_type, decode_batch_size)
@@ -302,7 +308,8 @@ class NBPVideoPipeline(DiffusionPipeline):
                guidance_scale: float = 1.0, top_k: int | None = PAPER_SAMPLING["top_k"],
                top_p: float = PAPER_SAMPLING["top_p"], temperature: float = PAPER_SAMPLING["temperature"],
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
-               use_cache: bool = True) -> Iterator[NBPVideoStreamChunk]:
+               use_cache: bool = True, cache_implementation: str | None = None,
+               compile_decode: bool = False) -> Iterator[NBPVideoStreamChunk]:
         """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
         its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own).
         Concatenating the chunks' frames gives the `__call__` result for the same seed."""
@@ -312,7 +319,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         emitted_latent = emitted_pixels = 0
         T = self.transformer.config.latent_shape[0]
         for step in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
-                                top_p, temperature, generator, condition_ids, None, None, use_cache):
+                                top_p, temperature, generator, condition_ids, None, None, use_cache,
+                                cache_implementation, compile_decode):
             grid = self._complete_frames(step.video_tokens, step.end)
             if grid.shape[1] == emitted_latent:
                 continue

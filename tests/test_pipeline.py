@@ -80,6 +80,15 @@ def test_seeds(pipe):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_static_path_gives_the_default_tokens(pipe):
+    # the CUDA default (static cache, graphs on CUDA) gives the CPU default's tokens; compiling needs it
+    default = pipe(class_labels=[2], generator=gen(3), output_type="latent").frames
+    static = pipe(class_labels=[2], generator=gen(3), output_type="latent", cache_implementation="static").frames
+    assert torch.equal(default, static)
+    with pytest.raises(ValueError, match="compile_decode needs"):
+        pipe(class_labels=[2], cache_implementation="dynamic", compile_decode=True)
+
+
 def test_batch_equals_single_runs(pipe):
     batch = pipe(class_labels=[0, "square"], num_videos_per_prompt=2, generator=[gen(s) for s in range(4)],
                  output_type="np").frames
