@@ -119,7 +119,7 @@ def main(argv=None):
                                             use_cuda_graphs=False, **PAPER_SAMPLING)
         out["bf16 graphs vs the same static step without graphs"] = agreement(graphs, plain)
         out["bf16 optimized vs eager (kernels differ: rounding)"] = agreement(graphs, reference)
-        model._static_decoder = None
+        model.clear_decode_cache()
         if cuda:
             model = model.float()
             inputs, _ = model.prepare_training_inputs(torch.randint(0, 64000, (2, 5, H, W), device=device))
@@ -247,7 +247,7 @@ def main(argv=None):
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             for batch in (1, args.large_batch):
                 ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-                model._static_decoder = None
+                model.clear_decode_cache()
                 try:
                     with sdpa_kernel([getattr(SDPBackend, name)]):
                         s = timed(lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(6),

@@ -93,7 +93,7 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
                                  ms_per_video=1000 * seconds / batch, fps=GENERATED_FRAMES * batch / seconds,
                                  peak_gib=peak_memory_gib(device)))
                 log(rows[-1])
-        model._static_decoder = None
+        model.clear_decode_cache()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

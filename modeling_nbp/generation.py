@@ -236,8 +236,8 @@ class NBPGenerationMixin:
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: bool = False,
                        **sampling) -> "StaticDecoder":
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
-        (with its cache and graphs) between calls; another configuration, or parameters moved or replaced,
-        give a new one."""
+        (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
+        parameters moved or replaced, give a new one."""
         key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, tuple(sorted(sampling.items())),
                tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
@@ -252,6 +252,10 @@ class NBPGenerationMixin:
         decoder.cache.reset(self)
         decoder.in_use = True
         return decoder
+
+    def clear_decode_cache(self):
+        """Free the static decoder kept between calls (its cache, fused weights and CUDA graphs)."""
+        self._static_decoder = None
 
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,

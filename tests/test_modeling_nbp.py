@@ -329,6 +329,9 @@ def test_cuda_graph_replays_give_the_reference_tokens(monkeypatch):
         assert sum(g.replays for g in graphs) == (steps - 3) + call * (steps - 1)
     other = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **{**kw, "top_k": 5})
     assert len(graphs) == 2 * steps - 4 and not torch.equal(other, reference)  # new sampling: new graphs
+    model.clear_decode_cache()
+    assert torch.equal(model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw), reference)
+    assert len(graphs) == 3 * steps - 7  # captured again
     with pytest.raises(ValueError, match="use_cuda_graphs needs"):
         model.generate_video_tokens(cache_implementation="dynamic", use_cuda_graphs=True, class_labels=[0])
 
