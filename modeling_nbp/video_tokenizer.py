@@ -411,6 +411,13 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         videos = [self._decode_codes(self.indices_to_codes(chunk)).clamp(0, 1) for chunk in chunks]
         return videos[0] if len(videos) == 1 else torch.cat(videos)
 
+    def incremental_decoder(self, decode_batch_size: int | None = None) -> "IncrementalDecoder":
+        """A stateful decoder for latent frames that arrive in order: `dec(ids[:, a:b])` returns the pixel frames
+        that latent frames [a, b) add (each causal convolution keeps the input frames it still needs), so a
+        streamed video costs one decode instead of one per prefix. The concatenated chunks equal `decode(ids)`
+        up to float rounding."""
+        return IncrementalDecoder(self, decode_batch_size)
+
     def forward(self, video: torch.Tensor, return_dict: bool = True) -> NBPVideoTokenizerOutput | tuple:
         """Training pass: encode, quantize with straight-through gradients, decode (unclamped).
 
@@ -423,3 +430,59 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         if not return_dict:
             return reconstruction, ids
         return NBPVideoTokenizerOutput(reconstruction=reconstruction, ids=ids)
+
+
+class IncrementalDecoder:
+    """Decodes latent frames chunk by chunk (`NBPVideoTokenizer.incremental_decoder`). Per batch chunk it keeps,
+    for every causal convolution of the decoder, the last input frames its temporal kernel still reaches, and
+    whether the time-upsampling layers have dropped their leading frames yet (only the video's first chunk)."""
+
+    def __init__(self, tokenizer: NBPVideoTokenizer, decode_batch_size: int | None = None):
+        if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
+            raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
+        self.tokenizer, self.decode_batch_size = tokenizer, decode_batch_size
+        self.states, self.batch_size = None, None
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, k, H', W') of the next k latent frames -> their pixel frames (B, C, f, H, W) in [0, 1]:
+        f = 1 + t (k - 1) for the first chunk, t k after (t = temporal compression)."""
+        tok = self.tokenizer
+        tok._check_ids(ids)
+        if self.batch_size is not None and ids.shape[0] != self.batch_size:
+            raise ValueError(f"this incremental decoder holds a batch of {self.batch_size} videos; got ids for "
+                             f"{ids.shape[0]} (use a new `incremental_decoder()` per video batch)")
+        chunks = ids.split(self.decode_batch_size) if self.decode_batch_size else (ids,)
+        if self.states is None:
+            self.batch_size, self.states = ids.shape[0], [{} for _ in chunks]
+        videos = []
+        for chunk, state in zip(chunks, self.states):
+            x = tok.indices_to_codes(chunk).to(tok.dtype)
+            for layer in tok.decoder_layers:
+                x = self._layer(layer, x, state)
+            if tok._patch_size > 1:
+                x = depth_to_space(x, 1, tok._patch_size)
+            videos.append(x.clamp(0, 1))
+        return videos[0] if len(videos) == 1 else torch.cat(videos)
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor, state: dict) -> torch.Tensor:
+        if isinstance(layer, ResidualUnit):
+            h = x
+            for sub in layer.fn:
+                h = self._layer(sub, h, state)
+            shortcut = x if isinstance(layer.residual_fn, nn.Identity) else self._layer(layer.residual_fn[0], x, state)
+            return h + shortcut
+        if isinstance(layer, CausalConv3d) and layer.padding[4]:
+            # the frames before this chunk that the temporal kernel reaches: the previous chunks' last ones, or
+            # copies of the first frame at the start (the replicate padding of the full decode)
+            front = layer.padding[4]
+            past = state.get(layer, x[:, :, :1].expand(-1, -1, front, -1, -1))
+            x = torch.cat([past, x], dim=2)
+            state[layer] = x[:, :, -front:]
+            return layer.conv(F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"))
+        if isinstance(layer, CausalDepthToSpace):
+            y = depth_to_space(x, layer.time_factor, layer.space_factor)
+            first = layer not in state
+            state[layer] = True
+            return y[:, :, layer.time_factor - 1:] if first else y
+        return layer(x)

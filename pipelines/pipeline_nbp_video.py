@@ -311,22 +311,23 @@ class NBPVideoPipeline(DiffusionPipeline):
                use_cache: bool = True, cache_implementation: str | None = None,
                compile_decode: bool = False) -> Iterator[NBPVideoStreamChunk]:
         """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
-        its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own).
-        Concatenating the chunks' frames gives the `__call__` result for the same seed."""
+        its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own, each
+        once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the `__call__`
+        result for the same seed (up to float rounding)."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
         self.check_inputs(None, output_type, None, num_videos_per_prompt)
         emitted_latent = emitted_pixels = 0
         T = self.transformer.config.latent_shape[0]
+        decoder = self.video_tokenizer.incremental_decoder(decode_batch_size)  # each latent frame decoded once
         for step in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
                                 top_p, temperature, generator, condition_ids, None, None, use_cache,
                                 cache_implementation, compile_decode):
             grid = self._complete_frames(step.video_tokens, step.end)
             if grid.shape[1] == emitted_latent:
                 continue
-            pixels = self.video_tokenizer.decode(grid.to(self.video_tokenizer.device), decode_batch_size)
-            new = pixels[:, :, emitted_pixels:]
-            emitted_latent, start, emitted_pixels = grid.shape[1], emitted_pixels, pixels.shape[2]
+            new = decoder(grid[:, emitted_latent:].to(self.video_tokenizer.device))
+            emitted_latent, start, emitted_pixels = grid.shape[1], emitted_pixels, emitted_pixels + new.shape[2]
             yield NBPVideoStreamChunk(frames=postprocess_video(new, output_type), start_frame=start, step=step.step,
                                       done=emitted_latent == T)
 

@@ -172,6 +172,24 @@ def test_prefix_decoding_matches_full_decoding():
         torch.testing.assert_close(prefix, full[:, :, :prefix.shape[2]], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", [OFFICIAL_PATTERN, PATCHED], ids=["official-pattern", "patched"])
+@pytest.mark.parametrize("splits", [(1, 1, 1, 1, 1), (2, 3), (1, 4), (3, 1, 1)])
+def test_incremental_decoding_matches_full_decoding(config, splits):
+    tok = make(config)
+    ids = torch.randint(0, tok.codebook_size, (3, 5, 2, 2), generator=torch.Generator().manual_seed(2))
+    full = tok.decode(ids)
+    decoder = tok.incremental_decoder(decode_batch_size=2)
+    chunks, start = [], 0
+    for k in splits:
+        chunks.append(decoder(ids[:, start:start + k]))
+        expected = tok.num_frames_for_latent(k) if start == 0 else tok.temporal_compression * k
+        assert chunks[-1].shape[2] == expected
+        start += k
+    torch.testing.assert_close(torch.cat(chunks, dim=2), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds a batch of 3 videos"):
+        decoder(ids[:1, :1])
+
+
 def test_prefix_encoding_matches_full_encoding():
     tok = make(OFFICIAL_PATTERN)
     video = rand_video(1, 3, 13, 16, 16)
