@@ -444,11 +444,13 @@ class IncrementalDecoder:
         self.states, self.batch_size = None, None
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """ids (B, k, H', W') of the next k latent frames -> their pixel frames (B, C, f, H, W) in [0, 1]:
-        f = 1 + t (k - 1) for the first chunk, t k after (t = temporal compression)."""
+        f = 1 + t (k - 1) for the first chunk, t k after (t = temporal compression). `validate=False` skips the
+        range check of the ids (it reads them back to the host), for ids a model has just produced."""
         tok = self.tokenizer
-        tok._check_ids(ids)
+        if validate:
+            tok._check_ids(ids)
         if self.batch_size is not None and ids.shape[0] != self.batch_size:
             raise ValueError(f"this incremental decoder holds a batch of {self.batch_size} videos; got ids for "
                              f"{ids.shape[0]} (use a new `incremental_decoder()` per video batch)")

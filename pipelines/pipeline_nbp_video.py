@@ -233,6 +233,38 @@ class NBPVideoPipeline(DiffusionPipeline):
         tok = self.video_tokenizer
         return postprocess_video(tok.decode(grid.to(tok.device), decode_batch_size=decode_batch_size), output_type)
 
+    def _decode_as_completed(self, steps: Iterator, decode_batch_size, overlap: bool = False) -> Iterator:
+        """Yield (step, first pixel frame, pixels) for every step that completes latent frames: the frames they
+        add, decoded once each (`NBPVideoTokenizer.incremental_decoder`). With `overlap` on CUDA the decoding
+        runs on a second stream beside the rest of the generation; its pixels are ready for the current stream
+        once the iteration has ended."""
+        tok = self.video_tokenizer
+        decoder = tok.incremental_decoder(decode_batch_size)
+        side = torch.cuda.Stream(tok.device) if overlap and tok.device.type == "cuda" else None
+        done = emitted = 0
+        pieces = []
+        for step in steps:
+            grid = self._complete_frames(step.video_tokens, step.end)
+            if grid.shape[1] == done:
+                continue
+            chunk = grid[:, done:].to(tok.device, copy=True)  # not a view of the live token buffer
+            done = grid.shape[1]
+            if side is None:
+                pixels = decoder(chunk, validate=False)
+            else:
+                side.wait_stream(torch.cuda.current_stream(tok.device))
+                with torch.cuda.stream(side):
+                    pixels = decoder(chunk, validate=False)
+                chunk.record_stream(side)
+                pieces.append(pixels)
+            yield step, emitted, pixels
+            emitted += pixels.shape[2]
+        if side is not None:
+            main = torch.cuda.current_stream(tok.device)
+            main.wait_stream(side)
+            for pixels in pieces:
+                pixels.record_stream(main)
+
     def _complete_frames(self, video_tokens: torch.Tensor, end: int) -> torch.Tensor:
         """Token grids of the latent frames that the first `end` tokens (block order) complete."""
         layout = self.transformer.layout
@@ -262,6 +294,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         use_cache: bool = True,
         cache_implementation: str | None = None,
         compile_decode: bool = False,
+        overlap_decode: bool = False,
     ):
         r"""Generate videos.
 
@@ -288,16 +321,26 @@ class NBPVideoPipeline(DiffusionPipeline):
             cache_implementation: "static" (the default on CUDA: preallocated cache, decode steps replayed from CUDA
                 graphs) or "dynamic" (the default elsewhere); see `NBPForVideoGeneration.iter_generation`.
             compile_decode: run the static path's decode step through `torch.compile` (the first call compiles).
+            overlap_decode: decode each latent frame as soon as it is complete (on CUDA on a second stream, beside
+                the rest of the generation) instead of all frames at the end; same frames up to float rounding.
         """
         self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt)
-        last = None
-        for last in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
-                                top_p, temperature, generator, condition_ids, callback_on_step_end,
-                                callback_on_step_end_tensor_inputs, use_cache, cache_implementation,
-                                compile_decode):
-            pass
-        grid = self._complete_frames(last.video_tokens, last.end)
-        frames = self._decode(grid, output_type, decode_batch_size)
+        steps = self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
+                            temperature, generator, condition_ids, callback_on_step_end,
+                            callback_on_step_end_tensor_inputs, use_cache, cache_implementation, compile_decode)
+        if overlap_decode and output_type != "latent":
+            last, pieces = None, []
+            for last, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap=True):
+                pieces.append(pixels)
+            if last is None:  # interrupted before the first latent frame was complete
+                raise RuntimeError("generation was interrupted before any latent frame was complete")
+            frames = postprocess_video(torch.cat(pieces, dim=2), output_type)
+        else:
+            last = None
+            for last in steps:
+                pass
+            grid = self._complete_frames(last.video_tokens, last.end)
+            frames = self._decode(grid, output_type, decode_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
@@ -317,19 +360,14 @@ class NBPVideoPipeline(DiffusionPipeline):
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
         self.check_inputs(None, output_type, None, num_videos_per_prompt)
-        emitted_latent = emitted_pixels = 0
         T = self.transformer.config.latent_shape[0]
-        decoder = self.video_tokenizer.incremental_decoder(decode_batch_size)  # each latent frame decoded once
-        for step in self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k,
-                                top_p, temperature, generator, condition_ids, None, None, use_cache,
-                                cache_implementation, compile_decode):
-            grid = self._complete_frames(step.video_tokens, step.end)
-            if grid.shape[1] == emitted_latent:
-                continue
-            new = decoder(grid[:, emitted_latent:].to(self.video_tokenizer.device))
-            emitted_latent, start, emitted_pixels = grid.shape[1], emitted_pixels, emitted_pixels + new.shape[2]
-            yield NBPVideoStreamChunk(frames=postprocess_video(new, output_type), start_frame=start, step=step.step,
-                                      done=emitted_latent == T)
+        steps = self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
+                            temperature, generator, condition_ids, None, None, use_cache, cache_implementation,
+                            compile_decode)
+        for step, start, pixels in self._decode_as_completed(steps, decode_batch_size):
+            done = self._complete_frames(step.video_tokens, step.end).shape[1] == T
+            yield NBPVideoStreamChunk(frames=postprocess_video(pixels, output_type), start_frame=start, step=step.step,
+                                      done=done)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,

@@ -157,6 +157,27 @@ def test_streaming_matches_full_generation(pipe):
     # a frame is handed out as soon as its latent frame is complete, long before the last step
     assert chunks[0].step == 4 + 3 - 1
     np.testing.assert_allclose(np.concatenate([c.frames for c in chunks], axis=1), full, atol=1e-5)
+    # decoding while generating gives the streamed frames exactly (one incremental decode), the full ones closely
+    overlapped = pipe(class_labels=[0, 2], generator=gen(5), output_type="np", overlap_decode=True).frames
+    np.testing.assert_array_equal(overlapped, np.concatenate([c.frames for c in chunks], axis=1))
+
+
+def test_overlapped_decoding_in_frame_prediction_and_interrupts(frames_pipe, pipe):
+    context = np.random.default_rng(1).random((3, 8, 8, 3)).astype(np.float32)
+    full = frames_pipe(video=context, generator=gen(0), output_type="pt").frames
+    overlapped = frames_pipe(video=context, generator=gen(0), output_type="pt", overlap_decode=True).frames
+    torch.testing.assert_close(overlapped, full, atol=1e-5, rtol=0)
+
+    def stop(p, step, timestep, kwargs):
+        if step == 4 + 3 + 4:  # latent frames 0 and 1 complete
+            p._interrupt = True
+        return {}
+
+    short = pipe(class_labels=[1], generator=gen(2), output_type="np", callback_on_step_end=stop,
+                 overlap_decode=True).frames
+    assert short.shape[1] == 3
+    np.testing.assert_allclose(short, pipe(class_labels=[1], generator=gen(2), output_type="np").frames[:, :3],
+                               atol=1e-5)
 
 
 def test_save_load_round_trip(pipe, tmp_path):
