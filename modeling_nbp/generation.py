@@ -294,10 +294,11 @@ class BlockKVCache:
         heads, dim = cfg.num_attention_heads, cfg.hidden_size
         shape = (batch_size, heads, model.layout.sequence_length, dim // heads)
         kw = dict(dtype=model.dtype, device=model.device)
-        self.keys = [torch.zeros(shape, **kw) for _ in layers]
-        self.values = [torch.zeros(shape, **kw) for _ in layers]
-        self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
-        self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
+        with torch.inference_mode(False):  # kept between calls, which may run in or out of inference mode
+            self.keys = [torch.zeros(shape, **kw) for _ in layers]
+            self.values = [torch.zeros(shape, **kw) for _ in layers]
+            self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
+            self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
 
     @torch.no_grad()
     def reset(self, model):
@@ -356,7 +357,8 @@ class StaticDecoder:
                 self.warm.add(shape)
                 return step(ids, start, keep, noise)
             if shape not in self.inputs:  # static inputs, shared by the graphs of every step of this shape
-                self.inputs[shape] = (ids.clone(), None if noise is None else noise.clone())
+                with torch.inference_mode(False):
+                    self.inputs[shape] = (ids.clone(), None if noise is None else noise.clone())
             g_ids, g_noise = self.inputs[shape]
             self.graphs[start, shape] = capture_cuda_graph(lambda: step(g_ids, start, keep, g_noise), self.pool)
         graph, out = self.graphs[start, shape]

@@ -296,26 +296,43 @@ class ReplayGraph:
         self.fn, self.out, self.replays = fn, out, 0
 
     def replay(self):
-        self.out.copy_(self.fn())
+        with torch.inference_mode():  # a replay writes device memory, whatever autograd mode the caller is in
+            self.out.copy_(self.fn())
         self.replays += 1
 
 
-def test_cuda_graph_replays_give_the_reference_tokens(monkeypatch):
-    model = make_model(block=(1, 1, 4), first_block="hybrid")
+@pytest.fixture
+def replay_graphs(monkeypatch):
+    """CUDA graphs stood in by `ReplayGraph` (and reported available): the list of graphs captured."""
     graphs = []
 
     def capture(fn, pool):
-        cache = model._static_decoder.cache
-        saved = [t.clone() for t in cache.keys + cache.values]
+        # a capture runs nothing: undo what the recorded step wrote into the caches
+        layers = [t for d in decoders for t in d.cache.keys + d.cache.values]
+        saved = [t.clone() for t in layers]
         out = fn()
-        for t, kept in zip(cache.keys + cache.values, saved):
+        for t, kept in zip(layers, saved):
             t.copy_(kept)
         graphs.append(ReplayGraph(fn, out))
         return graphs[-1], out
 
+    decoders = []
+    real_init = generation.StaticDecoder.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        decoders.append(self)
+
+    monkeypatch.setattr(generation.StaticDecoder, "__init__", init)
     monkeypatch.setattr(generation, "capture_cuda_graph", capture)
     monkeypatch.setattr(generation, "cuda_graphs_supported", lambda device: True)
     monkeypatch.setattr(generation.torch.cuda, "graph_pool_handle", lambda: None)
+    return graphs
+
+
+def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    graphs = replay_graphs
     kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0)
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     kw["cache_implementation"] = "static"  # the default on CUDA (the CPU default is "dynamic")
@@ -378,6 +395,18 @@ def test_compiled_decode_gives_the_same_tokens():
         assert torch.equal(plain, compiled)
     with pytest.raises(ValueError, match="compile_decode needs"):
         model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode=True)
+
+
+def test_static_decoder_in_and_out_of_inference_mode(replay_graphs):
+    # the kept decoder's tensors (cache, graph inputs) must accept writes from calls in and out of inference mode
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    kw = dict(class_labels=[0], top_k=20, cache_implementation="static")
+    with torch.inference_mode():
+        inside = model.generate_video_tokens(generator=torch.Generator().manual_seed(1), **kw)
+    outside = model.generate_video_tokens(generator=torch.Generator().manual_seed(1), **kw)
+    with torch.inference_mode():
+        again = model.generate_video_tokens(generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(inside, outside) and torch.equal(outside, again) and replay_graphs
 
 
 def test_static_cache_frame_prediction_equals_reference():
