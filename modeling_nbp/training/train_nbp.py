@@ -250,8 +250,9 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     unwrapped.eval()
     unwrapped.set_attn_implementation("sdpa")  # decoding with the KV cache needs no mask after the first step
     generator = torch.Generator(accelerator.device).manual_seed(seed)
+    # the dynamic cache: no decoder state kept on the model between samplings, no graph capture beside training
     grid = unwrapped.generate_video_tokens(generator=generator, top_k=min(16000, config.video_vocab_size), top_p=0.9,
-                                           temperature=1.0, **kwargs)
+                                           temperature=1.0, cache_implementation="dynamic", **kwargs)
     unwrapped.set_attn_implementation(attention)
     unwrapped.train(was_training)
     videos = tokenizer.decode(grid)
