@@ -252,7 +252,7 @@ def main(argv=None):
         H, W = model.config.latent_shape[1:]
         out = {}
         # the prefill has a mask, which flash refuses: the memory-efficient kernel stays enabled behind each choice
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
             for batch in (1, args.large_batch):
                 ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
                 model.clear_decode_cache()
