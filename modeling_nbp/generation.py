@@ -50,9 +50,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
 
-def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0):
-    """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without."""
+def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None):
+    """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
+    `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run)."""
     logits = logits.float()
+    if nonfinite is not None:
+        nonfinite.logical_or_(~torch.isfinite(logits).all())
     if guidance_scale != 1.0:
         cond, uncond = logits.chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
@@ -202,6 +205,8 @@ class NBPGenerationMixin:
     def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling):
         """The decoding loop of `iter_generation` over its precomputed plan."""
         cfg, layout, device = self.config, self.layout, self.device
+        # set on the device by any step whose logits are not finite; read once, after the last step
+        nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         video_positions = layout.video_positions.to(device)
         off = cfg.video_token_offset
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
@@ -213,25 +218,31 @@ class NBPGenerationMixin:
             if decoder is not None and start > 0:
                 tokens = decoder(self, ids, start, keep_slice, noise)
             else:
-                tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache, **sampling)
+                tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache,
+                                          nonfinite=nonfinite, **sampling)
                 if decoder is not None:
                     decoder.cache.load_prefill(cache)
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
             seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
+        if bool(nonfinite):
+            hint = "; float16 overflows easily: load the model in bfloat16 or float32" if self.dtype == torch.float16 else ""
+            raise FloatingPointError(f"the generator produced NaN or infinite logits (weights in {self.dtype}{hint}); "
+                                     "the sampled tokens are meaningless")
 
-    def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, **sampling):
+    def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, nonfinite=None, **sampling):
         """One forward over `ids` (the sequence positions that follow the cache) and the video ids sampled from
         the logits at the positions `keep` (indices into `ids`), CFG applied: (B, len(keep))."""
         off, V = self.config.video_token_offset, self.config.video_vocab_size
         logits = self(input_ids=ids, cache=cache, use_cache=use_cache, drop_condition=drop,
                       logits_to_keep=keep).logits[..., off : off + V]
-        return sample_guided(logits, noise, **sampling)
+        return sample_guided(logits, noise, nonfinite=nonfinite, **sampling)
 
-    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=False, **sampling):
+    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=False, nonfinite=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
-        return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, **sampling)
+        return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, nonfinite=nonfinite,
+                             **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: bool = False,
                        **sampling) -> "StaticDecoder":
@@ -250,6 +261,7 @@ class NBPGenerationMixin:
             decoder = self._static_decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode),
                                                            use_cuda_graphs)
         decoder.cache.reset(self)
+        decoder.nonfinite.zero_()
         decoder.in_use = True
         return decoder
 
@@ -342,13 +354,15 @@ class StaticDecoder:
     def __init__(self, key, model, batch_size: int, step_options: dict, use_cuda_graphs: bool):
         self.key, self.step_options, self.use_cuda_graphs = key, step_options, use_cuda_graphs
         self.cache = BlockKVCache(model, batch_size)
+        with torch.inference_mode(False):
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)  # see `sample_guided`
         self.in_use = False
         self.graphs, self.inputs, self.warm = {}, {}, set()
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
 
     def __call__(self, model, ids, start: int, keep: slice, noise):
         """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n)."""
-        step = partial(model.static_step, cache=self.cache, **self.step_options)
+        step = partial(model.static_step, cache=self.cache, nonfinite=self.nonfinite, **self.step_options)
         if not self.use_cuda_graphs:
             return step(ids, start, keep, noise)
         shape = (ids.shape[1], keep.start, keep.stop)

@@ -78,6 +78,10 @@ def preprocess_video(video) -> torch.Tensor:
 
 def postprocess_video(video: torch.Tensor, output_type: str):
     """(B, 3, T, H, W) in [0, 1] -> the requested output type."""
+    if not torch.isfinite(video).all():
+        bad = int((~torch.isfinite(video)).sum())
+        raise FloatingPointError(f"the video tokenizer decoded {bad} NaN or infinite values (weights in {video.dtype}); "
+                                 "float16 overflows easily in its decoder: run it in bfloat16 or float32")
     video = video.float().clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W)
     if output_type == "pt":
         return video

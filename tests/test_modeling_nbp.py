@@ -409,6 +409,22 @@ def test_static_decoder_in_and_out_of_inference_mode(replay_graphs):
     assert torch.equal(inside, outside) and torch.equal(outside, again) and replay_graphs
 
 
+@pytest.mark.parametrize("path", [dict(use_cache=False), dict(cache_implementation="dynamic"),
+                                  dict(cache_implementation="static", use_cuda_graphs=False),
+                                  dict(cache_implementation="static", use_cuda_graphs=True)])
+def test_nan_logits_raise_a_clear_error(path, replay_graphs):
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    poisoned = model.config.video_token_offset + 3
+    with torch.no_grad():
+        model.lm_head.weight[poisoned] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+        model.generate_video_tokens(class_labels=[0], top_k=20, **path)
+    with torch.no_grad():
+        model.lm_head.weight[poisoned] = 0.0
+    model.generate_video_tokens(class_labels=[0], top_k=20, **path)  # a static decoder was released: runs again
+    assert not path.get("use_cuda_graphs") or replay_graphs  # the graph path was taken
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)

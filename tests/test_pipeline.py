@@ -89,6 +89,21 @@ def test_static_path_gives_the_default_tokens(pipe):
         pipe(class_labels=[2], cache_implementation="dynamic", compile_decode=True)
 
 
+def test_nan_from_the_tokenizer_raises_a_clear_error(pipe):
+    decoder_weight = pipe.video_tokenizer.decoder_layers[0].conv.weight
+    kept = decoder_weight.detach().clone()
+    with torch.no_grad():
+        decoder_weight[0] = float("nan")
+    try:
+        with pytest.raises(FloatingPointError, match="tokenizer decoded .* NaN or infinite values"):
+            pipe(class_labels=[1], generator=gen(0), output_type="np")
+        with pytest.raises(FloatingPointError, match="NaN or infinite"):
+            list(pipe.stream(class_labels=[1], generator=gen(0)))
+    finally:
+        with torch.no_grad():
+            decoder_weight.copy_(kept)
+
+
 def test_batch_equals_single_runs(pipe):
     batch = pipe(class_labels=[0, "square"], num_videos_per_prompt=2, generator=[gen(s) for s in range(4)],
                  output_type="np").frames
