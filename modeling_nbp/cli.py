@@ -35,6 +35,10 @@ def _generate_parser(parser):
     parser.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"])
     parser.add_argument("--output_dir", default="outputs/generate")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="generate at most this many videos at once (default: all; the videos do not change)")
 
 
 def _cuda():
@@ -49,7 +53,10 @@ def run_generate(args):
     from . import NBPVideoPipeline
     from .video_io import export_to_gif, export_to_mp4, make_contact_sheet, read_video
 
-    pipe = NBPVideoPipeline.from_pretrained(args.model).to(args.device)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be a positive integer; got {args.batch_size}")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(args.device)
     cfg = pipe.transformer.config
     kwargs = dict(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                   temperature=args.temperature, output_type="np")
@@ -71,8 +78,20 @@ def run_generate(args):
         names = [f"video_{k}" for k in range(args.num_videos_per_class)]
         kwargs["batch_size"] = args.num_videos_per_class
     n_videos = len(names)
-    kwargs["generator"] = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(n_videos)]
-    videos = pipe(**kwargs).frames
+    generators = [torch.Generator(args.device).manual_seed(args.seed + i) for i in range(n_videos)]
+    videos = []
+    step = args.batch_size or n_videos  # each video has its own generator: batching does not change it
+    for start in range(0, n_videos, step):
+        part = dict(kwargs, generator=generators[start:start + step])
+        if "class_labels" in part:  # videos are ordered class by class, num_videos_per_class each
+            videos_here = range(start, min(start + step, n_videos))
+            part.update(class_labels=[kwargs["class_labels"][i // args.num_videos_per_class] for i in videos_here],
+                        num_videos_per_prompt=1)
+        elif "video" in part:
+            part.update(num_videos_per_prompt=len(part["generator"]))
+        else:
+            part.update(batch_size=len(part["generator"]))
+        videos.extend(pipe(**part).frames)
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     for name, video in zip(names, videos):

@@ -227,7 +227,8 @@ class NBPGenerationMixin:
             # read back after the yield: a consumer may have replaced this step's tokens
             seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
         if bool(nonfinite):
-            hint = "; float16 overflows easily: load the model in bfloat16 or float32" if self.dtype == torch.float16 else ""
+            fp16 = self.dtype == torch.float16
+            hint = "; float16 overflows easily: load the model in bfloat16 or float32" if fp16 else ""
             raise FloatingPointError(f"the generator produced NaN or infinite logits (weights in {self.dtype}{hint}); "
                                      "the sampled tokens are meaningless")
 
@@ -249,8 +250,8 @@ class NBPGenerationMixin:
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
         parameters moved or replaced, give a new one."""
-        key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, tuple(sorted(sampling.items())),
-               tuple(p.data_ptr() for p in self.parameters()))
+        key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode,
+               tuple(sorted(sampling.items())), tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is not None and decoder.in_use:
             # another generation on this model is still under way (two streams consumed in turn, say): it keeps

@@ -289,6 +289,12 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
             # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
             assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
     assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
+    # one video at a time: the same videos (each has its own generator)
+    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "one"), "--device", "cpu",
+         "--class_labels", "0", "square", "--seed", "3", "--batch_size", "1", "--formats", "gif"])
+    for name in ("circle_0", "square_0"):
+        one, _ = read_video(str(tmp_path / "one" / f"{name}.gif"))
+        assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / f"{name}.gif"))[0]).max() <= 1
 
 
 def test_save_without_code_names_the_installed_modules(pipe, tmp_path):
