@@ -65,7 +65,6 @@ class BlockLayout:
         else:  # token-by-token over [BOV, v_0..v_{S-2}], then blocks starting at v_{S-1}
             block_ids[P + S:] = 1 + torch.arange(L - P - S) // S
         self.block_ids = block_ids
-        self._block_ids_by_device = {}
 
         # frame f is complete once the first `frame_end[f]` video tokens (block order) are known
         order = self.grid_to_sequence(torch.arange(N).view(1, *self.latent_shape))[0]  # seq index -> grid index
@@ -140,13 +139,6 @@ class BlockLayout:
         k = torch.arange(q_end)[None, :]
         gq, gk = self.block_ids[q], self.block_ids[k]
         return (k <= q) | ((gq == gk) & (gq >= 0))
-
-    def block_ids_on(self, device) -> torch.Tensor:
-        """`block_ids` on `device`, copied once (a CUDA-graph capture may not copy from the host)."""
-        device = torch.device(device)
-        if device not in self._block_ids_by_device:
-            self._block_ids_by_device[device] = self.block_ids.to(device)
-        return self._block_ids_by_device[device]
 
     def needs_mask(self, q_start: int, q_end: int) -> bool:
         """False when the positions fed at once may all see each other and every earlier one (a decode step

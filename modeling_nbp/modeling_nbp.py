@@ -150,11 +150,11 @@ class NBPModel(NBPPreTrainedModel):
         `drop_condition` (B,) bool replaces the condition prefix of those rows by `uncond_embedding`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
-        # a static cache (preallocated, `is_compileable`) keeps its length on the device: the step then runs
-        # without host synchronisation (no input checks, positions and mask computed on the device)
-        static = cache is not None and getattr(cache, "is_compileable", False)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError("the forward takes a DynamicCache (or none); for a preallocated cache and CUDA graphs use "
+                             "generate_video_tokens / iter_generation with cache_implementation='static'")
         if inputs_embeds is None:
-            if not static and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.vocab_size}); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]"
@@ -162,9 +162,9 @@ class NBPModel(NBPPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0  # a device tensor for a static cache
+        past = cache.get_seq_length() if cache is not None else 0
         q_len = inputs_embeds.shape[1]
-        if not isinstance(past, torch.Tensor) and past + q_len > self.layout.sequence_length:
+        if past + q_len > self.layout.sequence_length:
             raise ValueError(
                 f"sequence of {past + q_len} positions is longer than this model's layout "
                 f"({self.layout.sequence_length}: prefix {self.layout.prefix_length}, "
@@ -174,16 +174,13 @@ class NBPModel(NBPPreTrainedModel):
         positions = past + torch.arange(q_len, device=inputs_embeds.device)
         P = self.layout.prefix_length
         if drop_condition is not None and P:
-            # rows with drop_condition see `uncond_embedding` at the prefix positions (device ops only: the
-            # chunk may start anywhere, and a static cache's length is a device tensor)
+            # rows with drop_condition see `uncond_embedding` at the prefix positions of this chunk
             uncond = self.uncond_embedding[positions.clamp(max=P - 1)].to(inputs_embeds.dtype)  # (q, D)
             replace = drop_condition.to(inputs_embeds.device).view(-1, 1, 1) & (positions < P).view(1, -1, 1)
             inputs_embeds = torch.where(replace, uncond, inputs_embeds)
         hidden = self.dropout(inputs_embeds + self.embed_positions(positions))
 
-        if attention_mask is None and static:
-            attention_mask = self.static_cache_mask(positions, cache.get_max_length())
-        elif attention_mask is None and self.layout.needs_mask(past, past + q_len):
+        if attention_mask is None and self.layout.needs_mask(past, past + q_len):
             block_ids = self.layout.block_ids[: past + q_len].to(hidden.device)
             attention_mask = create_causal_mask(
                 config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
@@ -193,16 +190,6 @@ class NBPModel(NBPPreTrainedModel):
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, cache=cache, **kwargs)
         return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)
-
-
-    def static_cache_mask(self, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
-        """(1, 1, q, cache_len) boolean block-causal mask over a preallocated cache, from device tensors only:
-        key k is visible to query q when k <= q or both sit in the same block (unfilled slots are later ones)."""
-        groups = self.layout.block_ids_on(positions.device)
-        keys = torch.arange(cache_len, device=positions.device)
-        gq, gk = groups[positions][:, None], groups[keys.clamp(max=len(groups) - 1)][None, :]
-        allowed = (keys[None, :] <= positions[:, None]) | ((gq == gk) & (gq >= 0) & (keys[None, :] < len(groups)))
-        return allowed[None, None]
 
 
 # the two dense halves of a layer in the static decode step, as plain functions of tensors (the same ops as the

@@ -425,6 +425,15 @@ def test_nan_logits_raise_a_clear_error(path, replay_graphs):
     assert not path.get("use_cuda_graphs") or replay_graphs  # the graph path was taken
 
 
+def test_forward_refuses_a_preallocated_transformers_cache():
+    from transformers.cache_utils import StaticCache
+
+    model = make_model()
+    cache = StaticCache(config=model.config, max_cache_len=model.layout.sequence_length)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), cache=cache)
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
