@@ -434,6 +434,35 @@ def test_forward_refuses_a_preallocated_transformers_cache():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), cache=cache)
 
 
+def test_chunked_loss_equals_cross_entropy():
+    from modeling_nbp.modeling_nbp import next_block_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 37, 50) * 3).requires_grad_()
+    labels = torch.randint(0, 50, (3, 37))
+    labels[0, :5] = labels[2, 30:] = -100
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = F.cross_entropy(reference_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    (3 * reference).backward()
+    loss = next_block_loss(logits, labels, chunk_rows=16)  # chunks that cut through rows of the batch
+    (3 * loss).backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-7, rtol=1e-5)
+    assert next_block_loss(logits.detach(), torch.full_like(labels, -100)) == 0
+    # through the model: the parameters get the gradients of the plain loss
+    model = make_model().eval()  # eval: no dropout, so both passes compute the same function
+    video, classes = grid(model), torch.tensor([0, 2])
+    model(video_ids=video, class_labels=classes).loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    input_ids, labels = model.prepare_training_inputs(video, classes)
+    logits = model(input_ids=input_ids).logits
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
