@@ -14,7 +14,8 @@ Sections, most important first (each one runs even if an earlier one failed; res
 4. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too.
-6. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach).
+6. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
+   batch 1 and the large batch, with the top kernels.
 7. training step: 700M bf16 autocast, flex attention, fused AdamW: tokens/s and MFU.
 8. attention_backends: the optimized generation with each SDPA kernel forced.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
@@ -194,21 +195,26 @@ def main(argv=None):
     def _():
         if not cuda:
             return {}
+        from torch.profiler import ProfilerActivity, profile
         model = build(args.size, (1, 1, 16), device, bf16)
         H, W = model.config.latent_shape[1:]
-        ctx = torch.randint(0, 64000, (1, 2, H, W), device=device)
-        fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5), cache_implementation="static",  # noqa: E731
-                                                 use_cuda_graphs=False, **PAPER_SAMPLING)
-        fn()
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = {}
+        for batch in (1, args.large_batch):  # kernel time of the optimized step, without graphs, per video batch
+            ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
+            fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5),  # noqa: E731
+                                                     cache_implementation="static", use_cuda_graphs=False,
+                                                     **PAPER_SAMPLING)
             fn()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        total = sum(e.device_time_total for e in events) / 1000  # microseconds -> ms
-        top = sorted(events, key=lambda e: -e.device_time_total)[:12]
-        return {"kernel ms per video (no graphs)": total, "kernel launches": sum(e.count for e in events),
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            top = sorted(events, key=lambda e: -e.device_time_total)[:12]
+            out[f"batch {batch}"] = {
+                "kernel ms per run (no graphs)": sum(e.device_time_total for e in events) / 1000,  # us -> ms
+                "kernel launches": sum(e.count for e in events),
                 "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
+        return out
 
     @run("training")
     def _():
