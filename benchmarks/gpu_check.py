@@ -33,8 +33,7 @@ import torch
 from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
                                 generation_rows, peak_memory_gib, reset_peak_memory, timed)
-
-BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet rates (SXM)
+from modeling_nbp.training import flops
 
 
 def section(results, name, path):
@@ -237,15 +236,16 @@ def main(argv=None):
             reset_peak_memory(device)
             seconds = timed(step, device, 5, warmup=2)
             cfg, n = model.config, model.layout.input_length
-            params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
-            tokens = args.train_batch * n
-            # 6 N per token, plus attention 12 L D n per token halved by the (block-)causal mask
-            flops = tokens * (6 * params + 6 * cfg.num_hidden_layers * cfg.hidden_size * n)
-            peak = next((v for k, v in BF16_PEAK.items() if k in results["env"]["device"]), float("nan"))
-            ceiling = results.get("ceilings", {}).get("bf16_matmul_tflops", float("nan")) * 1e12
-            out[attn + (" compiled" if compiled else "")] = dict(batch=args.train_batch, tokens_per_s=tokens / seconds, step_ms=1000 * seconds,
-                             mfu_datasheet=flops / seconds / peak, mfu_measured_matmul=flops / seconds / ceiling,
-                             peak_gib=peak_memory_gib(device))
+            tokens_per_s = args.train_batch * n / seconds
+            # the training script's FLOP count (PaLM's convention: the full attention matrix is counted)
+            per_token = flops.training_flops_per_token(flops.matmul_parameters(model), cfg.num_hidden_layers,
+                                                       cfg.hidden_size, n)
+            measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
+            out[attn + (" compiled" if compiled else "")] = dict(
+                batch=args.train_batch, tokens_per_s=tokens_per_s, step_ms=1000 * seconds,
+                mfu_datasheet=flops.estimate_mfu(tokens_per_s, per_token, 1, flops.peak_flops(device)),
+                mfu_measured_matmul=flops.estimate_mfu(tokens_per_s, per_token, 1, measured and measured * 1e12),
+                peak_gib=peak_memory_gib(device))
             del model, opt
         return out
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from modeling_nbp import NBPConfig, NBPForVideoGeneration
 from modeling_nbp.data.pretokenize import TOKEN_FEATURES
-from modeling_nbp.training import common
+from modeling_nbp.training import common, flops
 from modeling_nbp.training.train_nbp import build_parser, main
 from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
@@ -110,11 +110,11 @@ def test_flops_and_mfu_estimates():
     assert config.vocab_size == 4 + CLASSES + VOCAB  # BOV + 3 placeholders, one id per class, video ids
     net = NBPForVideoGeneration(config)
     # per layer q, k, v, o (D x D each) and the MLP (D x 4D twice), plus the output head
-    assert common.matmul_parameters(net) == L * 12 * D * D + D * config.vocab_size
-    assert common.training_flops_per_token(1000, 2, 32, 10) == 6 * 1000 + 12 * 2 * 32 * 10
-    assert common.estimate_mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
-    assert np.isnan(common.estimate_mfu(1000.0, 1e9, 2, None))
-    assert common.peak_flops(torch.device("cpu")) is None and common.peak_flops(torch.device("cpu"), 100) == 1e14
+    assert flops.matmul_parameters(net) == L * 12 * D * D + D * config.vocab_size
+    assert flops.training_flops_per_token(1000, 2, 32, 10) == 6 * 1000 + 12 * 2 * 32 * 10
+    assert flops.estimate_mfu(1000.0, 1e9, 2, 1e12) == pytest.approx(0.5)
+    assert np.isnan(flops.estimate_mfu(1000.0, 1e9, 2, None))
+    assert flops.peak_flops(torch.device("cpu")) is None and flops.peak_flops(torch.device("cpu"), 100) == 1e14
 
 
 def test_help_through_the_example_wrapper(monkeypatch, capsys):

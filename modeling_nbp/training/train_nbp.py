@@ -25,7 +25,7 @@ from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
 from ..modeling_nbp import NBPForVideoGeneration
 from ..video_io import atomic_output_path
-from . import common
+from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
 from .presets import GENERATOR_PRESETS, get_preset
 
@@ -358,9 +358,9 @@ def main(argv=None) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     global_batch = per_device_batch * accum * accelerator.num_processes
     tokens_per_step = global_batch * unwrapped.layout.input_length
-    flops_per_token = common.training_flops_per_token(common.matmul_parameters(unwrapped), config.num_hidden_layers,
+    flops_per_token = flops.training_flops_per_token(flops.matmul_parameters(unwrapped), config.num_hidden_layers,
                                                       config.hidden_size, unwrapped.layout.input_length)
-    peak = common.peak_flops(accelerator.device, args.peak_tflops)
+    peak = flops.peak_flops(accelerator.device, args.peak_tflops)
     accelerator.print(f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, grid "
                       f"{config.latent_shape}, blocks {config.block_shape}, {accelerator.num_processes} process(es) x "
                       f"{per_device_batch} x {accum} accumulation = {global_batch} clips per step")
@@ -393,7 +393,7 @@ def main(argv=None) -> dict:
             loss_value = accelerator.reduce(step_loss, "mean").item()
             record = {"step": global_step, "loss": loss_value, "lr": step_lr,
                       "epoch": global_step * accum / sampler.steps_per_epoch, "tokens_per_s": meter.rate,
-                      "mfu": common.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)}
+                      "mfu": flops.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)}
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
         meter.pause()
@@ -423,7 +423,7 @@ def main(argv=None) -> dict:
                                          commit_message=f"NBP generator after {global_step} steps")
         accelerator.print(f"pushed {final_dir} to {repo}")
     wall = time.perf_counter() - start_time
-    mfu = common.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)
+    mfu = flops.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)
     summary = {"steps": global_step, "train_loss": loss_value, "val_loss": val_loss, "tokens_per_s": meter.rate,
                "mfu": mfu, "wall_time_s": wall, "final_dir": final_dir}
     accelerator.print(
