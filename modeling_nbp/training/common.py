@@ -404,6 +404,38 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
 
 
+def add_batch_arguments(group, default_batch_size: int) -> None:
+    """Batch layout, precision, seed and device flags, shared by the training scripts."""
+    group.add_argument("--train_batch_size", type=int,
+                       help=f"clips per process and micro-step (default {default_batch_size})")
+    group.add_argument("--global_batch_size", type=int,
+                       help="per optimizer step over all processes; sets whichever of --train_batch_size and "
+                            "--gradient_accumulation_steps is not given")
+    group.add_argument("--gradient_accumulation_steps", type=int)
+    group.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="auto",
+                       help="auto: the accelerate config's, else bf16 on CUDA, else no")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present (several "
+                       "processes without CUDA always use CPU + gloo)")
+
+
+def add_checkpoint_arguments(group) -> None:
+    """--checkpointing_steps / --checkpoints_total_limit / --resume_from_checkpoint / --logging_steps."""
+    group.add_argument("--checkpointing_steps", type=int, default=1000)
+    group.add_argument("--checkpoints_total_limit", type=int)
+    group.add_argument("--resume_from_checkpoint",
+                       help="'latest' (start fresh if there is none) or a checkpoint folder")
+    group.add_argument("--logging_steps", type=int, default=10)
+
+
+def add_tracking_arguments(group, project: str) -> None:
+    """--report_to / --tracker_project_name and the Hub flags."""
+    group.add_argument("--report_to", choices=REPORT_TO, default="auto",
+                       help="auto: TensorBoard, plus W&B when installed and configured")
+    group.add_argument("--tracker_project_name", default=project)
+    add_hub_arguments(group)
+
+
 def add_hub_arguments(group) -> None:
     """--push_to_hub / --hub_model_id / --hub_private, shared by the training scripts."""
     group.add_argument("--push_to_hub", action="store_true", help="upload the final folder to the Hub")

@@ -42,4 +42,12 @@ def get_preset(table: dict, name: str, what: str) -> dict:
     return dict(table[name])
 
 
-__all__ = ["GENERATOR_PRESETS", "TOKENIZER_PRESETS", "get_preset"]
+def parse_with_preset(parser, argv, table: dict, what: str):
+    """Parse `argv`; a `--preset` name from `table` sets the defaults that the other flags may override."""
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**get_preset(table, known.preset, what))
+    return parser.parse_args(argv)
+
+
+__all__ = ["GENERATOR_PRESETS", "TOKENIZER_PRESETS", "get_preset", "parse_with_preset"]

@@ -27,7 +27,7 @@ from ..modeling_nbp import NBPForVideoGeneration
 from ..video_io import atomic_output_path
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
-from .presets import GENERATOR_PRESETS, get_preset
+from .presets import GENERATOR_PRESETS, parse_with_preset
 
 logger = logging.getLogger(__name__)
 
@@ -81,41 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the weights (0 = off); final/ gets the EMA")
     g.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEFAULTS['max_steps']})")
-    g.add_argument("--train_batch_size", type=int,
-                   help=f"clips per process and micro-step (default {DEFAULTS['train_batch_size']})")
-    g.add_argument("--global_batch_size", type=int,
-                   help="per optimizer step over all processes; sets whichever of --train_batch_size and "
-                        "--gradient_accumulation_steps is not given")
-    g.add_argument("--gradient_accumulation_steps", type=int)
-    g.add_argument("--mixed_precision", choices=common.MIXED_PRECISION, default="auto",
-                   help="auto: the accelerate config's, else bf16 on CUDA, else no")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present (several processes "
-                   "without CUDA always use CPU + gloo)")
+    common.add_batch_arguments(g, DEFAULTS["train_batch_size"])
     g = p.add_argument_group("checkpoints, logging, hub")
-    g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int)
-    g.add_argument("--resume_from_checkpoint", help="'latest' (start fresh if there is none) or a checkpoint folder")
-    g.add_argument("--logging_steps", type=int, default=10)
+    common.add_checkpoint_arguments(g)
     g.add_argument("--validation_steps", type=int, default=0, help="0: validate at the end only")
     g.add_argument("--sample_steps", type=int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
                    "at the end only)")
     g.add_argument("--num_samples", type=int, default=4)
-    g.add_argument("--report_to", choices=common.REPORT_TO, default="auto",
-                   help="auto: TensorBoard, plus W&B when installed and configured")
-    g.add_argument("--tracker_project_name", default="nbp")
     g.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of one device, for MFU (known GPUs: auto)")
-    common.add_hub_arguments(g)
+    common.add_tracking_arguments(g, "nbp")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset:
-        preset = get_preset(GENERATOR_PRESETS, known.preset, "generator")
-        parser.set_defaults(**preset)
-    args = parser.parse_args(argv)
+    args = parse_with_preset(build_parser(), argv, GENERATOR_PRESETS, "generator")
     for key in ("learning_rate", "max_steps", "dropout"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key])

@@ -31,12 +31,15 @@ from ..video_io import atomic_output_path
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
 from .optim import SCHEDULES, lr_at_step
-from .presets import TOKENIZER_PRESETS, get_preset
+from .presets import TOKENIZER_PRESETS, parse_with_preset
 from .tokenizer_losses import (DISCRIMINATOR_KINDS, GAN_LOSSES, PatchDiscriminator, adversarial_active,
                                discriminator_loss, generator_adversarial_loss, load_perceptual_model,
                                reconstruction_loss)
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_BATCH_SIZE = 8  # clips per process and micro-step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,31 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", type=int, help="default 1%% of --max_steps (paper Table 5)")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--max_steps", type=int, default=10_000)
-    g.add_argument("--train_batch_size", type=int, help="per process and micro-step (default 8)")
-    g.add_argument("--global_batch_size", type=int, help="per optimizer step over all processes")
-    g.add_argument("--gradient_accumulation_steps", type=int)
-    g.add_argument("--mixed_precision", choices=common.MIXED_PRECISION, default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu", action="store_true")
+    common.add_batch_arguments(g, DEFAULT_BATCH_SIZE)
     g = p.add_argument_group("checkpoints, logging, hub")
-    g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int)
-    g.add_argument("--resume_from_checkpoint", help="'latest' (start fresh if there is none) or a checkpoint folder")
-    g.add_argument("--logging_steps", type=int, default=10)
+    common.add_checkpoint_arguments(g)
     g.add_argument("--eval_steps", type=int, default=0, help="PSNR/SSIM every N steps (0: at the end only)")
     g.add_argument("--num_log_videos", type=int, default=4, help="held-out reconstructions saved at each eval")
-    g.add_argument("--report_to", choices=common.REPORT_TO, default="auto")
-    g.add_argument("--tracker_project_name", default="nbp-tokenizer")
-    common.add_hub_arguments(g)
+    common.add_tracking_arguments(g, "nbp-tokenizer")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset:
-        parser.set_defaults(**get_preset(TOKENIZER_PRESETS, known.preset, "tokenizer"))
-    args = parser.parse_args(argv)
+    args = parse_with_preset(build_parser(), argv, TOKENIZER_PRESETS, "tokenizer")
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
     for key in ("max_steps", "checkpointing_steps", "logging_steps", "num_eval_clips", "num_frames", "resolution"):
@@ -204,7 +193,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     per_device_batch, accum = common.resolve_batch_layout(
         args.train_batch_size, args.gradient_accumulation_steps, args.global_batch_size,
-        PartialState(cpu=common.use_cpu(args.cpu)).num_processes, 8)
+        PartialState(cpu=common.use_cpu(args.cpu)).num_processes, DEFAULT_BATCH_SIZE)
     accelerator = common.make_accelerator(args, accum)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError("tokenizer training runs on one device or with DDP (multi_gpu / multi_node configs); it "
