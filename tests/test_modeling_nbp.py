@@ -1,14 +1,11 @@
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel
 
+from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
 
 
@@ -228,13 +225,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert (tmp_path / "modeling_nbp.py").exists() and (tmp_path / "configuration_nbp.py").exists()
     inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
     torch.save({"inputs": inputs, "logits": model(input_ids=inputs).logits}, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "modeling_nbp":
-                    raise ImportError("modeling_nbp is not installed here")
-        sys.meta_path.insert(0, Block())
+    stdout = run_without_package(f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -242,11 +233,8 @@ def test_remote_code_loads_without_the_package(tmp_path):
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         torch.testing.assert_close(model(input_ids=expected["inputs"]).logits, expected["logits"])
         print("remote ok")
-    """)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "remote ok" in out.stdout
+    """, tmp_path / "modules")
+    assert "remote ok" in stdout
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,5 @@
 """NBPVideoPipeline tests in the spirit of diffusers' PipelineTesterMixin, with tiny dummy components."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
@@ -12,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from hub_server import set_hub_offline
+from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.cli import main as nbp
 from modeling_nbp.video_io import read_video
@@ -252,24 +249,15 @@ def test_remote_code_without_the_package(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     expected = pipe(class_labels=[1], generator=gen(2), output_type="np").frames
     np.save(tmp_path / "expected.npy", expected)
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "modeling_nbp":
-                    raise ImportError("nbp-video is not installed here")
-        sys.meta_path.insert(0, Block())
+    stdout = run_without_package(f"""
         import numpy as np, torch
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
         out = pipe(class_labels=[1], generator=torch.Generator().manual_seed(2), output_type="np").frames
         np.testing.assert_array_equal(out, np.load({str(tmp_path / 'expected.npy')!r}))
         print("remote ok", type(pipe).__module__)
-    """)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "remote ok diffusers_modules" in out.stdout
+    """, tmp_path / "modules")
+    assert "remote ok diffusers_modules" in stdout
 
 
 def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
