@@ -8,13 +8,17 @@ from transformers.cache_utils import DynamicCache
 
 
 
-def _noise(shape, generator, device):
-    """Exp(1) noise; a list of generators gives row b its own stream (so a batch equals single runs)."""
+def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exp(1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch equals
+    single runs)."""
+    out = torch.empty(shape, device=device) if out is None else out
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.empty(shape[1:], device=device).exponential_(generator=g) for g in generator])
-    return torch.empty(shape, device=device).exponential_(generator=generator)
+        for row, g in zip(out, generator):
+            row.exponential_(generator=g)
+        return out
+    return out.exponential_(generator=generator)
 
 
 def noise_shape(logits_shape, top_k: int | None) -> tuple:
@@ -211,13 +215,15 @@ class NBPGenerationMixin:
         off = cfg.video_token_offset
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
             ids = seq[:, start:upto]
-            noise = None
+            draw_noise = None  # (out=None) -> this step's sampling noise, drawn into `out` when given
             if sampling["temperature"] > 0:
-                noise = _noise(noise_shape((B, b - a, cfg.video_vocab_size), sampling["top_k"]), generator, device)
+                draw_noise = partial(_noise, noise_shape((B, b - a, cfg.video_vocab_size), sampling["top_k"]),
+                                     generator, device)
             step_drop = drop if start < layout.prefix_length else None
             if decoder is not None and start > 0:
-                tokens = decoder(self, ids, start, keep_slice, noise)
+                tokens = decoder(self, ids, start, keep_slice, draw_noise)
             else:
+                noise = draw_noise() if draw_noise else None
                 tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache,
                                           nonfinite=nonfinite, **sampling)
                 if decoder is not None:
@@ -348,7 +354,7 @@ class StaticDecoder:
 
     With `use_cuda_graphs`, every decode step (not the prefill) is captured once as a CUDA graph and replayed
     in later calls; the first step of each feed length runs eagerly first, as the warm-up. Before a replay the
-    step's ids and pre-drawn sampling noise are copied into the graph's static inputs, so a graph holds no host
+    step's ids are copied and its sampling noise drawn into the graph's static inputs, so a graph holds no host
     work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
     (they run one after another, and each output is copied out before the next replay)."""
 
@@ -361,25 +367,26 @@ class StaticDecoder:
         self.graphs, self.inputs, self.warm = {}, {}, set()
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
 
-    def __call__(self, model, ids, start: int, keep: slice, noise):
-        """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n)."""
+    def __call__(self, model, ids, start: int, keep: slice, draw_noise):
+        """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n);
+        `draw_noise(out=None)` draws the step's sampling noise (None for greedy decoding)."""
         step = partial(model.static_step, cache=self.cache, nonfinite=self.nonfinite, **self.step_options)
-        if not self.use_cuda_graphs:
-            return step(ids, start, keep, noise)
         shape = (ids.shape[1], keep.start, keep.stop)
-        if (start, shape) not in self.graphs:
-            if shape not in self.warm:
+        if not self.use_cuda_graphs or ((start, shape) not in self.graphs and shape not in self.warm):
+            if self.use_cuda_graphs:
                 self.warm.add(shape)
-                return step(ids, start, keep, noise)
-            if shape not in self.inputs:  # static inputs, shared by the graphs of every step of this shape
-                with torch.inference_mode(False):
-                    self.inputs[shape] = (ids.clone(), None if noise is None else noise.clone())
-            g_ids, g_noise = self.inputs[shape]
-            self.graphs[start, shape] = capture_cuda_graph(lambda: step(g_ids, start, keep, g_noise), self.pool)
-        graph, out = self.graphs[start, shape]
+            return step(ids, start, keep, draw_noise() if draw_noise else None)
+        fresh = shape not in self.inputs
+        if fresh:  # static inputs, shared by the graphs of every step of this shape; they hold this step's
+            with torch.inference_mode(False):
+                self.inputs[shape] = (ids.clone(), draw_noise() if draw_noise else None)
         g_ids, g_noise = self.inputs[shape]
-        g_ids.copy_(ids)
-        if noise is not None:
-            g_noise.copy_(noise)
+        if (start, shape) not in self.graphs:
+            self.graphs[start, shape] = capture_cuda_graph(lambda: step(g_ids, start, keep, g_noise), self.pool)
+        if not fresh:
+            g_ids.copy_(ids)
+            if draw_noise:
+                draw_noise(out=g_noise)  # straight into the graph's input: no copy
+        graph, out = self.graphs[start, shape]
         graph.replay()
         return out

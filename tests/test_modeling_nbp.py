@@ -332,6 +332,12 @@ def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
         # (token-by-token and block steps) runs eagerly as the warm-up, and is captured in the next call
         assert len(graphs) == (steps - 3 if call == 0 else steps - 1)
         assert sum(g.replays for g in graphs) == (steps - 3) + call * (steps - 1)
+    # one generator per video: the noise drawn row by row into the graphs' inputs gives the reference's
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    per_video = model.generate_video_tokens(generator=gens(), use_cache=False, class_labels=[0, 2], top_k=20,
+                                            top_p=0.9, guidance_scale=3.0)
+    assert torch.equal(model.generate_video_tokens(generator=gens(), **kw), per_video)
+    assert sum(g.replays for g in graphs) == (steps - 3) + 3 * (steps - 1)
     other = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **{**kw, "top_k": 5})
     assert len(graphs) == 2 * steps - 4 and not torch.equal(other, reference)  # new sampling: new graphs
     model.clear_decode_cache()
