@@ -245,8 +245,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         tok = self.video_tokenizer
         decoder = tok.incremental_decoder(decode_batch_size)
         side = torch.cuda.Stream(tok.device) if overlap and tok.device.type == "cuda" else None
+        main = torch.cuda.current_stream(tok.device) if side is not None else None
         done = emitted = 0
-        pieces = []
         for step in steps:
             grid = self._complete_frames(step.video_tokens, step.end)
             if grid.shape[1] == done:
@@ -256,18 +256,15 @@ class NBPVideoPipeline(DiffusionPipeline):
             if side is None:
                 pixels = decoder(chunk, validate=False)
             else:
-                side.wait_stream(torch.cuda.current_stream(tok.device))
+                side.wait_stream(main)
                 with torch.cuda.stream(side):
                     pixels = decoder(chunk, validate=False)
-                chunk.record_stream(side)
-                pieces.append(pixels)
+                chunk.record_stream(side)  # made on the main stream, read on the side one, and vice versa
+                pixels.record_stream(main)
             yield step, emitted, pixels
             emitted += pixels.shape[2]
         if side is not None:
-            main = torch.cuda.current_stream(tok.device)
             main.wait_stream(side)
-            for pixels in pieces:
-                pixels.record_stream(main)
 
     def _complete_frames(self, video_tokens: torch.Tensor, end: int) -> torch.Tensor:
         """Token grids of the latent frames that the first `end` tokens (block order) complete."""
@@ -364,14 +361,12 @@ class NBPVideoPipeline(DiffusionPipeline):
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
         self.check_inputs(None, output_type, None, num_videos_per_prompt)
-        T = self.transformer.config.latent_shape[0]
         steps = self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
                             temperature, generator, condition_ids, None, None, use_cache, cache_implementation,
                             compile_decode)
         for step, start, pixels in self._decode_as_completed(steps, decode_batch_size):
-            done = self._complete_frames(step.video_tokens, step.end).shape[1] == T
             yield NBPVideoStreamChunk(frames=postprocess_video(pixels, output_type), start_frame=start, step=step.step,
-                                      done=done)
+                                      done=step.end == self.transformer.layout.num_video_tokens)
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
