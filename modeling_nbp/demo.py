@@ -15,7 +15,7 @@ import torch
 DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-digits")
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
-TRAIN_SEED, HELD_OUT_SEED = 0, 12345
+HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training clips use seed 0)
 # sampling for the demo: classifier-free guidance (trained with class dropout) and a slightly cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
 
