@@ -4,20 +4,20 @@
     python benchmarks/gpu_check.py --size small --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2
                                                         # a CPU smoke run of the same code
 
-Sections, most important first (each one runs even if an earlier one failed; results.json is rewritten after each):
+Sections, most important first (each one runs even if an earlier one failed; results.json is rewritten after each;
+a section that would start after --time_budget seconds is skipped, so the run ends in time and still prints its table):
 1. ceilings: device-to-device copy bandwidth and a bf16 matrix product, measured here.
 2. checks: optimized tokens (static cache + CUDA graphs, graphs replayed in a second call) against the eager
    dynamic-cache tokens (fp32, sampled and greedy); graphs against the same static step without graphs and against
    eager (bf16); flex attention against SDPA logits of the block-causal training forward.
-3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized, batch 1 and a large batch, the K600
-   setting with the paper's sampling; peak memory per row.
-4. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
-5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
-   tokenizer's encode and decode timed alone too.
+3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized (NBP also compiled, and autotuned with
+   --autotune), batch 1 and a large batch, the K600 setting with the paper's sampling; peak memory per row.
+4. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
+   tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
+5. training step: 700M bf16 autocast, flex attention, fused AdamW, at each --train_batch: tokens/s and MFU.
 6. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
    batch 1 and the large batch, with the top kernels.
-7. training step: 700M bf16 autocast, flex attention, fused AdamW: tokens/s and MFU.
-8. attention_backends: the optimized generation with each SDPA kernel forced.
+7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
 
@@ -36,10 +36,15 @@ from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_
 from modeling_nbp.training import flops
 
 
-def section(results, name, path):
-    """Decorator: run a section, store its result or its error, rewrite results.json."""
+def section(results, name, path, deadline):
+    """Decorator: run a section (unless the clock is past `deadline`), store its result or its error, rewrite
+    results.json."""
     def wrap(fn):
         start = time.perf_counter()
+        if start > deadline:
+            results[name] = {"skipped": "time budget spent"}
+            print(f"[{name}] skipped: time budget spent", flush=True)
+            return fn
         try:
             results[name] = fn()
         except Exception:  # noqa: BLE001 - a failed section must not stop the others
@@ -62,11 +67,16 @@ def main(argv=None):
     p.add_argument("--large_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ntp_repeats", type=int, default=1)
-    p.add_argument("--train_batch", type=int, default=16)
+    p.add_argument("--train_batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
+    p.add_argument("--autotune", action="store_true",
+                   help="also time NBP with compile_decode='max-autotune-no-cudagraphs' (minutes of compilation)")
     p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
+    p.add_argument("--time_budget", type=float, default=450,
+                   help="seconds after which no further section starts")
     p.add_argument("--output", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = p.parse_args(argv)
+    deadline = time.perf_counter() + args.time_budget
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow: smoke runs use fp32
@@ -79,7 +89,7 @@ def main(argv=None):
                             transformers=transformers.__version__, diffusers=diffusers.__version__,
                             size=args.size, tokenizer=args.tokenizer, date=time.strftime("%Y-%m-%d %H:%M")))
     print(results["env"], flush=True)
-    run = lambda name: section(results, name, path) if name not in args.skip else (lambda fn: fn)  # noqa: E731
+    run = lambda name: section(results, name, path, deadline) if name not in args.skip else (lambda fn: fn)  # noqa: E731
     gen = lambda s: torch.Generator(device).manual_seed(s)  # noqa: E731
 
     @run("ceilings")
@@ -132,20 +142,8 @@ def main(argv=None):
     @run("generation")
     def _():
         rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats,
-                               variants=("eager", "optimized", "compiled"))
+                               variants=("eager", "optimized", "compiled") + ("autotuned",) * args.autotune)
         return dict(rows=rows, ratios=generation_ratios(rows))
-
-    @run("cfg")
-    def _():
-        model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
-        out = {}
-        for g in (1.0, 3.0):
-            reset_peak_memory(device)
-            s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
-                                                          **PAPER_SAMPLING), device, args.repeats)
-            out[f"guidance {g}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
-        out["cost (guidance 3 / guidance 1)"] = out["guidance 3.0"]["ms_per_video"] / out["guidance 1.0"]["ms_per_video"]
-        return out
 
     @run("pipeline")
     def _():
@@ -190,6 +188,46 @@ def main(argv=None):
             out["overlap_decode vs full decode, max abs difference"] = float((a - b).abs().max())
         return out
 
+    @run("training")
+    def _():
+        out = {}
+        runs = [("flex_attention", False)] + ([("flex_attention", True)] if args.train_compile else [])
+        for attn, compiled in runs if cuda else [("sdpa", False)]:
+            model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
+            forward = torch.compile(model) if compiled else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+            cfg, n = model.config, model.layout.input_length
+            # the training script's FLOP count (PaLM's convention: the full attention matrix is counted)
+            per_token = flops.training_flops_per_token(flops.matmul_parameters(model), cfg.num_hidden_layers,
+                                                       cfg.hidden_size, n)
+            measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
+            for batch in args.train_batch:
+                name = f"{attn}{' compiled' if compiled else ''}, batch {batch}"
+                grids = torch.randint(0, 64000, (batch, *cfg.latent_shape), device=device)
+
+                def step():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        loss = forward(video_ids=grids).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                reset_peak_memory(device)
+                try:
+                    seconds = timed(step, device, 5, warmup=2)
+                except torch.OutOfMemoryError:
+                    opt.zero_grad(set_to_none=True)
+                    out[name] = "out of memory"
+                    continue
+                tokens_per_s = batch * n / seconds
+                out[name] = dict(tokens_per_s=tokens_per_s, step_ms=1000 * seconds,
+                                 mfu_datasheet=flops.estimate_mfu(tokens_per_s, per_token, 1, flops.peak_flops(device)),
+                                 mfu_measured_matmul=flops.estimate_mfu(tokens_per_s, per_token, 1,
+                                                                        measured and measured * 1e12),
+                                 peak_gib=peak_memory_gib(device))
+            del model, opt, forward
+        return out
+
     @run("profile")
     def _():
         if not cuda:
@@ -215,66 +253,21 @@ def main(argv=None):
                 "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
         return out
 
-    @run("training")
+    @run("cfg")
     def _():
+        model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
         out = {}
-        runs = [("flex_attention", False)] + ([("flex_attention", True)] if args.train_compile else [])
-        for attn, compiled in runs if cuda else [("sdpa", False)]:
-            model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
-            forward = torch.compile(model) if compiled else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-            T, H, W = model.config.latent_shape
-            grids = torch.randint(0, 64000, (args.train_batch, T, H, W), device=device)
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = forward(video_ids=grids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+        for g in (1.0, 3.0):
             reset_peak_memory(device)
-            seconds = timed(step, device, 5, warmup=2)
-            cfg, n = model.config, model.layout.input_length
-            tokens_per_s = args.train_batch * n / seconds
-            # the training script's FLOP count (PaLM's convention: the full attention matrix is counted)
-            per_token = flops.training_flops_per_token(flops.matmul_parameters(model), cfg.num_hidden_layers,
-                                                       cfg.hidden_size, n)
-            measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
-            out[attn + (" compiled" if compiled else "")] = dict(
-                batch=args.train_batch, tokens_per_s=tokens_per_s, step_ms=1000 * seconds,
-                mfu_datasheet=flops.estimate_mfu(tokens_per_s, per_token, 1, flops.peak_flops(device)),
-                mfu_measured_matmul=flops.estimate_mfu(tokens_per_s, per_token, 1, measured and measured * 1e12),
-                peak_gib=peak_memory_gib(device))
-            del model, opt
-        return out
-
-    @run("attention_backends")
-    def _():  # which SDPA kernel the unmasked decode steps should use (the graphs keep the kernel they captured)
-        if not cuda:
-            return {}
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        model = build(args.size, (1, 1, 16), device, bf16)
-        H, W = model.config.latent_shape[1:]
-        out = {}
-        # the prefill has a mask, which flash refuses: the memory-efficient kernel stays enabled behind each choice
-        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-            for batch in (1, args.large_batch):
-                ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-                model.clear_decode_cache()
-                try:
-                    backends = list(dict.fromkeys([getattr(SDPBackend, name), SDPBackend.EFFICIENT_ATTENTION]))
-                    with sdpa_kernel(backends, set_priority=True):
-                        s = timed(lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(6),
-                                                                      **PAPER_SAMPLING), device, args.repeats)
-                    out[f"{name} batch {batch} ms/video"] = 1000 * s / batch
-                except Exception as e:  # noqa: BLE001 - a backend may refuse these shapes
-                    out[f"{name} batch {batch}"] = repr(e)[:200]
+            s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
+                                                          **PAPER_SAMPLING), device, args.repeats)
+            out[f"guidance {g}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
+        out["cost (guidance 3 / guidance 1)"] = out["guidance 3.0"]["ms_per_video"] / out["guidance 1.0"]["ms_per_video"]
         return out
 
     # ---- report ---------------------------------------------------------------------------------------------------
     print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
-    for name in ("ceilings", "checks", "cfg", "pipeline", "profile", "training", "attention_backends"):
+    for name in ("ceilings", "checks", "pipeline", "training", "profile", "cfg"):
         print(f"{name}: {results.get(name)}")
     gen_result = results.get("generation", {})
     if "rows" in gen_result:

@@ -5,7 +5,8 @@ The K600 setting: 2 context latent frames (5 pixel frames), 3 generated latent f
 5x16x16 grid, the paper's sampling (top-k 16000, top-p 0.9); NBP takes 48 steps, NTP 768. "eager" is the
 reference decoder (transformers' DynamicCache, one kernel launch per op); "optimized" is the default fast path
 (a static cache; on CUDA every decode step replayed from a CUDA graph); "compiled" (--compile) adds
-torch.compile of the decode step's dense parts. Times are medians over repeats after a
+torch.compile of the decode step's dense parts, "autotuned" (--autotune) the same in torch.compile's
+max-autotune mode (Triton matrix-product kernels tried against cuBLAS; minutes of compilation). Times are medians over repeats after a
 warm-up, taken with CUDA events on a GPU; FPS counts generated frames. Random weights.
 """
 
@@ -23,7 +24,8 @@ SIZES = {"small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads
 PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
 VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
-            "compiled": dict(cache_implementation="static", compile_decode=True)}
+            "compiled": dict(cache_implementation="static", compile_decode=True),
+            "autotuned": dict(cache_implementation="static", compile_decode="max-autotune-no-cudagraphs")}
 
 
 def build(size: str, block_shape, device, dtype, task="k600", attn="sdpa"):
@@ -70,16 +72,16 @@ def peak_memory_gib(device) -> float:
 def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
                     variants=("eager", "optimized")):
     """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size: a list of row dicts
-    (NTP skips "compiled")."""
+    (NTP skips the compiled variants)."""
     rows = []
     for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
         model = build(size, block, device, dtype)
         H, W = model.config.latent_shape[1:]
         steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
         for variant in variants:
-            if method == "NTP" and variant == "compiled":
-                continue
             kwargs = VARIANTS[variant]
+            if method == "NTP" and kwargs.get("compile_decode"):
+                continue
             for batch in batches:
                 context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
                 generator = torch.Generator(device).manual_seed(0)
@@ -109,7 +111,7 @@ def generation_ratios(rows) -> dict:
                 out[f"NBP speed-up over NTP ({variant}, batch {batch})"] = (by[("NTP", variant, batch)]
                                                                            / by[("NBP", variant, batch)])
         for method in ("NBP", "NTP"):
-            for variant in ("optimized", "compiled"):
+            for variant in [v for v in VARIANTS if v != "eager"]:
                 if (method, "eager", batch) in by and (method, variant, batch) in by:
                     out[f"{method} {variant} over eager (batch {batch})"] = (by[(method, "eager", batch)]
                                                                              / by[(method, variant, batch)])
@@ -138,10 +140,12 @@ def main(argv=None):
     parser.add_argument("--ntp_repeats", type=int, default=3 if cuda else 1, help="timed NTP runs after a warm-up")
     parser.add_argument("--compile", action="store_true",
                         help="also time NBP with compile_decode=True (torch.compile of the decode step's dense parts)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also time NBP with compile_decode='max-autotune-no-cudagraphs'")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    variants = ("eager", "optimized", "compiled") if args.compile else ("eager", "optimized")
+    variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune
     rows = generation_rows(args.size, device, dtype, (1, args.large_batch), args.repeats, args.ntp_repeats,
                            log=lambda row: None, variants=variants)
     print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "

@@ -66,6 +66,22 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
     return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
 
 
+# torch.compile modes for the decode step: those without torch.compile's own CUDA graphs (the decoder captures
+# whole steps itself); "max-autotune-no-cudagraphs" also tries Triton matrix-product kernels for the small batches
+DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile_decode) -> str | None:
+    """`compile_decode` as a torch.compile mode (None: not compiled)."""
+    if compile_decode is True:
+        return "default"
+    if compile_decode is False or compile_decode is None:
+        return None
+    if compile_decode not in DECODE_COMPILE_MODES:
+        raise ValueError(f"compile_decode must be True, False or one of {DECODE_COMPILE_MODES}, got {compile_decode!r}")
+    return compile_decode
+
+
 def check_sampling_args(temperature, top_k, top_p, guidance_scale):
     if temperature is None or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -127,7 +143,7 @@ class NBPGenerationMixin:
     @torch.no_grad()
     def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0, top_k=None,
                         top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None,
-                        cache_implementation=None, use_cuda_graphs=None, compile_decode=False):
+                        cache_implementation=None, use_cuda_graphs=None, compile_decode: bool | str = False):
         """Generate block by block, yielding a `GenerationStep` after every step (for streaming).
 
         class_labels: (B,) ints for class-conditional models. context_ids: (B, c, H', W') video ids of the
@@ -138,7 +154,8 @@ class NBPGenerationMixin:
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
         (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
-        compile_decode runs the dense halves of its layers through `torch.compile` (static cache only).
+        compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the dense parts of its
+        layers through `torch.compile`.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels."""
         if cache_implementation is None:
             cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
@@ -196,6 +213,7 @@ class NBPGenerationMixin:
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
         cache = DynamicCache(config=cfg) if use_cache else None  # the static path's prefill runs through it too
+        compile_decode = compile_mode(compile_decode)
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
@@ -246,12 +264,12 @@ class NBPGenerationMixin:
                       logits_to_keep=keep).logits[..., off : off + V]
         return sample_guided(logits, noise, nonfinite=nonfinite, **sampling)
 
-    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=False, nonfinite=None, **sampling):
+    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
         return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, nonfinite=nonfinite,
                              **sampling)
 
-    def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: bool = False,
+    def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
@@ -280,7 +298,7 @@ class NBPGenerationMixin:
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
                               top_k=None, top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True,
                               condition_ids=None, callback=None, cache_implementation=None, use_cuda_graphs=None,
-                              compile_decode=False):
+                              compile_decode: bool | str = False):
         """Generate video token grids (B, T', H', W') block by block (see `iter_generation` for arguments).
         Steps = (video tokens - context tokens) / block size, plus block_size - 1 for the hybrid start
         (48 for the K600 setting with 1x1x16 blocks, 95 for UCF's hybrid start). `callback(step_info)` is
@@ -304,18 +322,17 @@ class NBPGenerationMixin:
 
 
 class BlockKVCache:
-    """Keys and values of every layer, (B, heads, max_len, head_dim) each, preallocated for the whole sequence,
-    and the fused q/k/v projection weights of the decode step (refreshed from the model at every `reset`, so
-    they follow training updates)."""
+    """Keys and values of every layer, preallocated for the whole sequence: `kv[i]` is (2, B, heads, max_len,
+    head_dim), keys then values, so a step writes both with one copy. Also the fused q/k/v projection weights of
+    the decode step (refreshed from the model at every `reset`, so they follow training updates)."""
 
     def __init__(self, model, batch_size: int):
         cfg, layers = model.config, model.model.layers
         heads, dim = cfg.num_attention_heads, cfg.hidden_size
-        shape = (batch_size, heads, model.layout.sequence_length, dim // heads)
+        shape = (2, batch_size, heads, model.layout.sequence_length, dim // heads)
         kw = dict(dtype=model.dtype, device=model.device)
         with torch.inference_mode(False):  # kept between calls, which may run in or out of inference mode
-            self.keys = [torch.zeros(shape, **kw) for _ in layers]
-            self.values = [torch.zeros(shape, **kw) for _ in layers]
+            self.kv = [torch.zeros(shape, **kw) for _ in layers]
             self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
             self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
 
@@ -329,10 +346,10 @@ class BlockKVCache:
 
     def load_prefill(self, cache):
         """Copy a prefill's DynamicCache (positions [0, n)) into the buffers."""
-        for i, layer in enumerate(cache.layers):
+        for kv, layer in zip(self.kv, cache.layers):
             n = layer.keys.shape[2]
-            self.keys[i][:, :, :n].copy_(layer.keys)
-            self.values[i][:, :, :n].copy_(layer.values)
+            kv[0, :, :, :n].copy_(layer.keys)
+            kv[1, :, :, :n].copy_(layer.values)
 
 
 def cuda_graphs_supported(device: torch.device) -> bool:

@@ -229,8 +229,10 @@ def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int 
     return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
 
 
-# the two dense halves of a layer in the static decode step, as plain functions of tensors (the same ops as the
-# modules' forward), so that one `torch.compile` serves every layer
+# the dense parts of the static decode step, as plain functions of tensors (the same ops as the modules' forward),
+# so that one `torch.compile` of each serves every layer and step: a layer's input (layer norm, fused q/k/v), its
+# output (attention projection, residual, layer norm, MLP, residual), and that output joined to the next layer's
+# input (so a compiled step fuses the residual with the next layer norm)
 def _attention_input(x, norm_weight, norm_bias, eps: float, qkv_weight, qkv_bias):
     return F.linear(F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps), qkv_weight, qkv_bias)
 
@@ -242,12 +244,17 @@ def _attention_output_and_mlp(x, attn, o_weight, o_bias, norm_weight, norm_bias,
     return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
 
-DECODE_PARTS = (_attention_input, _attention_output_and_mlp)
+def _layer_output_and_next_input(x, attn, *weights):
+    x = _attention_output_and_mlp(x, attn, *weights[:9])
+    return x, _attention_input(x, *weights[9:])
+
+
+DECODE_PARTS = (_attention_input, _attention_output_and_mlp, _layer_output_and_next_input)
 
 
 @functools.cache
-def compiled_decode_parts():
-    return tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in DECODE_PARTS)
+def compiled_decode_parts(mode: str = "default"):
+    return tuple(torch.compile(f, fullgraph=True, dynamic=False, mode=mode) for f in DECODE_PARTS)
 
 
 class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
@@ -293,29 +300,41 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             loss = next_block_loss(logits, labels.to(logits.device))
         return NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
-    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: bool = False):
+    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) of `ids`
         (B, n) at positions [start, start + n), which see every earlier position and each other (so no mask);
         their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly
-        its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, no mask). `compiled` runs the
-        two dense halves of each layer through `torch.compile` (their shapes do not depend on the step)."""
+        its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
+        no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
+        through `torch.compile` (their shapes do not depend on the step)."""
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
         heads = cfg.num_attention_heads
-        attention_input, attention_output_and_mlp = compiled_decode_parts() if compiled else DECODE_PARTS
+        layer_input, layer_output, layer_output_and_next_input = compiled_decode_parts(compiled) if compiled else DECODE_PARTS
+
+        def input_weights(i):
+            norm = m.layers[i].input_layernorm
+            return norm.weight, norm.bias, norm.eps, cache.qkv_weight[i], cache.qkv_bias[i]
+
+        def output_weights(layer):
+            o, mlp, norm = layer.self_attn.o_proj, layer.mlp, layer.post_attention_layernorm
+            return o.weight, o.bias, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, \
+                mlp.fc2.bias
+
         x = m.embed_tokens(ids) + m.embed_positions.weight[start:end]
+        qkv = layer_input(x, *input_weights(0))
         for i, layer in enumerate(m.layers):
-            attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-            qkv = attention_input(x, norm1.weight, norm1.bias, norm1.eps, cache.qkv_weight[i], cache.qkv_bias[i])
-            q, k, v = qkv.view(B, n, 3, heads, -1).transpose(1, 3).unbind(2)  # each (B, heads, n, head_dim)
-            cache.keys[i][:, :, start:end] = k
-            cache.values[i][:, :, start:end] = v
-            o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
-                                               scale=attn.scaling)
-            x = attention_output_and_mlp(x, o.transpose(1, 2).reshape(B, n, -1), attn.o_proj.weight,
-                                         attn.o_proj.bias, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight,
-                                         mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+            qkv = qkv.view(B, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, n, head_dim)
+            kv = cache.kv[i]
+            kv[:, :, :, start:end] = qkv[1:]  # keys and values in one copy
+            o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end],
+                                               scale=layer.self_attn.scaling)
+            o = o.transpose(1, 2).reshape(B, n, -1)
+            if i + 1 < len(m.layers):
+                x, qkv = layer_output_and_next_input(x, o, *output_weights(layer), *input_weights(i + 1))
+            else:
+                x = layer_output(x, o, *output_weights(layer))
         off = cfg.video_token_offset
         return F.linear(m.norm(x[:, keep]), self.lm_head.weight[off : off + cfg.video_vocab_size])
 

@@ -294,7 +294,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         condition_ids: torch.Tensor | None = None,
         use_cache: bool = True,
         cache_implementation: str | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool | str = False,
         overlap_decode: bool = False,
     ):
         r"""Generate videos.
@@ -321,7 +321,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             use_cache: False recomputes the whole sequence each step (the reference path).
             cache_implementation: "static" (the default on CUDA: preallocated cache, decode steps replayed from CUDA
                 graphs) or "dynamic" (the default elsewhere); see `NBPForVideoGeneration.iter_generation`.
-            compile_decode: run the static path's decode step through `torch.compile` (the first call compiles).
+            compile_decode: run the static path's decode step through `torch.compile` (the first call compiles); True
+                or a mode of `modeling_nbp.generation.DECODE_COMPILE_MODES`.
             overlap_decode: decode each latent frame as soon as it is complete (on CUDA on a second stream, beside
                 the rest of the generation) instead of all frames at the end; same frames up to float rounding.
         """
@@ -353,7 +354,7 @@ class NBPVideoPipeline(DiffusionPipeline):
                top_p: float = PAPER_SAMPLING["top_p"], temperature: float = PAPER_SAMPLING["temperature"],
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
                use_cache: bool = True, cache_implementation: str | None = None,
-               compile_decode: bool = False) -> Iterator[NBPVideoStreamChunk]:
+               compile_decode: bool | str = False) -> Iterator[NBPVideoStreamChunk]:
         """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
         its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own, each
         once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the `__call__`

@@ -296,7 +296,7 @@ def replay_graphs(monkeypatch):
 
     def capture(fn, pool):
         # a capture runs nothing: undo what the recorded step wrote into the caches
-        layers = [t for d in decoders for t in d.cache.keys + d.cache.values]
+        layers = [t for d in decoders for t in d.cache.kv]
         saved = [t.clone() for t in layers]
         out = fn()
         for t, kept in zip(layers, saved):
@@ -389,6 +389,9 @@ def test_compiled_decode_gives_the_same_tokens():
         assert torch.equal(plain, compiled)
     with pytest.raises(ValueError, match="compile_decode needs"):
         model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode=True)
+    # torch.compile's own CUDA graphs would nest inside the decoder's
+    with pytest.raises(ValueError, match="compile_decode must be True, False or one of"):
+        model.generate_video_tokens(class_labels=[0], cache_implementation="static", compile_decode="reduce-overhead")
 
 
 def test_static_decoder_in_and_out_of_inference_mode(replay_graphs):
