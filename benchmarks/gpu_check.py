@@ -36,6 +36,20 @@ from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_
 from modeling_nbp.training import flops
 
 
+# kernel-name fragments (lower case) of each kind of GPU work in a generation, first match wins
+KERNEL_KINDS = (("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "triton_tem", "cublas")),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("sampling", ("topk", "sort", "radix", "bitonic", "scan", "cumsum", "exponential", "softmax", "argmax",
+                              "distribution")),
+                ("layer norm", ("layer_norm",)),
+                ("copies", ("copy", "index", "cat", "memcpy", "memset")))
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in name for p in parts)), "other elementwise")
+
+
 def section(results, name, path, deadline):
     """Decorator: run a section (unless the clock is past `deadline`), store its result or its error, rewrite
     results.json."""
@@ -246,10 +260,15 @@ def main(argv=None):
                 fn()
                 torch.cuda.synchronize()
             events = prof.key_averages()
-            top = sorted(events, key=lambda e: -e.device_time_total)[:12]
+            top = sorted(events, key=lambda e: -e.device_time_total)[:20]
+            kinds = {}
+            for e in events:
+                kind = kernel_kind(e.key)
+                kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1000  # us -> ms
             out[f"batch {batch}"] = {
-                "kernel ms per run (no graphs)": sum(e.device_time_total for e in events) / 1000,  # us -> ms
+                "kernel ms per run (no graphs)": sum(e.device_time_total for e in events) / 1000,
                 "kernel launches": sum(e.count for e in events),
+                "ms by kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
         return out
 
