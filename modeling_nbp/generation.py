@@ -36,7 +36,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     V = logits.shape[-1]
     index = None
     if top_k and top_k < V:
