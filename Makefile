@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
-# Both create ./.venv on first use (CPU build of torch 2.13.0 + this package, about a minute).
+# Both create ./.venv on first use (torch 2.13.0: the CPU build where pip is configured for it, else PyPI's default build; then this package, about a minute).
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin

@@ -3,8 +3,8 @@
 Same data, seed and training budget for each variant: NTP (1x1x1 blocks), NBP with row blocks (1x1xW'), NBP with
 whole-frame blocks (1xH'xW'); for class-conditional generation and for frame prediction (2 given latent frames).
 For each: train with examples/train_nbp.py, generate videos with the pipeline (timed), score FVD against held-out
-real clips (StyleGAN-V protocol, I3D, repeats on random subsets). Writes docs/nbp_vs_ntp.md (table + commands) and
-docs/nbp_vs_ntp.png (a bar chart).
+real clips (StyleGAN-V protocol, I3D, repeats on random subsets). Writes docs/nbp_vs_ntp_table.md (the table that
+docs/nbp_vs_ntp.md presents with the commands) and docs/nbp_vs_ntp.png (a bar chart).
 
     nbp make-digits --output_dir runs/study/digits_train --clips_per_class 500 --seed 0 --size 32 --digit_size 16 \\
         --speed_range 1 2 --styles_per_class 2
@@ -32,6 +32,7 @@ from modeling_nbp.data import MovingDigits
 from modeling_nbp.demo import DEMO_DATA, DEMO_MODEL, HELD_OUT_SEED
 from modeling_nbp.evaluation.fvd import FVDCalculator
 from modeling_nbp.training.train_nbp import main as train_nbp
+from modeling_nbp.video_io import atomic_output_path
 
 VARIANTS = {"NTP 1x1x1": "1,1,1", "NBP rows 1x1x8": "1,1,8", "NBP frames 1x8x8": "1,8,8"}
 TASKS = {"class-conditional": ["--condition_mode", "class", "--first_block", "bov", "--class_dropout_prob", "0.1"],
@@ -65,7 +66,8 @@ def bar_chart(results, path):
         draw.text((x0, height - pad + 4), r["variant"].split()[0] + " " + r["variant"].split()[-1], fill="black")
         draw.text((x0, height - pad - h - 14), f"{r['fvd_mean']:.0f}", fill="black")
     draw.text((pad, 8), "FVD (lower is better): blue class-conditional, orange frame prediction", fill="black")
-    img.save(path)
+    with atomic_output_path(path) as tmp:
+        img.save(tmp)
 
 
 def main(argv=None):
@@ -114,7 +116,7 @@ def main(argv=None):
             print(results[-1], flush=True)
 
     os.makedirs(args.docs_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    with atomic_output_path(os.path.join(args.output_dir, "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=2)
     bar_chart(results, os.path.join(args.docs_dir, "nbp_vs_ntp.png"))
     lines = ["| task | variant | steps/video | s/video (CPU) | train loss | held-out loss | FVD (mean +- std) |",
@@ -123,7 +125,7 @@ def main(argv=None):
     for r in results:
         lines.append(f"| {r['task']} | {r['variant']} | {r['steps']} | {r['seconds_per_video']:.3f} | "
                      f"{fmt(r['train_loss'])} | {fmt(r['val_loss'])} | {r['fvd_mean']:.1f} +- {r['fvd_std']:.1f} |")
-    with open(os.path.join(args.docs_dir, "nbp_vs_ntp_table.md"), "w") as f:
+    with atomic_output_path(os.path.join(args.docs_dir, "nbp_vs_ntp_table.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -55,6 +55,8 @@ def run_generate(args):
 
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch_size must be a positive integer; got {args.batch_size}")
+    if args.num_videos_per_class < 1:
+        raise SystemExit(f"--num_videos_per_class must be a positive integer; got {args.num_videos_per_class}")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(args.device)
     cfg = pipe.transformer.config

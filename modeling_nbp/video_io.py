@@ -46,9 +46,10 @@ class VideoDecodeError(RuntimeError):
 def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
 
-    Works for files and for directories (e.g. ``datasets.Dataset.save_to_disk``). On failure the
-    temporary file or folder is removed and the exception propagates. The temporary name keeps the
-    extension of ``path`` so that format detection by extension still works.
+    Works for files and for directories (e.g. ``datasets.Dataset.save_to_disk``); an existing folder at
+    ``path`` is replaced only once the new one is complete. On failure the temporary file or folder is
+    removed and the exception propagates. The temporary name keeps the extension of ``path`` so that
+    format detection by extension still works.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -57,7 +58,13 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
     tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed onto a non-empty one
+            old = os.path.join(folder, f".{stem}.old-{uuid.uuid4().hex[:8]}{ext}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

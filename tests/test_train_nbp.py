@@ -14,10 +14,10 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from modeling_nbp import NBPConfig, NBPForVideoGeneration
+from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
 from modeling_nbp.data.pretokenize import TOKEN_FEATURES
 from modeling_nbp.training import common, flops
-from modeling_nbp.training.train_nbp import build_parser, main
+from modeling_nbp.training.train_nbp import build_parser, main, parse_args
 from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +68,50 @@ def test_step_batch_sampler_order_is_independent_of_processes_and_resumes():
 
 def test_batch_layout_from_global_batch():
     assert common.resolve_batch_layout(None, None, None, 4, 8) == (8, 1)
-    assert common.resolve_batch_layout(None, None, 256, 8, 8) == (32, 1)
+    # a global batch alone: micro-batches up to the default size, the rest accumulated (no surprise OOM)
+    assert common.resolve_batch_layout(None, None, 256, 8, 8) == (8, 4)
+    assert common.resolve_batch_layout(None, None, 256, 1, 8) == (8, 32)
+    assert common.resolve_batch_layout(None, None, 12, 1, 8) == (6, 2)
+    assert common.resolve_batch_layout(None, None, 4, 2, 8) == (2, 1)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        common.resolve_batch_layout(None, None, 10, 4, 8)
     assert common.resolve_batch_layout(4, None, 256, 8, 8) == (4, 8)  # the official UCF run: 4 per GPU x 64 GPUs
     assert common.resolve_batch_layout(None, 2, 64, 4, 8) == (8, 2)
     with pytest.raises(ValueError, match="global_batch_size"):
         common.resolve_batch_layout(3, None, 64, 4, 8)
+
+
+def test_batch_and_checkpoint_flags_must_be_positive(capsys):
+    for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--global_batch_size",
+                 "--checkpoints_total_limit", "--checkpointing_steps", "--logging_steps"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--train_data", "x", flag, "0"])
+        assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_schedule_is_refused():
+    with pytest.raises(ValueError, match="--warmup_steps 5000 \\(with --preset ucf-700m\\) must lie in \\[0, 1000\\]"):
+        parse_args(["--train_data", "x", "--output_dir", "y", "--preset", "ucf-700m", "--max_steps", "1000"])
+
+
+def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path):
+    def make(step):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / common.CHECKPOINT_MARKER).write_text(json.dumps({"global_step": step}))
+
+    for step in (40, 50):
+        make(step)
+    with pytest.raises(ValueError, match="checkpoints of an earlier run \\(checkpoint-40, checkpoint-50\\).*"
+                                         "--overwrite_output_dir"):
+        common.check_run_start(str(tmp_path), None, overwrite=False, is_main_process=True)
+    older = str(tmp_path / "checkpoint-40")
+    with pytest.raises(ValueError, match="newer than the resumed step 40 \\(checkpoint-50\\)"):
+        common.check_run_start(str(tmp_path), older, overwrite=False, is_main_process=True)
+    common.check_run_start(str(tmp_path), str(tmp_path / "checkpoint-50"), overwrite=False, is_main_process=True)
+    common.check_run_start(str(tmp_path), older, overwrite=True, is_main_process=True)
+    assert [s for s, _ in common.list_checkpoints(tmp_path)] == [40]
+    common.check_run_start(str(tmp_path), None, overwrite=True, is_main_process=True)
+    assert common.list_checkpoints(tmp_path) == []
 
 
 def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
@@ -221,13 +260,10 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     for step in (1, 2):
         names = os.listdir(out / "samples" / f"step-{step:07d}")
         assert {"samples_0.mp4", "samples_1.mp4", "samples.png"} <= set(names)
-    final = out / "final"
-    if (final / "model_index.json").exists():  # NBPVideoPipeline folder
-        transformer_dir, tokenizer_dir = final / "transformer", final / "video_tokenizer"
-    else:  # the pipeline is not importable: model folder with the tokenizer beside it
-        transformer_dir, tokenizer_dir = final, final / "video_tokenizer"
-    assert NBPForVideoGeneration.from_pretrained(transformer_dir).config.video_vocab_size == VOCAB
-    assert NBPVideoTokenizer.from_pretrained(tokenizer_dir).codebook_size == VOCAB
+    final = out / "final"  # a pipeline folder
+    pipe = NBPVideoPipeline.from_pretrained(final)
+    assert pipe.transformer.config.video_vocab_size == VOCAB
+    assert pipe.video_tokenizer.codebook_size == VOCAB
     pushed = set(HfApi().list_repo_files("test-user/tiny-nbp"))
     local = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
     assert local <= pushed

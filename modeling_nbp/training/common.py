@@ -74,6 +74,32 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     return resume_from_checkpoint
 
 
+def check_run_start(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool) -> None:
+    """Refuse to mix two runs' checkpoints in `output_dir`: a fresh run (`resume` None) finds none there, a
+    resumed one none newer than the checkpoint it resumes. With `overwrite` (--overwrite_output_dir) the main
+    process deletes them instead."""
+    step = -1
+    if resume is not None:
+        with open(os.path.join(resume, CHECKPOINT_MARKER), encoding="utf-8") as f:
+            step = json.load(f)["global_step"]
+    others = [path for s, path in list_checkpoints(output_dir) if s > step]
+    if not others:
+        return
+    if overwrite:
+        if is_main_process:
+            for path in others:
+                remove_tree(path)
+        return
+    names = ", ".join(os.path.basename(p) for p in others)
+    if resume is None:
+        raise ValueError(f"--output_dir {output_dir!r} holds checkpoints of an earlier run ({names}): pass "
+                         "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to delete them and "
+                         "start over")
+    raise ValueError(f"--output_dir {output_dir!r} holds checkpoints newer than the resumed step {step} ({names}), "
+                     "which rotation and 'latest' would mix with this run: resume from the newest, or pass "
+                     "--overwrite_output_dir to delete them")
+
+
 def remove_tree(path: str) -> None:
     """Delete a folder by first renaming it, so a crash mid-delete never leaves a damaged checkpoint behind."""
     trash = os.path.join(os.path.dirname(path), f".deleting-{uuid.uuid4().hex[:8]}")
@@ -116,11 +142,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
             flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
             save_file(flat, os.path.join(tmp, f"{stem}.safetensors"))
         write_json(os.path.join(tmp, CHECKPOINT_MARKER), dict(trainer_state, global_step=step))
-        if os.path.isdir(final):  # e.g. a run restarted from scratch in the same output_dir
+        if os.path.isdir(final):  # a run resumed from an earlier checkpoint writes this step again
             remove_tree(final)
         os.replace(tmp, final)
-        if total_limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+        if total_limit is not None:  # drop the oldest others, never the one just written
+            kept = list_checkpoints(output_dir)
+            for _, old in [c for c in kept if c[1] != final][: max(0, len(kept) - total_limit)]:
                 remove_tree(old)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
@@ -282,13 +309,17 @@ def resolve_mixed_precision(value: str) -> str | None:
 def resolve_batch_layout(train_batch_size: int | None, gradient_accumulation_steps: int | None,
                          global_batch_size: int | None, num_processes: int, default_batch_size: int) -> tuple[int, int]:
     """(per-process micro-batch, accumulation steps). Without a global batch: the given values (defaults
-    `default_batch_size` and 1). With one: whichever of the other two is missing is derived (accumulation 1 if
-    both are), and `micro-batch x accumulation x processes` must equal it."""
+    `default_batch_size` and 1). With one: whichever of the other two is missing is derived (if both are, the
+    micro-batch is the largest divisor of the per-process share up to `default_batch_size`, so a large global batch
+    accumulates rather than running out of memory), and `micro-batch x accumulation x processes` must equal it."""
     b, a, G = train_batch_size, gradient_accumulation_steps, global_batch_size
     if G is None:
         b, a, rem = b or default_batch_size, a or 1, 0
+    elif b is None and a is None:
+        share, rem = divmod(G, num_processes)
+        b = max((d for d in range(1, min(share, default_batch_size) + 1) if share % d == 0), default=0)
+        a = share // b if b else 0
     elif b is None:
-        a = a or 1
         b, rem = divmod(G, a * num_processes)
     elif a is None:
         a, rem = divmod(G, b * num_processes)
@@ -389,9 +420,9 @@ class ThroughputMeter:
 
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "JsonlLog", "StepBatchSampler", "ThroughputMeter",
-    "dataloader_worker_init", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
-    "load_checkpoint_tensors", "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree", "resolve_batch_layout",
-    "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
+    "check_run_start", "dataloader_worker_init", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "load_checkpoint_tensors", "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree",
+    "resolve_batch_layout",    "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
     "tracker_config", "use_cpu", "write_json",
 ]
 
@@ -404,14 +435,26 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_batch_arguments(group, default_batch_size: int) -> None:
     """Batch layout, precision, seed and device flags, shared by the training scripts."""
-    group.add_argument("--train_batch_size", type=int,
-                       help=f"clips per process and micro-step (default {default_batch_size})")
-    group.add_argument("--global_batch_size", type=int,
+    group.add_argument("--train_batch_size", type=positive_int,
+                       help=f"clips per process and micro-step (default {default_batch_size}, or the largest "
+                            f"divisor of the per-process share of --global_batch_size up to {default_batch_size})")
+    group.add_argument("--global_batch_size", type=positive_int,
                        help="per optimizer step over all processes; sets whichever of --train_batch_size and "
                             "--gradient_accumulation_steps is not given")
-    group.add_argument("--gradient_accumulation_steps", type=int)
+    group.add_argument("--gradient_accumulation_steps", type=positive_int)
     group.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="auto",
                        help="auto: the accelerate config's, else bf16 on CUDA, else no")
     group.add_argument("--seed", type=int, default=0)
@@ -421,11 +464,13 @@ def add_batch_arguments(group, default_batch_size: int) -> None:
 
 def add_checkpoint_arguments(group) -> None:
     """--checkpointing_steps / --checkpoints_total_limit / --resume_from_checkpoint / --logging_steps."""
-    group.add_argument("--checkpointing_steps", type=int, default=1000)
-    group.add_argument("--checkpoints_total_limit", type=int)
+    group.add_argument("--checkpointing_steps", type=positive_int, default=1000)
+    group.add_argument("--checkpoints_total_limit", type=positive_int, help="keep this many (default: all)")
     group.add_argument("--resume_from_checkpoint",
                        help="'latest' (start fresh if there is none) or a checkpoint folder")
-    group.add_argument("--logging_steps", type=int, default=10)
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="delete checkpoints of an earlier run in --output_dir (newer than the resumed one)")
+    group.add_argument("--logging_steps", type=positive_int, default=10)
 
 
 def add_tracking_arguments(group, project: str) -> None:

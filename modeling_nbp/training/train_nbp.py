@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
 from ..modeling_nbp import NBPForVideoGeneration
+from ..pipelines import NBPVideoPipeline
 from ..video_io import atomic_output_path
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
@@ -100,9 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, DEFAULTS[key])
     if args.warmup_steps is None:
         args.warmup_steps = args.max_steps // 20  # the UCF recipe's share: 5k of 100k steps
-    for key in ("max_steps", "checkpointing_steps", "logging_steps", "num_samples"):
+    for key in ("max_steps", "num_samples"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    schedule = args.lr_schedule_steps or args.max_steps
+    if not 0 <= args.warmup_steps <= schedule:
+        source = f" (with --preset {args.preset})" if args.preset else ""
+        raise ValueError(f"--warmup_steps {args.warmup_steps}{source} must lie in [0, {schedule}], the length of the "
+                         "learning-rate schedule (--lr_schedule_steps, else --max_steps)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     if args.preset and args.model_config:
@@ -247,28 +253,13 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str) -> s
         final.load_state_dict(state_dict)
         if ema is not None:
             ema.copy_to(final)
-        if os.path.isdir(final_dir):
-            common.remove_tree(final_dir)
-        pipeline_cls = _pipeline_class() if tokenizer is not None else None
         with atomic_output_path(final_dir) as tmp:
-            if pipeline_cls is not None:
-                pipeline_cls(transformer=final, video_tokenizer=tokenizer).save_pretrained(tmp)
+            if tokenizer is not None:
+                NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(tmp)
             else:
                 final.save_pretrained(tmp)
-                if tokenizer is not None:
-                    logger.warning("NBPVideoPipeline is not importable: saved the generator and the tokenizer "
-                                   "side by side instead of a pipeline folder")
-                    tokenizer.save_pretrained(os.path.join(tmp, "video_tokenizer"))
     accelerator.wait_for_everyone()
     return final_dir
-
-
-def _pipeline_class():
-    try:
-        from ..pipelines import NBPVideoPipeline
-    except ImportError:
-        return None
-    return NBPVideoPipeline
 
 
 def main(argv=None) -> dict:
@@ -308,12 +299,16 @@ def main(argv=None) -> dict:
                                 fused=accelerator.device.type == "cuda" or None)
     scheduler = build_lr_scheduler(optimizer, args.lr_schedule_steps or args.max_steps, args.warmup_steps,
                                    args.lr_schedule or recipe["schedule"], args.lr_min, args.warmup_lr_init)
+    # counted before `prepare`, which may shard the parameters (FSDP, ZeRO-3)
+    num_parameters, matmul_parameters = sum(p.numel() for p in model.parameters()), flops.matmul_parameters(model)
+    input_length = model.layout.input_length
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = common.EMA(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay else None
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step = 0
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         state = common.load_checkpoint(accelerator, resume)
         global_step = state["global_step"]
@@ -334,13 +329,12 @@ def main(argv=None) -> dict:
                                          num_workers=args.dataloader_num_workers,
                                          worker_init_fn=common.dataloader_worker_init,
                                          pin_memory=accelerator.device.type == "cuda")
-    unwrapped = accelerator.unwrap_model(model)
     global_batch = per_device_batch * accum * accelerator.num_processes
-    tokens_per_step = global_batch * unwrapped.layout.input_length
-    flops_per_token = flops.training_flops_per_token(flops.matmul_parameters(unwrapped), config.num_hidden_layers,
-                                                      config.hidden_size, unwrapped.layout.input_length)
+    tokens_per_step = global_batch * input_length
+    flops_per_token = flops.training_flops_per_token(matmul_parameters, config.num_hidden_layers, config.hidden_size,
+                                                      input_length)
     peak = flops.peak_flops(accelerator.device, args.peak_tflops)
-    accelerator.print(f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, grid "
+    accelerator.print(f"{num_parameters / 1e6:.2f}M parameters, grid "
                       f"{config.latent_shape}, blocks {config.block_shape}, {accelerator.num_processes} process(es) x "
                       f"{per_device_batch} x {accum} accumulation = {global_batch} clips per step")
     can_sample = tokenizer is not None and not sharded

@@ -107,11 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_preset(build_parser(), argv, TOKENIZER_PRESETS, "tokenizer")
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
-    for key in ("max_steps", "checkpointing_steps", "logging_steps", "num_eval_clips", "num_frames", "resolution"):
+    for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
     if args.warmup_steps is None:
         args.warmup_steps = args.max_steps // 100
+    if not 0 <= args.warmup_steps <= args.max_steps:
+        source = f" (with --preset {args.preset})" if args.preset else ""
+        raise ValueError(f"--warmup_steps {args.warmup_steps}{source} must lie in [0, --max_steps {args.max_steps}]")
     if args.disc_start_step is None:
         args.disc_start_step = args.max_steps // 5
     if args.push_to_hub and not args.hub_model_id:
@@ -216,6 +219,7 @@ def main(argv=None) -> dict:
     opt_d = adam(discriminator.parameters(), args.disc_learning_rate or args.learning_rate, args)
     # the discriminator's first update is global step disc_start_step: its schedule starts there
     sched_g, sched_d = lambda_schedule(opt_g, args), lambda_schedule(opt_d, args, offset=args.disc_start_step)
+    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (tokenizer, discriminator)]  # before sharding
     tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d)
     raw_discriminator = accelerator.unwrap_model(discriminator)
@@ -223,6 +227,7 @@ def main(argv=None) -> dict:
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step = 0
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         global_step = common.load_checkpoint(accelerator, resume)["global_step"]
         log.truncate(global_step)
@@ -239,8 +244,7 @@ def main(argv=None) -> dict:
                                          pin_memory=accelerator.device.type == "cuda")
     clip_shape = (3, args.num_frames, args.resolution, args.resolution)
     global_batch = per_device_batch * accum * accelerator.num_processes
-    accelerator.print(f"tokenizer {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M parameters, "
-                      f"discriminator {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M; "
+    accelerator.print(f"tokenizer {sizes[0]:.2f}M parameters, discriminator {sizes[1]:.2f}M; "
                       f"{accelerator.num_processes} process(es) x {per_device_batch} x {accum} accumulation")
     skips, meter = SkipSummary(), common.ThroughputMeter()
     start_time, record, scores = time.perf_counter(), {}, {}
@@ -315,8 +319,6 @@ def main(argv=None) -> dict:
 
     final_dir = os.path.join(args.output_dir, "final")
     if accelerator.is_main_process:
-        if os.path.isdir(final_dir):
-            common.remove_tree(final_dir)
         with atomic_output_path(final_dir) as tmp:
             accelerator.unwrap_model(tokenizer).save_pretrained(tmp)
         if args.push_to_hub:
