@@ -51,7 +51,7 @@ class NBPAttention(nn.Module):
         self.o_proj = nn.Linear(D, D)
         self.resid_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None):
         B, L, _ = hidden_states.shape
         shape = (B, L, self.num_heads, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, heads, L, head_dim)
@@ -65,7 +65,7 @@ class NBPAttention(nn.Module):
         out, weights = attention(
             self, q, k, v, attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, is_causal=False, **kwargs,
+            scaling=self.scaling, is_causal=False,
         )
         out = self.resid_dropout(self.o_proj(out.reshape(B, L, -1)))
         return out, weights
@@ -90,8 +90,8 @@ class NBPDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = NBPMLP(config)
 
-    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
-        attn, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+    def forward(self, hidden_states, attention_mask=None, cache=None):
+        attn, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache)
         hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -145,11 +145,20 @@ class NBPModel(NBPPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: Cache | None = None,
-                use_cache: bool | None = None, drop_condition: torch.Tensor | None = None, **kwargs):
+                use_cache: bool | None = None, drop_condition: torch.Tensor | None = None):
         """`input_ids` (B, q) are the sequence positions [past, past + q) where past = tokens in `cache`.
-        `drop_condition` (B,) bool replaces the condition prefix of those rows by `uncond_embedding`."""
+        `drop_condition` (B,) bool replaces the condition prefix of those rows by `uncond_embedding`.
+        `attention_mask`: None (the block-causal mask of the layout), a 2-D mask of ones (the same: sequences have
+        no padding), or a full 4-D mask (B, 1, q, past + q) used instead of the layout's."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if attention_mask is not None and attention_mask.ndim == 2:
+            if not bool(attention_mask.all()):
+                raise ValueError("attention_mask: NBP sequences have a fixed layout without padding, so a 2-D mask must "
+                                 "be all ones (or None); give a 4-D (batch, 1, query, key) mask to replace the layout's")
+            attention_mask = None
+        elif attention_mask is not None and attention_mask.ndim != 4:
+            raise ValueError(f"attention_mask must be None, 2-D (all ones) or 4-D; got shape {tuple(attention_mask.shape)}")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("the forward takes a DynamicCache (or none); for a preallocated cache and CUDA graphs use "
                              "generate_video_tokens / iter_generation with cache_implementation='static'")
@@ -188,19 +197,21 @@ class NBPModel(NBPPreTrainedModel):
                 position_ids=positions.unsqueeze(0),
             )
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=attention_mask, cache=cache, **kwargs)
+            hidden = layer(hidden, attention_mask=attention_mask, cache=cache)
         return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over the positions whose label is not -100, in float32, a chunk of rows at a time. The
+    """Cross-entropy summed over the positions whose label is not -100 and divided by `normalizer` (None: their
+    count, i.e. the mean), in float32, a chunk of rows at a time. The
     gradient with respect to the logits is formed in the forward, in the logits' dtype, so neither a float32 copy
     of the logits nor their softmax is kept for the backward (at batch 8 and a 64000-code head: about 5 GB)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, chunk_rows: int):
+    def forward(ctx, logits, labels, chunk_rows: int, normalizer=None):
         flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        count = (targets != -100).sum().clamp(min=1)
+        count = (targets != -100).sum() if normalizer is None else torch.as_tensor(normalizer, device=logits.device)
+        count = count.clamp(min=1)
         grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, flat.shape[0], chunk_rows):
@@ -221,12 +232,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None
+        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None, None
 
 
-def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of `logits` (..., V) against `labels` (...), -100 ignored (0 when every label is)."""
-    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows)
+def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048,
+                    num_items_in_batch=None) -> torch.Tensor:
+    """Mean cross-entropy of `logits` (..., V) against `labels` (...), -100 ignored (0 when every label is); with
+    `num_items_in_batch` (the labelled positions of a whole accumulated batch, as transformers' Trainer passes it)
+    the sum divided by that count instead."""
+    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows, num_items_in_batch)
 
 
 # the dense parts of the static decode step, as plain functions of tensors (the same ops as the modules' forward),
@@ -263,6 +277,7 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
     -100 elsewhere; `layout.training_inputs` builds both). Generation: `generate_video_tokens(...)`."""
 
     _tied_weights_keys = {}
+    accepts_loss_kwargs = True  # transformers' Trainer passes num_items_in_batch (correct gradient accumulation)
 
     def __init__(self, config: NBPConfig):
         super().__init__(config)
@@ -279,7 +294,18 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
 
     def forward(self, input_ids=None, labels=None, video_ids=None, class_labels=None, inputs_embeds=None,
                 attention_mask=None, cache: Cache | None = None, use_cache: bool | None = None,
-                drop_condition=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> NBPModelOutput:
+                drop_condition=None, logits_to_keep: int | torch.Tensor = 0, past_key_values: Cache | None = None,
+                num_items_in_batch=None, return_dict: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None) -> NBPModelOutput | tuple:
+        """`past_key_values` is another name for `cache`. `num_items_in_batch`: see `next_block_loss`.
+        Attention weights and per-layer hidden states are not returned (`output_attentions` /
+        `output_hidden_states` must stay off)."""
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("give cache or past_key_values (the same argument), not both")
+            cache = past_key_values
+        if output_attentions or output_hidden_states:
+            raise ValueError("output_attentions / output_hidden_states are not supported by NBPForVideoGeneration")
         if video_ids is not None:
             if input_ids is not None or labels is not None:
                 raise ValueError("give either video_ids (with class_labels) or input_ids/labels, not both")
@@ -288,7 +314,7 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             n = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             drop_condition = torch.rand(n, device=self.device) < self.config.class_dropout_prob
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         cache=cache, use_cache=use_cache, drop_condition=drop_condition, **kwargs)
+                         cache=cache, use_cache=use_cache, drop_condition=drop_condition)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -297,8 +323,9 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = next_block_loss(logits, labels.to(logits.device))
-        return NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+            loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch)
+        out = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+        return out if return_dict is not False else out.to_tuple()
 
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) of `ids`

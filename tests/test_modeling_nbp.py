@@ -37,7 +37,11 @@ def test_later_blocks_never_change_earlier_logits(first_block):
     inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
     S, L = model.layout.block_size, inputs.shape[1]
     base = model(input_ids=inputs).logits
-    for b_start in range(L - S, 5, -S):
+    ids = model.layout.block_ids
+    # every block start, and every token of the hybrid start's token-by-token row (group -1)
+    starts = [p for p in range(L - 1, model.layout.prefix_length - 1, -1) if ids[p] < 0 or ids[p] != ids[p - 1]]
+    assert len(starts) == (L - model.layout.prefix_length) // S + (S - 1) * (first_block == "hybrid")
+    for b_start in starts:
         changed = inputs.clone()
         changed[:, b_start:] = model.config.video_token_offset + (changed[:, b_start:] - model.config.video_token_offset + 7) % 40
         group = model.layout.block_ids[b_start]
@@ -458,6 +462,38 @@ def test_chunked_loss_equals_cross_entropy():
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(fused[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_forward_follows_the_transformers_conventions():
+    from transformers.cache_utils import DynamicCache
+
+    model = make_model()
+    video, classes = grid(model), torch.tensor([0, 2])
+    input_ids, labels = model.prepare_training_inputs(video, classes)
+    out = model(input_ids=input_ids, labels=labels)
+    # Trainer's gradient accumulation: the summed loss over the accumulated batch's labelled positions
+    count = int((labels != -100).sum())
+    summed = model(input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(4 * count)).loss
+    torch.testing.assert_close(summed, out.loss / 4)
+    assert NBPForVideoGeneration.accepts_loss_kwargs
+    # a 2-D mask of ones is the layout's mask; one with padding is refused; a 4-D mask replaces the layout's
+    torch.testing.assert_close(model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits, out.logits)
+    with pytest.raises(ValueError, match="without padding"):
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids).index_fill_(1, torch.tensor([0]), 0))
+    L = input_ids.shape[1]
+    full = torch.ones(2, 1, L, L, dtype=torch.bool)
+    assert not torch.allclose(model(input_ids=input_ids, attention_mask=full).logits, out.logits)
+    # past_key_values is the cache; the loss comes first in the tuple form
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids[:, :5], past_key_values=cache)
+    torch.testing.assert_close(model(input_ids=input_ids[:, 5:9], past_key_values=cache).logits, out.logits[:, 5:9],
+                               atol=1e-5, rtol=1e-5)
+    loss, logits = model(input_ids=input_ids, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, out.loss)
+    with pytest.raises(TypeError, match="position_ids"):
+        model(input_ids=input_ids, position_ids=torch.arange(L)[None])
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=input_ids, output_attentions=True)
 
 
 def test_static_cache_frame_prediction_equals_reference():
