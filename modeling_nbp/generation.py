@@ -1,5 +1,6 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
+import numbers
 from dataclasses import dataclass
 from functools import partial
 
@@ -10,15 +11,21 @@ from transformers.cache_utils import DynamicCache
 
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exp(1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch equals
-    single runs)."""
+    single runs). A generator on another kind of device than the model (a CPU generator for a CUDA model, as
+    diffusers allows) draws on its own device, and the noise is copied over (slower)."""
     out = torch.empty(shape, device=device) if out is None else out
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        for row, g in zip(out, generator):
-            row.exponential_(generator=g)
-        return out
-    return out.exponential_(generator=generator)
+        pairs = zip(out, generator)
+    else:
+        pairs = [(out, generator)]
+    for target, g in pairs:
+        if g is not None and g.device.type != target.device.type:
+            target.copy_(torch.empty(target.shape, device=g.device).exponential_(generator=g))
+        else:
+            target.exponential_(generator=g)
+    return out
 
 
 def noise_shape(logits_shape, top_k: int | None) -> tuple:
@@ -83,15 +90,20 @@ def compile_mode(compile_decode) -> str | None:
     return compile_decode
 
 
-def check_sampling_args(temperature, top_k, top_p, guidance_scale):
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
+    """The sampling arguments, checked, as plain Python numbers (numpy scalars accepted)."""
+    def number(value, kind=numbers.Real):
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    if not number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not number(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int (0 or None = no top-k filtering), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {top_p}")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+    if not number(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = no nucleus filtering), got {top_p!r}")
+    if not number(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
+    return float(temperature), None if top_k is None else int(top_k), float(top_p), float(guidance_scale)
 
 
 @dataclass
@@ -123,6 +135,8 @@ class NBPGenerationMixin:
     def condition_prefix(self, class_labels=None, batch_size: int = 1, device=None, condition_ids=None):
         """The (B, P) condition prefix: each class's condition ids, or given `condition_ids` (e.g. free text)."""
         cfg = self.config
+        if condition_ids is not None and class_labels is not None:
+            raise ValueError("give class_labels or condition_ids (the prefix they stand for), not both")
         if condition_ids is not None:
             condition_ids = torch.as_tensor(condition_ids, device=device).long()
             if condition_ids.ndim != 2 or condition_ids.shape[1] != cfg.num_condition_tokens:
@@ -157,7 +171,8 @@ class NBPGenerationMixin:
         (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
         compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the dense parts of its
         layers through `torch.compile`.
-        The same seed gives the same tokens on every path, up to the float rounding of the device's kernels."""
+        The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
+        The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
         if cache_implementation is None:
             cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
         if cache_implementation not in ("dynamic", "static"):
@@ -169,8 +184,10 @@ class NBPGenerationMixin:
             raise ValueError("use_cuda_graphs needs a model on a CUDA device, use_cache=True and "
                              f"cache_implementation='static' (got device {self.device}, use_cache={use_cache}, "
                              f"cache_implementation={cache_implementation!r})")
-        check_sampling_args(temperature, top_k, top_p, guidance_scale)
+        temperature, top_k, top_p, guidance_scale = check_sampling_args(temperature, top_k, top_p, guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels).view(-1)  # an int, a list, an array or a tensor
         sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
         if batch_size is not None:
             sizes.add(batch_size)
@@ -218,10 +235,13 @@ class NBPGenerationMixin:
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
+        was_training = self.training
+        self.eval()  # no dropout, no class dropout: a model in training mode samples what it would in eval mode
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
                                          sampling)
         finally:
+            self.train(was_training)
             if decoder is not None:
                 decoder.in_use = False
 

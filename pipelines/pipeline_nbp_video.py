@@ -125,12 +125,17 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     @property
     def interrupt(self) -> bool:
-        return self._interrupt
+        return getattr(self, "_interrupt", False)
 
     @property
     def class_names(self) -> list[str]:
-        id2label = getattr(self.transformer.config, "id2label", None) or {}
-        return [id2label[i] for i in sorted(id2label)] if id2label else []
+        """The class names of a class-conditional model (`config.id2label`), or [] when it names no classes
+        (transformers fills id2label with two placeholder labels when none are given)."""
+        cfg = self.transformer.config
+        id2label = getattr(cfg, "id2label", None) or {}
+        if cfg.condition_mode != "class" or len(id2label) != cfg.num_classes:
+            return []
+        return [id2label[i] for i in sorted(id2label)]
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def _class_ids(self, class_labels) -> list[int]:
@@ -138,8 +143,7 @@ class NBPVideoPipeline(DiffusionPipeline):
             class_labels = [class_labels]
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.view(-1).tolist()
-        id2label = getattr(self.transformer.config, "id2label", None) or {}
-        lookup = {str(name).lower(): int(i) for i, name in id2label.items()}
+        lookup = {str(name).lower(): i for i, name in enumerate(self.class_names)}
         ids = []
         for label in class_labels:
             if isinstance(label, str) and label.lower() not in lookup and label.isdigit():
@@ -220,16 +224,36 @@ class NBPVideoPipeline(DiffusionPipeline):
             step = first
             while step is not None:
                 if callback_on_step_end is not None:
-                    kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs}
+                    kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs or ()}
                     outputs = callback_on_step_end(self, step.step, step.step, kwargs) or {}
                     if "video_tokens" in outputs and outputs["video_tokens"] is not step.video_tokens:
-                        step.video_tokens.copy_(outputs["video_tokens"])
+                        step.video_tokens.copy_(self._checked_callback_tokens(outputs["video_tokens"], step))
                 progress_bar.update()
                 yield step
                 if self.interrupt:
                     steps.close()
                     return
                 step = next(steps, None)
+
+    def _checked_callback_tokens(self, tokens, step) -> torch.Tensor:
+        """Video ids a callback returned, checked: the live tensor's shape, generated positions in the vocabulary."""
+        live, V = step.video_tokens, self.transformer.config.video_vocab_size
+        tokens = torch.as_tensor(tokens, device=live.device)
+        if tokens.shape != live.shape or tokens.is_floating_point():
+            raise ValueError(f"callback_on_step_end returned video_tokens of shape {tuple(tokens.shape)} and dtype "
+                             f"{tokens.dtype}; expected integer ids of shape {tuple(live.shape)}")
+        made = tokens[:, : step.end]
+        if made.numel() and (made.min() < 0 or made.max() >= V):
+            raise ValueError(f"callback_on_step_end returned video_tokens outside [0, {V}) among the {step.end} "
+                             "positions generated so far")
+        return tokens
+
+    def maybe_free_model_hooks(self):
+        # with model offloading the generator's weights move every call, so its kept decode cache (sized for the
+        # whole sequence, on the GPU) could not be reused: free it with the rest
+        if getattr(self, "_all_hooks", None):
+            self.transformer.clear_decode_cache()
+        super().maybe_free_model_hooks()
 
     def _decode(self, grid: torch.Tensor, output_type: str, decode_batch_size):
         if output_type == "latent":
@@ -267,9 +291,11 @@ class NBPVideoPipeline(DiffusionPipeline):
             main.wait_stream(side)
 
     def _complete_frames(self, video_tokens: torch.Tensor, end: int) -> torch.Tensor:
-        """Token grids of the latent frames that the first `end` tokens (block order) complete."""
+        """Token grids of the latent frames that the first `end` tokens (block order) complete, in whole blocks
+        of frames (blocks that span several frames are laid out together)."""
         layout = self.transformer.layout
         n = int((layout.frame_end <= end).sum())
+        n -= n % layout.block_shape[0]
         _, H, W = layout.latent_shape
         return layout.sequence_to_grid(video_tokens[:, : n * H * W])
 
@@ -342,6 +368,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             for last in steps:
                 pass
             grid = self._complete_frames(last.video_tokens, last.end)
+            if grid.shape[1] == 0:
+                raise RuntimeError("generation was interrupted before any latent frame was complete")
             frames = self._decode(grid, output_type, decode_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -368,6 +396,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         for step, start, pixels in self._decode_as_completed(steps, decode_batch_size):
             yield NBPVideoStreamChunk(frames=postprocess_video(pixels, output_type), start_frame=start, step=step.step,
                                       done=step.end == self.transformer.layout.num_video_tokens)
+        self.maybe_free_model_hooks()
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,

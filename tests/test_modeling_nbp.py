@@ -267,6 +267,32 @@ def test_bad_inputs_give_clear_errors():
         frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="not class-conditional"):
         frames.generate_video_tokens(class_labels=[0], context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        model.generate_video_tokens(class_labels=[0], condition_ids=[model.config.class_condition_ids[1]])
+    for name, value in (("guidance_scale", None), ("top_p", None), ("top_k", 2.5), ("temperature", "1")):
+        with pytest.raises(ValueError, match=name):
+            model.generate_video_tokens(class_labels=[0], **{name: value})
+
+
+def test_sampling_arguments_of_other_types():
+    model = make_model()
+    reference = model.generate_video_tokens(class_labels=[1], top_k=5, generator=torch.Generator().manual_seed(0))
+    import numpy as np
+    for labels in (1, np.int64(1), torch.tensor(1), np.array([1])):  # one label in any form
+        tokens = model.generate_video_tokens(class_labels=labels, top_k=np.int64(5),
+                                             generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, reference)
+
+
+def test_generation_in_training_mode_samples_as_in_eval_mode():
+    model = make_model(hidden_dropout=0.3, class_dropout_prob=0.5)
+    expected = model.generate_video_tokens(class_labels=[0, 2], top_k=5, generator=torch.Generator().manual_seed(0))
+    model.train()
+    for cache_implementation in ("dynamic", "static"):
+        tokens = model.generate_video_tokens(class_labels=[0, 2], top_k=5, generator=torch.Generator().manual_seed(0),
+                                             cache_implementation=cache_implementation)
+        assert torch.equal(tokens, expected)
+        assert model.training  # switched back
 
 
 # ---- the fast path: a static (preallocated) cache gives the reference tokens -------------------------------------

@@ -150,6 +150,19 @@ def test_callback_sees_and_modifies_tokens(pipe):
     assert not torch.equal(out, plain)  # later tokens were sampled after the forced one
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         pipe(class_labels=[0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    # returned tokens are checked: shape, and ids of the generated positions
+    V = pipe.transformer.config.video_vocab_size
+    for bad, message in ((lambda t: t[:, :5], "of shape"), (lambda t: t.float(), "integer ids"),
+                         (lambda t: t.masked_fill(t >= 0, V), f"outside \\[0, {V}\\)"),
+                         (lambda t: t.masked_fill(t >= 0, -1), "outside")):
+        with pytest.raises(ValueError, match=f"callback_on_step_end returned video_tokens.*{message}"):
+            pipe(class_labels=[0], output_type="latent", callback_on_step_end=lambda p, i, t, kw: {
+                "video_tokens": bad(kw["video_tokens"].clone())})
+    # no tensor inputs asked for: the callback still runs
+    calls = []
+    pipe(class_labels=[0], output_type="latent", callback_on_step_end_tensor_inputs=None,
+         callback_on_step_end=lambda p, i, t, kw: calls.append(kw) or {})
+    assert calls and calls[0] == {}
 
 
 def test_interrupt_returns_complete_frames(pipe):
@@ -160,6 +173,15 @@ def test_interrupt_returns_complete_frames(pipe):
 
     out = pipe(class_labels=[0], generator=gen(0), output_type="np", callback_on_step_end=stop).frames
     assert out.shape[1] == 1
+
+    def stop_at_once(p, step, timestep, kwargs):
+        p._interrupt = True
+        return {}
+
+    for output_type in ("np", "latent"):
+        with pytest.raises(RuntimeError, match="interrupted before any latent frame was complete"):
+            pipe(class_labels=[0], output_type=output_type, callback_on_step_end=stop_at_once)
+    assert NBPVideoPipeline(transformer=pipe.transformer, video_tokenizer=pipe.video_tokenizer).interrupt is False
 
 
 def test_streaming_matches_full_generation(pipe):
@@ -230,6 +252,17 @@ def test_guidance_runs_batched(pipe):
     a = pipe(class_labels=[0], guidance_scale=3.0, generator=gen(0), output_type="latent").frames
     b = pipe(class_labels=[0], guidance_scale=1.0, generator=gen(0), output_type="latent").frames
     assert a.shape == b.shape and not torch.equal(a, b)
+    # one forward per step for both halves: as many forwards as steps, each over a doubled batch
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args, kw: batches.append(kw["input_ids"].shape[0]),
+                                                      with_kwargs=True)
+    try:
+        guided = pipe(class_labels=[0, 2], guidance_scale=3.0, generator=[gen(0), gen(1)], output_type="latent").frames
+    finally:
+        hook.remove()
+    assert len(batches) == len(pipe.transformer.layout.decode_schedule(0)) and set(batches) == {4}
+    # and each video is the one guided alone
+    assert torch.equal(guided[:1], a)
 
 
 def test_hub_push_and_pull(pipe, local_hub, monkeypatch, tmp_path):
