@@ -30,6 +30,10 @@ TASK_PRESETS = {
 }
 
 
+def special_token_count(first_block: str, block_size: int) -> int:
+    return {"none": 0, "bov": 1, "hybrid": block_size}[first_block]
+
+
 class NBPConfig(PreTrainedConfig):
     r"""
     Configuration of [`NBPForVideoGeneration`].
@@ -91,19 +95,20 @@ class NBPConfig(PreTrainedConfig):
         self.block_shape = list(self.block_shape or [1, 1, self.latent_shape[-1]])
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.condition_token_offset is None:
+            self.condition_token_offset = self.num_special_tokens
         if self.condition_mode == "class":
             if self.class_condition_ids is not None:
                 self.class_condition_ids = [list(map(int, ids)) for ids in self.class_condition_ids]
                 self.num_classes = len(self.class_condition_ids)
                 self.num_condition_tokens = len(self.class_condition_ids[0]) if self.class_condition_ids else 0
-            if self.condition_vocab_size is None:
-                self.condition_vocab_size = self.num_classes or 0
+            if self.condition_vocab_size is None:  # the span of the given ids, else one id per class
+                ids = [i for c in self.class_condition_ids or () for i in c]
+                self.condition_vocab_size = max(ids) + 1 - self.condition_token_offset if ids else self.num_classes or 0
         else:
             self.num_classes, self.class_condition_ids = 0, None
             self.num_condition_tokens = 0
             self.condition_vocab_size = self.condition_vocab_size or 0
-        if self.condition_token_offset is None:
-            self.condition_token_offset = self.num_special_tokens
         if self.video_token_offset is None:
             self.video_token_offset = self.condition_token_offset + self.condition_vocab_size
         if self.vocab_size is None:
@@ -153,13 +158,34 @@ class NBPConfig(PreTrainedConfig):
                 f"the sequence ({self.sequence_length} positions) is longer than max_position_embeddings "
                 f"({self.max_position_embeddings})"
             )
-        if self.video_token_offset + self.video_vocab_size > self.vocab_size:
-            raise ValueError("vocab_size is smaller than video_token_offset + video_vocab_size")
+        self._check_id_ranges()
         if self.condition_mode == "frames" and self.num_context_frames % self.block_shape[0]:
             raise ValueError(
                 f"num_context_frames ({self.num_context_frames}) must be a multiple of the block's "
                 f"time extent ({self.block_shape[0]})"
             )
+
+    def _check_id_ranges(self):
+        """BOV and placeholders, condition ids and video ids occupy separate ranges inside the vocabulary, and
+        every class's condition ids lie in the condition range."""
+        ranges = {"BOV/placeholder ids": (self.bov_token_id, self.bov_token_id + self.num_special_tokens),
+                  "condition ids": (self.condition_token_offset, self.condition_token_offset + self.condition_vocab_size),
+                  "video ids": (self.video_token_offset, self.video_token_offset + self.video_vocab_size)}
+        for name, (start, stop) in ranges.items():
+            if start < 0 or stop > self.vocab_size:
+                raise ValueError(f"the {name} [{start}, {stop}) do not fit in vocab_size {self.vocab_size}")
+        named = [(n, r) for n, r in ranges.items() if r[1] > r[0]]
+        for i, (a, (a0, a1)) in enumerate(named):
+            for b, (b0, b1) in named[i + 1 :]:
+                if a0 < b1 and b0 < a1:
+                    raise ValueError(f"the {a} [{a0}, {a1}) overlap the {b} [{b0}, {b1}): set bov_token_id, "
+                                     "condition_token_offset and video_token_offset apart")
+        if self.condition_mode == "class":
+            start, stop = ranges["condition ids"]
+            outside = sorted({i for ids in self.class_condition_ids for i in ids if not start <= i < stop})
+            if outside:
+                raise ValueError(f"class_condition_ids must lie in the condition range [{start}, {stop}) "
+                                 f"(condition_token_offset + condition_vocab_size); got {outside[:8]}")
 
     @property
     def block_size(self) -> int:
@@ -172,7 +198,7 @@ class NBPConfig(PreTrainedConfig):
     @property
     def num_special_tokens(self) -> int:
         """BOV (for 'bov' and 'hybrid') and the hybrid start's block_size - 1 placeholders."""
-        return {"none": 0, "bov": 1, "hybrid": self.block_size}[self.first_block]
+        return special_token_count(self.first_block, self.block_size)
 
     @property
     def sequence_length(self) -> int:
@@ -189,11 +215,15 @@ class NBPConfig(PreTrainedConfig):
             raise ValueError(f"unknown preset {name!r}; choose one of {names}")
         layers, width, heads = SIZE_PRESETS[size]
         kwargs = dict(TASK_PRESETS[task], num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads)
+        kwargs.update(overrides)
         if task == "ucf" and "class_condition_ids" not in overrides:
             from .ucf101 import ucf101_class_condition_ids, ucf101_id2label
 
-            kwargs.update(class_condition_ids=ucf101_class_condition_ids(), id2label=ucf101_id2label())
-        kwargs.update(overrides)
+            # the text ids follow the special tokens, whose count depends on the (possibly overridden) blocks
+            offset = kwargs.get("condition_token_offset")
+            if offset is None:
+                offset = special_token_count(kwargs["first_block"], math.prod(kwargs["block_shape"]))
+            kwargs.update(class_condition_ids=ucf101_class_condition_ids(offset), id2label=ucf101_id2label())
         return cls(**kwargs)
 
 

@@ -18,8 +18,9 @@ def load_ucf101_table() -> list[dict]:
         return json.load(f)["classes"]
 
 
-def ucf101_class_condition_ids() -> list[list[int]]:
-    return [[i + UCF101_TEXT_ID_OFFSET for i in c["llama2_ids"]] for c in load_ucf101_table()]
+def ucf101_class_condition_ids(offset: int = UCF101_TEXT_ID_OFFSET) -> list[list[int]]:
+    """Each class's 8 text ids moved past the special tokens (16 in the official models)."""
+    return [[i + offset for i in c["llama2_ids"]] for c in load_ucf101_table()]
 
 
 def ucf101_id2label() -> dict[int, str]:

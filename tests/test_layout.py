@@ -109,3 +109,22 @@ def test_bad_config_values():
         NBPConfig(condition_mode="class", num_classes=3, first_block="none")
     with pytest.raises(ValueError, match="unknown preset"):
         NBPConfig.from_preset("ucf-9b")
+
+
+def test_token_id_ranges_are_kept_apart():
+    small = dict(latent_shape=[2, 2, 2], block_shape=[1, 1, 2], first_block="hybrid", video_vocab_size=10)
+    with pytest.raises(ValueError, match=r"class_condition_ids must lie in the condition range \[2, 12\)"):
+        NBPConfig(class_condition_ids=[[1], [5]], condition_vocab_size=10, **small)  # id 1 is a placeholder
+    with pytest.raises(ValueError, match=r"BOV/placeholder ids \[3, 5\) overlap the condition ids \[2, 5\)"):
+        NBPConfig(num_classes=3, bov_token_id=3, **small)
+    with pytest.raises(ValueError, match="condition ids .* overlap the video ids"):
+        NBPConfig(num_classes=3, video_token_offset=3, **small)
+    with pytest.raises(ValueError, match="do not fit in vocab_size"):
+        NBPConfig(num_classes=3, vocab_size=8, **small)
+    # given multi-token ids size the condition range; the video ids follow it
+    cfg = NBPConfig(class_condition_ids=[[3, 4], [5, 6]], **small)
+    assert (cfg.condition_token_offset, cfg.condition_vocab_size, cfg.video_token_offset) == (2, 5, 7)
+    # the UCF text ids follow the special tokens of the chosen blocks (16 for the official 1x1x16 hybrid start)
+    official, rows = NBPConfig.from_preset("ucf-tiny"), NBPConfig.from_preset("ucf-tiny", block_shape=[1, 1, 8])
+    assert official.condition_token_offset == 16 and rows.condition_token_offset == 8
+    assert [i - 8 for i in rows.class_condition_ids[5]] == [i - 16 for i in official.class_condition_ids[5]]
