@@ -51,6 +51,22 @@ def test_later_blocks_never_change_earlier_logits(first_block):
         assert not torch.allclose(logits[:, b_start:], base[:, b_start:])
 
 
+@pytest.mark.parametrize("first_block", ["bov", "hybrid"])
+def test_the_model_attends_exactly_where_the_layout_allows(first_block):
+    model = make_model(first_block=first_block, attn="eager")
+    inputs, _ = model.prepare_training_inputs(grid(model, batch=1), [2])
+    seen = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda m, args, out: seen.append(out[1][0, 0] > 0))
+    model(input_ids=inputs)
+    L = inputs.shape[1]
+    assert torch.equal(seen[-1], model.layout.allowed(0, L))
+    # a chunk fed against a cache: rows [past, L) of the same mask
+    past = model.layout.prefix_length + 1 + model.layout.block_size
+    cache = model(input_ids=inputs[:, :past], use_cache=True).cache
+    model(input_ids=inputs[:, past:], cache=cache)
+    assert torch.equal(seen[-1], model.layout.allowed(0, L)[past:])
+
+
 def test_tokens_inside_a_block_see_each_other():
     model = make_model(block=(1, 1, 4))
     inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
