@@ -42,11 +42,11 @@ def load_condition_tokenizer(tokenizer_path: str):
     return tokenizer
 
 
-def text_to_condition_ids(texts, tokenizer_name_or_path, num_tokens: int = 8,
+def text_to_condition_ids(texts, tokenizer_path, num_tokens: int = 8,
                           offset: int = UCF101_TEXT_ID_OFFSET) -> torch.Tensor:
     """Prompts -> (B, num_tokens) condition ids for `generate_video_tokens(condition_ids=...)`: BOS + text ids,
     right-padded with eos and truncated to `num_tokens`, then shifted by `offset` (the generator's
-    `condition_token_offset`, 16 for UCF-101). `tokenizer_name_or_path`: a local tokenizer folder."""
+    `condition_token_offset`, 16 for UCF-101). `tokenizer_path`: a local tokenizer folder (nothing is downloaded)."""
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
@@ -55,7 +55,7 @@ def text_to_condition_ids(texts, tokenizer_name_or_path, num_tokens: int = 8,
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    tokenizer = load_condition_tokenizer(tokenizer_name_or_path)
+    tokenizer = load_condition_tokenizer(tokenizer_path)
     encoded = tokenizer(list(texts), padding="max_length", max_length=num_tokens, truncation=True,
                         add_special_tokens=True, padding_side="right", return_tensors="pt")
     return encoded.input_ids.long() + offset

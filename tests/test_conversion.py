@@ -578,9 +578,9 @@ def test_text_to_condition_ids_follows_the_official_rules(word_tokenizer):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(texts="yo", tokenizer_name_or_path="meta-llama/Llama-2-7b-hf"), "local tokenizer folder"),
-    (dict(texts=[], tokenizer_name_or_path="."), "non-empty list"),
-    (dict(texts="yo", tokenizer_name_or_path=".", num_tokens=0), "num_tokens"),
+    (dict(texts="yo", tokenizer_path="meta-llama/Llama-2-7b-hf"), "local tokenizer folder"),
+    (dict(texts=[], tokenizer_path="."), "non-empty list"),
+    (dict(texts="yo", tokenizer_path=".", num_tokens=0), "num_tokens"),
 ])
 def test_text_to_condition_ids_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
