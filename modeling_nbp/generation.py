@@ -10,9 +10,9 @@ from transformers.cache_utils import DynamicCache
 
 
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Exp(1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch equals
-    single runs). A generator on another kind of device than the model (a CPU generator for a CUDA model, as
-    diffusers allows) draws on its own device, and the noise is copied over (slower)."""
+    """Uniform [0, 1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch
+    equals single runs). A generator on another kind of device than the model (a CPU generator for a CUDA
+    model, as diffusers allows) draws on its own device, and the noise is copied over."""
     out = torch.empty(shape, device=device) if out is None else out
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
@@ -22,24 +22,19 @@ def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.T
         pairs = [(out, generator)]
     for target, g in pairs:
         if g is not None and g.device.type != target.device.type:
-            target.copy_(torch.empty(target.shape, device=g.device).exponential_(generator=g))
+            target.copy_(torch.empty(target.shape, device=g.device).uniform_(generator=g))
         else:
-            target.exponential_(generator=g)
+            target.uniform_(generator=g)
     return out
-
-
-def noise_shape(logits_shape, top_k: int | None) -> tuple:
-    """Shape of the Exp(1) noise that `sample_tokens` consumes for logits of `logits_shape` (..., V)."""
-    V = logits_shape[-1]
-    return (*logits_shape[:-1], top_k if top_k and top_k < V else V)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   generator=None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: keep
     the smallest set of tokens whose probability reaches top_p) as in the official sampler. Runs on the
-    logits' device without host synchronisation (sampling by the exponential race argmax(p / E), E ~ Exp(1)).
-    `noise` (shape `noise_shape(logits.shape, top_k)`) may be drawn beforehand; else it is drawn here."""
+    logits' device without host synchronisation, by inverse transform: with u ~ U[0, 1) per position, the token
+    at which the cumulative probability of the kept tokens (largest first) passes u times their total.
+    `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -52,14 +47,16 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     elif top_p < 1.0:
         logits, index = logits.sort(dim=-1, descending=True)
     probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        probs = probs.masked_fill(drop, 0.0)
+    cumulative = probs.cumsum(dim=-1)
+    # the kept tokens are a prefix: drop a token when the tokens ranked above it already reach top_p
+    # (u * total < total, and a cumulative sum of non-negative numbers never decreases, so a kept token is
+    # chosen; the clamps only keep NaN logits, reported after the run, from indexing out of range)
+    last = (cumulative - probs <= top_p).sum(dim=-1, keepdim=True).clamp_(min=1) - 1 if top_p < 1.0 else None
+    total = cumulative[..., -1:] if last is None else cumulative.gather(-1, last)
     if noise is None:
-        noise = _noise(probs.shape, generator, probs.device)
-    choice = (probs / noise).argmax(dim=-1)
-    return choice if index is None else index.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        noise = _noise(logits.shape[:-1], generator, logits.device)
+    choice = torch.searchsorted(cumulative, noise.unsqueeze(-1) * total, right=True).clamp_(max=probs.shape[-1] - 1)
+    return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
 
 
 def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None):
@@ -256,8 +253,7 @@ class NBPGenerationMixin:
             ids = seq[:, start:upto]
             draw_noise = None  # (out=None) -> this step's sampling noise, drawn into `out` when given
             if sampling["temperature"] > 0:
-                draw_noise = partial(_noise, noise_shape((B, b - a, cfg.video_vocab_size), sampling["top_k"]),
-                                     generator, device)
+                draw_noise = partial(_noise, (B, b - a), generator, device)
             step_drop = drop if start < layout.prefix_length else None
             if decoder is not None and start > 0:
                 tokens = decoder(self, ids, start, keep_slice, draw_noise)

@@ -156,6 +156,26 @@ def test_top_k_larger_than_vocab_and_top_p_one_are_plain_sampling():
     assert torch.equal(a, b)
 
 
+def test_sampler_draws_from_the_filtered_distribution():
+    probs = torch.tensor([0.05, 0.30, 0.12, 0.25, 0.20, 0.08])  # no ties: top-k is well defined
+    logits = probs.log().expand(200_000, -1)
+    for top_k, top_p, kept in ((None, 1.0, [0, 1, 2, 3, 4, 5]), (4, 1.0, [1, 2, 3, 4]), (None, 0.7, [1, 3, 4]),
+                               (4, 0.7, [1, 3, 4]), (2, 0.6, [1, 3]), (2, 0.5, [1])):
+        tokens = generation.sample_tokens(logits, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        expected = torch.zeros(6)
+        expected[kept] = probs[kept] / probs[kept].sum()
+        frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
+        sigma = (expected * (1 - expected) / len(tokens)).sqrt()
+        assert ((frequencies - expected).abs() <= 5 * sigma + 1e-9).all(), (top_k, top_p, frequencies)
+    # temperature sharpens the same distribution
+    cold = generation.sample_tokens(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    expected = probs**2 / (probs**2).sum()
+    assert ((torch.bincount(cold, minlength=6) / len(cold) - expected).abs() < 0.005).all()
+    # noise at the top of [0, 1) picks the last kept token, never a dropped one
+    top = generation.sample_tokens(logits[:4], top_k=4, top_p=0.7, noise=torch.full((4,), 1 - 2**-24))
+    assert (top == 4).all()  # the last kept token in rank order (0.30, 0.25, 0.20)
+
+
 def test_top_k_one_is_greedy():
     model = make_model()
     a = model.generate_video_tokens(class_labels=[1], generator=torch.Generator().manual_seed(4), top_k=1)
