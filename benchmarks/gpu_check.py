@@ -142,6 +142,9 @@ def main(argv=None):
         plain = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
                                             use_cuda_graphs=False, **PAPER_SAMPLING)
         out["bf16 graphs vs the same static step without graphs"] = agreement(graphs, plain)
+        cpu_seeded = [model.generate_video_tokens(context_ids=ctx, generator=torch.Generator().manual_seed(3),
+                                                  **PAPER_SAMPLING) for _ in range(2)]
+        out["a CPU generator for the CUDA model, two calls"] = agreement(*cpu_seeded)
         out["bf16 optimized vs eager (kernels differ: rounding)"] = agreement(graphs, reference)
         model.clear_decode_cache()
         if cuda:

@@ -1,10 +1,10 @@
 """Finite scalar quantization (FSQ, Mentzer et al. 2023) with the index math of the official NBP tokenizer.
 
 Every latent channel i is squashed into a bounded range and rounded to one of `levels[i]` values; the code of
-a position is the vector of those values, normalised to [-1, 1) by `levels // 2`, and its id is the
-mixed-radix number formed by the per-channel digits (channel 0 is the least significant digit). There is no
-learned codebook: the module has no parameters, and its constants are non-persistent buffers, so it adds
-nothing to a state dict.
+a position is the vector of those values, normalised by `levels // 2` to [-1, 1] (odd levels reach +1, even
+levels stop one step below it), and its id is the mixed-radix number formed by the per-channel digits (channel
+0 is the least significant digit). There is no learned codebook: the module has no parameters, and its
+constants are non-persistent buffers, so it adds nothing to a state dict.
 
 All tensors here are channel-last: `(..., len(levels))` for latents and codes, `(...)` for ids.
 """
@@ -54,7 +54,7 @@ class FSQ(nn.Module):
         return math.prod(self.levels)
 
     def _half_width(self) -> torch.Tensor:
-        # levels // 2, as float: the factor that maps integer digits to codes in [-1, 1).
+        # levels // 2, as float: the factor that maps integer digits to codes in [-1, 1].
         return (self._levels // 2).float()
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
@@ -100,11 +100,17 @@ class FSQ(nn.Module):
         digits = torch.round(codes.detach().float() * half + half).long()
         return (digits * self._basis).sum(dim=-1)
 
-    def indices_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Map int ids `(...)` to float32 codes `(..., dim)`; the inverse of `codes_to_indices`."""
+    def indices_to_codes(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Map int ids `(...)` in `[0, codebook_size)` to float32 codes `(..., dim)`; the inverse of
+        `codes_to_indices`. `validate=False` skips the range check (a read back to the host)."""
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"`ids` must be an integer tensor; got "
                             f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}")
+        if validate and ids.numel() and ids.device.type != "meta":
+            low, high = (v.item() for v in torch.aminmax(ids))
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(f"`ids` must lie in [0, {self.codebook_size}) (the FSQ codebook size); got min "
+                                 f"{low}, max {high}")
         digits = (ids.long().unsqueeze(-1) // self._basis) % self._levels
         half = self._half_width()
         return (digits.float() - half) / half

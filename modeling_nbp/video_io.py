@@ -8,7 +8,7 @@ Conventions used throughout this module:
     - a numpy array ``(T, H, W, 3)``, ``uint8`` or float in ``[0, 1]``,
     - a torch tensor ``(3, T, H, W)`` (channels first, the dataset/tokenizer layout), ``uint8`` or float
       in ``[0, 1]``.
-  Float values outside ``[0, 1]`` are clipped.
+  Float values outside ``[0, 1]`` are clipped; NaN or infinite values are refused.
 * Every file is written under a temporary name in the target folder and renamed into place.
 """
 
@@ -182,7 +182,8 @@ def as_uint8_frames(frames) -> np.ndarray:
     if isinstance(frames, torch.Tensor):
         if frames.ndim != 4 or frames.shape[0] != 3:
             raise ValueError(f"a video tensor must have shape (3, T, H, W), got {tuple(frames.shape)}")
-        frames = frames.detach().cpu().permute(1, 2, 3, 0).numpy()
+        frames = frames.detach().cpu().permute(1, 2, 3, 0)
+        frames = (frames.float() if frames.is_floating_point() else frames).numpy()  # numpy has no bfloat16
     elif isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("`frames` is empty")
@@ -198,6 +199,8 @@ def as_uint8_frames(frames) -> np.ndarray:
     if frames.dtype == np.uint8:
         return np.ascontiguousarray(frames)
     if np.issubdtype(frames.dtype, np.floating):
+        if not np.isfinite(frames).all():
+            raise ValueError("float frames must lie in [0, 1], got NaN or infinite values")
         return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise TypeError(f"frames must be uint8 or float in [0, 1], got dtype {frames.dtype}")
 
@@ -236,9 +239,10 @@ def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12
 def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
     """Write an animated GIF that loops forever and return its path.
 
-    GIF stores frame durations in hundredths of a second, so the rate is rounded accordingly.
-    Each frame gets its own 256-colour palette. Pillow merges identical consecutive frames into one
-    longer frame, so a video with repeated frames reads back with fewer frames.
+    GIF stores frame durations in whole hundredths of a second, so the rate is rounded (8 fps: 125 ms
+    is stored as 12 cs and plays at 8.33 fps). Each frame gets its own 256-colour palette. Pillow merges
+    identical consecutive frames into one longer frame, so a video with repeated frames reads back with
+    fewer frames: GIFs are for viewing, not for evaluation (FVD refuses them).
     """
     if fps <= 0:
         raise ValueError(f"`fps` must be positive, got {fps}")

@@ -30,8 +30,8 @@ from torch import nn
 
 from .fsq import FSQ
 
-# Inputs outside this range are almost certainly not [0, 1] pixels (e.g. [-1, 1] or 0..255).
-_PIXEL_SLACK = 0.5
+# Float rounding may take [0, 1] pixels this far outside the range (the FVD and PSNR checks use the same).
+_RANGE_TOLERANCE = 1e-3
 
 
 def depth_to_space(x: torch.Tensor, time_factor: int, space_factor: int) -> torch.Tensor:
@@ -313,15 +313,26 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
                              f"tensor needs `video.permute(0, 2, 1, 3, 4)`)")
         self._latent_shape(*video.shape[2:], names=("`video` frame count (dim 2)", "`video` height (dim 3)",
                                                     "`video` width (dim 4)"))
+        self._check_device(video, "video")
         if video.device.type == "meta":  # shape-only run: there are no values to check
             return
         low, high = (v.item() for v in torch.aminmax(video.detach()))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("`video` contains NaN or infinite values")
-        if low < -_PIXEL_SLACK or high > 1 + _PIXEL_SLACK:
-            hint = ("it looks like [-1, 1] pixels: pass `(video + 1) / 2`" if low < -_PIXEL_SLACK
-                    else "it looks like 0..255 pixels: pass `video / 255`")
+        if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            if high > 1.5:
+                hint = "it looks like 0..255 pixels: pass `video / 255`"
+            elif low < 0:
+                hint = "for [-1, 1] pixels pass `(video + 1) / 2`; clamp rounding errors with `video.clamp(0, 1)`"
+            else:
+                hint = "clamp rounding errors with `video.clamp(0, 1)`"
             raise ValueError(f"`video` values must lie in [0, 1]; got min {low:.4g}, max {high:.4g} ({hint})")
+
+    def _check_device(self, tensor: torch.Tensor, name: str) -> None:
+        # A model whose weights are on "meta" is offloaded (accelerate moves inputs itself) or shape-only.
+        if self.device.type != "meta" and tensor.device != self.device:
+            raise ValueError(f"`{name}` is on {tensor.device} but the model is on {self.device}; pass "
+                             f"`{name}.to({str(self.device)!r})`")
 
     def _check_ids(self, ids) -> None:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -330,6 +341,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         if ids.ndim != 4 or ids.shape[0] == 0:
             raise ValueError(f"`ids` must have shape (batch, latent_frames, latent_height, latent_width) with "
                              f"batch >= 1; got shape {tuple(ids.shape)} (reshape a flat sequence to the grid first)")
+        self._check_device(ids, "ids")
         if ids.device.type == "meta":
             return
         low, high = (v.item() for v in torch.aminmax(ids))
@@ -348,10 +360,12 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         codes, ids = self.quantizer(z.movedim(1, -1))
         return codes.movedim(-1, 1), ids
 
-    def indices_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T', H', W') -> float32 FSQ codes (B, D, T', H', W')."""
-        self._check_ids(ids)
-        return self.quantizer.indices_to_codes(ids).movedim(-1, 1)
+    def indices_to_codes(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Token ids (B, T', H', W') -> float32 FSQ codes (B, D, T', H', W'). `validate=False` skips the checks
+        of the ids (their range check reads them back to the host), for ids already checked."""
+        if validate:
+            self._check_ids(ids)
+        return self.quantizer.indices_to_codes(ids, validate=False).movedim(-1, 1)
 
     # -------------------------------------------------------------------------------- encoder/decoder
     def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +422,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
             raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
         chunks = ids.split(decode_batch_size) if decode_batch_size else (ids,)
-        videos = [self._decode_codes(self.indices_to_codes(chunk)).clamp(0, 1) for chunk in chunks]
+        videos = [self._decode_codes(self.indices_to_codes(chunk, validate=False)).clamp(0, 1) for chunk in chunks]
         return videos[0] if len(videos) == 1 else torch.cat(videos)
 
     def incremental_decoder(self, decode_batch_size: int | None = None) -> "IncrementalDecoder":
@@ -459,7 +473,7 @@ class IncrementalDecoder:
             self.batch_size, self.states = ids.shape[0], [{} for _ in chunks]
         videos = []
         for chunk, state in zip(chunks, self.states):
-            x = tok.indices_to_codes(chunk).to(tok.dtype)
+            x = tok.indices_to_codes(chunk, validate=False).to(tok.dtype)
             for layer in tok.decoder_layers:
                 x = self._layer(layer, x, state)
             if tok._patch_size > 1:

@@ -288,3 +288,47 @@ def test_pretokenize_keeps_class_names(tmp_path):
     merged = pretokenize(Named(), FakeTokenizer(), tmp_path / "named", batch_size=2)
     assert merged.features["label"].names == ["zero", "one"]
     assert merged["label"] == [0, 1, 0]
+
+
+class TinyClips(torch.utils.data.Dataset):
+    """Six flat grey clips carrying the clip settings of `VideoClipDataset`."""
+
+    def __init__(self, resolution=8, fps=8):
+        self.num_frames, self.resolution, self.fps, self.sampling = 3, resolution, fps, "center"
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"video": torch.full((3, self.num_frames, self.resolution, self.resolution), i / 6), "label": i % 2}
+
+
+def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_path):
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    def tokenizer(seed=0, fsq_levels=(8, 5, 5, 5)):
+        torch.manual_seed(seed)
+        return NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                                 fsq_levels=fsq_levels, norm_num_groups=4).eval()
+
+    out = tmp_path / "tokens"
+    pretokenize(TinyClips(), tokenizer(), out, batch_size=2, chunk_size=2, num_shards=2, shard_index=0)
+    written = sorted(os.listdir(out / "chunks"))
+    assert written == ["chunk_000000", "chunk_000002"]  # shard 1 (chunk 1) still to do
+    refusals = [
+        (TinyClips(resolution=16), tokenizer(), r"clip\.resolution 8 on disk, 16 now"),
+        (TinyClips(fps=16), tokenizer(), r"clip\.fps 8 on disk, 16 now"),
+        (TinyClips(), tokenizer(seed=1), r"tokenizer_weights '\w+' on disk, '\w+' now"),
+        (TinyClips(), tokenizer(fsq_levels=(8, 5, 5)), r"tokenizer_config\.fsq_levels \[8, 5, 5, 5\] on disk"),
+    ]
+    for data, other, message in refusals:
+        with pytest.raises(ValueError, match=message + r".*another output_dir \(or delete"):
+            pretokenize(data, other, out, batch_size=2, chunk_size=2, num_shards=2, shard_index=1)
+        assert sorted(os.listdir(out / "chunks")) == written
+    # The same tokenizer loaded from another folder (only diffusers' bookkeeping differs) resumes.
+    tokenizer().save_pretrained(tmp_path / "saved")
+    reloaded = NBPVideoTokenizer.from_pretrained(tmp_path / "saved").eval()
+    pretokenize(TinyClips(), reloaded, out, batch_size=2, chunk_size=2, num_shards=2, shard_index=1)
+    merge_token_chunks(out)
+    pretokenize(TinyClips(), tokenizer(), tmp_path / "clean", batch_size=2, chunk_size=2)
+    assert read_all(out) == read_all(tmp_path / "clean")

@@ -103,3 +103,11 @@ def test_bad_arguments():
         fsq(torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="`ids` must be an integer tensor"):
         fsq.indices_to_codes(torch.zeros(3))
+    for bad in (-1, 40):  # would wrap around to the last / first code
+        with pytest.raises(ValueError, match=r"`ids` must lie in \[0, 40\).*got min"):
+            fsq.indices_to_codes(torch.tensor([0, bad, 39]))
+
+
+def test_odd_levels_reach_plus_one():
+    codes = FSQ((5, 4)).indices_to_codes(torch.arange(20))
+    assert codes[:, 0].max() == 1 and codes[:, 1].max() == 0.5 and codes.min() == -1

@@ -87,9 +87,15 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(10.0, abs=1e-12)
 
 
-def test_frechet_distance_rejects_bad_shapes():
+def test_frechet_distance_rejects_bad_shapes_and_non_finite_statistics():
     with pytest.raises(ValueError, match=r"\(D, D\)"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    sigma = np.eye(3)
+    sigma[1, 2] = np.nan  # scipy.linalg.sqrtm hangs on this instead of failing
+    with pytest.raises(ValueError, match="sigma2 holds NaN or infinite"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), sigma)
+    with pytest.raises(ValueError, match="mu1 holds NaN or infinite"):
+        frechet_distance(np.array([0.0, np.inf, 0.0]), np.eye(3), np.zeros(3), np.eye(3))
 
 
 def test_fvd_from_features_sampling_and_checks():
@@ -106,6 +112,9 @@ def test_fvd_from_features_sampling_and_checks():
         fvd_from_features(fake, real, num_repeats=2)
     with pytest.raises(ValueError, match="at least 2 fake videos"):
         fvd_from_features(fake[:1], real)
+    real[3, 1] = np.nan
+    with pytest.raises(ValueError, match="real features hold NaN or infinite values"):
+        fvd_from_features(fake, real)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,17 +219,22 @@ def test_fvd_of_tiny_i3d_and_clear_errors(tmp_path):
         calculator.fvd(real[:1], real)
     with pytest.raises(ValueError, match="same resolution"):
         calculator.fvd(real, moving_squares(2, size=24))
-    with pytest.raises(ValueError, match="same number of frames"):
-        calculator.fvd(real, moving_squares(2, frames=17, size=16))
     with pytest.raises(ValueError, match="at least 16 frames"):
         calculator.features(moving_squares(2, frames=12, size=16))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         calculator.features(real * 2 - 1)
+    one_nan_frame = real.clone()
+    one_nan_frame[1, :, 5] = float("nan")
+    with pytest.raises(ValueError, match="got NaN or infinite values"):
+        calculator.fvd(one_nan_frame, real.clone())
     with pytest.raises(TypeError, match="float tensor"):
         calculator.features((real * 255).to(torch.uint8))
     with pytest.raises(ValueError, match="empty"):
         calculator.features([])
     assert len(calls) == 4  # every bad input was refused before reaching the network
+    # Only the first 16 frames are used, so sets of different lengths compare by those.
+    longer = torch.cat([real, moving_squares(4, frames=4, size=16, seed=5)], dim=2)
+    assert calculator.fvd(longer, real)["mean"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="protocol must be one of"):
         FVDCalculator(calculator.detector, protocol="ucf")
     # Under k600_64 both sets are brought to 64x64 first, so resolutions may differ.
@@ -291,6 +305,18 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
     (fake_dir / "9.npy").write_bytes((real_dir / "1.npy").read_bytes())
     with pytest.raises(FileNotFoundError, match="pairs files by name"):
         fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
+
+
+def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
+    from modeling_nbp.video_io import export_to_gif
+
+    video = moving_squares(1, size=16)[0]
+    export_to_gif(video, tmp_path / "gifs" / "0.gif")
+    with pytest.raises(ValueError, match="holds only GIFs.*merges repeated consecutive frames.*MP4"):
+        fvd_module.main([str(tmp_path / "gifs"), str(tmp_path / "gifs"), "--no-progress"])
+    # Next to usable files (a demo's .gif previews beside its .mp4 files) GIFs are left out.
+    export_to_mp4(video, tmp_path / "gifs" / "0.mp4")
+    assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / "0.mp4"]
 
 
 def test_conversion_refuses_checkpoints_that_are_not_plain_arrays(tmp_path):

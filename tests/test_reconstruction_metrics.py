@@ -92,6 +92,13 @@ def test_bad_inputs_raise_clear_errors(metric):
         metric(video[0], video[0])
     with pytest.raises(ValueError, match="must lie in"):
         metric(video * 2 - 1, video)
+    for bad in (float("nan"), float("inf")):
+        broken = video.clone()
+        broken[0, 1, 1, 3, 4] = bad  # one pixel of one frame
+        with pytest.raises(ValueError, match=r"target must lie in .* got NaN or infinite"):
+            metric(video, broken)
+        with pytest.raises(ValueError, match=r"pred must lie in .* got NaN or infinite"):
+            metric(broken, video)
     with pytest.raises(TypeError, match="floating-point"):
         metric((video * 255).to(torch.uint8), video)
     with pytest.raises(ValueError, match="data_range"):

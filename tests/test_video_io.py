@@ -105,6 +105,18 @@ def test_as_uint8_frames_validates_input():
         as_uint8_frames(np.zeros((2, 2, 3)))
     with pytest.raises(TypeError):
         as_uint8_frames("frames")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="NaN or infinite"):  # not silently black (or white) pixels
+            as_uint8_frames(np.array([[[[0.5, bad, 0.5]]]]))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            as_uint8_frames(torch.tensor([bad, 0.5]).view(1, 2, 1, 1).expand(3, 2, 1, 1))
+
+
+def test_as_uint8_frames_accepts_low_precision_tensors():
+    video = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(1, 4, 1, 1).expand(3, 4, 1, 1)  # (3, T, H, W)
+    expected = np.array([0, 64, 128, 255], dtype=np.uint8).repeat(3).reshape(4, 1, 1, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        np.testing.assert_array_equal(as_uint8_frames(video.to(dtype)), expected)
 
 
 def test_contact_sheet_layout(tmp_path):

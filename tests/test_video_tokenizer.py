@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modeling_nbp.video_tokenizer import NBPVideoTokenizer, depth_to_space, space_to_depth
+from modeling_nbp.video_tokenizer import NBPVideoTokenizer, ResidualUnit, depth_to_space, space_to_depth
 
 # Tiny configurations: (time, space) compression (2, 2), (4, 8) with the official stride pattern, and (4, 8)
 # from a 2x space-to-depth stem plus two conv downsamplings.
@@ -245,14 +245,22 @@ def test_straight_through_gradients_reach_the_encoder():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     video = rand_video(1, 3, 5, 8, 8)
-    grads = []
+    grads, unit_calls = [], []
     for checkpointing in (False, True):
         tok = make(TINY).train()
         if checkpointing:
             tok.enable_gradient_checkpointing()
+        calls = []
+        for module in tok.modules():
+            if isinstance(module, ResidualUnit):
+                module.register_forward_pre_hook(lambda *args: calls.append(1))
         tok(video).reconstruction.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in tok.parameters()]))
+        unit_calls.append(len(calls))
     torch.testing.assert_close(grads[0], grads[1])
+    # checkpointed residual units start their forward again during the backward pass (the recomputation stops
+    # early once it has what the backward needs, so only pre-hooks are sure to see it)
+    assert unit_calls[0] == 4 and unit_calls[1] == 8
 
 
 # ------------------------------------------------------------------------------- saving, dtypes, batching
@@ -266,6 +274,14 @@ def test_save_and_load_round_trip(tmp_path):
     ids = tok.encode(video)
     assert torch.equal(loaded.encode(video), ids)
     assert torch.equal(loaded.decode(ids), tok.decode(ids))
+
+
+def test_inputs_within_rounding_of_the_pixel_range_are_accepted():
+    tok = make(TINY)
+    video = rand_video(1, 3, 5, 8, 8)
+    video[0, 0, 0, 0, :2] = torch.tensor([-5e-4, 1 + 5e-4])
+    assert tok.encode(video).shape == (1, 3, 4, 4)
+    assert tok.encode(video.bfloat16()).shape == (1, 3, 4, 4)
 
 
 def test_bfloat16_encode_and_decode():
@@ -294,6 +310,10 @@ def test_decode_in_chunks_matches_one_pass():
     (rand_video(1, 1, 5, 16, 16), ValueError, r"`video` must have 3 channels"),
     (rand_video(1, 3, 5, 16, 16) * 255, ValueError, r"`video` values must lie in \[0, 1\].*0\.\.255"),
     (rand_video(1, 3, 5, 16, 16) * 2 - 1, ValueError, r"`video` values must lie in \[0, 1\].*\[-1, 1\]"),
+    # [-1, 1] pixels whose darkest value is above -0.5
+    ((rand_video(1, 3, 5, 16, 16) * 0.6 + 0.4) * 2 - 1, ValueError, r"`video` values must lie in \[0, 1\].*\[-1, 1\]"),
+    (rand_video(1, 3, 5, 16, 16) * 1.01, ValueError, r"`video` values must lie in \[0, 1\].*clamp"),
+    (torch.empty(1, 3, 5, 16, 16, device="meta"), ValueError, r"`video` is on meta but the model is on cpu"),
     (torch.full((1, 3, 5, 16, 16), float("nan")), ValueError, r"`video` contains NaN"),
     ((rand_video(1, 3, 5, 16, 16) * 255).to(torch.uint8), TypeError, r"`video` must be a floating-point tensor"),
     (rand_video(3, 5, 16, 16), ValueError, r"`video` must have shape \(batch, channels, frames, height, width\)"),
@@ -310,6 +330,8 @@ def test_bad_video_is_rejected(video, error, message):
     (torch.full((1, 2, 2, 2), 512), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
     (torch.full((1, 2, 2, 2), -1), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
     (torch.zeros(1, 2, 2, 2), {}, TypeError, r"`ids` must be an integer tensor"),
+    (torch.zeros(1, 2, 2, 2, dtype=torch.long, device="meta"), {}, ValueError,
+     r"`ids` is on meta but the model is on cpu"),
     (torch.zeros(1, 8, dtype=torch.long), {}, ValueError, r"`ids` must have shape \(batch, latent_frames"),
     (torch.zeros(1, 2, 2, 2, dtype=torch.long), {"decode_batch_size": 0}, ValueError, r"`decode_batch_size`"),
 ])

@@ -2,7 +2,7 @@
 
 Output folder layout::
 
-    output_dir/pretokenize.json      # {"num_items", "chunk_size"}: checked when a run resumes
+    output_dir/pretokenize.json      # what made the tokens (see `_run_settings`): checked when a run resumes
     output_dir/chunks/chunk_000000/  # one `datasets` Arrow dataset per chunk of `chunk_size` items,
     output_dir/chunks/chunk_000001/  #   written under a temporary name and renamed into place
     output_dir/tokens/               # the merged dataset (chunks are deleted once it exists)
@@ -11,16 +11,19 @@ Output folder layout::
 Rows: ``tokens`` (flat int32 list), ``latent_shape`` ([T', H', W']), ``label`` (int64) and ``index``
 (position in the source dataset). Chunk ``k`` holds items ``[k * chunk_size, (k + 1) * chunk_size)``
 and belongs to shard ``k % num_shards``, so processes can split the work by index and a killed run
-restarted with the same arguments skips the chunks already on disk.
+restarted with the same arguments skips the chunks already on disk; a rerun with another tokenizer or other
+clip settings is refused rather than mixed with them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 
 import datasets
 import numpy as np
@@ -69,17 +72,53 @@ def _write_json(path: str, content) -> None:
         json.dump(content, f)
 
 
-def _check_metadata(output_dir: str, num_items: int, chunk_size: int) -> None:
+# Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`).
+CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling")
+
+
+def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
+    """Everything that decides the chunks' contents, as plain JSON values."""
+    config = getattr(tokenizer, "config", None)
+    config = dict(config) if isinstance(config, Mapping) else {}
+    settings = {
+        "num_items": len(dataset),
+        "chunk_size": chunk_size,
+        "clip": {name: getattr(dataset, name) for name in CLIP_SETTINGS if hasattr(dataset, name)},
+        "tokenizer": type(tokenizer).__name__,
+        # diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...) do not change the tokens.
+        "tokenizer_config": {k: v for k, v in config.items() if not k.startswith("_")},
+    }
+    if isinstance(tokenizer, torch.nn.Module):  # the config alone cannot tell two checkpoints apart
+        digest = hashlib.sha256()
+        for name, tensor in sorted(tokenizer.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        settings["tokenizer_weights"] = digest.hexdigest()[:16]
+    return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they read back from the file
+
+
+def _differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(found) | set(wanted)):
+        old, new = found.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key} {old!r} on disk, {new!r} now")
+    return lines
+
+
+def _check_metadata(output_dir: str, wanted: dict) -> None:
     meta_path = os.path.join(output_dir, "pretokenize.json")
-    wanted = {"num_items": num_items, "chunk_size": chunk_size}
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            found = json.load(f)
-        if found != wanted:
-            raise ValueError(f"{output_dir} holds a pre-tokenization with {found}, this run has {wanted}; "
-                             "use the same dataset and chunk_size, or a fresh output_dir")
-    else:
+    if not os.path.isfile(meta_path):
         _write_json(meta_path, wanted)
+        return
+    with open(meta_path, encoding="utf-8") as f:
+        differences = _differences(json.load(f), wanted)
+    if differences:
+        raise ValueError(f"{output_dir} holds a pre-tokenization made with other settings ({'; '.join(differences)}); "
+                         "resuming would mix their tokens. Rerun with the same dataset, tokenizer, clip settings and "
+                         f"chunk_size, or start over in another output_dir (or delete {output_dir})")
 
 
 def _chunk_dir(output_dir: str, chunk: int) -> str:
@@ -148,7 +187,7 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
     num_items = len(dataset)
     if num_items == 0:
         raise ValueError("`dataset` is empty")
-    _check_metadata(output_dir, num_items, chunk_size)
+    _check_metadata(output_dir, _run_settings(dataset, tokenizer, chunk_size))
     num_chunks = math.ceil(num_items / chunk_size)
     for chunk in range(shard_index, num_chunks, num_shards):
         target = _chunk_dir(output_dir, chunk)

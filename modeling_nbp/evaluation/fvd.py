@@ -77,6 +77,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                 f"frechet_distance needs mu1, mu2 of shape (D,) and sigma1, sigma2 of shape (D, D); "
                 f"got mu1 {mu1.shape}, {name} {value.shape}"
             )
+    for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():  # scipy's sqrtm can hang on NaN
+            raise ValueError(f"frechet_distance needs finite statistics; {name} holds NaN or infinite values")
     with warnings.catch_warnings():
         # Covariances of fewer samples than dimensions are singular; scipy warns, the root is still usable.
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
@@ -106,6 +109,8 @@ def fvd_from_features(
             raise ValueError(f"{name} features must have shape (N, D), got {features.shape}")
         if features.shape[0] < 2:
             raise ValueError(f"FVD needs at least 2 {name} videos to estimate a covariance, got {features.shape[0]}")
+        if not np.isfinite(features).all():
+            raise ValueError(f"{name} features hold NaN or infinite values (from a NaN video or a diverged detector)")
     if fake_features.shape[1] != real_features.shape[1]:
         raise ValueError(f"fake and real features differ in size: {fake_features.shape[1]} vs {real_features.shape[1]}")
     if not (isinstance(num_repeats, int) and num_repeats >= 1):
@@ -286,6 +291,8 @@ class FVDCalculator:
                              f"got {frames}")
         if batch.numel():
             low, high = batch.min().item(), batch.max().item()
+            if not (math.isfinite(low) and math.isfinite(high)):  # min and max propagate NaN
+                raise ValueError("videos must lie in [0, 1], got NaN or infinite values")
             if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
                 raise ValueError(f"videos must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
         current = (frames, height, width)
@@ -294,8 +301,7 @@ class FVDCalculator:
         return current
 
     def _check_shapes_match(self, first: Tuple[int, int, int], second: Tuple[int, int, int]) -> None:
-        if first[0] != second[0]:
-            raise ValueError(f"all videos must have the same number of frames, got {first[0]} and {second[0]}")
+        # Lengths may differ: every video has the first FVD_NUM_FRAMES frames, and only those are used.
         # k600_64 brings every video to 64x64 itself; the StyleGAN-V protocol compares like with like.
         if self.protocol == "styleganv" and first[1:] != second[1:]:
             raise ValueError(
@@ -405,7 +411,8 @@ def _load_detector(i3d_weights: PathOrModule, device: torch.device) -> nn.Module
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".gif")
+# No GIF: repeated frames are merged and frame times rounded (see export_to_gif), so frame counts are wrong.
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 TENSOR_SUFFIXES = (".npy", ".pt")
 
 
@@ -416,6 +423,12 @@ def _list_video_files(folder: Union[str, os.PathLike]) -> List[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES + TENSOR_SUFFIXES)
     if not files:
         suffixes = ", ".join(VIDEO_SUFFIXES + TENSOR_SUFFIXES)
+        if any(p.suffix.lower() == ".gif" for p in folder.rglob("*")):
+            raise ValueError(
+                f"{folder} holds only GIFs, which FVD cannot use: GIF merges repeated consecutive frames and "
+                f"rounds frame times to 1/100 s, so frame counts come back wrong; export the videos as MP4 "
+                f"(export_to_mp4) or as .npy/.pt arrays instead ({suffixes})"
+            )
         raise ValueError(f"{folder} holds no video or tensor file ({suffixes})")
     return files
 

@@ -5,6 +5,8 @@ convention of the common video-tokenizer evaluation code. Inputs must already li
 (clamp decoder outputs first): a range check catches tensors in [-1, 1] or [0, 255] passed by mistake.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,8 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> 
     tolerance = _RANGE_TOLERANCE * data_range
     for name, value in (("pred", pred), ("target", target)):
         low, high = value.min().item(), value.max().item()
+        if not (math.isfinite(low) and math.isfinite(high)):  # min and max propagate NaN
+            raise ValueError(f"{name} must lie in [0, {data_range}] (data_range), got NaN or infinite values")
         if low < -tolerance or high > data_range + tolerance:
             raise ValueError(
                 f"{name} must lie in [0, {data_range}] (data_range), got values in [{low:.4g}, {high:.4g}]; "
