@@ -35,17 +35,19 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     logits' device without host synchronisation, by inverse transform: with u ~ U[0, 1) per position, the token
     at which the cumulative probability of the kept tokens (largest first) passes u times their total.
     `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here."""
-    logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if temperature != 1.0:
-        logits = logits / temperature
+    # rank in the logits' own dtype (bf16 halves the bytes read), then compute in float32 on the kept ones;
+    # dividing by a temperature does not change the ranking
     V = logits.shape[-1]
     index = None
     if top_k and top_k < V:
         logits, index = logits.topk(top_k, dim=-1)  # sorted, largest first
     elif top_p < 1.0:
         logits, index = logits.sort(dim=-1, descending=True)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     probs = logits.softmax(dim=-1)
     cumulative = probs.cumsum(dim=-1)
     # the kept tokens are a prefix: drop a token when the tokens ranked above it already reach top_p
@@ -62,11 +64,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None):
     """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
     `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run)."""
-    logits = logits.float()
     if nonfinite is not None:
         nonfinite.logical_or_(~torch.isfinite(logits).all())
     if guidance_scale != 1.0:
-        cond, uncond = logits.chunk(2)
+        cond, uncond = logits.float().chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
     return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
 

@@ -558,6 +558,17 @@ def test_forward_follows_the_transformers_conventions():
         model(input_ids=input_ids, output_attentions=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_static_path_gives_the_dynamic_tokens(dtype):
+    # sampling ranks the half-precision logits directly (only the kept ones go to float32)
+    model = make_model(block=(1, 1, 4), first_block="hybrid").to(dtype)
+    for sampling in (dict(top_k=20, top_p=0.9), dict(top_p=0.8), dict(top_k=20, guidance_scale=2.0)):
+        dynamic, static = (model.generate_video_tokens(class_labels=[0, 2], generator=torch.Generator().manual_seed(1),
+                                                       cache_implementation=c, **sampling)
+                           for c in ("dynamic", "static"))
+        assert torch.equal(dynamic, static)
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
