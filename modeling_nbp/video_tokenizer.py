@@ -17,6 +17,7 @@ index), so the official state dict loads after stripping its `module.` prefix. F
                     | 24-26 res 128 | 27 GroupNorm | 28 Swish | 29 conv 128->3
 """
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .fsq import FSQ
+
+logger = logging.getLogger(__name__)
 
 # Float rounding may take [0, 1] pixels this far outside the range (the FVD and PSNR checks use the same).
 _RANGE_TOLERANCE = 1e-3
@@ -411,7 +414,8 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         Args:
             ids: `(batch, latent_frames, latent_height, latent_width)` integer ids in `[0, codebook_size)`.
             decode_batch_size: decode at most this many videos at a time (bounds peak memory); `None` decodes
-                the whole batch in one pass. The result does not depend on it.
+                the whole batch in one pass. The result does not depend on it. When a pass runs out of GPU
+                memory, the batch is split in halves and decoded again (with a warning), down to one video.
 
         Returns:
             `(batch, channels, 1 + temporal_compression * (latent_frames - 1), H' * s, W' * s)` video in [0, 1],
@@ -421,9 +425,20 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._check_ids(ids)
         if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
             raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
-        chunks = ids.split(decode_batch_size) if decode_batch_size else (ids,)
-        videos = [self._decode_codes(self.indices_to_codes(chunk, validate=False)).clamp(0, 1) for chunk in chunks]
-        return videos[0] if len(videos) == 1 else torch.cat(videos)
+        size = decode_batch_size or ids.shape[0]
+        while True:
+            try:
+                videos = [self._decode_codes(self.indices_to_codes(chunk, validate=False)).clamp(0, 1)
+                          for chunk in ids.split(size)]
+                return videos[0] if len(videos) == 1 else torch.cat(videos)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+            # outside the handler, so the failed pass's tensors are free before the retry
+            failed, size = size, (size + 1) // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("out of memory decoding %d videos at once: retrying with decode_batch_size=%d", failed, size)
 
     def incremental_decoder(self, decode_batch_size: int | None = None) -> "IncrementalDecoder":
         """A stateful decoder for latent frames that arrive in order: `dec(ids[:, a:b])` returns the pixel frames

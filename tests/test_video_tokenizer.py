@@ -300,6 +300,28 @@ def test_decode_in_chunks_matches_one_pass():
     torch.testing.assert_close(tok.decode(ids, decode_batch_size=2), tok.decode(ids), atol=1e-6, rtol=1e-5)
 
 
+def test_decode_splits_the_batch_when_memory_runs_out(monkeypatch, caplog):
+    tok = make(TINY)
+    ids = torch.randint(0, tok.codebook_size, (5, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    expected = tok.decode(ids)
+    decode_codes, sizes = tok._decode_codes, []
+
+    def fits_two(codes):  # a GPU that holds two videos' activations at a time
+        sizes.append(codes.shape[0])
+        if codes.shape[0] > 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return decode_codes(codes)
+
+    monkeypatch.setattr(tok, "_decode_codes", fits_two)
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(tok.decode(ids), expected, atol=1e-6, rtol=1e-5)
+    assert sizes == [5, 3, 2, 2, 1]  # 5 fails, 3 fails, then halves of 2
+    assert "retrying with decode_batch_size=3" in caplog.text and "decode_batch_size=2" in caplog.text
+    monkeypatch.setattr(tok, "_decode_codes", lambda codes: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):  # a single video that does not fit is not hidden
+        tok.decode(ids[:1])
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("video, error, message", [
     (rand_video(1, 3, 6, 16, 16), ValueError,
