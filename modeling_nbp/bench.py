@@ -70,9 +70,9 @@ def peak_memory_gib(device) -> float:
 
 
 def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
-                    variants=("eager", "optimized")):
-    """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size: a list of row dicts
-    (NTP skips the compiled variants)."""
+                    variants=("eager", "optimized"), ntp_batches=None):
+    """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size (NTP at `ntp_batches`,
+    default the same): a list of row dicts (NTP skips the compiled variants)."""
     rows = []
     for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
         model = build(size, block, device, dtype)
@@ -82,7 +82,7 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
             kwargs = VARIANTS[variant]
             if method == "NTP" and kwargs.get("compile_decode"):
                 continue
-            for batch in batches:
+            for batch in batches if method == "NBP" or ntp_batches is None else ntp_batches:
                 context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
                 generator = torch.Generator(device).manual_seed(0)
 
