@@ -17,7 +17,8 @@ a section that would start after --time_budget seconds is skipped, so the run en
    batch 1 and the large batch, by kind of kernel and the top kernels.
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
-6. training step: 700M bf16 autocast, flex attention, fused AdamW, at each --train_batch: tokens/s and MFU.
+6. training step: 700M bf16 autocast, flex attention, fused AdamW, at each --train_batch: tokens/s and MFU, and
+   the kernel time by kind of one step at the first batch size.
 7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
@@ -38,17 +39,37 @@ from modeling_nbp.training import flops
 
 
 # kernel-name fragments (lower case) of each kind of GPU work in a generation, first match wins
-KERNEL_KINDS = (("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "triton_tem", "cublas")),
-                ("attention", ("flash", "fmha", "attention", "sdpa")),
-                ("sampling", ("topk", "sort", "radix", "bitonic", "scan", "cumsum", "exponential", "softmax", "argmax",
-                              "distribution")),
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "flex")),
+                ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "triton_tem", "cublas")),
+                ("top-k, sort, softmax, scan (sampling, loss)", ("topk", "sort", "radix", "bitonic", "scan", "cumsum",
+                                                                 "softmax", "argmax", "distribution")),
                 ("layer norm", ("layer_norm",)),
+                ("optimizer", ("adam", "multi_tensor")),
                 ("copies", ("copy", "index", "cat", "memcpy", "memset")))
 
 
 def kernel_kind(name: str) -> str:
     name = name.lower()
     return next((kind for kind, parts in KERNEL_KINDS if any(p in name for p in parts)), "other elementwise")
+
+
+def kernel_profile(fn, top: int = 20) -> dict:
+    """GPU kernel time of one `fn()` (run once before, as a warm-up): total, launches, by kind, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kinds = {}
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1000  # us -> ms
+    return {"kernel ms": sum(e.device_time_total for e in events) / 1000,
+            "kernel launches": sum(e.count for e in events),
+            "ms by kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count)
+                    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
 
 
 def section(results, name, path, deadline):
@@ -168,30 +189,14 @@ def main(argv=None):
     def _():
         if not cuda:
             return {}
-        from torch.profiler import ProfilerActivity, profile
         model = build(args.size, (1, 1, 16), device, bf16)
         H, W = model.config.latent_shape[1:]
         out = {}
-        for batch in (1, args.large_batch):  # kernel time of the optimized step, without graphs, per video batch
+        for batch in (1, args.large_batch):  # kernel time of one optimized generation, without graphs
             ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-            fn = lambda: model.generate_video_tokens(context_ids=ctx, generator=gen(5),  # noqa: E731
-                                                     cache_implementation="static", use_cuda_graphs=False,
-                                                     **PAPER_SAMPLING)
-            fn()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            events = prof.key_averages()
-            top = sorted(events, key=lambda e: -e.device_time_total)[:20]
-            kinds = {}
-            for e in events:
-                kind = kernel_kind(e.key)
-                kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1000  # us -> ms
-            out[f"batch {batch}"] = {
-                "kernel ms per run (no graphs)": sum(e.device_time_total for e in events) / 1000,
-                "kernel launches": sum(e.count for e in events),
-                "ms by kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count) for e in top]}
+            out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
+                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
+                **PAPER_SAMPLING))
         return out
 
     @run("pipeline")
@@ -274,6 +279,8 @@ def main(argv=None):
                                  mfu_measured_matmul=flops.estimate_mfu(tokens_per_s, per_token, 1,
                                                                         measured and measured * 1e12),
                                  peak_gib=peak_memory_gib(device))
+                if cuda and batch == args.train_batch[0]:  # where a step's time goes
+                    out[f"{name}, kernel profile"] = kernel_profile(step, top=12)
             del model, opt, forward
         return out
 
