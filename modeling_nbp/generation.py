@@ -30,8 +30,9 @@ def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.T
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   generator=None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: keep
-    the smallest set of tokens whose probability reaches top_p) as in the official sampler. Runs on the
+    """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: a
+    token is kept while the tokens ranked above it hold at most top_p of the probability) as in the official
+    sampler. Runs on the
     logits' device without host synchronisation, by inverse transform: with u ~ U[0, 1) per position, the token
     at which the cumulative probability of the kept tokens (largest first) passes u times their total.
     `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here."""
@@ -50,7 +51,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         logits = logits / temperature
     probs = logits.softmax(dim=-1)
     cumulative = probs.cumsum(dim=-1)
-    # the kept tokens are a prefix: drop a token when the tokens ranked above it already reach top_p
+    # the kept tokens are a prefix: drop a token when the tokens ranked above it hold more than top_p
     # (u * total < total, and a cumulative sum of non-negative numbers never decreases, so a kept token is
     # chosen; the clamps only keep NaN logits, reported after the run, from indexing out of range)
     last = (cumulative - probs <= top_p).sum(dim=-1, keepdim=True).clamp_(min=1) - 1 if top_p < 1.0 else None

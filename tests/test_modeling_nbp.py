@@ -176,6 +176,25 @@ def test_sampler_draws_from_the_filtered_distribution():
     assert (top == 4).all()  # the last kept token in rank order (0.30, 0.25, 0.20)
 
 
+def test_top_p_keeps_tokens_until_the_mass_above_them_exceeds_it():
+    # the official rule (a token stays while the tokens ranked above it hold at most top_p), pinned at an exact tie
+    logits = torch.tensor([4.0, 2.0, 1.0, 1.0]).log().expand(4, -1)  # probabilities exactly 1/2, 1/4, 1/8, 1/8
+    assert (generation.sample_tokens(logits, top_p=0.5, noise=torch.full((4,), 1 - 2**-24)) == 1).all()
+    assert (generation.sample_tokens(logits, top_p=0.49, noise=torch.full((4,), 1 - 2**-24)) == 0).all()
+
+
+def test_guidance_pushes_away_from_the_unconditional_logits():
+    cond, uncond = torch.tensor([[[0.0, 1.0, 0.5]]]), torch.tensor([[[0.0, 2.0, 0.0]]])
+    # uncond + 3 (cond - uncond) = [0, -1, 1.5]: token 2, although both halves prefer token 1
+    assert generation.sample_guided(torch.cat([cond, uncond]), None, temperature=0, guidance_scale=3.0).item() == 2
+    # guidance 0 is the unconditional model: the class no longer matters
+    model = make_model(first_block="hybrid")
+    unconditional = [model.generate_video_tokens(class_labels=[c], guidance_scale=0.0, temperature=0) for c in range(3)]
+    assert all(torch.equal(unconditional[0], u) for u in unconditional[1:])
+    conditional = [model.generate_video_tokens(class_labels=[c], temperature=0) for c in range(3)]
+    assert any(not torch.equal(u, c) for u, c in zip(unconditional, conditional))
+
+
 def test_top_k_one_is_greedy():
     model = make_model()
     a = model.generate_video_tokens(class_labels=[1], generator=torch.Generator().manual_seed(4), top_k=1)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
@@ -64,6 +65,21 @@ def test_step_batch_sampler_order_is_independent_of_processes_and_resumes():
     assert batches(common.StepBatchSampler(10, 4, seed=4), 2) != single[:2]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         common.StepBatchSampler(3, 2, 2, 0)
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    data = write_tokens(tmp_path / "data", 24, 0)
+    common_args = ["--train_data", data, *TINY, "--max_steps", "3", "--dropout", "0", "--max_grad_norm", "0",
+                   "--checkpointing_steps", "100"]
+    main([*common_args, "--output_dir", str(tmp_path / "large"), "--train_batch_size", "4"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main([*common_args, "--output_dir", str(tmp_path / "accumulated"), "--train_batch_size", "2",
+          "--gradient_accumulation_steps", "2"])
+    large = load_file(str(tmp_path / "large" / "final" / "model.safetensors"))
+    accumulated = load_file(str(tmp_path / "accumulated" / "final" / "model.safetensors"))
+    for name, weight in large.items():
+        torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_batch_layout_from_global_batch():

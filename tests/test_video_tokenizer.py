@@ -131,6 +131,9 @@ def test_depth_to_space_layout_by_hand():
     # time: channel dt goes to frame dt
     x = torch.tensor([10.0, 11.0]).reshape(1, 2, 1, 1, 1)
     assert depth_to_space(x, 2, 1).flatten().tolist() == [10.0, 11.0]
+    # two output channels: the offset is the slow index, the channel the fast one ((dh * 2 + dw) * C + c)
+    x = torch.arange(8.0).reshape(1, 8, 1, 1, 1)
+    assert depth_to_space(x, 1, 2)[0, :, 0].tolist() == [[[0.0, 2.0], [4.0, 6.0]], [[1.0, 3.0], [5.0, 7.0]]]
     video = rand_video(2, 3, 3, 4, 6)
     assert torch.equal(depth_to_space(space_to_depth(video, 2), 1, 2), video)
 
