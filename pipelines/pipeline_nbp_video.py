@@ -143,7 +143,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             class_labels = [class_labels]
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.view(-1).tolist()
-        lookup = {str(name).lower(): i for i, name in enumerate(self.class_names)}
+        id2label = self.transformer.config.id2label if self.class_names else {}
+        lookup = {str(name).lower(): int(i) for i, name in id2label.items()}
         ids = []
         for label in class_labels:
             if isinstance(label, str) and label.lower() not in lookup and label.isdigit():
