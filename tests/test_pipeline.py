@@ -129,6 +129,17 @@ def test_class_names_and_errors(pipe):
         pipe(class_labels=[0, 1], generator=[gen(0)])
 
 
+def test_a_model_without_class_names(pipe):
+    # transformers fills id2label with two placeholder labels when none are given: they are not class names
+    cfg = NBPConfig.from_dict({**pipe.transformer.config.to_dict(), "id2label": None, "label2id": None})
+    unnamed = NBPVideoPipeline(transformer=NBPForVideoGeneration(cfg).eval(), video_tokenizer=pipe.video_tokenizer)
+    unnamed.set_progress_bar_config(disable=True)
+    assert len(cfg.id2label) == 2 and unnamed.class_names == []
+    assert unnamed(class_labels=[2], output_type="latent").frames.shape[0] == 1
+    with pytest.raises(ValueError, match="unknown class name 'LABEL_0'; valid names: \\[\\]"):
+        unnamed(class_labels=["LABEL_0"])
+
+
 def test_callback_sees_and_modifies_tokens(pipe):
     seen = []
 
