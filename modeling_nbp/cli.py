@@ -68,8 +68,12 @@ def run_generate(args):
         if len(frames) < n:
             raise SystemExit(f"--context has {len(frames)} frames; {n} are needed")
         kwargs["video"] = frames[:n]
-        labels, names = [None] * args.num_videos_per_class, [f"continuation_{i}" for i in range(args.num_videos_per_class)]
-        kwargs["num_videos_per_prompt"] = args.num_videos_per_class
+        if cfg.condition_mode == "class":  # a class-conditional model continues the frames as one given class
+            if not args.class_labels or len(args.class_labels) != 1:
+                raise SystemExit("--context with a class-conditional model needs one --class_labels: the class the "
+                                 f"continuation is conditioned on (got {args.class_labels})")
+            kwargs["class_labels"] = pipe._class_ids(args.class_labels)
+        names = [f"continuation_{i}" for i in range(args.num_videos_per_class)]
     elif cfg.condition_mode == "class":
         labels = args.class_labels or list(range(cfg.num_classes))
         ids = pipe._class_ids(labels)
@@ -85,12 +89,12 @@ def run_generate(args):
     step = args.batch_size or n_videos  # each video has its own generator: batching does not change it
     for start in range(0, n_videos, step):
         part = dict(kwargs, generator=generators[start:start + step])
-        if "class_labels" in part:  # videos are ordered class by class, num_videos_per_class each
+        if "video" in part:  # continuations of the one context video (with its one class, if any)
+            part.update(num_videos_per_prompt=len(part["generator"]))
+        elif "class_labels" in part:  # videos are ordered class by class, num_videos_per_class each
             videos_here = range(start, min(start + step, n_videos))
             part.update(class_labels=[kwargs["class_labels"][i // args.num_videos_per_class] for i in videos_here],
                         num_videos_per_prompt=1)
-        elif "video" in part:
-            part.update(num_videos_per_prompt=len(part["generator"]))
         else:
             part.update(batch_size=len(part["generator"]))
         videos.extend(pipe(**part).frames)

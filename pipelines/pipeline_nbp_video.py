@@ -461,7 +461,15 @@ class NBPVideoPipeline(DiffusionPipeline):
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(folder, **hub_kwargs)
+            where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
+            if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.exists(folder):
+                raise FileNotFoundError(f"{folder!r}: {where} (a Hub repo id has the form 'owner/name')")
+            try:
+                folder = snapshot_download(folder, **hub_kwargs)
+            except Exception as err:  # not on the Hub, offline, or not a valid repo id
+                raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could "
+                              f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                              ) from err
         dtype = kwargs.pop("torch_dtype", None)
         transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
             os.path.join(folder, "transformer"), **({"dtype": dtype} if dtype else {}))

@@ -319,6 +319,14 @@ def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
     assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / "0.mp4"]
 
 
+def test_main_checks_its_sampling_arguments_before_reading_videos(tmp_path, capsys):
+    # the folders do not exist: an argument error must come first
+    for flags, message in ((["--num-repeats", "2"], "needs --num-samples"), (["--num-samples", "1"], ">= 2")):
+        with pytest.raises(SystemExit):
+            fvd_module.main([str(tmp_path / "fake"), str(tmp_path / "real"), *flags])
+        assert message in capsys.readouterr().err
+
+
 def test_conversion_refuses_checkpoints_that_are_not_plain_arrays(tmp_path):
     code_pickle = tmp_path / "code.ckpt"
     code_pickle.write_bytes(pickle.dumps({"params": {"kernel": os.getcwd}}))

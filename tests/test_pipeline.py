@@ -235,6 +235,14 @@ def test_save_load_round_trip(pipe, tmp_path):
     generic = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     generic.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(generic(class_labels=[1], generator=gen(2), output_type="np").frames, a)
+    # a mistyped folder is named as such, not sent to the Hub as a repo id
+    for wrong in (str(tmp_path / "nope"), "./nope", "models/pretrained/nope"):
+        with pytest.raises(FileNotFoundError, match="no folder at"):
+            NBPVideoPipeline.from_pretrained(wrong)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_hub_offline(monkeypatch)
+        with pytest.raises(OSError, match="neither a local pipeline folder .* nor a Hub repo"):
+            NBPVideoPipeline.from_pretrained("someone/not-here")
 
 
 def test_frame_prediction(frames_pipe):
@@ -327,6 +335,15 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
     for name in ("circle_0", "square_0"):
         one, _ = read_video(str(tmp_path / "one" / f"{name}.gif"))
         assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / f"{name}.gif"))[0]).max() <= 1
+    # frame prediction with a class-conditional model: the context's continuation as one given class
+    context = export_to_mp4(expected[0], str(tmp_path / "context.mp4"), fps=8)
+    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "cont"), "--device", "cpu",
+         "--context", context, "--class_labels", "square", "--num_videos_per_class", "2", "--formats", "mp4"])
+    for i in range(2):
+        assert read_video(str(tmp_path / "cont" / f"continuation_{i}.mp4"))[0].shape == (5, 8, 8, 3)
+    with pytest.raises(SystemExit, match="needs one --class_labels"):
+        nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "bad"), "--device", "cpu",
+             "--context", context])
 
 
 def test_save_without_code_names_the_installed_modules(pipe, tmp_path):

@@ -82,6 +82,19 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(token_data, tmp_path, capsys):
+    args = ["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4",
+            "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "latest"]
+    main(args)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    summary = main(args)
+    out = capsys.readouterr().out
+    assert "the checkpoint is at step 2, at or past --max_steps 2: nothing to train" in out
+    assert "train loss n/a" in out and summary["steps"] == 2
+
+
 def test_batch_layout_from_global_batch():
     assert common.resolve_batch_layout(None, None, None, 4, 8) == (8, 1)
     # a global batch alone: micro-batches up to the default size, the rest accumulated (no surprise OOM)

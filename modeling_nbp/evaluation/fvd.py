@@ -508,13 +508,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-repeats", type=int, default=1)
+    parser.add_argument("--num-repeats", type=int, default=1,
+                        help="FVD over this many random subsets (mean and std); > 1 needs --num-samples")
     parser.add_argument("--num-samples", type=int, help="videos drawn from each set per repeat (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", help="save and reuse features there")
     parser.add_argument("--reconstruction", action="store_true", help="also PSNR/SSIM of same-named file pairs")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.num_repeats < 1 or (args.num_samples is not None and args.num_samples < 2):
+        parser.error("--num-repeats must be >= 1 and --num-samples >= 2 (a covariance needs two videos)")
+    if args.num_repeats > 1 and args.num_samples is None:  # before any video is read
+        parser.error("--num-repeats > 1 needs --num-samples: without sampling every repeat uses the same videos")
 
     fake_folder, real_folder = Path(args.fake), Path(args.real)
     fake_files, real_files = _list_video_files(fake_folder), _list_video_files(real_folder)

@@ -420,7 +420,7 @@ class ThroughputMeter:
 
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "JsonlLog", "StepBatchSampler", "ThroughputMeter",
-    "check_run_start", "dataloader_worker_init", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "check_run_start", "dataloader_worker_init", "training_progress", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
     "load_checkpoint_tensors", "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree",
     "resolve_batch_layout",    "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
     "tracker_config", "use_cpu", "write_json",
@@ -433,6 +433,18 @@ def int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,1,16; got {text!r}") from None
+
+
+def training_progress(accelerator, global_step: int, max_steps: int):
+    """The console progress bar of a training loop (local main process), starting at a resumed step; says so when
+    a resumed run has nothing left to train."""
+    from tqdm.auto import tqdm
+
+    if global_step >= max_steps:
+        accelerator.print(f"the checkpoint is at step {global_step}, at or past --max_steps {max_steps}: nothing to "
+                          "train (raise --max_steps to go on); the final folder is written from it")
+    return tqdm(total=max_steps, initial=min(global_step, max_steps), desc="steps", dynamic_ncols=True,
+                disable=not accelerator.is_local_main_process)
 
 
 def positive_int(text: str) -> int:

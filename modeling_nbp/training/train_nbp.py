@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", type=int, help="linear warmup steps (default 5%% of --max_steps)")
     g.add_argument("--warmup_lr_init", type=float, default=0.0)
     g.add_argument("--lr_min", type=float, default=0.0)
-    g.add_argument("--lr_schedule_steps", type=int, help="length of the decay (default --max_steps)")
+    g.add_argument("--lr_schedule_steps", type=int,
+                   help="length of the decay (default --max_steps; raising --max_steps on a resume stretches the "
+                        "schedule from there, so give the first run's length here to keep it)")
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the weights (0 = off); final/ gets the EMA")
     g.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEFAULTS['max_steps']})")
@@ -342,6 +344,7 @@ def main(argv=None) -> dict:
     start_time, loss_value, val_loss = time.perf_counter(), float("nan"), None
     model.train()
     batches = iter(loader)
+    progress = common.training_progress(accelerator, global_step, args.max_steps)
     while global_step < args.max_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -358,6 +361,7 @@ def main(argv=None) -> dict:
             step_loss += loss.detach() / accum
         scheduler.step()
         global_step += 1
+        progress.update()
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
         meter.step(tokens_per_step)
@@ -369,6 +373,7 @@ def main(argv=None) -> dict:
                       "mfu": flops.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)}
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}", refresh=False)
         meter.pause()
         if val_data is not None and args.validation_steps and global_step % args.validation_steps == 0 and not done:
             val = validation_loss(accelerator, model, val_data, per_device_batch)
@@ -382,6 +387,7 @@ def main(argv=None) -> dict:
                                    {"ema": ema.state_dict()} if ema is not None else None,
                                    args.checkpoints_total_limit)
         meter.resume()
+    progress.close()
 
     if val_data is not None:
         val_loss = validation_loss(accelerator, model, val_data, per_device_batch)
@@ -400,7 +406,7 @@ def main(argv=None) -> dict:
     summary = {"steps": global_step, "train_loss": loss_value, "val_loss": val_loss, "tokens_per_s": meter.rate,
                "mfu": mfu, "wall_time_s": wall, "final_dir": final_dir}
     accelerator.print(
-        f"done: {global_step} steps, train loss {loss_value:.4f}, val loss "
+        f"done: {global_step} steps, train loss {'n/a' if math.isnan(loss_value) else f'{loss_value:.4f}'}, val loss "
         f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}, {meter.rate:.0f} tokens/s"
         f"{'' if math.isnan(mfu) else f' (MFU {100 * mfu:.1f}%)'}, wall time {wall:.1f} s, saved {final_dir}")
     accelerator.end_training()

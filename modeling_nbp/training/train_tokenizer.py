@@ -251,6 +251,7 @@ def main(argv=None) -> dict:
     tokenizer.train()
     discriminator.train()
     batches = iter(loader)
+    progress = common.training_progress(accelerator, global_step, args.max_steps)
     while global_step < args.max_steps:
         gan = adversarial_active(global_step, args.disc_start_step)
         lr = sched_g.get_last_lr()[0]
@@ -296,6 +297,7 @@ def main(argv=None) -> dict:
         if gan:
             sched_d.step()
         global_step += 1
+        progress.update()
         meter.step(global_batch)
         done = global_step == args.max_steps
         if global_step % args.logging_steps == 0 or done:
@@ -303,6 +305,7 @@ def main(argv=None) -> dict:
             record.update({k: accelerator.reduce(v, "mean").item() for k, v in totals.items()})
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
+            progress.set_postfix(loss=f"{record['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
         meter.pause()
         if ((args.eval_steps and global_step % args.eval_steps == 0) or done) and accelerator.is_main_process:
             scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
@@ -316,6 +319,7 @@ def main(argv=None) -> dict:
                                    {"seed": args.seed, "global_batch_size": global_batch},
                                    total_limit=args.checkpoints_total_limit)
         meter.resume()
+    progress.close()
 
     final_dir = os.path.join(args.output_dir, "final")
     if accelerator.is_main_process:
