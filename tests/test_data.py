@@ -63,6 +63,8 @@ def test_resize_center_crop_keeps_the_middle():
     out = resize_center_crop(frames, 10)  # 20x40 -> 10x20 -> keep columns 5..14 = source columns 10..29
     assert out.shape == (1, 10, 10, 3)
     assert out.min() == 255
+    with pytest.warns(UserWarning, match="enlarging 20x40 video frames to resolution 32"):
+        assert resize_center_crop(frames, 32).shape == (1, 32, 32, 3)
 
 
 # --------------------------------------------------------------------------------------- layouts

@@ -139,8 +139,11 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path):
     common.check_run_start(str(tmp_path), str(tmp_path / "checkpoint-50"), overwrite=False, is_main_process=True)
     common.check_run_start(str(tmp_path), older, overwrite=True, is_main_process=True)
     assert [s for s, _ in common.list_checkpoints(tmp_path)] == [40]
+    (tmp_path / "samples" / "step-0000040").mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
     common.check_run_start(str(tmp_path), None, overwrite=True, is_main_process=True)
-    assert common.list_checkpoints(tmp_path) == []
+    assert common.list_checkpoints(tmp_path) == [] and not (tmp_path / "samples").exists()
+    assert not (tmp_path / "logs").exists()
 
 
 def test_latest_checkpoint_skips_incomplete_folders(tmp_path):

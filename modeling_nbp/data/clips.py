@@ -10,6 +10,8 @@ padded at the end by repeating its last frame.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -44,8 +46,13 @@ def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "cen
 
 
 def resize_center_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize ``uint8`` frames ``(T, H, W, 3)`` so the shorter side is ``resolution``, then centre crop."""
+    """Resize ``uint8`` frames ``(T, H, W, 3)`` so the shorter side is ``resolution``, then centre crop. Frames
+    smaller than that are enlarged, with a warning (shown once): usually the resolution was not meant."""
     _, height, width, _ = frames.shape
+    if min(height, width) < resolution:
+        warnings.warn(f"enlarging {height}x{width} video frames to resolution {resolution}: the clips (and their "
+                      "token grids) get larger than the videos; pass the resolution the tokenizer expects",
+                      stacklevel=2)
     scale = resolution / min(height, width)
     new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
     top, left = (new_h - resolution) // 2, (new_w - resolution) // 2

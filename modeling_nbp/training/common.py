@@ -77,18 +77,19 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
 def check_run_start(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool) -> None:
     """Refuse to mix two runs' checkpoints in `output_dir`: a fresh run (`resume` None) finds none there, a
     resumed one none newer than the checkpoint it resumes. With `overwrite` (--overwrite_output_dir) the main
-    process deletes them instead."""
+    process deletes them instead, and for a fresh run also the earlier run's samples/ and logs/ (TensorBoard)."""
     step = -1
     if resume is not None:
         with open(os.path.join(resume, CHECKPOINT_MARKER), encoding="utf-8") as f:
             step = json.load(f)["global_step"]
     others = [path for s, path in list_checkpoints(output_dir) if s > step]
-    if not others:
-        return
     if overwrite:
         if is_main_process:
-            for path in others:
+            earlier = [os.path.join(output_dir, name) for name in ("samples", "logs")] if resume is None else []
+            for path in others + [p for p in earlier if os.path.isdir(p)]:
                 remove_tree(path)
+        return
+    if not others:
         return
     names = ", ".join(os.path.basename(p) for p in others)
     if resume is None:
@@ -481,7 +482,8 @@ def add_checkpoint_arguments(group) -> None:
     group.add_argument("--resume_from_checkpoint",
                        help="'latest' (start fresh if there is none) or a checkpoint folder")
     group.add_argument("--overwrite_output_dir", action="store_true",
-                       help="delete checkpoints of an earlier run in --output_dir (newer than the resumed one)")
+                       help="delete an earlier run's checkpoints in --output_dir (those newer than the resumed one; "
+                            "for a fresh run all, with its samples/ and logs/)")
     group.add_argument("--logging_steps", type=positive_int, default=10)
 
 
