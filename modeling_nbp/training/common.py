@@ -420,11 +420,12 @@ class ThroughputMeter:
 
 
 __all__ = [
-    "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "JsonlLog", "StepBatchSampler", "ThroughputMeter",
-    "check_run_start", "dataloader_worker_init", "training_progress", "find_latest_checkpoint", "list_checkpoints", "load_checkpoint",
-    "load_checkpoint_tensors", "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree",
-    "resolve_batch_layout",    "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step",
-    "tracker_config", "use_cpu", "write_json",
+    "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "check_run_start", "dataloader_worker_init",
+    "find_latest_checkpoint", "JsonlLog", "list_checkpoints", "load_checkpoint", "load_checkpoint_tensors",
+    "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree",
+    "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint",
+    "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter", "tracker_config", "training_progress",
+    "use_cpu", "write_json",
 ]
 
 
