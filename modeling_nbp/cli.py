@@ -18,6 +18,8 @@ COMMANDS = {
 
 
 def _generate_parser(parser):
+    from .training.common import positive_int
+
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--class_labels", nargs="*", default=None,
                         help="class ids or names (default: every class of a class-conditional model)")
@@ -25,7 +27,7 @@ def _generate_parser(parser):
                         help="video file whose first frames are continued (frame prediction models)")
     parser.add_argument("--context_frames", type=int, default=None,
                         help="how many frames of --context to give (default: the model's num_context_frames)")
-    parser.add_argument("--num_videos_per_class", type=int, default=1)
+    parser.add_argument("--num_videos_per_class", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=16000)
@@ -37,7 +39,7 @@ def _generate_parser(parser):
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
-    parser.add_argument("--batch_size", type=int, default=None,
+    parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="generate at most this many videos at once (default: all; the videos do not change)")
 
 
@@ -53,10 +55,6 @@ def run_generate(args):
     from . import NBPVideoPipeline
     from .video_io import export_to_gif, export_to_mp4, make_contact_sheet, read_video
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise SystemExit(f"--batch_size must be a positive integer; got {args.batch_size}")
-    if args.num_videos_per_class < 1:
-        raise SystemExit(f"--num_videos_per_class must be a positive integer; got {args.num_videos_per_class}")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(args.device)
     cfg = pipe.transformer.config

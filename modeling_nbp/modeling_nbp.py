@@ -203,9 +203,9 @@ class NBPModel(NBPPreTrainedModel):
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy summed over the positions whose label is not -100 and divided by `normalizer` (None: their
-    count, i.e. the mean), in float32, a chunk of rows at a time. The
-    gradient with respect to the logits is formed in the forward, in the logits' dtype, so neither a float32 copy
-    of the logits nor their softmax is kept for the backward (at batch 8 and a 64000-code head: about 5 GB)."""
+    count, i.e. the mean), in float32, a chunk of rows at a time. The gradient with respect to the logits is
+    formed in the forward, in the logits' dtype, so neither a float32 copy of the logits nor their softmax is kept
+    for the backward (at batch 8 and a 64000-code head: about 5 GB)."""
 
     @staticmethod
     def forward(ctx, logits, labels, chunk_rows: int, normalizer=None):
@@ -324,8 +324,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         loss = None
         if labels is not None:
             loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch)
-        out = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
-        return out if return_dict is not False else out.to_tuple()
+        result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+        return result if return_dict is not False else result.to_tuple()
 
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) of `ids`
@@ -338,7 +338,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         B, n = ids.shape
         end = start + n
         heads = cfg.num_attention_heads
-        layer_input, layer_output, layer_output_and_next_input = compiled_decode_parts(compiled) if compiled else DECODE_PARTS
+        parts = compiled_decode_parts(compiled) if compiled else DECODE_PARTS
+        layer_input, layer_output, layer_output_and_next_input = parts
 
         def input_weights(i):
             norm = m.layers[i].input_layernorm

@@ -158,6 +158,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_decode_batch_size(value) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {value!r}")
+
+
 def _check_positive_ints(name: str, values, example: str) -> tuple:
     values = tuple(values) if isinstance(values, (list, tuple)) else None
     if not values or not all(_is_int(v) and v >= 1 for v in values):
@@ -423,8 +428,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             `num_frames_for_latent(k)` frames of decoding `ids`.
         """
         self._check_ids(ids)
-        if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
-            raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
+        _check_decode_batch_size(decode_batch_size)
         size = decode_batch_size or ids.shape[0]
         while True:
             try:
@@ -467,8 +471,7 @@ class IncrementalDecoder:
     whether the time-upsampling layers have dropped their leading frames yet (only the video's first chunk)."""
 
     def __init__(self, tokenizer: NBPVideoTokenizer, decode_batch_size: int | None = None):
-        if decode_batch_size is not None and (not _is_int(decode_batch_size) or decode_batch_size < 1):
-            raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {decode_batch_size!r}")
+        _check_decode_batch_size(decode_batch_size)
         self.tokenizer, self.decode_batch_size = tokenizer, decode_batch_size
         self.states, self.batch_size = None, None
 

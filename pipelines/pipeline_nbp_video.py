@@ -233,6 +233,8 @@ class NBPVideoPipeline(DiffusionPipeline):
                 yield step
                 if self.interrupt:
                     steps.close()
+                    if self._complete_frames(step.video_tokens, step.end).shape[1] == 0:
+                        raise RuntimeError("generation was interrupted before any latent frame was complete")
                     return
                 step = next(steps, None)
 
@@ -358,20 +360,13 @@ class NBPVideoPipeline(DiffusionPipeline):
                             temperature, generator, condition_ids, callback_on_step_end,
                             callback_on_step_end_tensor_inputs, use_cache, cache_implementation, compile_decode)
         if overlap_decode and output_type != "latent":
-            last, pieces = None, []
-            for last, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap=True):
-                pieces.append(pixels)
-            if last is None:  # interrupted before the first latent frame was complete
-                raise RuntimeError("generation was interrupted before any latent frame was complete")
+            pieces = [pixels for _, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap=True)]
             frames = postprocess_video(torch.cat(pieces, dim=2), output_type)
         else:
             last = None
             for last in steps:
                 pass
-            grid = self._complete_frames(last.video_tokens, last.end)
-            if grid.shape[1] == 0:
-                raise RuntimeError("generation was interrupted before any latent frame was complete")
-            frames = self._decode(grid, output_type, decode_batch_size)
+            frames = self._decode(self._complete_frames(last.video_tokens, last.end), output_type, decode_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)

@@ -341,6 +341,9 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
          "--context", context, "--class_labels", "square", "--num_videos_per_class", "2", "--formats", "mp4"])
     for i in range(2):
         assert read_video(str(tmp_path / "cont" / f"continuation_{i}.mp4"))[0].shape == (5, 8, 8, 3)
+    for flag in ("--batch_size", "--num_videos_per_class"):  # refused by the parser, before any model loads
+        with pytest.raises(SystemExit):
+            nbp(["generate", "--model", str(tmp_path / "missing"), flag, "0"])
     with pytest.raises(SystemExit, match="needs one --class_labels"):
         nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "bad"), "--device", "cpu",
              "--context", context])
