@@ -446,7 +446,8 @@ class NBPVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
         installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
-        options: torch_dtype, revision, cache_dir, token, local_files_only."""
+        options: torch_dtype (default float32 for both components, as in diffusers, whatever dtype the files were
+        saved in: half-precision matrix products are slow on CPUs), revision, cache_dir, token, local_files_only."""
         try:
             from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
@@ -465,11 +466,11 @@ class NBPVideoPipeline(DiffusionPipeline):
                 raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could "
                               f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                               ) from err
-        dtype = kwargs.pop("torch_dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) or torch.float32
         transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
-            os.path.join(folder, "transformer"), **({"dtype": dtype} if dtype else {}))
+            os.path.join(folder, "transformer"), dtype=dtype)
         video_tokenizer = kwargs.pop("video_tokenizer", None) or NBPVideoTokenizer.from_pretrained(
-            os.path.join(folder, "video_tokenizer"), **({"torch_dtype": dtype} if dtype else {}))
+            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype)
         if kwargs:
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
         return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())

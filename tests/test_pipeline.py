@@ -245,6 +245,18 @@ def test_save_load_round_trip(pipe, tmp_path):
             NBPVideoPipeline.from_pretrained("someone/not-here")
 
 
+def test_from_pretrained_dtype(pipe, tmp_path):
+    """Half-precision files load in float32 unless a dtype is asked for, and both components get the same one."""
+    import copy
+
+    half = copy.deepcopy(pipe).to(torch.float16)
+    half.save_pretrained(tmp_path)
+    default = NBPVideoPipeline.from_pretrained(tmp_path)
+    assert (default.transformer.dtype, default.video_tokenizer.dtype) == (torch.float32, torch.float32)
+    asked = NBPVideoPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert (asked.transformer.dtype, asked.video_tokenizer.dtype) == (torch.bfloat16, torch.bfloat16)
+
+
 def test_frame_prediction(frames_pipe):
     rng = np.random.default_rng(0)
     context = rng.random((3, 8, 8, 3)).astype(np.float32)  # 3 pixel frames = 2 latent frames (2x in time)
