@@ -96,8 +96,29 @@ def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float
     return np.where(closer_left, left, right)
 
 
-def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
-    """Decode every frame of the first video stream: (frames as av.VideoFrame, timestamps in s, fps)."""
+def _open_error(path: str, err: Exception) -> VideoDecodeError:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return VideoDecodeError(f"cannot decode {path}: {message}")
+
+
+def _stream_rate(stream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else None
+
+
+def _native_fps(rate: float | None, timestamps: np.ndarray) -> float:
+    """The stream's rate, else the rate the timestamps imply, else 25."""
+    if rate:
+        return rate
+    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
+        return (len(timestamps) - 1) / (timestamps[-1] - timestamps[0])
+    return 25.0
+
+
+def _packet_times(path: str) -> tuple[np.ndarray, float, float] | None:
+    """Without decoding: the sorted presentation timestamps (in stream time-base units) of the first video stream's
+    packets, the time base and the stream's rate; None when a packet has no timestamp or two share one (then
+    frames cannot be matched to packets, and `_decode_all` decides)."""
     if not os.path.isfile(path):
         raise VideoDecodeError(f"video file not found: {path}")
     try:
@@ -105,32 +126,65 @@ def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
             if not container.streams.video:
                 raise VideoDecodeError(f"no video stream in {path}")
             stream = container.streams.video[0]
-            frames = list(container.decode(stream))
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            pts = [packet.pts for packet in container.demux(stream) if packet.size]
+            time_base, rate = stream.time_base, _stream_rate(stream)
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise VideoDecodeError(f"cannot decode {path}: {message}") from err
+        raise _open_error(path, err) from err
+    if not pts or time_base is None or any(p is None for p in pts) or len(set(pts)) < len(pts):
+        return None
+    return np.sort(np.asarray(pts, dtype=np.int64)), float(time_base), rate
+
+
+def _decode_wanted(path: str, wanted: set[int]) -> dict[int, np.ndarray] | None:
+    """RGB arrays of the frames whose timestamps are in `wanted`, decoding only up to the last of them; None when
+    a wanted frame does not come out of the decoder (a packet that does not decode, say)."""
+    found, last = {}, max(wanted)
+    try:
+        with av.open(path) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.pts in wanted and frame.pts not in found:
+                    found[frame.pts] = frame.to_ndarray(format="rgb24")
+                    if len(found) == len(wanted):
+                        break
+                elif frame.pts is not None and frame.pts > last:
+                    break  # frames come out in presentation order: the missing ones will not come
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+        raise _open_error(path, err) from err
+    return found if len(found) == len(wanted) else None
+
+
+def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
+    """Decode every frame of the first video stream: (frames as av.VideoFrame, timestamps in s, fps)."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = list(container.decode(stream))
+            rate = _stream_rate(stream)
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+        raise _open_error(path, err) from err
     if not frames:
         raise VideoDecodeError(f"no decodable frames in {path}")
 
     times = [frame.time for frame in frames]
     if any(t is None for t in times):  # no usable timestamps: assume a constant rate
-        native_fps = float(rate) if rate else 25.0
-        timestamps = np.arange(len(frames)) / native_fps
-    else:
-        timestamps = np.asarray(times, dtype=np.float64)
-        order = np.argsort(timestamps, kind="stable")  # decoders emit presentation order; be safe
-        frames = [frames[i] for i in order]
-        timestamps = timestamps[order]
-        if rate:
-            native_fps = float(rate)
-        elif len(frames) > 1 and timestamps[-1] > timestamps[0]:
-            native_fps = (len(frames) - 1) / (timestamps[-1] - timestamps[0])
-        else:
-            native_fps = 25.0
-    return frames, timestamps, native_fps
+        native_fps = rate or 25.0
+        return frames, np.arange(len(frames)) / native_fps, native_fps
+    timestamps = np.asarray(times, dtype=np.float64)
+    order = np.argsort(timestamps, kind="stable")  # decoders emit presentation order; be safe
+    return [frames[i] for i in order], timestamps[order], _native_fps(rate, timestamps[order])
+
+
+def _pick(count: int, timestamps: np.ndarray, native_fps: float, fps: float | None, select) -> np.ndarray:
+    """Indices into the stream's frames of the returned frames (see `read_video`)."""
+    indices = np.arange(count) if fps is None else resample_frame_indices(timestamps, native_fps, fps)
+    if select is not None:
+        chosen = np.asarray(select(len(indices)), dtype=np.int64)
+        if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= len(indices):
+            raise ValueError(f"`select` must return indices in [0, {len(indices)}), got {chosen.tolist()}")
+        indices = indices[chosen]
+    return indices
 
 
 def read_video(
@@ -140,13 +194,16 @@ def read_video(
 ) -> tuple[np.ndarray, float]:
     """Decode a video file with PyAV.
 
+    The frames' timestamps are read from the container first (no decoding), then only the frames up to the last
+    one returned are decoded, and only the returned ones are converted to RGB: a short clip from the start of a
+    long video costs what the clip does. Files whose packets carry no usable timestamps are decoded whole.
+
     Args:
         path: the video file.
         fps: when given, resample in time to this rate (nearest frame by timestamp, see
-            `resample_frame_indices`); otherwise keep every decoded frame.
+            `resample_frame_indices`); otherwise keep every frame.
         select: optional function mapping the number ``n`` of (resampled) frames to the indices
-            (``0 <= i < n``, repeats allowed) of the frames to return. Only those frames are converted
-            to RGB, which saves time and memory when a short clip is cut from a long video.
+            (``0 <= i < n``, repeats allowed) of the frames to return.
 
     Returns:
         ``(frames, fps)``: ``uint8`` array ``(T, H, W, 3)`` and the frame rate of the returned sequence
@@ -156,15 +213,17 @@ def read_video(
         VideoDecodeError: the file is missing, unreadable, corrupt or has no video frames.
     """
     path = os.fspath(path)
+    packets = _packet_times(path)
+    if packets is not None:
+        pts, time_base, rate = packets
+        timestamps = pts * time_base
+        native_fps = _native_fps(rate, timestamps)
+        indices = _pick(len(pts), timestamps, native_fps, fps, select)
+        found = _decode_wanted(path, {int(p) for p in pts[indices]})
+        if found is not None:
+            return np.stack([found[int(p)] for p in pts[indices]]), float(fps if fps is not None else native_fps)
     frames, timestamps, native_fps = _decode_all(path)
-    indices = np.arange(len(frames))
-    if fps is not None:
-        indices = resample_frame_indices(timestamps, native_fps, fps)
-    if select is not None:
-        chosen = np.asarray(select(len(indices)), dtype=np.int64)
-        if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= len(indices):
-            raise ValueError(f"`select` must return indices in [0, {len(indices)}), got {chosen.tolist()}")
-        indices = indices[chosen]
+    indices = _pick(len(frames), timestamps, native_fps, fps, select)
     try:
         rgb = np.stack([frames[i].to_ndarray(format="rgb24") for i in indices])
     except (av.FFmpegError, ValueError) as err:

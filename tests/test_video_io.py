@@ -97,6 +97,51 @@ def test_read_video_select_returns_only_chosen_frames(tmp_path):
         read_video(path, select=lambda n: [n])
 
 
+def test_read_video_decodes_only_up_to_the_last_frame_it_returns(tmp_path, monkeypatch):
+    import av
+
+    from modeling_nbp import video_io
+
+    path = export_to_mp4(index_video(24), tmp_path / "count.mp4", fps=8)
+    gif = export_to_gif(index_video(9), tmp_path / "count.gif", fps=8)
+    # the whole-file decoder (used for files whose packets have no timestamps) gives the same frames
+    cases = [(path, None, None), (path, 4, None), (path, 16, lambda n: [5, 1, 1, n - 1]), (gif, None, lambda n: [2, 0])]
+    for file, fps, select in cases:
+        frames, rate = read_video(file, fps=fps, select=select)
+        with monkeypatch.context() as m:
+            m.setattr(video_io, "_packet_times", lambda path: None)
+            whole, whole_rate = read_video(file, fps=fps, select=select)
+        np.testing.assert_array_equal(frames, whole)
+        assert rate == whole_rate
+    assert decoded_indices(read_video(path, fps=4)[0]) == list(range(0, 24, 2))
+
+    decoded = []
+    real_open = av.open
+
+    class CountingContainer:  # av.open's container, counting the frames its decoder gives
+        def __init__(self, *args, **kwargs):
+            self.container = real_open(*args, **kwargs)
+            self.streams = self.container.streams
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def demux(self, *args):
+            return self.container.demux(*args)
+
+        def decode(self, *args):
+            for frame in self.container.decode(*args):
+                decoded.append(frame.pts)
+                yield frame
+
+    monkeypatch.setattr(av, "open", CountingContainer)
+    frames, _ = read_video(path, select=lambda n: range(3))
+    assert decoded_indices(frames) == [0, 1, 2] and len(decoded) == 3
+
+
 def test_as_uint8_frames_validates_input():
     np.testing.assert_array_equal(as_uint8_frames(np.array([[[[-0.5, 0.5, 2.0]]]])), [[[[0, 128, 255]]]])
     with pytest.raises(TypeError):
