@@ -7,8 +7,8 @@ The folder is an `NBPVideoPipeline` (`NBPVideoPipeline.from_pretrained(folder)`)
 (`NBPForVideoGeneration`), `video_tokenizer/` (`NBPVideoTokenizer`), model_index.json. Converting only one of the
 two writes just its subfolder. The frozen tokenizer copy that a generator checkpoint may embed
 (`first_stage_model.*`) is skipped, or converted as the tokenizer with --tokenizer_from_generator (instead of a
---tokenizer file). Paper sampling (the pipeline's PAPER_SAMPLING, not stored here): top-k 16000, top-p 0.9,
-temperature 1.0; UCF-101 95 steps, K600 2 context latent frames and 48 steps.
+--tokenizer file). The generator's generation_config holds the paper's sampling (top-k 16000, top-p 0.9, temperature
+1.0), the pipeline's default; UCF-101 takes 95 steps, K600 2 context latent frames and 48 steps.
 """
 
 import argparse

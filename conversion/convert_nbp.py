@@ -14,8 +14,8 @@ What the official code does and how it maps here (github.com/RenShuhuai-Andy/NBP
   --token_number_per_step 16`, frame prediction from 2 latent frames at evaluation), both `--resolution 128
   --sequence_length 17 --block_size 5120`.
 
-Sampling used for every result in the paper (not stored here; the pipeline owns it): top-k 16000, top-p 0.9,
-temperature 1.0; UCF-101: 95 steps from the class prompt; K600: 2 context latent frames (5 pixel frames), 48 steps.
+Sampling used for every result in the paper (stored as the converted model's generation_config): top-k 16000,
+top-p 0.9, temperature 1.0; UCF-101: 95 steps from the class prompt; K600: 2 context latent frames (5 pixel frames), 48 steps.
 """
 
 import argparse
@@ -24,6 +24,7 @@ import torch
 from accelerate import init_empty_weights
 
 from ..configuration_nbp import NBPConfig
+from ..generation import PAPER_SAMPLING
 from ..modeling_nbp import NBPForVideoGeneration
 from ..ucf101 import load_ucf101_table, ucf101_id2label
 from .safe_load import load_exact_state_dict, strip_prefix
@@ -216,4 +217,5 @@ def generator_from_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float
     ours_to_official = {v: k for k, v in official_key_map(config.num_hidden_layers).items()}
     load_exact_state_dict(model, convert_generator_state_dict(generator, config), "generator checkpoint",
                           ours_to_official, dtype)
+    model.generation_config.update(do_sample=True, **PAPER_SAMPLING)  # saved with the model: its default sampling
     return model.eval(), tokenizer

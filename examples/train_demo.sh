@@ -32,16 +32,19 @@ nbp train --train_data $RUNS/tokens_train/tokens --validation_data $RUNS/tokens_
   --max_steps ${GEN_STEPS:-2400} --train_batch_size 16 --checkpointing_steps 100 --checkpoints_total_limit 2 \
   --logging_steps 25 --mixed_precision no --dataloader_num_workers 1 --seed 0
 
-# 5. ship it: the pipeline folder in float16, the position table cut to the 329 positions this layout uses
+# 5. ship it: the pipeline folder in float16, the position table cut to the 329 positions this layout uses, the demo's
+#    sampling as the model's generation_config
 python - <<PY
 import torch
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
+from modeling_nbp.demo import DEMO_SAMPLING
 pipe = NBPVideoPipeline.from_pretrained("$RUNS/generator/final")
 config = NBPConfig.from_dict({**pipe.transformer.config.to_dict(), "max_position_embeddings": pipe.transformer.layout.sequence_length})
 state = pipe.transformer.state_dict()
 state["model.embed_positions.weight"] = state["model.embed_positions.weight"][: config.max_position_embeddings]
 model = NBPForVideoGeneration(config)
 model.load_state_dict(state)
+model.generation_config.update(do_sample=True, **DEMO_SAMPLING)  # the pipeline's default sampling
 NBPVideoPipeline(transformer=model.eval(), video_tokenizer=pipe.video_tokenizer).to(torch.float16).save_pretrained(
     "modeling_nbp/pretrained/nbp-moving-digits", carry_code=False)  # the package holds the code
 PY

@@ -6,8 +6,8 @@ from .configuration_nbp import NBPConfig
 from .layout import BlockLayout
 from .modeling_nbp import NBPForVideoGeneration, NBPModel
 from .video_tokenizer import NBPVideoTokenizer
-from .pipelines.pipeline_nbp_video import (PAPER_SAMPLING, NBPVideoPipeline, NBPVideoPipelineOutput,
-                                           NBPVideoStreamChunk)
+from .generation import PAPER_SAMPLING
+from .pipelines.pipeline_nbp_video import NBPVideoPipeline, NBPVideoPipelineOutput, NBPVideoStreamChunk
 
 AutoConfig.register("nbp", NBPConfig, exist_ok=True)
 AutoModel.register(NBPConfig, NBPForVideoGeneration, exist_ok=True)

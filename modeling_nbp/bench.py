@@ -17,11 +17,11 @@ import time
 import torch
 
 from .configuration_nbp import NBPConfig
+from .generation import PAPER_SAMPLING
 from .modeling_nbp import NBPForVideoGeneration
 
 SIZES = {"small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8),
          "700m": dict(num_hidden_layers=24, hidden_size=1536, num_attention_heads=16)}
-PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
 VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
             "compiled": dict(cache_implementation="static", compile_decode=True),

@@ -29,10 +29,13 @@ def _generate_parser(parser):
                         help="how many frames of --context to give (default: the model's num_context_frames)")
     parser.add_argument("--num_videos_per_class", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance_scale", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=16000)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    sampling = parser.add_argument_group(
+        "sampling", "defaults: the model's generation_config, else the paper's (top-k 16000, top-p 0.9, temperature 1, "
+        "no guidance)")
+    sampling.add_argument("--guidance_scale", type=float, help="classifier-free guidance (1 = off)")
+    sampling.add_argument("--top_k", type=int, help="0 = off")
+    sampling.add_argument("--top_p", type=float, help="1 = off")
+    sampling.add_argument("--temperature", type=float, help="0 = greedy")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"])
     parser.add_argument("--output_dir", default="outputs/generate")

@@ -16,7 +16,8 @@ DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-d
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
 HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training clips use seed 0)
-# sampling for the demo: classifier-free guidance (trained with class dropout) and a slightly cool temperature
+# sampling of the demo model, stored as its generation_config (so the pipeline's default): classifier-free guidance
+# (trained with class dropout) and a slightly cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
 
 
@@ -42,7 +43,7 @@ def main(argv=None):
     n = args.videos_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(names) * n)]
     videos = pipe(class_labels=list(range(len(names))), num_videos_per_prompt=n, generator=generators,
-                  output_type="np", **DEMO_SAMPLING).frames  # (classes * n, T, H, W, 3)
+                  output_type="np").frames  # (classes * n, T, H, W, 3); sampling: the model's generation_config
 
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
@@ -62,7 +63,7 @@ def main(argv=None):
     context = clips[:, :, :given].permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W), the pipeline's "pt" layout
     cont = pipe(class_labels=[data[i]["label"] for i in range(len(names))], video=context,
                 generator=[torch.Generator().manual_seed(args.seed + 100 + i) for i in range(len(names))],
-                output_type="np", **DEMO_SAMPLING).frames
+                output_type="np").frames
     truth = clips.permute(0, 2, 3, 4, 1).numpy()
     rows, row_labels = [], []
     for i in range(len(names)):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 
@@ -89,6 +90,24 @@ def compile_mode(compile_decode) -> str | None:
     return compile_decode
 
 
+# the sampling of every result in the paper (no classifier-free guidance): what generation uses for any value that
+# neither the call nor the model's `generation_config` sets
+PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
+
+
+def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None, guidance_scale=None) -> tuple:
+    """(temperature, top_k, top_p, guidance_scale), checked: each value given, else the `generation_config`'s
+    (`do_sample=False` there means greedy, as in transformers), else `PAPER_SAMPLING` (guidance 1 = off)."""
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+    fallback = dict(PAPER_SAMPLING, guidance_scale=1.0)
+    for name, value in given.items():
+        saved = getattr(generation_config, name, None)
+        given[name] = value if value is not None else saved if saved is not None else fallback[name]
+    if generation_config is not None and generation_config.do_sample is False and temperature is None:
+        given["temperature"] = 0.0
+    return check_sampling_args(**given)
+
+
 def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
     """The sampling arguments, checked, as plain Python numbers (numpy scalars accepted)."""
     def number(value, kind=numbers.Real):
@@ -97,7 +116,7 @@ def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
     if not number(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not number(top_k, numbers.Integral) or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative int (0 or None = no top-k filtering), got {top_k!r}")
+        raise ValueError(f"top_k must be a non-negative int (0 = no top-k filtering), got {top_k!r}")
     if not number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1] (1 = no nucleus filtering), got {top_p!r}")
     if not number(guidance_scale) or guidance_scale < 0:
@@ -120,6 +139,22 @@ class GenerationStep:
 
 class NBPGenerationMixin:
     """Generation methods of `NBPForVideoGeneration` (the model supplies `layout`, `config`, `forward`)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, then the folder's `generation_config.json` (default sampling), which
+        transformers loads only for models built on its own GenerationMixin."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if pretrained_model_name_or_path is not None and "generation_config" not in kwargs:
+            where = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                            "subfolder") if k in kwargs}
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **where)
+            except OSError:  # no generation_config.json: the paper's sampling
+                pass
+        elif "generation_config" in kwargs:
+            model.generation_config = kwargs["generation_config"]
+        return model
 
     def check_video_ids(self, video_ids: torch.Tensor):
         if video_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -155,15 +190,17 @@ class NBPGenerationMixin:
         return table[labels]
 
     @torch.no_grad()
-    def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0, top_k=None,
-                        top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True, condition_ids=None,
+    def iter_generation(self, class_labels=None, context_ids=None, batch_size=None, temperature=None, top_k=None,
+                        top_p=None, guidance_scale=None, generator=None, use_cache=True, condition_ids=None,
                         cache_implementation=None, use_cuda_graphs=None, compile_decode: bool | str = False):
         """Generate block by block, yielding a `GenerationStep` after every step (for streaming).
 
         class_labels: (B,) ints for class-conditional models. context_ids: (B, c, H', W') video ids of the
-        first c latent frames (frame prediction). guidance_scale g != 1 runs classifier-free guidance in one
-        doubled batch: logits = uncond + g (cond - uncond), the unconditional half using `uncond_embedding`
-        as its prefix. use_cache=False recomputes the whole sequence every step (the reference path).
+        first c latent frames (frame prediction). temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
+        guidance_scale: sampling; a value not given comes from `self.generation_config`, else from the paper's
+        sampling (`PAPER_SAMPLING`: top-k 16000, top-p 0.9, temperature 1, no guidance). guidance_scale g != 1 runs
+        classifier-free guidance in one doubled batch: logits = uncond + g (cond - uncond), the unconditional half
+        using `uncond_embedding` as its prefix. use_cache=False recomputes the whole sequence every step (the reference path).
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
@@ -183,7 +220,8 @@ class NBPGenerationMixin:
             raise ValueError("use_cuda_graphs needs a model on a CUDA device, use_cache=True and "
                              f"cache_implementation='static' (got device {self.device}, use_cache={use_cache}, "
                              f"cache_implementation={cache_implementation!r})")
-        temperature, top_k, top_p, guidance_scale = check_sampling_args(temperature, top_k, top_p, guidance_scale)
+        temperature, top_k, top_p, guidance_scale = resolve_sampling(self.generation_config, temperature, top_k, top_p,
+                                                                     guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels).view(-1)  # an int, a list, an array or a tensor
@@ -314,8 +352,8 @@ class NBPGenerationMixin:
         self._static_decoder = None
 
     @torch.no_grad()
-    def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=1.0,
-                              top_k=None, top_p=1.0, guidance_scale=1.0, generator=None, use_cache=True,
+    def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=None,
+                              top_k=None, top_p=None, guidance_scale=None, generator=None, use_cache=True,
                               condition_ids=None, callback=None, cache_implementation=None, use_cuda_graphs=None,
                               compile_decode: bool | str = False):
         """Generate video token grids (B, T', H', W') block by block (see `iter_generation` for arguments).

@@ -1,3 +1,3 @@
-from .pipeline_nbp_video import PAPER_SAMPLING, NBPVideoPipeline, NBPVideoPipelineOutput, NBPVideoStreamChunk
+from .pipeline_nbp_video import NBPVideoPipeline, NBPVideoPipelineOutput, NBPVideoStreamChunk
 
-__all__ = ["PAPER_SAMPLING", "NBPVideoPipeline", "NBPVideoPipelineOutput", "NBPVideoStreamChunk"]
+__all__ = ["NBPVideoPipeline", "NBPVideoPipelineOutput", "NBPVideoStreamChunk"]

@@ -21,7 +21,6 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 # the sampling of every result in the paper
-PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -212,7 +211,6 @@ class NBPVideoPipeline(DiffusionPipeline):
             if cfg.condition_mode == "frames":
                 raise ValueError("this model predicts frames: pass video= with the context frames")
             batch_size = (batch_size or 1) * num_videos_per_prompt
-        top_k = min(top_k, cfg.video_vocab_size) if top_k else top_k
         self._interrupt = False
         steps = self.transformer.iter_generation(
             class_labels=labels, context_ids=context, batch_size=batch_size, temperature=temperature, top_k=top_k,
@@ -310,10 +308,10 @@ class NBPVideoPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         num_videos_per_prompt: int = 1,
         batch_size: int | None = None,
-        guidance_scale: float = 1.0,
-        top_k: int | None = PAPER_SAMPLING["top_k"],
-        top_p: float = PAPER_SAMPLING["top_p"],
-        temperature: float = PAPER_SAMPLING["temperature"],
+        guidance_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -337,7 +335,9 @@ class NBPVideoPipeline(DiffusionPipeline):
             num_videos_per_prompt: videos per class label / context video.
             batch_size: number of videos for unconditional models.
             guidance_scale: classifier-free guidance in one batched forward per step (1 = off).
-            top_k, top_p, temperature: sampling (defaults: the paper's 16000 / 0.9 / 1.0; temperature 0 = greedy).
+            top_k, top_p, temperature: sampling (top-k 0 and top-p 1 = off, temperature 0 = greedy).
+                Defaults for these four: `transformer.generation_config`, else the paper's sampling (top-k 16000,
+                top-p 0.9, temperature 1, no guidance).
             generator: a `torch.Generator` or one per video (then a batch equals the single runs).
             output_type: "pil", "np", "pt" or "latent" (token ids).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, called after every step;
@@ -374,8 +374,8 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def stream(self, class_labels=None, video=None, num_videos_per_prompt: int = 1, batch_size: int | None = None,
-               guidance_scale: float = 1.0, top_k: int | None = PAPER_SAMPLING["top_k"],
-               top_p: float = PAPER_SAMPLING["top_p"], temperature: float = PAPER_SAMPLING["temperature"],
+               guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               temperature: float | None = None,
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
                use_cache: bool = True, cache_implementation: str | None = None,
                compile_decode: bool | str = False) -> Iterator[NBPVideoStreamChunk]:

@@ -521,6 +521,9 @@ def test_cli_writes_a_sharded_bfloat16_pipeline_folder(tmp_path):
     assert torch.equal(weights["lm_head.weight"], sd["transformer.head.weight"].bfloat16())
     assert torch.equal(weights["model.embed_positions.weight"], sd["transformer.pos_emb"][0].bfloat16())
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no temporary folder left behind
+    # the paper's sampling travels with the converted model as its default
+    loaded = NBPForVideoGeneration.from_pretrained(folder)
+    assert (loaded.generation_config.top_k, loaded.generation_config.top_p) == (16000, 0.9)
 
 
 def test_existing_output_is_replaced_only_with_overwrite(tmp_path):

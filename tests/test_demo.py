@@ -30,3 +30,21 @@ def test_demo_writes_every_promised_file(tmp_path):
     assert os.path.isfile(tmp_path / "frame_prediction.png")
     # the continuation starts from the given frames: the first frame matches the true clip closely
     assert np.abs(frames[0, :, :32].astype(float) - frames[0, :, 32:]).mean() < 20
+
+
+def test_demo_model_samples_with_its_generation_config_by_default():
+    import torch
+
+    from modeling_nbp import NBPVideoPipeline
+    from modeling_nbp.demo import DEMO_SAMPLING
+
+    pipe = NBPVideoPipeline.from_pretrained(DEMO_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    saved = pipe.transformer.generation_config
+    assert saved.do_sample and {k: getattr(saved, k) for k in DEMO_SAMPLING} == DEMO_SAMPLING
+
+    def latents(**sampling):
+        return pipe(class_labels=[3], generator=torch.Generator().manual_seed(0), output_type="latent",
+                    **sampling).frames
+
+    assert torch.equal(latents(), latents(**DEMO_SAMPLING))

@@ -152,8 +152,27 @@ def test_greedy_is_deterministic_and_seeds_differ():
 def test_top_k_larger_than_vocab_and_top_p_one_are_plain_sampling():
     model = make_model()
     a = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(4), top_k=10**6, top_p=1.0)
-    b = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(4))
+    b = model.generate_video_tokens(class_labels=[0], generator=torch.Generator().manual_seed(4), top_k=0, top_p=1.0)
     assert torch.equal(a, b)
+
+
+def test_sampling_defaults_come_from_the_generation_config_then_the_paper(tmp_path):
+    model = make_model()
+
+    def run(**kw):
+        return model.generate_video_tokens(class_labels=[0, 1], generator=torch.Generator().manual_seed(3), **kw)
+
+    paper = run(top_k=16000, top_p=0.9, temperature=1.0, guidance_scale=1.0)
+    assert torch.equal(run(), paper)
+    chosen = dict(top_k=5, top_p=0.8, temperature=0.7, guidance_scale=2.0)
+    model.generation_config.update(do_sample=True, **chosen)
+    assert torch.equal(run(), run(**chosen)) and not torch.equal(run(), paper)
+    assert torch.equal(run(top_k=16000, top_p=0.9, temperature=1.0, guidance_scale=1.0), paper)  # the call wins
+    model.save_pretrained(tmp_path)  # saved and loaded with the model (generation_config.json)
+    loaded = NBPForVideoGeneration.from_pretrained(tmp_path)
+    assert {k: getattr(loaded.generation_config, k) for k in chosen} == chosen
+    model.generation_config.do_sample = False  # transformers' meaning: greedy
+    assert torch.equal(run(), run(temperature=0, top_k=5, top_p=0.8, guidance_scale=2.0))
 
 
 def test_sampler_draws_from_the_filtered_distribution():
@@ -324,7 +343,7 @@ def test_bad_inputs_give_clear_errors():
         frames.generate_video_tokens(class_labels=[0], context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="not both"):
         model.generate_video_tokens(class_labels=[0], condition_ids=[model.config.class_condition_ids[1]])
-    for name, value in (("guidance_scale", None), ("top_p", None), ("top_k", 2.5), ("temperature", "1")):
+    for name, value in (("guidance_scale", "3"), ("top_p", 1.5), ("top_k", 2.5), ("temperature", "1")):
         with pytest.raises(ValueError, match=name):
             model.generate_video_tokens(class_labels=[0], **{name: value})
 
