@@ -28,6 +28,9 @@ def _generate_parser(parser):
     parser.add_argument("--context_frames", type=int, default=None,
                         help="how many frames of --context to give (default: the model's num_context_frames)")
     parser.add_argument("--num_videos_per_class", type=positive_int, default=1)
+    parser.add_argument("--num_frames", type=positive_int, default=None,
+                        help="frames per video (default: the model's window; more are made by windows that each "
+                             "continue the last frames, see NBPVideoPipeline.__call__)")
     parser.add_argument("--seed", type=int, default=0)
     sampling = parser.add_argument_group(
         "sampling", "defaults: the model's generation_config, else the paper's (top-k 16000, top-p 0.9, temperature 1, "
@@ -62,7 +65,7 @@ def run_generate(args):
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(args.device)
     cfg = pipe.transformer.config
     kwargs = dict(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                  temperature=args.temperature, output_type="np")
+                  temperature=args.temperature, num_frames=args.num_frames, output_type="np")
     if args.context:
         frames, _ = read_video(args.context)
         n = args.context_frames or pipe.video_tokenizer.num_frames_for_latent(max(cfg.num_context_frames, 1))

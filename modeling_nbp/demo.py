@@ -2,7 +2,8 @@
 
 Writes, under --output_dir: `<class>.gif` and `<class>.mp4` for every class, `contact_sheet.png` (one row per video,
 one column per frame, every class), and the frame-prediction example `frame_prediction.png` / `.gif` (held-out clips:
-the true clip above the model's continuation of its first 5 frames), then prints the paths.
+the true clip above the model's continuation of its first 5 frames), `long_video.gif` (53 frames, three classes side by
+side: windows of 17 frames that each continue the last 5), then prints the paths.
 """
 
 import argparse
@@ -19,6 +20,7 @@ HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training cl
 # sampling of the demo model, stored as its generation_config (so the pipeline's default): classifier-free guidance
 # (trained with class dropout) and a slightly cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
+LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
 
 
 def main(argv=None):
@@ -74,6 +76,13 @@ def main(argv=None):
     side_by_side = np.concatenate([np.concatenate(list(truth), axis=1), np.concatenate(list(cont), axis=1)], axis=2)
     written += [fp_sheet, export_to_gif(side_by_side, os.path.join(args.output_dir, "frame_prediction.gif"),
                                         fps=args.fps)]
+
+    # longer than the model's 17 frames: further windows each continue the last 5 frames (three classes side by side)
+    classes = list(range(min(3, len(names))))
+    long = pipe(class_labels=classes, num_frames=LONG_VIDEO_FRAMES, output_type="np",
+                generator=[torch.Generator().manual_seed(args.seed + 200 + i) for i in classes]).frames
+    written.append(export_to_gif(np.concatenate(list(long), axis=2), os.path.join(args.output_dir, "long_video.gif"),
+                                 fps=args.fps))
     print(f"nbp demo: {len(names)} classes, {len(videos)} generated + {len(cont)} continued videos "
           f"in {time.perf_counter() - start:.1f} s; given frames 0-{given - 1} in frame_prediction.*")
     for path in written:

@@ -160,19 +160,45 @@ class NBPVideoPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must be ints in [0, {num_classes}) or class names; got {bad}")
         return ids
 
-    def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt):
+    def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
+                     context_frames=None) -> int:
+        """Checks the arguments; -> the number of frames to return."""
         T = self.num_frames
-        t = self.video_tokenizer.temporal_compression
-        if num_frames is not None and num_frames != T:
-            raise ValueError(f"num_frames must be of the form 1 + {t}n and match this model: it generates "
-                             f"{T} frames (got {num_frames})")
+        if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool)
+                                       or num_frames < 1):
+            raise ValueError(f"num_frames must be a positive int (this model generates {T} frames per window), "
+                             f"got {num_frames!r}")
+        total = T if num_frames is None else num_frames
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type == "latent" and total != T:
+            raise ValueError(f"output_type='latent' returns the token grid of one window: num_frames must be {T} "
+                             f"(got {num_frames}); longer videos re-encode their context frames at every window")
         if callback_on_step_end_tensor_inputs is not None and not all(
                 k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
+        if total > T or context_frames is not None:
+            self._window_context(context_frames)
+        return total
+
+    def _window_context(self, context_frames: int | None) -> int:
+        """Pixel frames that each window after the first continues from (videos longer than one window): by default
+        the model's `num_context_frames` latent frames, at least 2 (one latent frame is a single pixel frame, which
+        shows no motion), fewer than the window's."""
+        tok, latent_frames = self.video_tokenizer, self.transformer.config.latent_shape[0]
+        allowed = [tok.num_frames_for_latent(k) for k in range(1, latent_frames)]
+        if not allowed:
+            raise ValueError(f"this model generates a single latent frame ({self.num_frames} pixel frames) and cannot "
+                             "continue videos: num_frames must not exceed it")
+        if context_frames is None:
+            wanted = min(max(self.transformer.config.num_context_frames, 2), latent_frames - 1)
+            return tok.num_frames_for_latent(wanted)
+        if context_frames not in allowed:
+            raise ValueError(f"context_frames must be one of {allowed} (1 + {tok.temporal_compression}k, fewer than "
+                             f"the {self.num_frames} frames of a window); got {context_frames!r}")
+        return context_frames
 
     def encode_context(self, video, num_videos_per_prompt: int = 1) -> torch.Tensor:
         """Context video -> token grids (B, c, H', W') of its latent frames, checked against the model."""
@@ -256,11 +282,32 @@ class NBPVideoPipeline(DiffusionPipeline):
             self.transformer.clear_decode_cache()
         super().maybe_free_model_hooks()
 
-    def _decode(self, grid: torch.Tensor, output_type: str, decode_batch_size):
-        if output_type == "latent":
-            return grid
+    def _window_pixels(self, steps: Iterator, decode_batch_size, overlap: bool) -> torch.Tensor:
+        """Run one window's steps; -> its pixels (B, 3, T, H, W), as decoded (not clamped)."""
+        if overlap:
+            return torch.cat([pixels for _, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap)],
+                             dim=2)
+        last = None
+        for last in steps:
+            pass
         tok = self.video_tokenizer
-        return postprocess_video(tok.decode(grid.to(tok.device), decode_batch_size=decode_batch_size), output_type)
+        grid = self._complete_frames(last.video_tokens, last.end)
+        return tok.decode(grid.to(tok.device), decode_batch_size=decode_batch_size)
+
+    def _later_windows(self, class_labels, condition_ids, num_videos_per_prompt: int, context_frames: int):
+        """-> `fn(pixels) -> _steps arguments` of a window that continues `pixels` (B, 3, T, H, W): the last
+        `context_frames` frames as its context, the labels / condition of every video (already expanded)."""
+        labels = None if class_labels is None else torch.tensor(self._class_ids(class_labels)).repeat_interleave(
+            num_videos_per_prompt)
+        if condition_ids is not None:
+            condition_ids = torch.as_tensor(condition_ids).repeat_interleave(num_videos_per_prompt, dim=0)
+
+        def inputs(pixels):
+            context = pixels[:, :, -context_frames:].float().clamp(0, 1).transpose(1, 2)  # (B, T, 3, H, W)
+            return dict(class_labels=labels, video=context, batch_size=None, num_videos_per_prompt=1,
+                        condition_ids=condition_ids)
+
+        return inputs
 
     def _decode_as_completed(self, steps: Iterator, decode_batch_size, overlap: bool = False) -> Iterator:
         """Yield (step, first pixel frame, pixels) for every step that completes latent frames: the frames they
@@ -323,6 +370,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         cache_implementation: str | None = None,
         compile_decode: bool | str = False,
         overlap_decode: bool = False,
+        context_frames: int | None = None,
     ):
         r"""Generate videos.
 
@@ -331,7 +379,11 @@ class NBPVideoPipeline(DiffusionPipeline):
             video: context frames for frame prediction (e.g. 5 frames -> 2 latent frames, the K600 setting); any
                 form `preprocess_video` accepts, values in [0, 1] (or uint8). The output starts with the
                 tokenizer's reconstruction of these frames.
-            num_frames: must equal the model's frame count (`pipe.num_frames`) when given.
+            num_frames: frames per video (default: the model's window, `pipe.num_frames`). More frames are made
+                window by window, each continuing the last `context_frames` frames of the video so far (re-encoded,
+                as in frame prediction); the last window is cut to length.
+            context_frames: pixel frames a further window continues from (1 + t k, fewer than a window; default:
+                the model's `num_context_frames` latent frames, at least 2).
             num_videos_per_prompt: videos per class label / context video.
             batch_size: number of videos for unconditional models.
             guidance_scale: classifier-free guidance in one batched forward per step (1 = off).
@@ -342,7 +394,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             output_type: "pil", "np", "pt" or "latent" (token ids).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, called after every step;
                 `callback_kwargs["video_tokens"]` is the live (B, N) tensor of video ids in block order (-1 = not
-                generated yet); a returned "video_tokens" replaces it (only the tokens of the step just made can
+                generated yet; in a video longer than one window, steps and tokens are those of the current
+                window); a returned "video_tokens" replaces it (only the tokens of the step just made can
                 still change what follows). Set `pipe._interrupt = True` from it to stop early: the output then
                 holds the complete latent frames generated so far.
             decode_batch_size: decode this many videos at a time (less memory).
@@ -353,20 +406,33 @@ class NBPVideoPipeline(DiffusionPipeline):
             compile_decode: run the static path's decode step through `torch.compile` (the first call compiles); True
                 or a mode of `modeling_nbp.generation.DECODE_COMPILE_MODES`.
             overlap_decode: decode each latent frame as soon as it is complete (on CUDA on a second stream, beside
-                the rest of the generation) instead of all frames at the end; same frames up to float rounding.
+                the rest of the generation) instead of all frames at the end; same frames up to float rounding
+                (in a video longer than one window, a rounding difference can change a token of a re-encoded
+                context, and so the windows after it).
         """
-        self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt)
-        steps = self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
-                            temperature, generator, condition_ids, callback_on_step_end,
-                            callback_on_step_end_tensor_inputs, use_cache, cache_implementation, compile_decode)
-        if overlap_decode and output_type != "latent":
-            pieces = [pixels for _, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap=True)]
-            frames = postprocess_video(torch.cat(pieces, dim=2), output_type)
-        else:
+        total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
+                                  context_frames)
+        sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                        generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
+                        compile_decode=compile_decode, callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        steps = self._steps(class_labels=class_labels, video=video, batch_size=batch_size,
+                            num_videos_per_prompt=num_videos_per_prompt, condition_ids=condition_ids, **sampling)
+        if output_type == "latent":
             last = None
             for last in steps:
                 pass
-            frames = self._decode(self._complete_frames(last.video_tokens, last.end), output_type, decode_batch_size)
+            frames = self._complete_frames(last.video_tokens, last.end)
+        else:
+            pixels = self._window_pixels(steps, decode_batch_size, overlap_decode)
+            if pixels.shape[2] < total:  # a longer video: windows that each continue the frames made so far
+                c = self._window_context(context_frames)
+                continuing = self._later_windows(class_labels, condition_ids, num_videos_per_prompt, c)
+                while pixels.shape[2] < total and not self.interrupt:
+                    more = self._window_pixels(self._steps(**continuing(pixels), **sampling), decode_batch_size,
+                                               overlap_decode)
+                    pixels = torch.cat([pixels, more[:, :, c:]], dim=2)
+            frames = postprocess_video(pixels[:, :, :total], output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
@@ -378,20 +444,43 @@ class NBPVideoPipeline(DiffusionPipeline):
                temperature: float | None = None,
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
                use_cache: bool = True, cache_implementation: str | None = None,
-               compile_decode: bool | str = False) -> Iterator[NBPVideoStreamChunk]:
+               compile_decode: bool | str = False, num_frames: int | None = None,
+               context_frames: int | None = None) -> Iterator[NBPVideoStreamChunk]:
         """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
         its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own, each
-        once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the `__call__`
-        result for the same seed (up to float rounding)."""
+        once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the frames of
+        `__call__(..., overlap_decode=True)` for the same seed, longer videos (`num_frames`, `context_frames`)
+        included; generation stops as soon as `num_frames` frames are out."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
-        self.check_inputs(None, output_type, None, num_videos_per_prompt)
-        steps = self._steps(class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
-                            temperature, generator, condition_ids, None, None, use_cache, cache_implementation,
-                            compile_decode)
-        for step, start, pixels in self._decode_as_completed(steps, decode_batch_size):
-            yield NBPVideoStreamChunk(frames=postprocess_video(pixels, output_type), start_frame=start, step=step.step,
-                                      done=step.end == self.transformer.layout.num_video_tokens)
+        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames)
+        sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                        generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
+                        compile_decode=compile_decode, callback_on_step_end=None,
+                        callback_on_step_end_tensor_inputs=None)
+        inputs = dict(class_labels=class_labels, video=video, batch_size=batch_size,
+                      num_videos_per_prompt=num_videos_per_prompt, condition_ids=condition_ids)
+        # c: context frames each further window repeats; made: the video's frames so far; out: how many
+        c, continuing, made, out = 0, None, [], 0
+        self._interrupt = False
+        while out < total and not self.interrupt:
+            steps = self._steps(**inputs, **sampling)
+            for step, start, pixels in self._decode_as_completed(steps, decode_batch_size):
+                new = pixels[:, :, max(c - start, 0):][:, :, : total - out]  # not the repeated context, not past the end
+                if new.shape[2]:
+                    made.append(new)
+                    yield NBPVideoStreamChunk(frames=postprocess_video(new, output_type), start_frame=out,
+                                              step=step.step, done=out + new.shape[2] == total)
+                    out += new.shape[2]
+                if out == total:
+                    steps.close()
+                    break
+            if out < total:
+                if continuing is None:
+                    c = self._window_context(context_frames)
+                    continuing = self._later_windows(class_labels, condition_ids, num_videos_per_prompt, c)
+                made = [torch.cat(made, dim=2)[:, :, -c:]]  # what the next window continues from
+                inputs = continuing(made[0])
         self.maybe_free_model_hooks()
 
     # ---- saving and loading -------------------------------------------------------------------------------------

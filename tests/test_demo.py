@@ -30,6 +30,8 @@ def test_demo_writes_every_promised_file(tmp_path):
     assert os.path.isfile(tmp_path / "frame_prediction.png")
     # the continuation starts from the given frames: the first frame matches the true clip closely
     assert np.abs(frames[0, :, :32].astype(float) - frames[0, :, 32:]).mean() < 20
+    frames, _ = read_video(str(tmp_path / "long_video.gif"))
+    assert frames.shape == (53, 32, 3 * 32, 3) and frames[-1].max() > 100  # a digit is still there at the end
 
 
 def test_demo_model_samples_with_its_generation_config_by_default():

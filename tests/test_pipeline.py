@@ -119,14 +119,46 @@ def test_class_names_and_errors(pipe):
         pipe(class_labels=["hexagon"])
     with pytest.raises(ValueError, match=r"ints in \[0, 3\)"):
         pipe(class_labels=[7])
-    with pytest.raises(ValueError, match="num_frames must be of the form 1 \\+ 2n and match this model: it generates 5"):
-        pipe(class_labels=[0], num_frames=17)
+    with pytest.raises(ValueError, match="num_frames must be a positive int"):
+        pipe(class_labels=[0], num_frames=0)
+    with pytest.raises(ValueError, match="token grid of one window: num_frames must be 5"):
+        pipe(class_labels=[0], num_frames=9, output_type="latent")
+    with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
+        pipe(class_labels=[0], num_frames=9, context_frames=2)
     with pytest.raises(ValueError, match="output_type"):
         pipe(class_labels=[0], output_type="gif")
     with pytest.raises(ValueError, match="pass class_labels"):
         pipe()
     with pytest.raises(ValueError, match="generators for a batch of 2"):
         pipe(class_labels=[0, 1], generator=[gen(0)])
+
+
+def test_longer_videos_continue_window_by_window(pipe, frames_pipe):
+    T, labels = pipe.num_frames, [0, 2]  # windows of 5 frames; each further one continues the last 3 (2 new)
+    long = pipe(class_labels=labels, generator=[gen(0), gen(1)], num_frames=11, output_type="pt").frames
+    assert long.shape == (2, 11, 3, 8, 8)
+    # the first window is the ordinary call; the next continues its last 3 frames with the same generators
+    generators = [gen(0), gen(1)]
+    first = pipe(class_labels=labels, generator=generators, output_type="pt").frames
+    assert torch.equal(long[:, :T], first)
+    second = pipe(class_labels=labels, generator=generators, video=first[:, -3:], output_type="pt").frames
+    assert torch.equal(long[:, T:T + 2], second[:, 3:])
+    # stream() hands out the same frames (it decodes as overlap_decode does) and stops at num_frames
+    overlapped = pipe(class_labels=labels, generator=[gen(0), gen(1)], num_frames=8, output_type="pt",
+                      overlap_decode=True).frames
+    np.testing.assert_allclose(overlapped, long[:, :8], atol=1e-5)
+    chunks = list(pipe.stream(class_labels=labels, generator=[gen(0), gen(1)], num_frames=8, output_type="pt"))
+    assert [c.start_frame for c in chunks] == [0] + list(np.cumsum([c.frames.shape[1] for c in chunks])[:-1])
+    assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert torch.equal(torch.cat([c.frames for c in chunks], dim=1), overlapped)
+    # one context frame, several videos per prompt, and a frame-prediction model continuing its given frames
+    one = pipe(class_labels=[1], num_videos_per_prompt=2, generator=gen(3), num_frames=7, context_frames=1,
+               output_type="np").frames
+    assert one.shape == (2, 7, 8, 8, 3)
+    context = torch.rand(1, 3, 3, 8, 8)
+    continued = frames_pipe(video=context, generator=gen(0), num_frames=9, output_type="pt").frames
+    assert continued.shape == (1, 9, 3, 8, 8)
+    assert torch.equal(continued[:, :5], frames_pipe(video=context, generator=gen(0), output_type="pt").frames)
 
 
 def test_a_model_without_class_names(pipe):
@@ -347,6 +379,12 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
     for name in ("circle_0", "square_0"):
         one, _ = read_video(str(tmp_path / "one" / f"{name}.gif"))
         assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / f"{name}.gif"))[0]).max() <= 1
+    # a longer video: its first window is the 5-frame video
+    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "long"), "--device", "cpu",
+         "--class_labels", "0", "--seed", "3", "--num_frames", "9", "--formats", "gif"])
+    long, _ = read_video(str(tmp_path / "long" / "circle_0.gif"))
+    assert long.shape == (9, 8, 8, 3)
+    assert np.abs(long[:5].astype(int) - read_video(str(tmp_path / "out" / "circle_0.gif"))[0]).max() <= 1
     # frame prediction with a class-conditional model: the context's continuation as one given class
     context = export_to_mp4(expected[0], str(tmp_path / "context.mp4"), fps=8)
     nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "cont"), "--device", "cpu",
