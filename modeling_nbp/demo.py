@@ -83,8 +83,9 @@ def main(argv=None):
                 generator=[torch.Generator().manual_seed(args.seed + 200 + i) for i in classes]).frames
     written.append(export_to_gif(np.concatenate(list(long), axis=2), os.path.join(args.output_dir, "long_video.gif"),
                                  fps=args.fps))
-    print(f"nbp demo: {len(names)} classes, {len(videos)} generated + {len(cont)} continued videos "
-          f"in {time.perf_counter() - start:.1f} s; given frames 0-{given - 1} in frame_prediction.*")
+    print(f"nbp demo: {len(names)} classes, {len(videos)} generated + {len(cont)} continued + {len(long)} "
+          f"{LONG_VIDEO_FRAMES}-frame videos in {time.perf_counter() - start:.1f} s; given frames 0-{given - 1} in "
+          "frame_prediction.*")
     for path in written:
         print(path)
     return written
