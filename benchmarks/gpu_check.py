@@ -1,7 +1,7 @@
 """One prepared run that checks and times generation and training on a GPU; prints a table last.
 
     python benchmarks/gpu_check.py                      # on the device machine: 700M, official tokenizer
-    python benchmarks/gpu_check.py --size small --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2
+    python benchmarks/gpu_check.py --size tiny --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2 --train_batch 1
                                                         # a CPU smoke run of the same code
 
 Sections, most important first (each one runs even if an earlier one failed; results.json is rewritten after each;
@@ -17,8 +17,9 @@ a section that would start after --time_budget seconds is skipped, so the run en
    batch 1 and the large batch, by kind of kernel and the top kernels.
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
-6. training step: 700M bf16 autocast, flex attention, fused AdamW, at each --train_batch: tokens/s and MFU, and
-   the kernel time by kind of one step at the first batch size.
+6. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
+   --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
+   the first batch size.
 7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
@@ -34,8 +35,7 @@ import torch
 
 from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
-                                generation_rows, peak_memory_gib, reset_peak_memory, timed)
-from modeling_nbp.training import flops
+                                SIZES, generation_rows, peak_memory_gib, reset_peak_memory, timed, training_rows)
 
 
 # kernel-name fragments (lower case) of each kind of GPU work in a generation, first match wins
@@ -98,7 +98,7 @@ def section(results, name, path, deadline):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["small", "700m"], default="700m")
+    p.add_argument("--size", choices=list(SIZES), default="700m")
     p.add_argument("--tokenizer", choices=["official", "small"], default="official")
     p.add_argument("--large_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
@@ -245,43 +245,20 @@ def main(argv=None):
     @run("training")
     def _():
         out = {}
+        measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
         runs = [("flex_attention", False)] + ([("flex_attention", True)] if args.train_compile else [])
         for attn, compiled in runs if cuda else [("sdpa", False)]:
-            model = build(args.size, (1, 1, 16), device, torch.float32, attn=attn).train()
-            forward = torch.compile(model) if compiled else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-            cfg, n = model.config, model.layout.input_length
-            # the training script's FLOP count (PaLM's convention: the full attention matrix is counted)
-            per_token = flops.training_flops_per_token(flops.matmul_parameters(model), cfg.num_hidden_layers,
-                                                       cfg.hidden_size, n)
-            measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
-            for batch in args.train_batch:
-                name = f"{attn}{' compiled' if compiled else ''}, batch {batch}"
-                grids = torch.randint(0, 64000, (batch, *cfg.latent_shape), device=device)
+            name = f"{attn}{' compiled' if compiled else ''}"
 
-                def step():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                        loss = forward(video_ids=grids).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            def inspect(batch, step):  # where a step's time goes, at the first batch size
+                if cuda and batch == args.train_batch[0]:
+                    out[f"{name}, batch {batch}, kernel profile"] = kernel_profile(step, top=12)
 
-                reset_peak_memory(device)
-                try:
-                    seconds = timed(step, device, 5, warmup=2)
-                except torch.OutOfMemoryError:
-                    opt.zero_grad(set_to_none=True)
-                    out[name] = "out of memory"
-                    continue
-                tokens_per_s = batch * n / seconds
-                out[name] = dict(tokens_per_s=tokens_per_s, step_ms=1000 * seconds,
-                                 mfu_datasheet=flops.estimate_mfu(tokens_per_s, per_token, 1, flops.peak_flops(device)),
-                                 mfu_measured_matmul=flops.estimate_mfu(tokens_per_s, per_token, 1,
-                                                                        measured and measured * 1e12),
-                                 peak_gib=peak_memory_gib(device))
-                if cuda and batch == args.train_batch[0]:  # where a step's time goes
-                    out[f"{name}, kernel profile"] = kernel_profile(step, top=12)
-            del model, opt, forward
+            for row in training_rows(args.size, device, args.train_batch, attn, compiled, repeats=5,
+                                     log=lambda row: print(row, flush=True), inspect=inspect):
+                if measured and not row.get("out_of_memory"):
+                    row["mfu_measured_matmul"] = row["tflops"] / measured
+                out[f"{name}, batch {row['batch']}"] = row
         return out
 
     @run("cfg")

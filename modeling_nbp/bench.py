@@ -1,5 +1,6 @@
-"""Generation benchmark: NBP (1x1x16 row blocks) vs NTP (1x1x1) with the same weights, eager and optimized, batch 1
-and a large batch, side by side in one run. `nbp bench` / `python benchmarks/bench_generate.py`.
+"""Benchmarks. `nbp bench` / `python benchmarks/bench_generate.py`: generation, NBP (1x1x16 row blocks) vs NTP (1x1x1)
+with the same weights, eager and optimized, batch 1 and a large batch, side by side in one run. `nbp bench --train`:
+training steps (tokens/s, model FLOPs utilisation, peak memory) at the given batch sizes.
 
 The K600 setting: 2 context latent frames (5 pixel frames), 3 generated latent frames (12 pixel frames) on a
 5x16x16 grid, the paper's sampling (top-k 16000, top-p 0.9); NBP takes 48 steps, NTP 768. "eager" is the
@@ -8,6 +9,11 @@ reference decoder (transformers' DynamicCache, one kernel launch per op); "optim
 torch.compile of the decode step's dense parts, "autotuned" (--autotune) the same in torch.compile's
 max-autotune mode (Triton matrix-product kernels tried against cuBLAS; minutes of compilation). Times are medians over repeats after a
 warm-up, taken with CUDA events on a GPU; FPS counts generated frames. Random weights.
+
+Training (--train): the same model with 1x1x16 blocks on the whole 5x16x16 grid (1264 positions), one step = forward
+with the block-causal mask (flex attention on CUDA), the chunked next-block loss, backward, AdamW (fused on CUDA);
+bf16 autocast on CUDA, float32 on CPU; --compile runs the forward through torch.compile. FLOPs are counted as the
+training script counts them (`training/flops.py`: 6 x matrix weights + the full attention matrix).
 """
 
 import argparse
@@ -20,7 +26,8 @@ from .configuration_nbp import NBPConfig
 from .generation import PAPER_SAMPLING
 from .modeling_nbp import NBPForVideoGeneration
 
-SIZES = {"small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8),
+SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4),  # smoke runs
+         "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8),
          "700m": dict(num_hidden_layers=24, hidden_size=1536, num_attention_heads=16)}
 GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
 VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
@@ -118,6 +125,66 @@ def generation_ratios(rows) -> dict:
     return out
 
 
+def training_rows(size, device, batches, attn: str = "sdpa", compiled: bool = False, repeats: int = 5,
+                  gradient_checkpointing: bool = False, peak_tflops: float | None = None, log=print, inspect=None):
+    """Time training steps at each batch size: a list of row dicts (tokens/s, achieved TFLOP/s, MFU against
+    `peak_tflops` or the device's datasheet peak, peak memory; "out of memory" rows are marked).
+    `inspect(batch, step)`, when given, is called after each batch size's timing with its step function."""
+    from .training import flops
+
+    cuda = device.type == "cuda"
+    model = build(size, (1, 1, 16), device, torch.float32, attn=attn).train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    cfg, n = model.config, model.layout.input_length
+    per_token = flops.training_flops_per_token(flops.matmul_parameters(model), cfg.num_hidden_layers,
+                                               cfg.hidden_size, n)
+    peak = flops.peak_flops(device, peak_tflops)
+    rows = []
+    for batch in batches:
+        grids = torch.randint(0, cfg.video_vocab_size, (batch, *cfg.latent_shape), device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = forward(video_ids=grids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        row = dict(batch=batch, tokens_per_step=batch * n)
+        reset_peak_memory(device)
+        try:
+            seconds = timed(step, device, repeats, warmup=2)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            rows.append(dict(row, out_of_memory=True))
+            log(rows[-1])
+            continue
+        tokens_per_s = batch * n / seconds
+        rows.append(dict(row, step_ms=1000 * seconds, tokens_per_s=tokens_per_s,
+                         tflops=tokens_per_s * per_token / 1e12,
+                         mfu=flops.estimate_mfu(tokens_per_s, per_token, 1, peak), peak_gib=peak_memory_gib(device)))
+        log(rows[-1])
+        if inspect is not None:
+            inspect(batch, step)
+    return rows
+
+
+def format_training_table(rows) -> str:
+    lines = [f"{'batch':>5} {'tokens':>7} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"]
+    for r in rows:
+        if r.get("out_of_memory"):
+            lines.append(f"{r['batch']:>5} {r['tokens_per_step']:>7} out of memory")
+            continue
+        mfu = "-" if r["mfu"] != r["mfu"] else f"{100 * r['mfu']:.1f}%"  # NaN: no known peak (CPU)
+        peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"
+        lines.append(f"{r['batch']:>5} {r['tokens_per_step']:>7} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
+                     f"{r['tflops']:>8.2f} {mfu:>6} {peak:>9}")
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     lines = [f"{'method':<6} {'variant':<10} {'batch':>5} {'steps':>5} {'ms/video':>10} {'FPS':>9} {'peak GiB':>9}"]
     for r in rows:
@@ -128,28 +195,51 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .training.common import positive_int
+
+    parser = argparse.ArgumentParser(prog="nbp bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
-    parser.add_argument("--size", choices=sorted(SIZES), default="700m" if cuda else "small",
-                        help="model size (default: 700m on a GPU, small on CPU)")
+    parser.add_argument("--size", choices=list(SIZES), default="700m" if cuda else "small",
+                        help="model size (default: 700m on a GPU, small on CPU; tiny for smoke runs)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow)")
-    parser.add_argument("--large_batch", type=int, default=64 if cuda else 8)
-    parser.add_argument("--repeats", type=int, default=10 if cuda else 3, help="timed NBP runs after a warm-up")
-    parser.add_argument("--ntp_repeats", type=int, default=3 if cuda else 1, help="timed NTP runs after a warm-up")
+                        help="generation weights (default: bfloat16 on CUDA, float32 on CPU: CPU bf16 matmuls are slow)")
+    parser.add_argument("--large_batch", type=positive_int, default=64 if cuda else 8)
+    parser.add_argument("--repeats", type=positive_int, default=10 if cuda else 3,
+                        help="timed NBP runs (training steps with --train) after a warm-up")
+    parser.add_argument("--ntp_repeats", type=positive_int, default=3 if cuda else 1,
+                        help="timed NTP runs after a warm-up")
     parser.add_argument("--compile", action="store_true",
-                        help="also time NBP with compile_decode=True (torch.compile of the decode step's dense parts)")
+                        help="generation: also time NBP with compile_decode=True (torch.compile of the decode step's "
+                             "dense parts); --train: torch.compile the training forward")
     parser.add_argument("--autotune", action="store_true",
                         help="also time NBP with compile_decode='max-autotune-no-cudagraphs'")
+    train = parser.add_argument_group("training (--train)")
+    train.add_argument("--train", action="store_true", help="time training steps instead of generation")
+    train.add_argument("--train_batch", type=positive_int, nargs="+", default=[16, 32] if cuda else [2],
+                       help="clips per step (default: 16 32 on a GPU, 2 on CPU)")
+    train.add_argument("--attn_implementation", choices=["flex_attention", "sdpa", "eager"],
+                       default="flex_attention" if cuda else "sdpa")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    header = (f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} size={args.size} "
+              f"torch={torch.__version__}")
+    if args.train:
+        rows = training_rows(args.size, device, args.train_batch, args.attn_implementation, args.compile, args.repeats,
+                             args.gradient_checkpointing, args.peak_tflops, log=lambda row: None)
+        precision = "bf16 autocast" if device.type == "cuda" else "float32"
+        print(f"{header} attention={args.attn_implementation} {precision}"
+              f"{' compiled' if args.compile else ''}{' gradient checkpointing' if args.gradient_checkpointing else ''}")
+        print(format_training_table(rows))
+        return rows
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune
     rows = generation_rows(args.size, device, dtype, (1, args.large_batch), args.repeats, args.ntp_repeats,
                            log=lambda row: None, variants=variants)
-    print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"dtype={str(dtype).removeprefix('torch.')} size={args.size} torch={torch.__version__} "
+    print(f"{header} dtype={str(dtype).removeprefix('torch.')} "
           f"sampling=top-k {PAPER_SAMPLING['top_k']}, top-p {PAPER_SAMPLING['top_p']}")
     print(format_table(rows))
     for name, ratio in generation_ratios(rows).items():
