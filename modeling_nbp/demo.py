@@ -17,8 +17,8 @@ DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-d
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
 HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training clips use seed 0)
-# sampling of the demo model, stored as its generation_config (so the pipeline's default): classifier-free guidance
-# (trained with class dropout) and a slightly cool temperature
+# sampling of the demo model, stored as its generation_config (so the pipeline's default), and used for what another
+# --model's generation_config leaves open: classifier-free guidance (trained with class dropout), a cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
 LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
 
@@ -42,10 +42,12 @@ def main(argv=None):
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(desc="generating", leave=False)
     names = pipe.class_names or [str(i) for i in range(pipe.transformer.config.num_classes)]
+    saved = pipe.transformer.generation_config  # a model's own sampling wins; the demo's fills what it leaves open
+    sampling = {k: v for k, v in DEMO_SAMPLING.items() if getattr(saved, k, None) is None}
     n = args.videos_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(names) * n)]
     videos = pipe(class_labels=list(range(len(names))), num_videos_per_prompt=n, generator=generators,
-                  output_type="np").frames  # (classes * n, T, H, W, 3); sampling: the model's generation_config
+                  output_type="np", **sampling).frames  # (classes * n, T, H, W, 3)
 
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
@@ -65,7 +67,7 @@ def main(argv=None):
     context = clips[:, :, :given].permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W), the pipeline's "pt" layout
     cont = pipe(class_labels=[data[i]["label"] for i in range(len(names))], video=context,
                 generator=[torch.Generator().manual_seed(args.seed + 100 + i) for i in range(len(names))],
-                output_type="np").frames
+                output_type="np", **sampling).frames
     truth = clips.permute(0, 2, 3, 4, 1).numpy()
     rows, row_labels = [], []
     for i in range(len(names)):
@@ -79,7 +81,7 @@ def main(argv=None):
 
     # longer than the model's 17 frames: further windows each continue the last 5 frames (three classes side by side)
     classes = list(range(min(3, len(names))))
-    long = pipe(class_labels=classes, num_frames=LONG_VIDEO_FRAMES, output_type="np",
+    long = pipe(class_labels=classes, num_frames=LONG_VIDEO_FRAMES, output_type="np", **sampling,
                 generator=[torch.Generator().manual_seed(args.seed + 200 + i) for i in classes]).frames
     written.append(export_to_gif(np.concatenate(list(long), axis=2), os.path.join(args.output_dir, "long_video.gif"),
                                  fps=args.fps))

@@ -100,12 +100,22 @@ def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None
     (`do_sample=False` there means greedy, as in transformers), else `PAPER_SAMPLING` (guidance 1 = off)."""
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
     fallback = dict(PAPER_SAMPLING, guidance_scale=1.0)
+    from_config = []
     for name, value in given.items():
         saved = getattr(generation_config, name, None)
+        if value is None and saved is not None:
+            from_config.append(name)
         given[name] = value if value is not None else saved if saved is not None else fallback[name]
     if generation_config is not None and generation_config.do_sample is False and temperature is None:
         given["temperature"] = 0.0
-    return check_sampling_args(**given)
+    try:
+        return check_sampling_args(**given)
+    except ValueError as err:
+        name = str(err).split()[0]  # the messages start with the argument's name
+        if name in from_config:
+            raise ValueError(f"{err} ({name} was not passed to this call: it came from the model's "
+                             "generation_config)") from None
+        raise
 
 
 def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
@@ -144,16 +154,17 @@ class NBPGenerationMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, then the folder's `generation_config.json` (default sampling), which
         transformers loads only for models built on its own GenerationMixin."""
+        given = kwargs.get("generation_config")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if pretrained_model_name_or_path is not None and "generation_config" not in kwargs:
+        if given is not None:
+            model.generation_config = given
+        elif pretrained_model_name_or_path is not None:
             where = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
                                             "subfolder") if k in kwargs}
             try:
                 model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **where)
             except OSError:  # no generation_config.json: the paper's sampling
                 pass
-        elif "generation_config" in kwargs:
-            model.generation_config = kwargs["generation_config"]
         return model
 
     def check_video_ids(self, video_ids: torch.Tensor):

@@ -126,7 +126,8 @@ def _packet_times(path: str) -> tuple[np.ndarray, float, float] | None:
             if not container.streams.video:
                 raise VideoDecodeError(f"no video stream in {path}")
             stream = container.streams.video[0]
-            pts = [packet.pts for packet in container.demux(stream) if packet.size]
+            # a discarded packet (before an MP4 edit list's start) is decoded as a reference but never output
+            pts = [packet.pts for packet in container.demux(stream) if packet.size and not packet.is_discard]
             time_base, rate = stream.time_base, _stream_rate(stream)
     except VideoDecodeError:
         raise
@@ -210,7 +211,8 @@ def read_video(
         (``fps`` if given, else the stream's rate).
 
     Raises:
-        VideoDecodeError: the file is missing, unreadable, corrupt or has no video frames.
+        VideoDecodeError: the file is missing, unreadable or has no video frames, or the frames asked for cannot be
+            decoded (a truncated file still gives the frames before the damage).
     """
     path = os.fspath(path)
     packets = _packet_times(path)

@@ -9,6 +9,7 @@ that is also the video tokenizer's range.
 
 import inspect
 import json
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-# the sampling of every result in the paper
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -164,11 +164,11 @@ class NBPVideoPipeline(DiffusionPipeline):
                      context_frames=None) -> int:
         """Checks the arguments; -> the number of frames to return."""
         T = self.num_frames
-        if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool)
+        if num_frames is not None and (not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool)
                                        or num_frames < 1):
             raise ValueError(f"num_frames must be a positive int (this model generates {T} frames per window), "
                              f"got {num_frames!r}")
-        total = T if num_frames is None else num_frames
+        total = T if num_frames is None else int(num_frames)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type == "latent" and total != T:
@@ -184,19 +184,21 @@ class NBPVideoPipeline(DiffusionPipeline):
         return total
 
     def _window_context(self, context_frames: int | None) -> int:
-        """Pixel frames that each window after the first continues from (videos longer than one window): by default
-        the model's `num_context_frames` latent frames, at least 2 (one latent frame is a single pixel frame, which
-        shows no motion), fewer than the window's."""
-        tok, latent_frames = self.video_tokenizer, self.transformer.config.latent_shape[0]
-        allowed = [tok.num_frames_for_latent(k) for k in range(1, latent_frames)]
+        """Pixel frames that each window after the first continues from (videos longer than one window): whole
+        blocks of latent frames, fewer than a window's; by default the model's `num_context_frames` latent frames,
+        at least 2 (one latent frame is a single pixel frame, which shows no motion)."""
+        tok, cfg = self.video_tokenizer, self.transformer.config
+        latent_frames, b = cfg.latent_shape[0], cfg.block_shape[0]
+        allowed = [tok.num_frames_for_latent(k) for k in range(b, latent_frames, b)]
         if not allowed:
-            raise ValueError(f"this model generates a single latent frame ({self.num_frames} pixel frames) and cannot "
-                             "continue videos: num_frames must not exceed it")
+            raise ValueError(f"this model generates its {self.num_frames} frames ({latent_frames} latent) in one "
+                             f"block of {b} latent frames and cannot continue videos: num_frames must not exceed "
+                             f"{self.num_frames}")
         if context_frames is None:
-            wanted = min(max(self.transformer.config.num_context_frames, 2), latent_frames - 1)
-            return tok.num_frames_for_latent(wanted)
+            wanted = tok.num_frames_for_latent(max(cfg.num_context_frames, 2))
+            return next((n for n in allowed if n >= wanted), allowed[-1])
         if context_frames not in allowed:
-            raise ValueError(f"context_frames must be one of {allowed} (1 + {tok.temporal_compression}k, fewer than "
+            raise ValueError(f"context_frames must be one of {allowed} (whole blocks of latent frames, fewer than "
                              f"the {self.num_frames} frames of a window); got {context_frames!r}")
         return context_frames
 
@@ -535,11 +537,14 @@ class NBPVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
         installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
-        options: torch_dtype (default float32 for both components, as in diffusers, whatever dtype the files were
-        saved in: half-precision matrix products are slow on CPUs), revision, cache_dir, token, local_files_only."""
+        options: torch_dtype (default float32 for both components, whatever dtype the files were saved in:
+        half-precision matrix products are slow on CPUs; `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
+        without a torch_dtype keeps the generator's saved dtype, as transformers does), revision, cache_dir, token,
+        local_files_only."""
         try:
             from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
+            kwargs.setdefault("torch_dtype", torch.float32)
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}

@@ -173,6 +173,12 @@ def test_sampling_defaults_come_from_the_generation_config_then_the_paper(tmp_pa
     assert {k: getattr(loaded.generation_config, k) for k in chosen} == chosen
     model.generation_config.do_sample = False  # transformers' meaning: greedy
     assert torch.equal(run(), run(temperature=0, top_k=5, top_p=0.8, guidance_scale=2.0))
+    # generation_config=None means "not given" (the saved file is read), as in transformers
+    assert NBPForVideoGeneration.from_pretrained(tmp_path, generation_config=None).generation_config.top_k == 5
+    # a bad saved value is named as the generation_config's, not as an argument of the call
+    loaded.generation_config.top_p = 0.0
+    with pytest.raises(ValueError, match="top_p was not passed to this call: it came from the model's generation_config"):
+        loaded.generate_video_tokens(class_labels=[0])
 
 
 def test_sampler_draws_from_the_filtered_distribution():

@@ -155,10 +155,20 @@ def test_longer_videos_continue_window_by_window(pipe, frames_pipe):
     one = pipe(class_labels=[1], num_videos_per_prompt=2, generator=gen(3), num_frames=7, context_frames=1,
                output_type="np").frames
     assert one.shape == (2, 7, 8, 8, 3)
+    assert pipe(class_labels=[1], generator=gen(3), num_frames=np.int64(6), output_type="np").frames.shape[1] == 6
     context = torch.rand(1, 3, 3, 8, 8)
     continued = frames_pipe(video=context, generator=gen(0), num_frames=9, output_type="pt").frames
     assert continued.shape == (1, 9, 3, 8, 8)
     assert torch.equal(continued[:, :5], frames_pipe(video=context, generator=gen(0), output_type="pt").frames)
+    # blocks of 3 latent frames: a window continues whole blocks (3 latent frames = 5 pixel frames)
+    cfg = NBPConfig(latent_shape=[6, 4, 4], block_shape=[3, 1, 4], video_vocab_size=pipe.video_tokenizer.codebook_size,
+                    condition_mode="class", num_classes=3, first_block="hybrid", hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4)
+    blocks = NBPVideoPipeline(transformer=NBPForVideoGeneration(cfg).eval(), video_tokenizer=pipe.video_tokenizer)
+    blocks.set_progress_bar_config(disable=True)
+    assert blocks(class_labels=[0], generator=gen(0), num_frames=17, output_type="np").frames.shape == (1, 17, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"context_frames must be one of \[5\]"):
+        blocks(class_labels=[0], num_frames=17, context_frames=3)
 
 
 def test_a_model_without_class_names(pipe):

@@ -105,7 +105,21 @@ def test_read_video_decodes_only_up_to_the_last_frame_it_returns(tmp_path, monke
     path = export_to_mp4(index_video(24), tmp_path / "count.mp4", fps=8)
     gif = export_to_gif(index_video(9), tmp_path / "count.gif", fps=8)
     # the whole-file decoder (used for files whose packets have no timestamps) gives the same frames
-    cases = [(path, None, None), (path, 4, None), (path, 16, lambda n: [5, 1, 1, n - 1]), (gif, None, lambda n: [2, 0])]
+    # an MP4 whose edit list hides its first 3 frames (as `ffmpeg -ss ... -c copy` makes): their packets are
+    # decoded as references but give no frames, so they are not frames of the video
+    hidden = str(tmp_path / "edit_list.mp4")
+    with av.open(path) as source, av.open(hidden, "w", format="mp4") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                shift = 3 * int(1 / (8 * packet.time_base))  # 3 frames at 8 fps, in time-base units
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+                target.mux(packet)
+    assert decoded_indices(read_video(hidden)[0]) == list(range(3, 24))
+    counts = []
+    assert decoded_indices(read_video(hidden, select=lambda n: counts.append(n) or [5])[0]) == [8] and counts == [21]
+    cases = [(path, None, None), (path, 4, None), (path, 16, lambda n: [5, 1, 1, n - 1]), (gif, None, lambda n: [2, 0]),
+             (hidden, None, lambda n: [0, 5, n - 1]), (hidden, 4, None)]
     for file, fps, select in cases:
         frames, rate = read_video(file, fps=fps, select=select)
         with monkeypatch.context() as m:
