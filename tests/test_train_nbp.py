@@ -208,6 +208,11 @@ def test_bad_arguments_are_clear_errors(token_data, tmp_path):
               "--num_layers", "2"])
     with pytest.raises(ValueError, match="labels in \\[0, 2\\], the model 2 classes"):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--num_classes", "2", *TINY])
+    # sampling flags are checked before training: guidance needs class dropout, values their ranges
+    with pytest.raises(ValueError, match="guidance_scale != 1 needs a condition prefix trained with --class_dropout"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--guidance_scale", "3", *TINY])
+    with pytest.raises(ValueError, match="top_p must be a number in"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--top_p", "0", *TINY])
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------
@@ -288,6 +293,7 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     out = tmp_path / "run"
     main(["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4", "--output_dir", str(out),
           "--tokenizer", str(tmp_path / "tokenizer"), "--sample_steps", "1", "--num_samples", "2",
+          "--class_dropout_prob", "0.1", "--guidance_scale", "2", "--top_k", "5",
           "--push_to_hub", "--hub_model_id", "test-user/tiny-nbp"])
     for step in (1, 2):
         names = os.listdir(out / "samples" / f"step-{step:07d}")
@@ -296,6 +302,8 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     pipe = NBPVideoPipeline.from_pretrained(final)
     assert pipe.transformer.config.video_vocab_size == VOCAB
     assert pipe.video_tokenizer.codebook_size == VOCAB
+    saved = pipe.transformer.generation_config  # the run's sampling flags are the pipeline's default sampling
+    assert (saved.guidance_scale, saved.top_k, saved.top_p, saved.do_sample) == (2.0, 5, None, True)
     pushed = set(HfApi().list_repo_files("test-user/tiny-nbp"))
     local = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
     assert local <= pushed

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType
 
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
+from ..generation import resolve_sampling
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
 from ..video_io import atomic_output_path
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_steps", type=int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
                    "at the end only)")
     g.add_argument("--num_samples", type=int, default=4)
+    g = p.add_argument_group("sampling", "for the sample videos, and saved as the final model's generation_config (its "
+                             "default sampling in the pipeline); unset values: the paper's top-k 16000, top-p 0.9, "
+                             "temperature 1, no guidance")
+    g.add_argument("--guidance_scale", type=float, help="classifier-free guidance (needs --class_dropout_prob > 0)")
+    g.add_argument("--top_k", type=int, help="0 = off")
+    g.add_argument("--top_p", type=float, help="1 = off")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of one device, for MFU (known GPUs: auto)")
     common.add_tracking_arguments(g, "nbp")
     return p
@@ -217,9 +225,23 @@ def validation_loss(accelerator, model, data, batch_size: int) -> float:
     return torch.cat(losses).mean().item()
 
 
+def set_sampling(model, args):
+    """The sampling flags as the model's generation_config, checked before any step is trained."""
+    sampling = {k: getattr(args, k) for k in ("guidance_scale", "top_k", "top_p", "temperature")
+                if getattr(args, k) is not None}
+    resolve_sampling(None, **sampling)  # a clear error now rather than at the first sample
+    guided = sampling.get("guidance_scale", 1.0) != 1.0
+    if guided and (model.layout.prefix_length == 0 or model.config.class_dropout_prob == 0):
+        raise ValueError("--guidance_scale != 1 needs a condition prefix trained with --class_dropout_prob > 0 (the "
+                         "unconditional half of guidance uses the embedding that dropout trains); got condition_mode "
+                         f"{model.config.condition_mode!r}, class_dropout_prob {model.config.class_dropout_prob}")
+    if sampling:
+        model.generation_config.update(do_sample=True, **sampling)
+
+
 @torch.no_grad()
 def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int, seed: int, step: int, output_dir: str):
-    """Generate `num_samples` videos with the paper's sampling and log them (main process)."""
+    """Generate `num_samples` videos with the model's sampling (`set_sampling`) and log them (main process)."""
     unwrapped = accelerator.unwrap_model(model)
     config = unwrapped.config
     kwargs, labels = {}, None
@@ -238,8 +260,7 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     unwrapped.set_attn_implementation("sdpa")  # decoding with the KV cache needs no mask after the first step
     generator = torch.Generator(accelerator.device).manual_seed(seed)
     # the dynamic cache: no decoder state kept on the model between samplings, no graph capture beside training
-    grid = unwrapped.generate_video_tokens(generator=generator, top_k=min(16000, config.video_vocab_size), top_p=0.9,
-                                           temperature=1.0, cache_implementation="dynamic", **kwargs)
+    grid = unwrapped.generate_video_tokens(generator=generator, cache_implementation="dynamic", **kwargs)
     unwrapped.set_attn_implementation(attention)
     unwrapped.train(was_training)
     videos = tokenizer.decode(grid)
@@ -253,6 +274,7 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str) -> s
     if accelerator.is_main_process:
         final = NBPForVideoGeneration(NBPConfig.from_dict(config.to_dict()))  # default attention, not the training one
         final.load_state_dict(state_dict)
+        final.generation_config = accelerator.unwrap_model(model).generation_config  # the run's sampling
         if ema is not None:
             ema.copy_to(final)
         with atomic_output_path(final_dir) as tmp:
@@ -296,6 +318,7 @@ def main(argv=None) -> dict:
     if config.class_dropout_prob == 0 or model.layout.prefix_length == 0:
         # never used in a forward pass of this run: freezing it keeps DDP from waiting for its gradient
         model.model.uncond_embedding.requires_grad_(False)
+    set_sampling(model, args)
     recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, recipe["betas"],
                                 fused=accelerator.device.type == "cuda" or None)
