@@ -27,14 +27,16 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_size) -> None:
+def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_size, repo_id: str = None,
+                          notes: str = None) -> None:
     """Save the converted components into `folder`: a full `NBPVideoPipeline` folder (model_index.json, the
-    components' subfolders and code) when both exist, else the one component in its subfolder of that layout."""
+    components' subfolders and code, a model card loading it from `repo_id` and saying `notes`) when both exist,
+    else the one component in its subfolder of that layout."""
     if transformer is not None and video_tokenizer is not None:
         from ..pipelines import NBPVideoPipeline
 
         pipeline = NBPVideoPipeline(transformer=transformer, video_tokenizer=video_tokenizer)
-        pipeline.save_pretrained(folder, max_shard_size=max_shard_size)
+        pipeline.save_pretrained(folder, max_shard_size=max_shard_size, repo_id=repo_id, model_card_notes=notes)
     elif transformer is not None:
         transformer.save_pretrained(os.path.join(folder, "transformer"), max_shard_size=max_shard_size)
     else:
@@ -90,7 +92,12 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
     try:
-        write_pipeline_folder(staging, transformer, video_tokenizer, max_shard_size)
+        sources = " and ".join(f"`{os.path.basename(str(f))}`" for f in (generator, tokenizer) if f is not None)
+        notes = (f"Converted with nbp-video's `nbp convert` from the official checkpoint{'s' * (' and ' in sources)} "
+                 f"{sources} (github.com/RenShuhuai-Andy/NBP): every tensor mapped, none approximated; weights in "
+                 f"{dtype}. The default sampling is the paper's (top-k 16000, top-p 0.9, temperature 1.0).")
+        write_pipeline_folder(staging, transformer, video_tokenizer, max_shard_size,
+                              push_to_hub or os.path.basename(output), notes)
         _replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

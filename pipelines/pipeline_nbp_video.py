@@ -487,14 +487,22 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     # ---- saving and loading -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
-                        carry_code: bool = True, **kwargs):
-        """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors). With
+                        carry_code: bool = True, model_card_notes: str | None = None, **kwargs):
+        """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors) with a model
+        card (README.md: what the model generates, its default sampling, how to load it; `model_card_notes`, e.g.
+        how it was trained, become a section of it; a README.md already in the folder is kept). With
         `carry_code` (default) it also carries the code of the pipeline and its components, so
         `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` works without nbp-video; without it the
         folder names the installed modules (for folders that live beside the package, like the bundled demo).
         `push_to_hub=True` uploads it (kwargs: repo_id, private, token, commit_message)."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
+        card = os.path.join(save_directory, "README.md")
+        if not os.path.exists(card):
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
+            with open(card + ".tmp", "w", encoding="utf-8") as f:
+                f.write(self.model_card(repo_id, model_card_notes))
+            os.replace(card + ".tmp", card)
         if carry_code:
             self._write_remote_code(save_directory)
         else:  # undo the code copy that transformers makes on its own (register_for_auto_class)
@@ -509,13 +517,82 @@ class NBPVideoPipeline(DiffusionPipeline):
                 json.dump(config, f, indent=2, sort_keys=True)
             os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
         if push_to_hub:
-            from huggingface_hub import HfApi
+            return self._upload(save_directory, hub)
 
-            api = HfApi(token=hub.get("token"))
-            repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
-            repo_id = api.create_repo(repo_id, private=hub.get("private"), exist_ok=True).repo_id
-            api.upload_folder(repo_id=repo_id, folder_path=save_directory,
-                              commit_message=hub.get("commit_message") or "Upload NBPVideoPipeline")
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, model_card_notes: str | None = None) -> str:
+        """diffusers' `push_to_hub`, uploading what `save_pretrained` writes: the carried code and this pipeline's
+        model card (a README.md already in the repo is kept). Returns the commit's URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.save_pretrained(tmp, safe_serialization=safe_serialization, push_to_hub=True, repo_id=repo_id,
+                                        private=private, token=token, commit_message=commit_message,
+                                        create_pr=create_pr, model_card_notes=model_card_notes,
+                                        **({"variant": variant} if variant else {}))
+
+    @staticmethod
+    def _upload(folder: str, hub: dict) -> str:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=hub.get("token"))
+        repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(folder))
+        repo_id = api.create_repo(repo_id, private=hub.get("private"), exist_ok=True).repo_id
+        keep_card = api.file_exists(repo_id, "README.md")  # the repo's own card wins over the generated one
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, create_pr=hub.get("create_pr", False),
+                                 commit_message=hub.get("commit_message") or "Upload NBPVideoPipeline",
+                                 ignore_patterns=["README.md"] if keep_card else None)
+
+    def model_card(self, repo_id: str, notes: str | None = None) -> str:
+        """A Hub model card (README.md) for this pipeline, loading it from `repo_id`."""
+        cfg, tok = self.transformer.config, self.video_tokenizer
+        T, (H, W) = self.num_frames, self.resolution
+        steps = len(self.transformer.layout.decode_schedule(
+            self.transformer.layout.context_tokens(cfg.num_context_frames) if cfg.condition_mode == "frames" else 0))
+        millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
+        given = self.transformer.generation_config
+        sampling = {k: getattr(given, k, None) for k in ("top_k", "top_p", "temperature", "guidance_scale")}
+        sampling = ", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None) or (
+            "none saved: the paper's top_k 16000, top_p 0.9, temperature 1.0")
+        given = tok.num_frames_for_latent(max(cfg.num_context_frames, 1))
+        inputs = []  # lines before the call
+        if cfg.condition_mode == "class":
+            names = self.class_names
+            condition = f"class-conditional, {cfg.num_classes} classes" + (
+                f" ({', '.join(map(str, names[:8]))}{', ...' if len(names) > 8 else ''})" if names else "")
+            call = f"pipe(class_labels=[{repr(names[0]) if names else 0}], generator=torch.Generator().manual_seed(0))"
+        elif cfg.condition_mode == "frames":
+            condition = f"frame prediction: continues {given} given frame{'s' * (given > 1)}"
+            inputs = [f"context = torch.zeros({given}, 3, {H}, {W})  # your first {given} frames: (T, 3, H, W) in [0, 1]"]
+            call = "pipe(video=context, generator=torch.Generator().manual_seed(0))"
+        else:
+            condition = f"{cfg.condition_mode} conditioning"
+            call = "pipe(condition_ids=..., generator=torch.Generator().manual_seed(0))"
+        lines = [
+            "---", "library_name: diffusers", "tags:", "- nbp-video", "- next-block-prediction", "- video-generation",
+            "- autoregressive", "---", "",
+            f"# {repo_id.split('/')[-1]}", "",
+            "A Next-Block Prediction (NBP; Ren et al., 2025, arXiv 2502.07737) video generator in the nbp-video "
+            "format: a causal video tokenizer turns clips into grids of discrete "
+            "tokens, and a decoder-only transformer with block-causal attention predicts a whole block of tokens "
+            "per step.", "",
+            f"- Output: {T} frames at {H}x{W} per window ({'x'.join(map(str, cfg.latent_shape))} latent tokens, "
+            f"blocks of {'x'.join(map(str, cfg.block_shape))} tokens, {steps} steps); longer videos are continued "
+            "window by window (`num_frames=`).",
+            f"- Condition: {condition}.",
+            f"- Generator: {millions(self.transformer):.1f}M parameters, {cfg.num_hidden_layers} layers x "
+            f"{cfg.hidden_size}; tokenizer: {millions(tok):.1f}M parameters, FSQ codebook of {tok.codebook_size}.",
+            f"- Default sampling (`transformer/generation_config.json`): {sampling}.", "",
+            "## Use", "", "```python", "import torch", "from modeling_nbp import NBPVideoPipeline  # the nbp-video package",
+            "from modeling_nbp.video_io import export_to_mp4", "",
+            f'pipe = NBPVideoPipeline.from_pretrained("{repo_id}")', *inputs,
+            f"video = {call}.frames[0]", 'export_to_mp4(video, "video.mp4", fps=8)', "```", "",
+            "Without nbp-video installed, the folder carries its code: "
+            f'`DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)` (diffusers, transformers).', ""]
+        if notes:
+            lines += ["## Notes", "", notes.strip(), ""]
+        return "\n".join(lines)
 
     def _write_remote_code(self, save_directory):
         with open(os.path.join(save_directory, "model_index.json")) as f:

@@ -545,8 +545,10 @@ def test_push_to_hub_uploads_the_folder(tmp_path, local_hub):
     convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer=tmp_path / "tok.pt",
                         tokenizer_config=TINY_TOKENIZER, push_to_hub="test-user/nbp-tiny")
     files = set(HfApi().list_repo_files("test-user/nbp-tiny"))
-    assert {"model_index.json", "transformer/config.json", "transformer/model.safetensors",
+    assert {"model_index.json", "transformer/config.json", "transformer/model.safetensors", "README.md",
             "video_tokenizer/config.json", "video_tokenizer/diffusion_pytorch_model.safetensors"} <= files
+    card = (tmp_path / "out" / "README.md").read_text()  # loads from the repo; says where the weights came from
+    assert 'from_pretrained("test-user/nbp-tiny")' in card and "`gen.ckpt` and `tok.pt`" in card
 
 
 # ---- free-text conditioning ----------------------------------------------------------------------------------------

@@ -287,6 +287,30 @@ def test_save_load_round_trip(pipe, tmp_path):
             NBPVideoPipeline.from_pretrained("someone/not-here")
 
 
+def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
+    import re
+
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder, repo_id=str(folder), model_card_notes="Trained on shapes.")
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "- next-block-prediction" in card
+    assert "5 frames at 8x8 per window (3x4x4 latent tokens, blocks of 1x1x4 tokens, 15 steps)" in card
+    assert "3 classes (circle, square, TriangleUp)" in card and "## Notes\n\nTrained on shapes." in card
+    # its code runs as written (here the repo id is the folder itself)
+    monkeypatch.chdir(tmp_path)
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), {})
+    assert read_video("video.mp4")[0].shape == (5, 8, 8, 3)
+    # a card already in the folder is kept; frame prediction models say how many frames they continue
+    (folder / "README.md").write_text("mine")
+    pipe.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "mine"
+    frames_card = frames_pipe.model_card(str(tmp_path / "frames"))
+    assert "frame prediction: continues 1 given frame." in frames_card
+    frames_pipe.save_pretrained(tmp_path / "frames", repo_id=str(tmp_path / "frames"))
+    exec(re.search(r"```python\n(.*?)```", frames_card, re.S).group(1), {})
+    assert read_video("video.mp4")[0].shape == (5, 8, 8, 3)
+
+
 def test_from_pretrained_dtype(pipe, tmp_path):
     """Half-precision files load in float32 unless a dtype is asked for, and both components get the same one."""
     import copy
@@ -339,7 +363,17 @@ def test_guidance_runs_batched(pipe):
 
 
 def test_hub_push_and_pull(pipe, local_hub, monkeypatch, tmp_path):
+    from huggingface_hub import HfApi, hf_hub_download
+
     pipe.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="test-user/nbp-tiny")
+    # diffusers' push_to_hub uploads the same folder with this pipeline's card; a card already on the Hub is kept
+    pipe.push_to_hub("test-user/nbp-other")
+    card = open(hf_hub_download("test-user/nbp-other", "README.md")).read()
+    assert 'NBPVideoPipeline.from_pretrained("test-user/nbp-other")' in card
+    assert "pipeline_nbp_video.py" in HfApi().list_repo_files("test-user/nbp-other")
+    HfApi().upload_file(path_or_fileobj=b"my card", path_in_repo="README.md", repo_id="test-user/nbp-other")
+    pipe.push_to_hub("test-user/nbp-other")
+    assert open(hf_hub_download("test-user/nbp-other", "README.md")).read() == "my card"
     expected = pipe(class_labels=[2], generator=gen(1), output_type="np").frames
     pulled = NBPVideoPipeline.from_pretrained("test-user/nbp-tiny")
     pulled.set_progress_bar_config(disable=True)

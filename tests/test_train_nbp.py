@@ -302,6 +302,8 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     pipe = NBPVideoPipeline.from_pretrained(final)
     assert pipe.transformer.config.video_vocab_size == VOCAB
     assert pipe.video_tokenizer.codebook_size == VOCAB
+    card = (final / "README.md").read_text()
+    assert 'from_pretrained("test-user/tiny-nbp")' in card and "for 2 steps of 4 clips" in card
     saved = pipe.transformer.generation_config  # the run's sampling flags are the pipeline's default sampling
     assert (saved.guidance_scale, saved.top_k, saved.top_p, saved.do_sample) == (2.0, 5, None, True)
     pushed = set(HfApi().list_repo_files("test-user/tiny-nbp"))

@@ -267,8 +267,9 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     common.log_videos(accelerator, "samples", videos, step, output_dir, labels=labels)
 
 
-def save_final(accelerator, model, config, tokenizer, ema, output_dir: str) -> str:
-    """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer, else the generator folder."""
+def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str, notes: str) -> str:
+    """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`
+    and says `notes`), else the generator folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
     if accelerator.is_main_process:
@@ -279,7 +280,8 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str) -> s
             ema.copy_to(final)
         with atomic_output_path(final_dir) as tmp:
             if tokenizer is not None:
-                NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(tmp)
+                NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(
+                    tmp, repo_id=repo_id, model_card_notes=notes)
             else:
                 final.save_pretrained(tmp)
     accelerator.wait_for_everyone()
@@ -419,7 +421,12 @@ def main(argv=None) -> dict:
     if can_sample and accelerator.is_main_process:
         sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
                       global_step, args.output_dir)
-    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir)
+    notes = (f"Trained with nbp-video's `nbp train` for {global_step} steps of {global_batch} clips on "
+             f"`{os.path.basename(os.path.normpath(args.train_data))}`"
+             + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
+             + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
+    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir,
+                           args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), notes)
     if args.push_to_hub and accelerator.is_main_process:
         repo = common.push_folder_to_hub(final_dir, args.hub_model_id, private=args.hub_private or None,
                                          commit_message=f"NBP generator after {global_step} steps")
