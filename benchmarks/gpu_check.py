@@ -1,8 +1,8 @@
 """One prepared run that checks and times generation and training on a GPU; prints a table last.
 
     python benchmarks/gpu_check.py                      # on the device machine: 700M, official tokenizer
-    python benchmarks/gpu_check.py --size tiny --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2 --train_batch 1
-                                                        # a CPU smoke run of the same code
+    python benchmarks/gpu_check.py --size tiny --tokenizer small --repeats 1 --ntp_repeats 1 --large_batch 2 \
+        --train_batch 1                                 # a CPU smoke run of the same code
 
 Sections, most important first (each one runs even if an earlier one failed; results.json is rewritten after each;
 a section that would start after --time_budget seconds is skipped, so the run ends in time and still prints its table):

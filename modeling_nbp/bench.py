@@ -204,7 +204,8 @@ def main(argv=None):
                         help="model size (default: 700m on a GPU, small on CPU; tiny for smoke runs)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="generation weights (default: bfloat16 on CUDA, float32 on CPU: CPU bf16 matmuls are slow)")
+                        help="generation weights (default: bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are "
+                             "slow)")
     parser.add_argument("--large_batch", type=positive_int, default=64 if cuda else 8)
     parser.add_argument("--repeats", type=positive_int, default=10 if cuda else 3,
                         help="timed NBP runs (training steps with --train) after a warm-up")
@@ -231,8 +232,8 @@ def main(argv=None):
         rows = training_rows(args.size, device, args.train_batch, args.attn_implementation, args.compile, args.repeats,
                              args.gradient_checkpointing, args.peak_tflops, log=lambda row: None)
         precision = "bf16 autocast" if device.type == "cuda" else "float32"
-        print(f"{header} attention={args.attn_implementation} {precision}"
-              f"{' compiled' if args.compile else ''}{' gradient checkpointing' if args.gradient_checkpointing else ''}")
+        variant = " compiled" * args.compile + " gradient checkpointing" * args.gradient_checkpointing
+        print(f"{header} attention={args.attn_implementation} {precision}{variant}")
         print(format_training_table(rows))
         return rows
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -211,7 +211,8 @@ class NBPGenerationMixin:
         guidance_scale: sampling; a value not given comes from `self.generation_config`, else from the paper's
         sampling (`PAPER_SAMPLING`: top-k 16000, top-p 0.9, temperature 1, no guidance). guidance_scale g != 1 runs
         classifier-free guidance in one doubled batch: logits = uncond + g (cond - uncond), the unconditional half
-        using `uncond_embedding` as its prefix. use_cache=False recomputes the whole sequence every step (the reference path).
+        using `uncond_embedding` as its prefix. use_cache=False recomputes the whole sequence every step (the
+        reference path).
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
