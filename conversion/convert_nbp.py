@@ -15,7 +15,10 @@ What the official code does and how it maps here (github.com/RenShuhuai-Andy/NBP
   --sequence_length 17 --block_size 5120`.
 
 Sampling used for every result in the paper (stored as the converted model's generation_config): top-k 16000,
-top-p 0.9, temperature 1.0; UCF-101: 95 steps from the class prompt; K600: 2 context latent frames (5 pixel frames), 48 steps.
+top-p 0.9, temperature 1.0; UCF-101: 95 steps from the class prompt; K600: 2 context latent frames (5 pixel frames),
+48 steps. The official samplers (`hybrid_sample_with_past`, `sample_with_past`) filter and sample over every id of
+the vocabulary, feed the sampled id back as it is, and clamp `id - video offset` into the video range when decoding
+(`transformer_eval.py`); converted models keep that (`config.sample_whole_vocabulary`).
 """
 
 import argparse
@@ -179,6 +182,7 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict, num_con
         num_attention_heads=int(args["n_head"]), max_position_embeddings=int(args["block_size"]),
         hidden_dropout=float(args.get("transformer_dropout") or 0.0), attention_dropout=0.0,
         class_dropout_prob=float(args.get("p_drop_cond") or 0.0), layer_norm_eps=1e-5,
+        sample_whole_vocabulary=True,  # the official samplers: every id, fed back as sampled, clamped when decoded
     )
     if config.vocab_size != vocab_size:
         raise ValueError(f"hyper_parameters imply a vocabulary of {config.vocab_size} ids (special tokens, condition "

@@ -51,6 +51,11 @@ class NBPConfig(PreTrainedConfig):
     Token ids: `[0, num_special_tokens)` BOV then placeholders, `[condition_token_offset,
     + condition_vocab_size)` condition ids, `[video_token_offset, + video_vocab_size)` video ids.
     Offsets left as None are derived in that order.
+
+    `sample_whole_vocabulary` (set for converted official checkpoints) samples as the official code does: top-k/top-p
+    and sampling over every id of the vocabulary, the sampled id fed back as it is, and a non-video id read as the
+    nearest video id (clamped). Otherwise only video ids are sampled (the same for models that give the other ids no
+    probability at video positions; the head then also skips their rows).
     """
 
     model_type = "nbp"
@@ -85,6 +90,8 @@ class NBPConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    # generation
+    sample_whole_vocabulary: bool = False
 
     def __post_init__(self, **kwargs):
         if self.condition_mode not in CONDITION_MODES:

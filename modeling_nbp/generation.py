@@ -300,7 +300,7 @@ class NBPGenerationMixin:
         # set on the device by any step whose logits are not finite; read once, after the last step
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         video_positions = layout.video_positions.to(device)
-        off = cfg.video_token_offset
+        off, whole = cfg.video_token_offset, cfg.sample_whole_vocabulary
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
             ids = seq[:, start:upto]
             draw_noise = None  # (out=None) -> this step's sampling noise, drawn into `out` when given
@@ -315,10 +315,16 @@ class NBPGenerationMixin:
                                           nonfinite=nonfinite, **sampling)
                 if decoder is not None:
                     decoder.cache.load_prefill(cache)
+            sampled = tokens  # video ids, or ids of the whole vocabulary (sample_whole_vocabulary)
+            if whole:
+                tokens = (tokens - off).clamp_(0, cfg.video_vocab_size - 1)  # the official reading of other ids
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
-            seq[:, video_positions[a:b]] = (video[:, a:b] + off).repeat(2 if guided else 1, 1)
+            fed = video[:, a:b] + off
+            if whole:  # the official sampler feeds back what it sampled (unless a consumer changed it)
+                fed = torch.where(video[:, a:b] == tokens, sampled, fed)
+            seq[:, video_positions[a:b]] = fed.repeat(2 if guided else 1, 1)
         if bool(nonfinite):
             fp16 = self.dtype == torch.float16
             hint = "; float16 overflows easily: load the model in bfloat16 or float32" if fp16 else ""
@@ -326,11 +332,14 @@ class NBPGenerationMixin:
                                      "the sampled tokens are meaningless")
 
     def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, nonfinite=None, **sampling):
-        """One forward over `ids` (the sequence positions that follow the cache) and the video ids sampled from
-        the logits at the positions `keep` (indices into `ids`), CFG applied: (B, len(keep))."""
-        off, V = self.config.video_token_offset, self.config.video_vocab_size
+        """One forward over `ids` (the sequence positions that follow the cache) and the video ids (ids of the whole
+        vocabulary with `config.sample_whole_vocabulary`) sampled from the logits at the positions `keep` (indices
+        into `ids`), CFG applied: (B, len(keep))."""
         logits = self(input_ids=ids, cache=cache, use_cache=use_cache, drop_condition=drop,
-                      logits_to_keep=keep).logits[..., off : off + V]
+                      logits_to_keep=keep).logits
+        if not self.config.sample_whole_vocabulary:
+            off, V = self.config.video_token_offset, self.config.video_vocab_size
+            logits = logits[..., off : off + V]
         return sample_guided(logits, noise, nonfinite=nonfinite, **sampling)
 
     def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, **sampling):

@@ -328,8 +328,9 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         return result if return_dict is not False else result.to_tuple()
 
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
-        """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) of `ids`
-        (B, n) at positions [start, start + n), which see every earlier position and each other (so no mask);
+        """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) (the whole
+        vocabulary's with `config.sample_whole_vocabulary`) of `ids` (B, n) at positions [start, start + n), which
+        see every earlier position and each other (so no mask);
         their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly
         its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
         no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
@@ -363,8 +364,10 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
                 x, qkv = layer_output_and_next_input(x, o, *output_weights(layer), *input_weights(i + 1))
             else:
                 x = layer_output(x, o, *output_weights(layer))
-        off = cfg.video_token_offset
-        return F.linear(m.norm(x[:, keep]), self.lm_head.weight[off : off + cfg.video_vocab_size])
+        head = self.lm_head.weight
+        if not cfg.sample_whole_vocabulary:
+            head = head[cfg.video_token_offset : cfg.video_token_offset + cfg.video_vocab_size]
+        return F.linear(m.norm(x[:, keep]), head)
 
     def prepare_training_inputs(self, video_ids: torch.Tensor, class_labels=None):
         """Video token grids (B, T', H', W') (+ class labels) -> (input_ids, labels) for next-block training."""

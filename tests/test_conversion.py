@@ -155,7 +155,8 @@ def official_full_sequence(args, condition, z):
 
 def reference_greedy(sd, args, condition, context, num_video_tokens):
     """Greedy decoding with the reference forward, recomputing the whole sequence each step (official
-    hybrid_sample_with_past / sample_with_past step structure); argmax over the video ids."""
+    hybrid_sample_with_past / sample_with_past): argmax over every id of the vocabulary, fed back as it is;
+    video ids = clamp(id - offset, 0, V - 1), as transformer_eval.py reads them."""
     S = args.token_number_per_step
     offset = 0 if args.unconditional else condition_vocab(args) + S
     video = list(context[0].tolist()) if context is not None else []
@@ -165,10 +166,9 @@ def reference_greedy(sd, args, condition, context, num_video_tokens):
         seq = torch.cat([condition + S, torch.zeros(1, 1, dtype=torch.long)], dim=1)
     while len(video) < num_video_tokens:
         n = 1 if (not args.unconditional and len(video) < S) else S
-        logits = reference_logits(sd, args, seq)[:, -n:, offset:offset + VIDEO_VOCAB]
-        new = logits.argmax(-1)
-        video += new[0].tolist()
-        seq = torch.cat([seq, new + offset], dim=1)
+        new = reference_logits(sd, args, seq)[:, -n:].argmax(-1)
+        video += (new - offset).clamp(0, VIDEO_VOCAB - 1)[0].tolist()
+        seq = torch.cat([seq, new], dim=1)
         if not args.unconditional and len(video) == S:  # switch to blocks: append the placeholders 1..S-1
             seq = torch.cat([seq, torch.arange(1, S)[None]], dim=1)
     return torch.tensor([video])

@@ -386,6 +386,34 @@ def test_static_cache_equals_reference(block, first_block, guidance):
     assert torch.equal(fast, reference)
 
 
+@pytest.mark.parametrize("first_block,guidance", [("hybrid", 1.0), ("bov", 2.5)])
+def test_whole_vocabulary_sampling(first_block, guidance):
+    """The official samplers' reading (converted checkpoints): every id may be sampled; it is fed back as it is and
+    read as the nearest video id. Every decoding path agrees."""
+    model = make_model(first_block=first_block, sample_whole_vocabulary=True)
+    kw = dict(class_labels=[0, 2], top_k=30, top_p=0.95, guidance_scale=guidance)
+    paths = (dict(use_cache=False), dict(cache_implementation="dynamic"), dict(cache_implementation="static"))
+    runs = [model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw, **path) for path in paths]
+    assert all(torch.equal(run, runs[0]) for run in runs)
+    # a head that always prefers id 1 (a condition id): every video token reads as 0, and id 1 is what is fed back
+    off = model.config.video_token_offset
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.bias.copy_(torch.linspace(-1, 1, model.config.hidden_size))
+        model.lm_head.weight[1] = 100 * model.model.norm.bias
+    fed = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
+    try:
+        for path in paths:
+            fed.clear()
+            tokens = model.generate_video_tokens(class_labels=[0], temperature=0, **path)
+            assert (tokens == 0).all()
+            last = fed[-1][0]  # the last forward's input: ends with the tokens sampled so far
+            assert (last[-3:] == 1).all() and not (last >= off).any()
+    finally:
+        hook.remove()
+
+
 class ReplayGraph:
     """Stands in for a CUDA graph on CPU. Capturing records the step without changing the cache (a capture runs
     nothing); a replay re-runs the recorded step on its static inputs and writes its static output."""
