@@ -176,6 +176,14 @@ def main(argv=None):
             model.set_attn_implementation("flex_attention")
             flex = model(input_ids=inputs).logits
             out["flex vs sdpa training logits, relative error (fp32)"] = float((flex - sdpa).norm() / sdpa.norm())
+        del model
+        # converted checkpoints sample over the whole vocabulary (UCF: text ids too), fed back raw: graphs vs eager
+        model = build(args.size, (1, 1, 16), device, torch.float32, task="ucf")
+        model.config.sample_whole_vocabulary = True
+        tokens = [model.generate_video_tokens(class_labels=[0, 5], generator=gen(2), temperature=0.0, **path)
+                  for path in (dict(cache_implementation="dynamic"), dict(cache_implementation="static"))]
+        out["fp32 whole-vocabulary greedy (UCF-like): optimized vs eager"] = agreement(*tokens)
+        model.clear_decode_cache()
         return out
 
     @run("generation")
