@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 
+from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
 from .convert_nbp import generator_from_checkpoint
 from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
 from .safe_load import safe_torch_load
@@ -69,7 +70,7 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
         raise ValueError("tokenizer_from_generator needs a generator checkpoint and no tokenizer file")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output = os.path.abspath(os.fspath(output))
+    given_output, output = os.fspath(output), os.path.abspath(os.fspath(output))
     if os.path.exists(output) and not overwrite:
         raise ValueError(f"output folder {output} already exists; pass overwrite=True (--overwrite) to replace it")
     torch_dtype = DTYPES[dtype]
@@ -89,6 +90,7 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
     video_tokenizer = (tokenizer_from_state_dict(tokenizer_tensors, tokenizer_config, torch_dtype)
                        if tokenizer is not None or tokenizer_from_generator else None)
 
+    repo_id = create_hub_repo(push_to_hub, private) if push_to_hub else None  # the full id, for the model card
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
     try:
@@ -96,18 +98,13 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
         notes = (f"Converted with nbp-video's `nbp convert` from the official checkpoint{'s' * (' and ' in sources)} "
                  f"{sources} (github.com/RenShuhuai-Andy/NBP): every tensor mapped, none approximated; weights in "
                  f"{dtype}. The default sampling is the paper's (top-k 16000, top-p 0.9, temperature 1.0).")
-        write_pipeline_folder(staging, transformer, video_tokenizer, max_shard_size,
-                              push_to_hub or os.path.basename(output), notes)
+        write_pipeline_folder(staging, transformer, video_tokenizer, max_shard_size, repo_id or given_output, notes)
         _replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, private=private, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=output, commit_message="Convert official NBP checkpoints")
+    if repo_id:
+        upload_to_hub(output, repo_id, commit_message="Convert official NBP checkpoints")
     return output
 
 

@@ -226,6 +226,8 @@ def main(argv=None):
     train.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.train and args.attn_implementation == "flex_attention" and device.type != "cuda":
+        parser.error("--attn_implementation flex_attention trains on CUDA only (no backward on CPU); use sdpa")
     header = (f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} size={args.size} "
               f"torch={torch.__version__}")
     if args.train:

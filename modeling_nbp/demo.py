@@ -17,8 +17,8 @@ DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-d
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
 HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training clips use seed 0)
-# sampling of the demo model, stored as its generation_config (so the pipeline's default), and used for what another
-# --model's generation_config leaves open: classifier-free guidance (trained with class dropout), a cool temperature
+# sampling of the demo model, stored as its generation_config (so the pipeline's default), and used for another
+# --model that saved no sampling: classifier-free guidance (trained with class dropout), a cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
 LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
 
@@ -42,8 +42,11 @@ def main(argv=None):
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(desc="generating", leave=False)
     names = pipe.class_names or [str(i) for i in range(pipe.transformer.config.num_classes)]
-    saved = pipe.transformer.generation_config  # a model's own sampling wins; the demo's fills what it leaves open
-    sampling = {k: v for k, v in DEMO_SAMPLING.items() if getattr(saved, k, None) is None}
+    # a model's own sampling wins; one that saved none gets the demo's (guidance only if class dropout trained it)
+    saved, cfg = pipe.transformer.generation_config, pipe.transformer.config
+    sampling = {}
+    if saved.do_sample is None and all(getattr(saved, k, None) is None for k in DEMO_SAMPLING):
+        sampling = {k: v for k, v in DEMO_SAMPLING.items() if k != "guidance_scale" or cfg.class_dropout_prob > 0}
     n = args.videos_per_class
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(names) * n)]
     videos = pipe(class_labels=list(range(len(names))), num_videos_per_prompt=n, generator=generators,

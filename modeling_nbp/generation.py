@@ -167,6 +167,11 @@ class NBPGenerationMixin:
                 pass
         return model
 
+    def default_sampling(self) -> dict:
+        """What generation samples with when a call sets nothing (`resolve_sampling` of the generation_config)."""
+        values = resolve_sampling(self.generation_config)
+        return dict(zip(("temperature", "top_k", "top_p", "guidance_scale"), values))
+
     def check_video_ids(self, video_ids: torch.Tensor):
         if video_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"video token ids must be an integer tensor, got {video_ids.dtype}")
@@ -352,7 +357,7 @@ class NBPGenerationMixin:
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
         parameters moved or replaced, give a new one."""
-        key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode,
+        key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, self.config.sample_whole_vocabulary,
                tuple(sorted(sampling.items())), tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is not None and decoder.in_use:

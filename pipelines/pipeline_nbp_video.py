@@ -90,6 +90,43 @@ def postprocess_video(video: torch.Tensor, output_type: str):
     return [[PIL.Image.fromarray(f) for f in (v * 255).round().astype(np.uint8)] for v in array]
 
 
+# the first line of a generated model card: a README.md without it is the user's and is kept
+CARD_MARK = "<!-- written by nbp-video's save_pretrained at every save; delete this line to keep your edits -->"
+
+
+def write_model_card(path: str, card: str) -> None:
+    """Write `card` to `path` unless a README.md there is not a generated card (temp name, then rename)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if CARD_MARK not in f.read():
+                return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(card)
+    os.replace(path + ".tmp", path)
+
+
+def create_hub_repo(repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Create the Hub repo if needed; -> its full id ("owner/name")."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
+def upload_to_hub(folder: str, repo_id: str, token: str | None = None, commit_message: str | None = None,
+                  create_pr: bool = False):
+    """Upload `folder` to the Hub repo `repo_id`; a README.md already there that is not a generated card is kept."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(token=token)
+    keep_card = False
+    if api.file_exists(repo_id, "README.md"):
+        with open(hf_hub_download(repo_id, "README.md", token=token), encoding="utf-8") as f:
+            keep_card = CARD_MARK not in f.read()
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, create_pr=create_pr,
+                             commit_message=commit_message or "Upload NBPVideoPipeline",
+                             ignore_patterns=["README.md"] if keep_card else None)
+
+
 class NBPVideoPipeline(DiffusionPipeline):
     r"""Video generation with a Next-Block Prediction generator and a causal video tokenizer.
 
@@ -489,20 +526,20 @@ class NBPVideoPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False,
                         carry_code: bool = True, model_card_notes: str | None = None, **kwargs):
         """Save as a diffusers folder (`model_index.json`, one subfolder per component, safetensors) with a model
-        card (README.md: what the model generates, its default sampling, how to load it; `model_card_notes`, e.g.
-        how it was trained, become a section of it; a README.md already in the folder is kept). With
-        `carry_code` (default) it also carries the code of the pipeline and its components, so
-        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` works without nbp-video; without it the
-        folder names the installed modules (for folders that live beside the package, like the bundled demo).
-        `push_to_hub=True` uploads it (kwargs: repo_id, private, token, commit_message)."""
+        card (README.md, `model_card`; `model_card_notes`, e.g. how the model was trained, become a section of it;
+        a README.md that is not a generated card is kept). With `carry_code` (default) it also carries the code of
+        the pipeline and its components, so `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` works
+        without nbp-video; without it the folder names the installed modules (for folders that live beside the
+        package, like the bundled demo). `push_to_hub=True` uploads it (kwargs: repo_id, private, token,
+        commit_message, create_pr); the card then loads it from the repo."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
+        repo_id = hub.get("repo_id") or str(save_directory)
+        if push_to_hub:  # the full id ("owner/name") for the card
+            repo_id = create_hub_repo(hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory)),
+                                      hub.get("private"), hub.get("token"))
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
-        card = os.path.join(save_directory, "README.md")
-        if not os.path.exists(card):
-            repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory))
-            with open(card + ".tmp", "w", encoding="utf-8") as f:
-                f.write(self.model_card(repo_id, model_card_notes))
-            os.replace(card + ".tmp", card)
+        write_model_card(os.path.join(save_directory, "README.md"),
+                         self.model_card(repo_id, model_card_notes, carry_code, kwargs.get("variant")))
         if carry_code:
             self._write_remote_code(save_directory)
         else:  # undo the code copy that transformers makes on its own (register_for_auto_class)
@@ -517,13 +554,14 @@ class NBPVideoPipeline(DiffusionPipeline):
                 json.dump(config, f, indent=2, sort_keys=True)
             os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
         if push_to_hub:
-            return self._upload(save_directory, hub)
+            return upload_to_hub(save_directory, repo_id, hub.get("token"), hub.get("commit_message"),
+                                 hub.get("create_pr", False))
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
                     token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
                     variant: str | None = None, model_card_notes: str | None = None) -> str:
         """diffusers' `push_to_hub`, uploading what `save_pretrained` writes: the carried code and this pipeline's
-        model card (a README.md already in the repo is kept). Returns the commit's URL."""
+        model card (a card in the repo that is not a generated one is kept). Returns the commit's URL."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -532,64 +570,54 @@ class NBPVideoPipeline(DiffusionPipeline):
                                         create_pr=create_pr, model_card_notes=model_card_notes,
                                         **({"variant": variant} if variant else {}))
 
-    @staticmethod
-    def _upload(folder: str, hub: dict) -> str:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=hub.get("token"))
-        repo_id = hub.get("repo_id") or os.path.basename(os.path.abspath(folder))
-        repo_id = api.create_repo(repo_id, private=hub.get("private"), exist_ok=True).repo_id
-        keep_card = api.file_exists(repo_id, "README.md")  # the repo's own card wins over the generated one
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, create_pr=hub.get("create_pr", False),
-                                 commit_message=hub.get("commit_message") or "Upload NBPVideoPipeline",
-                                 ignore_patterns=["README.md"] if keep_card else None)
-
-    def model_card(self, repo_id: str, notes: str | None = None) -> str:
-        """A Hub model card (README.md) for this pipeline, loading it from `repo_id`."""
+    def model_card(self, repo_id: str, notes: str | None = None, carries_code: bool = True,
+                   variant: str | None = None) -> str:
+        """A Hub model card (README.md) for this pipeline, loading it from `repo_id` (a Hub id or a folder)."""
         cfg, tok = self.transformer.config, self.video_tokenizer
         T, (H, W) = self.num_frames, self.resolution
         steps = len(self.transformer.layout.decode_schedule(
             self.transformer.layout.context_tokens(cfg.num_context_frames) if cfg.condition_mode == "frames" else 0))
         millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
-        given = self.transformer.generation_config
-        sampling = {k: getattr(given, k, None) for k in ("top_k", "top_p", "temperature", "guidance_scale")}
-        sampling = ", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None) or (
-            "none saved: the paper's top_k 16000, top_p 0.9, temperature 1.0")
-        given = tok.num_frames_for_latent(max(cfg.num_context_frames, 1))
+        sampling = self.transformer.default_sampling()
+        sampling = "greedy" if sampling["temperature"] == 0 else ", ".join(f"{k} {v}" for k, v in sampling.items())
+        seed = "generator=torch.Generator().manual_seed(0)"
         inputs = []  # lines before the call
         if cfg.condition_mode == "class":
             names = self.class_names
             condition = f"class-conditional, {cfg.num_classes} classes" + (
                 f" ({', '.join(map(str, names[:8]))}{', ...' if len(names) > 8 else ''})" if names else "")
-            call = f"pipe(class_labels=[{repr(names[0]) if names else 0}], generator=torch.Generator().manual_seed(0))"
+            call = f"pipe(class_labels=[{repr(names[0]) if names else 0}], {seed})"
         elif cfg.condition_mode == "frames":
-            condition = f"frame prediction: continues {given} given frame{'s' * (given > 1)}"
-            inputs = [f"context = torch.zeros({given}, 3, {H}, {W})  # your first {given} frames: (T, 3, H, W) in [0, 1]"]
-            call = "pipe(video=context, generator=torch.Generator().manual_seed(0))"
+            n = tok.num_frames_for_latent(max(cfg.num_context_frames, 1))
+            condition = f"frame prediction: continues {n} given frame{'s' * (n > 1)}"
+            inputs = [f"context = torch.zeros({n}, 3, {H}, {W})  # your first {n} frames: (T, 3, H, W) in [0, 1]"]
+            call = f"pipe(video=context, {seed})"
         else:
-            condition = f"{cfg.condition_mode} conditioning"
-            call = "pipe(condition_ids=..., generator=torch.Generator().manual_seed(0))"
+            condition = "unconditional"
+            call = f"pipe({seed})"
+        where = json.dumps(repo_id) + (f", variant={json.dumps(variant)}" if variant else "")
         lines = [
             "---", "library_name: diffusers", "tags:", "- nbp-video", "- next-block-prediction", "- video-generation",
-            "- autoregressive", "---", "",
-            f"# {repo_id.split('/')[-1]}", "",
+            "- autoregressive", "---", CARD_MARK, "",
+            f"# {os.path.basename(repo_id.rstrip('/'))}", "",
             "A Next-Block Prediction (NBP; Ren et al., 2025, arXiv 2502.07737) video generator in the nbp-video "
-            "format: a causal video tokenizer turns clips into grids of discrete "
-            "tokens, and a decoder-only transformer with block-causal attention predicts a whole block of tokens "
-            "per step.", "",
+            "format: a causal video tokenizer turns clips into grids of discrete tokens, and a decoder-only "
+            "transformer with block-causal attention predicts a whole block of tokens per step.", "",
             f"- Output: {T} frames at {H}x{W} per window ({'x'.join(map(str, cfg.latent_shape))} latent tokens, "
             f"blocks of {'x'.join(map(str, cfg.block_shape))} tokens, {steps} steps); longer videos are continued "
             "window by window (`num_frames=`).",
             f"- Condition: {condition}.",
             f"- Generator: {millions(self.transformer):.1f}M parameters, {cfg.num_hidden_layers} layers x "
             f"{cfg.hidden_size}; tokenizer: {millions(tok):.1f}M parameters, FSQ codebook of {tok.codebook_size}.",
-            f"- Default sampling (`transformer/generation_config.json`): {sampling}.", "",
+            f"- Default sampling (`transformer/generation_config.json`, else the paper's): {sampling}.", "",
             "## Use", "", "```python", "import torch", "from modeling_nbp import NBPVideoPipeline  # the nbp-video package",
             "from modeling_nbp.video_io import export_to_mp4", "",
-            f'pipe = NBPVideoPipeline.from_pretrained("{repo_id}")', *inputs,
-            f"video = {call}.frames[0]", 'export_to_mp4(video, "video.mp4", fps=8)', "```", "",
-            "Without nbp-video installed, the folder carries its code: "
-            f'`DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)` (diffusers, transformers).', ""]
+            f"pipe = NBPVideoPipeline.from_pretrained({where})", *inputs,
+            f"video = {call}.frames[0]", 'export_to_mp4(video, "video.mp4", fps=8)', "```", ""]
+        if carries_code:
+            lines += ["Without nbp-video installed, the folder carries its code: "
+                      f"`DiffusionPipeline.from_pretrained({where}, trust_remote_code=True)` (diffusers, transformers).",
+                      ""]
         if notes:
             lines += ["## Notes", "", notes.strip(), ""]
         return "\n".join(lines)
@@ -614,7 +642,7 @@ class NBPVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
         installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
-        options: torch_dtype (default float32 for both components, whatever dtype the files were saved in:
+        options: variant, torch_dtype (default float32 for both components, whatever dtype the files were saved in:
         half-precision matrix products are slow on CPUs; `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
         without a torch_dtype keeps the generator's saved dtype, as transformers does), revision, cache_dir, token,
         local_files_only."""
@@ -625,6 +653,7 @@ class NBPVideoPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        variant = {"variant": kwargs.pop("variant")} if kwargs.get("variant") else {}
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
@@ -639,9 +668,9 @@ class NBPVideoPipeline(DiffusionPipeline):
                               ) from err
         dtype = kwargs.pop("torch_dtype", None) or torch.float32
         transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
-            os.path.join(folder, "transformer"), dtype=dtype)
+            os.path.join(folder, "transformer"), dtype=dtype, **variant)
         video_tokenizer = kwargs.pop("video_tokenizer", None) or NBPVideoTokenizer.from_pretrained(
-            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype)
+            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype, **variant)
         if kwargs:
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
         return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())

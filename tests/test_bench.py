@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from modeling_nbp import bench
@@ -34,3 +35,9 @@ def test_training_rows(capsys):
     assert math.isnan(row["peak_gib"])  # no GPU memory counter on CPU
     table = bench.format_training_table(rows + [dict(batch=64, tokens_per_step=64 * 1264, out_of_memory=True)])
     assert "    1    1264" in table and "out of memory" in table
+
+
+def test_flex_attention_training_is_refused_on_cpu(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--train", "--device", "cpu", "--attn_implementation", "flex_attention"])
+    assert "flex_attention trains on CUDA only" in capsys.readouterr().err

@@ -291,7 +291,7 @@ def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
     import re
 
     folder = tmp_path / "pipe"
-    pipe.save_pretrained(folder, repo_id=str(folder), model_card_notes="Trained on shapes.")
+    pipe.save_pretrained(folder, model_card_notes="Trained on shapes.")  # the card loads from the folder itself
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\n") and "- next-block-prediction" in card
     assert "5 frames at 8x8 per window (3x4x4 latent tokens, blocks of 1x1x4 tokens, 15 steps)" in card
@@ -300,10 +300,22 @@ def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), {})
     assert read_video("video.mp4")[0].shape == (5, 8, 8, 3)
-    # a card already in the folder is kept; frame prediction models say how many frames they continue
+    # a generated card is rewritten at every save; a card of the user's is kept
+    pipe.save_pretrained(folder, model_card_notes="Trained longer.", carry_code=False)
+    card = (folder / "README.md").read_text()
+    assert "Trained longer." in card and "trust_remote_code" not in card  # no code carried: not promised
     (folder / "README.md").write_text("mine")
     pipe.save_pretrained(folder)
     assert (folder / "README.md").read_text() == "mine"
+    # unconditional models: the call needs no condition
+    cfg = NBPConfig(latent_shape=[3, 4, 4], block_shape=[1, 1, 4], video_vocab_size=pipe.video_tokenizer.codebook_size,
+                    condition_mode="none", first_block="bov", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    free = NBPVideoPipeline(transformer=NBPForVideoGeneration(cfg).eval(), video_tokenizer=pipe.video_tokenizer)
+    free.set_progress_bar_config(disable=True)
+    free.save_pretrained(tmp_path / "free")
+    free_card = (tmp_path / "free" / "README.md").read_text()
+    assert "- Condition: unconditional." in free_card
+    exec(re.search(r"```python\n(.*?)```", free_card, re.S).group(1), {})
     frames_card = frames_pipe.model_card(str(tmp_path / "frames"))
     assert "frame prediction: continues 1 given frame." in frames_card
     frames_pipe.save_pretrained(tmp_path / "frames", repo_id=str(tmp_path / "frames"))
@@ -367,10 +379,12 @@ def test_hub_push_and_pull(pipe, local_hub, monkeypatch, tmp_path):
 
     pipe.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="test-user/nbp-tiny")
     # diffusers' push_to_hub uploads the same folder with this pipeline's card; a card already on the Hub is kept
-    pipe.push_to_hub("test-user/nbp-other")
+    pipe.push_to_hub("nbp-other", variant="fp16")  # the card names the full repo id (and the variant)
     card = open(hf_hub_download("test-user/nbp-other", "README.md")).read()
-    assert 'NBPVideoPipeline.from_pretrained("test-user/nbp-other")' in card
-    assert "pipeline_nbp_video.py" in HfApi().list_repo_files("test-user/nbp-other")
+    assert 'NBPVideoPipeline.from_pretrained("test-user/nbp-other", variant="fp16")' in card
+    files = HfApi().list_repo_files("test-user/nbp-other")
+    assert "pipeline_nbp_video.py" in files and "transformer/model.fp16.safetensors" in files
+    assert NBPVideoPipeline.from_pretrained("test-user/nbp-other", variant="fp16").num_frames == pipe.num_frames
     HfApi().upload_file(path_or_fileobj=b"my card", path_in_repo="README.md", repo_id="test-user/nbp-other")
     pipe.push_to_hub("test-user/nbp-other")
     assert open(hf_hub_download("test-user/nbp-other", "README.md")).read() == "my card"

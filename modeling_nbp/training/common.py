@@ -375,14 +375,14 @@ def log_videos(accelerator, tag: str, videos: torch.Tensor, step: int, output_di
 
 def push_folder_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
                        commit_message: str = "Upload trained model") -> str:
-    """Create `repo_id` if needed and upload `folder` to it; returns the full repo id."""
-    from huggingface_hub import HfApi
+    """Create `repo_id` if needed and upload `folder` to it (a model card of the user's already there is kept);
+    returns the full repo id."""
+    from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
 
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/nbp-ucf')")
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    repo_id = create_hub_repo(repo_id, private, token)
+    upload_to_hub(folder, repo_id, token, commit_message)
     return repo_id
 
 

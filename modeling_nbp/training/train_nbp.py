@@ -267,9 +267,9 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     common.log_videos(accelerator, "samples", videos, step, output_dir, labels=labels)
 
 
-def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str, notes: str) -> str:
-    """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`
-    and says `notes`), else the generator folder."""
+def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str) -> str:
+    """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`,
+    else from the folder, and says `notes`), else the generator folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
     if accelerator.is_main_process:
@@ -281,7 +281,7 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
         with atomic_output_path(final_dir) as tmp:
             if tokenizer is not None:
                 NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(
-                    tmp, repo_id=repo_id, model_card_notes=notes)
+                    tmp, repo_id=repo_id or final_dir, model_card_notes=notes)
             else:
                 final.save_pretrained(tmp)
     accelerator.wait_for_everyone()
@@ -305,6 +305,11 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         common.remove_stale_temporaries(args.output_dir)
+    hub_repo = None  # the full repo id, created now: a missing token fails before training, not after it
+    if args.push_to_hub and accelerator.is_main_process:
+        from ..pipelines.pipeline_nbp_video import create_hub_repo
+
+        hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
 
     info = describe_tokens(args.train_data)
     val_data = load_token_dataset(args.validation_data) if args.validation_data else None
@@ -425,10 +430,9 @@ def main(argv=None) -> dict:
              f"`{os.path.basename(os.path.normpath(args.train_data))}`"
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
-    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir,
-                           args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), notes)
+    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes)
     if args.push_to_hub and accelerator.is_main_process:
-        repo = common.push_folder_to_hub(final_dir, args.hub_model_id, private=args.hub_private or None,
+        repo = common.push_folder_to_hub(final_dir, hub_repo, private=args.hub_private or None,
                                          commit_message=f"NBP generator after {global_step} steps")
         accelerator.print(f"pushed {final_dir} to {repo}")
     wall = time.perf_counter() - start_time
