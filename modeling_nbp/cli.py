@@ -31,6 +31,9 @@ def _generate_parser(parser):
     parser.add_argument("--num_frames", type=positive_int, default=None,
                         help="frames per video (default: the model's window; more are made by windows that each "
                              "continue the last frames, see NBPVideoPipeline.__call__)")
+    parser.add_argument("--window_context_frames", type=positive_int, default=None,
+                        help="with --num_frames beyond the window: the frames each further window continues "
+                             "(default: the model's context latent frames, at least 2)")
     parser.add_argument("--seed", type=int, default=0)
     sampling = parser.add_argument_group(
         "sampling", "defaults: the model's generation_config, else the paper's (top-k 16000, top-p 0.9, temperature 1, "
@@ -65,7 +68,8 @@ def run_generate(args):
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(args.device)
     cfg = pipe.transformer.config
     kwargs = dict(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                  temperature=args.temperature, num_frames=args.num_frames, output_type="np")
+                  temperature=args.temperature, num_frames=args.num_frames,
+                  context_frames=args.window_context_frames, output_type="np")
     if args.context:
         frames, _ = read_video(args.context)
         n = args.context_frames or pipe.video_tokenizer.num_frames_for_latent(max(cfg.num_context_frames, 1))

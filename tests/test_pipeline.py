@@ -439,10 +439,13 @@ def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
         assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / f"{name}.gif"))[0]).max() <= 1
     # a longer video: its first window is the 5-frame video
     nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "long"), "--device", "cpu",
-         "--class_labels", "0", "--seed", "3", "--num_frames", "9", "--formats", "gif"])
+         "--class_labels", "0", "--seed", "3", "--num_frames", "9", "--window_context_frames", "1", "--formats", "gif"])
     long, _ = read_video(str(tmp_path / "long" / "circle_0.gif"))
     assert long.shape == (9, 8, 8, 3)
     assert np.abs(long[:5].astype(int) - read_video(str(tmp_path / "out" / "circle_0.gif"))[0]).max() <= 1
+    with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
+        nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "bad"), "--device", "cpu",
+             "--class_labels", "0", "--num_frames", "9", "--window_context_frames", "2"])
     # frame prediction with a class-conditional model: the context's continuation as one given class
     context = export_to_mp4(expected[0], str(tmp_path / "context.mp4"), fps=8)
     nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "cont"), "--device", "cpu",
