@@ -97,10 +97,11 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
                     model.generate_video_tokens(context_ids=context, generator=generator, **kwargs, **sampling)
 
                 reset_peak_memory(device)
-                seconds = timed(run, device, repeats if method == "NBP" else ntp_repeats)
+                first = timed(run, device, 1, warmup=0)  # the first call: graph capture, compilation
+                seconds = timed(run, device, repeats if method == "NBP" else ntp_repeats, warmup=0)
                 rows.append(dict(method=method, variant=variant, batch=batch, steps=steps,
                                  ms_per_video=1000 * seconds / batch, fps=GENERATED_FRAMES * batch / seconds,
-                                 peak_gib=peak_memory_gib(device)))
+                                 peak_gib=peak_memory_gib(device), first_call_ms=1000 * first))
                 log(rows[-1])
         model.clear_decode_cache()
         del model
