@@ -357,15 +357,16 @@ class NBPGenerationMixin:
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
         parameters moved or replaced, give a new one."""
+        autocast = (torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type))
         key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, self.config.sample_whole_vocabulary,
-               tuple(sorted(sampling.items())), tuple(p.data_ptr() for p in self.parameters()))
+               autocast, tuple(sorted(sampling.items())), tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is not None and decoder.in_use:
             # another generation on this model is still under way (two streams consumed in turn, say): it keeps
             # the shared decoder, this one gets a private cache and runs without graphs
             decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode), False)
         elif decoder is None or decoder.key != key:
-            self._static_decoder = None  # free the old cache and graphs before allocating new ones
+            self._static_decoder = decoder = None  # free the old cache and graphs before allocating new ones
             decoder = self._static_decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode),
                                                            use_cuda_graphs)
         decoder.cache.reset(self)
@@ -482,6 +483,10 @@ class StaticDecoder:
                 self.inputs[shape] = (ids.clone(), draw_noise() if draw_noise else None)
         g_ids, g_noise = self.inputs[shape]
         if (start, shape) not in self.graphs:
+            if self.step_options.get("compiled"):
+                # run once first: a compiled part that must recompile (another grad, inference or autocast mode
+                # than the warm-up's) does so here, not inside the capture; it writes the same keys and values
+                step(g_ids, start, keep, g_noise)
             self.graphs[start, shape] = capture_cuda_graph(lambda: step(g_ids, start, keep, g_noise), self.pool)
         if not fresh:
             g_ids.copy_(ids)

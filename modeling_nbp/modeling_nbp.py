@@ -266,6 +266,11 @@ def _layer_output_and_next_input(x, attn, *weights):
 DECODE_PARTS = (_attention_input, _attention_output_and_mlp, _layer_output_and_next_input)
 
 
+# compilations kept per compiled part: one per (batch size, feed length, dtype, grad/inference/autocast mode); past
+# torch.compile's default of 8 a fullgraph compile would fail instead of falling back
+DECODE_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled_decode_parts(mode: str = "default"):
     return tuple(torch.compile(f, fullgraph=True, dynamic=False, mode=mode) for f in DECODE_PARTS)
@@ -335,11 +340,16 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
         no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
         through `torch.compile` (their shapes do not depend on the step)."""
+        if compiled:
+            with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
+                return self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
+        return self._block_logits(cache, ids, start, keep, DECODE_PARTS)
+
+    def _block_logits(self, cache, ids, start: int, keep: slice, parts):
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
         heads = cfg.num_attention_heads
-        parts = compiled_decode_parts(compiled) if compiled else DECODE_PARTS
         layer_input, layer_output, layer_output_and_next_input = parts
 
         def input_weights(i):

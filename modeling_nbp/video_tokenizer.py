@@ -512,7 +512,7 @@ class IncrementalDecoder:
             front = layer.padding[4]
             past = state.get(layer, x[:, :, :1].expand(-1, -1, front, -1, -1))
             x = torch.cat([past, x], dim=2)
-            state[layer] = x[:, :, -front:]
+            state[layer] = x[:, :, -front:].clone()  # not a view: it would keep the whole chunk alive
             return layer.conv(F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"))
         if isinstance(layer, CausalDepthToSpace):
             y = depth_to_space(x, layer.time_factor, layer.space_factor)

@@ -277,6 +277,7 @@ class NBPVideoPipeline(DiffusionPipeline):
                 raise ValueError("this model predicts frames: pass video= with the context frames")
             batch_size = (batch_size or 1) * num_videos_per_prompt
         self._interrupt = False
+        self._onload(self.transformer)  # after the context's encoding, which onloads the tokenizer
         steps = self.transformer.iter_generation(
             class_labels=labels, context_ids=context, batch_size=batch_size, temperature=temperature, top_k=top_k,
             top_p=top_p, guidance_scale=guidance_scale, generator=generator, use_cache=use_cache,
@@ -314,6 +315,14 @@ class NBPVideoPipeline(DiffusionPipeline):
                              "positions generated so far")
         return tokens
 
+    @staticmethod
+    def _onload(module):
+        """With model offloading (accelerate hooks), move `module` to its execution device now, as a forward call
+        would: generation and decoding allocate their tensors on `module.device` before calling any forward."""
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(module)
+
     def maybe_free_model_hooks(self):
         # with model offloading the generator's weights move every call, so its kept decode cache (sized for the
         # whole sequence, on the GPU) could not be reused: free it with the rest
@@ -331,6 +340,7 @@ class NBPVideoPipeline(DiffusionPipeline):
             pass
         tok = self.video_tokenizer
         grid = self._complete_frames(last.video_tokens, last.end)
+        self._onload(tok)
         return tok.decode(grid.to(tok.device), decode_batch_size=decode_batch_size)
 
     def _later_windows(self, class_labels, condition_ids, num_videos_per_prompt: int, context_frames: int):
@@ -354,6 +364,10 @@ class NBPVideoPipeline(DiffusionPipeline):
         runs on a second stream beside the rest of the generation; its pixels are ready for the current stream
         once the iteration has ended."""
         tok = self.video_tokenizer
+        if any(hasattr(m, "_hf_hook") for m in (self.transformer, tok)):
+            raise ValueError("stream() and overlap_decode alternate the generator and the tokenizer at every latent "
+                             "frame; with model CPU offloading each switch would move the weights: use pipe(...) "
+                             "without overlap_decode, or keep the pipeline on the GPU (pipe.to('cuda'))")
         decoder = tok.incremental_decoder(decode_batch_size)
         side = torch.cuda.Stream(tok.device) if overlap and tok.device.type == "cuda" else None
         main = torch.cuda.current_stream(tok.device) if side is not None else None

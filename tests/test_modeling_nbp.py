@@ -456,6 +456,67 @@ def replay_graphs(monkeypatch):
     return graphs
 
 
+def test_compiled_parts_never_compile_inside_a_graph_capture(replay_graphs, monkeypatch):
+    """A call in another autograd mode than the first (here inference mode) needs new compilations of the dense
+    parts: they must happen in an eager run, not inside a capture (on CUDA that would compile on a capturing
+    stream)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from modeling_nbp import modeling_nbp
+
+    counter = CompileCounter()
+    parts = tuple(torch.compile(f, fullgraph=True, dynamic=False, backend=counter) for f in modeling_nbp.DECODE_PARTS)
+    monkeypatch.setattr(modeling_nbp, "compiled_decode_parts", lambda mode="default": parts)
+    inside = []
+    capture = generation.capture_cuda_graph
+
+    def counting_capture(fn, pool):
+        before = counter.frame_count
+        graph, out = capture(fn, pool)
+        inside.append(counter.frame_count - before)
+        graph.replay = lambda: graph.out.copy_(graph.fn())  # a replay runs no Python on CUDA: no compiling there
+        return graph, out
+
+    monkeypatch.setattr(generation, "capture_cuda_graph", counting_capture)
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    kw = dict(class_labels=[0], top_k=20, cache_implementation="static", compile_decode=True)
+    first = model.generate_video_tokens(generator=torch.Generator().manual_seed(1), **kw)
+    with torch.inference_mode():
+        second = model.generate_video_tokens(generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(first, second) and len(inside) > 0 and set(inside) == {0}
+
+
+def test_compiled_decoding_takes_many_batch_sizes(monkeypatch):
+    """Each batch size is one more compilation of the dense parts; past torch.compile's default limit (8) a fullgraph
+    compile would fail."""
+    from torch._dynamo.testing import CompileCounter
+
+    from modeling_nbp import modeling_nbp
+
+    counter = CompileCounter()
+    parts = tuple(torch.compile(f, fullgraph=True, dynamic=False, backend=counter) for f in modeling_nbp.DECODE_PARTS)
+    monkeypatch.setattr(modeling_nbp, "compiled_decode_parts", lambda mode="default": parts)
+    model = make_model(block=(1, 1, 4), first_block="hybrid")  # two feed lengths: 2 compilations per batch size
+    for batch in range(1, 7):
+        model.generate_video_tokens(class_labels=[0] * batch, top_k=5, cache_implementation="static",
+                                    compile_decode=True, generator=torch.Generator().manual_seed(0))
+    assert counter.frame_count > 8
+
+
+def test_a_new_static_decoder_is_allocated_after_the_old_one_is_freed(monkeypatch):
+    import weakref
+
+    model = make_model()
+    model.generate_video_tokens(class_labels=[0, 1], top_k=5, cache_implementation="static")
+    old = weakref.ref(model._static_decoder)
+    alive = []
+    real_init = generation.BlockKVCache.__init__
+    monkeypatch.setattr(generation.BlockKVCache, "__init__",
+                        lambda self, *a, **k: (alive.append(old() is not None), real_init(self, *a, **k))[1])
+    model.generate_video_tokens(class_labels=[0], top_k=5, cache_implementation="static")  # another batch size
+    assert alive == [False]
+
+
 def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
     model = make_model(block=(1, 1, 4), first_block="hybrid")
     graphs = replay_graphs

@@ -323,6 +323,26 @@ def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
     assert read_video("video.mp4")[0].shape == (5, 8, 8, 3)
 
 
+def test_model_cpu_offload():
+    """Under diffusers' model offloading (here onto the CPU itself) each phase moves its model to the execution
+    device before allocating anything: the generator after the context's encoding, the tokenizer before decoding."""
+    pipe = tiny_pipeline()
+    kw = dict(class_labels=[1], output_type="np", num_frames=7)  # two windows: generate, decode, encode, generate
+    expected = pipe(generator=gen(0), **kw).frames
+    pipe.enable_model_cpu_offload(device="cpu")
+    onloads, before_generation = [], []
+    for name in ("transformer", "video_tokenizer"):
+        hook = getattr(pipe, name)._hf_hook
+        hook.pre_forward = lambda module, *a, _pre=hook.pre_forward, _name=name, **k: (
+            onloads.append(_name), _pre(module, *a, **k))[1]
+    iter_generation = pipe.transformer.iter_generation
+    pipe.transformer.iter_generation = lambda *a, **k: (before_generation.append(onloads[-1]), iter_generation(*a, **k))[1]
+    np.testing.assert_allclose(pipe(generator=gen(0), **kw).frames, expected, atol=1e-6)
+    assert before_generation == ["transformer", "transformer"]
+    with pytest.raises(ValueError, match="model CPU offloading"):
+        list(pipe.stream(class_labels=[1]))
+
+
 def test_from_pretrained_dtype(pipe, tmp_path):
     """Half-precision files load in float32 unless a dtype is asked for, and both components get the same one."""
     import copy
