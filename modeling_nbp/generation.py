@@ -226,6 +226,10 @@ class NBPGenerationMixin:
         layers through `torch.compile`.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
         The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
+        if self.device.type == "meta":
+            raise ValueError("the generator's weights are on the meta device (not loaded, or sequential CPU offloading, "
+                             "which generation does not support: it reads weights outside the modules' forward); "
+                             "load the weights, or use enable_model_cpu_offload() or .to(device)")
         if cache_implementation is None:
             cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
         if cache_implementation not in ("dynamic", "static"):

@@ -341,6 +341,11 @@ def test_model_cpu_offload():
     assert before_generation == ["transformer", "transformer"]
     with pytest.raises(ValueError, match="model CPU offloading"):
         list(pipe.stream(class_labels=[1]))
+    # sequential offloading leaves the weights on the meta device between module calls: refused clearly
+    sequential = tiny_pipeline()
+    sequential.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="sequential CPU offloading"):
+        sequential(class_labels=[1])
 
 
 def test_from_pretrained_dtype(pipe, tmp_path):
