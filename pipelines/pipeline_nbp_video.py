@@ -257,18 +257,22 @@ class NBPVideoPipeline(DiffusionPipeline):
         return ids.repeat_interleave(num_videos_per_prompt, dim=0)
 
     # ---- generation ---------------------------------------------------------------------------------------------
-    def _steps(self, class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
-               temperature, generator, condition_ids, callback_on_step_end, callback_on_step_end_tensor_inputs,
-               use_cache, cache_implementation=None, compile_decode=False) -> Iterator:
-        """Run the generator, handling callbacks, interrupt and the progress bar; yields every step."""
-        cfg = self.transformer.config
-        labels = context = None
+    def _per_video(self, class_labels, condition_ids, num_videos_per_prompt: int) -> tuple:
+        """Class ids and condition prefixes repeated for every video: (labels, condition_ids), None when not given."""
+        labels = None
         if class_labels is not None:
             labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_videos_per_prompt)
-        if video is not None:
-            context = self.encode_context(video, num_videos_per_prompt)
         if condition_ids is not None:
             condition_ids = torch.as_tensor(condition_ids).repeat_interleave(num_videos_per_prompt, dim=0)
+        return labels, condition_ids
+
+    def _steps(self, class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
+               temperature, generator, condition_ids, use_cache, cache_implementation=None, compile_decode=False,
+               callback_on_step_end=None, callback_on_step_end_tensor_inputs=None) -> Iterator:
+        """Run the generator, handling callbacks, interrupt and the progress bar; yields every step."""
+        cfg = self.transformer.config
+        labels, condition_ids = self._per_video(class_labels, condition_ids, num_videos_per_prompt)
+        context = None if video is None else self.encode_context(video, num_videos_per_prompt)
         if labels is None and context is None and condition_ids is None:
             if cfg.condition_mode == "class":
                 raise ValueError("this model is class-conditional: pass class_labels (ints or names from "
@@ -346,10 +350,7 @@ class NBPVideoPipeline(DiffusionPipeline):
     def _later_windows(self, class_labels, condition_ids, num_videos_per_prompt: int, context_frames: int):
         """-> `fn(pixels) -> _steps arguments` of a window that continues `pixels` (B, 3, T, H, W): the last
         `context_frames` frames as its context, the labels / condition of every video (already expanded)."""
-        labels = None if class_labels is None else torch.tensor(self._class_ids(class_labels)).repeat_interleave(
-            num_videos_per_prompt)
-        if condition_ids is not None:
-            condition_ids = torch.as_tensor(condition_ids).repeat_interleave(num_videos_per_prompt, dim=0)
+        labels, condition_ids = self._per_video(class_labels, condition_ids, num_videos_per_prompt)
 
         def inputs(pixels):
             context = pixels[:, :, -context_frames:].float().clamp(0, 1).transpose(1, 2)  # (B, T, 3, H, W)
@@ -509,8 +510,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
-                        compile_decode=compile_decode, callback_on_step_end=None,
-                        callback_on_step_end_tensor_inputs=None)
+                        compile_decode=compile_decode)
         inputs = dict(class_labels=class_labels, video=video, batch_size=batch_size,
                       num_videos_per_prompt=num_videos_per_prompt, condition_ids=condition_ids)
         # c: context frames each further window repeats; made: the video's frames so far; out: how many

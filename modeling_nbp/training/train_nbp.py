@@ -26,6 +26,7 @@ from ..data import load_token_dataset
 from ..generation import resolve_sampling
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
+from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
 from ..video_io import atomic_output_path
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
@@ -307,8 +308,6 @@ def main(argv=None) -> dict:
         common.remove_stale_temporaries(args.output_dir)
     hub_repo = None  # the full repo id, created now: a missing token fails before training, not after it
     if args.push_to_hub and accelerator.is_main_process:
-        from ..pipelines.pipeline_nbp_video import create_hub_repo
-
         hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
 
     info = describe_tokens(args.train_data)
@@ -432,9 +431,8 @@ def main(argv=None) -> dict:
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
     final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes)
     if args.push_to_hub and accelerator.is_main_process:
-        repo = common.push_folder_to_hub(final_dir, hub_repo, private=args.hub_private or None,
-                                         commit_message=f"NBP generator after {global_step} steps")
-        accelerator.print(f"pushed {final_dir} to {repo}")
+        upload_to_hub(final_dir, hub_repo, commit_message=f"NBP generator after {global_step} steps")
+        accelerator.print(f"pushed {final_dir} to {hub_repo}")
     wall = time.perf_counter() - start_time
     mfu = flops.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)
     summary = {"steps": global_step, "train_loss": loss_value, "val_loss": val_loss, "tokens_per_s": meter.rate,
