@@ -103,7 +103,7 @@ class BlockLayout:
 
     def sequence_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, n) with n a whole number of latent frames' tokens -> (B, n / (H' W'), H', W')."""
-        (T, H, W), (t, h, w) = self.latent_shape, self.block_shape
+        (_, H, W), (t, h, w) = self.latent_shape, self.block_shape
         B, n = tokens.shape
         frames = n // (H * W)
         if n % (H * W * t):

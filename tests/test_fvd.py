@@ -316,6 +316,8 @@ def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
         fvd_module.main([str(tmp_path / "gifs"), str(tmp_path / "gifs"), "--no-progress"])
     # Next to usable files (a demo's .gif previews beside its .mp4 files) GIFs are left out.
     export_to_mp4(video, tmp_path / "gifs" / "0.mp4")
+    # so are hidden files: the temporary file of a writer that was killed (`atomic_output_path`) may be truncated
+    (tmp_path / "gifs" / ".1.tmp-123-abcd.mp4").write_bytes((tmp_path / "gifs" / "0.mp4").read_bytes()[:100])
     assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / "0.mp4"]
 
 

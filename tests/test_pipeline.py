@@ -10,7 +10,6 @@ from diffusers import DiffusionPipeline
 from hub_server import set_hub_offline
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
-from modeling_nbp.cli import main as nbp
 from modeling_nbp.video_io import read_video
 
 CLASSES = {0: "circle", 1: "square", 2: "TriangleUp"}
@@ -437,52 +436,6 @@ def test_remote_code_without_the_package(pipe, tmp_path):
         print("remote ok", type(pipe).__module__)
     """, tmp_path / "modules")
     assert "remote ok diffusers_modules" in stdout
-
-
-def test_nbp_generate_writes_decodable_files(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "pipe")
-    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
-         "--class_labels", "0", "square", "--seed", "3"])
-    expected = pipe(class_labels=[0, 1], generator=[gen(3), gen(4)], output_type="np").frames
-    from modeling_nbp.video_io import export_to_gif, export_to_mp4
-
-    for i, name in enumerate(["circle_0", "square_0"]):
-        for fmt, export in (("mp4", export_to_mp4), ("gif", export_to_gif)):
-            frames, _ = read_video(str(tmp_path / "out" / f"{name}.{fmt}"))
-            assert frames.shape == (5, 8, 8, 3)
-            # the file holds the pipeline's frames: identical to encoding them directly ...
-            reference, _ = read_video(export(expected[i], str(tmp_path / f"ref.{fmt}"), fps=8))
-            assert np.abs(frames.astype(int) - reference).max() <= 1
-            # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
-            assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
-    assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
-    # one video at a time: the same videos (each has its own generator)
-    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "one"), "--device", "cpu",
-         "--class_labels", "0", "square", "--seed", "3", "--batch_size", "1", "--formats", "gif"])
-    for name in ("circle_0", "square_0"):
-        one, _ = read_video(str(tmp_path / "one" / f"{name}.gif"))
-        assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / f"{name}.gif"))[0]).max() <= 1
-    # a longer video: its first window is the 5-frame video
-    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "long"), "--device", "cpu",
-         "--class_labels", "0", "--seed", "3", "--num_frames", "9", "--window_context_frames", "1", "--formats", "gif"])
-    long, _ = read_video(str(tmp_path / "long" / "circle_0.gif"))
-    assert long.shape == (9, 8, 8, 3)
-    assert np.abs(long[:5].astype(int) - read_video(str(tmp_path / "out" / "circle_0.gif"))[0]).max() <= 1
-    with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
-        nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "bad"), "--device", "cpu",
-             "--class_labels", "0", "--num_frames", "9", "--window_context_frames", "2"])
-    # frame prediction with a class-conditional model: the context's continuation as one given class
-    context = export_to_mp4(expected[0], str(tmp_path / "context.mp4"), fps=8)
-    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "cont"), "--device", "cpu",
-         "--context", context, "--class_labels", "square", "--num_videos_per_class", "2", "--formats", "mp4"])
-    for i in range(2):
-        assert read_video(str(tmp_path / "cont" / f"continuation_{i}.mp4"))[0].shape == (5, 8, 8, 3)
-    for flag in ("--batch_size", "--num_videos_per_class"):  # refused by the parser, before any model loads
-        with pytest.raises(SystemExit):
-            nbp(["generate", "--model", str(tmp_path / "missing"), flag, "0"])
-    with pytest.raises(SystemExit, match="needs one --class_labels"):
-        nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "bad"), "--device", "cpu",
-             "--context", context])
 
 
 def test_save_without_code_names_the_installed_modules(pipe, tmp_path):

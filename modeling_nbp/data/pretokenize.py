@@ -29,6 +29,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..run_files import read_settings_differences, write_json
 from ..video_io import atomic_output_path
 from .video_datasets import collate_videos
 
@@ -67,11 +68,6 @@ class _IndexedItems(torch.utils.data.Dataset):
         return {"video": item["video"], "label": int(item["label"]), "index": index}
 
 
-def _write_json(path: str, content) -> None:
-    with atomic_output_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f)
-
-
 # Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`).
 CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling")
 
@@ -97,24 +93,12 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
     return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they read back from the file
 
 
-def _differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
-    lines = []
-    for key in sorted(set(found) | set(wanted)):
-        old, new = found.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            lines += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            lines.append(f"{prefix}{key} {old!r} on disk, {new!r} now")
-    return lines
-
-
 def _check_metadata(output_dir: str, wanted: dict) -> None:
     meta_path = os.path.join(output_dir, "pretokenize.json")
-    if not os.path.isfile(meta_path):
-        _write_json(meta_path, wanted)
+    differences = read_settings_differences(meta_path, wanted)
+    if differences is None:
+        write_json(meta_path, wanted)
         return
-    with open(meta_path, encoding="utf-8") as f:
-        differences = _differences(json.load(f), wanted)
     if differences:
         raise ValueError(f"{output_dir} holds a pre-tokenization made with other settings ({'; '.join(differences)}); "
                          "resuming would mix their tokens. Rerun with the same dataset, tokenizer, clip settings and "
@@ -198,7 +182,7 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
         rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device)
         with atomic_output_path(target) as tmp:
             datasets.Dataset.from_dict(rows, features=token_features(dataset)).save_to_disk(tmp)
-            _write_json(os.path.join(tmp, "skipped.json"), skipped)
+            write_json(os.path.join(tmp, "skipped.json"), skipped)
         logger.info("chunk %d/%d written (%d items, %d skipped)", chunk + 1, num_chunks, len(rows["label"]), len(skipped))
     return merge_token_chunks(output_dir) if num_shards == 1 else None
 
@@ -222,7 +206,7 @@ def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
             parts.append(datasets.load_from_disk(_chunk_dir(output_dir, k)))
             with open(os.path.join(_chunk_dir(output_dir, k), "skipped.json"), encoding="utf-8") as f:
                 skipped += json.load(f)
-        _write_json(os.path.join(output_dir, "skipped.json"), skipped)
+        write_json(os.path.join(output_dir, "skipped.json"), skipped)
         with atomic_output_path(final) as tmp:
             datasets.concatenate_datasets(parts).save_to_disk(tmp)
         shutil.rmtree(os.path.join(output_dir, "chunks"), ignore_errors=True)

@@ -42,7 +42,7 @@ def class_name_to_text(name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
 
 
-def _is_video(name: str) -> bool:
+def is_video_file(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
 
 
@@ -82,7 +82,7 @@ def _folder_index(root: str, split: str | None) -> datasets.Dataset:
         raise FileNotFoundError(f"folder layout expects class subfolders in {root}, found none")
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if _is_video(f))
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if is_video_file(f))
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
     if not paths:
@@ -164,7 +164,7 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     files = {}
     for folder, _, names in os.walk(video_dir):
         for name in names:
-            if _is_video(name):
+            if is_video_file(name):
                 files.setdefault(os.path.splitext(name)[0], os.path.join(folder, name))
     has_labels = "label" in rows[0]
     class_names = sorted({row["label"] for row in rows}) if has_labels else []

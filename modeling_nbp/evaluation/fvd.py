@@ -420,7 +420,9 @@ def _list_video_files(folder: Union[str, os.PathLike]) -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES + TENSOR_SUFFIXES)
+    # hidden files are skipped: a temporary file that a killed writer left (`atomic_output_path`) may be truncated
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES + TENSOR_SUFFIXES
+                   and not p.name.startswith("."))
     if not files:
         suffixes = ", ".join(VIDEO_SUFFIXES + TENSOR_SUFFIXES)
         if any(p.suffix.lower() == ".gif" for p in folder.rglob("*")):

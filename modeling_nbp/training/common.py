@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..run_files import write_json
 from ..video_io import atomic_output_path, export_to_mp4, make_contact_sheet
 
 logger = logging.getLogger(__name__)
@@ -117,11 +118,6 @@ def remove_stale_temporaries(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def write_json(path: str, content) -> None:
-    with atomic_output_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-
-
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict,
                     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                     total_limit: int | None = None) -> str:
@@ -142,7 +138,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
         for stem, flat in (tensors or {}).items():
             flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
             save_file(flat, os.path.join(tmp, f"{stem}.safetensors"))
-        write_json(os.path.join(tmp, CHECKPOINT_MARKER), dict(trainer_state, global_step=step))
+        write_json(os.path.join(tmp, CHECKPOINT_MARKER), dict(trainer_state, global_step=step), indent=2)
         if os.path.isdir(final):  # a run resumed from an earlier checkpoint writes this step again
             remove_tree(final)
         os.replace(tmp, final)

@@ -1,0 +1,250 @@
+"""`nbp generate`: videos from a pipeline written to a folder, from a few for a look to the 10k-50k of an FVD run.
+
+Every video has a name (class_k, video_k, or the context clip's name_k) and its own generator, seeded from --seed
+and that name, so a video does not depend on the batch size, on how many processes share the work (under
+`accelerate launch` process p makes videos p, p + P, ...), or on which other videos a run makes. A run skips the
+videos whose files are already there, once it has checked that the folder's `generate.json` holds the settings
+asked for: an interrupted run is resumed by running the same command again. Files appear as each batch finishes,
+each written under a temporary name and renamed; only one batch of frames is held in memory.
+"""
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.clips import resize_center_crop
+from .run_files import read_settings_differences, write_json
+from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
+from .video_io import VideoDecodeError, export_to_gif, export_to_mp4, make_contact_sheet, read_video
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "generate.json"
+EXPORTERS = {"mp4": export_to_mp4, "gif": export_to_gif}
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to make: its file name (without extension), the seed of its generator and its inputs."""
+    name: str
+    seed: int
+    class_label: int | None = None
+    context: str | None = None  # the context clip's path (frame prediction)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """The seed of the video called `name` in a run with --seed `seed` (63 bits of a hash of both)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def context_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, name) of every context clip: files as given, folders searched for video files (sorted); the name is
+    the path below the folder (or the file's stem) made file-name safe."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
+                            if is_video_file(f))
+            if not inside:
+                raise ValueError(f"--context folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+            found += [(f, safe_name(os.path.splitext(os.path.relpath(f, path))[0])) for f in inside]
+        elif os.path.isfile(path):
+            found.append((path, safe_name(os.path.splitext(os.path.basename(path))[0])))
+        else:
+            raise ValueError(f"--context {path} is neither a video file nor a folder")
+    return found
+
+
+def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
+                contexts: list[tuple[str, str]] | None = None) -> list[VideoJob]:
+    """The videos of a run, in order: per context clip (frame prediction; a class-conditional model continues every
+    clip as the one class given), else per class (every class by default), else unconditional."""
+    cfg = pipe.transformer.config
+    copies = range(num_videos_per_class)
+    if class_labels and cfg.condition_mode != "class":
+        raise ValueError(f"--class_labels given, but this model is not class-conditional (condition_mode "
+                         f"{cfg.condition_mode!r})")
+    if contexts:
+        label = None
+        if cfg.condition_mode == "class":  # the continuation's class
+            if not class_labels or len(class_labels) != 1:
+                raise ValueError("--context with a class-conditional model needs one --class_labels: the class the "
+                                 f"continuations are conditioned on (got {class_labels})")
+            label = pipe._class_ids(class_labels)[0]
+        jobs = [VideoJob(f"{name}_{k}", 0, label, path) for path, name in contexts for k in copies]
+    elif cfg.condition_mode == "class":
+        ids = pipe._class_ids(class_labels or list(range(cfg.num_classes)))
+        names = [safe_name(str(pipe.class_names[i] if pipe.class_names else i)) for i in ids]
+        jobs = [VideoJob(f"{name}_{k}", 0, i) for i, name in zip(ids, names) for k in copies]
+    else:
+        if cfg.condition_mode == "frames":
+            raise ValueError("this model predicts frames: pass --context with video files or folders of them")
+        jobs = [VideoJob(f"video_{k}", 0) for k in copies]
+    seen = set()
+    for job in jobs:
+        if job.name in seen:
+            raise ValueError(f"two videos would be called {job.name!r} (context files whose names differ only in "
+                             "characters that file names replace, or a class listed twice); rename or list them once")
+        seen.add(job.name)
+    return [VideoJob(j.name, name_seed(seed, j.name), j.class_label, j.context) for j in jobs]
+
+
+def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: float | None) -> np.ndarray:
+    """The first `num_frames` frames of a clip (resampled to `fps` when given), shorter side resized to the model's
+    resolution and centre-cropped: uint8 (T, H, W, 3). Raises VideoDecodeError for unreadable or short files."""
+    frames, _ = read_video(path, fps=fps, select=lambda n: np.arange(min(n, num_frames)))
+    if len(frames) < num_frames:
+        rate = f"at {fps} fps" if fps else "at its own frame rate"
+        raise VideoDecodeError(f"{path} has {len(frames)} frames {rate}; the context needs {num_frames}")
+    height, width = resolution
+    if height != width:
+        raise ValueError(f"context clips are resized and centre-cropped to a square; this model is {height}x{width}")
+    return resize_center_crop(frames, height)
+
+
+def files_of(output_dir: str, job: VideoJob, formats) -> list[str]:
+    return [os.path.join(output_dir, f"{job.name}.{fmt}") for fmt in formats]
+
+
+@dataclass
+class GenerationSummary:
+    written: list  # files written by this process
+    made: int  # videos this process made
+    existing: int  # videos of this process's share that were already there
+    failed: dict  # context clip -> why it was skipped
+
+
+def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp4", "gif"), fps: float = 8,
+                       batch_size: int = 16, overwrite: bool = False, process_index: int = 0, num_processes: int = 1,
+                       context_clip_frames: int | None = None, context_fps: float | None = None, show_progress=True,
+                       **call_kwargs) -> GenerationSummary:
+    """Make this process's share of `jobs` (every `num_processes`-th, from `process_index`) with `pipe`, `batch_size`
+    videos per call, and write each as `output_dir/<name>.<format>`. Videos whose files all exist are skipped unless
+    `overwrite`. `call_kwargs` go to every pipeline call (sampling, num_frames, ...). Context clips that cannot be read
+    are reported and skipped. `context_clip_frames` (default: the model's context) frames of each clip are given,
+    resampled to `context_fps` when set."""
+    bad = [f for f in formats if f not in EXPORTERS]
+    if bad or not formats:
+        raise ValueError(f"formats must be a non-empty list of {list(EXPORTERS)}; got {list(formats)}")
+    mine = jobs[process_index::num_processes]
+    todo = [j for j in mine if overwrite or not all(map(os.path.exists, files_of(output_dir, j, formats)))]
+    if context_clip_frames is None and any(j.context for j in todo):
+        latent = max(pipe.transformer.config.num_context_frames, 1)
+        context_clip_frames = pipe.video_tokenizer.num_frames_for_latent(latent)
+    device = pipe._execution_device
+    summary = GenerationSummary([], 0, len(mine) - len(todo), {})
+    os.makedirs(output_dir, exist_ok=True)
+    bar = tqdm(total=len(todo), unit="video", desc="videos", disable=not show_progress)
+    for start in range(0, len(todo), batch_size):
+        batch, contexts = [], []
+        for job in todo[start:start + batch_size]:
+            if job.context in summary.failed:  # another copy of an unreadable clip
+                bar.update()
+                continue
+            if job.context is not None:
+                try:
+                    contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps))
+                except VideoDecodeError as e:
+                    summary.failed[job.context] = str(e)
+                    logger.warning("skipping %s: %s", job.name, e)
+                    bar.update()
+                    continue
+            batch.append(job)
+        if not batch:
+            continue
+        kwargs = dict(call_kwargs, generator=[torch.Generator(device).manual_seed(j.seed) for j in batch],
+                      output_type="np")
+        if contexts:
+            kwargs["video"] = np.stack(contexts)
+        if batch[0].class_label is not None:
+            kwargs["class_labels"] = [j.class_label for j in batch]
+        elif not contexts:
+            kwargs["batch_size"] = len(batch)
+        videos = pipe(**kwargs).frames
+        for job, video in zip(batch, videos):
+            for fmt, path in zip(formats, files_of(output_dir, job, formats)):
+                summary.written.append(EXPORTERS[fmt](video, path, fps=fps))
+            summary.made += 1
+            bar.update()
+    bar.close()
+    return summary
+
+
+def write_contact_sheet(output_dir: str, jobs: list[VideoJob], formats, limit: int) -> str | None:
+    """A PNG of the first `limit` videos of the run that are on disk (read back from their files), one row each."""
+    videos, labels = [], []
+    for job in jobs:
+        if len(videos) == limit:
+            break
+        path = files_of(output_dir, job, formats[:1])[0]
+        if os.path.exists(path):
+            videos.append(read_video(path)[0])
+            labels.append(job.name)
+    if not videos:
+        return None
+    length = min(len(v) for v in videos)  # a GIF merges repeated frames: rows are cut to the shortest
+    path = os.path.join(output_dir, "contact_sheet.png")
+    make_contact_sheet([v[:length] for v in videos], path, labels=labels)
+    return path
+
+
+def run_settings(args, pipe, device) -> dict:
+    """What decides the files' contents, as `generate.json` keeps it (the set of videos may grow between runs)."""
+    config = pipe.transformer.config
+    return dict(model=args.model, dtype=str(pipe.transformer.dtype), device=torch.device(device).type, seed=args.seed,
+                guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                num_frames=args.num_frames, window_context_frames=args.window_context_frames,
+                context_frames=args.context_frames, context_fps=args.context_fps, fps=args.fps,
+                context_class=args.class_labels if args.context and config.condition_mode == "class" else None)
+
+
+def run_generate(args) -> GenerationSummary:
+    """`nbp generate` (see `nbp generate --help`); under `accelerate launch` every process takes its share."""
+    from accelerate import PartialState
+
+    from . import NBPVideoPipeline
+    from .training.common import use_cpu
+
+    state = PartialState(cpu=use_cpu(args.device == "cpu"))
+    device = args.device or state.device
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
+    contexts = context_files(args.context) if args.context else None
+    jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts)
+
+    settings = run_settings(args, pipe, device)
+    settings_path = os.path.join(args.output_dir, SETTINGS_FILE)
+    differences = read_settings_differences(settings_path, settings)
+    if differences and not args.overwrite:  # every process finds this out by itself: none waits for another
+        raise SystemExit(f"{args.output_dir} holds videos made with other settings ({'; '.join(differences)}); "
+                         "run the same command to resume it, pass --overwrite to remake its videos with these "
+                         "settings, or choose another --output_dir")
+    if state.is_main_process and (differences is None or differences):
+        write_json(settings_path, settings, indent=2)
+
+    summary = generate_to_folder(
+        pipe, jobs, args.output_dir, formats=args.formats, fps=args.fps, batch_size=args.batch_size,
+        overwrite=args.overwrite, process_index=state.process_index, num_processes=state.num_processes,
+        context_clip_frames=args.context_frames, context_fps=args.context_fps, show_progress=state.is_main_process,
+        guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+        num_frames=args.num_frames, context_frames=args.window_context_frames)
+    for clip, why in summary.failed.items():
+        print(f"skipped context clip {clip}: {why}")
+    print(f"process {state.process_index}: made {summary.made} videos, {summary.existing} were already in "
+          f"{args.output_dir}" + (f", {len(summary.failed)} context clips unreadable" if summary.failed else ""))
+    state.wait_for_everyone()
+    if state.is_main_process and args.contact_sheet:
+        sheet = write_contact_sheet(args.output_dir, jobs, args.formats, args.contact_sheet)
+        if sheet:
+            print(sheet)
+    return summary

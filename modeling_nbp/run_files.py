@@ -1,0 +1,32 @@
+"""Files a resumable run keeps beside its outputs: JSON written atomically, and the run's settings checked against
+those of the run that started the folder (resuming with other settings would mix two runs' outputs)."""
+
+import json
+import os
+
+from .video_io import atomic_output_path
+
+
+def write_json(path: str | os.PathLike, content, indent: int | None = None) -> None:
+    with atomic_output_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=indent)
+
+
+def settings_differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """'key old on disk, new now' for every (nested) key whose value differs."""
+    lines = []
+    for key in sorted(set(found) | set(wanted)):
+        old, new = found.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += settings_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key} {old!r} on disk, {new!r} now")
+    return lines
+
+
+def read_settings_differences(path: str | os.PathLike, wanted: dict) -> list[str] | None:
+    """The differences between the settings file at `path` and `wanted`; None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return settings_differences(json.load(f), json.loads(json.dumps(wanted)))  # tuples read back as lists

@@ -1,0 +1,198 @@
+"""`nbp generate`: files per video, resuming, sharing the work between processes, context clips from folders."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from modeling_nbp.cli import main as nbp
+from modeling_nbp.generate_videos import generate_to_folder, name_seed, plan_videos
+from modeling_nbp.video_io import export_to_gif, export_to_mp4, read_video
+from test_pipeline import tiny_pipeline
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The tiny class-conditional pipeline and its folder."""
+    pipe = tiny_pipeline()
+    path = tmp_path_factory.mktemp("pipe")
+    pipe.save_pretrained(path)
+    return pipe, str(path)
+
+
+def generate(model, out, *flags):
+    nbp(["generate", "--model", str(model), "--output_dir", str(out), "--device", "cpu", *map(str, flags)])
+
+
+def test_files_hold_the_pipeline_videos(saved, tmp_path):
+    pipe, model = saved
+    generate(model, tmp_path / "out", "--class_labels", "0", "square", "--seed", "3")
+    # each video's generator is seeded from --seed and the video's name
+    expected = pipe(class_labels=[0, 1], generator=[gen(name_seed(3, n)) for n in ("circle_0", "square_0")],
+                    output_type="np").frames
+    for i, name in enumerate(["circle_0", "square_0"]):
+        for fmt, export in (("mp4", export_to_mp4), ("gif", export_to_gif)):
+            frames, _ = read_video(str(tmp_path / "out" / f"{name}.{fmt}"))
+            assert frames.shape == (5, 8, 8, 3)
+            # the file holds the pipeline's frames: identical to encoding them directly ...
+            reference, _ = read_video(export(expected[i], str(tmp_path / f"ref.{fmt}"), fps=8))
+            assert np.abs(frames.astype(int) - reference).max() <= 1
+            # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
+            assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
+    assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
+    settings = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert settings["seed"] == 3 and settings["dtype"] == "torch.float32"
+    # one video per call, and a run that makes only one of them: the same videos
+    generate(model, tmp_path / "one", "--class_labels", "square", "--seed", "3", "--batch_size", "1", "--formats",
+             "gif", "--contact_sheet", "0")
+    assert sorted(os.listdir(tmp_path / "one")) == ["generate.json", "square_0.gif"]
+    one, _ = read_video(str(tmp_path / "one" / "square_0.gif"))
+    assert np.abs(one.astype(int) - read_video(str(tmp_path / "out" / "square_0.gif"))[0]).max() <= 1
+    # a longer video: its first window is the 5-frame video
+    generate(model, tmp_path / "long", "--class_labels", "0", "--seed", "3", "--num_frames", "9",
+             "--window_context_frames", "1", "--formats", "gif")
+    long, _ = read_video(str(tmp_path / "long" / "circle_0.gif"))
+    assert long.shape == (9, 8, 8, 3)
+    assert np.abs(long[:5].astype(int) - read_video(str(tmp_path / "out" / "circle_0.gif"))[0]).max() <= 1
+
+
+def test_bad_arguments(saved, tmp_path):
+    _, model = saved
+    with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
+        generate(model, tmp_path / "bad", "--class_labels", "0", "--num_frames", "9", "--window_context_frames", "2")
+    for flag in ("--batch_size", "--num_videos_per_class"):  # refused by the parser, before any model loads
+        with pytest.raises(SystemExit):
+            nbp(["generate", "--model", str(tmp_path / "missing"), flag, "0"])
+    with pytest.raises(ValueError, match="unknown class name 'hexagon'"):
+        generate(model, tmp_path / "bad", "--class_labels", "hexagon")
+    with pytest.raises(ValueError, match="two videos would be called 'circle_0'"):
+        generate(model, tmp_path / "bad", "--class_labels", "0", "circle")
+    with pytest.raises(ValueError, match="neither a video file nor a folder"):
+        generate(model, tmp_path / "bad", "--context", tmp_path / "nothing.mp4", "--class_labels", "0")
+
+
+def test_a_rerun_resumes_and_other_settings_are_refused(saved, tmp_path):
+    _, model = saved
+    out = tmp_path / "out"
+    generate(model, out, "--num_videos_per_class", "2", "--formats", "gif")
+    names = [f"{c}_{k}" for c in ("circle", "square", "TriangleUp") for k in range(2)]
+    assert sorted(p for p in os.listdir(out) if p.endswith(".gif")) == sorted(f"{n}.gif" for n in names)
+    before = {n: (out / f"{n}.gif").read_bytes() for n in names}
+    stamps = {n: os.stat(out / f"{n}.gif").st_mtime_ns for n in names}
+    os.remove(out / "square_1.gif")
+    generate(model, out, "--num_videos_per_class", "2", "--formats", "gif")  # remakes only the missing video
+    assert (out / "square_1.gif").read_bytes() == before["square_1"]
+    assert all(os.stat(out / f"{n}.gif").st_mtime_ns == stamps[n] for n in names if n != "square_1")
+    # more videos per class: the old ones stay, the new ones are added
+    generate(model, out, "--num_videos_per_class", "3", "--formats", "gif")
+    assert (out / "circle_2.gif").exists() and os.stat(out / "circle_0.gif").st_mtime_ns == stamps["circle_0"]
+    # other sampling would mix two runs' videos
+    with pytest.raises(SystemExit, match=r"other settings \(top_k None on disk, 5 now\).*--overwrite"):
+        generate(model, out, "--formats", "gif", "--top_k", "5")
+    generate(model, out, "--formats", "gif", "--top_k", "5", "--overwrite", "--class_labels", "circle")
+    assert os.stat(out / "circle_0.gif").st_mtime_ns != stamps["circle_0"]
+    assert json.loads((out / "generate.json").read_text())["top_k"] == 5
+
+
+def test_files_appear_batch_by_batch_and_a_crash_loses_only_the_batch_under_way(saved, tmp_path, monkeypatch):
+    pipe, _ = saved
+    jobs = plan_videos(pipe, seed=0, num_videos_per_class=2)
+    calls = []
+    original = type(pipe).__call__
+
+    def failing_second_call(self, *args, **kwargs):
+        calls.append(sorted(os.listdir(tmp_path)))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", failing_second_call)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate_to_folder(pipe, jobs, str(tmp_path), formats=("gif",), batch_size=4, show_progress=False)
+    assert calls[1] == sorted(f"{j.name}.gif" for j in jobs[:4])  # the first batch was on disk before the second
+    assert sorted(os.listdir(tmp_path)) == calls[1]  # no partial or temporary file of the failed batch
+    monkeypatch.undo()
+    summary = generate_to_folder(pipe, jobs, str(tmp_path), formats=("gif",), batch_size=4, show_progress=False)
+    assert (summary.made, summary.existing) == (2, 4)
+
+
+def test_processes_share_the_work_without_changing_the_videos(saved, tmp_path):
+    pipe, _ = saved
+    jobs = plan_videos(pipe, seed=1, num_videos_per_class=2)
+    alone = generate_to_folder(pipe, jobs, str(tmp_path / "alone"), formats=("gif",), batch_size=6,
+                               show_progress=False)
+    shares = [generate_to_folder(pipe, jobs, str(tmp_path / "shared"), formats=("gif",), batch_size=2,
+                                 process_index=p, num_processes=2, show_progress=False) for p in range(2)]
+    assert alone.made == 6 and [s.made for s in shares] == [3, 3]
+    assert {os.path.basename(f) for s in shares for f in s.written} == {os.path.basename(f) for f in alone.written}
+    for job in jobs:
+        a, _ = read_video(str(tmp_path / "alone" / f"{job.name}.gif"))
+        b, _ = read_video(str(tmp_path / "shared" / f"{job.name}.gif"))
+        assert np.abs(a.astype(int) - b).max() <= 1  # batched kernels may round differently
+
+
+def test_accelerate_launch_two_processes(saved, tmp_path):
+    _, model = saved
+    out = tmp_path / "out"
+    # --multi_gpu starts torchrun; with --device cpu the processes join over gloo (accelerate's --cpu would start one)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_nbp.cli",
+               "generate", "--model", model, "--output_dir", str(out), "--formats", "gif", "--num_videos_per_class", "2",
+               "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0: made 3 videos" in result.stdout and "process 1: made 3 videos" in result.stdout
+    assert len([p for p in os.listdir(out) if p.endswith(".gif")]) == 6 and (out / "contact_sheet.png").exists()
+    single = tmp_path / "single"
+    generate(model, single, "--formats", "gif", "--num_videos_per_class", "2")
+    for name in ("circle_1", "TriangleUp_0"):
+        a, _ = read_video(str(out / f"{name}.gif"))
+        assert np.abs(a.astype(int) - read_video(str(single / f"{name}.gif"))[0]).max() <= 1
+
+
+def test_context_clips_from_folders(tmp_path, capsys):
+    pipe = tiny_pipeline(mode="frames")  # continues 1 frame (one latent frame) into 5
+    pipe.save_pretrained(tmp_path / "pipe")
+    clips = tmp_path / "clips"
+    rng = np.random.default_rng(0)
+    export_to_mp4(rng.integers(0, 256, (6, 16, 24, 3), dtype=np.uint8), str(clips / "walk" / "a.mp4"), fps=8)
+    export_to_mp4(rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), str(clips / "b.mp4"), fps=8)
+    export_to_mp4(rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), str(clips / "c.mp4"), fps=8)
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    (clips / "notes.txt").write_text("not a video either")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--class_labels given, but this model is not class-conditional"):
+        generate(tmp_path / "pipe", out, "--context", clips, "--class_labels", "0")
+    generate(tmp_path / "pipe", out, "--context", clips, "--num_videos_per_class", "2", "--formats", "mp4")
+    made = sorted(p for p in os.listdir(out) if p.endswith(".mp4"))
+    assert made == ["b_0.mp4", "b_1.mp4", "c_0.mp4", "c_1.mp4", "walk_a_0.mp4", "walk_a_1.mp4"]
+    assert "skipped context clip" in capsys.readouterr().out  # the broken file, reported
+    # the continuation of a clip: its first frame, resized and centre-cropped to 8x8, given to the pipeline
+    from modeling_nbp.data.clips import resize_center_crop
+
+    first, _ = read_video(str(clips / "walk" / "a.mp4"))
+    expected = pipe(video=resize_center_crop(first[:1], 8), generator=gen(name_seed(0, "walk_a_1")),
+                    output_type="np").frames[0]
+    got, _ = read_video(str(out / "walk_a_1.mp4"))
+    reference, _ = read_video(export_to_mp4(expected, str(tmp_path / "ref.mp4"), fps=8))
+    assert np.abs(got.astype(int) - reference).max() <= 1
+    # three context frames (two latent frames): the 2-frame clip is reported and skipped, the others continue
+    generate(tmp_path / "pipe", tmp_path / "three", "--context", clips / "walk", clips / "b.mp4", clips / "c.mp4",
+             "--context_frames", "3", "--formats", "gif")
+    printed = capsys.readouterr().out
+    assert "c.mp4 has 2 frames at its own frame rate; the context needs 3" in printed
+    assert sorted(p for p in os.listdir(tmp_path / "three") if p.endswith(".gif")) == ["a_0.gif", "b_0.gif"]
+    context, _ = read_video(str(clips / "b.mp4"))
+    expected = pipe(video=context, generator=gen(name_seed(0, "b_0")), output_type="np").frames[0]
+    reference, _ = read_video(export_to_gif(expected, str(tmp_path / "ref.gif"), fps=8))
+    assert np.abs(read_video(str(tmp_path / "three" / "b_0.gif"))[0].astype(int) - reference).max() <= 1
