@@ -32,7 +32,25 @@ def _generate_parser(parser):
                         help="resample the context clips to this frame rate first (default: their own; the K600 "
                              "models were trained at 16 fps, the UCF ones at 8)")
     parser.add_argument("--num_videos_per_class", type=positive_int, default=1,
-                        help="videos per class (or per context clip, or in all for an unconditional model)")
+                        help="videos per class (or per context clip or --dataset clip, or in all for an "
+                             "unconditional model)")
+    clips = parser.add_argument_group(
+        "evaluation set", "--dataset pairs every video with a clip of a video dataset, as the official evaluation "
+        "does: the clip's class (class-conditional models) or the continuation of its first frames; `nbp evaluate "
+        "--real-dataset` with the same settings reads the clips as the real set (docs/evaluation.md)")
+    clips.add_argument("--dataset", default=None, help="dataset root (class folders, UCF-101 or Kinetics-600 layout)")
+    clips.add_argument("--dataset_split", default="train")
+    clips.add_argument("--dataset_layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
+    clips.add_argument("--num_clips", type=positive_int, default=None,
+                       help="clips: the split's videos in a random order fixed by --clips_seed, repeated until this "
+                            "many (default: one per video)")
+    clips.add_argument("--clips_seed", type=int, default=0)
+    clips.add_argument("--clip_fps", type=float, default=8, help="frame rate of the clips (UCF-101: 8)")
+    clips.add_argument("--clip_sampling", default="center", choices=["center", "start", "random"],
+                       help="where each clip starts in its video (random: seeded per clip)")
+    clips.add_argument("--clip_resize", default="squash", choices=["squash", "crop"],
+                       help="squash: whole frames to the square, as the official loader; crop: shorter side + "
+                            "centre crop")
     parser.add_argument("--num_frames", type=positive_int, default=None,
                         help="frames per video (default: the model's window; more are made by windows that each "
                              "continue the last frames, see NBPVideoPipeline.__call__)")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.clips import resize_center_crop
+from .data.clips import frames_to_tensor, resize_center_crop
+from .data.evaluation_clips import EvaluationClips
 from .run_files import read_settings_differences, write_json
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
 from .video_io import VideoDecodeError, export_to_gif, export_to_mp4, make_contact_sheet, read_video
@@ -35,6 +36,7 @@ class VideoJob:
     seed: int
     class_label: int | None = None
     context: str | None = None  # the context clip's path (frame prediction)
+    clip: int | None = None  # its position in the run's `EvaluationClips` (`--dataset`)
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -65,15 +67,30 @@ def context_files(paths: list[str]) -> list[tuple[str, str]]:
 
 
 def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
-                contexts: list[tuple[str, str]] | None = None) -> list[VideoJob]:
-    """The videos of a run, in order: per context clip (frame prediction; a class-conditional model continues every
-    clip as the one class given), else per class (every class by default), else unconditional."""
+                contexts: list[tuple[str, str]] | None = None, clips: EvaluationClips | None = None) -> list[VideoJob]:
+    """The videos of a run, in order: per clip of an evaluation set (its class, or the continuation of its first
+    frames), else per context clip (frame prediction; a class-conditional model continues every clip as the one
+    class given), else per class (every class by default), else unconditional."""
     cfg = pipe.transformer.config
     copies = range(num_videos_per_class)
     if class_labels and cfg.condition_mode != "class":
         raise ValueError(f"--class_labels given, but this model is not class-conditional (condition_mode "
                          f"{cfg.condition_mode!r})")
-    if contexts:
+    if clips is not None:
+        if class_labels:
+            raise ValueError("--class_labels and --dataset exclude each other: with --dataset every video takes the "
+                             "class of its clip")
+        if cfg.condition_mode == "none":
+            raise ValueError("--dataset pairs videos with clips by class or context; this model takes neither")
+        labels = [clips.label(i) for i in range(len(clips))] if cfg.condition_mode == "class" else None
+        if labels is not None and pipe.class_names:  # the dataset's classes by name, in the model's numbering
+            names = clips.class_names
+            ids = dict(zip(sorted(set(labels)), pipe._class_ids([names[i] for i in sorted(set(labels))])))
+            labels = [ids[i] for i in labels]
+        jobs = [VideoJob(f"{clips.name(i)}_{k}", 0, None if labels is None else labels[i],
+                         None if labels is not None else clips.path(i), i)
+                for i in range(len(clips)) for k in copies]
+    elif contexts:
         label = None
         if cfg.condition_mode == "class":  # the continuation's class
             if not class_labels or len(class_labels) != 1:
@@ -87,7 +104,8 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
         jobs = [VideoJob(f"{name}_{k}", 0, i) for i, name in zip(ids, names) for k in copies]
     else:
         if cfg.condition_mode == "frames":
-            raise ValueError("this model predicts frames: pass --context with video files or folders of them")
+            raise ValueError("this model predicts frames: pass --context with video files or folders of them, or "
+                             "--dataset")
         jobs = [VideoJob(f"video_{k}", 0) for k in copies]
     seen = set()
     for job in jobs:
@@ -95,12 +113,13 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
             raise ValueError(f"two videos would be called {job.name!r} (context files whose names differ only in "
                              "characters that file names replace, or a class listed twice); rename or list them once")
         seen.add(job.name)
-    return [VideoJob(j.name, name_seed(seed, j.name), j.class_label, j.context) for j in jobs]
+    return [VideoJob(j.name, name_seed(seed, j.name), j.class_label, j.context, j.clip) for j in jobs]
 
 
-def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: float | None) -> np.ndarray:
-    """The first `num_frames` frames of a clip (resampled to `fps` when given), shorter side resized to the model's
-    resolution and centre-cropped: uint8 (T, H, W, 3). Raises VideoDecodeError for unreadable or short files."""
+def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: float | None) -> torch.Tensor:
+    """The first `num_frames` frames of a video file (resampled to `fps` when given), shorter side resized to the
+    model's resolution and centre-cropped: float (T, 3, H, W) in [0, 1]. Raises VideoDecodeError for unreadable or
+    short files."""
     frames, _ = read_video(path, fps=fps, select=lambda n: np.arange(min(n, num_frames)))
     if len(frames) < num_frames:
         rate = f"at {fps} fps" if fps else "at its own frame rate"
@@ -108,7 +127,7 @@ def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: f
     height, width = resolution
     if height != width:
         raise ValueError(f"context clips are resized and centre-cropped to a square; this model is {height}x{width}")
-    return resize_center_crop(frames, height)
+    return frames_to_tensor(resize_center_crop(frames, height)).transpose(0, 1)
 
 
 def files_of(output_dir: str, job: VideoJob, formats) -> list[str]:
@@ -125,13 +144,13 @@ class GenerationSummary:
 
 def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp4", "gif"), fps: float = 8,
                        batch_size: int = 16, overwrite: bool = False, process_index: int = 0, num_processes: int = 1,
-                       context_clip_frames: int | None = None, context_fps: float | None = None, show_progress=True,
-                       **call_kwargs) -> GenerationSummary:
+                       context_clip_frames: int | None = None, context_fps: float | None = None,
+                       clips: EvaluationClips | None = None, show_progress=True, **call_kwargs) -> GenerationSummary:
     """Make this process's share of `jobs` (every `num_processes`-th, from `process_index`) with `pipe`, `batch_size`
     videos per call, and write each as `output_dir/<name>.<format>`. Videos whose files all exist are skipped unless
     `overwrite`. `call_kwargs` go to every pipeline call (sampling, num_frames, ...). Context clips that cannot be read
-    are reported and skipped. `context_clip_frames` (default: the model's context) frames of each clip are given,
-    resampled to `context_fps` when set."""
+    are reported and skipped. The first `context_clip_frames` (default: the model's context) frames of each context are
+    given: of the job's clip in `clips`, else of its file resampled to `context_fps` when set."""
     bad = [f for f in formats if f not in EXPORTERS]
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty list of {list(EXPORTERS)}; got {list(formats)}")
@@ -152,7 +171,10 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
                 continue
             if job.context is not None:
                 try:
-                    contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps))
+                    if job.clip is not None:
+                        contexts.append(clips.clip(job.clip)[:, :context_clip_frames].transpose(0, 1))
+                    else:
+                        contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps))
                 except VideoDecodeError as e:
                     summary.failed[job.context] = str(e)
                     logger.warning("skipping %s: %s", job.name, e)
@@ -164,7 +186,7 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
         kwargs = dict(call_kwargs, generator=[torch.Generator(device).manual_seed(j.seed) for j in batch],
                       output_type="np")
         if contexts:
-            kwargs["video"] = np.stack(contexts)
+            kwargs["video"] = torch.stack(contexts)
         if batch[0].class_label is not None:
             kwargs["class_labels"] = [j.class_label for j in batch]
         elif not contexts:
@@ -197,14 +219,17 @@ def write_contact_sheet(output_dir: str, jobs: list[VideoJob], formats, limit: i
     return path
 
 
-def run_settings(args, pipe, device) -> dict:
-    """What decides the files' contents, as `generate.json` keeps it (the set of videos may grow between runs)."""
+def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
+    """What decides the files' contents, as `generate.json` keeps it (the set of videos, and the number of an
+    evaluation set's clips, may grow between runs)."""
     config = pipe.transformer.config
+    dataset = None if clips is None else {k: v for k, v in clips.settings.items() if k != "num_clips"}
     return dict(model=args.model, dtype=str(pipe.transformer.dtype), device=torch.device(device).type, seed=args.seed,
                 guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                 num_frames=args.num_frames, window_context_frames=args.window_context_frames,
                 context_frames=args.context_frames, context_fps=args.context_fps, fps=args.fps,
-                context_class=args.class_labels if args.context and config.condition_mode == "class" else None)
+                context_class=args.class_labels if args.context and config.condition_mode == "class" else None,
+                dataset=dataset)
 
 
 def run_generate(args) -> GenerationSummary:
@@ -219,10 +244,19 @@ def run_generate(args) -> GenerationSummary:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
+    if args.dataset and args.context:
+        raise ValueError("--dataset and --context exclude each other: with --dataset the contexts are its clips")
     contexts = context_files(args.context) if args.context else None
-    jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts)
+    clips = None
+    if args.dataset:
+        height, width = pipe.resolution
+        if height != width:
+            raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
+        clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed, pipe.num_frames,
+                                height, args.clip_fps, args.clip_sampling, args.dataset_layout, args.clip_resize)
+    jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
 
-    settings = run_settings(args, pipe, device)
+    settings = run_settings(args, pipe, device, clips)
     settings_path = os.path.join(args.output_dir, SETTINGS_FILE)
     differences = read_settings_differences(settings_path, settings)
     if differences and not args.overwrite:  # every process finds this out by itself: none waits for another
@@ -235,7 +269,8 @@ def run_generate(args) -> GenerationSummary:
     summary = generate_to_folder(
         pipe, jobs, args.output_dir, formats=args.formats, fps=args.fps, batch_size=args.batch_size,
         overwrite=args.overwrite, process_index=state.process_index, num_processes=state.num_processes,
-        context_clip_frames=args.context_frames, context_fps=args.context_fps, show_progress=state.is_main_process,
+        context_clip_frames=args.context_frames, context_fps=args.context_fps, clips=clips,
+        show_progress=state.is_main_process,
         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
         num_frames=args.num_frames, context_frames=args.window_context_frames)
     for clip, why in summary.failed.items():

@@ -1,8 +1,10 @@
 """Cutting fixed-size training clips out of video files.
 
 A clip is ``num_frames`` consecutive frames of the video resampled to ``fps`` (nearest frame by
-timestamp), resized so that the shorter side equals ``resolution`` (PIL bilinear, which averages over
-the source pixels when shrinking) and centre-cropped to ``resolution x resolution``.
+timestamp), brought to ``resolution x resolution`` (PIL bilinear, which averages over the source pixels when
+shrinking) in one of two ways (``resize``): "crop" resizes the shorter side to ``resolution`` and centre-crops,
+keeping the aspect ratio; "squash" resizes the whole frame to the square, as the official NBP data loader does
+(decord's ``VideoReader(width=, height=)``): the official models were trained and evaluated on squashed frames.
 
 Too-short rule: a video with fewer than ``num_frames`` frames at the target rate is used whole and
 padded at the end by repeating its last frame.
@@ -19,6 +21,7 @@ from PIL import Image
 from ..video_io import read_video
 
 SAMPLING_MODES = ("random", "center", "start")
+RESIZE_MODES = ("crop", "squash")
 
 
 def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "center",
@@ -63,18 +66,33 @@ def resize_center_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
                      for frame in frames])
 
 
+def resize_frames(frames: np.ndarray, resolution: int, resize: str = "crop") -> np.ndarray:
+    """``uint8`` frames ``(T, H, W, 3)`` -> ``(T, resolution, resolution, 3)`` by `resize_center_crop` ("crop") or by
+    resizing whole frames to the square ("squash", the official loader's way)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize == "crop":
+        return resize_center_crop(frames, resolution)
+    if frames.shape[1:3] == (resolution, resolution):
+        return np.ascontiguousarray(frames)
+    return np.stack([np.asarray(Image.fromarray(f).resize((resolution, resolution), Image.BILINEAR)) for f in frames])
+
+
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """``uint8`` ``(T, H, W, 3)`` -> float ``(3, T, H, W)`` in ``[0, 1]``."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0)
 
 
 def load_clip(path: str, num_frames: int = 17, resolution: int = 128, fps: float | None = 8,
-              sampling: str = "center", generator: torch.Generator | None = None) -> torch.Tensor:
+              sampling: str = "center", generator: torch.Generator | None = None, resize: str = "crop") -> torch.Tensor:
     """Read one training clip: FloatTensor ``(3, num_frames, resolution, resolution)`` in ``[0, 1]``.
 
-    ``fps=None`` keeps the file's own frame rate. Raises `VideoDecodeError` for unreadable files.
+    ``fps=None`` keeps the file's own frame rate; ``resize`` is "crop" or "squash" (see the module docstring).
+    Raises `VideoDecodeError` for unreadable files.
     """
+    if resize not in RESIZE_MODES:  # before decoding
+        raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
     frames, _ = read_video(
         path, fps=fps, select=lambda n: clip_frame_indices(n, num_frames, sampling, generator)
     )
-    return frames_to_tensor(resize_center_crop(frames, resolution))
+    return frames_to_tensor(resize_frames(frames, resolution, resize))

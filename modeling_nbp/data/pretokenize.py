@@ -69,7 +69,7 @@ class _IndexedItems(torch.utils.data.Dataset):
 
 
 # Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`).
-CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling")
+CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling", "resize")
 
 
 def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
@@ -256,6 +256,8 @@ def main(argv=None):
     p.add_argument("--num_frames", type=int, default=17)
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--fps", type=float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
+    p.add_argument("--resize", default="crop", choices=["crop", "squash"],
+                   help="crop: shorter side + centre crop; squash: whole frames to the square (the official loader)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--chunk_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=0)
@@ -266,7 +268,7 @@ def main(argv=None):
         folder = os.path.join(folder, "video_tokenizer")
     tokenizer = NBPVideoTokenizer.from_pretrained(folder).to(args.device).eval()
     dataset = load_video_dataset(args.data, layout=args.layout, split=args.split, num_frames=args.num_frames,
-                                 resolution=args.resolution, fps=args.fps, sampling="center")
+                                 resolution=args.resolution, fps=args.fps, sampling="center", resize=args.resize)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     result = pretokenize(dataset, tokenizer, args.output_dir, batch_size=args.batch_size, num_shards=world,
                          shard_index=rank, chunk_size=args.chunk_size, num_workers=args.num_workers,

@@ -23,7 +23,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..video_io import VideoDecodeError
-from .clips import SAMPLING_MODES, load_clip
+from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -232,16 +232,19 @@ class VideoClipDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, index: datasets.Dataset, num_frames: int = 17, resolution: int = 128,
-                 fps: float | None = 8, sampling: str = "center"):
+                 fps: float | None = 8, sampling: str = "center", resize: str = "crop"):
         if not {"path", "label"} <= set(index.column_names):
             raise ValueError(f"`index` needs 'path' and 'label' columns, got {index.column_names}")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
         if num_frames < 1 or resolution < 1 or (fps is not None and fps <= 0):
             raise ValueError(f"need num_frames >= 1, resolution >= 1, fps > 0 or None; got "
                              f"{num_frames}, {resolution}, {fps}")
         self.index = index
         self.num_frames, self.resolution, self.fps, self.sampling = num_frames, resolution, fps, sampling
+        self.resize = resize
 
     @property
     def class_names(self) -> list[str]:
@@ -260,7 +263,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """{"path", "label"} -> item; ``"video"`` is None (and one line is logged) if decoding fails."""
         path, label = example["path"], int(example["label"])
         try:
-            video = load_clip(path, self.num_frames, self.resolution, self.fps, self.sampling)
+            video = load_clip(path, self.num_frames, self.resolution, self.fps, self.sampling, resize=self.resize)
         except VideoDecodeError as err:
             logger.warning("skipping unreadable video %s (%s)", path, err)
             video = None
@@ -273,17 +276,18 @@ class VideoClipDataset(torch.utils.data.Dataset):
 def load_video_dataset(source: str | os.PathLike, layout: str = "auto", split: str | None = "train",
                        num_frames: int = 17, resolution: int = 128, fps: float | None = 8, fold: int = 1,
                        sampling: str | None = None, annotations: str | None = None,
-                       video_dir: str | None = None) -> VideoClipDataset:
+                       video_dir: str | None = None, resize: str = "crop") -> VideoClipDataset:
     """Index a video dataset on disk (see `build_video_index`) and wrap it for decoding.
 
     ``fps``: clips are sampled at this rate (the paper: 8 for UCF-101, 16 for Kinetics-600; None keeps
     each file's rate). ``sampling``: "random" window start (default for split "train"), "center"
-    (default otherwise) or "start".
+    (default otherwise) or "start". ``resize``: "crop" (keep the aspect ratio, centre crop) or "squash" (whole
+    frames to the square, as the official NBP loader).
     """
     index = build_video_index(source, layout, split, fold, annotations, video_dir)
     if sampling is None:
         sampling = "random" if split == "train" else "center"
-    return VideoClipDataset(index, num_frames, resolution, fps, sampling)
+    return VideoClipDataset(index, num_frames, resolution, fps, sampling, resize)
 
 
 def streaming_video_dataset(dataset: VideoClipDataset, rank: int = 0, world_size: int = 1,

@@ -468,9 +468,36 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
 
 
-def _iterate_videos(files: Sequence[Path], num_frames: int) -> Iterator[torch.Tensor]:
+def _iterate_videos(files: Sequence[Path], num_frames: int, skipped: List[str]) -> Iterator[torch.Tensor]:
+    """Each file's videos; an unreadable video file is reported, added to `skipped` and left out."""
+    from modeling_nbp.video_io import VideoDecodeError
+
     for path in files:
-        yield load_video_file(path, num_frames)
+        try:
+            yield load_video_file(path, num_frames)
+        except VideoDecodeError as error:
+            warnings.warn(f"skipping {path}: {error}", stacklevel=2)
+            skipped.append(str(path))
+
+
+def _iterate_clips(clips, skipped: List[str]) -> Iterator[torch.Tensor]:
+    """The clips of an `EvaluationClips` set as (1, 3, T, H, W) batches; unreadable ones reported and left out."""
+    from modeling_nbp.video_io import VideoDecodeError
+
+    for i in range(len(clips)):
+        try:
+            yield clips.clip(i)[None]
+        except VideoDecodeError as error:
+            warnings.warn(f"skipping clip {i} ({clips.path(i)}): {error}", stacklevel=2)
+            skipped.append(clips.path(i))
+
+
+def _clips_cache_key(clips) -> str:
+    """Identifies an evaluation clip set by its settings and the files it reads."""
+    digest = hashlib.sha256(json.dumps(clips.settings, sort_keys=True).encode())
+    for i in range(len(clips)):
+        digest.update(f"{clips.path(i)}\n".encode())
+    return "clips-" + digest.hexdigest()
 
 
 def _folder_cache_key(files: Sequence[Path]) -> str:
@@ -505,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ".npy or .pt tensors); with --reconstruction also PSNR and SSIM of files paired by name."
     )
     parser.add_argument("fake", help="folder of generated or reconstructed videos")
-    parser.add_argument("real", help="folder of reference videos")
+    parser.add_argument("real", help="folder of reference videos, or with --real-dataset a video dataset root")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="styleganv")
     parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -517,27 +544,58 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--cache-dir", help="save and reuse features there")
     parser.add_argument("--reconstruction", action="store_true", help="also PSNR/SSIM of same-named file pairs")
     parser.add_argument("--no-progress", action="store_true")
+    clips = parser.add_argument_group(
+        "real clips from a dataset", "the official evaluation's real set: the clips that `nbp generate --dataset` "
+        "pairs its videos with, when given the same settings (docs/evaluation.md)")
+    clips.add_argument("--real-dataset", action="store_true",
+                       help="read REAL as a video dataset (class folders, UCF-101 or Kinetics-600 layout)")
+    clips.add_argument("--real-split", default="train")
+    clips.add_argument("--real-layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
+    clips.add_argument("--real-num-clips", type=int, help="default: one per video of the split")
+    clips.add_argument("--clips-seed", type=int, default=0)
+    clips.add_argument("--real-fps", type=float, default=8)
+    clips.add_argument("--real-sampling", default="center", choices=["center", "start", "random"])
+    clips.add_argument("--real-resolution", type=int, default=128)
+    clips.add_argument("--real-resize", default="squash", choices=["squash", "crop"],
+                       help="squash: whole frames to the square, as the official loader; crop: shorter side + "
+                            "centre crop")
+    clips.add_argument("--real-num-frames", type=int, default=17)
     args = parser.parse_args(argv)
     if args.num_repeats < 1 or (args.num_samples is not None and args.num_samples < 2):
         parser.error("--num-repeats must be >= 1 and --num-samples >= 2 (a covariance needs two videos)")
     if args.num_repeats > 1 and args.num_samples is None:  # before any video is read
         parser.error("--num-repeats > 1 needs --num-samples: without sampling every repeat uses the same videos")
 
+    if args.real_dataset and args.reconstruction:
+        parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
     fake_folder, real_folder = Path(args.fake), Path(args.real)
-    fake_files, real_files = _list_video_files(fake_folder), _list_video_files(real_folder)
+    fake_files = _list_video_files(fake_folder)
+    skipped: Dict[str, List[str]] = {"fake": [], "real": []}
+    if args.real_dataset:
+        from modeling_nbp.data.evaluation_clips import EvaluationClips
+
+        clips = EvaluationClips(real_folder, args.real_split, args.real_num_clips, args.clips_seed,
+                                args.real_num_frames, args.real_resolution, args.real_fps, args.real_sampling,
+                                args.real_layout, args.real_resize)
+        real, real_key = _iterate_clips(clips, skipped["real"]), _clips_cache_key(clips)
+    else:
+        real_files = _list_video_files(real_folder)
+        real, real_key = _iterate_videos(real_files, FVD_NUM_FRAMES, skipped["real"]), _folder_cache_key(real_files)
     calculator = FVDCalculator(
         args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
     )
     results: Dict[str, object] = {"protocol": args.protocol}
     results["fvd"] = calculator.fvd(
-        _iterate_videos(fake_files, FVD_NUM_FRAMES),
-        _iterate_videos(real_files, FVD_NUM_FRAMES),
+        _iterate_videos(fake_files, FVD_NUM_FRAMES, skipped["fake"]),
+        real,
         num_repeats=args.num_repeats,
         num_samples=args.num_samples,
         seed=args.seed,
         fake_cache_key=_folder_cache_key(fake_files),
-        real_cache_key=_folder_cache_key(real_files),
+        real_cache_key=real_key,
     )
+    if any(skipped.values()):
+        results["skipped_unreadable"] = skipped
     if args.reconstruction:
         results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     print(json.dumps(results, indent=2))

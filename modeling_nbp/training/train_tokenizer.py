@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_frames", type=int, default=17)
     g.add_argument("--resolution", type=int, default=128)
     g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--resize", default="crop", choices=["crop", "squash"],
+                   help="crop: shorter side + centre crop; squash: whole frames to the square (the official loader)")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--dataloader_num_workers", type=int, default=4)
     g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
@@ -143,7 +145,8 @@ def build_datasets(args):
         # held-out clips come from another seed, so they are different clips
         return (MovingDigits(args.num_clips, seed=args.seed, **clip),
                 MovingDigits(args.num_eval_clips, seed=args.seed + 1, **clip))
-    clip = dict(layout=args.layout, num_frames=args.num_frames, resolution=args.resolution, fps=args.fps)
+    clip = dict(layout=args.layout, num_frames=args.num_frames, resolution=args.resolution, fps=args.fps,
+                resize=args.resize)
     train = load_video_dataset(args.train_data, split="train", **clip)
     if args.validation_data:
         return train, load_video_dataset(args.validation_data, split=args.validation_split, sampling="center", **clip)

@@ -1,0 +1,75 @@
+"""The clips of an evaluation set drawn from a video dataset, as the official NBP evaluation draws them.
+
+The official `transformer_eval.py` walks the split's videos in a seeded random order (DistributedSampler) and starts
+over when it reaches the end (itertools.cycle) until it has its sample count: UCF-101 10,000 clips of the 9,537
+training videos of split 1 (8 fps, centre clip), Kinetics-600 50,000 of the validation videos. Every generated video
+is paired with one clip: it takes the clip's class (class-conditional models) or continues the clip's first frames
+(frame prediction), and the clip itself is the real video of the FVD.
+
+The official loader resizes whole frames to the square (decord's width/height: 4:3 and 16:9 videos are squashed,
+not cropped), so that is the default here ("squash"); the project's training data defaults to "crop".
+
+`EvaluationClips` is that set, reproducible from its settings alone: `nbp generate --dataset` makes one video per
+clip and `nbp evaluate --real-dataset` reads the same clips as the real set. "random" clip sampling draws each
+clip's start from a generator seeded by the set's seed and the clip's position, so both commands cut the same clips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .clips import load_clip
+from .video_datasets import load_video_dataset
+
+
+def clip_order(num_videos: int, num_clips: int, seed: int) -> list[tuple[int, int]]:
+    """(video index, pass) of each clip: the videos in a random order fixed by `seed`, repeated until `num_clips`."""
+    if num_videos < 1 or num_clips < 1:
+        raise ValueError(f"an evaluation set needs videos and clips; got {num_videos} videos, {num_clips} clips")
+    order = torch.randperm(num_videos, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(order[i % num_videos], i // num_videos) for i in range(num_clips)]
+
+
+class EvaluationClips:
+    """`num_clips` clips (default: one per video) of `num_frames` frames from a dataset split (any layout of
+    `load_video_dataset`), resampled to `fps`, cut by `sampling` and resized/centre-cropped to `resolution`."""
+
+    def __init__(self, source: str | os.PathLike, split: str = "train", num_clips: int | None = None, seed: int = 0,
+                 num_frames: int = 17, resolution: int = 128, fps: float | None = 8, sampling: str = "center",
+                 layout: str = "auto", resize: str = "squash"):
+        self.source = os.fspath(source)
+        self.dataset = load_video_dataset(self.source, layout, split, num_frames, resolution, fps, sampling=sampling,
+                                          resize=resize)
+        self.order = clip_order(len(self.dataset), num_clips or len(self.dataset), seed)
+        self.settings = dict(source=os.path.abspath(self.source), split=split, layout=layout, seed=seed,
+                             num_clips=len(self.order), num_frames=num_frames, resolution=resolution, fps=fps,
+                             sampling=sampling, resize=resize)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    def path(self, i: int) -> str:
+        return self.dataset.index[self.order[i][0]]["path"]
+
+    def label(self, i: int) -> int:
+        return int(self.dataset.index[self.order[i][0]]["label"])
+
+    def name(self, i: int) -> str:
+        """The clip's file-name-safe name: its path below the dataset root, and its pass over the videos."""
+        video, repeat = self.order[i]
+        relative = os.path.splitext(os.path.relpath(self.path(i), self.source))[0]
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in relative) + f"_{repeat}"
+
+    def clip(self, i: int) -> torch.Tensor:
+        """Clip `i`: float (3, T, H, W) in [0, 1]. Raises `VideoDecodeError` for an unreadable file."""
+        d = self.dataset
+        generator = None
+        if d.sampling == "random":
+            generator = torch.Generator().manual_seed(self.settings["seed"] * 1_000_003 + i)
+        return load_clip(self.path(i), d.num_frames, d.resolution, d.fps, d.sampling, generator, d.resize)
