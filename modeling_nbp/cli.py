@@ -68,8 +68,9 @@ def _generate_parser(parser):
     sampling.add_argument("--temperature", type=float, help="0 = greedy")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default="outputs/generate")
-    out.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif"],
-                     help="files per video (FVD reads MP4, not GIF)")
+    out.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif", "npy"],
+                     help="files per video: MP4 and GIF to watch, npy (uint8 frames, lossless) for an exact FVD "
+                          "(nbp evaluate reads MP4 and npy, not GIF)")
     out.add_argument("--fps", type=int, default=8)
     out.add_argument("--contact_sheet", type=int, default=64,
                      help="contact_sheet.png of the run's first this many videos (0: none)")

@@ -49,6 +49,11 @@ def test_files_hold_the_pipeline_videos(saved, tmp_path):
             # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
             assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
     assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
+    # npy: the frames themselves, as uint8 (what an exact FVD reads)
+    generate(model, tmp_path / "npy", "--class_labels", "square", "--seed", "3", "--formats", "npy")
+    frames = np.load(tmp_path / "npy" / "square_0.npy")
+    assert frames.dtype == np.uint8 and np.array_equal(frames, np.round(expected[1] * 255).astype(np.uint8))
+    assert (tmp_path / "npy" / "contact_sheet.png").exists()
     settings = json.loads((tmp_path / "out" / "generate.json").read_text())
     assert settings["seed"] == 3 and settings["dtype"] == "torch.float32"
     # one video per call, and a run that makes only one of them: the same videos
