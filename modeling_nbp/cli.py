@@ -28,6 +28,10 @@ def _generate_parser(parser):
                              "continued, --num_videos_per_class times (frame prediction)")
     parser.add_argument("--context_frames", type=positive_int, default=None,
                         help="frames of each context clip to give (default: the model's num_context_frames)")
+    parser.add_argument("--resize", default="squash", choices=["squash", "crop"],
+                        help="how context and --dataset clips become the model's square frames: squash (whole frames, "
+                             "as the official loader and the official models' training data) or crop (shorter side + "
+                             "centre crop)")
     parser.add_argument("--context_fps", type=float, default=None,
                         help="resample the context clips to this frame rate first (default: their own; the K600 "
                              "models were trained at 16 fps, the UCF ones at 8)")
@@ -48,9 +52,7 @@ def _generate_parser(parser):
     clips.add_argument("--clip_fps", type=float, default=8, help="frame rate of the clips (UCF-101: 8)")
     clips.add_argument("--clip_sampling", default="center", choices=["center", "start", "random"],
                        help="where each clip starts in its video (random: seeded per clip)")
-    clips.add_argument("--clip_resize", default="squash", choices=["squash", "crop"],
-                       help="squash: whole frames to the square, as the official loader; crop: shorter side + "
-                            "centre crop")
+
     parser.add_argument("--num_frames", type=positive_int, default=None,
                         help="frames per video (default: the model's window; more are made by windows that each "
                              "continue the last frames, see NBPVideoPipeline.__call__)")

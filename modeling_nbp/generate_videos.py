@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.clips import frames_to_tensor, resize_center_crop
+from .data.clips import frames_to_tensor, resize_frames
 from .data.evaluation_clips import EvaluationClips
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
 from .run_files import read_settings_differences, write_json
@@ -131,18 +131,19 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
     return [VideoJob(j.name, name_seed(seed, j.name), j.class_label, j.context, j.clip) for j in jobs]
 
 
-def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: float | None) -> torch.Tensor:
-    """The first `num_frames` frames of a video file (resampled to `fps` when given), shorter side resized to the
-    model's resolution and centre-cropped: float (T, 3, H, W) in [0, 1]. Raises VideoDecodeError for unreadable or
-    short files."""
+def load_context(path: str, num_frames: int, resolution: tuple[int, int], fps: float | None,
+                 resize: str = "squash") -> torch.Tensor:
+    """The first `num_frames` frames of a video file (resampled to `fps` when given), brought to the model's square
+    resolution by `resize` ("squash" or "crop", see `data.clips`): float (T, 3, H, W) in [0, 1]. Raises
+    VideoDecodeError for unreadable or short files."""
     frames, _ = read_video(path, fps=fps, select=lambda n: np.arange(min(n, num_frames)))
     if len(frames) < num_frames:
         rate = f"at {fps} fps" if fps else "at its own frame rate"
         raise VideoDecodeError(f"{path} has {len(frames)} frames {rate}; the context needs {num_frames}")
     height, width = resolution
     if height != width:
-        raise ValueError(f"context clips are resized and centre-cropped to a square; this model is {height}x{width}")
-    return frames_to_tensor(resize_center_crop(frames, height)).transpose(0, 1)
+        raise ValueError(f"context clips are resized to a square; this model is {height}x{width}")
+    return frames_to_tensor(resize_frames(frames, height, resize)).transpose(0, 1)
 
 
 def files_of(output_dir: str, job: VideoJob, formats) -> list[str]:
@@ -160,12 +161,14 @@ class GenerationSummary:
 def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp4", "gif"), fps: float = 8,
                        batch_size: int = 16, overwrite: bool = False, process_index: int = 0, num_processes: int = 1,
                        context_clip_frames: int | None = None, context_fps: float | None = None,
-                       clips: EvaluationClips | None = None, show_progress=True, **call_kwargs) -> GenerationSummary:
+                       context_resize: str = "squash", clips: EvaluationClips | None = None, show_progress=True,
+                       **call_kwargs) -> GenerationSummary:
     """Make this process's share of `jobs` (every `num_processes`-th, from `process_index`) with `pipe`, `batch_size`
     videos per call, and write each as `output_dir/<name>.<format>`. Videos whose files all exist are skipped unless
     `overwrite`. `call_kwargs` go to every pipeline call (sampling, num_frames, ...). Context clips that cannot be read
     are reported and skipped. The first `context_clip_frames` (default: the model's context) frames of each context are
-    given: of the job's clip in `clips`, else of its file resampled to `context_fps` when set."""
+    given: of the job's clip in `clips`, else of its file resampled to `context_fps` when set and resized by
+    `context_resize`."""
     bad = [f for f in formats if f not in EXPORTERS]
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty list of {list(EXPORTERS)}; got {list(formats)}")
@@ -189,7 +192,8 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
                     if job.clip is not None:
                         contexts.append(clips.clip(job.clip)[:, :context_clip_frames].transpose(0, 1))
                     else:
-                        contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps))
+                        contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps,
+                                                     context_resize))
                 except VideoDecodeError as e:
                     summary.failed[job.context] = str(e)
                     logger.warning("skipping %s: %s", job.name, e)
@@ -242,7 +246,7 @@ def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
     return dict(model=args.model, dtype=str(pipe.transformer.dtype), device=torch.device(device).type, seed=args.seed,
                 guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                 num_frames=args.num_frames, window_context_frames=args.window_context_frames,
-                context_frames=args.context_frames, context_fps=args.context_fps, fps=args.fps,
+                context_frames=args.context_frames, context_fps=args.context_fps, resize=args.resize, fps=args.fps,
                 context_class=args.class_labels if args.context and config.condition_mode == "class" else None,
                 dataset=dataset)
 
@@ -268,7 +272,7 @@ def run_generate(args) -> GenerationSummary:
         if height != width:
             raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
         clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed, pipe.num_frames,
-                                height, args.clip_fps, args.clip_sampling, args.dataset_layout, args.clip_resize)
+                                height, args.clip_fps, args.clip_sampling, args.dataset_layout, args.resize)
     jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
 
     settings = run_settings(args, pipe, device, clips)
@@ -284,7 +288,7 @@ def run_generate(args) -> GenerationSummary:
     summary = generate_to_folder(
         pipe, jobs, args.output_dir, formats=args.formats, fps=args.fps, batch_size=args.batch_size,
         overwrite=args.overwrite, process_index=state.process_index, num_processes=state.num_processes,
-        context_clip_frames=args.context_frames, context_fps=args.context_fps, clips=clips,
+        context_clip_frames=args.context_frames, context_fps=args.context_fps, context_resize=args.resize, clips=clips,
         show_progress=state.is_main_process,
         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
         num_frames=args.num_frames, context_frames=args.window_context_frames)

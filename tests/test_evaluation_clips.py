@@ -135,7 +135,7 @@ def test_squash_keeps_the_whole_frame_and_crop_its_centre(tmp_path):
     path = export_to_mp4(np.repeat(frames, 3, axis=0), str(tmp_path / "wide.mp4"), fps=8)
     clip = load_clip(path, num_frames=4, resolution=8, resize="squash")
     assert clip.shape == (3, 4, 8, 8) and clip[0, :, :, 0].min() > 0.8  # red survives the codec on the left
-    with pytest.raises(ValueError, match=r"`resize` must be one of \('crop', 'squash'\), got 'stretch'"):
+    with pytest.raises(ValueError, match=r"`resize` must be one of \('squash', 'crop'\), got 'stretch'"):
         load_clip(path, resize="stretch")
     import datasets
 

@@ -182,11 +182,11 @@ def test_context_clips_from_folders(tmp_path, capsys):
     made = sorted(p for p in os.listdir(out) if p.endswith(".mp4"))
     assert made == ["b_0.mp4", "b_1.mp4", "c_0.mp4", "c_1.mp4", "walk_a_0.mp4", "walk_a_1.mp4"]
     assert "skipped context clip" in capsys.readouterr().out  # the broken file, reported
-    # the continuation of a clip: its first frame, resized and centre-cropped to 8x8, given to the pipeline
-    from modeling_nbp.data.clips import resize_center_crop
+    # the continuation of a clip: its first frame, squashed to 8x8, given to the pipeline
+    from modeling_nbp.data.clips import resize_frames
 
     first, _ = read_video(str(clips / "walk" / "a.mp4"))
-    expected = pipe(video=resize_center_crop(first[:1], 8), generator=gen(name_seed(0, "walk_a_1")),
+    expected = pipe(video=resize_frames(first[:1], 8, "squash"), generator=gen(name_seed(0, "walk_a_1")),
                     output_type="np").frames[0]
     got, _ = read_video(str(out / "walk_a_1.mp4"))
     reference, _ = read_video(export_to_mp4(expected, str(tmp_path / "ref.mp4"), fps=8))

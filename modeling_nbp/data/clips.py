@@ -2,9 +2,10 @@
 
 A clip is ``num_frames`` consecutive frames of the video resampled to ``fps`` (nearest frame by
 timestamp), brought to ``resolution x resolution`` (PIL bilinear, which averages over the source pixels when
-shrinking) in one of two ways (``resize``): "crop" resizes the shorter side to ``resolution`` and centre-crops,
-keeping the aspect ratio; "squash" resizes the whole frame to the square, as the official NBP data loader does
-(decord's ``VideoReader(width=, height=)``): the official models were trained and evaluated on squashed frames.
+shrinking) in one of two ways (``resize``): "squash" (the default) resizes the whole frame to the square, as the
+official NBP data loader does (decord's ``VideoReader(width=, height=)``: the official models were trained and
+evaluated on squashed frames); "crop" resizes the shorter side to ``resolution`` and centre-crops, keeping the
+aspect ratio.
 
 Too-short rule: a video with fewer than ``num_frames`` frames at the target rate is used whole and
 padded at the end by repeating its last frame.
@@ -21,7 +22,7 @@ from PIL import Image
 from ..video_io import read_video
 
 SAMPLING_MODES = ("random", "center", "start")
-RESIZE_MODES = ("crop", "squash")
+RESIZE_MODES = ("squash", "crop")
 
 
 def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "center",
@@ -48,14 +49,18 @@ def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "cen
     return np.arange(start, start + num_frames)
 
 
+def _warn_if_enlarging(height: int, width: int, resolution: int) -> None:
+    if min(height, width) < resolution:
+        warnings.warn(f"enlarging {height}x{width} video frames to resolution {resolution}: the clips (and their "
+                      "token grids) get larger than the videos; pass the resolution the tokenizer expects",
+                      stacklevel=3)
+
+
 def resize_center_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
     """Resize ``uint8`` frames ``(T, H, W, 3)`` so the shorter side is ``resolution``, then centre crop. Frames
     smaller than that are enlarged, with a warning (shown once): usually the resolution was not meant."""
     _, height, width, _ = frames.shape
-    if min(height, width) < resolution:
-        warnings.warn(f"enlarging {height}x{width} video frames to resolution {resolution}: the clips (and their "
-                      "token grids) get larger than the videos; pass the resolution the tokenizer expects",
-                      stacklevel=2)
+    _warn_if_enlarging(height, width, resolution)
     scale = resolution / min(height, width)
     new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
     top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
@@ -66,15 +71,16 @@ def resize_center_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
                      for frame in frames])
 
 
-def resize_frames(frames: np.ndarray, resolution: int, resize: str = "crop") -> np.ndarray:
-    """``uint8`` frames ``(T, H, W, 3)`` -> ``(T, resolution, resolution, 3)`` by `resize_center_crop` ("crop") or by
-    resizing whole frames to the square ("squash", the official loader's way)."""
+def resize_frames(frames: np.ndarray, resolution: int, resize: str = "squash") -> np.ndarray:
+    """``uint8`` frames ``(T, H, W, 3)`` -> ``(T, resolution, resolution, 3)`` by resizing whole frames to the square
+    ("squash", the official loader's way) or by `resize_center_crop` ("crop")."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
     if resize == "crop":
         return resize_center_crop(frames, resolution)
     if frames.shape[1:3] == (resolution, resolution):
         return np.ascontiguousarray(frames)
+    _warn_if_enlarging(*frames.shape[1:3], resolution)
     return np.stack([np.asarray(Image.fromarray(f).resize((resolution, resolution), Image.BILINEAR)) for f in frames])
 
 
@@ -84,10 +90,10 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
 
 
 def load_clip(path: str, num_frames: int = 17, resolution: int = 128, fps: float | None = 8,
-              sampling: str = "center", generator: torch.Generator | None = None, resize: str = "crop") -> torch.Tensor:
+              sampling: str = "center", generator: torch.Generator | None = None, resize: str = "squash") -> torch.Tensor:
     """Read one training clip: FloatTensor ``(3, num_frames, resolution, resolution)`` in ``[0, 1]``.
 
-    ``fps=None`` keeps the file's own frame rate; ``resize`` is "crop" or "squash" (see the module docstring).
+    ``fps=None`` keeps the file's own frame rate; ``resize`` is "squash" or "crop" (see the module docstring).
     Raises `VideoDecodeError` for unreadable files.
     """
     if resize not in RESIZE_MODES:  # before decoding

@@ -7,7 +7,7 @@ is paired with one clip: it takes the clip's class (class-conditional models) or
 (frame prediction), and the clip itself is the real video of the FVD.
 
 The official loader resizes whole frames to the square (decord's width/height: 4:3 and 16:9 videos are squashed,
-not cropped), so that is the default here ("squash"); the project's training data defaults to "crop".
+not cropped); so do the clips here by default (`resize="squash"`).
 
 `EvaluationClips` is that set, reproducible from its settings alone: `nbp generate --dataset` makes one video per
 clip and `nbp evaluate --real-dataset` reads the same clips as the real set. "random" clip sampling draws each

@@ -256,8 +256,8 @@ def main(argv=None):
     p.add_argument("--num_frames", type=int, default=17)
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--fps", type=float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
-    p.add_argument("--resize", default="crop", choices=["crop", "squash"],
-                   help="crop: shorter side + centre crop; squash: whole frames to the square (the official loader)")
+    p.add_argument("--resize", default="squash", choices=["squash", "crop"],
+                   help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--chunk_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=0)

@@ -232,7 +232,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, index: datasets.Dataset, num_frames: int = 17, resolution: int = 128,
-                 fps: float | None = 8, sampling: str = "center", resize: str = "crop"):
+                 fps: float | None = 8, sampling: str = "center", resize: str = "squash"):
         if not {"path", "label"} <= set(index.column_names):
             raise ValueError(f"`index` needs 'path' and 'label' columns, got {index.column_names}")
         if sampling not in SAMPLING_MODES:
@@ -276,13 +276,13 @@ class VideoClipDataset(torch.utils.data.Dataset):
 def load_video_dataset(source: str | os.PathLike, layout: str = "auto", split: str | None = "train",
                        num_frames: int = 17, resolution: int = 128, fps: float | None = 8, fold: int = 1,
                        sampling: str | None = None, annotations: str | None = None,
-                       video_dir: str | None = None, resize: str = "crop") -> VideoClipDataset:
+                       video_dir: str | None = None, resize: str = "squash") -> VideoClipDataset:
     """Index a video dataset on disk (see `build_video_index`) and wrap it for decoding.
 
     ``fps``: clips are sampled at this rate (the paper: 8 for UCF-101, 16 for Kinetics-600; None keeps
     each file's rate). ``sampling``: "random" window start (default for split "train"), "center"
-    (default otherwise) or "start". ``resize``: "crop" (keep the aspect ratio, centre crop) or "squash" (whole
-    frames to the square, as the official NBP loader).
+    (default otherwise) or "start". ``resize``: "squash" (whole frames to the square, as the official NBP loader)
+    or "crop" (keep the aspect ratio, centre crop).
     """
     index = build_video_index(source, layout, split, fold, annotations, video_dir)
     if sampling is None:

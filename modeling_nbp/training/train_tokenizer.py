@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_frames", type=int, default=17)
     g.add_argument("--resolution", type=int, default=128)
     g.add_argument("--fps", type=float, default=8)
-    g.add_argument("--resize", default="crop", choices=["crop", "squash"],
-                   help="crop: shorter side + centre crop; squash: whole frames to the square (the official loader)")
+    g.add_argument("--resize", default="squash", choices=["squash", "crop"],
+                   help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--dataloader_num_workers", type=int, default=4)
     g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
