@@ -319,6 +319,11 @@ def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
     # so are hidden files: the temporary file of a writer that was killed (`atomic_output_path`) may be truncated
     (tmp_path / "gifs" / ".1.tmp-123-abcd.mp4").write_bytes((tmp_path / "gifs" / "0.mp4").read_bytes()[:100])
     assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / "0.mp4"]
+    # a video written in two formats counts once, from its lossless array
+    np.save(tmp_path / "gifs" / "0.npy", (video.permute(1, 2, 3, 0) * 255).round().to(torch.uint8).numpy())
+    export_to_mp4(video, tmp_path / "gifs" / "1.mp4")
+    with pytest.warns(UserWarning, match="1 videos are there in two formats"):
+        assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / n for n in ("0.npy", "1.mp4")]
 
 
 def test_main_checks_its_sampling_arguments_before_reading_videos(tmp_path, capsys):

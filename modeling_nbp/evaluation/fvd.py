@@ -432,7 +432,16 @@ def _list_video_files(folder: Union[str, os.PathLike]) -> List[Path]:
                 f"(export_to_mp4) or as .npy/.pt arrays instead ({suffixes})"
             )
         raise ValueError(f"{folder} holds no video or tensor file ({suffixes})")
-    return files
+    # one video in two formats (`nbp generate --formats mp4 npy`) counts once: the lossless array is read
+    by_stem: Dict[Path, Path] = {}
+    for path in files:
+        kept = by_stem.setdefault(path.with_suffix(""), path)
+        if kept is not path and path.suffix.lower() in TENSOR_SUFFIXES:
+            by_stem[path.with_suffix("")] = path
+    if len(by_stem) < len(files):
+        warnings.warn(f"{folder}: {len(files) - len(by_stem)} videos are there in two formats; each is read once "
+                      f"(the .npy/.pt array where there is one)", stacklevel=2)
+    return sorted(by_stem.values())
 
 
 def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tensor:
