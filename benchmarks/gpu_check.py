@@ -14,7 +14,7 @@ a section that would start after --time_budget seconds is skipped, so the run en
    --autotune), batch 1 and a large batch (NTP batch 1 only), the K600 setting with the paper's sampling; peak
    memory per row.
 4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
-   batch 1 and the large batch, by kind of kernel and the top kernels.
+   batch 1 and the large batch, by kind of kernel and the top kernels; the sampler alone per video (48 steps).
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
 6. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
@@ -34,6 +34,7 @@ import traceback
 import torch
 
 from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
+from modeling_nbp.generation import sample_tokens
 from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
                                 SIZES, generation_rows, peak_memory_gib, reset_peak_memory, timed, training_rows)
 
@@ -206,6 +207,11 @@ def main(argv=None):
             out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
                 context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
                 **PAPER_SAMPLING))
+            # the sampler alone on one step's logits (16 positions per video), times 48 steps: its share of a video
+            logits = torch.randn(batch, 16, model.config.video_vocab_size, device=device, generator=gen(6)).to(bf16)
+            noise = torch.rand(batch, 16, device=device, generator=gen(7))
+            seconds = timed(lambda: sample_tokens(logits, noise=noise, **PAPER_SAMPLING), device, 50, warmup=5)
+            out[f"batch {batch}"]["sampler ms per video (48 steps, eager)"] = 48 * 1000 * seconds / batch
         return out
 
     @run("pipeline")
