@@ -6,14 +6,11 @@
     python examples/generate.py --model nbp-k600-3b --context clip.mp4 --batch_size 16                   # frame prediction
 
 At evaluation scale (files are written batch by batch; rerunning a command resumes it; `accelerate launch` shares the
-videos between processes without changing any of them):
+videos between processes without changing any of them), e.g. the paper's UCF-101 protocol: 10,000 videos, each with
+the class of a training clip (docs/evaluation.md has it and the Kinetics-600 one, with the matching `nbp evaluate`):
 
-    # UCF-101: 100 videos per class (10,100) on 8 GPUs
     accelerate launch --multi_gpu --num_processes 8 examples/generate.py --model nbp-ucf-700m \
-        --num_videos_per_class 100 --formats mp4 --batch_size 64 --output_dir fvd/ucf_fake
-    # K600: every validation clip's first 5 frames (at 16 fps, as in training) continued
-    accelerate launch --multi_gpu --num_processes 8 examples/generate.py --model nbp-k600-3b \
-        --context /data/kinetics-600/val --context_fps 16 --formats mp4 --batch_size 64 --output_dir fvd/k600_fake
+        --dataset /data/UCF-101 --num_clips 10000 --formats npy --batch_size 64 --output_dir fvd/ucf_0
 
 Run with --help for every option; the code is modeling_nbp/generate_videos.py (`nbp generate` runs the same). From
 Python, see the README (`NBPVideoPipeline`).

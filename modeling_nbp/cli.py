@@ -17,7 +17,7 @@ COMMANDS = {
 
 
 def _generate_parser(parser):
-    from .training.common import positive_int
+    from .training.common import non_negative_int, positive_int
 
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--class_labels", nargs="*", default=None,
@@ -73,12 +73,13 @@ def _generate_parser(parser):
     out.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif", "npy"],
                      help="files per video: MP4 and GIF to watch, npy (uint8 frames, lossless) for an exact FVD "
                           "(nbp evaluate reads MP4 and npy, not GIF)")
-    out.add_argument("--fps", type=int, default=8)
-    out.add_argument("--contact_sheet", type=int, default=64,
-                     help="contact_sheet.png of the run's first this many videos (0: none)")
+    out.add_argument("--fps", type=positive_int, default=8)
+    out.add_argument("--contact_sheet", type=non_negative_int, default=64,
+                     help="contact_sheet.png of the run's first this many videos (0: none; under accelerate launch, "
+                          "of the main process's share)")
     out.add_argument("--overwrite", action="store_true",
                      help="remake videos whose files exist (by default a run skips them: rerunning a command resumes "
-                          "it), also when the folder's generate.json holds other settings")
+                          "it); when the folder's generate.json holds other settings, its videos are deleted first")
     parser.add_argument("--device", default=None,
                         help="default: this process's accelerator (cuda:<local rank> under accelerate launch), else "
                              "the CPU")

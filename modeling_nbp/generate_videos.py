@@ -99,8 +99,12 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
             raise ValueError("--dataset pairs videos with clips by class or context; this model takes neither")
         labels = [clips.label(i) for i in range(len(clips))] if cfg.condition_mode == "class" else None
         if labels is not None and pipe.class_names:  # the dataset's classes by name, in the model's numbering
-            names = clips.class_names
-            ids = dict(zip(sorted(set(labels)), pipe._class_ids([names[i] for i in sorted(set(labels))])))
+            used = [clips.class_names[i] for i in sorted(set(labels))]
+            unknown = [n for n in used if n.lower() not in {str(c).lower() for c in pipe.class_names}]
+            if unknown:
+                raise ValueError(f"--dataset classes {unknown[:5]} are not classes of this model "
+                                 f"({pipe.class_names[:5]}...): the clips' classes must be the model's")
+            ids = dict(zip(sorted(set(labels)), pipe._class_ids(used)))
             labels = [ids[i] for i in labels]
         jobs = [VideoJob(f"{clips.name(i)}_{k}", 0, None if labels is None else labels[i],
                          None if labels is not None else clips.path(i), i)
@@ -220,8 +224,16 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
     return summary
 
 
+def output_files(output_dir: str) -> list[str]:
+    """The videos and contact sheet in `output_dir` (what a run with other settings replaces)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(os.path.join(output_dir, f) for f in os.listdir(output_dir)
+                  if f.rsplit(".", 1)[-1] in EXPORTERS or f == "contact_sheet.png")
+
+
 def write_contact_sheet(output_dir: str, jobs: list[VideoJob], formats, limit: int) -> str | None:
-    """A PNG of the first `limit` videos of the run that are on disk (read back from their files), one row each."""
+    """A PNG of the first `limit` of `jobs` that are on disk (read back from their files), one row each."""
     videos, labels = [], []
     for job in jobs:
         if len(videos) == limit:
@@ -238,15 +250,33 @@ def write_contact_sheet(output_dir: str, jobs: list[VideoJob], formats, limit: i
     return path
 
 
+def model_identity(model: str):
+    """A local pipeline folder by its absolute path and a digest of its files' names, sizes and modification times
+    (a model retrained or converted again in place is another model); a Hub repo id as given."""
+    if not os.path.isdir(model):
+        return model
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model)):
+        for name in sorted(files):
+            if name != "README.md" and not name.startswith("."):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.relpath(os.path.join(root, name), model)}:{stat.st_size}:"
+                              f"{stat.st_mtime_ns}\n".encode())
+    return dict(path=os.path.abspath(model), files=digest.hexdigest()[:16])
+
+
 def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
     """What decides the files' contents, as `generate.json` keeps it (the set of videos, and the number of an
-    evaluation set's clips, may grow between runs)."""
+    evaluation set's clips, may grow between runs; `nbp evaluate --real-dataset` reads the clip settings)."""
     config = pipe.transformer.config
     dataset = None if clips is None else {k: v for k, v in clips.settings.items() if k != "num_clips"}
-    return dict(model=args.model, dtype=str(pipe.transformer.dtype), device=torch.device(device).type, seed=args.seed,
-                guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                num_frames=args.num_frames, window_context_frames=args.window_context_frames,
-                context_frames=args.context_frames, context_fps=args.context_fps, resize=args.resize, fps=args.fps,
+    context = [os.path.abspath(p) for p in args.context] if args.context else None
+    return dict(model=model_identity(args.model), dtype=str(pipe.transformer.dtype), device=torch.device(device).type,
+                seed=args.seed, context=context,
+                guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                temperature=args.temperature, num_frames=args.num_frames,
+                window_context_frames=args.window_context_frames, context_frames=args.context_frames,
+                context_fps=args.context_fps, resize=args.resize, fps=args.fps,
                 context_class=args.class_labels if args.context and config.condition_mode == "class" else None,
                 dataset=dataset)
 
@@ -271,6 +301,9 @@ def run_generate(args) -> GenerationSummary:
         height, width = pipe.resolution
         if height != width:
             raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
+        if args.context_frames is not None and args.context_frames >= pipe.num_frames:
+            raise ValueError(f"--context_frames must be fewer than the model's {pipe.num_frames} frames (the clips' "
+                             f"length); got {args.context_frames}")
         clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed, pipe.num_frames,
                                 height, args.clip_fps, args.clip_sampling, args.dataset_layout, args.resize)
     jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
@@ -278,12 +311,16 @@ def run_generate(args) -> GenerationSummary:
     settings = run_settings(args, pipe, device, clips)
     settings_path = os.path.join(args.output_dir, SETTINGS_FILE)
     differences = read_settings_differences(settings_path, settings)
-    if differences and not args.overwrite:  # every process finds this out by itself: none waits for another
+    stale = output_files(args.output_dir) if differences else []  # videos of other settings
+    if stale and not args.overwrite:  # every process finds this out by itself: none waits for another
         raise SystemExit(f"{args.output_dir} holds videos made with other settings ({'; '.join(differences)}); "
-                         "run the same command to resume it, pass --overwrite to remake its videos with these "
-                         "settings, or choose another --output_dir")
+                         "run the same command to resume it, pass --overwrite to replace its videos with these "
+                         "settings' (the old ones are deleted first), or choose another --output_dir")
     if state.is_main_process and (differences is None or differences):
+        for path in stale:  # first, so that an interrupted --overwrite run resumes without the old videos
+            os.remove(path)
         write_json(settings_path, settings, indent=2)
+    state.wait_for_everyone()  # no process writes a video before the old ones are gone
 
     summary = generate_to_folder(
         pipe, jobs, args.output_dir, formats=args.formats, fps=args.fps, batch_size=args.batch_size,
@@ -296,9 +333,8 @@ def run_generate(args) -> GenerationSummary:
         print(f"skipped context clip {clip}: {why}")
     print(f"process {state.process_index}: made {summary.made} videos, {summary.existing} were already in "
           f"{args.output_dir}" + (f", {len(summary.failed)} context clips unreadable" if summary.failed else ""))
-    state.wait_for_everyone()
-    if state.is_main_process and args.contact_sheet:
-        sheet = write_contact_sheet(args.output_dir, jobs, args.formats, args.contact_sheet)
+    if state.is_main_process and args.contact_sheet:  # its own share: complete without waiting for the others
+        sheet = write_contact_sheet(args.output_dir, jobs[::state.num_processes], args.formats, args.contact_sheet)
         if sheet:
             print(sheet)
     return summary

@@ -334,3 +334,17 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
     merge_token_chunks(out)
     pretokenize(TinyClips(), tokenizer(), tmp_path / "clean", batch_size=2, chunk_size=2)
     assert read_all(out) == read_all(tmp_path / "clean")
+
+
+def test_settings_files_from_before_a_setting_existed(tmp_path):
+    from modeling_nbp.run_files import read_settings_differences, write_json
+
+    path = tmp_path / "pretokenize.json"
+    assert read_settings_differences(path, {"clip": {"fps": 8}}) is None
+    write_json(path, {"clip": {"fps": 8}, "chunk_size": 4})  # written before clips could be squashed
+    earlier = {"clip": {"resize": "crop"}}
+    assert read_settings_differences(path, {"clip": {"fps": 8, "resize": "crop"}, "chunk_size": 4}, earlier) == []
+    assert read_settings_differences(path, {"clip": {"fps": 8, "resize": "squash"}, "chunk_size": 4}, earlier) == [
+        "clip.resize 'crop' on disk, 'squash' now"]
+    assert read_settings_differences(path, {"clip": {"fps": 8, "resize": "crop"}, "chunk_size": 4}) == [
+        "clip.resize None on disk, 'crop' now"]

@@ -141,3 +141,26 @@ def test_squash_keeps_the_whole_frame_and_crop_its_centre(tmp_path):
 
     with pytest.raises(ValueError, match="`resize` must be one of"):
         VideoClipDataset(datasets.Dataset.from_dict({"path": [path], "label": [0]}), resize="fit")
+
+
+def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, capsys):
+    import argparse
+
+    pipe = tiny_pipeline(mode="frames")
+    pipe.save_pretrained(tmp_path / "pipe")
+    fake = tmp_path / "fake"
+    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(fake), "--device", "cpu", "--dataset",
+         str(dataset), "--num_clips", "6", "--clip_fps", "4", "--clip_sampling", "random", "--clips_seed", "3",
+         "--formats", "npy", "--contact_sheet", "0"])
+    given = argparse.Namespace(real=str(dataset), real_num_clips=None,
+                               **{option: None for option in fvd_module.REAL_CLIP_OPTIONS})
+    settings, num_clips = fvd_module._real_clip_settings(given, fake, num_fake=5)
+    assert num_clips == 5 and settings == dict(split="train", layout="auto", seed=3, fps=4.0, sampling="random",
+                                               resolution=8, resize="squash", num_frames=5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # refused before any video is read
+        fvd_module.main([str(fake), str(dataset), "--real-dataset", "--real-sampling", "center", "--no-progress"])
+    assert "--real-sampling 'center' disagrees with the clips" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fvd_module.main([str(fake), str(tmp_path), "--real-dataset", "--no-progress"])
+    assert "were made from clips of" in capsys.readouterr().err

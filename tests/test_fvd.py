@@ -386,3 +386,26 @@ def test_real_i3d_matches_jax_and_fvd_orders_degradations(tmp_path):
     assert abs(copy) < 1e-2
     assert shuffled > 10.0
     assert noised > 2 * shuffled
+
+
+def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: _tiny_i3d())
+    videos = moving_squares(4, frames=16, size=16)
+    for folder in ("fake", "real"):
+        (tmp_path / folder).mkdir()
+        for index, video in enumerate(videos[:3] if folder == "fake" else videos):
+            np.save(tmp_path / folder / f"{index}.npy", (video.permute(1, 2, 3, 0) * 255).round().to(torch.uint8))
+    (tmp_path / "fake" / "9.npy").write_bytes((tmp_path / "fake" / "0.npy").read_bytes()[:90])  # truncated
+    command = [str(tmp_path / "fake"), str(tmp_path / "real"), "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    with pytest.warns(UserWarning, match=r"skipping .*9.npy: cannot read"):
+        first = fvd_module.main(command)
+    again = fvd_module.main(command)  # features from the cache
+    assert first["skipped_unreadable"] == again["skipped_unreadable"] == {"fake": [str(tmp_path / "fake" / "9.npy")],
+                                                                          "real": []}
+    assert first["fvd"] == again["fvd"]
+
+
+def test_videos_are_read_in_batches_of_one_shape():
+    shapes = [(1, 3, 16, 8, 8)] * 3 + [(2, 3, 16, 8, 8), (1, 3, 16, 4, 4)]
+    batches = list(fvd_module.ReadVideos(shapes, lambda shape: torch.zeros(shape), batch_size=2))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 8, 8), (3, 3, 16, 8, 8), (1, 3, 16, 4, 4)]

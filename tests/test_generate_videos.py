@@ -201,3 +201,52 @@ def test_context_clips_from_folders(tmp_path, capsys):
     expected = pipe(video=context, generator=gen(name_seed(0, "b_0")), output_type="np").frames[0]
     reference, _ = read_video(export_to_gif(expected, str(tmp_path / "ref.gif"), fps=8))
     assert np.abs(read_video(str(tmp_path / "three" / "b_0.gif"))[0].astype(int) - reference).max() <= 1
+
+
+def test_an_interrupted_overwrite_resumes_without_the_old_videos(saved, tmp_path, monkeypatch):
+    pipe, model = saved
+    out, flags = tmp_path / "out", ("--formats", "npy", "--batch_size", "2", "--contact_sheet", "0")
+    generate(model, out, "--seed", "0", *flags)
+    old = {p: np.load(out / p) for p in os.listdir(out) if p.endswith(".npy")}
+    calls = []
+    original = type(pipe).__call__
+
+    def killed_in_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", killed_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, out, "--seed", "1", "--overwrite", *flags)
+    monkeypatch.undo()
+    assert len([p for p in os.listdir(out) if p.endswith(".npy")]) == 2  # the old videos went first
+    generate(model, out, "--seed", "1", *flags)  # resumes: makes the missing ones with seed 1
+    generate(model, tmp_path / "clean", "--seed", "1", *flags)
+    for name in old:
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "clean" / name))
+        assert not np.array_equal(np.load(out / name), old[name])
+
+
+def test_a_run_that_failed_before_any_video_does_not_lock_its_folder(saved, tmp_path, monkeypatch):
+    pipe, model = saved
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("oom")))
+    with pytest.raises(RuntimeError, match="oom"):
+        generate(model, tmp_path / "out", "--top_k", "5", "--formats", "gif")
+    monkeypatch.undo()
+    generate(model, tmp_path / "out", "--top_k", "6", "--formats", "gif")  # other settings, but no video yet
+    assert json.loads((tmp_path / "out" / "generate.json").read_text())["top_k"] == 6
+    with pytest.raises(SystemExit):  # refused by the parser
+        nbp(["generate", "--model", model, "--contact_sheet", "-1"])
+    with pytest.raises(SystemExit):
+        nbp(["generate", "--model", model, "--fps", "0"])
+
+
+def test_a_model_changed_in_place_is_another_model(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    generate(tmp_path / "pipe", tmp_path / "out", "--formats", "gif", "--contact_sheet", "0")
+    pipe.save_pretrained(tmp_path / "pipe")  # retrained or converted again at the same path
+    with pytest.raises(SystemExit, match="other settings.*model.files"):
+        generate(tmp_path / "pipe", tmp_path / "out", "--formats", "gif")

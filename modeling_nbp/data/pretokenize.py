@@ -95,7 +95,8 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
 
 def _check_metadata(output_dir: str, wanted: dict) -> None:
     meta_path = os.path.join(output_dir, "pretokenize.json")
-    differences = read_settings_differences(meta_path, wanted)
+    # folders from before clips could be squashed were cropped
+    differences = read_settings_differences(meta_path, wanted, earlier_defaults={"clip": {"resize": "crop"}})
     if differences is None:
         write_json(meta_path, wanted)
         return

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -249,7 +250,9 @@ class FVDCalculator:
         batches = _video_batches(videos)
         cache_path = self._cache_path(videos, cache_key)
         if cache_path is not None and cache_path.is_file():
-            features, shape = _load_cached_features(cache_path)
+            features, shape, skipped = _load_cached_features(cache_path)
+            if isinstance(videos, ReadVideos):  # what the first reading left out, reported again
+                videos.skipped[:] = skipped
             if expected_shape is not None:
                 self._check_shapes_match(expected_shape, shape)
             return features, shape
@@ -268,7 +271,7 @@ class FVDCalculator:
             raise ValueError("videos is empty: got no video to compute features from")
         features = np.concatenate(features)
         if cache_path is not None:
-            _save_cached_features(cache_path, features, shape)
+            _save_cached_features(cache_path, features, shape, getattr(videos, "skipped", []))
         return features, shape
 
     def _extract(self, inputs: torch.Tensor) -> np.ndarray:
@@ -355,18 +358,20 @@ def _hash_videos(batches: Iterable[torch.Tensor], chunk_size: int) -> str:
     return digest.hexdigest()
 
 
-def _load_cached_features(path: Path) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+def _load_cached_features(path: Path) -> Tuple[np.ndarray, Tuple[int, int, int], List[str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as file:
-        shape = tuple(int(size) for size in file.metadata()["video_shape"].split(","))
-        return file.get_tensor("features"), shape
+        metadata = file.metadata()
+        shape = tuple(int(size) for size in metadata["video_shape"].split(","))
+        return file.get_tensor("features"), shape, json.loads(metadata.get("skipped", "[]"))
 
 
-def _save_cached_features(path: Path, features: np.ndarray, shape: Tuple[int, int, int]) -> None:
+def _save_cached_features(path: Path, features: np.ndarray, shape: Tuple[int, int, int],
+                          skipped: Sequence[str] = ()) -> None:
     from safetensors.numpy import save_file
 
-    metadata = {"video_shape": ",".join(str(size) for size in shape)}
+    metadata = {"video_shape": ",".join(str(size) for size in shape), "skipped": json.dumps(list(skipped))}
     write_atomically(path, lambda temp_path: save_file({"features": features}, temp_path, metadata=metadata))
 
 
@@ -450,11 +455,17 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     Video files and uint8 arrays are channels-last: (T, H, W, 3) or (N, T, H, W, 3). Float arrays are
     channels-first in [0, 1]: (3, T, H, W) or (N, 3, T, H, W).
     """
+    from modeling_nbp.video_io import VideoDecodeError
+
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        videos = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif suffix == ".pt":
-        videos = torch.load(path, map_location="cpu", weights_only=True)
+    if suffix in TENSOR_SUFFIXES:
+        try:
+            if suffix == ".npy":
+                videos = torch.from_numpy(np.load(path, allow_pickle=False))
+            else:
+                videos = torch.load(path, map_location="cpu", weights_only=True)
+        except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
+            raise VideoDecodeError(f"cannot read {path}: {error}") from None
         if not isinstance(videos, torch.Tensor):
             raise ValueError(f"{path} must hold one tensor, got {type(videos).__name__}")
     else:
@@ -477,28 +488,63 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
 
 
-def _iterate_videos(files: Sequence[Path], num_frames: int, skipped: List[str]) -> Iterator[torch.Tensor]:
-    """Each file's videos; an unreadable video file is reported, added to `skipped` and left out."""
-    from modeling_nbp.video_io import VideoDecodeError
+class ReadVideos:
+    """Videos read one item at a time by `read(item)` -> (n, 3, T, H, W), gathered into batches of one shape, each
+    ending at the item that brings it to `batch_size` videos or more (the calculator splits them for the detector). An item whose reading raises `VideoDecodeError` (an unreadable or truncated file) is
+    reported, named in `skipped` (by `name(item)`) and left out; a feature cache keeps that list."""
 
-    for path in files:
-        try:
-            yield load_video_file(path, num_frames)
-        except VideoDecodeError as error:
-            warnings.warn(f"skipping {path}: {error}", stacklevel=2)
-            skipped.append(str(path))
+    def __init__(self, items: Sequence, read, name=str, batch_size: int = 8):
+        self.items, self.read, self.name, self.batch_size = items, read, name, batch_size
+        self.skipped: List[str] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        from modeling_nbp.video_io import VideoDecodeError
+
+        self.skipped.clear()
+        pending: List[torch.Tensor] = []
+        for item in self.items:
+            try:
+                videos = self.read(item)
+            except VideoDecodeError as error:
+                warnings.warn(f"skipping {self.name(item)}: {error}", stacklevel=2)
+                self.skipped.append(self.name(item))
+                continue
+            if pending and videos.shape[1:] != pending[0].shape[1:]:
+                yield torch.cat(pending)  # the shape check then names the difference
+                pending = []
+            pending.append(videos)
+            if sum(len(v) for v in pending) >= self.batch_size:
+                yield torch.cat(pending)
+                pending = []
+        if pending:
+            yield torch.cat(pending)
 
 
-def _iterate_clips(clips, skipped: List[str]) -> Iterator[torch.Tensor]:
-    """The clips of an `EvaluationClips` set as (1, 3, T, H, W) batches; unreadable ones reported and left out."""
-    from modeling_nbp.video_io import VideoDecodeError
+# --real-* option -> key of an `EvaluationClips` settings dict, and the value when neither the option nor a
+# FAKE/generate.json gives one (the official UCF-101 protocol's)
+REAL_CLIP_OPTIONS = {"real_split": ("split", "train"), "real_layout": ("layout", "auto"), "clips_seed": ("seed", 0),
+                     "real_fps": ("fps", 8.0), "real_sampling": ("sampling", "center"),
+                     "real_resolution": ("resolution", 128), "real_resize": ("resize", "squash"),
+                     "real_num_frames": ("num_frames", 17)}
 
-    for i in range(len(clips)):
-        try:
-            yield clips.clip(i)[None]
-        except VideoDecodeError as error:
-            warnings.warn(f"skipping clip {i} ({clips.path(i)}): {error}", stacklevel=2)
-            skipped.append(clips.path(i))
+
+def _real_clip_settings(args, fake_folder: Path, num_fake: int) -> Tuple[Dict[str, object], Optional[int]]:
+    """The real clip set's settings and size: each --real-* option, else what `nbp generate --dataset` recorded in
+    FAKE/generate.json (an option that disagrees with it, or another REAL, is an error), else the default."""
+    recorded = {}
+    if (fake_folder / "generate.json").is_file():
+        recorded = json.loads((fake_folder / "generate.json").read_text()).get("dataset") or {}
+    if recorded and os.path.realpath(recorded["source"]) != os.path.realpath(args.real):
+        raise ValueError(f"the videos in {fake_folder} were made from clips of {recorded['source']} "
+                         f"(generate.json), not of {args.real}")
+    settings = {}
+    for option, (key, default) in REAL_CLIP_OPTIONS.items():
+        given = getattr(args, option)
+        if recorded and given is not None and given != recorded[key]:
+            raise ValueError(f"--{option.replace('_', '-')} {given!r} disagrees with the clips the videos in "
+                             f"{fake_folder} were made from ({key} {recorded[key]!r} in generate.json)")
+        settings[key] = given if given is not None else recorded.get(key, default)
+    return settings, args.real_num_clips or (num_fake if recorded else None)
 
 
 def _clips_cache_key(clips) -> str:
@@ -555,20 +601,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--no-progress", action="store_true")
     clips = parser.add_argument_group(
         "real clips from a dataset", "the official evaluation's real set: the clips that `nbp generate --dataset` "
-        "pairs its videos with, when given the same settings (docs/evaluation.md)")
+        "paired the videos in FAKE with. Options not given are read from FAKE/generate.json (one that disagrees with "
+        "it is an error), else: split train, 8 fps, centre clips of 17 frames, squashed to 128x128, clips seed 0 "
+        "(docs/evaluation.md)")
     clips.add_argument("--real-dataset", action="store_true",
                        help="read REAL as a video dataset (class folders, UCF-101 or Kinetics-600 layout)")
-    clips.add_argument("--real-split", default="train")
-    clips.add_argument("--real-layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
-    clips.add_argument("--real-num-clips", type=int, help="default: one per video of the split")
-    clips.add_argument("--clips-seed", type=int, default=0)
-    clips.add_argument("--real-fps", type=float, default=8)
-    clips.add_argument("--real-sampling", default="center", choices=["center", "start", "random"])
-    clips.add_argument("--real-resolution", type=int, default=128)
-    clips.add_argument("--real-resize", default="squash", choices=["squash", "crop"],
+    clips.add_argument("--real-split")
+    clips.add_argument("--real-layout", choices=["auto", "folder", "ucf101", "k600"])
+    clips.add_argument("--real-num-clips", type=int,
+                       help="default: as many as FAKE holds videos when it has a generate.json, else one per video")
+    clips.add_argument("--clips-seed", type=int)
+    clips.add_argument("--real-fps", type=float)
+    clips.add_argument("--real-sampling", choices=["center", "start", "random"])
+    clips.add_argument("--real-resolution", type=int)
+    clips.add_argument("--real-resize", choices=["squash", "crop"],
                        help="squash: whole frames to the square, as the official loader; crop: shorter side + "
                             "centre crop")
-    clips.add_argument("--real-num-frames", type=int, default=17)
+    clips.add_argument("--real-num-frames", type=int)
     args = parser.parse_args(argv)
     if args.num_repeats < 1 or (args.num_samples is not None and args.num_samples < 2):
         parser.error("--num-repeats must be >= 1 and --num-samples >= 2 (a covariance needs two videos)")
@@ -579,23 +628,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
     fake_folder, real_folder = Path(args.fake), Path(args.real)
     fake_files = _list_video_files(fake_folder)
-    skipped: Dict[str, List[str]] = {"fake": [], "real": []}
+    fake = ReadVideos(fake_files, lambda path: load_video_file(path, FVD_NUM_FRAMES), batch_size=args.batch_size)
+    results: Dict[str, object] = {"protocol": args.protocol}
     if args.real_dataset:
         from modeling_nbp.data.evaluation_clips import EvaluationClips
 
-        clips = EvaluationClips(real_folder, args.real_split, args.real_num_clips, args.clips_seed,
-                                args.real_num_frames, args.real_resolution, args.real_fps, args.real_sampling,
-                                args.real_layout, args.real_resize)
-        real, real_key = _iterate_clips(clips, skipped["real"]), _clips_cache_key(clips)
+        try:
+            settings, num_clips = _real_clip_settings(args, fake_folder, len(fake_files))
+        except ValueError as error:
+            parser.error(str(error))
+        clips = EvaluationClips(real_folder, settings["split"], num_clips, settings["seed"], settings["num_frames"],
+                                settings["resolution"], settings["fps"], settings["sampling"], settings["layout"],
+                                settings["resize"])
+        real = ReadVideos(range(len(clips)), lambda i: clips.clip(i)[None], clips.path, args.batch_size)
+        real_key = _clips_cache_key(clips)
+        results["real_clips"] = clips.settings
     else:
         real_files = _list_video_files(real_folder)
-        real, real_key = _iterate_videos(real_files, FVD_NUM_FRAMES, skipped["real"]), _folder_cache_key(real_files)
+        real = ReadVideos(real_files, lambda path: load_video_file(path, FVD_NUM_FRAMES), batch_size=args.batch_size)
+        real_key = _folder_cache_key(real_files)
     calculator = FVDCalculator(
         args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
     )
-    results: Dict[str, object] = {"protocol": args.protocol}
     results["fvd"] = calculator.fvd(
-        _iterate_videos(fake_files, FVD_NUM_FRAMES, skipped["fake"]),
+        fake,
         real,
         num_repeats=args.num_repeats,
         num_samples=args.num_samples,
@@ -603,8 +659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         fake_cache_key=_folder_cache_key(fake_files),
         real_cache_key=real_key,
     )
-    if any(skipped.values()):
-        results["skipped_unreadable"] = skipped
+    if fake.skipped or real.skipped:
+        results["skipped_unreadable"] = {"fake": fake.skipped, "real": real.skipped}
     if args.reconstruction:
         results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     print(json.dumps(results, indent=2))

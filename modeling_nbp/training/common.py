@@ -445,15 +445,24 @@ def training_progress(accelerator, global_step: int, max_steps: int):
                 disable=not accelerator.is_local_main_process)
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be >= 1."""
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for counts that may be 0."""
+    return _int_at_least(text, 0)
 
 
 def add_batch_arguments(group, default_batch_size: int) -> None:
