@@ -27,12 +27,14 @@ def settings_differences(found: dict, wanted: dict, prefix: str = "") -> list[st
 def read_settings_differences(path: str | os.PathLike, wanted: dict, earlier_defaults: dict | None = None
                               ) -> list[str] | None:
     """The differences between the settings file at `path` and `wanted`; None when there is no such file.
-    `earlier_defaults` ({section: {key: value}}) fills keys that files written before those keys existed lack."""
+    `earlier_defaults` ({section: {key: value}}) fills the keys `wanted` has that files written before those keys
+    existed lack."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         found = json.load(f)
     for section, defaults in (earlier_defaults or {}).items():
         if isinstance(found.get(section), dict):
-            found[section] = {**defaults, **found[section]}
+            wanted_keys = wanted.get(section) or {}
+            found[section] = {**{k: v for k, v in defaults.items() if k in wanted_keys}, **found[section]}
     return settings_differences(found, json.loads(json.dumps(wanted)))  # tuples read back as lists
