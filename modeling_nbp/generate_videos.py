@@ -22,7 +22,7 @@ from .data.evaluation_clips import EvaluationClips
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
 from .run_files import read_settings_differences, write_json
 from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, export_to_gif, export_to_mp4,
-                       make_contact_sheet, read_video)
+                       make_contact_sheet, read_video, safe_file_name)
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
 
 
-def safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
-
-
 def context_files(paths: list[str]) -> list[tuple[str, str]]:
     """(path, name) of every context clip: files as given, folders searched for video files (sorted); the name is
     the path below the folder (or the file's stem) made file-name safe."""
@@ -73,9 +69,9 @@ def context_files(paths: list[str]) -> list[tuple[str, str]]:
                             if is_video_file(f))
             if not inside:
                 raise ValueError(f"--context folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
-            found += [(f, safe_name(os.path.splitext(os.path.relpath(f, path))[0])) for f in inside]
+            found += [(f, safe_file_name(os.path.splitext(os.path.relpath(f, path))[0])) for f in inside]
         elif os.path.isfile(path):
-            found.append((path, safe_name(os.path.splitext(os.path.basename(path))[0])))
+            found.append((path, safe_file_name(os.path.splitext(os.path.basename(path))[0])))
         else:
             raise ValueError(f"--context {path} is neither a video file nor a folder")
     return found
@@ -119,7 +115,7 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
         jobs = [VideoJob(f"{name}_{k}", 0, label, path) for path, name in contexts for k in copies]
     elif cfg.condition_mode == "class":
         ids = pipe._class_ids(class_labels or list(range(cfg.num_classes)))
-        names = [safe_name(str(pipe.class_names[i] if pipe.class_names else i)) for i in ids]
+        names = [safe_file_name(str(pipe.class_names[i] if pipe.class_names else i)) for i in ids]
         jobs = [VideoJob(f"{name}_{k}", 0, i) for i, name in zip(ids, names) for k in copies]
     else:
         if cfg.condition_mode == "frames":

@@ -35,7 +35,13 @@ __all__ = [
     "export_to_gif",
     "make_contact_sheet",
     "atomic_output_path",
+    "safe_file_name",
 ]
+
+
+def safe_file_name(text: str) -> str:
+    """`text` with every character other than letters, digits, '-' and '_' replaced by '_'."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
 class VideoDecodeError(RuntimeError):

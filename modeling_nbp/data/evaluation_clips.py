@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from ..video_io import safe_file_name
 from .clips import load_clip
 from .video_datasets import load_video_dataset
 
@@ -64,7 +65,7 @@ class EvaluationClips:
         """The clip's file-name-safe name: its path below the dataset root, and its pass over the videos."""
         video, repeat = self.order[i]
         relative = os.path.splitext(os.path.relpath(self.path(i), self.source))[0]
-        return "".join(c if c.isalnum() or c in "-_" else "_" for c in relative) + f"_{repeat}"
+        return safe_file_name(relative) + f"_{repeat}"
 
     def clip(self, i: int) -> torch.Tensor:
         """Clip `i`: float (3, T, H, W) in [0, 1]. Raises `VideoDecodeError` for an unreadable file."""
