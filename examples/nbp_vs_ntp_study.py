@@ -10,11 +10,11 @@ docs/nbp_vs_ntp.md presents with the commands) and docs/nbp_vs_ntp.png (a bar ch
         --speed_range 1 2 --styles_per_class 2
     nbp pretokenize --data runs/study/digits_train --tokenizer modeling_nbp/pretrained/nbp-moving-digits \\
         --output_dir runs/study/tokens --num_frames 17 --resolution 32
-    nbp make-digits --output_dir runs/study/digits_val --clips_per_class 20 --seed 12345 --size 32 --digit_size 16 \
+    nbp make-digits --output_dir runs/study/digits_val --clips_per_class 20 --seed 12345 --size 32 --digit_size 16 \\
         --speed_range 1 2 --styles_per_class 2
-    nbp pretokenize --data runs/study/digits_val --tokenizer modeling_nbp/pretrained/nbp-moving-digits \
+    nbp pretokenize --data runs/study/digits_val --tokenizer modeling_nbp/pretrained/nbp-moving-digits \\
         --output_dir runs/study/tokens_val --num_frames 17 --resolution 32
-    python examples/nbp_vs_ntp_study.py --tokens runs/study/tokens/tokens --validation_tokens runs/study/tokens_val/tokens \
+    python examples/nbp_vs_ntp_study.py --tokens runs/study/tokens/tokens --validation_tokens runs/study/tokens_val/tokens \\
         --max_steps 600
 """
 

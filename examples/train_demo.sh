@@ -32,7 +32,7 @@ nbp train --train_data $RUNS/tokens_train/tokens --validation_data $RUNS/tokens_
   --max_steps ${GEN_STEPS:-2400} --train_batch_size 16 --checkpointing_steps 100 --checkpoints_total_limit 2 \
   --logging_steps 25 --mixed_precision no --dataloader_num_workers 1 --seed 0
 
-# 5. ship it: the pipeline folder in float16, the position table cut to the 329 positions this layout uses, the demo's
+# 5. ship it: the pipeline folder (generator in float16, tokenizer in float32), the position table cut to the 329 positions this layout uses, the demo's
 #    sampling as the model's generation_config
 python - <<PY
 import torch
@@ -45,7 +45,7 @@ state["model.embed_positions.weight"] = state["model.embed_positions.weight"][: 
 model = NBPForVideoGeneration(config)
 model.load_state_dict(state)
 model.generation_config.update(do_sample=True, **DEMO_SAMPLING)  # the pipeline's default sampling
-NBPVideoPipeline(transformer=model.eval(), video_tokenizer=pipe.video_tokenizer).to(torch.float16).save_pretrained(
+NBPVideoPipeline(transformer=model.eval().to(torch.float16), video_tokenizer=pipe.video_tokenizer).save_pretrained(
     "modeling_nbp/pretrained/nbp-moving-digits", carry_code=False,  # the package holds the code
     model_card_notes="Trained with nbp-video's examples/train_demo.sh on 2 CPU cores (procedural moving digits, "
                      "5000 training clips); the commands and measured results are in the project README.")

@@ -301,7 +301,13 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
         export_to_mp4(video, video_dir / f"{index}.mp4")
     from_files = fvd_module.main([str(video_dir), str(video_dir), "--reconstruction", "--no-progress"])
     assert from_files["fvd"]["mean"] == pytest.approx(0.0, abs=1e-6) and from_files["ssim"] == pytest.approx(1.0)
+    (fake_dir / "2.npy").write_bytes((fake_dir / "2.npy").read_bytes()[:90])  # truncated: skipped, reported
+    with pytest.warns(UserWarning, match="unreadable video .*2.npy"), pytest.warns(UserWarning, match="skips a pair"):
+        partial = fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
+    assert partial["reconstruction_skipped"] == [str(fake_dir / "2.npy")]
+    assert partial["psnr"] == pytest.approx(20.0, abs=1e-3)
     (fake_dir / "0.npy").unlink()
+    (fake_dir / "2.npy").unlink()
     (fake_dir / "9.npy").write_bytes((real_dir / "1.npy").read_bytes())
     with pytest.raises(FileNotFoundError, match="pairs files by name"):
         fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
@@ -397,7 +403,7 @@ def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path
             np.save(tmp_path / folder / f"{index}.npy", (video.permute(1, 2, 3, 0) * 255).round().to(torch.uint8))
     (tmp_path / "fake" / "9.npy").write_bytes((tmp_path / "fake" / "0.npy").read_bytes()[:90])  # truncated
     command = [str(tmp_path / "fake"), str(tmp_path / "real"), "--no-progress", "--cache-dir", str(tmp_path / "c")]
-    with pytest.warns(UserWarning, match=r"skipping .*9.npy: cannot read"):
+    with pytest.warns(UserWarning, match=r"skipping an unreadable video \(cannot read .*9.npy"):
         first = fvd_module.main(command)
     again = fvd_module.main(command)  # features from the cache
     assert first["skipped_unreadable"] == again["skipped_unreadable"] == {"fake": [str(tmp_path / "fake" / "9.npy")],

@@ -506,7 +506,7 @@ class ReadVideos:
             try:
                 videos = self.read(item)
             except VideoDecodeError as error:
-                warnings.warn(f"skipping {self.name(item)}: {error}", stacklevel=2)
+                warnings.warn(f"skipping an unreadable video ({error})", stacklevel=2)
                 self.skipped.append(self.name(item))
                 continue
             if pending and videos.shape[1:] != pending[0].shape[1:]:
@@ -564,20 +564,30 @@ def _folder_cache_key(files: Sequence[Path]) -> str:
     return "folder-" + digest.hexdigest()
 
 
-def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Sequence[Path]) -> Dict[str, float]:
+def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Sequence[Path]) -> Dict[str, object]:
     from .reconstruction import psnr, ssim
 
-    psnr_values, ssim_values = [], []
+    from modeling_nbp.video_io import VideoDecodeError
+
+    psnr_values, ssim_values, skipped = [], [], []
     for fake_path in fake_files:
         real_path = real_folder / fake_path.relative_to(fake_folder)
         if not real_path.is_file():
             raise FileNotFoundError(f"--reconstruction pairs files by name: {real_path} (for {fake_path}) is missing")
-        fake, real = load_video_file(fake_path), load_video_file(real_path)
+        try:
+            fake, real = load_video_file(fake_path), load_video_file(real_path)
+        except VideoDecodeError as error:
+            warnings.warn(f"--reconstruction skips a pair ({error})", stacklevel=2)
+            skipped.append(str(fake_path))
+            continue
         if fake.shape != real.shape:
             raise ValueError(f"{fake_path} and {real_path} differ in shape: {tuple(fake.shape)} vs {tuple(real.shape)}")
         psnr_values.append(psnr(fake, real))
         ssim_values.append(ssim(fake, real))
-    return {"psnr": torch.cat(psnr_values).mean().item(), "ssim": torch.cat(ssim_values).mean().item()}
+    if not psnr_values:
+        raise ValueError(f"--reconstruction: no pair of {fake_folder} and {real_folder} could be read")
+    result = {"psnr": torch.cat(psnr_values).mean().item(), "ssim": torch.cat(ssim_values).mean().item()}
+    return dict(result, reconstruction_skipped=skipped) if skipped else result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
