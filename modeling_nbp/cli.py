@@ -87,6 +87,8 @@ def _generate_parser(parser):
                         help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--batch_size", type=positive_int, default=16,
                         help="videos per pipeline call (the videos do not change with it)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4,
+                        help="processes that read context clips ahead of the generation (0: read them in between)")
 
 
 def main(argv=None):

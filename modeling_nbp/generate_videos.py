@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -158,17 +159,45 @@ class GenerationSummary:
     failed: dict  # context clip -> why it was skipped
 
 
+def read_context(job: VideoJob, clips: EvaluationClips | None, num_frames: int, resolution: tuple[int, int],
+                 fps: float | None, resize: str) -> torch.Tensor:
+    """The context frames of `job` (T, 3, H, W): the first `num_frames` of its clip in `clips`, else of its file."""
+    if job.clip is not None:
+        return clips.clip(job.clip)[:, :num_frames].transpose(0, 1)
+    return load_context(job.context, num_frames, resolution, fps, resize)
+
+
+class ContextLoader(torch.utils.data.Dataset):
+    """Jobs with their context frames, read in DataLoader workers while the pipeline generates:
+    (job, frames or None, why it could not be read or None)."""
+
+    def __init__(self, jobs: list[VideoJob], read):
+        self.jobs, self.read = jobs, read
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        job = self.jobs[i]
+        if job.context is None:
+            return job, None, None
+        try:
+            return job, self.read(job), None
+        except VideoDecodeError as e:
+            return job, None, str(e)
+
+
 def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp4", "gif"), fps: float = 8,
                        batch_size: int = 16, overwrite: bool = False, process_index: int = 0, num_processes: int = 1,
                        context_clip_frames: int | None = None, context_fps: float | None = None,
-                       context_resize: str = "squash", clips: EvaluationClips | None = None, show_progress=True,
-                       **call_kwargs) -> GenerationSummary:
+                       context_resize: str = "squash", clips: EvaluationClips | None = None, num_workers: int = 0,
+                       show_progress=True, **call_kwargs) -> GenerationSummary:
     """Make this process's share of `jobs` (every `num_processes`-th, from `process_index`) with `pipe`, `batch_size`
     videos per call, and write each as `output_dir/<name>.<format>`. Videos whose files all exist are skipped unless
-    `overwrite`. `call_kwargs` go to every pipeline call (sampling, num_frames, ...). Context clips that cannot be read
-    are reported and skipped. The first `context_clip_frames` (default: the model's context) frames of each context are
-    given: of the job's clip in `clips`, else of its file resampled to `context_fps` when set and resized by
-    `context_resize`."""
+    `overwrite`. `call_kwargs` go to every pipeline call (sampling, num_frames, ...). The first `context_clip_frames`
+    (default: the model's context) frames of each context are given: of the job's clip in `clips`, else of its file
+    resampled to `context_fps` when set and resized by `context_resize`; `num_workers` DataLoader workers read them
+    ahead of the generation. Context clips that cannot be read are reported and skipped."""
     bad = [f for f in formats if f not in EXPORTERS]
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty list of {list(EXPORTERS)}; got {list(formats)}")
@@ -180,26 +209,23 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
     device = pipe._execution_device
     summary = GenerationSummary([], 0, len(mine) - len(todo), {})
     os.makedirs(output_dir, exist_ok=True)
+    read = partial(read_context, clips=clips, num_frames=context_clip_frames, resolution=pipe.resolution,
+                   fps=context_fps, resize=context_resize)
+    workers = min(num_workers, len(os.sched_getaffinity(0))) if any(j.context for j in todo) else 0
+    loader = torch.utils.data.DataLoader(ContextLoader(todo, read), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
     bar = tqdm(total=len(todo), unit="video", desc="videos", disable=not show_progress)
-    for start in range(0, len(todo), batch_size):
+    for items in loader:
         batch, contexts = [], []
-        for job in todo[start:start + batch_size]:
-            if job.context in summary.failed:  # another copy of an unreadable clip
+        for job, frames, why in items:
+            if why is not None:
+                summary.failed[job.context] = why
+                logger.warning("skipping %s: %s", job.name, why)
                 bar.update()
                 continue
-            if job.context is not None:
-                try:
-                    if job.clip is not None:
-                        contexts.append(clips.clip(job.clip)[:, :context_clip_frames].transpose(0, 1))
-                    else:
-                        contexts.append(load_context(job.context, context_clip_frames, pipe.resolution, context_fps,
-                                                     context_resize))
-                except VideoDecodeError as e:
-                    summary.failed[job.context] = str(e)
-                    logger.warning("skipping %s: %s", job.name, e)
-                    bar.update()
-                    continue
             batch.append(job)
+            if frames is not None:
+                contexts.append(frames)
         if not batch:
             continue
         kwargs = dict(call_kwargs, generator=[torch.Generator(device).manual_seed(j.seed) for j in batch],
@@ -322,7 +348,7 @@ def run_generate(args) -> GenerationSummary:
         pipe, jobs, args.output_dir, formats=args.formats, fps=args.fps, batch_size=args.batch_size,
         overwrite=args.overwrite, process_index=state.process_index, num_processes=state.num_processes,
         context_clip_frames=args.context_frames, context_fps=args.context_fps, context_resize=args.resize, clips=clips,
-        show_progress=state.is_main_process,
+        num_workers=args.num_workers, show_progress=state.is_main_process,
         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
         num_frames=args.num_frames, context_frames=args.window_context_frames)
     for clip, why in summary.failed.items():

@@ -99,6 +99,19 @@ def test_frame_prediction_continues_each_clip(dataset, tmp_path, capsys):
     assert np.abs(read_video(str(out / f"{name}.mp4"))[0].astype(int) - reference).max() <= 1
 
 
+def test_context_reading_workers_do_not_change_the_videos(dataset, tmp_path):
+    pipe = tiny_pipeline(mode="frames")
+    pipe.save_pretrained(tmp_path / "pipe")
+    for workers in ("0", "2"):
+        nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / workers), "--device", "cpu",
+             "--dataset", str(dataset), "--num_clips", "6", "--batch_size", "2", "--num_workers", workers,
+             "--formats", "npy", "--contact_sheet", "0"])
+    names = sorted(p for p in os.listdir(tmp_path / "0") if p.endswith(".npy"))
+    assert len(names) == 5 and names == sorted(p for p in os.listdir(tmp_path / "2") if p.endswith(".npy"))
+    for name in names:
+        assert np.array_equal(np.load(tmp_path / "0" / name), np.load(tmp_path / "2" / name))
+
+
 def test_evaluate_reads_the_clips_as_the_real_set(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: _tiny_i3d())
     fake = tmp_path / "fake"
