@@ -409,6 +409,9 @@ def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path
     assert first["skipped_unreadable"] == again["skipped_unreadable"] == {"fake": [str(tmp_path / "fake" / "9.npy")],
                                                                           "real": []}
     assert first["fvd"] == again["fvd"]
+    with pytest.warns(UserWarning, match="unreadable video"):  # read in two worker processes: the same result
+        workers = fvd_module.main(command[:3] + ["--num-workers", "2"])
+    assert workers["fvd"] == first["fvd"] and workers["skipped_unreadable"] == first["skipped_unreadable"]
 
 
 def test_videos_are_read_in_batches_of_one_shape():

@@ -21,6 +21,7 @@ import os
 import pickle
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -488,24 +489,42 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
 
 
-class ReadVideos:
-    """Videos read one item at a time by `read(item)` -> (n, 3, T, H, W), gathered into batches of one shape, each
-    ending at the item that brings it to `batch_size` videos or more (the calculator splits them for the detector). An item whose reading raises `VideoDecodeError` (an unreadable or truncated file) is
-    reported, named in `skipped` (by `name(item)`) and left out; a feature cache keeps that list."""
+class _ReadItems(torch.utils.data.Dataset):
+    """`read(item)` for DataLoader workers: (videos or None, the reading error's message or None)."""
 
-    def __init__(self, items: Sequence, read, name=str, batch_size: int = 8):
+    def __init__(self, items: Sequence, read):
+        self.items, self.read = items, read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from modeling_nbp.video_io import VideoDecodeError
+
+        try:
+            return self.read(self.items[i]), None
+        except VideoDecodeError as error:
+            return None, str(error)
+
+
+class ReadVideos:
+    """Videos read one item at a time by `read(item)` -> (n, 3, T, H, W) (in `num_workers` DataLoader workers, in
+    order), gathered into batches of one shape, each ending at the item that brings it to `batch_size` videos or more
+    (the calculator splits them for the detector). An item whose reading raises `VideoDecodeError` (an unreadable or
+    truncated file) is reported, named in `skipped` (by `name(item)`) and left out; a feature cache keeps that list."""
+
+    def __init__(self, items: Sequence, read, name=str, batch_size: int = 8, num_workers: int = 0):
         self.items, self.read, self.name, self.batch_size = items, read, name, batch_size
+        self.num_workers = min(num_workers, len(os.sched_getaffinity(0)))
         self.skipped: List[str] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        from modeling_nbp.video_io import VideoDecodeError
-
         self.skipped.clear()
+        loader = torch.utils.data.DataLoader(_ReadItems(self.items, self.read), batch_size=None,
+                                             num_workers=self.num_workers)
         pending: List[torch.Tensor] = []
-        for item in self.items:
-            try:
-                videos = self.read(item)
-            except VideoDecodeError as error:
+        for item, (videos, error) in zip(self.items, loader):
+            if videos is None:
                 warnings.warn(f"skipping an unreadable video ({error})", stacklevel=2)
                 self.skipped.append(self.name(item))
                 continue
@@ -518,6 +537,10 @@ class ReadVideos:
                 pending = []
         if pending:
             yield torch.cat(pending)
+
+
+def _read_clip(clips, i: int) -> torch.Tensor:
+    return clips.clip(i)[None]
 
 
 # --real-* option -> key of an `EvaluationClips` settings dict, and the value when neither the option nor a
@@ -602,6 +625,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=4,
+                        help="processes that decode videos ahead of the I3D (at most the CPUs; 0: in between)")
     parser.add_argument("--num-repeats", type=int, default=1,
                         help="FVD over this many random subsets (mean and std); > 1 needs --num-samples")
     parser.add_argument("--num-samples", type=int, help="videos drawn from each set per repeat (default: all)")
@@ -638,7 +663,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
     fake_folder, real_folder = Path(args.fake), Path(args.real)
     fake_files = _list_video_files(fake_folder)
-    fake = ReadVideos(fake_files, lambda path: load_video_file(path, FVD_NUM_FRAMES), batch_size=args.batch_size)
+    read_file = partial(load_video_file, num_frames=FVD_NUM_FRAMES)
+    fake = ReadVideos(fake_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
     results: Dict[str, object] = {"protocol": args.protocol}
     if args.real_dataset:
         from modeling_nbp.data.evaluation_clips import EvaluationClips
@@ -650,12 +676,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         clips = EvaluationClips(real_folder, settings["split"], num_clips, settings["seed"], settings["num_frames"],
                                 settings["resolution"], settings["fps"], settings["sampling"], settings["layout"],
                                 settings["resize"])
-        real = ReadVideos(range(len(clips)), lambda i: clips.clip(i)[None], clips.path, args.batch_size)
+        real = ReadVideos(range(len(clips)), partial(_read_clip, clips), clips.path, args.batch_size, args.num_workers)
         real_key = _clips_cache_key(clips)
         results["real_clips"] = clips.settings
     else:
         real_files = _list_video_files(real_folder)
-        real = ReadVideos(real_files, lambda path: load_video_file(path, FVD_NUM_FRAMES), batch_size=args.batch_size)
+        real = ReadVideos(real_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
         real_key = _folder_cache_key(real_files)
     calculator = FVDCalculator(
         args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
