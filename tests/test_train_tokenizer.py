@@ -133,6 +133,9 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    with pytest.raises(ValueError, match="trained on other clips \\(num_clips 8 on disk, 9 now\\)"):
+        main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest",
+              "--num_clips", "9"])
     main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest"])
     assert "resumed from" in capsys.readouterr().out
     strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731

@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType
 
 from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import psnr, ssim
+from ..run_files import settings_differences
 from ..video_io import atomic_output_path
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
@@ -138,6 +139,15 @@ def build_tokenizer(args) -> NBPVideoTokenizer:
         fsq_levels=tuple(args.fsq_levels), norm_num_groups=args.norm_num_groups, patch_size=args.patch_size)
 
 
+def data_settings(args) -> dict:
+    """What decides the training clips, kept in every checkpoint and checked when a run resumes."""
+    settings = dict(dataset=args.dataset, num_frames=args.num_frames, resolution=args.resolution)
+    if args.dataset == "moving_digits":
+        return dict(settings, num_clips=args.num_clips)
+    return dict(settings, train_data=os.path.abspath(args.train_data), layout=args.layout, fps=args.fps,
+                resize=args.resize)
+
+
 def build_datasets(args):
     """(train, held-out) map-style datasets of {"video": (3, T, H, W) in [0, 1], "label"} items."""
     if args.dataset == "moving_digits":
@@ -232,7 +242,15 @@ def main(argv=None) -> dict:
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        global_step = common.load_checkpoint(accelerator, resume)["global_step"]
+        state, wanted = common.load_checkpoint(accelerator, resume), data_settings(args)
+        recorded = state.get("data", wanted)  # checkpoints from before the settings were kept: not checked
+        if "resize" in wanted and "resize" not in recorded:
+            recorded = dict(recorded, resize="crop")  # kept, but from before clips could be squashed
+        differences = settings_differences(recorded, wanted)
+        if differences:
+            raise ValueError(f"{resume} was trained on other clips ({'; '.join(differences)}): resume with the same "
+                             "data settings, or start a new run")
+        global_step = state["global_step"]
         log.truncate(global_step)
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
@@ -319,7 +337,7 @@ def main(argv=None) -> dict:
                               f"({len(eval_data)} held-out clips)")
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   {"seed": args.seed, "global_batch_size": global_batch},
+                                   {"seed": args.seed, "global_batch_size": global_batch, "data": data_settings(args)},
                                    total_limit=args.checkpoints_total_limit)
         meter.resume()
     progress.close()
