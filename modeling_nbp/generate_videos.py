@@ -22,8 +22,8 @@ from .data.clips import frames_to_tensor, resize_frames
 from .data.evaluation_clips import EvaluationClips
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
 from .run_files import read_settings_differences, write_json
-from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, export_to_gif, export_to_mp4,
-                       make_contact_sheet, read_video, safe_file_name)
+from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, decoding_workers, export_to_gif,
+                       export_to_mp4, make_contact_sheet, read_video, safe_file_name)
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
     os.makedirs(output_dir, exist_ok=True)
     read = partial(read_context, clips=clips, num_frames=context_clip_frames, resolution=pipe.resolution,
                    fps=context_fps, resize=context_resize)
-    workers = min(num_workers, len(os.sched_getaffinity(0))) if any(j.context for j in todo) else 0
+    workers = decoding_workers(num_workers) if any(j.context for j in todo) else 0
     loader = torch.utils.data.DataLoader(ContextLoader(todo, read), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     bar = tqdm(total=len(todo), unit="video", desc="videos", disable=not show_progress)

@@ -36,7 +36,14 @@ __all__ = [
     "make_contact_sheet",
     "atomic_output_path",
     "safe_file_name",
+    "decoding_workers",
 ]
+
+
+def decoding_workers(requested: int) -> int:
+    """`requested` worker processes for decoding videos, at most as many as this process may use CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(requested, cpus))
 
 
 def safe_file_name(text: str) -> str:

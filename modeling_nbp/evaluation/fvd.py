@@ -515,7 +515,9 @@ class ReadVideos:
 
     def __init__(self, items: Sequence, read, name=str, batch_size: int = 8, num_workers: int = 0):
         self.items, self.read, self.name, self.batch_size = items, read, name, batch_size
-        self.num_workers = min(num_workers, len(os.sched_getaffinity(0)))
+        from modeling_nbp.video_io import decoding_workers
+
+        self.num_workers = decoding_workers(num_workers)
         self.skipped: List[str] = []
 
     def __iter__(self) -> Iterator[torch.Tensor]:
