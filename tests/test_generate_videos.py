@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -149,8 +150,12 @@ def test_accelerate_launch_two_processes(saved, tmp_path):
     _, model = saved
     out = tmp_path / "out"
     # --multi_gpu starts torchrun; with --device cpu the processes join over gloo (accelerate's --cpu would start one)
+    with socket.socket() as s:  # a free port: another launch on this machine may hold the default one
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_nbp.cli",
+               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "modeling_nbp.cli",
                "generate", "--model", model, "--output_dir", str(out), "--formats", "gif", "--num_videos_per_class", "2",
                "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
