@@ -1,7 +1,9 @@
 """Evaluation clip sets (the official evaluation's pairing of generated videos with dataset clips): the set itself,
 `nbp generate --dataset` and `nbp evaluate --real-dataset`."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -168,8 +170,9 @@ def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, 
     given = argparse.Namespace(real=str(dataset), real_num_clips=None,
                                **{option: None for option in fvd_module.REAL_CLIP_OPTIONS})
     settings, num_clips = fvd_module._real_clip_settings(given, fake, num_fake=5)
+    videos = EvaluationClips(dataset).settings["videos"]
     assert num_clips == 5 and settings == dict(split="train", layout="auto", seed=3, fps=4.0, sampling="random",
-                                               resolution=8, resize="squash", num_frames=5)
+                                               resolution=8, resize="squash", num_frames=5, videos=videos)
     capsys.readouterr()
     with pytest.raises(SystemExit):  # refused before any video is read
         fvd_module.main([str(fake), str(dataset), "--real-dataset", "--real-sampling", "center", "--no-progress"])
@@ -177,3 +180,13 @@ def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, 
     with pytest.raises(SystemExit):
         fvd_module.main([str(fake), str(tmp_path), "--real-dataset", "--no-progress"])
     assert "were made from clips of" in capsys.readouterr().err
+    # a video added to the split changes which video every clip comes from: refused by both commands
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    settings = json.loads((fake / "generate.json").read_text())
+    settings["dataset"]["source"] = str(moved)
+    (fake / "generate.json").write_text(json.dumps(settings))
+    shutil.copy(moved / "square" / "c.mp4", moved / "square" / "d.mp4")
+    with pytest.raises(SystemExit):
+        fvd_module.main([str(fake), str(moved), "--real-dataset", "--no-progress"])
+    assert "holds other videos than when the videos" in capsys.readouterr().err

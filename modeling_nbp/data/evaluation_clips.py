@@ -16,6 +16,7 @@ clip's start from a generator seeded by the set's seed and the clip's position, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -44,9 +45,11 @@ class EvaluationClips:
         self.dataset = load_video_dataset(self.source, layout, split, num_frames, resolution, fps, sampling=sampling,
                                           resize=resize)
         self.order = clip_order(len(self.dataset), num_clips or len(self.dataset), seed)
+        # the split's files decide which video each clip comes from: a video added or removed changes every clip
+        videos = hashlib.sha256("\n".join(self.dataset.index["path"]).encode()).hexdigest()[:16]
         self.settings = dict(source=os.path.abspath(self.source), split=split, layout=layout, seed=seed,
                              num_clips=len(self.order), num_frames=num_frames, resolution=resolution, fps=fps,
-                             sampling=sampling, resize=resize)
+                             sampling=sampling, resize=resize, videos=videos)
 
     def __len__(self) -> int:
         return len(self.order)

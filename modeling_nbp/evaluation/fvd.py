@@ -569,6 +569,7 @@ def _real_clip_settings(args, fake_folder: Path, num_fake: int) -> Tuple[Dict[st
             raise ValueError(f"--{option.replace('_', '-')} {given!r} disagrees with the clips the videos in "
                              f"{fake_folder} were made from ({key} {recorded[key]!r} in generate.json)")
         settings[key] = given if given is not None else recorded.get(key, default)
+    settings["videos"] = recorded.get("videos")  # a digest of the split's files, checked once they are listed
     return settings, args.real_num_clips or (num_fake if recorded else None)
 
 
@@ -678,6 +679,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         clips = EvaluationClips(real_folder, settings["split"], num_clips, settings["seed"], settings["num_frames"],
                                 settings["resolution"], settings["fps"], settings["sampling"], settings["layout"],
                                 settings["resize"])
+        if settings.get("videos") not in (None, clips.settings["videos"]):
+            parser.error(f"{real_folder}'s {settings['split']} split holds other videos than when the videos in "
+                         f"{fake_folder} were made (generate.json): its clips are not theirs")
         real = ReadVideos(range(len(clips)), partial(_read_clip, clips), clips.path, args.batch_size, args.num_workers)
         real_key = _clips_cache_key(clips)
         results["real_clips"] = clips.settings
