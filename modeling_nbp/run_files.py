@@ -12,13 +12,15 @@ def write_json(path: str | os.PathLike, content, indent: int | None = None) -> N
         json.dump(content, f, indent=indent)
 
 
-def settings_differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """'key old on disk, new now' for every (nested) key whose value differs."""
+def settings_differences(found: dict, wanted: dict, earlier_defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """'key old on disk, new now' for every (nested) key whose value differs. `earlier_defaults` (nested like the
+    settings) gives the value of a key that `wanted` has and settings written before that key existed lack."""
+    earlier_defaults = earlier_defaults or {}
     lines = []
     for key in sorted(set(found) | set(wanted)):
-        old, new = found.get(key), wanted.get(key)
+        old, new = found.get(key, earlier_defaults.get(key) if key in wanted else None), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            lines += settings_differences(old, new, f"{prefix}{key}.")
+            lines += settings_differences(old, new, earlier_defaults.get(key), f"{prefix}{key}.")
         elif old != new:
             lines.append(f"{prefix}{key} {old!r} on disk, {new!r} now")
     return lines
@@ -26,15 +28,10 @@ def settings_differences(found: dict, wanted: dict, prefix: str = "") -> list[st
 
 def read_settings_differences(path: str | os.PathLike, wanted: dict, earlier_defaults: dict | None = None
                               ) -> list[str] | None:
-    """The differences between the settings file at `path` and `wanted`; None when there is no such file.
-    `earlier_defaults` ({section: {key: value}}) fills the keys `wanted` has that files written before those keys
-    existed lack."""
+    """The differences between the settings file at `path` and `wanted` (see `settings_differences`); None when
+    there is no such file."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         found = json.load(f)
-    for section, defaults in (earlier_defaults or {}).items():
-        if isinstance(found.get(section), dict):
-            wanted_keys = wanted.get(section) or {}
-            found[section] = {**{k: v for k, v in defaults.items() if k in wanted_keys}, **found[section]}
-    return settings_differences(found, json.loads(json.dumps(wanted)))  # tuples read back as lists
+    return settings_differences(found, json.loads(json.dumps(wanted)), earlier_defaults)  # tuples read as lists

@@ -36,7 +36,7 @@ def clip_order(num_videos: int, num_clips: int, seed: int) -> list[tuple[int, in
 
 class EvaluationClips:
     """`num_clips` clips (default: one per video) of `num_frames` frames from a dataset split (any layout of
-    `load_video_dataset`), resampled to `fps`, cut by `sampling` and resized/centre-cropped to `resolution`."""
+    `load_video_dataset`), resampled to `fps`, cut by `sampling` and brought to `resolution` by `resize`."""
 
     def __init__(self, source: str | os.PathLike, split: str = "train", num_clips: int | None = None, seed: int = 0,
                  num_frames: int = 17, resolution: int = 128, fps: float | None = 8, sampling: str = "center",
@@ -45,8 +45,9 @@ class EvaluationClips:
         self.dataset = load_video_dataset(self.source, layout, split, num_frames, resolution, fps, sampling=sampling,
                                           resize=resize)
         self.order = clip_order(len(self.dataset), num_clips or len(self.dataset), seed)
+        self.paths, self.labels = self.dataset.index["path"], self.dataset.index["label"]  # read once, not per clip
         # the split's files decide which video each clip comes from: a video added or removed changes every clip
-        videos = hashlib.sha256("\n".join(self.dataset.index["path"]).encode()).hexdigest()[:16]
+        videos = hashlib.sha256("\n".join(self.paths).encode()).hexdigest()[:16]
         self.settings = dict(source=os.path.abspath(self.source), split=split, layout=layout, seed=seed,
                              num_clips=len(self.order), num_frames=num_frames, resolution=resolution, fps=fps,
                              sampling=sampling, resize=resize, videos=videos)
@@ -59,10 +60,10 @@ class EvaluationClips:
         return self.dataset.class_names
 
     def path(self, i: int) -> str:
-        return self.dataset.index[self.order[i][0]]["path"]
+        return self.paths[self.order[i][0]]
 
     def label(self, i: int) -> int:
-        return int(self.dataset.index[self.order[i][0]]["label"])
+        return int(self.labels[self.order[i][0]])
 
     def name(self, i: int) -> str:
         """The clip's file-name-safe name: its path below the dataset root, and its pass over the videos."""

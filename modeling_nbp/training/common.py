@@ -10,7 +10,7 @@
 * Randomness inside a step (dropout, class-label dropout) is reseeded from (seed, micro-step, process) by
   `seed_step`, so it does not depend on what ran before a resume either.
 * Logging: per-step JSON lines (`JsonlLog`), trackers (TensorBoard, W&B when installed and configured),
-  sample videos; `push_folder_to_hub`; throughput and MFU estimates.
+  sample videos; throughput and MFU estimates.
 """
 
 from __future__ import annotations
@@ -369,19 +369,6 @@ def log_videos(accelerator, tag: str, videos: torch.Tensor, step: int, output_di
     return paths
 
 
-def push_folder_to_hub(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
-                       commit_message: str = "Upload trained model") -> str:
-    """Create `repo_id` if needed and upload `folder` to it (a model card of the user's already there is kept);
-    returns the full repo id."""
-    from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
-
-    if not repo_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/nbp-ucf')")
-    repo_id = create_hub_repo(repo_id, private, token)
-    upload_to_hub(folder, repo_id, token, commit_message)
-    return repo_id
-
-
 # ------------------------------------------------------------------------------------- throughput and MFU
 class ThroughputMeter:
     """Tokens (or items) per second of training steps. The clock starts after the first `skip` steps (warm-up,
@@ -418,7 +405,7 @@ class ThroughputMeter:
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "check_run_start", "dataloader_worker_init",
     "find_latest_checkpoint", "JsonlLog", "list_checkpoints", "load_checkpoint", "load_checkpoint_tensors",
-    "log_videos", "make_accelerator", "push_folder_to_hub", "remove_stale_temporaries", "remove_tree",
+    "log_videos", "make_accelerator", "remove_stale_temporaries", "remove_tree",
     "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint",
     "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter", "tracker_config", "training_progress",
     "use_cpu", "write_json",

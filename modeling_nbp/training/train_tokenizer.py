@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType
 
 from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import psnr, ssim
+from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
 from ..run_files import settings_differences
 from ..video_io import atomic_output_path
 from ..video_tokenizer import NBPVideoTokenizer
@@ -217,6 +218,9 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         common.remove_stale_temporaries(args.output_dir)
+    hub_repo = None  # the full repo id, created now: a missing token fails before training, not after it
+    if args.push_to_hub and accelerator.is_main_process:
+        hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
 
     train_data, eval_data = build_datasets(args)
     torch.manual_seed(args.seed)  # same initial weights on every process
@@ -243,10 +247,9 @@ def main(argv=None) -> dict:
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         state, wanted = common.load_checkpoint(accelerator, resume), data_settings(args)
-        recorded = state.get("data", wanted)  # checkpoints from before the settings were kept: not checked
-        if "resize" in wanted and "resize" not in recorded:
-            recorded = dict(recorded, resize="crop")  # kept, but from before clips could be squashed
-        differences = settings_differences(recorded, wanted)
+        # checkpoints from before the settings were kept are not checked; those from before clips could be
+        # squashed were cropped
+        differences = settings_differences(state.get("data", wanted), wanted, earlier_defaults={"resize": "crop"})
         if differences:
             raise ValueError(f"{resume} was trained on other clips ({'; '.join(differences)}): resume with the same "
                              "data settings, or start a new run")
@@ -346,10 +349,9 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         with atomic_output_path(final_dir) as tmp:
             accelerator.unwrap_model(tokenizer).save_pretrained(tmp)
-        if args.push_to_hub:
-            repo = common.push_folder_to_hub(final_dir, args.hub_model_id, private=args.hub_private or None,
-                                             commit_message=f"NBP video tokenizer after {global_step} steps")
-            accelerator.print(f"pushed {final_dir} to {repo}")
+        if hub_repo:
+            upload_to_hub(final_dir, hub_repo, commit_message=f"NBP video tokenizer after {global_step} steps")
+            accelerator.print(f"pushed {final_dir} to {hub_repo}")
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - start_time
     if skips.num_skipped:
