@@ -1,6 +1,7 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -221,8 +222,9 @@ class NBPGenerationMixin:
         reference path).
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
-        shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere. use_cuda_graphs
-        (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
+        shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere and for models whose
+        modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
+        use_cuda_graphs (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
         compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the dense parts of its
         layers through `torch.compile`.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
@@ -231,10 +233,21 @@ class NBPGenerationMixin:
             raise ValueError("the generator's weights are on the meta device (not loaded, or sequential CPU offloading, "
                              "which generation does not support: it reads weights outside the modules' forward); "
                              "load the weights, or use enable_model_cpu_offload() or .to(device)")
-        if cache_implementation is None:
-            cache_implementation = "static" if self.device.type == "cuda" else "dynamic"
-        if cache_implementation not in ("dynamic", "static"):
+        if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        blockers = self.static_decode_blockers() if use_cache and cache_implementation != "dynamic" else []
+        if cache_implementation is None:
+            fast = cuda_graphs_supported(self.device)
+            cache_implementation = "static" if fast and not blockers else "dynamic"
+            if fast and blockers:
+                warnings.warn("generating with the dynamic cache (slower): the static decode step reads the weights "
+                              f"of plain modules, and {blockers[0]} (merge adapters with merge_and_unload(), remove "
+                              "hooks, or put the model on one device for the fast path)", stacklevel=3)
+        elif cache_implementation == "static" and blockers:
+            raise ValueError("cache_implementation='static' would skip what the modules' forward does: "
+                             + "; ".join(blockers[:3]) + (f"; and {len(blockers) - 3} more" if len(blockers) > 3 else "")
+                             + " (merge adapters with merge_and_unload(), remove hooks, put the "
+                             "model on one device, or use cache_implementation='dynamic')")
         graphs_ok = cache_implementation == "static" and use_cache and cuda_graphs_supported(self.device)
         if use_cuda_graphs is None:
             use_cuda_graphs = graphs_ok

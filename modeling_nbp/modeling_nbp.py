@@ -332,6 +332,33 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
         return result if return_dict is not False else result.to_tuple()
 
+    def static_decode_blockers(self) -> list[str]:
+        """What stops the static decode step (`decode_block_logits`) from computing what the forward computes: it
+        calls `embed_tokens` and the final `norm` but only reads the weights of the other modules (plain
+        `nn.Embedding` / `nn.LayerNorm` / `nn.Linear`), so a module of another class there (a PEFT adapter, a
+        quantized layer), a forward hook on it (accelerate's `device_map` dispatch, a user's hook) or weights spread
+        over several devices would be skipped silently.
+        -> one line per cause; [] when the static path is exact."""
+        called = {"model.embed_tokens", "model.norm"}
+        expected = {"model": NBPModel, "model.embed_positions": nn.Embedding, "lm_head": nn.Linear}
+        for i in range(len(self.model.layers)):
+            p = f"model.layers.{i}."
+            expected.update({p[:-1]: NBPDecoderLayer, p + "input_layernorm": nn.LayerNorm,
+                             p + "post_attention_layernorm": nn.LayerNorm, p + "self_attn": NBPAttention,
+                             p + "mlp": NBPMLP, p + "mlp.fc1": nn.Linear, p + "mlp.fc2": nn.Linear})
+            expected.update({f"{p}self_attn.{x}_proj": nn.Linear for x in "qkvo"})
+        modules = dict(self.named_modules())
+        blockers = [f"{name} is a {type(modules.get(name)).__module__}.{type(modules.get(name)).__qualname__}, "
+                    f"not a {cls.__module__}.{cls.__qualname__}"
+                    for name, cls in expected.items() if type(modules.get(name)) is not cls]
+        blockers += [f"{name} has a forward hook" for name, module in modules.items()
+                     if module is not self and name not in called and (module._forward_hooks or module._forward_pre_hooks
+                                                or hasattr(module, "_hf_hook"))]
+        devices = {str(p.device) for p in self.parameters()}
+        if len(devices) > 1:
+            blockers.append(f"the parameters lie on several devices ({', '.join(sorted(devices))})")
+        return blockers
+
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) (the whole
         vocabulary's with `config.sample_whole_vocabulary`) of `ids` (B, n) at positions [start, start + n), which

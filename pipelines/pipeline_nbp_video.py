@@ -456,7 +456,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             condition_ids: a raw (B, P) condition prefix (e.g. free-text ids for the UCF model) instead of labels.
             use_cache: False recomputes the whole sequence each step (the reference path).
             cache_implementation: "static" (the default on CUDA: preallocated cache, decode steps replayed from CUDA
-                graphs) or "dynamic" (the default elsewhere); see `NBPForVideoGeneration.iter_generation`.
+                graphs) or "dynamic" (the default elsewhere, and for a generator with adapters or hooks the static
+                step would skip); see `NBPForVideoGeneration.iter_generation`.
             compile_decode: run the static path's decode step through `torch.compile` (the first call compiles); True
                 or a mode of `modeling_nbp.generation.DECODE_COMPILE_MODES`.
             overlap_decode: decode each latent frame as soon as it is complete (on CUDA on a second stream, beside

@@ -605,6 +605,55 @@ def test_static_decoder_in_and_out_of_inference_mode(replay_graphs):
     assert torch.equal(inside, outside) and torch.equal(outside, again) and replay_graphs
 
 
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-style wrapper as PEFT makes one: the frozen layer (whose weight it exposes) plus a low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+def test_static_path_never_skips_adapters_or_hooks(replay_graphs):
+    """The static decode step reads weights instead of calling modules: a module it would skip (an adapter, a
+    hook) is refused when the static path is asked for, and the default falls back to the dynamic cache (on CUDA,
+    here a stand-in) with a warning, so the tokens are always the model's."""
+    model = make_model()
+    kw = dict(class_labels=[0, 2], temperature=0)
+    reference = model.generate_video_tokens(use_cache=False, **kw)
+    attention = model.model.layers[1].self_attn
+    attention.v_proj = LowRankAdapter(attention.v_proj)
+    adapted = model.generate_video_tokens(use_cache=False, **kw)
+    assert not torch.equal(adapted, reference)  # the adapter changes the greedy tokens
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj is a .*LowRankAdapter, not a "
+                                         r"torch\.nn\.modules\.linear\.Linear"):
+        model.generate_video_tokens(cache_implementation="static", **kw)
+    with pytest.warns(UserWarning, match="generating with the dynamic cache"):
+        assert torch.equal(model.generate_video_tokens(**kw), adapted)
+    assert not replay_graphs
+    attention.v_proj = attention.v_proj.base_layer
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: 2 * out)
+    assert model.static_decode_blockers() == ["model.layers.0.mlp has a forward hook"]
+    with pytest.raises(ValueError, match="model.layers.0.mlp has a forward hook"):
+        model.generate_video_tokens(cache_implementation="static", **kw)
+    hook.remove()
+    assert model.static_decode_blockers() == []
+    assert torch.equal(model.generate_video_tokens(**kw), reference) and replay_graphs  # the fast path again
+
+
 @pytest.mark.parametrize("path", [dict(use_cache=False), dict(cache_implementation="dynamic"),
                                   dict(cache_implementation="static", use_cuda_graphs=False),
                                   dict(cache_implementation="static", use_cuda_graphs=True)])
