@@ -1,3 +1,4 @@
+import importlib
 import logging
 import os
 
@@ -334,6 +335,18 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
     merge_token_chunks(out)
     pretokenize(TinyClips(), tokenizer(), tmp_path / "clean", batch_size=2, chunk_size=2)
     assert read_all(out) == read_all(tmp_path / "clean")
+    # a finished folder is checked too: another tokenizer never gets the old tokens back
+    with pytest.raises(ValueError, match=r"tokenizer_weights '\w+' on disk, '\w+' now"):
+        pretokenize(TinyClips(), tokenizer(seed=1), out, batch_size=2, chunk_size=2)
+
+
+def test_pretokenize_processes_take_their_own_gpu(monkeypatch):
+    module = importlib.import_module("modeling_nbp.data.pretokenize")  # the package exports the function by that name
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert module.default_device() == "cuda:3"
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: False)
+    assert module.default_device() == "cpu"
 
 
 def test_settings_files_from_before_a_setting_existed(tmp_path):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -28,12 +29,15 @@ TINY = ["--num_layers", "2", "--hidden_size", "32", "--num_heads", "4", "--block
         "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1", "--warmup_steps", "2"]
 
 
-def write_tokens(path: Path, n: int, seed: int) -> str:
+def write_tokens(path: Path, n: int, seed: int, grid=GRID, class_names=None, classes=CLASSES) -> str:
     """A pre-tokenized folder in the `pretokenize` format: n random (2, 4, 4) grids, labels i % 3."""
-    grids = np.random.default_rng(seed).integers(0, VOCAB, (n, *GRID)).astype(np.int32)
-    rows = {"tokens": list(grids.reshape(n, -1)), "latent_shape": [list(GRID)] * n,
-            "label": [i % CLASSES for i in range(n)], "index": list(range(n))}
-    datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(str(path / "tokens"))
+    grids = np.random.default_rng(seed).integers(0, VOCAB, (n, *grid)).astype(np.int32)
+    rows = {"tokens": list(grids.reshape(n, -1)), "latent_shape": [list(grid)] * n,
+            "label": [i % classes for i in range(n)], "index": list(range(n))}
+    features = TOKEN_FEATURES
+    if class_names:
+        features = datasets.Features(dict(TOKEN_FEATURES, label=datasets.ClassLabel(names=class_names)))
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path / "tokens"))
     return str(path)
 
 
@@ -65,6 +69,18 @@ def test_step_batch_sampler_order_is_independent_of_processes_and_resumes():
     assert batches(common.StepBatchSampler(10, 4, seed=4), 2) != single[:2]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         common.StepBatchSampler(3, 2, 2, 0)
+
+
+def test_an_optimizer_step_takes_the_same_clips_however_the_global_batch_is_split():
+    def step_items(batch, accumulation, processes, steps=4):
+        iterators = [iter(common.StepBatchSampler(10, batch, processes, p, seed=5, accumulation_steps=accumulation))
+                     for p in range(processes)]
+        return [sorted(i for _ in range(accumulation) for it in iterators for i in next(it)) for _ in range(steps)]
+
+    reference = step_items(8, 1, 1)  # global batch 8 of 10 items: one step per epoch, 2 items dropped
+    for layout in [(4, 2, 1), (2, 2, 2), (4, 1, 2), (1, 4, 2)]:
+        assert step_items(*layout) == reference, layout
+    assert all(len(set(items)) == 8 for items in reference)  # never a clip twice in one step
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
@@ -213,6 +229,41 @@ def test_bad_arguments_are_clear_errors(token_data, tmp_path):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--guidance_scale", "3", *TINY])
     with pytest.raises(ValueError, match="top_p must be a number in"):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--top_p", "0", *TINY])
+    # the validation data must fit the model before training starts (not at the final validation)
+    other_grid = write_tokens(tmp_path / "grid", 4, 2, grid=(2, 2, 4))
+    with pytest.raises(ValueError, match="--validation_data has latent grids \\[2, 2, 4\\], --train_data \\[2, 4, 4\\]"):
+        main(["--train_data", token_data[0], "--validation_data", other_grid, "--output_dir", str(tmp_path), *TINY])
+    named = write_tokens(tmp_path / "named", 6, 2, class_names=["cat", "dog", "fox"])
+    shifted = write_tokens(tmp_path / "shifted", 6, 3, class_names=["cat", "fox", "owl"])
+    with pytest.raises(ValueError, match="only in validation: \\['owl'\\], only in training: \\['dog'\\]"):
+        main(["--train_data", named, "--validation_data", shifted, "--output_dir", str(tmp_path), *TINY])
+    more_classes = write_tokens(tmp_path / "classes", 8, 4, classes=4)
+    with pytest.raises(ValueError, match="--validation_data has labels in \\[0, 3\\], the model 3 classes"):
+        main(["--train_data", token_data[0], "--validation_data", more_classes, "--output_dir", str(tmp_path), *TINY])
+
+
+def test_class_count_comes_from_the_class_names(tmp_path):
+    # a class with no items left (every video skipped) is still a class of the model
+    data = write_tokens(tmp_path / "data", 6, 0, class_names=["cat", "dog", "fox", "owl"])
+    main(["--train_data", data, "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1",
+          "--train_batch_size", "2", "--warmup_steps", "0"])
+    config = NBPConfig.from_pretrained(tmp_path / "run" / "final")
+    assert config.num_classes == 4 and config.id2label == {0: "cat", 1: "dog", 2: "fox", 3: "owl"}
+
+
+def test_a_tokenizer_that_did_not_make_the_tokens_is_reported(tmp_path, caplog):
+    from modeling_nbp.data.pretokenize import weights_digest
+    from modeling_nbp.training.train_nbp import check_tokenizer_made_tokens
+
+    made, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "pretokenize.json").write_text(json.dumps({"tokenizer_weights": weights_digest(made)}))
+    for path in (tmp_path, tmp_path / "tokens"):  # the pretokenize folder or its tokens folder
+        caplog.clear()
+        check_tokenizer_made_tokens(str(path), made)
+        assert not caplog.records
+        check_tokenizer_made_tokens(str(path), other)
+        assert "--tokenizer is not the tokenizer that made --train_data" in caplog.text
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------
@@ -237,13 +288,14 @@ def test_two_process_ddp_matches_one_process(token_data, tmp_path):
 def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     args = ["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "24",
             "--train_batch_size", "4", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
-            "--class_dropout_prob", "0.2", "--ema_decay", "0.9", "--seed", "7"]
+            "--class_dropout_prob", "0.2", "--ema_decay", "0.9", "--seed", "7", "--validation_steps", "8"]
     reference = tmp_path / "reference"
     summary = main([*args, "--output_dir", str(reference)])
     assert summary["steps"] == 24 and np.isfinite(summary["val_loss"]) and summary["tokens_per_s"] > 0
     out = capsys.readouterr().out
     assert "done: 24 steps" in out and "val loss" in out and "tokens/s" in out
     assert sorted(p for p in os.listdir(reference) if p.startswith("checkpoint-")) == ["checkpoint-20", "checkpoint-24"]
+    assert [r["step"] for r in read_log(reference) if "val_loss" in r] == [8, 16, 24]
     reloaded = NBPForVideoGeneration.from_pretrained(reference / "final")
     assert reloaded.config.latent_shape == list(GRID) and reloaded.config.num_classes == CLASSES
 
@@ -269,6 +321,14 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     (killed / ".tmp-checkpoint-10000").mkdir()
     latest_step = common.list_checkpoints(killed)[-1][0]
     assert 4 <= latest_step < 24
+    with open(killed / "train_log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a line cut short by the kill: dropped, not fatal
+    # what the checkpoint restores (optimizer, EMA, data order) cannot change on a resume
+    for flags, change in [(["--learning_rate", "1e-4"], "optimization.learning_rate 0.0003 on disk, 0.0001 now"),
+                          (["--ema_decay", "0"], "optimization.ema_decay 0.9 on disk, 0.0 now"),
+                          (["--seed", "8"], "seed 7 on disk, 8 now")]:
+        with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
+            main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest", *flags])
 
     summary = main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert f"resumed from {killed / f'checkpoint-{latest_step}'} at step {latest_step}" in capsys.readouterr().out

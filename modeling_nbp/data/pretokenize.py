@@ -72,6 +72,15 @@ class _IndexedItems(torch.utils.data.Dataset):
 CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling", "resize")
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short digest of a module's weights (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
     """Everything that decides the chunks' contents, as plain JSON values."""
     config = getattr(tokenizer, "config", None)
@@ -85,11 +94,7 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
         "tokenizer_config": {k: v for k, v in config.items() if not k.startswith("_")},
     }
     if isinstance(tokenizer, torch.nn.Module):  # the config alone cannot tell two checkpoints apart
-        digest = hashlib.sha256()
-        for name, tensor in sorted(tokenizer.state_dict().items()):
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        settings["tokenizer_weights"] = digest.hexdigest()[:16]
+        settings["tokenizer_weights"] = weights_digest(tokenizer)
     return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they read back from the file
 
 
@@ -162,9 +167,6 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
     if not callable(getattr(tokenizer, "encode", None)):
         raise TypeError(f"`tokenizer` must have an encode(video) method, got {type(tokenizer).__name__}")
     output_dir = os.fspath(output_dir)
-    if os.path.isdir(os.path.join(output_dir, "tokens")):
-        logger.info("%s is already merged; nothing to do", output_dir)
-        return merge_token_chunks(output_dir) if num_shards == 1 else None
     if device is None:
         parameter = next(iter(tokenizer.parameters()), None) if isinstance(tokenizer, torch.nn.Module) else None
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -172,7 +174,10 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
     num_items = len(dataset)
     if num_items == 0:
         raise ValueError("`dataset` is empty")
-    _check_metadata(output_dir, _run_settings(dataset, tokenizer, chunk_size))
+    _check_metadata(output_dir, _run_settings(dataset, tokenizer, chunk_size))  # a finished folder too
+    if os.path.isdir(os.path.join(output_dir, "tokens")):
+        logger.info("%s is already merged; nothing to do", output_dir)
+        return merge_token_chunks(output_dir) if num_shards == 1 else None
     num_chunks = math.ceil(num_items / chunk_size)
     for chunk in range(shard_index, num_chunks, num_shards):
         target = _chunk_dir(output_dir, chunk)
@@ -240,6 +245,11 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
     return TokenDataset(datasets.load_from_disk(merged if os.path.isdir(merged) else path))
 
 
+def default_device() -> str:
+    """This process's GPU under torchrun / accelerate launch (LOCAL_RANK), else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv=None):
     """`nbp pretokenize`: encode a video dataset with a tokenizer once; several processes (torchrun / accelerate
     launch) split the chunks by rank, and a rerun resumes."""
@@ -262,8 +272,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--chunk_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
     args = p.parse_args(argv)
+    args.device = args.device or default_device()
     folder = args.tokenizer
     if os.path.isdir(os.path.join(folder, "video_tokenizer")):
         folder = os.path.join(folder, "video_tokenizer")

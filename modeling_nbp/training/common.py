@@ -5,8 +5,10 @@
   renamed folders holding the marker count, so a run killed mid-save is never resumed from a half-written
   checkpoint. Old checkpoints are rotated out (`total_limit`).
 * Data order: `StepBatchSampler` gives every process its share of micro-batch `m` as a pure function of
-  (seed, m), so a resumed run sees exactly the batches an uninterrupted run would, whatever the number of
-  processes (for the same global batch).
+  (seed, m), so a resumed run sees exactly the batches an uninterrupted run would; an optimizer step takes the
+  same clips whatever the number of processes and accumulation steps (for the same global batch).
+* A resume restores the optimizer, the EMA and the data order from the checkpoint, so `check_resume_settings`
+  refuses one that asks for other learning rates, seed, data and so on, instead of overriding them silently.
 * Randomness inside a step (dropout, class-label dropout) is reseeded from (seed, micro-step, process) by
   `seed_step`, so it does not depend on what ran before a resume either.
 * Logging: per-step JSON lines (`JsonlLog`), trackers (TensorBoard, W&B when installed and configured),
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..run_files import write_json
+from ..run_files import settings_differences, write_json
 from ..video_io import atomic_output_path, export_to_mp4, make_contact_sheet
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,25 @@ def load_checkpoint(accelerator, path: str) -> dict:
         return json.load(f)
 
 
+def check_resume_settings(resume: str, state: dict, wanted: dict, earlier_defaults: dict | None = None) -> None:
+    """Refuse to resume checkpoint `resume` (trainer state `state`) with other settings than it was trained with:
+    `wanted` maps top-level keys of the trainer state to this run's values (nested dicts allowed). A group the
+    checkpoint lacks (written before it was kept) is not checked; `earlier_defaults` as in `settings_differences`."""
+    wanted = json.loads(json.dumps(wanted))  # tuples as lists, as they read back from the checkpoint
+    found = {key: state.get(key, value) for key, value in wanted.items()}
+    differences = settings_differences(found, wanted, earlier_defaults)
+    if differences:
+        raise ValueError(f"{resume} was trained with other settings ({'; '.join(differences)}): a resume continues "
+                         "the checkpoint's optimizer state, EMA and data order, which would override them silently; "
+                         "pass the same values, or start a new run")
+
+
+def warn_if_global_batch_changed(state: dict, global_batch: int) -> None:
+    if state.get("global_batch_size") != global_batch:
+        logger.warning("resuming with a global batch of %d clips instead of %s: the data order changes", global_batch,
+                       state.get("global_batch_size"))
+
+
 def load_checkpoint_tensors(path: str, stem: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(path, f"{stem}.safetensors"))
 
@@ -176,23 +197,28 @@ def seed_step(seed: int, micro_step: int, process_index: int) -> None:
 class StepBatchSampler(torch.utils.data.Sampler):
     """Infinite batch sampler: this process's indices for micro-steps `start_step`, `start_step + 1`, ...
 
-    A global micro-batch has `batch_size * num_processes` items; micro-step `m` takes the `(m % S)`-th slice of
-    epoch `m // S`'s permutation (seeded by (seed, epoch); S = steps per epoch, the incomplete tail of each
-    permutation is dropped) and process `p` gets the p-th `batch_size` items of it. So the global order depends
-    only on the seed and the global micro-batch size, not on the number of processes or on resumes."""
+    An optimizer step takes G = `batch_size * accumulation_steps * num_processes` items: optimizer step `s` takes
+    the `(s % S)`-th slice of G items of epoch `s // S`'s permutation (seeded by (seed, epoch); S = optimizer
+    steps per epoch, the incomplete tail of each permutation is dropped), and its micro-step `a`, process `p` the
+    `(a * num_processes + p)`-th `batch_size` items of that slice. So the clips of every optimizer step depend only
+    on the seed and G, not on how G is split over processes and accumulation, nor on resumes."""
 
     def __init__(self, num_items: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 seed: int = 0, start_step: int = 0, shuffle: bool = True):
-        if batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes or start_step < 0:
-            raise ValueError(f"need batch_size >= 1, 0 <= process_index < num_processes, start_step >= 0; got "
-                             f"{batch_size}, {process_index}, {num_processes}, {start_step}")
-        self.global_batch = batch_size * num_processes
+                 seed: int = 0, start_step: int = 0, shuffle: bool = True, accumulation_steps: int = 1):
+        if (batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes or start_step < 0
+                or accumulation_steps < 1):
+            raise ValueError(f"need batch_size >= 1, 0 <= process_index < num_processes, start_step >= 0, "
+                             f"accumulation_steps >= 1; got {batch_size}, {process_index}, {num_processes}, "
+                             f"{start_step}, {accumulation_steps}")
+        self.global_batch = batch_size * accumulation_steps * num_processes
         if num_items < self.global_batch:
             raise ValueError(f"the dataset has {num_items} items, fewer than one global batch ({batch_size} per "
-                             f"process x {num_processes} processes); lower the batch size")
-        self.num_items, self.batch_size, self.process_index = num_items, batch_size, process_index
+                             f"process x {accumulation_steps} accumulation steps x {num_processes} processes); lower "
+                             "the batch size")
+        self.num_items, self.batch_size, self.num_processes = num_items, batch_size, num_processes
+        self.process_index, self.accumulation_steps = process_index, accumulation_steps
         self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
-        self.steps_per_epoch = num_items // self.global_batch
+        self.steps_per_epoch = num_items // self.global_batch  # optimizer steps
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -201,14 +227,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return torch.randperm(self.num_items, generator=generator)
 
     def __iter__(self):
-        step, epoch, order = self.start_step, None, None
+        micro, epoch, order = self.start_step, None, None
         while True:
+            step, a = divmod(micro, self.accumulation_steps)
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 order = self.epoch_order(epoch)
-            start = (step % self.steps_per_epoch) * self.global_batch + self.process_index * self.batch_size
+            start = ((step % self.steps_per_epoch) * self.global_batch
+                     + (a * self.num_processes + self.process_index) * self.batch_size)
             yield order[start:start + self.batch_size].tolist()
-            step += 1
+            micro += 1
 
 
 def dataloader_worker_init(_worker_id: int) -> None:
@@ -265,8 +293,18 @@ class JsonlLog:
         """Drop records after `last_step` (those a killed run wrote after the checkpoint it is resumed from)."""
         if not (self.enabled and os.path.isfile(self.path)):
             return
+        keep, torn = [], 0
         with open(self.path, encoding="utf-8") as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short when the run was killed
+                    torn += 1
+                    continue
+                if record.get("step", 0) <= last_step:
+                    keep.append(line)
+        if torn:
+            logger.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", self.path, torn)
         with atomic_output_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
 

@@ -9,6 +9,7 @@ train_log.jsonl (one line per logged step), logs/ (TensorBoard), samples/ (MP4 +
 """
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from accelerate.utils import DistributedType
 
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
+from ..data.pretokenize import weights_digest
 from ..generation import resolve_sampling
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: class if every item has a label >= 0, else none")
     g.add_argument("--num_context_frames", type=int, default=1,
                    help="frames mode: latent frames given as context when sampling (training predicts all)")
-    g.add_argument("--num_classes", type=int, help="default: largest label in the data + 1")
+    g.add_argument("--num_classes", type=int, help="default: the data's class names, else its largest label + 1")
     g.add_argument("--video_vocab_size", type=int,
                    help="default: the tokenizer's codebook, the preset's, or the largest id in the data + 1")
     g.add_argument("--dropout", type=float, help=f"embedding/residual dropout (default {DEFAULTS['dropout']})")
@@ -168,11 +170,13 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
                                        video_vocab_size=vocab or preset_vocab, **training)
     else:
         mode = args.condition_mode or ("class" if info["min_label"] >= 0 else "none")
+        names = info["class_names"]
         first = args.first_block or ("none" if mode == "frames" else "hybrid")
         config = NBPConfig(
             latent_shape=latent, block_shape=block, video_vocab_size=vocab or max_token_id(info["data"]) + 1,
-            condition_mode=mode, first_block=first, num_classes=args.num_classes or info["max_label"] + 1,
-            id2label=dict(enumerate(info["class_names"])) if mode == "class" and info["class_names"] else None,
+            condition_mode=mode, first_block=first,
+            num_classes=args.num_classes or (len(names) if names else info["max_label"] + 1),
+            id2label=dict(enumerate(names)) if mode == "class" and names else None,
             num_condition_tokens=1, num_context_frames=args.num_context_frames if mode == "frames" else 0,
             num_hidden_layers=args.num_layers or DEFAULTS["num_layers"],
             hidden_size=args.hidden_size or DEFAULTS["hidden_size"],
@@ -183,6 +187,43 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
     if tokenizer is not None and tokenizer.codebook_size != config.video_vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.codebook_size} codes, the model {config.video_vocab_size}")
     return config
+
+
+def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> None:
+    """The validation items must fit the model the training data shaped (checked before training: a mismatch
+    found at the final validation would lose the run's last steps and final/)."""
+    if val_info["latent_shape"] != info["latent_shape"]:
+        raise ValueError(f"--validation_data has latent grids {val_info['latent_shape']}, --train_data "
+                         f"{info['latent_shape']}: pre-tokenize both with the same tokenizer and clip settings")
+    if config.condition_mode == "class":
+        names, val_names = info["class_names"], val_info["class_names"]
+        if names and val_names and names != val_names:  # labels are positions in each split's class list
+            only_val, only_train = sorted(set(val_names) - set(names)), sorted(set(names) - set(val_names))
+            raise ValueError(f"--validation_data's class list differs from --train_data's (only in validation: "
+                             f"{only_val[:5]}, only in training: {only_train[:5]}, else the order); labels are "
+                             "positions in each list, so they would name other classes")
+        if not 0 <= val_info["min_label"] <= val_info["max_label"] < config.num_classes:
+            raise ValueError(f"--validation_data has labels in [{val_info['min_label']}, {val_info['max_label']}], "
+                             f"the model {config.num_classes} classes")
+    largest = max_token_id(val_info["data"])
+    if largest >= config.video_vocab_size:
+        raise ValueError(f"--validation_data holds token id {largest}, the model's video vocabulary "
+                         f"{config.video_vocab_size} ids")
+
+
+def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
+    """Warn when --tokenizer is not the one that made --train_data (its pretokenize.json keeps a digest of the
+    weights): sample videos and final/ would decode the tokens with another tokenizer."""
+    for folder in (train_data, os.path.dirname(os.path.normpath(train_data))):
+        path = os.path.join(folder, "pretokenize.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f).get("tokenizer_weights")
+            if recorded and recorded != weights_digest(tokenizer):
+                logger.warning("--tokenizer is not the tokenizer that made --train_data (weights digest %s, %s "
+                               "records %s): sample videos and final/ decode with it", weights_digest(tokenizer),
+                               path, recorded)
+            return
 
 
 def load_tokenizer(path: str | None, device):
@@ -289,6 +330,13 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
     return final_dir
 
 
+def resume_settings(args) -> dict:
+    """What a resume takes from the checkpoint (data order, optimizer rates and decay, EMA), kept in every
+    checkpoint: a resume asking for other values is refused (`common.check_resume_settings`)."""
+    return {"seed": args.seed, "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                                    optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -311,9 +359,15 @@ def main(argv=None) -> dict:
         hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
 
     info = describe_tokens(args.train_data)
-    val_data = load_token_dataset(args.validation_data) if args.validation_data else None
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
     config = build_config(args, info, tokenizer)
+    val_data = None
+    if args.validation_data:
+        val_info = describe_tokens(args.validation_data)
+        check_validation_data(val_info, info, config)
+        val_data = val_info["data"]
+    if tokenizer is not None and accelerator.is_main_process:
+        check_tokenizer_made_tokens(args.train_data, tokenizer)
     torch.manual_seed(args.seed)  # same initial weights on every process
     model = NBPForVideoGeneration(config)
     attn = args.attn_implementation
@@ -342,10 +396,9 @@ def main(argv=None) -> dict:
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         state = common.load_checkpoint(accelerator, resume)
+        common.check_resume_settings(resume, state, resume_settings(args))
         global_step = state["global_step"]
-        if state.get("global_batch_size") != per_device_batch * accum * accelerator.num_processes:
-            logger.warning("resuming with a global batch of %d clips instead of %s: the data order changes",
-                           per_device_batch * accum * accelerator.num_processes, state.get("global_batch_size"))
+        common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         if ema is not None:
             ema.load_state_dict(common.load_checkpoint_tensors(resume, "ema"))
         log.truncate(global_step)
@@ -355,7 +408,8 @@ def main(argv=None) -> dict:
     accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
 
     sampler = common.StepBatchSampler(len(info["data"]), per_device_batch, accelerator.num_processes,
-                                      accelerator.process_index, args.seed, start_step=global_step * accum)
+                                      accelerator.process_index, args.seed, start_step=global_step * accum,
+                                      accumulation_steps=accum)
     loader = torch.utils.data.DataLoader(info["data"], batch_sampler=sampler, collate_fn=collate_tokens,
                                          num_workers=args.dataloader_num_workers,
                                          worker_init_fn=common.dataloader_worker_init,
@@ -398,7 +452,7 @@ def main(argv=None) -> dict:
         if global_step % args.logging_steps == 0 or done:
             loss_value = accelerator.reduce(step_loss, "mean").item()
             record = {"step": global_step, "loss": loss_value, "lr": step_lr,
-                      "epoch": global_step * accum / sampler.steps_per_epoch, "tokens_per_s": meter.rate,
+                      "epoch": global_step / sampler.steps_per_epoch, "tokens_per_s": meter.rate,
                       "mfu": flops.estimate_mfu(meter.rate, flops_per_token, accelerator.num_processes, peak)}
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
@@ -407,12 +461,13 @@ def main(argv=None) -> dict:
         if val_data is not None and args.validation_steps and global_step % args.validation_steps == 0 and not done:
             val = validation_loss(accelerator, model, val_data, per_device_batch)
             accelerator.log({"val/loss": val}, step=global_step)
+            log.append({"step": global_step, "val_loss": val})
         if can_sample and args.sample_steps and global_step % args.sample_steps == 0 and accelerator.is_main_process:
             sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
                           global_step, args.output_dir)
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   {"seed": args.seed, "global_batch_size": global_batch},
+                                   dict(resume_settings(args), global_batch_size=global_batch),
                                    {"ema": ema.state_dict()} if ema is not None else None,
                                    args.checkpoints_total_limit)
         meter.resume()
