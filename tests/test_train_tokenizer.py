@@ -1,5 +1,6 @@
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -11,8 +12,10 @@ from modeling_nbp.training import common
 from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversarial_active, discriminator_loss,
                                                     generator_adversarial_loss, load_perceptual_model,
                                                     reconstruction_loss)
-from modeling_nbp.training.train_tokenizer import build_tokenizer, main, parse_args
+from modeling_nbp.training.train_tokenizer import (build_datasets, build_tokenizer, check_discriminator_input, main,
+                                                     parse_args)
 from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+from test_data import write_counting_video
 from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
 # 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
@@ -102,6 +105,27 @@ def test_argument_errors(tmp_path):
     args = parse_args(["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--max_steps", "1000"])
     assert (args.warmup_steps, args.disc_start_step) == (10, 200)  # 1% warmup (paper Table 5), GAN after 20%
     assert build_tokenizer(args).config.block_out_channels == (128, 256, 256, 512)  # official sizes by default
+    # checked before training, not when the size flags are dropped, the GAN starts or the last evaluation runs
+    base = ["--dataset", "moving_digits", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="--fsq_levels, --patch_size cannot be combined with --tokenizer_config"):
+        parse_args([*base, "--tokenizer_config", "tok.json", "--fsq_levels", "8,8", "--patch_size", "2"])
+    with pytest.raises(ValueError, match="--resolution must be >= 11: the held-out SSIM"):
+        parse_args([*base, "--resolution", "8"])
+    with pytest.raises(ValueError, match="--disc_start_step must be >= 0"):
+        parse_args([*base, "--disc_start_step", "-1"])
+    with pytest.raises(ValueError, match="--resolution 16 is too small for the 3d discriminator with --disc_num_layers 3"):
+        check_discriminator_input(parse_args([*base, "--resolution", "16"]))
+    check_discriminator_input(parse_args([*base, "--resolution", "24"]))
+
+
+def test_held_out_clips_are_the_same_at_every_evaluation(tmp_path):
+    for i in range(3):
+        write_counting_video(tmp_path / "data" / "a" / f"{i}.mp4", frames=40)
+    args = parse_args(["--train_data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--num_frames",
+                       "5", "--resolution", "16", "--num_eval_clips", "1"])
+    train, held_out = build_datasets(args)
+    assert len(train) == 2 and len(held_out) == 1
+    assert torch.equal(held_out[0]["video"], held_out[0]["video"])  # training items read random windows
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------
@@ -133,9 +157,16 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
-    with pytest.raises(ValueError, match="trained on other clips \\(num_clips 8 on disk, 9 now\\)"):
-        main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest",
-              "--num_clips", "9"])
+    # what the checkpoint restores (clips, data order, optimizer, model, the GAN's start) cannot change on a resume
+    for flags, change in [(["--num_clips", "9"], "data.num_clips 8 on disk, 9 now"),
+                          (["--seed", "1"], "seed 3 on disk, 1 now"),
+                          (["--learning_rate", "1e-5"], "optimization.disc_learning_rate 0.001 on disk, 1e-05 now; "
+                                                       "optimization.learning_rate 0.001 on disk, 1e-05 now"),
+                          (["--fsq_levels", "2,8"], "tokenizer.fsq_levels [4, 4] on disk, [2, 8] now"),
+                          (["--disc_start_step", "3"], "optimization.disc_start_step 2 on disk, 3 now")]:
+        with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
+            main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint",
+                  "latest", *flags])
     main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest"])
     assert "resumed from" in capsys.readouterr().out
     strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731

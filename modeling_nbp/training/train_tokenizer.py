@@ -26,9 +26,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
-from ..evaluation.reconstruction import psnr, ssim
+from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
 from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
-from ..run_files import settings_differences
 from ..video_io import atomic_output_path
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
@@ -107,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the flags that shape the tokenizer when no --tokenizer_config is given
+SIZE_FLAGS = ("base_channels", "channel_multipliers", "layers_per_block", "time_strides", "space_strides",
+              "fsq_levels", "norm_num_groups", "patch_size")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    args = parse_with_preset(build_parser(), argv, TOKENIZER_PRESETS, "tokenizer")
+    parser = build_parser()
+    args = parse_with_preset(parser, argv, TOKENIZER_PRESETS, "tokenizer")
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
@@ -119,8 +124,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 <= args.warmup_steps <= args.max_steps:
         source = f" (with --preset {args.preset})" if args.preset else ""
         raise ValueError(f"--warmup_steps {args.warmup_steps}{source} must lie in [0, --max_steps {args.max_steps}]")
+    if args.resolution < SSIM_WINDOW_SIZE:
+        raise ValueError(f"--resolution must be >= {SSIM_WINDOW_SIZE}: the held-out SSIM uses a "
+                         f"{SSIM_WINDOW_SIZE}x{SSIM_WINDOW_SIZE} window; got {args.resolution}")
     if args.disc_start_step is None:
         args.disc_start_step = args.max_steps // 5
+    if args.disc_start_step < 0:
+        raise ValueError(f"--disc_start_step must be >= 0, got {args.disc_start_step}")
+    if args.tokenizer_config:
+        given = [f"--{k}" for k in SIZE_FLAGS if getattr(args, k) != parser.get_default(k)]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --tokenizer_config, which defines the "
+                             "tokenizer")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return args
@@ -165,8 +180,32 @@ def build_datasets(args):
         raise ValueError(f"{args.train_data} has {len(train)} videos, not more than --num_eval_clips "
                          f"{args.num_eval_clips}; pass --validation_data or hold out fewer clips")
     n = len(train) - args.num_eval_clips
-    return (torch.utils.data.Subset(train, range(n)),
-            torch.utils.data.Subset(train, range(n, len(train))))
+    # the held-out clips read the same window at every evaluation (training reads random ones)
+    held_out = load_video_dataset(args.train_data, split="train", sampling="center", **clip)
+    return torch.utils.data.Subset(train, range(n)), torch.utils.data.Subset(held_out, range(n, len(train)))
+
+
+def check_discriminator_input(args) -> None:
+    """A training clip must pass the discriminator, whose strided convolutions need a minimum frame size: checked
+    on the meta device before training (no compute), not when the GAN starts."""
+    with torch.device("meta"):
+        probe = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
+        try:
+            probe(torch.empty(1, 3, args.num_frames, args.resolution, args.resolution))
+        except RuntimeError as error:
+            raise ValueError(f"--resolution {args.resolution} is too small for the {args.discriminator} "
+                             f"discriminator with --disc_num_layers {args.disc_num_layers}: raise the resolution or "
+                             f"lower --disc_num_layers ({error})") from None
+
+
+def resume_settings(args, tokenizer) -> dict:
+    """What a resume takes from the checkpoint (clips, data order, model, optimizers, the GAN's start), kept in
+    every checkpoint: a resume asking for others is refused (`common.check_resume_settings`)."""
+    return {"seed": args.seed, "data": data_settings(args),
+            "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
+            "optimization": dict(learning_rate=args.learning_rate,
+                                 disc_learning_rate=args.disc_learning_rate or args.learning_rate,
+                                 adam_betas=[args.adam_beta1, args.adam_beta2], disc_start_step=args.disc_start_step)}
 
 
 def adam(params, lr: float, args) -> torch.optim.Adam:
@@ -228,6 +267,7 @@ def main(argv=None) -> dict:
     tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
     if args.gradient_checkpointing:
         tokenizer.enable_gradient_checkpointing()
+    check_discriminator_input(args)
     discriminator = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
     perceptual = load_perceptual_model(args.perceptual_model)
     if perceptual is not None:
@@ -246,13 +286,11 @@ def main(argv=None) -> dict:
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        state, wanted = common.load_checkpoint(accelerator, resume), data_settings(args)
-        # checkpoints from before the settings were kept are not checked; those from before clips could be
-        # squashed were cropped
-        differences = settings_differences(state.get("data", wanted), wanted, earlier_defaults={"resize": "crop"})
-        if differences:
-            raise ValueError(f"{resume} was trained on other clips ({'; '.join(differences)}): resume with the same "
-                             "data settings, or start a new run")
+        state = common.load_checkpoint(accelerator, resume)
+        # checkpoints from before clips could be squashed were cropped
+        common.check_resume_settings(resume, state, resume_settings(args, accelerator.unwrap_model(tokenizer)),
+                                     earlier_defaults={"data": {"resize": "crop"}})
+        common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
         log.truncate(global_step)
         accelerator.print(f"resumed from {resume} at step {global_step}")
@@ -261,7 +299,8 @@ def main(argv=None) -> dict:
     accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
 
     sampler = common.StepBatchSampler(len(train_data), per_device_batch, accelerator.num_processes,
-                                      accelerator.process_index, args.seed, start_step=global_step * accum)
+                                      accelerator.process_index, args.seed, start_step=global_step * accum,
+                                      accumulation_steps=accum)
     loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_videos,
                                          num_workers=args.dataloader_num_workers,
                                          worker_init_fn=common.dataloader_worker_init,
@@ -340,7 +379,8 @@ def main(argv=None) -> dict:
                               f"({len(eval_data)} held-out clips)")
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   {"seed": args.seed, "global_batch_size": global_batch, "data": data_settings(args)},
+                                   dict(resume_settings(args, accelerator.unwrap_model(tokenizer)),
+                                        global_batch_size=global_batch),
                                    total_limit=args.checkpoints_total_limit)
         meter.resume()
     progress.close()
