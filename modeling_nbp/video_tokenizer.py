@@ -150,8 +150,9 @@ class NBPVideoTokenizerOutput(BaseOutput):
         ids: `(batch, latent_frames, latent_height, latent_width)` int64 FSQ token ids.
     """
 
-    reconstruction: torch.Tensor
-    ids: torch.Tensor
+    # defaults as in diffusers' outputs: Accelerate's mixed precision rebuilds outputs as `type(out)(dict)`
+    reconstruction: torch.Tensor = None
+    ids: torch.Tensor = None
 
 
 def _is_int(value) -> bool:
@@ -342,15 +343,16 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"`{name}` is on {tensor.device} but the model is on {self.device}; pass "
                              f"`{name}.to({str(self.device)!r})`")
 
-    def _check_ids(self, ids) -> None:
+    def _check_ids(self, ids, allow_no_frames: bool = False) -> None:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise TypeError(f"`ids` must be an integer tensor of token ids (e.g. torch.long); got {got}")
-        if ids.ndim != 4 or ids.shape[0] == 0:
-            raise ValueError(f"`ids` must have shape (batch, latent_frames, latent_height, latent_width) with "
-                             f"batch >= 1; got shape {tuple(ids.shape)} (reshape a flat sequence to the grid first)")
+        sizes = (ids.shape[0], *ids.shape[2:]) if allow_no_frames else ids.shape
+        if ids.ndim != 4 or 0 in sizes:
+            raise ValueError(f"`ids` must have shape (batch, latent_frames, latent_height, latent_width) with every "
+                             f"size >= 1; got shape {tuple(ids.shape)} (reshape a flat sequence to the grid first)")
         self._check_device(ids, "ids")
-        if ids.device.type == "meta":
+        if ids.device.type == "meta" or not ids.numel():
             return
         low, high = (v.item() for v in torch.aminmax(ids))
         if low < 0 or high >= self.codebook_size:
@@ -410,7 +412,15 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         """
         self._check_video(video)
         with torch.no_grad():  # ids are discrete: no gradient can flow through them
-            return self.quantize(self._encode_latents(video))[1]
+            latents = self._encode_latents(video)
+            if latents.device.type != "meta" and not torch.isfinite(latents).all():
+                # FSQ would turn NaN into ids far outside the codebook (INT64_MIN on CPU)
+                bad = int((~torch.isfinite(latents)).sum())
+                fp16 = self.dtype == torch.float16
+                hint = "; float16 overflows easily in its encoder: run it in bfloat16 or float32" if fp16 else ""
+                raise FloatingPointError(f"the video tokenizer encoded {bad} NaN or infinite latent values (weights in "
+                                         f"{self.dtype}{hint}); no valid ids can be made from them")
+            return self.quantize(latents)[1]
 
     @apply_forward_hook
     def decode(self, ids: torch.Tensor, decode_batch_size: int | None = None) -> torch.Tensor:
@@ -473,22 +483,32 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: NBPVideoTokenizer, decode_batch_size: int | None = None):
         _check_decode_batch_size(decode_batch_size)
         self.tokenizer, self.decode_batch_size = tokenizer, decode_batch_size
-        self.states, self.batch_size = None, None
+        self.states, self.batch_size, self.grid = None, None, None
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """ids (B, k, H', W') of the next k latent frames -> their pixel frames (B, C, f, H, W) in [0, 1]:
-        f = 1 + t (k - 1) for the first chunk, t k after (t = temporal compression). `validate=False` skips the
+        f = 1 + t (k - 1) for the first chunk (k >= 1), t k after (t = temporal compression). `validate=False` skips the
         range check of the ids (it reads them back to the host), for ids a model has just produced."""
         tok = self.tokenizer
         if validate:
-            tok._check_ids(ids)
+            tok._check_ids(ids, allow_no_frames=self.states is not None)
         if self.batch_size is not None and ids.shape[0] != self.batch_size:
             raise ValueError(f"this incremental decoder holds a batch of {self.batch_size} videos; got ids for "
                              f"{ids.shape[0]} (use a new `incremental_decoder()` per video batch)")
+        if self.grid is not None and tuple(ids.shape[2:]) != self.grid:
+            raise ValueError(f"this incremental decoder holds videos with a {self.grid[0]}x{self.grid[1]} latent grid; "
+                             f"got ids of shape {tuple(ids.shape)} (use a new `incremental_decoder()` per video batch)")
+        if ids.shape[1] == 0:
+            if self.states is None:
+                raise ValueError(f"the first chunk of `ids` needs at least one latent frame; got shape "
+                                 f"{tuple(ids.shape)}")
+            sc = tok.spatial_compression
+            return torch.empty(ids.shape[0], tok._in_channels, 0, ids.shape[2] * sc, ids.shape[3] * sc,
+                               dtype=tok.dtype, device=ids.device)
         chunks = ids.split(self.decode_batch_size) if self.decode_batch_size else (ids,)
         if self.states is None:
-            self.batch_size, self.states = ids.shape[0], [{} for _ in chunks]
+            self.batch_size, self.grid, self.states = ids.shape[0], tuple(ids.shape[2:]), [{} for _ in chunks]
         videos = []
         for chunk, state in zip(chunks, self.states):
             x = tok.indices_to_codes(chunk, validate=False).to(tok.dtype)
@@ -510,7 +530,7 @@ class IncrementalDecoder:
             # the frames before this chunk that the temporal kernel reaches: the previous chunks' last ones, or
             # copies of the first frame at the start (the replicate padding of the full decode)
             front = layer.padding[4]
-            past = state.get(layer, x[:, :, :1].expand(-1, -1, front, -1, -1))
+            past = state[layer] if layer in state else x[:, :, :1].expand(-1, -1, front, -1, -1)
             x = torch.cat([past, x], dim=2)
             state[layer] = x[:, :, -front:].clone()  # not a view: it would keep the whole chunk alive
             return layer.conv(F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"))

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from modeling_nbp.video_tokenizer import NBPVideoTokenizer, ResidualUnit, depth_to_space, space_to_depth
+from accelerate.utils import convert_outputs_to_fp32
+
+from modeling_nbp.video_tokenizer import (NBPVideoTokenizer, NBPVideoTokenizerOutput, ResidualUnit, depth_to_space,
+                                          space_to_depth)
 
 # Tiny configurations: (time, space) compression (2, 2), (4, 8) with the official stride pattern, and (4, 8)
 # from a 2x space-to-depth stem plus two conv downsamplings.
@@ -297,6 +300,27 @@ def test_bfloat16_encode_and_decode():
     assert torch.isfinite(decoded).all() and decoded.min() >= 0 and decoded.max() <= 1
 
 
+def test_forward_output_survives_accelerate_mixed_precision():
+    # what `Accelerator.prepare` wraps the forward with under fp16/bf16: it rebuilds the output as type(out)(dict)
+    tok = make(TINY).to(torch.bfloat16)
+    video = rand_video(1, 3, 5, 8, 8)
+    expected = tok(video)
+    out = convert_outputs_to_fp32(tok.forward)(video)
+    assert isinstance(out, NBPVideoTokenizerOutput)
+    assert out.reconstruction.dtype == torch.float32 and out.ids.dtype == torch.int64
+    torch.testing.assert_close(out.reconstruction, expected.reconstruction.float())
+    assert torch.equal(out.ids, expected.ids)
+
+
+def test_non_finite_latents_raise_instead_of_giving_bad_ids():
+    tok = make(TINY).to(torch.float16)
+    with torch.no_grad():
+        tok.encoder_layers[0].conv.weight.mul_(6e4)  # stands in for activations that overflow float16
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite latent values \(weights in torch.float16; "
+                                                  r"float16 overflows .* bfloat16 or float32"):
+        tok.encode(rand_video(1, 3, 5, 8, 8))
+
+
 def test_decode_in_chunks_matches_one_pass():
     tok = make(TINY)
     ids = torch.randint(0, tok.codebook_size, (5, 3, 4, 4), generator=torch.Generator().manual_seed(2))
@@ -358,12 +382,32 @@ def test_bad_video_is_rejected(video, error, message):
     (torch.zeros(1, 2, 2, 2, dtype=torch.long, device="meta"), {}, ValueError,
      r"`ids` is on meta but the model is on cpu"),
     (torch.zeros(1, 8, dtype=torch.long), {}, ValueError, r"`ids` must have shape \(batch, latent_frames"),
+    (torch.zeros(1, 0, 2, 2, dtype=torch.long), {}, ValueError, r"`ids` must have shape .* every size >= 1"),
+    (torch.zeros(1, 2, 0, 2, dtype=torch.long), {}, ValueError, r"`ids` must have shape .* every size >= 1"),
     (torch.zeros(1, 2, 2, 2, dtype=torch.long), {"decode_batch_size": 0}, ValueError, r"`decode_batch_size`"),
 ])
 def test_bad_ids_are_rejected(ids, kwargs, error, message):
     tok = make(OFFICIAL_PATTERN)
     with pytest.raises(error, match=message):
         tok.decode(ids, **kwargs)
+
+
+def test_incremental_decoder_checks_each_chunk():
+    tok = make(TINY)
+    ids = torch.randint(0, tok.codebook_size, (1, 3, 2, 2), generator=torch.Generator().manual_seed(3))
+    decoder = tok.incremental_decoder()
+    with pytest.raises(ValueError, match=r"`ids` must have shape .* every size >= 1"):
+        decoder(ids[:, :0])
+    with pytest.raises(ValueError, match=r"first chunk of `ids` needs at least one latent frame"):
+        decoder(ids[:, :0], validate=False)
+    chunks = [decoder(ids[:, :1])]
+    with pytest.raises(ValueError, match=r"holds videos with a 2x2 latent grid"):
+        decoder(torch.zeros(1, 1, 3, 3, dtype=torch.long))
+    for validate in (True, False):  # an empty chunk mid-stream adds no frames
+        empty = decoder(ids[:, 1:1], validate=validate)
+        assert empty.shape == (1, 3, 0, 4, 4) and empty.dtype == chunks[0].dtype
+    chunks.append(decoder(ids[:, 1:]))
+    torch.testing.assert_close(torch.cat(chunks, dim=2), tok.decode(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_sizes_and_configs_are_rejected():
