@@ -149,6 +149,14 @@ class GenerationStep:
     video_tokens: torch.Tensor
 
 
+def check_finite_logits(nonfinite: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise if the flag that the sampling steps set on the device says some logits were NaN or infinite."""
+    if bool(nonfinite):
+        hint = "; float16 overflows easily: load the model in bfloat16 or float32" if dtype == torch.float16 else ""
+        raise FloatingPointError(f"the generator produced NaN or infinite logits (weights in {dtype}{hint}); the "
+                                 "sampled tokens are meaningless")
+
+
 class NBPGenerationMixin:
     """Generation methods of `NBPForVideoGeneration` (the model supplies `layout`, `config`, `forward`)."""
 
@@ -201,7 +209,10 @@ class NBPGenerationMixin:
             return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         if class_labels is None:
             raise ValueError(f"this model is class-conditional: pass class_labels (ints in [0, {cfg.num_classes}))")
-        labels = torch.as_tensor(class_labels, device=device).long().view(-1)
+        labels = torch.as_tensor(class_labels, device=device).view(-1)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be ints in [0, {cfg.num_classes}); got {labels.dtype} values")
+        labels = labels.long()
         if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
             raise ValueError(f"class_labels must lie in [0, {cfg.num_classes}); got {labels.tolist()}")
         table = torch.tensor(cfg.class_condition_ids, dtype=torch.long, device=device)
@@ -307,21 +318,32 @@ class NBPGenerationMixin:
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
-        was_training = self.training
-        self.eval()  # no dropout, no class dropout: a model in training mode samples what it would in eval mode
+        # set on the device by any step whose logits are not finite; read once, at the end or when the consumer stops
+        nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
+        # no dropout, no class dropout: a model in training mode samples what it would in eval mode; the mode comes
+        # back when the last of the generations under way on the model ends
+        if not getattr(self, "_generations_under_way", 0):
+            self._mode_before_generation = self.training
+        self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
+        self.eval()
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
-                                         sampling)
+                                         sampling, nonfinite)
+            check_finite_logits(nonfinite, self.dtype)
+        except GeneratorExit:  # the consumer stopped early (`close()`): what it took must not hide non-finite logits
+            check_finite_logits(nonfinite, self.dtype)
+            raise
         finally:
-            self.train(was_training)
+            self._generations_under_way -= 1
+            if not self._generations_under_way:
+                self.train(self._mode_before_generation)
             if decoder is not None:
                 decoder.in_use = False
 
-    def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling):
+    def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling,
+                     nonfinite):
         """The decoding loop of `iter_generation` over its precomputed plan."""
         cfg, layout, device = self.config, self.layout, self.device
-        # set on the device by any step whose logits are not finite; read once, after the last step
-        nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         video_positions = layout.video_positions.to(device)
         off, whole = cfg.video_token_offset, cfg.sample_whole_vocabulary
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
@@ -348,11 +370,6 @@ class NBPGenerationMixin:
             if whole:  # the official sampler feeds back what it sampled (unless a consumer changed it)
                 fed = torch.where(video[:, a:b] == tokens, sampled, fed)
             seq[:, video_positions[a:b]] = fed.repeat(2 if guided else 1, 1)
-        if bool(nonfinite):
-            fp16 = self.dtype == torch.float16
-            hint = "; float16 overflows easily: load the model in bfloat16 or float32" if fp16 else ""
-            raise FloatingPointError(f"the generator produced NaN or infinite logits (weights in {self.dtype}{hint}); "
-                                     "the sampled tokens are meaningless")
 
     def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, nonfinite=None, **sampling):
         """One forward over `ids` (the sequence positions that follow the cache) and the video ids (ids of the whole

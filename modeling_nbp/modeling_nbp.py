@@ -351,9 +351,11 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         blockers = [f"{name} is a {type(modules.get(name)).__module__}.{type(modules.get(name)).__qualname__}, "
                     f"not a {cls.__module__}.{cls.__qualname__}"
                     for name, cls in expected.items() if type(modules.get(name)) is not cls]
-        blockers += [f"{name} has a forward hook" for name, module in modules.items()
-                     if module is not self and name not in called and (module._forward_hooks or module._forward_pre_hooks
-                                                or hasattr(module, "_hf_hook"))]
+        # accelerate's hooks replace `forward` and leave `_hf_hook`; the model's own one (diffusers' model offloading)
+        # only moves it to its device before generation
+        blockers += [f"{name or 'the model'} has a forward hook" for name, module in modules.items()
+                     if name not in called and (module._forward_hooks or module._forward_pre_hooks
+                                                or (module is not self and hasattr(module, "_hf_hook")))]
         devices = {str(p.device) for p in self.parameters()}
         if len(devices) > 1:
             blockers.append(f"the parameters lie on several devices ({', '.join(sorted(devices))})")

@@ -12,7 +12,7 @@ import json
 import numbers
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,10 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -175,34 +179,44 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def _class_ids(self, class_labels) -> list[int]:
-        if isinstance(class_labels, (int, str)):
+        """Class ids or names (one, a list, an integer tensor or array) -> a non-empty list of ids."""
+        cfg = self.transformer.config
+        if cfg.condition_mode != "class":
+            raise ValueError(f"this model is not class-conditional (condition_mode={cfg.condition_mode!r}); "
+                             "do not pass class_labels")
+        allowed = f"ints in [0, {cfg.num_classes}) or class names"
+        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):  # numpy scalars and 0-d tensors too
+            class_labels = class_labels.reshape(-1).tolist()
+        if isinstance(class_labels, str) or not isinstance(class_labels, Iterable):
             class_labels = [class_labels]
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.view(-1).tolist()
-        id2label = self.transformer.config.id2label if self.class_names else {}
+        id2label = cfg.id2label if self.class_names else {}
         lookup = {str(name).lower(): int(i) for i, name in id2label.items()}
         ids = []
         for label in class_labels:
+            if isinstance(label, (torch.Tensor, np.ndarray)) and label.ndim == 0:
+                label = label.item()
             if isinstance(label, str) and label.lower() not in lookup and label.isdigit():
                 label = int(label)  # "3" from a command line, when no class is named "3"
             if isinstance(label, str):
                 if label.lower() not in lookup:
                     raise ValueError(f"unknown class name {label!r}; valid names: {self.class_names}")
                 ids.append(lookup[label.lower()])
-            else:
+            elif isinstance(label, numbers.Integral) and not isinstance(label, bool):
                 ids.append(int(label))
-        num_classes = self.transformer.config.num_classes
-        bad = [i for i in ids if not 0 <= i < num_classes]
+            else:
+                raise ValueError(f"class_labels must be {allowed}; got {label!r} ({type(label).__name__})")
+        if not ids:
+            raise ValueError(f"class_labels is empty: give at least one label ({allowed})")
+        bad = [i for i in ids if not 0 <= i < cfg.num_classes]
         if bad:
-            raise ValueError(f"class_labels must be ints in [0, {num_classes}) or class names; got {bad}")
+            raise ValueError(f"class_labels must be {allowed}; got {bad}")
         return ids
 
     def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                     context_frames=None) -> int:
+                     context_frames=None, batch_size=None) -> int:
         """Checks the arguments; -> the number of frames to return."""
         T = self.num_frames
-        if num_frames is not None and (not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool)
-                                       or num_frames < 1):
+        if num_frames is not None and not is_positive_int(num_frames):
             raise ValueError(f"num_frames must be a positive int (this model generates {T} frames per window), "
                              f"got {num_frames!r}")
         total = T if num_frames is None else int(num_frames)
@@ -214,8 +228,11 @@ class NBPVideoPipeline(DiffusionPipeline):
         if callback_on_step_end_tensor_inputs is not None and not all(
                 k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+        if not is_positive_int(num_videos_per_prompt):
             raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
+        if batch_size is not None and not is_positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive int (videos of an unconditional model) or None, "
+                             f"got {batch_size!r}")
         if total > T or context_frames is not None:
             self._window_context(context_frames)
         return total
@@ -226,7 +243,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         at least 2 (one latent frame is a single pixel frame, which shows no motion)."""
         tok, cfg = self.video_tokenizer, self.transformer.config
         latent_frames, b = cfg.latent_shape[0], cfg.block_shape[0]
-        allowed = [tok.num_frames_for_latent(k) for k in range(b, latent_frames, b)]
+        allowed = self._context_lengths()
         if not allowed:
             raise ValueError(f"this model generates its {self.num_frames} frames ({latent_frames} latent) in one "
                              f"block of {b} latent frames and cannot continue videos: num_frames must not exceed "
@@ -234,10 +251,16 @@ class NBPVideoPipeline(DiffusionPipeline):
         if context_frames is None:
             wanted = tok.num_frames_for_latent(max(cfg.num_context_frames, 2))
             return next((n for n in allowed if n >= wanted), allowed[-1])
-        if context_frames not in allowed:
+        if not is_positive_int(context_frames) or context_frames not in allowed:
             raise ValueError(f"context_frames must be one of {allowed} (whole blocks of latent frames, fewer than "
                              f"the {self.num_frames} frames of a window); got {context_frames!r}")
-        return context_frames
+        return int(context_frames)
+
+    def _context_lengths(self) -> list[int]:
+        """Pixel frames a context may have: whole blocks of latent frames, fewer than a window's."""
+        cfg = self.transformer.config
+        b = cfg.block_shape[0]
+        return [self.video_tokenizer.num_frames_for_latent(k) for k in range(b, cfg.latent_shape[0], b)]
 
     def encode_context(self, video, num_videos_per_prompt: int = 1) -> torch.Tensor:
         """Context video -> token grids (B, c, H', W') of its latent frames, checked against the model."""
@@ -247,11 +270,10 @@ class NBPVideoPipeline(DiffusionPipeline):
         if (H, W) != self.resolution:
             raise ValueError(f"context video must be {self.resolution[0]}x{self.resolution[1]} (height x width) "
                              f"for this model; got {H}x{W}")
-        t = tok.temporal_compression
-        if (T - 1) % t or not 1 <= 1 + (T - 1) // t < cfg.latent_shape[0]:
-            allowed = [1 + t * k for k in range(cfg.latent_shape[0] - 1)]
-            raise ValueError(f"context video must have one of {allowed} frames (1 + {t}k, fewer than the "
-                             f"{self.num_frames} generated); got {T}")
+        allowed = self._context_lengths()
+        if T not in allowed:
+            raise ValueError(f"context video must have one of {allowed} frames (whole blocks of {cfg.block_shape[0]} "
+                             f"latent frames, fewer than the {self.num_frames} generated); got {T}")
         pixels = pixels.to(device=self._execution_device, dtype=tok.dtype)
         ids = tok.encode(pixels)
         return ids.repeat_interleave(num_videos_per_prompt, dim=0)
@@ -289,22 +311,25 @@ class NBPVideoPipeline(DiffusionPipeline):
         first = next(steps, None)
         if first is None:
             return
-        with self.progress_bar(total=first.num_steps) as progress_bar:
-            step = first
-            while step is not None:
-                if callback_on_step_end is not None:
-                    kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs or ()}
-                    outputs = callback_on_step_end(self, step.step, step.step, kwargs) or {}
-                    if "video_tokens" in outputs and outputs["video_tokens"] is not step.video_tokens:
-                        step.video_tokens.copy_(self._checked_callback_tokens(outputs["video_tokens"], step))
-                progress_bar.update()
-                yield step
-                if self.interrupt:
-                    steps.close()
-                    if self._complete_frames(step.video_tokens, step.end).shape[1] == 0:
-                        raise RuntimeError("generation was interrupted before any latent frame was complete")
-                    return
-                step = next(steps, None)
+        try:
+            with self.progress_bar(total=first.num_steps) as progress_bar:
+                step = first
+                while step is not None:
+                    if callback_on_step_end is not None:
+                        kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs or ()}
+                        outputs = callback_on_step_end(self, step.step, step.step, kwargs) or {}
+                        if "video_tokens" in outputs and outputs["video_tokens"] is not step.video_tokens:
+                            step.video_tokens.copy_(self._checked_callback_tokens(outputs["video_tokens"], step))
+                    progress_bar.update()
+                    yield step
+                    if self.interrupt:
+                        steps.close()
+                        if self._complete_frames(step.video_tokens, step.end).shape[1] == 0:
+                            raise RuntimeError("generation was interrupted before any latent frame was complete")
+                        return
+                    step = next(steps, None)
+        finally:  # also when the consumer stops early (stream's last frame): closing checks the logits were finite
+            steps.close()
 
     def _checked_callback_tokens(self, tokens, step) -> torch.Tensor:
         """Video ids a callback returned, checked: the live tensor's shape, generated positions in the vocabulary."""
@@ -466,7 +491,7 @@ class NBPVideoPipeline(DiffusionPipeline):
                 context, and so the windows after it).
         """
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                                  context_frames)
+                                  context_frames, batch_size)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode, callback_on_step_end=callback_on_step_end,
@@ -508,7 +533,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         included; generation stops as soon as `num_frames` frames are out."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
-        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames)
+        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames, batch_size)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode)
@@ -552,9 +577,9 @@ class NBPVideoPipeline(DiffusionPipeline):
         if push_to_hub:  # the full id ("owner/name") for the card
             repo_id = create_hub_repo(hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory)),
                                       hub.get("private"), hub.get("token"))
+        card = self.model_card(repo_id, model_card_notes, carry_code, kwargs.get("variant"))  # before any file
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
-        write_model_card(os.path.join(save_directory, "README.md"),
-                         self.model_card(repo_id, model_card_notes, carry_code, kwargs.get("variant")))
+        write_model_card(os.path.join(save_directory, "README.md"), card)
         if carry_code:
             self._write_remote_code(save_directory)
         else:  # undo the code copy that transformers makes on its own (register_for_auto_class)
@@ -590,8 +615,9 @@ class NBPVideoPipeline(DiffusionPipeline):
         """A Hub model card (README.md) for this pipeline, loading it from `repo_id` (a Hub id or a folder)."""
         cfg, tok = self.transformer.config, self.video_tokenizer
         T, (H, W) = self.num_frames, self.resolution
+        context = max(cfg.num_context_frames, cfg.block_shape[0])  # latent frames; a config may leave 0
         steps = len(self.transformer.layout.decode_schedule(
-            self.transformer.layout.context_tokens(cfg.num_context_frames) if cfg.condition_mode == "frames" else 0))
+            self.transformer.layout.context_tokens(context) if cfg.condition_mode == "frames" else 0))
         millions = lambda module: sum(p.numel() for p in module.parameters()) / 1e6  # noqa: E731
         sampling = self.transformer.default_sampling()
         sampling = "greedy" if sampling["temperature"] == 0 else ", ".join(f"{k} {v}" for k, v in sampling.items())
@@ -603,7 +629,7 @@ class NBPVideoPipeline(DiffusionPipeline):
                 f" ({', '.join(map(str, names[:8]))}{', ...' if len(names) > 8 else ''})" if names else "")
             call = f"pipe(class_labels=[{repr(names[0]) if names else 0}], {seed})"
         elif cfg.condition_mode == "frames":
-            n = tok.num_frames_for_latent(max(cfg.num_context_frames, 1))
+            n = tok.num_frames_for_latent(context)
             condition = f"frame prediction: continues {n} given frame{'s' * (n > 1)}"
             inputs = [f"context = torch.zeros({n}, 3, {H}, {W})  # your first {n} frames: (T, 3, H, W) in [0, 1]"]
             call = f"pipe(video=context, {seed})"
@@ -657,14 +683,16 @@ class NBPVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
         installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
-        options: variant, torch_dtype (default float32 for both components, whatever dtype the files were saved in:
-        half-precision matrix products are slow on CPUs; `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`
-        without a torch_dtype keeps the generator's saved dtype, as transformers does), revision, cache_dir, token,
-        local_files_only."""
+        options: variant, dtype (or its older name torch_dtype; default float32 for both components, whatever dtype
+        the files were saved in: half-precision matrix products are slow on CPUs; a dict such as
+        `{"transformer": torch.bfloat16, "default": torch.float32}` sets it per component, as in diffusers;
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` without a dtype keeps the generator's saved
+        dtype, as transformers does), revision, cache_dir, token, local_files_only."""
         try:
             from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
-            kwargs.setdefault("torch_dtype", torch.float32)
+            if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+                kwargs["torch_dtype"] = torch.float32
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
@@ -681,14 +709,30 @@ class NBPVideoPipeline(DiffusionPipeline):
                 raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could "
                               f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                               ) from err
-        dtype = kwargs.pop("torch_dtype", None) or torch.float32
+        dtype = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
-            os.path.join(folder, "transformer"), dtype=dtype, **variant)
+            os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant)
         video_tokenizer = kwargs.pop("video_tokenizer", None) or NBPVideoTokenizer.from_pretrained(
-            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype, **variant)
+            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant)
         if kwargs:
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
         return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
+
+    @staticmethod
+    def _component_dtypes(dtype, torch_dtype) -> dict:
+        """`from_pretrained`'s dtype (or torch_dtype, its deprecated name) -> each component's: one dtype for both,
+        or a dict per component name with "default" for the others (diffusers' rule); float32 when not given."""
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype (its deprecated name), not both")
+        dtype = torch_dtype if dtype is None else dtype
+        names = ("transformer", "video_tokenizer")
+        if not isinstance(dtype, dict):
+            return dict.fromkeys(names, dtype or torch.float32)
+        unknown = sorted(set(dtype) - {*names, "default"})
+        if unknown:
+            raise ValueError(f"dtype names unknown components {unknown}; a dict's keys must be among "
+                             f"{[*names, 'default']}")
+        return {name: dtype.get(name, dtype.get("default")) or torch.float32 for name in names}
 
 
 def _module_with_relative_imports(path: str) -> list[str]:

@@ -332,6 +332,8 @@ def test_bad_inputs_give_clear_errors():
         model(input_ids=torch.full((1, 5), 10**6))
     with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
         model.generate_video_tokens(class_labels=[3])
+    with pytest.raises(ValueError, match=r"class_labels must be ints in \[0, 3\); got torch.float32 values"):
+        model.generate_video_tokens(class_labels=[1.7])  # never truncated to class 1
     with pytest.raises(ValueError, match="pass class_labels"):
         model.generate_video_tokens()
     with pytest.raises(ValueError, match="top_p"):
@@ -578,6 +580,22 @@ def test_interleaved_static_generations_do_not_share_a_cache():
     assert not model._static_decoder.in_use  # released when the generation ends
 
 
+def test_interleaved_generations_of_a_model_in_training_mode_sample_in_eval_mode():
+    model = make_model(block=(1, 1, 4), first_block="hybrid", hidden_dropout=0.5)
+    kw = dict(top_k=20, cache_implementation="dynamic")
+    alone = model.generate_video_tokens(class_labels=[2], generator=torch.Generator().manual_seed(2), **kw)
+    model.train()
+    a = model.iter_generation(class_labels=[1], generator=torch.Generator().manual_seed(1), **kw)
+    b = model.iter_generation(class_labels=[2], generator=torch.Generator().manual_seed(2), **kw)
+    next(b)
+    for _ in a:  # a ends while b is under way: b goes on in eval mode
+        pass
+    assert not model.training
+    for last in b:
+        pass
+    assert torch.equal(model.layout.sequence_to_grid(last.video_tokens), alone) and model.training
+
+
 def test_compiled_decode_gives_the_same_tokens():
     model = make_model(block=(1, 1, 4), first_block="hybrid")
     kw = dict(class_labels=[0, 2], cache_implementation="static", guidance_scale=2.0)
@@ -650,6 +668,9 @@ def test_static_path_never_skips_adapters_or_hooks(replay_graphs):
     with pytest.raises(ValueError, match="model.layers.0.mlp has a forward hook"):
         model.generate_video_tokens(cache_implementation="static", **kw)
     hook.remove()
+    hook = model.register_forward_pre_hook(lambda module, args: None)  # the model's own forward: decode steps skip it
+    assert model.static_decode_blockers() == ["the model has a forward hook"]
+    hook.remove()
     assert model.static_decode_blockers() == []
     assert torch.equal(model.generate_video_tokens(**kw), reference) and replay_graphs  # the fast path again
 
@@ -664,6 +685,10 @@ def test_nan_logits_raise_a_clear_error(path, replay_graphs):
         model.lm_head.weight[poisoned] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
         model.generate_video_tokens(class_labels=[0], top_k=20, **path)
+    steps = model.iter_generation(class_labels=[0], top_k=20, **path)
+    next(steps), next(steps)
+    with pytest.raises(FloatingPointError, match="NaN or infinite logits"):  # a consumer that stops early is told too
+        steps.close()
     with torch.no_grad():
         model.lm_head.weight[poisoned] = 0.0
     model.generate_video_tokens(class_labels=[0], top_k=20, **path)  # a static decoder was released: runs again

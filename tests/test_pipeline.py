@@ -21,12 +21,12 @@ def tiny_tokenizer():
                              fsq_levels=(5, 5, 5), norm_num_groups=4).eval()
 
 
-def tiny_pipeline(mode="class", block=(1, 1, 4)):
+def tiny_pipeline(mode="class", block=(1, 1, 4), latent_shape=(3, 4, 4), **config):
     tok = tiny_tokenizer()  # 2x time, 2x space: 5 frames of 8x8 <-> 3 x 4 x 4 tokens
     kw = dict(num_classes=3, id2label=CLASSES, first_block="hybrid") if mode == "class" else \
-        dict(first_block="none", num_context_frames=1)
-    cfg = NBPConfig(latent_shape=[3, 4, 4], block_shape=list(block), video_vocab_size=tok.codebook_size,
-                    condition_mode=mode, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **kw)
+        dict(first_block="none", num_context_frames=1) if mode == "frames" else dict(first_block="hybrid")
+    cfg = NBPConfig(latent_shape=list(latent_shape), block_shape=list(block), video_vocab_size=tok.codebook_size,
+                    condition_mode=mode, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **{**kw, **config})
     torch.manual_seed(1)
     pipe = NBPVideoPipeline(transformer=NBPForVideoGeneration(cfg).eval(), video_tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
@@ -100,6 +100,19 @@ def test_nan_from_the_tokenizer_raises_a_clear_error(pipe):
             decoder_weight.copy_(kept)
 
 
+def test_nan_logits_are_reported_however_generation_stops():
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.transformer.lm_head.weight.fill_(float("nan"))
+    interrupt = lambda p, i, t, kw: (setattr(p, "_interrupt", i == 5), {})[1]  # noqa: E731
+    runs = [lambda: pipe(class_labels=[1], output_type="np"),
+            lambda: list(pipe.stream(class_labels=[1], num_frames=1)),  # stops after the first latent frame
+            lambda: pipe(class_labels=[1], output_type="np", callback_on_step_end=interrupt)]
+    for run in runs:
+        with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+            run()
+
+
 def test_batch_equals_single_runs(pipe):
     batch = pipe(class_labels=[0, "square"], num_videos_per_prompt=2, generator=[gen(s) for s in range(4)],
                  output_type="np").frames
@@ -130,6 +143,48 @@ def test_class_names_and_errors(pipe):
         pipe()
     with pytest.raises(ValueError, match="generators for a batch of 2"):
         pipe(class_labels=[0, 1], generator=[gen(0)])
+
+
+def test_class_label_forms_and_errors(pipe, frames_pipe):
+    one = pipe(class_labels=[1], generator=gen(0), output_type="latent").frames
+    for labels in (1, np.int64(1), [np.int32(1)], torch.tensor(1), torch.tensor([1]), np.array([1]), "square"):
+        assert torch.equal(pipe(class_labels=labels, generator=gen(0), output_type="latent").frames, one), labels
+    # floats are not truncated to a class, and an empty list is refused up front
+    for labels in ([1.7], torch.tensor([1.9]), np.array([1.0]), 1.7, [True]):
+        with pytest.raises(ValueError, match=r"class_labels must be ints in \[0, 3\) or class names; got"):
+            pipe(class_labels=labels)
+    with pytest.raises(ValueError, match=r"class_labels is empty: give at least one label \(ints in \[0, 3\)"):
+        pipe(class_labels=[])
+    # a model that is not class-conditional says so
+    free = tiny_pipeline(mode="none")
+    for model, kw in ((free, {}), (frames_pipe, dict(video=torch.rand(3, 3, 8, 8)))):
+        mode = model.transformer.config.condition_mode
+        for labels in ([0], ["cat"]):
+            with pytest.raises(ValueError, match=f"not class-conditional \\(condition_mode='{mode}'\\); do not pass"):
+                model(class_labels=labels, **kw)
+
+
+def test_batch_size_and_context_frames_must_be_positive_ints(pipe):
+    free = tiny_pipeline(mode="none")
+    assert free(batch_size=2, generator=gen(0), output_type="latent").frames.shape[0] == 2
+    assert free(batch_size=np.int64(2), generator=gen(0), output_type="latent").frames.shape[0] == 2
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int .* got {bad!r}"):
+            free(batch_size=bad, output_type="latent")
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int .* got {bad!r}"):
+            next(free.stream(batch_size=bad))
+    for bad in (3.0, True):
+        with pytest.raises(ValueError, match=rf"context_frames must be one of \[1, 3\] .* got {bad!r}"):
+            pipe(class_labels=[0], num_frames=9, context_frames=bad)
+
+
+def test_context_video_lengths_follow_the_blocks():
+    # blocks of 2 latent frames (4 in a window): a context is 2 latent frames, i.e. 3 pixel frames
+    blocks = tiny_pipeline(mode="frames", block=(2, 2, 2), latent_shape=(4, 4, 4), num_context_frames=2)
+    for frames in (1, 2, 5):
+        with pytest.raises(ValueError, match=rf"context video must have one of \[3\] frames .* got {frames}$"):
+            blocks(video=torch.rand(frames, 3, 8, 8))
+    assert blocks(video=torch.rand(3, 3, 8, 8), generator=gen(0), output_type="np").frames.shape == (1, 7, 8, 8, 3)
 
 
 def test_longer_videos_continue_window_by_window(pipe, frames_pipe):
@@ -322,6 +377,21 @@ def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
     assert read_video("video.mp4")[0].shape == (5, 8, 8, 3)
 
 
+def test_save_frame_prediction_without_num_context_frames(tmp_path):
+    # num_context_frames left at 0: the card shows the smallest context, one block of latent frames
+    for block, latent_shape, given in (((1, 1, 4), (3, 4, 4), "1 given frame."),
+                                       ((2, 2, 2), (4, 4, 4), "3 given frames.")):
+        model = tiny_pipeline(mode="frames", block=block, latent_shape=latent_shape, num_context_frames=0)
+        folder = tmp_path / f"block{block[0]}"
+        model.save_pretrained(folder)
+        assert f"frame prediction: continues {given}" in (folder / "README.md").read_text()
+        assert {"README.md", "model_index.json", "pipeline_nbp_video.py"} <= {p.name for p in folder.iterdir()}
+        loaded = NBPVideoPipeline.from_pretrained(folder)
+        context = torch.rand(int(given.split()[0]), 3, 8, 8)
+        np.testing.assert_array_equal(loaded(video=context, generator=gen(0), output_type="np").frames,
+                                      model(video=context, generator=gen(0), output_type="np").frames)
+
+
 def test_model_cpu_offload():
     """Under diffusers' model offloading (here onto the CPU itself) each phase moves its model to the execution
     device before allocating anything: the generator after the context's encoding, the tokenizer before decoding."""
@@ -357,6 +427,23 @@ def test_from_pretrained_dtype(pipe, tmp_path):
     assert (default.transformer.dtype, default.video_tokenizer.dtype) == (torch.float32, torch.float32)
     asked = NBPVideoPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert (asked.transformer.dtype, asked.video_tokenizer.dtype) == (torch.bfloat16, torch.bfloat16)
+
+
+def test_from_pretrained_dtype_argument_and_per_component_dict(pipe, tmp_path):
+    """`dtype` (diffusers' name since torch_dtype's deprecation) and a dict per component with a "default"."""
+    pipe.save_pretrained(tmp_path)
+    dtypes = lambda p: (p.transformer.dtype, p.video_tokenizer.dtype)  # noqa: E731
+    assert dtypes(NBPVideoPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)) == (torch.bfloat16,) * 2
+    for name in ("dtype", "torch_dtype"):
+        mixed = NBPVideoPipeline.from_pretrained(tmp_path, **{name: {"transformer": torch.bfloat16,
+                                                                     "default": torch.float16}})
+        assert dtypes(mixed) == (torch.bfloat16, torch.float16)
+    no_default = NBPVideoPipeline.from_pretrained(tmp_path, dtype={"video_tokenizer": torch.bfloat16})
+    assert dtypes(no_default) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="pass dtype or torch_dtype .*, not both"):
+        NBPVideoPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"unknown components \['vae'\]; .* \['transformer', 'video_tokenizer', 'default'\]"):
+        NBPVideoPipeline.from_pretrained(tmp_path, dtype={"vae": torch.float16})
 
 
 def test_frame_prediction(frames_pipe):
