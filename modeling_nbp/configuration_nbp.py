@@ -132,12 +132,27 @@ class NBPConfig(PreTrainedConfig):
         self.validate_architecture()
 
     def validate_architecture(self):
-        """Checked on every instantiation (also on loading)."""
-        if len(self.latent_shape) != 3 or len(self.block_shape) != 3:
+        """Checked on every instantiation and again when a model is built (`from_pretrained(path, **overrides)`
+        and attribute changes bypass the instantiation)."""
+        def positive_ints(values):
+            return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+        if len(self.latent_shape) != 3 or len(self.block_shape) != 3 or not positive_ints(
+                [*self.latent_shape, *self.block_shape]):
             raise ValueError(
-                f"latent_shape and block_shape must be (T', H', W') and (t, h, w); got {self.latent_shape}, "
-                f"{self.block_shape}"
+                f"latent_shape and block_shape must be (T', H', W') and (t, h, w) of positive ints; got "
+                f"{self.latent_shape}, {self.block_shape}"
             )
+        sizes = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+                     num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size)
+        if not positive_ints(sizes.values()):
+            raise ValueError(f"the transformer sizes must be positive ints; got {sizes}")
+        for name in ("class_dropout_prob", "hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings must be False: NBP's output head is separate from its embeddings "
+                             "(as in the official models)")
         if any(b < 1 or g % b for g, b in zip(self.latent_shape, self.block_shape)):
             raise ValueError(
                 f"block_shape {tuple(self.block_shape)} does not tile latent_shape {tuple(self.latent_shape)}: "
@@ -166,10 +181,11 @@ class NBPConfig(PreTrainedConfig):
                 f"({self.max_position_embeddings})"
             )
         self._check_id_ranges()
-        if self.condition_mode == "frames" and self.num_context_frames % self.block_shape[0]:
+        if self.condition_mode == "frames" and (self.num_context_frames % self.block_shape[0]
+                                                 or not 0 <= self.num_context_frames < self.latent_shape[0]):
             raise ValueError(
-                f"num_context_frames ({self.num_context_frames}) must be a multiple of the block's "
-                f"time extent ({self.block_shape[0]})"
+                f"num_context_frames ({self.num_context_frames}) must be a multiple of the block's time extent "
+                f"({self.block_shape[0]}) in [0, {self.latent_shape[0]}) (fewer than the latent frames)"
             )
 
     def _check_id_ranges(self):

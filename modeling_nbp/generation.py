@@ -201,6 +201,11 @@ class NBPGenerationMixin:
             condition_ids = torch.as_tensor(condition_ids, device=device).long()
             if condition_ids.ndim != 2 or condition_ids.shape[1] != cfg.num_condition_tokens:
                 raise ValueError(f"condition_ids must have shape (batch, {cfg.num_condition_tokens})")
+            low, high = cfg.condition_token_offset, cfg.condition_token_offset + cfg.condition_vocab_size
+            if condition_ids.numel() and (condition_ids.min() < low or condition_ids.max() >= high):
+                raise ValueError(f"condition_ids must lie in this model's condition range [{low}, {high}) (ids of "
+                                 f"the text tokenizer + condition_token_offset {low}); got values in "
+                                 f"[{int(condition_ids.min())}, {int(condition_ids.max())}]")
             return condition_ids
         if cfg.condition_mode != "class":
             if class_labels is not None:

@@ -125,6 +125,12 @@ class BlockLayout:
     def training_inputs(self, prefix_ids: torch.Tensor, video_grid: torch.Tensor):
         """-> (input_ids, labels), both (B, L - S); labels hold the model-vocabulary id that each position
         predicts and -100 where a position predicts nothing (prefix, positions past the targets)."""
+        if video_grid.ndim != 4 or tuple(video_grid.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"training takes whole video token grids (batch, {', '.join(map(str, self.latent_shape))})"
+                             f"; got {tuple(video_grid.shape)}")
+        if prefix_ids.shape[0] != video_grid.shape[0]:
+            raise ValueError(f"got {prefix_ids.shape[0]} condition prefixes (class_labels) for {video_grid.shape[0]} "
+                             "video grids")
         video = self.grid_to_sequence(video_grid)
         seq = self.build_sequence(prefix_ids, video)
         labels = torch.full_like(seq, -100)

@@ -127,6 +127,7 @@ class NBPModel(NBPPreTrainedModel):
 
     def __init__(self, config: NBPConfig):
         super().__init__(config)
+        config.validate_architecture()  # again: overrides given to from_pretrained skip the config's own check
         self.layout = BlockLayout.from_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -152,6 +153,10 @@ class NBPModel(NBPPreTrainedModel):
         no padding), or a full 4-D mask (B, 1, q, past + q) used instead of the layout's."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        given = input_ids if input_ids is not None else inputs_embeds
+        if given.ndim != (2 if input_ids is not None else 3) or 0 in given.shape[:2]:
+            raise ValueError(f"input_ids must be (batch, positions) / inputs_embeds (batch, positions, hidden) with "
+                             f"batch and positions >= 1; got shape {tuple(given.shape)}")
         if attention_mask is not None and attention_mask.ndim == 2:
             if not bool(attention_mask.all()):
                 raise ValueError("attention_mask: NBP sequences have a fixed layout without padding, so a 2-D mask must "
@@ -209,6 +214,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, chunk_rows: int, normalizer=None):
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])} "
+                             f"(-100 = no target); got {tuple(labels.shape)}")
         flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (targets != -100).sum() if normalizer is None else torch.as_tensor(normalizer, device=logits.device)
         count = count.clamp(min=1)
@@ -218,11 +226,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             x, y = flat[start : start + chunk_rows].float(), targets[start : start + chunk_rows]
             valid = y != -100
             log_probs = x.log_softmax(dim=-1)
-            picked = log_probs.gather(1, y.clamp(min=0)[:, None])[:, 0]
+            y = torch.where(valid, y, 0)  # another negative label stays out of range: gather refuses it
+            picked = log_probs.gather(1, y[:, None])[:, 0]
             total -= (picked * valid).sum()
             if grad is not None:  # d(loss)/d(logits) = (softmax - onehot) / count on the counted rows
                 g = log_probs.exp_()
-                g[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+                g[torch.arange(len(y), device=y.device), y] -= 1
                 grad[start : start + chunk_rows] = g * (valid[:, None] / count)
         if grad is not None:
             ctx.save_for_backward(grad)

@@ -14,6 +14,9 @@ UCF101_TEXT_ID_OFFSET = 16
 
 def load_ucf101_table() -> list[dict]:
     path = os.path.join(os.path.dirname(__file__), "assets", "ucf101_classes.json")
+    if not os.path.isfile(path):  # a copy of this file carried as remote code, without the package's assets
+        raise FileNotFoundError(f"the UCF-101 class table ({path}) ships with the nbp-video package: install it for "
+                                "the UCF presets (saved UCF models hold their class ids and need no table)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)["classes"]
 

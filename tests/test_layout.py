@@ -109,6 +109,28 @@ def test_bad_config_values():
         NBPConfig(condition_mode="class", num_classes=3, first_block="none")
     with pytest.raises(ValueError, match="unknown preset"):
         NBPConfig.from_preset("ucf-9b")
+    tiny = dict(condition_mode="none", first_block="bov", latent_shape=[2, 2, 2], block_shape=[1, 1, 2])
+    with pytest.raises(ValueError, match="positive ints"):
+        NBPConfig(**dict(tiny, latent_shape=[0, 2, 2]))
+    with pytest.raises(ValueError, match="the transformer sizes must be positive ints"):
+        NBPConfig(num_attention_heads=0, **tiny)
+    with pytest.raises(ValueError, match=r"class_dropout_prob must lie in \[0, 1\]"):
+        NBPConfig(class_dropout_prob=1.5, **tiny)
+    with pytest.raises(ValueError, match="tie_word_embeddings must be False"):
+        NBPConfig(tie_word_embeddings=True, **tiny)
+    frames = dict(tiny, condition_mode="frames", first_block="none")
+    with pytest.raises(ValueError, match=r"num_context_frames \(2\) must be .* in \[0, 2\)"):
+        NBPConfig(num_context_frames=2, **frames)
+
+
+def test_overrides_at_loading_are_checked_when_the_model_is_built(tmp_path):
+    from modeling_nbp import NBPForVideoGeneration
+
+    NBPForVideoGeneration(NBPConfig(num_classes=3, latent_shape=[2, 4, 4], block_shape=[1, 1, 4], hidden_size=32,
+                                    num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path)
+    # the condition ids were placed after the 4-token hybrid start; 8-token blocks would overlap them
+    with pytest.raises(ValueError, match=r"BOV/placeholder ids \[0, 8\) overlap the condition ids \[4, 7\)"):
+        NBPForVideoGeneration.from_pretrained(tmp_path, block_shape=[1, 2, 4])
 
 
 def test_token_id_ranges_are_kept_apart():

@@ -324,8 +324,23 @@ def test_remote_code_loads_without_the_package(tmp_path):
 # ---- bad inputs ---------------------------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors():
     model = make_model()
-    with pytest.raises(ValueError, match=r"grid must have shape"):
+    with pytest.raises(ValueError, match=r"training takes whole video token grids \(batch, 3, 4, 4\)"):
         model(video_ids=torch.zeros(1, 3, 4, 5, dtype=torch.long), class_labels=[0])
+    with pytest.raises(ValueError, match=r"training takes whole video token grids"):  # a context-sized grid
+        model(video_ids=torch.zeros(1, 2, 4, 4, dtype=torch.long), class_labels=[0])
+    with pytest.raises(ValueError, match=r"got 3 condition prefixes \(class_labels\) for 2 video grids"):
+        model(video_ids=torch.zeros(2, 3, 4, 4, dtype=torch.long), class_labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, positions\)"):
+        model(input_ids=torch.zeros(5, dtype=torch.long))
+    inputs, labels = model.prepare_training_inputs(grid(model), [0, 1])
+    with pytest.raises(ValueError, match=r"labels must have the logits' shape"):
+        model(input_ids=inputs, labels=labels[:, 1:])
+    labels[0, -1] = -1  # only -100 means "no target": another negative label is refused, never read as id 0
+    with pytest.raises(RuntimeError, match="index -1 is out of bounds"):
+        model(input_ids=inputs, labels=labels)
+    low, high = model.config.condition_token_offset, model.config.condition_token_offset + 3
+    with pytest.raises(ValueError, match=rf"condition_ids must lie in this model's condition range \[{low}, {high}\)"):
+        model.generate_video_tokens(condition_ids=[[low - 1]])  # a raw text id, offset forgotten
     with pytest.raises(ValueError, match=r"video token ids must lie in \[0, 40\)"):
         model(video_ids=torch.full((1, 3, 4, 4), 40), class_labels=[0])
     with pytest.raises(ValueError, match=r"input_ids must lie in"):
