@@ -169,9 +169,9 @@ def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, 
          "--formats", "npy", "--contact_sheet", "0"])
     given = argparse.Namespace(real=str(dataset), real_num_clips=None,
                                **{option: None for option in fvd_module.REAL_CLIP_OPTIONS})
-    settings, num_clips = fvd_module._real_clip_settings(given, fake, num_fake=5)
+    settings, generated = fvd_module._real_clip_settings(given, fake)
     videos = EvaluationClips(dataset).settings["videos"]
-    assert num_clips == 5 and settings == dict(split="train", layout="auto", seed=3, fps=4.0, sampling="random",
+    assert generated and settings == dict(split="train", layout="auto", seed=3, fps=4.0, sampling="random",
                                                resolution=8, resize="squash", num_frames=5, videos=videos)
     capsys.readouterr()
     with pytest.raises(SystemExit):  # refused before any video is read
@@ -190,3 +190,23 @@ def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, 
     with pytest.raises(SystemExit):
         fvd_module.main([str(fake), str(moved), "--real-dataset", "--no-progress"])
     assert "holds other videos than when the videos" in capsys.readouterr().err
+
+
+def test_the_real_set_is_the_clips_the_videos_were_made_from(dataset, tmp_path):
+    from pathlib import Path
+
+    pipe = tiny_pipeline(mode="frames")
+    pipe.save_pretrained(tmp_path / "pipe")
+    fake = tmp_path / "fake"
+    nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(fake), "--device", "cpu", "--dataset",
+         str(dataset), "--num_clips", "6", "--num_videos_per_class", "2", "--formats", "npy", "--contact_sheet", "0"])
+    clips = EvaluationClips(dataset, num_clips=6, num_frames=5, resolution=8)
+    assert all(clips.position(clips.name(i)) == i for i in range(6)) and clips.position("nothing_0") is None
+    fakes = sorted(Path(fake).glob("*.npy"))
+    paired = [i for i in range(6) if "broken" not in clips.path(i)]  # the broken video's clip made no video
+    assert len(fakes) == 2 * len(paired)
+    # each clip once, whatever the number of its videos; not the first N clips of the order
+    assert fvd_module._paired_clips(clips.position, fakes, fake) == paired
+    (fake / "stray_0.npy").write_bytes((fake / fakes[0].name).read_bytes())
+    with pytest.raises(ValueError, match="stray_0.npy was not made from a clip"):
+        fvd_module._paired_clips(clips.position, sorted(Path(fake).glob("*.npy")), fake)

@@ -26,11 +26,16 @@ from .clips import load_clip
 from .video_datasets import load_video_dataset
 
 
+def video_order(num_videos: int, seed: int) -> list[int]:
+    """The videos in the random order fixed by `seed` (one pass of the clips)."""
+    return torch.randperm(num_videos, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def clip_order(num_videos: int, num_clips: int, seed: int) -> list[tuple[int, int]]:
     """(video index, pass) of each clip: the videos in a random order fixed by `seed`, repeated until `num_clips`."""
     if num_videos < 1 or num_clips < 1:
         raise ValueError(f"an evaluation set needs videos and clips; got {num_videos} videos, {num_clips} clips")
-    order = torch.randperm(num_videos, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = video_order(num_videos, seed)
     return [(order[i % num_videos], i // num_videos) for i in range(num_clips)]
 
 
@@ -65,11 +70,23 @@ class EvaluationClips:
     def label(self, i: int) -> int:
         return int(self.labels[self.order[i][0]])
 
+    def _video_name(self, video: int) -> str:
+        return safe_file_name(os.path.splitext(os.path.relpath(self.paths[video], self.source))[0])
+
     def name(self, i: int) -> str:
         """The clip's file-name-safe name: its path below the dataset root, and its pass over the videos."""
         video, repeat = self.order[i]
-        relative = os.path.splitext(os.path.relpath(self.path(i), self.source))[0]
-        return safe_file_name(relative) + f"_{repeat}"
+        return f"{self._video_name(video)}_{repeat}"
+
+    def position(self, name: str) -> int | None:
+        """The position in the clip order (of any length: this set's `num_clips` aside) of the clip called `name`;
+        None when no video of the split has that name."""
+        if not hasattr(self, "_rank"):
+            self._rank = {self._video_name(v): r for r, v in enumerate(video_order(len(self.paths), self.settings["seed"]))}
+        video, _, repeat = name.rpartition("_")
+        if video not in self._rank or not repeat.isdigit():
+            return None
+        return int(repeat) * len(self.paths) + self._rank[video]
 
     def clip(self, i: int) -> torch.Tensor:
         """Clip `i`: float (3, T, H, W) in [0, 1]. Raises `VideoDecodeError` for an unreadable file."""

@@ -553,9 +553,10 @@ REAL_CLIP_OPTIONS = {"real_split": ("split", "train"), "real_layout": ("layout",
                      "real_num_frames": ("num_frames", 17)}
 
 
-def _real_clip_settings(args, fake_folder: Path, num_fake: int) -> Tuple[Dict[str, object], Optional[int]]:
-    """The real clip set's settings and size: each --real-* option, else what `nbp generate --dataset` recorded in
-    FAKE/generate.json (an option that disagrees with it, or another REAL, is an error), else the default."""
+def _real_clip_settings(args, fake_folder: Path) -> Tuple[Dict[str, object], bool]:
+    """The real clip set's settings, and whether `nbp generate --dataset` made FAKE: each --real-* option, else what
+    it recorded in FAKE/generate.json (an option that disagrees with it, or another REAL, is an error), else the
+    default."""
     recorded = {}
     if (fake_folder / "generate.json").is_file():
         recorded = json.loads((fake_folder / "generate.json").read_text()).get("dataset") or {}
@@ -570,14 +571,28 @@ def _real_clip_settings(args, fake_folder: Path, num_fake: int) -> Tuple[Dict[st
                              f"{fake_folder} were made from ({key} {recorded[key]!r} in generate.json)")
         settings[key] = given if given is not None else recorded.get(key, default)
     settings["videos"] = recorded.get("videos")  # a digest of the split's files, checked once they are listed
-    return settings, args.real_num_clips or (num_fake if recorded else None)
+    return settings, bool(recorded)
 
 
-def _clips_cache_key(clips) -> str:
-    """Identifies an evaluation clip set by its settings and the files it reads."""
+def _paired_clips(clips_at, fake_files: Sequence[Path], fake_folder: Path) -> List[int]:
+    """Positions of the clips that the videos in FAKE were made from, each once (`nbp generate --dataset` names a
+    video `<clip name>_<copy>`): a clip whose video is missing (an unreadable context, an unfinished run) is left
+    out, a clip with several videos counts once."""
+    positions = {}
+    for path in fake_files:
+        position = clips_at(path.stem.rpartition("_")[0])
+        if position is None:
+            raise ValueError(f"{path} was not made from a clip of this dataset split (generate.json in {fake_folder}): "
+                             "its name is no clip's")
+        positions[position] = None
+    return sorted(positions)
+
+
+def _clips_cache_key(clips, positions: Sequence[int]) -> str:
+    """Identifies an evaluation clip set by its settings and the clips it reads."""
     digest = hashlib.sha256(json.dumps(clips.settings, sort_keys=True).encode())
-    for i in range(len(clips)):
-        digest.update(f"{clips.path(i)}\n".encode())
+    for i in positions:
+        digest.update(f"{i}:{clips.path(i)}\n".encode())
     return "clips-" + digest.hexdigest()
 
 
@@ -617,6 +632,8 @@ def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Se
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    from modeling_nbp.training.common import positive_int
+
     parser = argparse.ArgumentParser(
         prog="nbp evaluate",
         description="FVD (StyleGAN-V protocol) between two folders of videos (.mp4 and other video files, "
@@ -646,8 +663,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                        help="read REAL as a video dataset (class folders, UCF-101 or Kinetics-600 layout)")
     clips.add_argument("--real-split")
     clips.add_argument("--real-layout", choices=["auto", "folder", "ucf101", "k600"])
-    clips.add_argument("--real-num-clips", type=int,
-                       help="default: as many as FAKE holds videos when it has a generate.json, else one per video")
+    clips.add_argument("--real-num-clips", type=positive_int,
+                       help="the first N clips of the order; default: the clips the videos in FAKE were made from "
+                            "(FAKE/generate.json of `nbp generate --dataset`), else one per video")
     clips.add_argument("--clips-seed", type=int)
     clips.add_argument("--real-fps", type=float)
     clips.add_argument("--real-sampling", choices=["center", "start", "random"])
@@ -673,18 +691,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         from modeling_nbp.data.evaluation_clips import EvaluationClips
 
         try:
-            settings, num_clips = _real_clip_settings(args, fake_folder, len(fake_files))
+            settings, generated = _real_clip_settings(args, fake_folder)
         except ValueError as error:
             parser.error(str(error))
-        clips = EvaluationClips(real_folder, settings["split"], num_clips, settings["seed"], settings["num_frames"],
-                                settings["resolution"], settings["fps"], settings["sampling"], settings["layout"],
-                                settings["resize"])
+        clip_set = partial(EvaluationClips, real_folder, settings["split"], seed=settings["seed"],
+                           num_frames=settings["num_frames"], resolution=settings["resolution"], fps=settings["fps"],
+                           sampling=settings["sampling"], layout=settings["layout"], resize=settings["resize"])
+        clips = clip_set(num_clips=args.real_num_clips)
         if settings.get("videos") not in (None, clips.settings["videos"]):
             parser.error(f"{real_folder}'s {settings['split']} split holds other videos than when the videos in "
                          f"{fake_folder} were made (generate.json): its clips are not theirs")
-        real = ReadVideos(range(len(clips)), partial(_read_clip, clips), clips.path, args.batch_size, args.num_workers)
-        real_key = _clips_cache_key(clips)
-        results["real_clips"] = clips.settings
+        positions = range(len(clips))
+        if generated and args.real_num_clips is None:  # exactly the clips the videos were made from
+            try:
+                positions = _paired_clips(clips.position, fake_files, fake_folder)
+            except ValueError as error:
+                parser.error(str(error))
+            clips = clip_set(num_clips=positions[-1] + 1) if positions else clips
+        real = ReadVideos(positions, partial(_read_clip, clips), clips.path, args.batch_size, args.num_workers)
+        real_key = _clips_cache_key(clips, positions)
+        results["real_clips"] = dict(clips.settings, num_clips=len(positions))
     else:
         real_files = _list_video_files(real_folder)
         real = ReadVideos(real_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
