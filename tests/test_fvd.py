@@ -163,7 +163,19 @@ def _tiny_i3d():
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
                 module.bias.uniform_(-0.1, 0.1)
+            if isinstance(module, torch.nn.Conv3d):  # weights that keep the signal alive through every layer
+                torch.nn.init.kaiming_normal_(module.weight)
     return model
+
+
+def test_fvd_sees_what_the_videos_show():
+    """The tiny detector's features depend on the pixels, their channel order and their frame order, so a
+    preprocessing error (range, layout, frames) would move the FVDs of these tests."""
+    calculator = FVDCalculator(_tiny_i3d(), progress=False)
+    videos = moving_squares(8, frames=17, size=16)
+    same = abs(calculator.fvd(videos, videos.clone())["mean"])
+    for changed in (videos.flip(1), videos.flip(2), torch.rand_like(videos)):  # channels, time, noise
+        assert calculator.fvd(videos, changed)["mean"] > 1000 * same + 1e-3
 
 
 def _counting_calculator(tmp_path=None, protocol="styleganv", batch_size=2):
@@ -211,7 +223,7 @@ def test_feature_cache_hits_on_equal_videos_and_misses_on_others(tmp_path):
 def test_fvd_of_tiny_i3d_and_clear_errors(tmp_path):
     calculator, calls = _counting_calculator(tmp_path)
     real = moving_squares(4, size=16)
-    assert calculator.fvd(real, real.clone())["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert calculator.fvd(real, real.clone())["mean"] == pytest.approx(0.0, abs=1e-4)
     result = calculator.fvd(moving_squares(4, size=16, seed=3), real, num_repeats=2, num_samples=3)
     assert len(result["values"]) == 2 and result["mean"] > 0
     assert len(calls) == 4  # 4 + 4 videos in batches of 2; `real` came from the cache each time
@@ -234,7 +246,7 @@ def test_fvd_of_tiny_i3d_and_clear_errors(tmp_path):
     assert len(calls) == 4  # every bad input was refused before reaching the network
     # Only the first 16 frames are used, so sets of different lengths compare by those.
     longer = torch.cat([real, moving_squares(4, frames=4, size=16, seed=5)], dim=2)
-    assert calculator.fvd(longer, real)["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert calculator.fvd(longer, real)["mean"] == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(ValueError, match="protocol must be one of"):
         FVDCalculator(calculator.detector, protocol="ucf")
     # Under k600_64 both sets are brought to 64x64 first, so resolutions may differ.
@@ -293,14 +305,14 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
     assert results["ssim"] < 1.0
     assert '"fvd"' in capsys.readouterr().out
     same = fvd_module.main([str(real_dir), str(real_dir), "--reconstruction", "--no-progress"])
-    assert same["fvd"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert same["fvd"]["mean"] == pytest.approx(0.0, abs=1e-4)
     assert same["psnr"] == pytest.approx(100.0) and same["ssim"] == pytest.approx(1.0)
     # Video files are read with modeling_nbp.video_io; a folder against itself scores 0.
     video_dir = tmp_path / "mp4"
     for index, video in enumerate(real[:2]):
         export_to_mp4(video, video_dir / f"{index}.mp4")
     from_files = fvd_module.main([str(video_dir), str(video_dir), "--reconstruction", "--no-progress"])
-    assert from_files["fvd"]["mean"] == pytest.approx(0.0, abs=1e-6) and from_files["ssim"] == pytest.approx(1.0)
+    assert from_files["fvd"]["mean"] == pytest.approx(0.0, abs=1e-4) and from_files["ssim"] == pytest.approx(1.0)
     (fake_dir / "2.npy").write_bytes((fake_dir / "2.npy").read_bytes()[:90])  # truncated: skipped, reported
     with pytest.warns(UserWarning, match="unreadable video .*2.npy"), pytest.warns(UserWarning, match="skips a pair"):
         partial = fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
