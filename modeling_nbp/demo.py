@@ -26,11 +26,15 @@ LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nbp demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEMO_MODEL, help="pipeline folder (default: the bundled model)")
+    from .training.common import positive_int
+
+    parser.add_argument("--model", default=DEMO_MODEL,
+                        help="pipeline folder of a class-conditional moving-digits model (17 frames of 32x32; default: "
+                             "the bundled model); `nbp generate` takes any model")
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--videos_per_class", type=int, default=2, help="rows per class in the contact sheet")
+    parser.add_argument("--videos_per_class", type=positive_int, default=2, help="rows per class in the contact sheet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--fps", type=positive_int, default=8)
     args = parser.parse_args(argv)
 
     from . import NBPVideoPipeline
@@ -40,6 +44,11 @@ def main(argv=None):
     start = time.perf_counter()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    shape = (pipe.transformer.config.condition_mode, pipe.num_frames, pipe.resolution)
+    if shape != ("class", DEMO_DATA["num_frames"], (DEMO_DATA["size"], DEMO_DATA["size"])):
+        raise SystemExit(f"nbp demo shows class-conditional moving-digits models (17 frames of 32x32, the held-out "
+                         f"clips it continues); {args.model} is a {shape[0]!r} model of {shape[1]} frames of "
+                         f"{shape[2][0]}x{shape[2][1]}: use `nbp generate --model {args.model}`")
     pipe.set_progress_bar_config(desc="generating", leave=False)
     names = pipe.class_names or [str(i) for i in range(pipe.transformer.config.num_classes)]
     # a model's own sampling wins; one that saved none gets the demo's (guidance only if class dropout trained it)

@@ -202,7 +202,10 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty list of {list(EXPORTERS)}; got {list(formats)}")
     mine = jobs[process_index::num_processes]
-    todo = [j for j in mine if overwrite or not all(map(os.path.exists, files_of(output_dir, j, formats)))]
+    def written(path):  # an empty file is one a crash cut short
+        return os.path.isfile(path) and os.path.getsize(path) > 0
+
+    todo = [j for j in mine if overwrite or not all(map(written, files_of(output_dir, j, formats)))]
     if context_clip_frames is None and any(j.context for j in todo):
         latent = max(pipe.transformer.config.num_context_frames, 1)
         context_clip_frames = pipe.video_tokenizer.num_frames_for_latent(latent)

@@ -55,14 +55,40 @@ class VideoDecodeError(RuntimeError):
     """A video file could not be opened or decoded (missing, corrupt, truncated, no video stream)."""
 
 
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def flush_to_disk(path: str | os.PathLike, entries_only: bool = False) -> None:
+    """fsync a file, or every file and folder of a folder tree (after a crash, a power cut, a rename is only as good
+    as the contents it names); `entries_only`: just the folder's own entries (a rename inside it)."""
+    path = os.fspath(path)
+    if entries_only or not os.path.isdir(path):
+        _fsync(path)
+        return
+    for root, _, names in os.walk(path):
+        for name in names:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
 @contextlib.contextmanager
 def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
 
     Works for files and for directories (e.g. ``datasets.Dataset.save_to_disk``); an existing folder at
-    ``path`` is replaced only once the new one is complete. On failure the temporary file or folder is
-    removed and the exception propagates. The temporary name keeps the extension of ``path`` so that
-    format detection by extension still works.
+    ``path`` is replaced only once the new one is complete, and the contents reach the disk before the rename
+    (`flush_to_disk`). On failure the temporary file or folder is removed and the exception propagates. The
+    temporary name keeps the extension of ``path`` so that format detection by extension still works.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -71,6 +97,7 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
     tmp = os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
     try:
         yield tmp
+        flush_to_disk(tmp)
         if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed onto a non-empty one
             old = os.path.join(folder, f".{stem}.old-{uuid.uuid4().hex[:8]}{ext}")
             os.replace(path, old)
@@ -78,6 +105,7 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        flush_to_disk(folder, entries_only=True)  # the rename itself
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

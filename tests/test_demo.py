@@ -50,3 +50,12 @@ def test_demo_model_samples_with_its_generation_config_by_default():
                     **sampling).frames
 
     assert torch.equal(latents(), latents(**DEMO_SAMPLING))
+
+
+def test_demo_refuses_other_models_before_writing(tmp_path):
+    from test_pipeline import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "tiny")  # class-conditional, but 5 frames of 8x8
+    with pytest.raises(SystemExit, match="'class' model of 5 frames of 8x8: use `nbp generate"):
+        demo(["--model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from modeling_nbp.evaluation import fvd as fvd_module
 from modeling_nbp.generate_videos import name_seed
 from modeling_nbp.video_io import VideoDecodeError, export_to_mp4, read_video
 from test_fvd import _tiny_i3d
+from test_generate_videos import assert_same_video
 from test_pipeline import tiny_pipeline
 
 
@@ -74,7 +75,7 @@ def test_generate_pairs_videos_with_clips(dataset, tmp_path):
     from modeling_nbp.video_io import export_to_gif
 
     reference, _ = read_video(export_to_gif(expected, str(tmp_path / "ref.gif"), fps=8))
-    assert np.abs(read_video(str(out / f"{name}.gif"))[0].astype(int) - reference).max() <= 1
+    assert_same_video(read_video(str(out / f"{name}.gif"))[0], reference)
     with pytest.raises(ValueError, match="--class_labels and --dataset exclude each other"):
         nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(out), "--device", "cpu",
              "--dataset", str(dataset), "--class_labels", "0"])
@@ -98,7 +99,7 @@ def test_frame_prediction_continues_each_clip(dataset, tmp_path, capsys):
     name = f"{clips.name(i)}_0"
     expected = pipe(video=context, generator=gen(name_seed(0, name)), output_type="np").frames[0]
     reference, _ = read_video(export_to_mp4(expected, str(tmp_path / "ref.mp4"), fps=8))
-    assert np.abs(read_video(str(out / f"{name}.mp4"))[0].astype(int) - reference).max() <= 1
+    assert_same_video(read_video(str(out / f"{name}.mp4"))[0], reference)
 
 
 def test_context_reading_workers_do_not_change_the_videos(dataset, tmp_path):

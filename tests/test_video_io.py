@@ -194,3 +194,19 @@ def test_contact_sheet_layout(tmp_path):
         assert saved.size == labelled.size
     with pytest.raises(ValueError, match="labels"):
         make_contact_sheet([long, short], labels=["only one"])
+
+
+def test_atomic_writes_reach_the_disk_before_their_name(tmp_path, monkeypatch):
+    from modeling_nbp.video_io import atomic_output_path
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    with atomic_output_path(tmp_path / "video.npy") as tmp:
+        np.save(tmp, np.zeros(3))
+    assert synced[0] == tmp and synced[-1] == str(tmp_path)  # the contents, then the rename in the folder
+    synced.clear()
+    with atomic_output_path(tmp_path / "folder") as tmp:
+        os.makedirs(os.path.join(tmp, "sub"))
+        open(os.path.join(tmp, "sub", "a"), "w").close()
+    assert os.path.join(tmp, "sub", "a") in synced and synced[-1] == str(tmp_path)

@@ -162,6 +162,8 @@ def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]
     temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(str(temp_path))
+        with open(temp_path, "rb") as f:  # the contents on the disk before the name
+            os.fsync(f.fileno())
         os.replace(temp_path, path)
     finally:
         temp_path.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..run_files import settings_differences, write_json
-from ..video_io import atomic_output_path, export_to_mp4, make_contact_sheet
+from ..video_io import atomic_output_path, export_to_mp4, flush_to_disk, make_contact_sheet
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
         write_json(os.path.join(tmp, CHECKPOINT_MARKER), dict(trainer_state, global_step=step), indent=2)
         if os.path.isdir(final):  # a run resumed from an earlier checkpoint writes this step again
             remove_tree(final)
+        flush_to_disk(tmp)  # `latest` must never pick a checkpoint whose files a crash left empty
         os.replace(tmp, final)
+        flush_to_disk(output_dir, entries_only=True)
         if total_limit is not None:  # drop the oldest others, never the one just written
             kept = list_checkpoints(output_dir)
             for _, old in [c for c in kept if c[1] != final][: max(0, len(kept) - total_limit)]:
