@@ -76,7 +76,8 @@ def main(argv=None):
     p.add_argument("--validation_tokens", help="pre-tokenized held-out set (its loss is reported)")
     p.add_argument("--tokenizer", default=DEMO_MODEL, help="tokenizer (or pipeline) folder used for the tokens")
     p.add_argument("--output_dir", default="runs/study")
-    p.add_argument("--docs_dir", default="docs")
+    p.add_argument("--docs_dir", help="where the chart and table go (default: --output_dir; the published ones: "
+                   "--docs_dir docs)")
     p.add_argument("--max_steps", type=int, default=600)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_layers", type=int, default=4)
@@ -115,6 +116,7 @@ def main(argv=None):
                                 val_loss=summary.get("val_loss"), fvd_mean=score["mean"], fvd_std=score["std"]))
             print(results[-1], flush=True)
 
+    args.docs_dir = args.docs_dir or args.output_dir
     os.makedirs(args.docs_dir, exist_ok=True)
     with atomic_output_path(os.path.join(args.output_dir, "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=2)

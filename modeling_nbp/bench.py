@@ -207,7 +207,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="generation weights (default: bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are "
                              "slow)")
-    parser.add_argument("--large_batch", type=positive_int, default=64 if cuda else 8)
+    parser.add_argument("--large_batch", type=positive_int, default=64 if cuda else 8,
+                        help="the batch timed beside batch 1 (1: batch 1 only)")
     parser.add_argument("--repeats", type=positive_int, default=10 if cuda else 3,
                         help="timed NBP runs (training steps with --train) after a warm-up")
     parser.add_argument("--ntp_repeats", type=positive_int, default=3 if cuda else 1,
@@ -241,7 +242,7 @@ def main(argv=None):
         return rows
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune
-    rows = generation_rows(args.size, device, dtype, (1, args.large_batch), args.repeats, args.ntp_repeats,
+    rows = generation_rows(args.size, device, dtype, sorted({1, args.large_batch}), args.repeats, args.ntp_repeats,
                            log=lambda row: None, variants=variants)
     print(f"{header} dtype={str(dtype).removeprefix('torch.')} "
           f"sampling=top-k {PAPER_SAMPLING['top_k']}, top-p {PAPER_SAMPLING['top_p']}")

@@ -73,7 +73,9 @@ def _generate_parser(parser):
     out.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif", "npy"],
                      help="files per video: MP4 and GIF to watch, npy (uint8 frames, lossless) for an exact FVD "
                           "(nbp evaluate reads MP4 and npy, not GIF)")
-    out.add_argument("--fps", type=positive_int, default=8)
+    out.add_argument("--fps", type=positive_int, default=None,
+                     help="frame rate of the files (default: the clips' rate, --context_fps or --clip_fps with "
+                          "--dataset, else 8)")
     out.add_argument("--contact_sheet", type=non_negative_int, default=64,
                      help="contact_sheet.png of the run's first this many videos (0: none; under accelerate launch, "
                           "of the main process's share)")

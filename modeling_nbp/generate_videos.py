@@ -313,6 +313,8 @@ def run_generate(args) -> GenerationSummary:
     from . import NBPVideoPipeline
     from .training.common import use_cpu
 
+    if args.fps is None:  # the files play at the rate of the frames the model continued
+        args.fps = round(args.context_fps or (args.clip_fps if args.dataset else 8))
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")

@@ -321,8 +321,11 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
     (fake_dir / "0.npy").unlink()
     (fake_dir / "2.npy").unlink()
     (fake_dir / "9.npy").write_bytes((real_dir / "1.npy").read_bytes())
-    with pytest.raises(FileNotFoundError, match="pairs files by name"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # before any feature is computed
         fvd_module.main([str(fake_dir), str(real_dir), "--reconstruction", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "pairs files by name: 1 of the 2 videos" in err and "9.npy" in err
 
 
 def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
@@ -430,3 +433,10 @@ def test_videos_are_read_in_batches_of_one_shape():
     shapes = [(1, 3, 16, 8, 8)] * 3 + [(2, 3, 16, 8, 8), (1, 3, 16, 4, 4)]
     batches = list(fvd_module.ReadVideos(shapes, lambda shape: torch.zeros(shape), batch_size=2))
     assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 8, 8), (3, 3, 16, 8, 8), (1, 3, 16, 4, 4)]
+
+
+def test_a_short_video_file_is_named(tmp_path):
+    np.save(tmp_path / "short.npy", np.zeros((10, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"short.npy has 10 frames; FVD needs videos of at least 16"):
+        fvd_module.load_video_file(tmp_path / "short.npy", num_frames=16)
+    assert fvd_module.load_video_file(tmp_path / "short.npy").shape == (1, 3, 10, 8, 8)  # no length asked: whole

@@ -479,14 +479,18 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
             videos = videos[None]
         if videos.dim() != 5 or videos.shape[-1] != 3:
             raise ValueError(f"{path}: uint8 videos must be (T, H, W, 3) or (N, T, H, W, 3), got {tuple(videos.shape)}")
-        return videos[:, :num_frames].permute(0, 4, 1, 2, 3).float() / 255.0
-    if videos.is_floating_point():
+        videos = videos.permute(0, 4, 1, 2, 3).float() / 255.0
+    elif videos.is_floating_point():
         if videos.dim() == 4:
             videos = videos[None]
         if videos.dim() != 5 or videos.shape[1] != 3:
             raise ValueError(f"{path}: float videos must be (3, T, H, W) or (N, 3, T, H, W), got {tuple(videos.shape)}")
-        return videos[:, :, :num_frames].float()
-    raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
+        videos = videos.float()
+    else:
+        raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
+    if num_frames is not None and videos.shape[2] < num_frames:
+        raise ValueError(f"{path} has {videos.shape[2]} frames; FVD needs videos of at least {num_frames}")
+    return videos[:, :, :num_frames]
 
 
 class _ReadItems(torch.utils.data.Dataset):
@@ -684,6 +688,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
     fake_folder, real_folder = Path(args.fake), Path(args.real)
     fake_files = _list_video_files(fake_folder)
+    if args.reconstruction:  # before any video is read
+        unpaired = [p for p in fake_files if not (real_folder / p.relative_to(fake_folder)).is_file()]
+        if unpaired:
+            parser.error(f"--reconstruction pairs files by name: {len(unpaired)} of the {len(fake_files)} videos in "
+                         f"{fake_folder} have no file of that name in {real_folder}, e.g. {unpaired[0].name}")
     read_file = partial(load_video_file, num_frames=FVD_NUM_FRAMES)
     fake = ReadVideos(fake_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
     results: Dict[str, object] = {"protocol": args.protocol}
