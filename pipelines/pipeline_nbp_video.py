@@ -577,11 +577,14 @@ class NBPVideoPipeline(DiffusionPipeline):
         if push_to_hub:  # the full id ("owner/name") for the card
             repo_id = create_hub_repo(hub.get("repo_id") or os.path.basename(os.path.abspath(save_directory)),
                                       hub.get("private"), hub.get("token"))
-        card = self.model_card(repo_id, model_card_notes, carry_code, kwargs.get("variant"))  # before any file
+        # what can fail is worked out before any file is written
+        card = self.model_card(repo_id, model_card_notes, carry_code, kwargs.get("variant"))
+        code = {name: _module_with_relative_imports(inspect.getsourcefile(type(getattr(self, name))))
+                for name in ("transformer", "video_tokenizer")} if carry_code else None
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, push_to_hub=False, **kwargs)
         write_model_card(os.path.join(save_directory, "README.md"), card)
         if carry_code:
-            self._write_remote_code(save_directory)
+            self._write_remote_code(save_directory, code)
         else:  # undo the code copy that transformers makes on its own (register_for_auto_class)
             folder = os.path.join(save_directory, "transformer")
             for name in os.listdir(folder):
@@ -663,17 +666,16 @@ class NBPVideoPipeline(DiffusionPipeline):
             lines += ["## Notes", "", notes.strip(), ""]
         return "\n".join(lines)
 
-    def _write_remote_code(self, save_directory):
+    def _write_remote_code(self, save_directory, code: dict):
+        """Copy the pipeline's file and each component's `code` (its module first, then what it imports)."""
         with open(os.path.join(save_directory, "model_index.json")) as f:
             index = json.load(f)
         shutil.copy(inspect.getsourcefile(type(self)), os.path.join(save_directory, "pipeline_nbp_video.py"))
         index["_class_name"] = ["pipeline_nbp_video", type(self).__name__]
-        for name in ("transformer", "video_tokenizer"):
-            module = getattr(self, name)
-            source = inspect.getsourcefile(type(module))
-            for path in _module_with_relative_imports(source):
+        for name, paths in code.items():
+            for path in paths:
                 shutil.copy(path, os.path.join(save_directory, name, os.path.basename(path)))
-            index[name] = [os.path.splitext(os.path.basename(source))[0], type(module).__name__]
+            index[name] = [os.path.splitext(os.path.basename(paths[0]))[0], type(getattr(self, name)).__name__]
         tmp = os.path.join(save_directory, "model_index.json.tmp")
         with open(tmp, "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
@@ -736,7 +738,8 @@ class NBPVideoPipeline(DiffusionPipeline):
 
 
 def _module_with_relative_imports(path: str) -> list[str]:
-    """`path` and every sibling file it reaches through `from .x import ...` (what the code copy needs)."""
+    """`path` and every sibling file it reaches through `from .x import ...` (what the code copy needs). A file that
+    is not there is left out: a carried copy (loaded as remote code) holds only what loading needed."""
     import re
 
     todo, seen = [path], []
@@ -747,5 +750,5 @@ def _module_with_relative_imports(path: str) -> list[str]:
         seen.append(current)
         with open(current, encoding="utf-8") as f:
             names = re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), flags=re.MULTILINE)
-        todo += [os.path.join(os.path.dirname(current), n + ".py") for n in names]
+        todo += [p for p in (os.path.join(os.path.dirname(current), n + ".py") for n in names) if os.path.isfile(p)]
     return seen

@@ -520,6 +520,11 @@ def test_remote_code_without_the_package(pipe, tmp_path):
         pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
         out = pipe(class_labels=[1], generator=torch.Generator().manual_seed(2), output_type="np").frames
         np.testing.assert_array_equal(out, np.load({str(tmp_path / 'expected.npy')!r}))
+        # download, change, share again: a pipeline loaded from carried code saves a folder that loads the same way
+        pipe.save_pretrained({str(tmp_path / 'again')!r})
+        again = DiffusionPipeline.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)
+        out = again(class_labels=[1], generator=torch.Generator().manual_seed(2), output_type="np").frames
+        np.testing.assert_array_equal(out, np.load({str(tmp_path / 'expected.npy')!r}))
         print("remote ok", type(pipe).__module__)
     """, tmp_path / "modules")
     assert "remote ok diffusers_modules" in stdout
