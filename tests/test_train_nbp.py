@@ -326,7 +326,9 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     # what the checkpoint restores (optimizer, EMA, data order) cannot change on a resume
     for flags, change in [(["--learning_rate", "1e-4"], "optimization.learning_rate 0.0003 on disk, 0.0001 now"),
                           (["--ema_decay", "0"], "optimization.ema_decay 0.9 on disk, 0.0 now"),
-                          (["--seed", "8"], "seed 7 on disk, 8 now")]:
+                          (["--seed", "8"], "seed 7 on disk, 8 now"),
+                          (["--class_dropout_prob", "0"], "model.class_dropout_prob 0.2 on disk, 0.0 now"),
+                          (["--hidden_size", "64"], "model.hidden_size 32 on disk, 64 now; model.intermediate_size 128 on disk, 256 now")]:
         with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
             main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest", *flags])
 

@@ -155,12 +155,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     return final
 
 
-def load_checkpoint(accelerator, path: str) -> dict:
-    """Restore what `save_checkpoint` saved through the accelerator; returns the trainer state (with
-    `global_step`). Extra tensor files are read with `load_checkpoint_tensors`."""
-    accelerator.load_state(path)
+def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlier_defaults: dict | None = None) -> dict:
+    """Restore what `save_checkpoint` saved through the accelerator, once `settings` are checked against the
+    checkpoint's (`check_resume_settings`: before the states are loaded, which would fail on another model with an
+    opaque error); returns the trainer state (with `global_step`). Extra tensor files: `load_checkpoint_tensors`."""
     with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
-        return json.load(f)
+        state = json.load(f)
+    if settings is not None:
+        check_resume_settings(path, state, settings, earlier_defaults)
+    accelerator.load_state(path)
+    return state
 
 
 def check_resume_settings(resume: str, state: dict, wanted: dict, earlier_defaults: dict | None = None) -> None:
@@ -172,8 +176,8 @@ def check_resume_settings(resume: str, state: dict, wanted: dict, earlier_defaul
     differences = settings_differences(found, wanted, earlier_defaults)
     if differences:
         raise ValueError(f"{resume} was trained with other settings ({'; '.join(differences)}): a resume continues "
-                         "the checkpoint's optimizer state, EMA and data order, which would override them silently; "
-                         "pass the same values, or start a new run")
+                         "that run (its model, optimizer state, EMA and data order) and cannot change them; pass the "
+                         "same values, or start a new run")
 
 
 def warn_if_global_batch_changed(state: dict, global_batch: int) -> None:

@@ -330,11 +330,12 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
     return final_dir
 
 
-def resume_settings(args) -> dict:
-    """What a resume takes from the checkpoint (data order, optimizer rates and decay, EMA), kept in every
+def resume_settings(args, config: NBPConfig) -> dict:
+    """What a resume takes from the checkpoint (data order, the model, optimizer rates and decay, EMA), kept in every
     checkpoint: a resume asking for other values is refused (`common.check_resume_settings`)."""
-    return {"seed": args.seed, "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                                                    optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay)}
+    return {"seed": args.seed, "model": {k: getattr(config, k) for k in NBPConfig.__annotations__},
+            "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                 optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay)}
 
 
 def main(argv=None) -> dict:
@@ -395,8 +396,7 @@ def main(argv=None) -> dict:
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        state = common.load_checkpoint(accelerator, resume)
-        common.check_resume_settings(resume, state, resume_settings(args))
+        state = common.load_checkpoint(accelerator, resume, resume_settings(args, config))
         global_step = state["global_step"]
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         if ema is not None:
@@ -467,7 +467,7 @@ def main(argv=None) -> dict:
                           global_step, args.output_dir)
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   dict(resume_settings(args), global_batch_size=global_batch),
+                                   dict(resume_settings(args, config), global_batch_size=global_batch),
                                    {"ema": ema.state_dict()} if ema is not None else None,
                                    args.checkpoints_total_limit)
         meter.resume()

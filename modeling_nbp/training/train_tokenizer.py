@@ -286,10 +286,9 @@ def main(argv=None) -> dict:
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        state = common.load_checkpoint(accelerator, resume)
         # checkpoints from before clips could be squashed were cropped
-        common.check_resume_settings(resume, state, resume_settings(args, accelerator.unwrap_model(tokenizer)),
-                                     earlier_defaults={"data": {"resize": "crop"}})
+        state = common.load_checkpoint(accelerator, resume, resume_settings(args, accelerator.unwrap_model(tokenizer)),
+                                       earlier_defaults={"data": {"resize": "crop"}})
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
         log.truncate(global_step)
