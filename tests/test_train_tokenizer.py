@@ -177,6 +177,16 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     assert common.find_latest_checkpoint(resumed).endswith("checkpoint-4")
 
 
+def test_without_the_adversarial_loss_no_discriminator_is_trained_or_saved(tmp_path):
+    run = tmp_path / "run"
+    main([*TINY, "--output_dir", str(run), "--adversarial_weight", "0", "--max_steps", "3", "--disc_start_step", "1"])
+    assert all("discriminator" not in r and "g_adversarial" not in r for r in read_log(run))
+    assert not (run / "checkpoint-3" / "model_1.safetensors").exists() and (run / "checkpoint-3" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="optimization.discriminator False on disk, True now"):  # not switched on resume
+        main([*TINY, "--output_dir", str(run), "--max_steps", "4", "--disc_start_step", "1",
+              "--resume_from_checkpoint", "latest"])
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     """Tokenizer and discriminator (GAN on from step 1) under DDP over gloo: 2 x 2 clips = 1 x 4 clips."""
     import subprocess

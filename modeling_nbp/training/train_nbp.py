@@ -29,7 +29,7 @@ from ..generation import resolve_sampling
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
 from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
-from ..video_io import atomic_output_path
+from ..video_io import atomic_output_path, decoding_workers
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
 from .presets import GENERATOR_PRESETS, parse_with_preset
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", required=True)
     g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder): enables sample videos and "
                    "makes final/ a full NBPVideoPipeline")
-    g.add_argument("--dataloader_num_workers", type=int, default=2)
+    g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=2,
+                   help="at most as many as this process may use CPUs")
     g = p.add_argument_group("model (one of --preset, --model_config or the size flags; the latent grid, video "
                              "vocabulary and classes come from the data)")
     g.add_argument("--preset", choices=sorted(GENERATOR_PRESETS),
@@ -411,7 +412,7 @@ def main(argv=None) -> dict:
                                       accelerator.process_index, args.seed, start_step=global_step * accum,
                                       accumulation_steps=accum)
     loader = torch.utils.data.DataLoader(info["data"], batch_sampler=sampler, collate_fn=collate_tokens,
-                                         num_workers=args.dataloader_num_workers,
+                                         num_workers=decoding_workers(args.dataloader_num_workers),
                                          worker_init_fn=common.dataloader_worker_init,
                                          pin_memory=accelerator.device.type == "cuda")
     global_batch = per_device_batch * accum * accelerator.num_processes

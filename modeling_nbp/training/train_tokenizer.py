@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType
 from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
 from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
-from ..video_io import atomic_output_path
+from ..video_io import atomic_output_path, decoding_workers
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
 from .optim import SCHEDULES, lr_at_step
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize", default="squash", choices=["squash", "crop"],
                    help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--dataloader_num_workers", type=int, default=4)
+    g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=4,
+                   help="at most as many as this process may use CPUs")
     g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
     g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override)")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.export .pt2 file, a TorchScript file, or 'package.module:factory'; the network maps "
                         "two (N, 3, H, W) image batches in [-1, 1] to one distance per image (LPIPS convention)")
     g.add_argument("--perceptual_weight", type=float, default=0.1)
-    g.add_argument("--adversarial_weight", type=float, default=0.1)
+    g.add_argument("--adversarial_weight", type=float, default=0.1,
+                   help="0: no GAN (no discriminator is built, trained or saved)")
     g.add_argument("--disc_start_step", type=int, help="optimizer steps without the GAN (default 20%% of --max_steps)")
     g.add_argument("--gan_loss", choices=GAN_LOSSES, default="hinge")
     g.add_argument("--discriminator", choices=DISCRIMINATOR_KINDS, default="3d")
@@ -205,7 +207,8 @@ def resume_settings(args, tokenizer) -> dict:
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
             "optimization": dict(learning_rate=args.learning_rate,
                                  disc_learning_rate=args.disc_learning_rate or args.learning_rate,
-                                 adam_betas=[args.adam_beta1, args.adam_beta2], disc_start_step=args.disc_start_step)}
+                                 adam_betas=[args.adam_beta1, args.adam_beta2], disc_start_step=args.disc_start_step,
+                                 discriminator=args.adversarial_weight > 0)}
 
 
 def adam(params, lr: float, args) -> torch.optim.Adam:
@@ -267,19 +270,27 @@ def main(argv=None) -> dict:
     tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
     if args.gradient_checkpointing:
         tokenizer.enable_gradient_checkpointing()
-    check_discriminator_input(args)
-    discriminator = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
     perceptual = load_perceptual_model(args.perceptual_model)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
     opt_g = adam(tokenizer.parameters(), args.learning_rate, args)
-    opt_d = adam(discriminator.parameters(), args.disc_learning_rate or args.learning_rate, args)
-    # the discriminator's first update is global step disc_start_step: its schedule starts there
-    sched_g, sched_d = lambda_schedule(opt_g, args), lambda_schedule(opt_d, args, offset=args.disc_start_step)
-    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (tokenizer, discriminator)]  # before sharding
-    tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
-        tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d)
-    raw_discriminator = accelerator.unwrap_model(discriminator)
+    sched_g = lambda_schedule(opt_g, args)
+    size = sum(p.numel() for p in tokenizer.parameters()) / 1e6  # before sharding
+    described = f"tokenizer {size:.2f}M parameters"
+    adversarial = args.adversarial_weight > 0  # else no discriminator is built, trained or saved
+    if adversarial:
+        check_discriminator_input(args)
+        discriminator = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
+        opt_d = adam(discriminator.parameters(), args.disc_learning_rate or args.learning_rate, args)
+        # the discriminator's first update is global step disc_start_step: its schedule starts there
+        sched_d = lambda_schedule(opt_d, args, offset=args.disc_start_step)
+        described += f", discriminator {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M"
+        tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
+            tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d)
+        raw_discriminator = accelerator.unwrap_model(discriminator)
+    else:
+        tokenizer, opt_g, sched_g = accelerator.prepare(tokenizer, opt_g, sched_g)
+    models = (tokenizer, discriminator) if adversarial else (tokenizer,)
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step = 0
@@ -301,21 +312,21 @@ def main(argv=None) -> dict:
                                       accelerator.process_index, args.seed, start_step=global_step * accum,
                                       accumulation_steps=accum)
     loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_videos,
-                                         num_workers=args.dataloader_num_workers,
+                                         num_workers=decoding_workers(args.dataloader_num_workers),
                                          worker_init_fn=common.dataloader_worker_init,
                                          pin_memory=accelerator.device.type == "cuda")
     clip_shape = (3, args.num_frames, args.resolution, args.resolution)
     global_batch = per_device_batch * accum * accelerator.num_processes
-    accelerator.print(f"tokenizer {sizes[0]:.2f}M parameters, discriminator {sizes[1]:.2f}M; "
-                      f"{accelerator.num_processes} process(es) x {per_device_batch} x {accum} accumulation")
+    accelerator.print(f"{described}; {accelerator.num_processes} process(es) x {per_device_batch} x {accum} "
+                      "accumulation")
     skips, meter = SkipSummary(), common.ThroughputMeter()
     start_time, record, scores = time.perf_counter(), {}, {}
-    tokenizer.train()
-    discriminator.train()
+    for model in models:
+        model.train()
     batches = iter(loader)
     progress = common.training_progress(accelerator, global_step, args.max_steps)
     while global_step < args.max_steps:
-        gan = adversarial_active(global_step, args.disc_start_step)
+        gan = adversarial and adversarial_active(global_step, args.disc_start_step)
         lr = sched_g.get_last_lr()[0]
         totals = {}
         for micro in range(accum):
@@ -326,7 +337,7 @@ def main(argv=None) -> dict:
                 video, weight = torch.zeros(per_device_batch, *clip_shape), 0.0
             video = video.to(accelerator.device, non_blocking=True)
             common.seed_step(args.seed, global_step * accum + micro, accelerator.process_index)
-            with accelerator.accumulate(tokenizer, discriminator):
+            with accelerator.accumulate(*models):
                 reconstruction = tokenizer(video).reconstruction
                 rec, parts = reconstruction_loss(reconstruction, video, args.l1_weight, args.l2_weight)
                 loss_g, terms = rec, dict(parts, reconstruction=rec.detach())
