@@ -9,6 +9,7 @@ each written under a temporary name and renamed; only one batch of frames is hel
 """
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -313,8 +314,12 @@ def run_generate(args) -> GenerationSummary:
     from . import NBPVideoPipeline
     from .training.common import use_cpu
 
-    if args.fps is None:  # the files play at the rate of the frames the model continued
-        args.fps = round(args.context_fps or (args.clip_fps if args.dataset else 8))
+    if args.fps is None:  # the files play at the rate of the frames the model continued; a folder keeps its own
+        recorded = os.path.join(args.output_dir, SETTINGS_FILE)
+        if os.path.isfile(recorded) and not args.overwrite:
+            with open(recorded, encoding="utf-8") as f:
+                args.fps = json.load(f).get("fps")
+        args.fps = args.fps or round(args.context_fps or (args.clip_fps if args.dataset else 8))
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")

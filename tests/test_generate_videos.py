@@ -263,3 +263,10 @@ def test_a_model_changed_in_place_is_another_model(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")  # retrained or converted again at the same path
     with pytest.raises(SystemExit, match="other settings.*model.files"):
         generate(tmp_path / "pipe", tmp_path / "out", "--formats", "gif")
+
+
+def test_a_folder_keeps_the_frame_rate_it_was_started_with(saved, tmp_path, capsys):
+    _, model = saved
+    generate(model, tmp_path / "out", "--class_labels", "0", "--formats", "npy", "--fps", "5", "--contact_sheet", "0")
+    generate(model, tmp_path / "out", "--class_labels", "0", "square", "--formats", "npy", "--contact_sheet", "0")
+    assert "made 1 videos, 1 were already in" in capsys.readouterr().out  # resumed: no --fps means the folder's

@@ -331,6 +331,13 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
                           (["--hidden_size", "64"], "model.hidden_size 32 on disk, 64 now; model.intermediate_size 128 on disk, 256 now")]:
         with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
             main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest", *flags])
+    # a checkpoint from before the model was kept in it: another model is still named clearly
+    marker = killed / f"checkpoint-{latest_step}" / common.CHECKPOINT_MARKER
+    kept = marker.read_text()
+    marker.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "model"}))
+    with pytest.raises(ValueError, match="holds another model or optimizer than this run builds"):
+        main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest", "--hidden_size", "64"])
+    marker.write_text(kept)
 
     summary = main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert f"resumed from {killed / f'checkpoint-{latest_step}'} at step {latest_step}" in capsys.readouterr().out

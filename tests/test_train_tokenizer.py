@@ -185,6 +185,10 @@ def test_without_the_adversarial_loss_no_discriminator_is_trained_or_saved(tmp_p
     with pytest.raises(ValueError, match="optimization.discriminator False on disk, True now"):  # not switched on resume
         main([*TINY, "--output_dir", str(run), "--max_steps", "4", "--disc_start_step", "1",
               "--resume_from_checkpoint", "latest"])
+    # the unused GAN settings (whose default start moves with --max_steps) do not stop a run from being extended
+    main([*TINY, "--output_dir", str(run), "--adversarial_weight", "0", "--max_steps", "4", "--disc_start_step", "3",
+          "--resume_from_checkpoint", "latest"])
+    assert (run / "checkpoint-4").is_dir()
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):

@@ -163,7 +163,11 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
         state = json.load(f)
     if settings is not None:
         check_resume_settings(path, state, settings, earlier_defaults)
-    accelerator.load_state(path)
+    try:
+        accelerator.load_state(path)
+    except (RuntimeError, ValueError, KeyError) as error:  # checkpoints from before the settings were kept
+        raise ValueError(f"{path} holds another model or optimizer than this run builds: resume with the flags that "
+                         f"started the run ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
     return state
 
 

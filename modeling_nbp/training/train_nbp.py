@@ -4,7 +4,7 @@
         --preset ucf-700m --tokenizer pretrained/tokenizer --resume_from_checkpoint latest
 
 Outputs in --output_dir: checkpoint-<step>/ (complete training state; resume with --resume_from_checkpoint),
-train_log.jsonl (one line per logged step), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with
+train_log.jsonl (one line per logged step and per validation), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with
 --tokenizer) and final/ (a pipeline folder with --tokenizer, else the generator's folder).
 """
 
@@ -334,7 +334,8 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
 def resume_settings(args, config: NBPConfig) -> dict:
     """What a resume takes from the checkpoint (data order, the model, optimizer rates and decay, EMA), kept in every
     checkpoint: a resume asking for other values is refused (`common.check_resume_settings`)."""
-    return {"seed": args.seed, "model": {k: getattr(config, k) for k in NBPConfig.__annotations__},
+    weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout")]
+    return {"seed": args.seed, "model": {k: getattr(config, k) for k in weights},
             "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                                  optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay)}
 

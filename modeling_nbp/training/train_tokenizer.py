@@ -203,12 +203,14 @@ def check_discriminator_input(args) -> None:
 def resume_settings(args, tokenizer) -> dict:
     """What a resume takes from the checkpoint (clips, data order, model, optimizers, the GAN's start), kept in
     every checkpoint: a resume asking for others is refused (`common.check_resume_settings`)."""
+    adversarial = args.adversarial_weight > 0
+    # without the GAN its settings are unused (the default start moves with --max_steps, which a resume may raise)
+    gan = dict(disc_learning_rate=args.disc_learning_rate or args.learning_rate,
+               disc_start_step=args.disc_start_step) if adversarial else {}
     return {"seed": args.seed, "data": data_settings(args),
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
-            "optimization": dict(learning_rate=args.learning_rate,
-                                 disc_learning_rate=args.disc_learning_rate or args.learning_rate,
-                                 adam_betas=[args.adam_beta1, args.adam_beta2], disc_start_step=args.disc_start_step,
-                                 discriminator=args.adversarial_weight > 0)}
+            "optimization": dict(learning_rate=args.learning_rate, adam_betas=[args.adam_beta1, args.adam_beta2],
+                                 discriminator=adversarial, **gan)}
 
 
 def adam(params, lr: float, args) -> torch.optim.Adam:
