@@ -29,6 +29,8 @@ import gc
 import json
 import math
 import os
+import signal
+import sys
 import time
 import traceback
 
@@ -68,29 +70,29 @@ def kernel_profile(fn, top: int = 20) -> dict:
     for e in events:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1000  # us -> ms
     return {"kernel ms": sum(e.device_time_total for e in events) / 1000,
-            "kernel launches": sum(e.count for e in events),
+            "kernel launches": sum(e.count for e in events if e.device_time_total > 0),  # not the runtime API calls
             "ms by kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count)
                     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
 
 
 def section(results, name, path, deadline):
-    """Decorator: run a section (unless the clock is past `deadline`), store its result or its error, rewrite
-    results.json."""
+    """Decorator: run a section `fn(out)` (unless the clock is past `deadline`), which fills `results[name]` (= out)
+    as it measures, so what it measured before an error (stored beside it) or a stop is kept; rewrite results.json."""
     def wrap(fn):
         start = time.perf_counter()
         if start > deadline:
             results[name] = {"skipped": "time budget spent"}
             print(f"[{name}] skipped: time budget spent", flush=True)
             return fn
+        out = results[name] = {}
         try:
-            results[name] = fn()
+            out.update(fn(out) or {})
         except Exception:  # noqa: BLE001 - a failed section must not stop the others
-            results[name] = {"error": traceback.format_exc()}
-            print(results[name]["error"], flush=True)
+            out["error"] = traceback.format_exc()
+            print(out["error"], flush=True)
         print(f"[{name}] {time.perf_counter() - start:.1f} s: {results[name]}", flush=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        write_results(results, path)
         gc.collect()  # free the section's models and caches before the next one counts its peak memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -98,10 +100,30 @@ def section(results, name, path, deadline):
     return wrap
 
 
+def write_results(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+
+
+def report(results: dict, large_batch: int) -> None:
+    """The run's printout: every section's results, the generation table, the ratios and the goals."""
+    print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
+    for name in ("ceilings", "checks", "profile", "pipeline", "training", "cfg", "stopped"):
+        if name in results:
+            print(f"{name}: {results[name]}")
+    gen_result = results.get("generation", {})
+    rows = gen_result.get("rows") or gen_result.get("rows so far")
+    if rows:
+        print(format_table(rows))
+        for k, v in generation_ratios(rows).items():
+            print(f"{k}: {v:.2f}x")
+    print("\n".join(against_goals(results, large_batch)))
+
+
 def against_goals(results: dict, large_batch: int) -> list[str]:
     """The issue's goals against this run's figures (the faster NBP decode variant at each batch size), one line each;
     a goal whose section did not run is left out."""
-    rows = results.get("generation", {}).get("rows", [])
+    rows = results.get("generation", {}).get("rows") or results.get("generation", {}).get("rows so far", [])
     nbp = {}
     for r in rows:
         if r["method"] == "NBP" and r["variant"] != "eager":
@@ -155,11 +177,13 @@ def main(argv=None):
     p.add_argument("--autotune", action="store_true",
                    help="also time NBP with compile_decode='max-autotune-no-cudagraphs' (minutes of compilation)")
     p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
-    p.add_argument("--time_budget", type=float, default=450,
-                   help="seconds after which no further section starts")
+    p.add_argument("--time_budget", type=float, default=400,
+                   help="seconds (from device_check.sh's start, installs included) after which no further section "
+                        "starts; the device call's limit should leave room for the last section (about 100 s)")
     p.add_argument("--output", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = p.parse_args(argv)
-    deadline = time.perf_counter() + args.time_budget
+    started = float(os.environ.get("NBP_CHECK_STARTED", time.time()))  # device_check.sh's start: installs come first
+    deadline = time.perf_counter() + args.time_budget - (time.time() - started)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow: smoke runs use fp32
@@ -172,11 +196,19 @@ def main(argv=None):
                             transformers=transformers.__version__, diffusers=diffusers.__version__,
                             size=args.size, tokenizer=args.tokenizer, date=time.strftime("%Y-%m-%d %H:%M")))
     print(results["env"], flush=True)
+
+    def stopped(signum, frame):  # the device call's time limit (timeout sends SIGTERM): keep what was measured
+        results["stopped"] = f"signal {signum} after {time.time() - started:.0f} s"
+        write_results(results, path)
+        report(results, args.large_batch)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
     run = lambda name: section(results, name, path, deadline) if name not in args.skip else (lambda fn: fn)  # noqa: E731
     gen = lambda s: torch.Generator(device).manual_seed(s)  # noqa: E731
 
     @run("ceilings")
-    def _():
+    def _(out):
         if not cuda:
             return {}
         x = torch.empty(2**30, dtype=torch.uint8, device=device)
@@ -187,8 +219,7 @@ def main(argv=None):
         return dict(copy_tb_per_s=2 * 2**30 / copy / 1e12, bf16_matmul_tflops=2 * 8192**3 / mm / 1e12)
 
     @run("checks")
-    def _():
-        out = {}
+    def _(out):
         model = build(args.size, (1, 1, 16), device, torch.float32)
         H, W = model.config.latent_shape[1:]
         ctx = torch.randint(0, model.config.video_vocab_size, (2, 2, H, W), device=device)
@@ -235,19 +266,20 @@ def main(argv=None):
         return out
 
     @run("generation")
-    def _():
+    def _(out):
         rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats,
                                variants=("eager", "optimized", "compiled") + ("autotuned",) * args.autotune,
-                               ntp_batches=(1,))  # the ratio the issue asks for; NTP's 768 graphs per batch cost time
+                               ntp_batches=(1,),  # the ratio the issue asks for; NTP's 768 graphs per batch cost time
+                               log=lambda row: (out.setdefault("rows so far", []).append(row), print(row, flush=True)))
+        out.pop("rows so far", None)
         return dict(rows=rows, ratios=generation_ratios(rows))
 
     @run("profile")
-    def _():
+    def _(out):
         if not cuda:
             return {}
         model = build(args.size, (1, 1, 16), device, bf16)
         H, W = model.config.latent_shape[1:]
-        out = {}
         for batch in (1, args.large_batch):  # kernel time of one optimized generation, without graphs
             ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
             out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
@@ -261,7 +293,7 @@ def main(argv=None):
         return out
 
     @run("pipeline")
-    def _():
+    def _(out):
         with torch.device(device):
             if args.tokenizer == "official":
                 tok = NBPVideoTokenizer()
@@ -276,7 +308,6 @@ def main(argv=None):
         s = tok.spatial_compression
         video = torch.rand(1, 5, 3, H * s, W * s, device=device)
         ids = torch.randint(0, model.config.video_vocab_size, (1, 5, H, W), device=device)
-        out = {}
         with torch.no_grad():
             out["encode 5 frames ms"] = 1000 * timed(lambda: tok.encode(video.to(bf16).transpose(1, 2)), device,
                                                       args.repeats)
@@ -304,8 +335,7 @@ def main(argv=None):
         return out
 
     @run("training")
-    def _():
-        out = {}
+    def _(out):
         measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
         runs = [("flex_attention", False)] + ([("flex_attention", True)] if args.train_compile else [])
         for attn, compiled in runs if cuda else [("sdpa", False)]:
@@ -323,9 +353,8 @@ def main(argv=None):
         return out
 
     @run("cfg")
-    def _():
+    def _(out):
         model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
-        out = {}
         for g in (1.0, 3.0):
             reset_peak_memory(device)
             s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
@@ -335,16 +364,7 @@ def main(argv=None):
         return out
 
     # ---- report ---------------------------------------------------------------------------------------------------
-    print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
-    for name in ("ceilings", "checks", "profile", "pipeline", "training", "cfg"):
-        print(f"{name}: {results.get(name)}")
-    gen_result = results.get("generation", {})
-    if "rows" in gen_result:
-        print(format_table(gen_result["rows"]))
-        for k, v in gen_result["ratios"].items():
-            print(f"{k}: {v:.2f}x")
-    print("\n".join(against_goals(results, args.large_batch)))
-
+    report(results, args.large_batch)
 
 if __name__ == "__main__":
     main()
