@@ -12,7 +12,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 # --upgrade: a rerun on a machine that is still warm must not keep the previous checkout's code
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/nbp . || exit 1
-PYTHONPATH=/tmp/nbp:/tmp/site python3 benchmarks/gpu_check.py --output "$OUT" "$@" > >(tee "$OUT/log.txt") 2>&1 &
+# tee ignores the signal (a time limit may signal the whole process group), so the check's last report still shows
+PYTHONPATH=/tmp/nbp:/tmp/site python3 benchmarks/gpu_check.py --output "$OUT" "$@" \
+    > >(trap "" TERM INT; exec tee "$OUT/log.txt") 2>&1 &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 wait "$pid"

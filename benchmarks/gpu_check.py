@@ -198,6 +198,7 @@ def main(argv=None):
     print(results["env"], flush=True)
 
     def stopped(signum, frame):  # the device call's time limit (timeout sends SIGTERM): keep what was measured
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once (device_check.sh forwards the signal too)
         results["stopped"] = f"signal {signum} after {time.time() - started:.0f} s"
         write_results(results, path)
         report(results, args.large_batch)
