@@ -39,7 +39,8 @@ def write_corrupt(path, kind):
 
 
 def test_clip_frame_indices_windows_and_too_short_rule():
-    assert clip_frame_indices(20, 17, "center").tolist() == list(range(1, 18))
+    assert clip_frame_indices(20, 17, "center").tolist() == list(range(2, 19))  # 20 // 2 - 17 // 2, as the official
+    assert clip_frame_indices(19, 17, "center").tolist() == list(range(1, 18))
     assert clip_frame_indices(20, 17, "start").tolist() == list(range(17))
     assert clip_frame_indices(5, 8, "random").tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
     starts = {int(clip_frame_indices(20, 17, "random", torch.Generator().manual_seed(s))[0]) for s in range(40)}
@@ -127,6 +128,8 @@ def test_ucf101_layout(tmp_path, caplog):
     assert test[2]["video"].shape == (3, 5, 16, 16)  # an mp4 stream in a .avi name decodes by content
     with pytest.raises(ValueError, match="fold"):
         load_video_dataset(root, layout="ucf101", fold=4)
+    # the root as shells complete it: the split lists next to it are still found (the folder layout read them all)
+    assert load_video_dataset(f"{root}/", split="train", num_frames=5, resolution=16).index["label"] == [0, 1]
 
 
 def test_k600_layout(tmp_path):
@@ -145,6 +148,10 @@ def test_k600_layout(tmp_path):
     assert train.index["label"] == [1, 0]
     test = load_video_dataset(tmp_path, layout="k600", split="test", num_frames=8, resolution=16, fps=16)
     assert test.index["label"] == [-1] and test[0]["label"] == -1  # unlabelled split, clip in a subfolder
+    # a CSV saved with a byte-order mark (Excel, pandas' utf-8-sig) keeps its label column
+    csv_path = tmp_path / "annotations" / "train.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert load_video_dataset(tmp_path, split="train", num_frames=8, resolution=16, fps=16).index["label"] == [1, 0]
     with pytest.raises(ValueError, match="split"):
         load_video_dataset(tmp_path, layout="k600", split="dev")
 
@@ -338,6 +345,28 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
     # a finished folder is checked too: another tokenizer never gets the old tokens back
     with pytest.raises(ValueError, match=r"tokenizer_weights '\w+' on disk, '\w+' now"):
         pretokenize(TinyClips(), tokenizer(seed=1), out, batch_size=2, chunk_size=2)
+
+
+def test_pretokenize_resumes_only_with_the_same_videos(tmp_path):
+    from modeling_nbp.data import MovingDigits
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    torch.manual_seed(0)
+    tok = NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                            fsq_levels=(8, 5, 5, 5), norm_num_groups=4).eval()
+    digits = dict(num_frames=3, size=16, digit_size=8)
+    pretokenize(MovingDigits(4, seed=0, **digits), tok, tmp_path / "digits", batch_size=2, chunk_size=2, num_shards=2)
+    with pytest.raises(ValueError, match=r"clip\.seed 0 on disk, 1 now"):  # same length, other clips
+        pretokenize(MovingDigits(4, seed=1, **digits), tok, tmp_path / "digits", batch_size=2, chunk_size=2,
+                    num_shards=2, shard_index=1)
+    for k in range(3):
+        write_counting_video(tmp_path / "videos" / "a" / f"{k}.mp4", frames=6)
+    first = load_video_dataset(tmp_path / "videos", num_frames=3, resolution=8)
+    pretokenize(first, tok, tmp_path / "files", batch_size=2, chunk_size=2, num_shards=2)
+    (tmp_path / "videos" / "a" / "2.mp4").rename(tmp_path / "videos" / "a" / "3.mp4")  # same count, another video
+    with pytest.raises(ValueError, match=r"videos '\w+' on disk, '\w+' now"):
+        pretokenize(load_video_dataset(tmp_path / "videos", num_frames=3, resolution=8), tok, tmp_path / "files",
+                    batch_size=2, chunk_size=2, num_shards=2, shard_index=1)
 
 
 def test_pretokenize_processes_take_their_own_gpu(monkeypatch):

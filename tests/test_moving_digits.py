@@ -82,3 +82,8 @@ def test_written_folder_reads_back_through_the_folder_loader(tmp_path):
         digit, j = divmod(i, 2)
         assert item["label"] == digit and item["path"].endswith(f"clip_{j:05d}.mp4")
         assert (item["video"] - clips[10 * j + digit]["video"]).abs().mean() < 0.03
+    # a second run into the same folder would mix two runs' clips; an odd size would be padded by the MP4 writer
+    with pytest.raises(FileExistsError, match="already holds clips"):
+        write_moving_digits_folder(tmp_path, num_clips_per_class=1, seed=7, **kwargs)
+    with pytest.raises(ValueError, match="`size` must be even"):
+        write_moving_digits_folder(tmp_path / "odd", num_clips_per_class=1, size=17, digit_size=8)

@@ -43,7 +43,8 @@ def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "cen
     if sampling == "random":
         start = int(torch.randint(0, spare + 1, (1,), generator=generator))
     elif sampling == "center":
-        start = spare // 2
+        start = num_available // 2 - num_frames // 2  # the official loader's middle (one later than spare // 2 for
+        # an odd spare)
     else:
         start = 0
     return np.arange(start, start + num_frames)

@@ -148,8 +148,15 @@ def write_moving_digits_folder(root: str | os.PathLike, num_clips_per_class: int
     """
     if num_clips_per_class < 1:
         raise ValueError(f"`num_clips_per_class` must be >= 1, got {num_clips_per_class}")
-    clips = MovingDigits(10 * num_clips_per_class, seed=seed, **kwargs)
+    if kwargs.get("size", 64) % 2:
+        raise ValueError(f"`size` must be even (MP4 stores even frame sizes), got {kwargs['size']}")
     root = os.fspath(root)
+    earlier = [name for name in DIGIT_CLASS_NAMES if os.path.isdir(os.path.join(root, name))
+               and any(f.startswith("clip_") for f in os.listdir(os.path.join(root, name)))]
+    if earlier:  # a second run would overwrite some clips and keep the rest
+        raise FileExistsError(f"{root} already holds clips (class folders {earlier[:3]}...): choose another output "
+                              "folder or delete it")
+    clips = MovingDigits(10 * num_clips_per_class, seed=seed, **kwargs)
     for j in range(num_clips_per_class):
         for digit, name in enumerate(DIGIT_CLASS_NAMES):
             gray = clips.render(10 * j + digit)

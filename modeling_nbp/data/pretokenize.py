@@ -68,8 +68,10 @@ class _IndexedItems(torch.utils.data.Dataset):
         return {"video": item["video"], "label": int(item["label"]), "index": index}
 
 
-# Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`).
+# Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`, then `MovingDigits`').
 CLIP_SETTINGS = ("num_frames", "resolution", "fps", "sampling", "resize")
+# kept since 2026-11-26: folders written before are not checked for them
+LATER_SETTINGS = ("seed", "size", "digit_size", "num_digits", "speed_range", "styles_per_class")
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -88,11 +90,14 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
     settings = {
         "num_items": len(dataset),
         "chunk_size": chunk_size,
-        "clip": {name: getattr(dataset, name) for name in CLIP_SETTINGS if hasattr(dataset, name)},
+        "clip": {name: getattr(dataset, name) for name in CLIP_SETTINGS + LATER_SETTINGS if hasattr(dataset, name)},
         "tokenizer": type(tokenizer).__name__,
         # diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...) do not change the tokens.
         "tokenizer_config": {k: v for k, v in config.items() if not k.startswith("_")},
     }
+    index = getattr(dataset, "index", None)
+    if index is not None and "path" in getattr(index, "column_names", ()):  # which videos, not only how many
+        settings["videos"] = hashlib.sha256("\n".join(index["path"]).encode()).hexdigest()[:16]
     if isinstance(tokenizer, torch.nn.Module):  # the config alone cannot tell two checkpoints apart
         settings["tokenizer_weights"] = weights_digest(tokenizer)
     return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they read back from the file
@@ -100,8 +105,10 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
 
 def _check_metadata(output_dir: str, wanted: dict) -> None:
     meta_path = os.path.join(output_dir, "pretokenize.json")
-    # folders from before clips could be squashed were cropped
-    differences = read_settings_differences(meta_path, wanted, earlier_defaults={"clip": {"resize": "crop"}})
+    # folders from before clips could be squashed were cropped; the settings kept later are not checked in them
+    later = {k: v for k, v in wanted["clip"].items() if k in LATER_SETTINGS}
+    differences = read_settings_differences(meta_path, wanted, earlier_defaults={
+        "clip": {"resize": "crop", **later}, "videos": wanted.get("videos")})
     if differences is None:
         write_json(meta_path, wanted)
         return

@@ -91,7 +91,8 @@ def _folder_index(root: str, split: str | None) -> datasets.Dataset:
 
 
 def _find_ucf_lists(root: str) -> str | None:
-    for candidate in (os.path.join(root, "ucfTrainTestlist"), os.path.join(os.path.dirname(root), "ucfTrainTestlist")):
+    parent = os.path.dirname(os.path.abspath(root))  # also for "UCF-101/" and "."
+    for candidate in (os.path.join(root, "ucfTrainTestlist"), os.path.join(parent, "ucfTrainTestlist")):
         if os.path.isdir(candidate):
             return candidate
     return None
@@ -156,7 +157,7 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
         raise FileNotFoundError(f"no Kinetics annotation CSV for split {split!r} under {root} (pass `annotations`)")
     if video_dir is None or not os.path.isdir(video_dir):
         raise FileNotFoundError(f"no Kinetics clip folder for split {split!r} under {root} (pass `video_dir`)")
-    with open(annotations, newline="", encoding="utf-8") as f:
+    with open(annotations, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark would hide "label"
         rows = list(csv.DictReader(f))
     required = {"youtube_id", "time_start", "time_end"}
     if not rows or not required <= set(rows[0]):
