@@ -3,8 +3,9 @@
 Same data, seed and training budget for each variant: NTP (1x1x1 blocks), NBP with row blocks (1x1xW'), NBP with
 whole-frame blocks (1xH'xW'); for class-conditional generation and for frame prediction (2 given latent frames).
 For each: train with examples/train_nbp.py, generate videos with the pipeline (timed), score FVD against held-out
-real clips (StyleGAN-V protocol, I3D, repeats on random subsets). Writes docs/nbp_vs_ntp_table.md (the table that
-docs/nbp_vs_ntp.md presents with the commands) and docs/nbp_vs_ntp.png (a bar chart).
+real clips (StyleGAN-V protocol, I3D, repeats on random subsets). Writes nbp_vs_ntp_table.md (the table that
+docs/nbp_vs_ntp.md presents) and nbp_vs_ntp.png (a bar chart) under --output_dir; `--docs_dir docs` replaces the
+published ones (docs/nbp_vs_ntp.md gives the published run's command).
 
     nbp make-digits --output_dir runs/study/digits_train --clips_per_class 500 --seed 0 --size 32 --digit_size 16 \\
         --speed_range 1 2 --styles_per_class 2

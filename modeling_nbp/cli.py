@@ -27,7 +27,8 @@ def _generate_parser(parser):
                         help="video files or folders of them (searched recursively): each clip's first frames are "
                              "continued, --num_videos_per_class times (frame prediction)")
     parser.add_argument("--context_frames", type=positive_int, default=None,
-                        help="frames of each context clip to give (default: the model's num_context_frames)")
+                        help="frames of each context clip to give (default: the pixel frames of the model's "
+                             "num_context_frames latent frames, at least one latent frame: 5 for 2)")
     parser.add_argument("--resize", default="squash", choices=["squash", "crop"],
                         help="how context and --dataset clips become the model's square frames: squash (whole frames, "
                              "as the official loader and the official models' training data) or crop (shorter side + "
@@ -129,6 +130,7 @@ def main(argv=None):
         from .evaluation.fvd import main as run
     else:
         from .bench import main as run
+    sys.argv[0] = f"nbp {command}"  # the usage line of parsers that take their name from it (train, train-tokenizer)
     run(rest)
     return 0
 
