@@ -8,6 +8,7 @@ import pytest
 
 from modeling_nbp.demo import DEMO_MODEL, main as demo
 from modeling_nbp.video_io import read_video
+from test_moving_digits import best_matching_class, class_templates
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DEMO_MODEL, "model_index.json")),
                                 reason="the bundled demo model is not in this checkout")
@@ -23,6 +24,15 @@ def test_demo_writes_every_promised_file(tmp_path):
             frames, _ = read_video(str(path))
             assert frames.shape == (17, 32, 32, 3)
             assert frames.max() > 100  # a bright digit on the black background, not an empty video
+    # each class's video shows its digit: the class whose mean handwriting matches the frames best, by majority over
+    # frames (9 of 10 when this test was written; another class's video in a file would match about none)
+    templates = class_templates(digit_size=16)
+    shown = []
+    for name in names:
+        gray = read_video(str(tmp_path / f"{name}.mp4"))[0].mean(axis=-1) / 255
+        votes = [best_matching_class(gray[f], templates) for f in range(0, 17, 2)]
+        shown.append(max(set(votes), key=votes.count))
+    assert sum(s == int(n) for s, n in zip(shown, names)) >= 7, shown
     sheet = PIL.Image.open(tmp_path / "contact_sheet.png")
     assert sheet.size[0] > 17 * 32 and sheet.size[1] >= 10 * 2 * 32  # 17 frames across, 2 videos per class
     frames, _ = read_video(str(tmp_path / "frame_prediction.gif"))

@@ -261,6 +261,9 @@ def test_a_model_changed_in_place_is_another_model(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     generate(tmp_path / "pipe", tmp_path / "out", "--formats", "gif", "--contact_sheet", "0")
     pipe.save_pretrained(tmp_path / "pipe")  # retrained or converted again at the same path
+    weights = tmp_path / "pipe" / "transformer" / "model.safetensors"
+    later = os.stat(weights).st_mtime_ns + 2 * 10**9  # a later save, also where file times have 1-2 s resolution
+    os.utime(weights, ns=(later, later))
     with pytest.raises(SystemExit, match="other settings.*model.files"):
         generate(tmp_path / "pipe", tmp_path / "out", "--formats", "gif")
 

@@ -288,6 +288,17 @@ def test_class_dropout_uses_unconditional_prefix():
     torch.testing.assert_close(a, b)  # every row dropped: the class no longer matters
     model.eval()
     assert not torch.allclose(model(video_ids=g, class_labels=[0]).logits, model(video_ids=g, class_labels=[2]).logits)
+    # at the rate asked, each row on its own: a row's logits are its class's or the unconditional prefix's
+    model = make_model(class_dropout_prob=0.5).train()
+    g = grid(model, batch=64)
+    labels = torch.zeros(64, dtype=torch.long)
+    kept, dropped = (model.eval()(video_ids=g, class_labels=labels, drop_condition=torch.full((64,), d)).logits
+                     for d in (False, True))
+    torch.manual_seed(0)
+    mixed = model.train()(video_ids=g, class_labels=labels).logits
+    is_dropped = [torch.allclose(m, d) and not torch.allclose(m, k) for m, d, k in zip(mixed, dropped, kept)]
+    assert all(torch.allclose(m, d) or torch.allclose(m, k) for m, d, k in zip(mixed, dropped, kept))
+    assert 20 <= sum(is_dropped) <= 44  # about half of 64 (binomial: 32 +- 4)
 
 
 # ---- save / load ---------------------------------------------------------------------------------------------------
