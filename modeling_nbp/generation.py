@@ -108,8 +108,8 @@ def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None
         if value is None and saved is not None:
             from_config.append(name)
         given[name] = value if value is not None else saved if saved is not None else fallback[name]
-    if generation_config is not None and generation_config.do_sample is False and temperature is None:
-        given["temperature"] = 0.0
+    if generation_config is not None and generation_config.do_sample is False and temperature is top_k is top_p is None:
+        given["temperature"] = 0.0  # a saved greedy config, unless the call asks for sampling
     try:
         return check_sampling_args(**given)
     except ValueError as err:
@@ -275,6 +275,10 @@ class NBPGenerationMixin:
                                                                      guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
         if class_labels is not None:
+            if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple))
+                                                 and any(isinstance(c, str) for c in class_labels)):
+                raise ValueError("class_labels must be ints here (class names: NBPVideoPipeline takes them, or map them "
+                                 f"with config.id2label); got {class_labels!r}")
             class_labels = torch.as_tensor(class_labels).view(-1)  # an int, a list, an array or a tensor
         sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
         if batch_size is not None:

@@ -213,7 +213,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         return ids
 
     def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                     context_frames=None, batch_size=None) -> int:
+                     context_frames=None, batch_size=None, decode_batch_size=None) -> int:
         """Checks the arguments; -> the number of frames to return."""
         T = self.num_frames
         if num_frames is not None and not is_positive_int(num_frames):
@@ -230,6 +230,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
         if not is_positive_int(num_videos_per_prompt):
             raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
+        if decode_batch_size is not None and not is_positive_int(decode_batch_size):  # before any step, not after all
+            raise ValueError(f"decode_batch_size must be a positive int or None, got {decode_batch_size!r}")
         if batch_size is not None and not is_positive_int(batch_size):
             raise ValueError(f"batch_size must be a positive int (videos of an unconditional model) or None, "
                              f"got {batch_size!r}")
@@ -491,7 +493,7 @@ class NBPVideoPipeline(DiffusionPipeline):
                 context, and so the windows after it).
         """
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                                  context_frames, batch_size)
+                                  context_frames, batch_size, decode_batch_size)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode, callback_on_step_end=callback_on_step_end,
@@ -533,7 +535,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         included; generation stops as soon as `num_frames` frames are out."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
-        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames, batch_size)
+        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames, batch_size,
+                                  decode_batch_size)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode)

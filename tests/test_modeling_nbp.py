@@ -173,6 +173,8 @@ def test_sampling_defaults_come_from_the_generation_config_then_the_paper(tmp_pa
     assert {k: getattr(loaded.generation_config, k) for k in chosen} == chosen
     model.generation_config.do_sample = False  # transformers' meaning: greedy
     assert torch.equal(run(), run(temperature=0, top_k=5, top_p=0.8, guidance_scale=2.0))
+    # unless the call asks for sampling: its top-k samples at the saved temperature
+    assert torch.equal(run(top_k=3), run(top_k=3, temperature=0.7)) and not torch.equal(run(top_k=3), run())
     # generation_config=None means "not given" (the saved file is read), as in transformers
     assert NBPForVideoGeneration.from_pretrained(tmp_path, generation_config=None).generation_config.top_k == 5
     # a bad saved value is named as the generation_config's, not as an argument of the call
@@ -360,6 +362,8 @@ def test_bad_inputs_give_clear_errors():
         model.generate_video_tokens(class_labels=[3])
     with pytest.raises(ValueError, match=r"class_labels must be ints in \[0, 3\); got torch.float32 values"):
         model.generate_video_tokens(class_labels=[1.7])  # never truncated to class 1
+    with pytest.raises(ValueError, match="class_labels must be ints here"):
+        model.generate_video_tokens(class_labels=["circle"])
     with pytest.raises(ValueError, match="pass class_labels"):
         model.generate_video_tokens()
     with pytest.raises(ValueError, match="top_p"):

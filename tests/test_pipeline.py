@@ -164,6 +164,13 @@ def test_class_label_forms_and_errors(pipe, frames_pipe):
                 model(class_labels=labels, **kw)
 
 
+def test_decode_batch_size_is_checked_before_any_step(pipe):
+    steps = []
+    with pytest.raises(ValueError, match="decode_batch_size must be a positive int or None, got 0"):
+        pipe(class_labels=[1], decode_batch_size=0, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
+    assert not steps
+
+
 def test_batch_size_and_context_frames_must_be_positive_ints(pipe):
     free = tiny_pipeline(mode="none")
     assert free(batch_size=2, generator=gen(0), output_type="latent").frames.shape[0] == 2
