@@ -240,9 +240,9 @@ class NBPGenerationMixin:
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere and for models whose
         modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
-        use_cuda_graphs (default: on with a static cache on CUDA) replays each decode step from a CUDA graph (`StaticDecoder`);
-        compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the dense parts of its
-        layers through `torch.compile`.
+        use_cuda_graphs (default: on with a static cache on CUDA) replays each decode step from a CUDA graph
+        (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
+        dense parts of its layers through `torch.compile`.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
         The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
         if self.device.type == "meta":
@@ -251,9 +251,10 @@ class NBPGenerationMixin:
                              "load the weights, or use enable_model_cpu_offload() or .to(device)")
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
-        blockers = self.static_decode_blockers() if use_cache and cache_implementation != "dynamic" else []
+        fast = cuda_graphs_supported(self.device)
+        wants_static = use_cache and (cache_implementation == "static" or (cache_implementation is None and fast))
+        blockers = self.static_decode_blockers() if wants_static else []
         if cache_implementation is None:
-            fast = cuda_graphs_supported(self.device)
             cache_implementation = "static" if fast and not blockers else "dynamic"
             if fast and blockers:
                 warnings.warn("generating with the dynamic cache (slower): the static decode step reads the weights "
