@@ -126,6 +126,10 @@ def test_held_out_clips_are_the_same_at_every_evaluation(tmp_path):
     train, held_out = build_datasets(args)
     assert len(train) == 2 and len(held_out) == 1
     assert torch.equal(held_out[0]["video"], held_out[0]["video"])  # training items read random windows
+    from modeling_nbp.data.clips import load_clip
+
+    centre = load_clip(held_out[0]["path"], num_frames=5, resolution=16, fps=args.fps, sampling="center")
+    assert torch.equal(held_out[0]["video"], centre)  # the centre window, not one random draw that repeated
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ clip's start from a generator seeded by the set's seed and the clip's position, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -81,12 +82,15 @@ class EvaluationClips:
     def position(self, name: str) -> int | None:
         """The position in the clip order (of any length: this set's `num_clips` aside) of the clip called `name`;
         None when no video of the split has that name."""
-        if not hasattr(self, "_rank"):
-            self._rank = {self._video_name(v): r for r, v in enumerate(video_order(len(self.paths), self.settings["seed"]))}
         video, _, repeat = name.rpartition("_")
         if video not in self._rank or not repeat.isdigit():
             return None
         return int(repeat) * len(self.paths) + self._rank[video]
+
+    @functools.cached_property
+    def _rank(self) -> dict[str, int]:
+        """Each video's place in one pass of the clip order, by its name."""
+        return {self._video_name(v): r for r, v in enumerate(video_order(len(self.paths), self.settings["seed"]))}
 
     def clip(self, i: int) -> torch.Tensor:
         """Clip `i`: float (3, T, H, W) in [0, 1]. Raises `VideoDecodeError` for an unreadable file."""

@@ -220,10 +220,10 @@ def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 recorded = json.load(f).get("tokenizer_weights")
-            if recorded and recorded != weights_digest(tokenizer):
+            digest = weights_digest(tokenizer) if recorded else None  # hashes every weight: once
+            if recorded and recorded != digest:
                 logger.warning("--tokenizer is not the tokenizer that made --train_data (weights digest %s, %s "
-                               "records %s): sample videos and final/ decode with it", weights_digest(tokenizer),
-                               path, recorded)
+                               "records %s): sample videos and final/ decode with it", digest, path, recorded)
             return
 
 
