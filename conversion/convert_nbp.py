@@ -83,7 +83,7 @@ def split_checkpoint_state_dict(state_dict: dict) -> tuple[dict, dict]:
     return generator, tokenizer
 
 
-def _training_args(hyper_parameters) -> dict:
+def training_arguments(hyper_parameters) -> dict:
     """Merge Lightning's `hyper_parameters` (the module's __init__ arguments) with the script's `args` namespace;
     the __init__ arguments win (they are what the official module used, e.g. `cond_stage_key`)."""
     if isinstance(hyper_parameters, argparse.Namespace):
@@ -117,7 +117,7 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict, num_con
 
     `num_context_frames` is the number of latent frames given as context to an unconditional (frame prediction)
     model, an evaluation choice (official K600: 2 latent frames = 5 pixel frames)."""
-    args = _training_args(hyper_parameters)
+    args = training_arguments(hyper_parameters)
     missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in args]
     if missing:
         raise ValueError(f"checkpoint hyper_parameters lack {missing}; is this an official NBP generator checkpoint?")

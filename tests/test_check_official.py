@@ -1,0 +1,71 @@
+"""Argument and environment validation of `check_official` (no checkout of the official NBP code needed)."""
+
+import os
+
+import pytest
+import torch
+
+from modeling_nbp.conversion import check_official
+from modeling_nbp.conversion.check_official import OFFICIAL_FILES, id_row, main, value_row
+
+
+@pytest.fixture
+def files(tmp_path):
+    """An empty official-looking checkout and placeholder checkpoint files (never read: validation stops first)."""
+    repo = tmp_path / "NBP"
+    for name in OFFICIAL_FILES:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("")
+    (tmp_path / "gen.ckpt").write_bytes(b"")
+    (tmp_path / "tok.pt").write_bytes(b"")
+    return tmp_path
+
+
+def exit_message(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "give --generator, --tokenizer or both"),
+    (["--generator", "missing.ckpt"], "--generator: file not found: missing.ckpt"),
+    (["--tokenizer", "{d}/tok.pt", "--frames", "8"], "--frames must be 1 + 4k"),
+    (["--tokenizer", "{d}/tok.pt", "--resolution", "20"], "--resolution must be a positive multiple of 8"),
+    (["--tokenizer", "{d}/tok.pt", "--rtol", "0"], "--rtol must be positive"),
+    (["--tokenizer", "{d}/tok.pt", "--min_id_agreement", "1.5"], "--min_id_agreement must lie in (0, 1]"),
+    (["--tokenizer", "{d}/tok.pt", "--device", "tpu"], "--device"),
+    (["--generator", "{d}/gen.ckpt", "--converted", "{d}"], "has no transformer/ folder to compare with --generator"),
+])
+def test_bad_arguments_are_named(files, capsys, extra, message):
+    argv = ["--official_repo", str(files / "NBP")] + [a.format(d=files) for a in extra]
+    assert message in exit_message(capsys, argv)
+
+
+def test_incomplete_official_checkout_names_the_missing_files(files, capsys):
+    os.remove(files / "NBP" / "nbp" / "magvit2.py")
+    err = exit_message(capsys, ["--official_repo", str(files / "NBP"), "--tokenizer", str(files / "tok.pt")])
+    assert "lacks nbp/magvit2.py" in err and "gpt.py" not in err
+    err = exit_message(capsys, ["--official_repo", str(files / "nowhere"), "--tokenizer", str(files / "tok.pt")])
+    assert "is not a folder" in err
+
+
+def test_missing_official_dependency_is_named(files, capsys, monkeypatch):
+    monkeypatch.setattr(check_official, "REQUIRED_PACKAGES", ("json", "no_such_package_for_nbp"))
+    err = exit_message(capsys, ["--official_repo", str(files / "NBP"), "--tokenizer", str(files / "tok.pt")])
+    assert "needs no_such_package_for_nbp," in err and "json" not in err
+
+
+def test_rows_pass_only_within_their_tolerance():
+    official = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    assert value_row("x", official + 3e-4, official, rtol=1e-4)["ok"]
+    assert not value_row("x", official + 5e-4, official, rtol=1e-4)["ok"]
+    assert not value_row("x", official[:1], official, rtol=1e-4)["ok"]  # shapes differ
+    ids = torch.arange(10)
+    assert id_row("ids", ids, ids)["ok"]
+    changed = ids.clone()
+    changed[7] = 0
+    row = id_row("ids", changed, ids, minimum=0.9)
+    assert row["ok"] and row["agreement"] == pytest.approx(0.9) and "flat index 7" in row["detail"]
+    assert not id_row("ids", changed, ids)["ok"]
