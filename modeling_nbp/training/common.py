@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..pipelines.pipeline_nbp_video import create_hub_repo
 from ..run_files import settings_differences, write_json
 from ..video_io import atomic_output_path, export_to_mp4, flush_to_disk, make_contact_sheet
 
@@ -118,6 +119,17 @@ def remove_stale_temporaries(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         if name.startswith(_TMP_PREFIX) or name.startswith(".deleting-"):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def prepare_output_dir(accelerator, args) -> str | None:
+    """On the main process: create `args.output_dir`, clear what a killed run left there, and create the Hub
+    repository now when `args.push_to_hub` (a missing token fails before training, not after it).
+    -> the repository's full id, or None."""
+    if not accelerator.is_main_process:
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    remove_stale_temporaries(args.output_dir)
+    return create_hub_repo(args.hub_model_id, args.hub_private or None) if args.push_to_hub else None
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict,

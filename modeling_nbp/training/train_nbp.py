@@ -28,7 +28,7 @@ from ..data.pretokenize import weights_digest
 from ..generation import resolve_sampling
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
-from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
+from ..pipelines.pipeline_nbp_video import upload_to_hub
 from ..video_io import atomic_output_path, decoding_workers
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
@@ -354,12 +354,7 @@ def main(argv=None) -> dict:
         raise ValueError("--ema_decay is not supported with FSDP or DeepSpeed ZeRO-3 (sharded weights)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_device_batch
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        common.remove_stale_temporaries(args.output_dir)
-    hub_repo = None  # the full repo id, created now: a missing token fails before training, not after it
-    if args.push_to_hub and accelerator.is_main_process:
-        hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
+    hub_repo = common.prepare_output_dir(accelerator, args)
 
     info = describe_tokens(args.train_data)
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)

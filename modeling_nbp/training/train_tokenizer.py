@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType
 
 from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
-from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
+from ..pipelines.pipeline_nbp_video import upload_to_hub
 from ..video_io import atomic_output_path, decoding_workers
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
@@ -259,12 +259,7 @@ def main(argv=None) -> dict:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError("tokenizer training runs on one device or with DDP (multi_gpu / multi_node configs); it "
                          "trains two models (tokenizer and discriminator), which this script does not shard")
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        common.remove_stale_temporaries(args.output_dir)
-    hub_repo = None  # the full repo id, created now: a missing token fails before training, not after it
-    if args.push_to_hub and accelerator.is_main_process:
-        hub_repo = create_hub_repo(args.hub_model_id, args.hub_private or None)
+    hub_repo = common.prepare_output_dir(accelerator, args)
 
     train_data, eval_data = build_datasets(args)
     torch.manual_seed(args.seed)  # same initial weights on every process
