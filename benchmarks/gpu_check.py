@@ -13,19 +13,24 @@ a section that would start after --time_budget seconds is skipped, so the run en
 3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized (NBP also compiled, and autotuned with
    --autotune), batch 1 and a large batch (NTP batch 1 only), the K600 setting with the paper's sampling; peak
    memory per row.
-4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
+4. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
+   --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
+   sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
+   converted by `nbp convert`'s mapping).
+5. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
    batch 1 and the large batch, by kind of kernel and the top kernels; the sampler alone per video (48 steps).
-5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
+6. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
-6. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
+7. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
    --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
    the first batch size.
-7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
+8. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -37,6 +42,7 @@ import traceback
 import torch
 
 from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
+from modeling_nbp.conversion.convert_nbp import GENERATOR_PREFIX, convert_generator_state_dict
 from modeling_nbp.generation import sample_tokens
 from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
                                 SIZES, generation_rows, peak_memory_gib, reset_peak_memory, timed, training_rows)
@@ -76,6 +82,31 @@ def kernel_profile(fn, top: int = 20) -> dict:
                     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
 
 
+def official_generator(repo: str, model, dtype):
+    """The official GPT (`nbp/modules/gpt.py` of the official repository, which imports only torch) of `model`'s
+    architecture with its own random init, and `model` given the same weights through the converter's mapping.
+    -> (the official module `gpt`, the GPT in `dtype`)."""
+    spec = importlib.util.spec_from_file_location("official_gpt", os.path.join(repo, "nbp", "modules", "gpt.py"))
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    cfg = model.config
+    torch.manual_seed(0)
+    with torch.device(model.device):
+        gpt = official.GPT(None, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_hidden_layers,
+                           cfg.num_attention_heads, cfg.hidden_size, semi_ar=True,
+                           token_number_per_step=cfg.block_size, cond_token_num=cfg.num_condition_tokens)
+    state = {GENERATOR_PREFIX + k: v for k, v in gpt.state_dict().items()}
+    model.load_state_dict(convert_generator_state_dict(state, cfg), strict=True)
+    return official, gpt.eval().to(dtype)
+
+
+def official_block_mask(length: int, block: int, device) -> torch.Tensor:
+    """The official `get_attn_mask` of an unconditional model: position i sees every position of its own and earlier
+    blocks of `block` tokens. (1, 1, length, length), 1 = attend."""
+    blocks = torch.arange(length, device=device) // block
+    return (blocks[None, :] <= blocks[:, None]).float()[None, None]
+
+
 def section(results, name, path, deadline):
     """Decorator: run a section `fn(out)` (unless the clock is past `deadline`), which fills `results[name]` (= out)
     as it measures, so what it measured before an error (stored beside it) or a stop is kept; rewrite results.json."""
@@ -108,7 +139,7 @@ def write_results(results: dict, path: str) -> None:
 def report(results: dict, large_batch: int) -> None:
     """The run's printout: every section's results, the generation table, the ratios and the goals."""
     print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
-    for name in ("ceilings", "checks", "profile", "pipeline", "training", "cfg", "stopped"):
+    for name in ("ceilings", "checks", "official", "profile", "pipeline", "training", "cfg", "stopped"):
         if name in results:
             print(f"{name}: {results[name]}")
     gen_result = results.get("generation", {})
@@ -144,6 +175,11 @@ def against_goals(results: dict, large_batch: int) -> list[str]:
                  best["ms_per_video"] <= goal)
         else:
             line(f"batch {batch} >= 1500 generated FPS", f"{best['fps']:.0f} ({others})", best["fps"] >= 1500)
+    official = results.get("official", {}).get("official ms per video, batch 1, bf16")
+    if official and nbp.get(1):
+        ratio = official / min(r["ms_per_video"] for r in nbp[1])
+        line("generator batch 1: 20x the official code (its bf16 time, same run)", f"{ratio:.1f}x ({official:.0f} ms)",
+             ratio >= 20)
     by = {(r["method"], r["variant"], r["batch"]): r["ms_per_video"] for r in rows}
     ntp = [by[k] / min(r["ms_per_video"] for r in nbp.get(1, [])) for k in by if k[0] == "NTP" and k[2] == 1
            and k[1] != "eager"] if nbp.get(1) else []
@@ -176,6 +212,9 @@ def main(argv=None):
     p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
     p.add_argument("--autotune", action="store_true",
                    help="also time NBP with compile_decode='max-autotune-no-cudagraphs' (minutes of compilation)")
+    p.add_argument("--official_repo", default=".official/NBP" if os.path.isdir(".official/NBP") else None,
+                   help="checkout of github.com/RenShuhuai-Andy/NBP (only nbp/modules/gpt.py is read): times the "
+                        "official generator beside ours (default: .official/NBP when present)")
     p.add_argument("--skip", nargs="*", default=[], help="section names to skip")
     p.add_argument("--time_budget", type=float, default=400,
                    help="seconds (from device_check.sh's start, installs included) after which no further section "
@@ -274,6 +313,34 @@ def main(argv=None):
                                log=lambda row: (out.setdefault("rows so far", []).append(row), print(row, flush=True)))
         out.pop("rows so far", None)
         return dict(rows=rows, ratios=generation_ratios(rows))
+
+    @run("official")
+    def _(out):
+        if not args.official_repo:
+            return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
+        model = build(args.size, (1, 1, 16), device, torch.float32)
+        official, gpt = official_generator(args.official_repo, model, torch.float32)
+        cfg, (H, W) = model.config, model.config.latent_shape[1:]
+        ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
+        x = ctx.reshape(1, -1)
+        steps = len(model.layout.decode_schedule(x.shape[1]))
+        mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
+
+        def official_sample(**sampling):
+            return official.sample_with_past(x, mask, gpt, steps=steps, pred_token_num_per_step=cfg.block_size,
+                                             **sampling)
+
+        theirs = official_sample(sample_logits=False)
+        ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
+        same = ours.reshape(1, -1)[:, x.shape[1]:] == theirs
+        out["greedy tokens equal to the official code's, fp32"] = float(same.float().mean())
+        del model
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            gpt = gpt.to(dtype)
+            seconds = timed(lambda: official_sample(top_k=PAPER_SAMPLING["top_k"], top_p=PAPER_SAMPLING["top_p"]),
+                            device, min(args.repeats, 3))
+            out[f"official ms per video, batch 1, {name}"] = 1000 * seconds
+        return out
 
     @run("profile")
     def _(out):
