@@ -81,6 +81,10 @@ def test_frechet_distance_closed_forms():
     features = rng.normal(size=(30, 5))
     mu, sigma = feature_statistics(features)
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    # fewer samples than dimensions (singular covariance): the root's round-off pushed the distance of a set to itself
+    # below 0 (about -2e-6); a distance is never negative
+    mu, sigma = feature_statistics(rng.normal(size=(16, 64)))
+    assert 0.0 <= frechet_distance(mu, sigma, mu, sigma) < 1e-5
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     # Diagonal covariances: sum (sqrt a - sqrt b)^2 + |mu1 - mu2|^2 = (1 - 3)^2 + (2 - 1)^2 + 0 + 1 + 4.

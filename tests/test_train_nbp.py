@@ -460,3 +460,13 @@ def test_frame_prediction_and_unconditional_runs(mode, token_data, tmp_path):
                     str(tmp_path / "tokenizer"), "--num_samples", "2"])
     assert np.isfinite(summary["train_loss"])
     assert os.path.isfile(tmp_path / "run" / "samples" / "step-0000002" / "samples_1.mp4")
+
+
+def test_throughput_summary_of_a_run_too_short_to_time():
+    meter = common.ThroughputMeter()
+    meter.step(100)  # the first step starts the clock and is not counted
+    assert meter.describe("tokens/s").startswith("tokens/s n/a") and "nan" not in meter.describe("tokens/s")
+    time.sleep(0.01)
+    meter.step(100)
+    text = meter.describe("clips/s", 1)
+    assert text.endswith(" clips/s") and float(text.split()[0]) > 0

@@ -93,7 +93,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     # Round-off leaves tiny imaginary parts on a product of covariance matrices; the real part is the answer.
     covmean = np.real(covmean)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    # a distance: a value below 0 (two sets with the same statistics) is round-off
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
 
 
 def fvd_from_features(

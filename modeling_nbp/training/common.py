@@ -461,11 +461,17 @@ class ThroughputMeter:
         now = self.paused_at if self.paused_at is not None else time.perf_counter()
         return self.count / (now - self.start - self.excluded)
 
+    def describe(self, unit: str, digits: int = 0) -> str:
+        """The rate for a summary line; a run too short to time (the first step is not counted) says so."""
+        if math.isnan(self.rate):
+            return f"{unit} n/a (no timed step: the first {self.skip} of a run is not counted)"
+        return f"{self.rate:.{digits}f} {unit}"
+
 
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "check_run_start", "dataloader_worker_init",
     "find_latest_checkpoint", "JsonlLog", "list_checkpoints", "load_checkpoint", "load_checkpoint_tensors",
-    "log_videos", "make_accelerator", "remove_stale_temporaries", "remove_tree",
+    "log_videos", "make_accelerator", "prepare_output_dir", "remove_stale_temporaries", "remove_tree",
     "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint",
     "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter", "tracker_config", "training_progress",
     "use_cpu", "write_json",

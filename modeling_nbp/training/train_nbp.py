@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (one of --preset, --model_config or the size flags; the latent grid, video "
                              "vocabulary and classes come from the data)")
     g.add_argument("--preset", choices=sorted(GENERATOR_PRESETS),
-                   help="paper setting: model size and task plus batch, lr, warmup and steps (flags override)")
+                   help="paper setting: model size and task plus batch, lr, warmup and steps (training flags override "
+                        "these; the model size comes only from the preset)")
     g.add_argument("--model_config", help="NBPConfig JSON file or model folder")
     g.add_argument("--num_layers", type=int, help=f"default {DEFAULTS['num_layers']}")
     g.add_argument("--hidden_size", type=int, help=f"default {DEFAULTS['hidden_size']}")
@@ -491,7 +492,7 @@ def main(argv=None) -> dict:
                "mfu": mfu, "wall_time_s": wall, "final_dir": final_dir}
     accelerator.print(
         f"done: {global_step} steps, train loss {'n/a' if math.isnan(loss_value) else f'{loss_value:.4f}'}, val loss "
-        f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}, {meter.rate:.0f} tokens/s"
+        f"{'n/a' if val_loss is None else f'{val_loss:.4f}'}, {meter.describe('tokens/s')}"
         f"{'' if math.isnan(mfu) else f' (MFU {100 * mfu:.1f}%)'}, wall time {wall:.1f} s, saved {final_dir}")
     accelerator.end_training()
     return summary

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=4,
                    help="at most as many as this process may use CPUs")
     g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
-    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override)")
+    g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override its values)")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
     g.add_argument("--base_channels", type=int, default=128)
     g.add_argument("--channel_multipliers", type=common.int_list, default=[1, 2, 2, 4], help="width of each level / base")
@@ -405,7 +405,7 @@ def main(argv=None) -> dict:
         accelerator.print(str(skips))
     accelerator.print(f"done: {global_step} steps, loss {record.get('total', math.nan):.4f}, PSNR "
                       f"{scores.get('psnr', math.nan):.2f} dB, SSIM {scores.get('ssim', math.nan):.4f}, "
-                      f"{meter.rate:.1f} clips/s, wall time {wall:.1f} s, saved {final_dir}")
+                      f"{meter.describe('clips/s', 1)}, wall time {wall:.1f} s, saved {final_dir}")
     accelerator.end_training()
     return {"steps": global_step, "loss": record.get("total"), "psnr": scores.get("psnr"),
             "ssim": scores.get("ssim"), "clips_per_s": meter.rate, "wall_time_s": wall, "final_dir": final_dir}
