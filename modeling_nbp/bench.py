@@ -18,6 +18,7 @@ training script counts them (`training/flops.py`: 6 x matrix weights + the full 
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -197,6 +198,15 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def progress(row: dict) -> None:
+    """One line on stderr per measured row, as it is measured (a CPU run takes minutes before the table)."""
+    what = (f"training batch {row['batch']}" if "tokens_per_step" in row
+            else f"{row['method']} {row['variant']} batch {row['batch']}")
+    value = ("out of memory" if row.get("out_of_memory") else
+             f"{row['step_ms']:.1f} ms/step" if "step_ms" in row else f"{row['ms_per_video']:.1f} ms/video")
+    print(f"measured {what}: {value}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     from .training.common import positive_int
 
@@ -236,7 +246,7 @@ def main(argv=None):
               f"torch={torch.__version__}")
     if args.train:
         rows = training_rows(args.size, device, args.train_batch, args.attn_implementation, args.compile, args.repeats,
-                             args.gradient_checkpointing, args.peak_tflops, log=lambda row: None)
+                             args.gradient_checkpointing, args.peak_tflops, log=progress)
         precision = "bf16 autocast" if device.type == "cuda" else "float32"
         variant = " compiled" * args.compile + " gradient checkpointing" * args.gradient_checkpointing
         print(f"{header} attention={args.attn_implementation} {precision}{variant}")
@@ -245,7 +255,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune
     rows = generation_rows(args.size, device, dtype, sorted({1, args.large_batch}), args.repeats, args.ntp_repeats,
-                           log=lambda row: None, variants=variants)
+                           log=progress, variants=variants)
     print(f"{header} dtype={str(dtype).removeprefix('torch.')} "
           f"sampling=top-k {PAPER_SAMPLING['top_k']}, top-p {PAPER_SAMPLING['top_p']}")
     print(format_table(rows))
