@@ -703,6 +703,10 @@ def test_static_path_never_skips_adapters_or_hooks(replay_graphs):
     hook.remove()
     assert model.static_decode_blockers() == []
     assert torch.equal(model.generate_video_tokens(**kw), reference) and replay_graphs  # the fast path again
+    model.model.layers[1].to("meta")  # stands in for a second device (a device_map split)
+    assert model.static_decode_blockers() == ["the parameters lie on several devices (cpu, meta)"]
+    with pytest.raises(ValueError, match=r"the parameters lie on several devices \(cpu, meta\)"):
+        model.generate_video_tokens(cache_implementation="static", **kw)
 
 
 @pytest.mark.parametrize("path", [dict(use_cache=False), dict(cache_implementation="dynamic"),
