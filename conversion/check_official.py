@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..modeling_nbp import NBPForVideoGeneration
+from ..pipelines import NBPVideoPipeline
 from ..ucf101 import load_ucf101_table
 from ..video_tokenizer import NBPVideoTokenizer
 from .convert_nbp import MAGVIT2_VOCAB_SIZE, training_arguments, generator_from_checkpoint
@@ -343,6 +344,31 @@ def ucf_table_row(module, model) -> dict:
                   official_ids)
 
 
+def pipeline_row(official, official_tok, module, model, tokenizer, generator, rtol) -> dict:
+    """End to end, greedy: the pixels of transformer_eval.py's steps (frame prediction: encode the whole clip, keep
+    its first latent frames, sample, decode context and generated ids; class-conditional: sample, decode) against
+    `NBPVideoPipeline` given the context frames or the classes."""
+    grid, condition, labels = random_inputs(module, model, generator)
+    B, T, H, W = grid.shape
+    pipe = NBPVideoPipeline(transformer=model, video_tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    if module.be_unconditional:
+        context = model.config.num_context_frames
+        size = (B, 3, tokenizer.num_frames_for_latent(T), H * tokenizer.spatial_compression,
+                W * tokenizer.spatial_compression)
+        clip = torch.rand(size, generator=generator).to(model.device)
+        grid = official_tok.encode(clip, quantize=True)[1].long()
+        official_ids = official_greedy(official, module, grid, grid, context)
+        frames = clip[:, :, :tokenizer.num_frames_for_latent(context)].transpose(1, 2)  # (B, T, 3, H, W)
+        ours = pipe(video=frames, temperature=0.0, output_type="pt").frames
+    else:
+        official_ids = official_greedy(official, module, condition, grid.to(model.device), 0)
+        ours = pipe(class_labels=labels.tolist(), temperature=0.0, output_type="pt").frames
+    official_video = official_tok.decode_from_code_indices(official_ids.reshape(B, T, H, W)).clamp(0, 1)
+    return value_row(f"pipeline end to end (greedy), {setting_name(module)}", ours.transpose(1, 2), official_video,
+                     rtol)
+
+
 def tokenizer_rows(official_tok, ours, clip, rtol, min_agreement) -> list[dict]:
     _, official_ids = official_tok.encode(clip, quantize=True)
     rows = [id_row(f"tokenizer encode ids, clip {tuple(clip.shape)}", ours.encode(clip), official_ids,
@@ -357,10 +383,11 @@ def format_table(rows: list[dict]) -> str:
     def cell(row, key, fmt):
         return format(row[key], fmt) if key in row else "-"
 
-    header = f"{'check':<48} {'max abs':>9} {'max rel':>9} {'agree':>8}  {'tolerance':<14} result"
+    width = max([len("check")] + [len(row["name"]) for row in rows])
+    header = f"{'check':<{width}} {'max abs':>9} {'max rel':>9} {'agree':>8}  {'tolerance':<14} result"
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['name']:<48} {cell(row, 'max_abs', '.2e'):>9} {cell(row, 'max_rel', '.2e'):>9} "
+        lines.append(f"{row['name']:<{width}} {cell(row, 'max_abs', '.2e'):>9} {cell(row, 'max_rel', '.2e'):>9} "
                      f"{cell(row, 'agreement', '.2%'):>8}  {row['tolerance']:<14} {'ok' if row['ok'] else 'FAIL'}"
                      + (f"  ({row['detail']})" if row.get("detail") else ""))
     return "\n".join(lines)
@@ -434,6 +461,8 @@ def run_checks(args, official, notes: list[str]) -> list[dict]:
         module = official_generator(official, generator_checkpoint, first_stage,
                                     os.path.join(args.official_repo, "llama_tokenizer")).to(args.device)
         rows += generator_rows(official, module, model, generator, args.rtol)
+        if official_tok is not None:
+            rows.append(pipeline_row(official, official_tok, module, model, our_tokenizer, generator, args.rtol))
         if module.cond_stage_key == "text":
             notes.append("the official code's transformers 4 slow LlamaTokenizer is stood in for by transformers' "
                          "LlamaTokenizer on llama_tokenizer/ with right padding and total_vocab_size")

@@ -5,8 +5,8 @@
 A self-test of `check_official` and of the official code's environment without the multi-GB released files: the
 official Lightning modules (UCF-like text + hybrid + BOV, label + hybrid + BOV, K600-like unconditional) and the
 official VideoTokenizer (its fixed architecture, at 32x32) are built by their own constructors, given random
-weights and saved in the official file formats; then `check_official` runs on each generator (the tokenizer with
-the first). The generator files hold no embedded tokenizer copy (`first_stage_model.*`).
+weights and saved in the official file formats; then `check_official` runs on each generator with the tokenizer
+(the pipeline row needs both). The generator files hold no embedded tokenizer copy (`first_stage_model.*`).
 """
 
 import argparse
@@ -87,7 +87,7 @@ def main() -> int:
         generator = os.path.join(args.out, f"{setting}_tiny.ckpt")
         write_generator(official, args.official_repo, setting, generator, seed)
         command = [sys.executable, "-m", "modeling_nbp.conversion.check_official", "--official_repo",
-                   args.official_repo, "--generator", generator] + (["--tokenizer", tokenizer] * (seed == 1))
+                   args.official_repo, "--generator", generator, "--tokenizer", tokenizer]
         print("$", " ".join(command), flush=True)
         status |= subprocess.call(command)
     return status
