@@ -1,6 +1,6 @@
 """Parity check of `nbp convert` against the OFFICIAL NBP code, on official checkpoints.
 
-    python -m modeling_nbp.conversion.check_official --official_repo /path/to/NBP \
+    nbp check-conversion --official_repo /path/to/NBP \
         --generator ucf_base_nbp16_hybrid.ckpt --tokenizer magvit2_ucf.pt [--converted FOLDER] [--device cuda]
 
 The official modules are imported unchanged from a checkout of github.com/RenShuhuai-Andy/NBP (its
@@ -396,7 +396,7 @@ def format_table(rows: list[dict]) -> str:
 # ---- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog="python -m modeling_nbp.conversion.check_official", description=summary,
+    parser = argparse.ArgumentParser(prog="nbp check-conversion", description=summary,
                                      epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official_repo", required=True, help="checkout of github.com/RenShuhuai-Andy/NBP")
     parser.add_argument("--generator", help="official generator checkpoint (*.ckpt)")

@@ -11,6 +11,7 @@ COMMANDS = {
     "pretokenize": "run a video tokenizer over a video dataset once and store the token grids",
     "make-digits": "write the procedural moving-digits dataset as video files (folder layout)",
     "convert": "convert the official NBP checkpoints into a pipeline folder",
+    "check-conversion": "compare a conversion with the official code itself (from a checkout of the official repo)",
     "evaluate": "FVD (and PSNR/SSIM for reconstructions) between two sets of videos",
     "bench": "time NBP against NTP generation side by side",
 }
@@ -126,13 +127,15 @@ def main(argv=None):
         from .data.moving_digits import main as run
     elif command == "convert":
         from .conversion.cli import main as run
+    elif command == "check-conversion":
+        from .conversion.check_official import main as run
     elif command == "evaluate":
         from .evaluation.fvd import main as run
     else:
         from .bench import main as run
     sys.argv[0] = f"nbp {command}"  # the usage line of parsers that take their name from it (train, train-tokenizer)
-    run(rest)
-    return 0
+    status = run(rest)
+    return status if isinstance(status, int) else 0  # an exit status (check-conversion: 1 when a check fails)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ def test_rows_pass_only_within_their_tolerance():
     row = id_row("ids", changed, ids, minimum=0.9)
     assert row["ok"] and row["agreement"] == pytest.approx(0.9) and "flat index 7" in row["detail"]
     assert not id_row("ids", changed, ids)["ok"]
+
+
+def test_nbp_check_conversion_returns_the_check_status(files, monkeypatch):
+    from modeling_nbp import cli
+
+    monkeypatch.setattr(check_official, "main", lambda argv: 1 if "--generator" in argv else 0)
+    assert cli.main(["check-conversion", "--official_repo", "NBP", "--generator", "x.ckpt"]) == 1
+    assert cli.main(["check-conversion", "--official_repo", "NBP", "--tokenizer", "y.pt"]) == 0
+    with pytest.raises(SystemExit) as exit_info:  # the real parser: usage errors exit with status 2
+        monkeypatch.undo()
+        cli.main(["check-conversion", "--official_repo", str(files / "NBP")])
+    assert exit_info.value.code == 2
