@@ -41,6 +41,7 @@ import types
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
@@ -295,6 +296,29 @@ def official_training_logits(module, condition, grid):
     return sequence[:, :-S], logits
 
 
+class _GivenTokens(nn.Module):
+    """Stands in for the tokenizer inside the official `forward`: 'encodes' its input to a given token grid."""
+
+    def __init__(self, grid: torch.Tensor):
+        super().__init__()
+        self.grid = grid
+
+    def encode(self, video, quantize=True):
+        return None, self.grid
+
+
+def official_training_loss(module, condition, grid) -> torch.Tensor:
+    """The official training objective (`shared_step`: cross-entropy of `forward`'s logits and targets) on a token
+    grid, without the random condition dropout; the tokenizer is bypassed (the grid stands for the encoded clip)."""
+    saved = module.first_stage_model, module.p_drop_cond
+    module.first_stage_model, module.p_drop_cond = _GivenTokens(grid), None
+    try:
+        logits, target = module(grid, condition)
+    finally:
+        module.first_stage_model, module.p_drop_cond = saved
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
 def official_greedy(official, module, condition, grid, num_context_frames: int):
     """Greedy video ids (B, T*H*W) from the official samplers, set up as transformer_eval.py sets them up
     (`class_condition_generation` / `frame_prediction`) with sample_logits=False."""
@@ -325,7 +349,9 @@ def generator_rows(official, module, model, generator, rtol) -> list[dict]:
     input_ids, _ = model.prepare_training_inputs(grid, labels)
     ours = model(input_ids=sequence).logits
     rows = [id_row(f"generator input ids, {name}", input_ids, sequence),
-            value_row(f"generator logits, {name}", ours, logits, rtol)]
+            value_row(f"generator logits, {name}", ours, logits, rtol),
+            value_row(f"training loss, {name}", model(video_ids=grid, class_labels=labels).loss,
+                      official_training_loss(module, condition, grid), rtol)]
     if module.cond_stage_key == "text":
         rows.append(ucf_table_row(module, model))
     context = model.config.num_context_frames if module.be_unconditional else 0
