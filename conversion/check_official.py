@@ -198,9 +198,13 @@ def official_generator(official, checkpoint: dict, first_stage: nn.Module, llama
     """The official module of a Lightning checkpoint, built from its hyper-parameters as `load_from_checkpoint`
     builds it, with the `transformer.*` tensors loaded as `init_from_ckpt` loads them (`module.` stripped, "mask"
     keys dropped), but strictly. The embedded tokenizer copy is not loaded: decoding uses the tokenizer file."""
-    hyper_parameters = dict(checkpoint["hyper_parameters"])
-    args = copy.deepcopy(hyper_parameters["args"])
-    if hyper_parameters.get("cond_stage_key") == "text" and not os.path.isdir(llama_tokenizer):
+    hyper_parameters = checkpoint["hyper_parameters"]
+    if isinstance(hyper_parameters, argparse.Namespace):
+        hyper_parameters = vars(hyper_parameters)
+    hyper_parameters = dict(hyper_parameters)
+    args = hyper_parameters["args"]  # the official module reads attributes: a saved dict becomes a Namespace again
+    args = copy.deepcopy(args if isinstance(args, argparse.Namespace) else argparse.Namespace(**args))
+    if training_arguments(hyper_parameters).get("cond_stage_key") == "text" and not os.path.isdir(llama_tokenizer):
         raise FileNotFoundError(f"text-conditioned checkpoint, but the official LLaMA tokenizer folder "
                                 f"{llama_tokenizer} is missing from --official_repo")
     accepted = inspect.signature(official_class(official, args).__init__).parameters
