@@ -13,18 +13,18 @@ a section that would start after --time_budget seconds is skipped, so the run en
 3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized (NBP also compiled, and autotuned with
    --autotune), batch 1 and a large batch (NTP batch 1 only), the K600 setting with the paper's sampling; peak
    memory per row.
-4. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
+4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
+   batch 1 and the large batch, by kind of kernel and the top kernels; the sampler alone per video (48 steps).
+5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
+   tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
+6. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
+   --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
+   the first batch size.
+7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
+8. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
    --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
    sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
    converted by `nbp convert`'s mapping).
-5. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
-   batch 1 and the large batch, by kind of kernel and the top kernels; the sampler alone per video (48 steps).
-6. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
-   tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
-7. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
-   --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
-   the first batch size.
-8. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
 
@@ -139,7 +139,7 @@ def write_results(results: dict, path: str) -> None:
 def report(results: dict, large_batch: int) -> None:
     """The run's printout: every section's results, the generation table, the ratios and the goals."""
     print("\n" + " ".join(f"{k}={v}" for k, v in results["env"].items()))
-    for name in ("ceilings", "checks", "official", "profile", "pipeline", "training", "cfg", "stopped"):
+    for name in ("ceilings", "checks", "profile", "pipeline", "training", "cfg", "official", "stopped"):
         if name in results:
             print(f"{name}: {results[name]}")
     gen_result = results.get("generation", {})
@@ -314,34 +314,6 @@ def main(argv=None):
         out.pop("rows so far", None)
         return dict(rows=rows, ratios=generation_ratios(rows))
 
-    @run("official")
-    def _(out):
-        if not args.official_repo:
-            return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
-        model = build(args.size, (1, 1, 16), device, torch.float32)
-        official, gpt = official_generator(args.official_repo, model, torch.float32)
-        cfg, (H, W) = model.config, model.config.latent_shape[1:]
-        ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
-        x = ctx.reshape(1, -1)
-        steps = len(model.layout.decode_schedule(x.shape[1]))
-        mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
-
-        def official_sample(**sampling):
-            return official.sample_with_past(x, mask, gpt, steps=steps, pred_token_num_per_step=cfg.block_size,
-                                             **sampling)
-
-        theirs = official_sample(sample_logits=False)
-        ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
-        same = ours.reshape(1, -1)[:, x.shape[1]:] == theirs
-        out["greedy tokens equal to the official code's, fp32"] = float(same.float().mean())
-        del model
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            gpt = gpt.to(dtype)
-            seconds = timed(lambda: official_sample(top_k=PAPER_SAMPLING["top_k"], top_p=PAPER_SAMPLING["top_p"]),
-                            device, min(args.repeats, 3))
-            out[f"official ms per video, batch 1, {name}"] = 1000 * seconds
-        return out
-
     @run("profile")
     def _(out):
         if not cuda:
@@ -429,6 +401,34 @@ def main(argv=None):
                                                           **PAPER_SAMPLING), device, args.repeats)
             out[f"guidance {g}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
         out["cost (guidance 3 / guidance 1)"] = out["guidance 3.0"]["ms_per_video"] / out["guidance 1.0"]["ms_per_video"]
+        return out
+
+    @run("official")
+    def _(out):
+        if not args.official_repo:
+            return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
+        model = build(args.size, (1, 1, 16), device, torch.float32)
+        official, gpt = official_generator(args.official_repo, model, torch.float32)
+        cfg, (H, W) = model.config, model.config.latent_shape[1:]
+        ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
+        x = ctx.reshape(1, -1)
+        steps = len(model.layout.decode_schedule(x.shape[1]))
+        mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
+
+        def official_sample(**sampling):
+            return official.sample_with_past(x, mask, gpt, steps=steps, pred_token_num_per_step=cfg.block_size,
+                                             **sampling)
+
+        theirs = official_sample(sample_logits=False)
+        ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
+        same = ours.reshape(1, -1)[:, x.shape[1]:] == theirs
+        out["greedy tokens equal to the official code's, fp32"] = float(same.float().mean())
+        del model
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            gpt = gpt.to(dtype)
+            seconds = timed(lambda: official_sample(top_k=PAPER_SAMPLING["top_k"], top_p=PAPER_SAMPLING["top_p"]),
+                            device, min(args.repeats, 3))
+            out[f"official ms per video, batch 1, {name}"] = 1000 * seconds
         return out
 
     # ---- report ---------------------------------------------------------------------------------------------------
