@@ -82,9 +82,10 @@ def kernel_profile(fn, top: int = 20) -> dict:
                     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
 
 
-def official_generator(repo: str, model, dtype):
+def official_gpt_with_our_weights(repo: str, model, dtype):
     """The official GPT (`nbp/modules/gpt.py` of the official repository, which imports only torch) of `model`'s
-    architecture with its own random init, and `model` given the same weights through the converter's mapping.
+    architecture with its own random init (and random position embeddings: its init leaves them at zero, which would
+    hide a position error), and `model` given the same weights through the converter's mapping.
     -> (the official module `gpt`, the GPT in `dtype`)."""
     spec = importlib.util.spec_from_file_location("official_gpt", os.path.join(repo, "nbp", "modules", "gpt.py"))
     official = importlib.util.module_from_spec(spec)
@@ -95,6 +96,7 @@ def official_generator(repo: str, model, dtype):
         gpt = official.GPT(None, cfg.vocab_size, cfg.max_position_embeddings, cfg.num_hidden_layers,
                            cfg.num_attention_heads, cfg.hidden_size, semi_ar=True,
                            token_number_per_step=cfg.block_size, cond_token_num=cfg.num_condition_tokens)
+        gpt.pos_emb.data.normal_(0.0, 0.5)
     state = {GENERATOR_PREFIX + k: v for k, v in gpt.state_dict().items()}
     model.load_state_dict(convert_generator_state_dict(state, cfg), strict=True)
     return official, gpt.eval().to(dtype)
@@ -132,8 +134,10 @@ def section(results, name, path, deadline):
 
 
 def write_results(results: dict, path: str) -> None:
-    with open(path, "w") as f:
+    """Temp name, then rename: the SIGTERM handler may write while a section's write is under way."""
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def report(results: dict, large_batch: int) -> None:
@@ -175,6 +179,9 @@ def against_goals(results: dict, large_batch: int) -> list[str]:
                  best["ms_per_video"] <= goal)
         else:
             line(f"batch {batch} >= 1500 generated FPS", f"{best['fps']:.0f} ({others})", best["fps"] >= 1500)
+    equal = results.get("official", {}).get("greedy tokens equal to the official code's, fp32")
+    if equal is not None:
+        line("greedy tokens equal to the official code's (fp32, 700M, CUDA static path)", f"{equal:.2%}", equal == 1.0)
     official = results.get("official", {}).get("official ms per video, batch 1, bf16")
     if official and nbp.get(1):
         ratio = official / min(r["ms_per_video"] for r in nbp[1])
@@ -408,11 +415,11 @@ def main(argv=None):
         if not args.official_repo:
             return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
         model = build(args.size, (1, 1, 16), device, torch.float32)
-        official, gpt = official_generator(args.official_repo, model, torch.float32)
+        official, gpt = official_gpt_with_our_weights(args.official_repo, model, torch.float32)
         cfg, (H, W) = model.config, model.config.latent_shape[1:]
         ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
         x = ctx.reshape(1, -1)
-        steps = len(model.layout.decode_schedule(x.shape[1]))
+        steps = (model.config.latent_shape[0] - 2) * (H * W // cfg.block_size)  # as transformer_eval.py counts
         mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
 
         def official_sample(**sampling):
@@ -421,8 +428,11 @@ def main(argv=None):
 
         theirs = official_sample(sample_logits=False)
         ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
-        same = ours.reshape(1, -1)[:, x.shape[1]:] == theirs
-        out["greedy tokens equal to the official code's, fp32"] = float(same.float().mean())
+        ours = ours.reshape(1, -1)[:, x.shape[1]:]
+        if ours.shape != theirs.shape:
+            raise RuntimeError(f"greedy ids: ours {tuple(ours.shape)}, official {tuple(theirs.shape)}")
+        out["greedy tokens equal to the official code's, fp32"] = float((ours == theirs).float().mean())
+        out["distinct greedy tokens (official)"] = int(theirs.unique().numel())
         del model
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             gpt = gpt.to(dtype)
