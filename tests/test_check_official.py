@@ -34,7 +34,7 @@ def exit_message(capsys, argv) -> str:
     (["--tokenizer", "{d}/tok.pt", "--frames", "8"], "--frames must be 1 + 4k"),
     (["--tokenizer", "{d}/tok.pt", "--resolution", "20"], "--resolution must be a positive multiple of 8"),
     (["--tokenizer", "{d}/tok.pt", "--rtol", "0"], "--rtol must be positive"),
-    (["--tokenizer", "{d}/tok.pt", "--min_id_agreement", "1.5"], "--min_id_agreement must lie in (0, 1]"),
+    (["--tokenizer", "{d}/tok.pt", "--max_id_flips", "-1"], "--max_id_flips must be >= 0"),
     (["--tokenizer", "{d}/tok.pt", "--device", "tpu"], "--device"),
     (["--generator", "{d}/gen.ckpt", "--converted", "{d}"], "has no transformer/ folder to compare with --generator"),
 ])
@@ -66,8 +66,8 @@ def test_rows_pass_only_within_their_tolerance():
     assert id_row("ids", ids, ids)["ok"]
     changed = ids.clone()
     changed[7] = 0
-    row = id_row("ids", changed, ids, minimum=0.9)
-    assert row["ok"] and row["agreement"] == pytest.approx(0.9) and "flat index 7" in row["detail"]
+    row = id_row("ids", changed, ids, max_flips=1)
+    assert row["ok"] and row["agreement"] == pytest.approx(0.9) and "1 differ, the first at flat index 7" in row["detail"]
     assert not id_row("ids", changed, ids)["ok"]
 
 
