@@ -31,6 +31,7 @@ official code reads from the transformers 4 slow tokenizer (right padding, `tota
 import argparse
 import contextlib
 import copy
+import glob
 import importlib
 import importlib.machinery
 import inspect
@@ -40,6 +41,7 @@ import sys
 import types
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
@@ -227,8 +229,21 @@ def official_generator(official, checkpoint: dict, first_stage: nn.Module, llama
     return module.eval()
 
 
+def stored_dtype(folder: str) -> torch.dtype:
+    """The dtype of the floating-point tensors in a folder's safetensors files (read from their headers)."""
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                kind = f.get_slice(key).get_dtype()
+                if kind in names:
+                    return names[kind]
+    return torch.float32
+
+
 def our_models(args, generator_checkpoint, tokenizer_state_dict):
-    """Our generator and tokenizer: converted in memory from the checkpoints, or loaded from --converted."""
+    """Our generator and tokenizer (in float32): converted in memory from the checkpoints, or loaded from
+    --converted; -> (generator, tokenizer, the dtype each was stored in)."""
     generator = tokenizer = None
     if args.converted:
         if generator_checkpoint is not None:
@@ -240,7 +255,10 @@ def our_models(args, generator_checkpoint, tokenizer_state_dict):
             generator = generator_from_checkpoint(generator_checkpoint)[0]
         if tokenizer_state_dict is not None:
             tokenizer = tokenizer_from_state_dict(tokenizer_state_dict)
-    return [m if m is None else m.float().to(args.device).eval() for m in (generator, tokenizer)]
+    dtypes = [None if m is None else m.dtype for m in (generator, tokenizer)]
+    if args.converted and tokenizer is not None:  # diffusers loads float32 whatever the files hold
+        dtypes[1] = stored_dtype(os.path.join(args.converted, "video_tokenizer"))
+    return [m if m is None else m.float().to(args.device).eval() for m in (generator, tokenizer)] + [dtypes]
 
 
 # ---- comparisons ----------------------------------------------------------------------------------------------------
@@ -416,8 +434,10 @@ def tokenizer_rows(official_tok, ours, clip, rtol, max_flips) -> list[dict]:
     rows = [id_row(f"tokenizer encode ids, clip {tuple(clip.shape)}", ours.encode(clip), official_ids,
                    max_flips)]
     official_ids = official_ids.long()
-    official_video = official_tok.decode_from_code_indices(official_ids).clamp(0, 1)
-    rows.append(value_row("tokenizer decode (same ids)", ours.decode(official_ids), official_video, rtol))
+    # before the [0, 1] clamp of decoding, which would hide the pixels outside it (about half with random weights)
+    official_video = official_tok.decode_from_code_indices(official_ids)
+    ours_video = ours._decode_codes(ours.indices_to_codes(official_ids))
+    rows.append(value_row("tokenizer decode (same ids, unclamped)", ours_video, official_video, rtol))
     return rows
 
 
@@ -487,6 +507,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--max_id_flips must be >= 0, got {args.max_id_flips}")
 
 
+def round_like(official_module: nn.Module, dtype: torch.dtype, part: str, notes: list[str]) -> None:
+    """A --converted part stored in another dtype than float32: give the official module the same rounded weights
+    (both then compute in float32), so the rows compare the code, not the rounding."""
+    if dtype in (None, torch.float32):
+        return
+    for p in official_module.parameters():
+        p.data = p.data.to(dtype).float()
+    notes.append(f"the converted {part} is stored in {str(dtype).removeprefix('torch.')}: the official {part}'s "
+                 "weights were rounded to it too")
+
+
 def load_named(argument: str, load):
     """`load()`, its errors prefixed with the argument whose file it reads."""
     try:
@@ -500,13 +531,15 @@ def run_checks(args, official, notes: list[str]) -> list[dict]:
                             if args.generator else None)
     tokenizer_state_dict = (load_named(f"--tokenizer {args.tokenizer}", lambda: tokenizer_state_dict_from_checkpoint(
         safe_torch_load(args.tokenizer))) if args.tokenizer else None)
-    model, our_tokenizer = load_named(f"--generator {args.generator} / --tokenizer {args.tokenizer}",
+    model, our_tokenizer, stored = load_named(f"--generator {args.generator} / --tokenizer {args.tokenizer}",
                                       lambda: our_models(args, generator_checkpoint, tokenizer_state_dict))
     resolution = args.resolution or 128
     if generator_checkpoint is not None and args.resolution is None:
         resolution = int(training_arguments(generator_checkpoint["hyper_parameters"]).get("resolution", 128))
     official_tok = (official_tokenizer(official, tokenizer_state_dict, resolution).to(args.device)
                     if tokenizer_state_dict is not None else None)
+    if official_tok is not None:
+        round_like(official_tok, stored[1], "tokenizer", notes)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     if generator_checkpoint is not None:
@@ -514,6 +547,7 @@ def run_checks(args, official, notes: list[str]) -> list[dict]:
         module = load_named(f"--generator {args.generator}", lambda: official_generator(
             official, generator_checkpoint, first_stage, os.path.join(args.official_repo, "llama_tokenizer")))
         module = module.to(args.device)
+        round_like(module.transformer, stored[0], "generator", notes)
         rows += generator_rows(official, module, model, generator, args.rtol)
         if official_tok is not None:
             rows.append(pipeline_row(official, official_tok, module, model, our_tokenizer, generator, args.rtol))
