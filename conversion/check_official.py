@@ -213,8 +213,8 @@ def official_generator(official, checkpoint: dict, first_stage: nn.Module, llama
     llama_files = ("tokenizer.model", "tokenizer.json")
     if training_arguments(hyper_parameters).get("cond_stage_key") == "text" and not any(
             os.path.isfile(os.path.join(llama_tokenizer, f)) for f in llama_files):
-        raise FileNotFoundError(f"text-conditioned checkpoint, but the official LLaMA tokenizer ({' or '.join(llama_files)}"
-                                f" in {llama_tokenizer}) is missing from --official_repo")
+        raise FileNotFoundError(f"text-conditioned checkpoint, but the official LLaMA tokenizer "
+                                f"({' or '.join(llama_files)} in {llama_tokenizer}) is missing from --official_repo")
     accepted = inspect.signature(official_class(official, args).__init__).parameters
     kwargs = {k: v for k, v in hyper_parameters.items() if k in accepted}
     kwargs.update(args=args, ckpt_path=None, tokenizer_path=None, llama_tokenizer=llama_tokenizer)
@@ -473,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the generator's resolution, else 128)")
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="allowed max|ours - official| / "
                         f"max|official| for logits and decoded video (default {DEFAULT_RTOL:g})")
-    parser.add_argument("--max_id_flips", type=int, default=DEFAULT_MAX_ID_FLIPS, help="tokenizer encode ids allowed to "
-                        "differ (an FSQ value on a rounding boundary may flip; default "
-                        f"{DEFAULT_MAX_ID_FLIPS})")
+    parser.add_argument("--max_id_flips", type=int, default=DEFAULT_MAX_ID_FLIPS,
+                        help="tokenizer encode ids allowed to differ (an FSQ value on a rounding boundary may flip; "
+                             f"default {DEFAULT_MAX_ID_FLIPS})")
     return parser
 
 

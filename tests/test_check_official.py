@@ -67,7 +67,8 @@ def test_rows_pass_only_within_their_tolerance():
     changed = ids.clone()
     changed[7] = 0
     row = id_row("ids", changed, ids, max_flips=1)
-    assert row["ok"] and row["agreement"] == pytest.approx(0.9) and "1 differ, the first at flat index 7" in row["detail"]
+    assert row["ok"] and row["agreement"] == pytest.approx(0.9)
+    assert "1 differ, the first at flat index 7" in row["detail"]
     assert not id_row("ids", changed, ids)["ok"]
 
 
