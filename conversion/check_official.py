@@ -8,13 +8,14 @@ The official modules are imported unchanged from a checkout of github.com/RenShu
 converted from the same files (or loaded from --converted). Both are fed the same inputs:
 
 - generator logits for a full training sequence in the official layout (`process_b_c_z_a`, `get_attn_mask`:
-  condition prefix, BOV and hybrid start, shifted video ids), and whether our `prepare_training_inputs` builds
-  exactly that sequence;
+  condition prefix, BOV and hybrid start, shifted video ids), whether our `prepare_training_inputs` builds exactly
+  that sequence, and the training loss (`forward` + `shared_step`'s cross-entropy);
 - greedy generation (the official samplers with `sample_logits=False`, as transformer_eval.py calls them) against
   `generate_video_tokens(temperature=0)`: class-conditional models from class conditions, unconditional (K600)
-  models from the first `num_context_frames` latent frames of a random token grid;
+  models from the first 2 latent frames of a random token grid, as the official evaluation;
+- with both files: the pipeline end to end (transformer_eval.py's steps against `NBPVideoPipeline`, greedy);
 - tokenizer: official `encode(video, quantize=True)` ids against ours for a random clip in [0, 1], and
-  `decode_from_code_indices` (clamped to [0, 1] as in transformer_eval.py) against our `decode` for the same ids.
+  `decode_from_code_indices` against our decoder for the same ids, before the clamp to [0, 1].
 
 Everything runs in float32 (TF32 off). A difference passes when max|ours - official| <= rtol * max|official|
 (default 1e-4); token ids must agree exactly, tokenizer encode ids up to --max_id_flips places
@@ -64,7 +65,6 @@ STAND_IN_PACKAGES = {
     "torchvision": "torchvision.models.VGG16_Weights (only used by the tokenizer's perceptual loss)",
     "imageio": "imageio (only used to save videos)",
 }
-LLAMA_PAD_ID = 2  # LLaMA-2's EOS, which the official code uses as pad
 DEFAULT_RTOL = 1e-4
 OFFICIAL_CONTEXT_FRAMES = 2  # transformer_eval.py frame_prediction: the first 2 latent frames (5 pixel frames)
 DEFAULT_MAX_ID_FLIPS = 1

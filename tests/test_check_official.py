@@ -78,7 +78,7 @@ def test_nbp_check_conversion_returns_the_check_status(files, monkeypatch):
     monkeypatch.setattr(check_official, "main", lambda argv: 1 if "--generator" in argv else 0)
     assert cli.main(["check-conversion", "--official_repo", "NBP", "--generator", "x.ckpt"]) == 1
     assert cli.main(["check-conversion", "--official_repo", "NBP", "--tokenizer", "y.pt"]) == 0
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_info:  # the real parser: usage errors exit with status 2
-        monkeypatch.undo()
         cli.main(["check-conversion", "--official_repo", str(files / "NBP")])
     assert exit_info.value.code == 2
