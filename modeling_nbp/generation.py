@@ -1,6 +1,8 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
+import importlib.util
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -76,19 +78,29 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
     return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
 
 
-# torch.compile modes for the decode step: those without torch.compile's own CUDA graphs (the decoder captures
-# whole steps itself); "max-autotune-no-cudagraphs" also tries Triton matrix-product kernels for the small batches
-DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# ways to compile the decode step: torch.compile modes without torch.compile's own CUDA graphs (the decoder captures
+# whole steps itself; "max-autotune-no-cudagraphs" also tries Triton matrix-product kernels for the small batches),
+# and "triton", this project's hand-written Triton kernels (`decode_kernels`: a few fused kernels per layer, for
+# small batches)
+DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "triton")
 
 
-def compile_mode(compile_decode) -> str | None:
-    """`compile_decode` as a torch.compile mode (None: not compiled)."""
+def compile_mode(compile_decode, device: torch.device) -> str | None:
+    """`compile_decode` as a mode of `DECODE_COMPILE_MODES` (None: not compiled), checked for `device`."""
     if compile_decode is True:
         return "default"
     if compile_decode is False or compile_decode is None:
         return None
     if compile_decode not in DECODE_COMPILE_MODES:
         raise ValueError(f"compile_decode must be True, False or one of {DECODE_COMPILE_MODES}, got {compile_decode!r}")
+    if compile_decode == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if not (device.type == "cuda" or (device.type == "cpu" and interpreted)):
+            raise ValueError(f"compile_decode='triton' runs on a CUDA device (got {device}; on CPU only under Triton's "
+                             "interpreter, TRITON_INTERPRET=1, for testing)")
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("compile_decode='triton' needs the triton package (pip install triton; CUDA builds of "
+                             "torch bring it)")
     return compile_decode
 
 
@@ -242,7 +254,8 @@ class NBPGenerationMixin:
         modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
         use_cuda_graphs (default: on with a static cache on CUDA) replays each decode step from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
-        dense parts of its layers through `torch.compile`.
+        dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
+        kernels.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
         The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
         if self.device.type == "meta":
@@ -324,7 +337,7 @@ class NBPGenerationMixin:
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
         cache = DynamicCache(config=cfg) if use_cache else None  # the static path's prefill runs through it too
-        compile_decode = compile_mode(compile_decode)
+        compile_decode = compile_mode(compile_decode, device)
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None

@@ -377,7 +377,12 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly
         its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
         no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
-        through `torch.compile` (their shapes do not depend on the step)."""
+        through `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels
+        of `decode_kernels`."""
+        if compiled == "triton":
+            from . import decode_kernels  # imports triton
+
+            return decode_kernels.block_logits(self, cache, ids, start, keep)
         if compiled:
             with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
                 return self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))

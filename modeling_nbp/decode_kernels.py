@@ -1,0 +1,261 @@
+"""Triton kernels for the static decode step at small batch (`compile_decode="triton"`).
+
+A decode step at batch 1 feeds 16 positions through 24 layers: every matrix product has 16 rows, so the step is
+bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 8 kernels instead of
+the ~16 of the PyTorch step: layer norm; the q/k/v product, whose epilogue writes the keys and values straight into
+the block cache; attention over the filled cache, split over the keys (partials, then a combine); the attention
+projection with bias and residual; layer norm; fc1 with bias and exact GELU; fc2 with bias and residual. The
+products read the weights once per 64 rows (meant for up to a few sequences; larger batches are better served by
+cuBLAS on the default path).
+
+The same function as the PyTorch step up to float rounding (products accumulate in float32 and the epilogue rounds
+once). Runs on CUDA, or on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is
+imported), which is how the tests check it."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_y, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (centered * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["start"])  # one compilation for every step
+def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x, stride_w, stride_r, stride_y,
+                   tokens, start, D, head_dim, kv_s0, kv_s1, kv_s2, kv_s3,
+                   BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
+                   PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x @ w.T (+ b), then GELU or + r. QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and
+    values to the block cache kv (2, B, heads, length, head_dim) at positions start + row % tokens."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if BIAS:
+        acc += tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    mask = row_ok[:, None] & col_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + rm[:, None] * stride_r + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(y_ptr.dtype.element_ty)
+    if QKV:
+        which = rn // D  # 0 q, 1 k, 2 v
+        head, d = (rn % D) // head_dim, rn % head_dim
+        is_q = which == 0
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], out, mask=mask & is_q[None, :])
+        col_off = (which - 1) * kv_s0 + head * kv_s2 + d
+        row_off = (rm // tokens) * kv_s1 + (start + rm % tokens) * kv_s3
+        tl.store(kv_ptr + row_off[:, None] + col_off[None, :], out, mask=mask & ~is_q[None, :])
+    else:
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], out, mask=mask)
+
+
+@triton.jit(do_not_specialize=["end"])
+def _attention_partial_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, out_ptr, tokens, heads, end, head_dim, scale,
+                              stride_q, kv_s0, kv_s1, kv_s2, kv_s3, CHUNK, splits,
+                              BLOCK_Q: tl.constexpr, BLOCK_KEYS: tl.constexpr, HEAD: tl.constexpr,
+                              PRECISION: tl.constexpr, DIRECT: tl.constexpr):
+    """Attention of one sequence's `tokens` queries of one head over the keys [split * CHUNK, +CHUNK) ∩ [0, end).
+    DIRECT (one split): the normalised output into out (B * tokens, D). Else the unnormalised float32 sums into
+    acc (B * heads, splits, BLOCK_Q, HEAD) and the running max and sum into stats (B * heads, splits, 2, BLOCK_Q)."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = bh // heads, bh % heads
+    t = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HEAD)
+    t_ok, d_ok = t < tokens, d < head_dim
+    q = tl.load(q_ptr + (b * tokens + t)[:, None] * stride_q + h * head_dim + d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = kv_ptr + b * kv_s1 + h * kv_s2
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, HEAD), dtype=tl.float32)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, end)
+    for p0 in range(lo, hi, BLOCK_KEYS):
+        p = p0 + tl.arange(0, BLOCK_KEYS)
+        p_ok = p < hi
+        kv_mask = p_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + p[:, None] * kv_s3 + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(k_base + kv_s0 + p[:, None] * kv_s3 + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(p_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        weights = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    if DIRECT:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    else:
+        part = bh * splits + split
+        tl.store(acc_ptr + (part * BLOCK_Q + t)[:, None] * HEAD + d[None, :], acc)
+        tl.store(stats_ptr + part * 2 * BLOCK_Q + t, m_i)
+        tl.store(stats_ptr + part * 2 * BLOCK_Q + BLOCK_Q + t, l_i)
+
+
+@triton.jit
+def _attention_combine_kernel(acc_ptr, stats_ptr, out_ptr, tokens, heads, head_dim, splits,
+                              BLOCK_Q: tl.constexpr, HEAD: tl.constexpr):
+    """Join the partial softmax sums of one sequence and head: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s."""
+    bh = tl.program_id(0)
+    b, h = bh // heads, bh % heads
+    t = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HEAD)
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for s in range(0, splits):
+        m = tl.maximum(m, tl.load(stats_ptr + (bh * splits + s) * 2 * BLOCK_Q + t))
+    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, HEAD), dtype=tl.float32)
+    for s in range(0, splits):
+        part = bh * splits + s
+        # a split lies inside [0, end), so every one has keys and a finite max
+        w = tl.exp(tl.load(stats_ptr + part * 2 * BLOCK_Q + t) - m)
+        total += w * tl.load(stats_ptr + part * 2 * BLOCK_Q + BLOCK_Q + t)
+        acc += w[:, None] * tl.load(acc_ptr + (part * BLOCK_Q + t)[:, None] * HEAD + d[None, :])
+    tl.store(out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :],
+             (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=(t < tokens)[:, None] & (d < head_dim)[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 models get float32 products (no TF32), as the PyTorch path computes them
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.layer_norm` over the last dimension of a 2-D tensor with contiguous rows."""
+    M, N = x.shape
+    y = torch.empty_like(x)
+    _layer_norm_kernel[(M,)](x, weight, bias, y, N, x.stride(0), y.stride(0), eps, BLOCK=triton.next_power_of_2(N))
+    return y
+
+
+# candidate tilings of the products, (BLOCK_N, BLOCK_K, num_warps, num_stages): for a block of 16 rows (a step at
+# batch 1) each one is compiled and timed once per shape on CUDA (`_tiling`); other row blocks, and the
+# interpreter, take the first
+_TILINGS = [(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 8, 3), (16, 128, 2, 5)]
+_chosen: dict = {}
+
+
+def _launch_linear(tiling, x, w, b, r, y, kv, M, N, K, qkv, gelu, block_m):
+    block_n, block_k, warps, stages = tiling
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    tokens, start, D, head_dim, kv_strides = qkv if qkv is not None else (1, 0, N, N, (0, 0, 0, 0))
+    _linear_kernel[grid](x, w, b if b is not None else w, r if r is not None else y, y, kv if kv is not None else y, M, N, K, x.stride(0),
+                         w.stride(0), r.stride(0) if r is not None else 0, y.stride(0), tokens, start, D, head_dim,
+                         *kv_strides, BIAS=b is not None, GELU=gelu, RESIDUAL=r is not None, QKV=qkv is not None,
+                         PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                         num_warps=warps, num_stages=stages)
+
+
+def _tiling(key, launch):
+    """The fastest of `_TILINGS` for this shape (timed on the first call, outside any CUDA graph capture)."""
+    if key not in _chosen:
+        if INTERPRETED or key[0] != 16 or torch.cuda.is_current_stream_capturing():
+            return _TILINGS[0]
+        times = []
+        for tiling in _TILINGS:
+            launch(tiling)  # compile and warm up
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(10):
+                launch(tiling)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        _chosen[key] = _TILINGS[times.index(min(times))]
+    return _chosen[key]
+
+
+def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None):
+    """x (M, K) @ weight (N, K).T (+ bias), then exact GELU (`gelu`) or + residual (M, N) -> (M, N).
+    qkv=(tokens, start, D, head_dim) with kv, a (2, B, heads, length, head_dim) cache: the product's columns are
+    q | k | v; returns q (M, D) and writes the keys and values of row m into kv[:, m // tokens, :, start + m %
+    tokens]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = x.new_empty((M, qkv[2] if qkv is not None else N))
+    if qkv is not None:
+        qkv = (*qkv, tuple(kv.stride()[:4]))
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+
+    def launch(tiling):
+        _launch_linear(tiling, x, weight, bias, residual, y, kv, M, N, K, qkv, gelu, block_m)
+
+    launch(_tiling((block_m, N, K, x.dtype, bias is not None, gelu, residual is not None, qkv is not None), launch))
+    return y
+
+
+ATTENTION_CHUNK = 128  # keys per program: a 16-row step at batch 1 over ~1000 keys runs 16 heads x 8 programs
+
+
+def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float) -> torch.Tensor:
+    """q (B * tokens, D) against the keys and values kv[:, :, :, :end] (all visible: a decode step needs no mask)
+    -> (B * tokens, D)."""
+    _, B, heads, _, head_dim = kv.shape
+    out = torch.empty_like(q)
+    splits = triton.cdiv(end, ATTENTION_CHUNK)
+    block_q, head = max(16, triton.next_power_of_2(tokens)), max(16, triton.next_power_of_2(head_dim))
+    direct = splits == 1
+    if direct:
+        acc = stats = out
+    else:
+        acc = torch.empty((B * heads * splits * block_q * head,), device=q.device, dtype=torch.float32)
+        stats = torch.empty((B * heads * splits * 2 * block_q,), device=q.device, dtype=torch.float32)
+    _attention_partial_kernel[(B * heads, splits)](
+        q, kv, acc, stats, out, tokens, heads, end, head_dim, scale, q.stride(0), *kv.stride()[:4],
+        ATTENTION_CHUNK, splits, BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION=_precision(q.dtype),
+        DIRECT=direct, num_warps=4)
+    if not direct:
+        _attention_combine_kernel[(B * heads,)](acc, stats, out, tokens, heads, head_dim, splits, BLOCK_Q=block_q,
+                                                HEAD=head, num_warps=4)
+    return out
+
+
+def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice) -> torch.Tensor:
+    """`NBPForVideoGeneration.decode_block_logits` through the kernels above (same arguments and result)."""
+    m, cfg = model.model, model.config
+    B, n = ids.shape
+    end = start + n
+    D = cfg.hidden_size
+    head_dim = D // cfg.num_attention_heads
+    x = (m.embed_tokens(ids) + m.embed_positions.weight[start:end]).view(B * n, D)
+    for i, layer in enumerate(m.layers):
+        norm, post, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+        h = layer_norm(x, norm.weight, norm.bias, norm.eps)
+        q = linear(h, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i])
+        o = attention(q, cache.kv[i], n, end, layer.self_attn.scaling)
+        x = linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, residual=x)
+        h = linear(layer_norm(x, post.weight, post.bias, post.eps), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        x = linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x)
+    x = x.view(B, n, D)[:, keep].reshape(-1, D)
+    x = layer_norm(x, m.norm.weight, m.norm.bias, m.norm.eps)
+    head = model.lm_head.weight
+    if not cfg.sample_whole_vocabulary:
+        head = head[cfg.video_token_offset : cfg.video_token_offset + cfg.video_vocab_size]
+    return linear(x, head).view(B, -1, head.shape[0])

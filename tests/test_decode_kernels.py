@@ -1,0 +1,93 @@
+"""The Triton decode kernels (`compile_decode="triton"`): on CUDA, or on CPU under Triton's interpreter (conftest
+sets TRITON_INTERPRET=1 there)."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+pytest.importorskip("triton")
+
+from modeling_nbp import decode_kernels  # noqa: E402
+from test_modeling_nbp import make_model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter computes float32 and float16 products (not bfloat16 ones); float32 sums differ only in their order
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2}
+
+
+def close(actual, expected, dtype):
+    scale = expected.abs().max().clamp(min=1)
+    assert (actual.float() - expected.float()).abs().max() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 24), (16, 96, 72), (70, 200, 130)])  # 70 rows: two row blocks
+def test_linear_and_its_epilogues(dtype, M, N, K):
+    g = torch.Generator().manual_seed(M)
+    x, w, b, r = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((M, K), (N, K), (N,), (M, N)))
+    product = F.linear(x.float(), w.float(), b.float())
+    close(decode_kernels.linear(x, w, b), product, dtype)
+    close(decode_kernels.linear(x, w), F.linear(x.float(), w.float()), dtype)
+    close(decode_kernels.linear(x, w, b, gelu=True), F.gelu(product), dtype)
+    close(decode_kernels.linear(x, w, b, residual=r), product + r.float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((7, 50), (50,), (50,)))
+    close(decode_kernels.layer_norm(x, w, b, 1e-5), F.layer_norm(x.float(), (50,), w.float(), b.float(), 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype):
+    """The q/k/v product writes keys and values at [start, start + tokens) of each sequence and head, and leaves the
+    rest of the cache as it was; attention over [0, end) in one program (end <= 128) or in splits (partials and a
+    combine) equals SDPA. head_dim 12 is not a power of two, as the 700M model's 96."""
+    B, tokens, heads, head_dim, length, start = 2, 5, 3, 12, 300, 200
+    D = heads * head_dim
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn((2, B, heads, length, head_dim), generator=g).to(DEVICE, dtype)
+    x = torch.randn((B * tokens, D), generator=g).to(DEVICE, dtype)
+    w, b = (torch.randn(shape, generator=g).div(8).to(DEVICE, dtype) for shape in ((3 * D, D), (3 * D,)))
+    q_k_v = F.linear(x.float(), w.float(), b.float()).view(B, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    expected = kv.clone()
+    expected[:, :, :, start : start + tokens] = q_k_v[1:].to(dtype)
+    q = decode_kernels.linear(x, w, b, qkv=(tokens, start, D, head_dim), kv=kv)
+    close(q, q_k_v[0].transpose(1, 2).reshape(B * tokens, D), dtype)
+    close(kv, expected, dtype)
+    assert torch.equal(kv[:, :, :, :start], expected[:, :, :, :start])
+    for end in (start + tokens, 100):  # three splits, one
+        out = decode_kernels.attention(q, kv, tokens, end, head_dim**-0.5)
+        reference = F.scaled_dot_product_attention(q.float().view(B, tokens, heads, head_dim).transpose(1, 2),
+                                                   kv[0, :, :, :end].float(), kv[1, :, :, :end].float(),
+                                                   scale=head_dim**-0.5)
+        close(out, reference.transpose(1, 2).reshape(B * tokens, D), dtype)
+
+
+@pytest.mark.parametrize("block,first_block,guidance", [((1, 1, 4), "hybrid", 1.0), ((1, 4, 4), "bov", 2.5)])
+def test_triton_decode_gives_the_reference_tokens(block, first_block, guidance):
+    model = make_model(block=block, first_block=first_block).to(DEVICE)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=guidance)
+    fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static",
+                                       compile_decode="triton", **kw)
+    reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    assert torch.equal(fast, reference)
+
+
+def test_triton_decode_in_half_precision_gives_the_static_tokens():
+    model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE, torch.float16)
+    for sampling in (dict(top_k=20, top_p=0.9), dict(temperature=0.0, guidance_scale=2.0)):
+        plain, triton = (model.generate_video_tokens(class_labels=[0, 2], generator=torch.Generator().manual_seed(1),
+                                                     cache_implementation="static", compile_decode=mode, **sampling)
+                         for mode in (False, "triton"))
+        assert torch.equal(plain, triton)
+
+
+def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
+    model = make_model()
+    with pytest.raises(ValueError, match="compile_decode needs"):
+        model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode="triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="compile_decode='triton' runs on a CUDA device"):
+            model.generate_video_tokens(class_labels=[0], cache_implementation="static", compile_decode="triton")
