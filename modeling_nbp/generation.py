@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 
@@ -336,11 +336,13 @@ class NBPGenerationMixin:
             if static and start > 0 and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
-        cache = DynamicCache(config=cfg) if use_cache else None  # the static path's prefill runs through it too
         compile_decode = compile_mode(compile_decode, device)
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
+        # the prefill (the first step) runs through the model's forward; on the static path it writes its keys and
+        # values straight into the decoder's block cache
+        cache = None if not use_cache else DynamicCache(config=cfg) if decoder is None else decoder.cache.prefill_cache()
         # set on the device by any step whose logits are not finite; read once, at the end or when the consumer stops
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         # no dropout, no class dropout: a model in training mode samples what it would in eval mode; the mode comes
@@ -381,8 +383,6 @@ class NBPGenerationMixin:
                 noise = draw_noise() if draw_noise else None
                 tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache,
                                           nonfinite=nonfinite, **sampling)
-                if decoder is not None:
-                    decoder.cache.load_prefill(cache)
             sampled = tokens  # video ids, or ids of the whole vocabulary (sample_whole_vocabulary)
             if whole:
                 tokens = (tokens - off).clamp_(0, cfg.video_vocab_size - 1)  # the official reading of other ids
@@ -486,12 +486,29 @@ class BlockKVCache:
             torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=w)
             torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b)
 
-    def load_prefill(self, cache):
-        """Copy a prefill's DynamicCache (positions [0, n)) into the buffers."""
-        for kv, layer in zip(self.kv, cache.layers):
-            n = layer.keys.shape[2]
-            kv[0, :, :, :n].copy_(layer.keys)
-            kv[1, :, :, :n].copy_(layer.values)
+    def prefill_cache(self) -> Cache:
+        """A transformers `Cache` for the model's forward whose layers keep their keys and values in these buffers."""
+        return Cache(layers=[BlockPrefillLayer(kv) for kv in self.kv])
+
+
+class BlockPrefillLayer(DynamicLayer):
+    """A cache layer that writes into one layer's buffer of a `BlockKVCache` (2, B, heads, max_len, head_dim) and
+    hands back views of its filled part: the forward of the prefill fills the block cache without a concatenation
+    or a copy afterwards."""
+
+    def __init__(self, kv: torch.Tensor):
+        super().__init__()
+        self.kv = kv
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        past = self.get_seq_length()
+        end = past + key_states.shape[-2]
+        self.kv[0, :, :, past:end] = key_states
+        self.kv[1, :, :, past:end] = value_states
+        self.device, self.is_initialized = self.kv.device, True
+        self.keys, self.values = self.kv[0, :, :, :end], self.kv[1, :, :, :end]
+        # under autocast the new keys may be in another dtype than the buffers: attention takes them in theirs
+        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
 
 
 def cuda_graphs_supported(device: torch.device) -> bool:

@@ -810,6 +810,15 @@ def test_half_precision_static_path_gives_the_dynamic_tokens(dtype):
         assert torch.equal(dynamic, static)
 
 
+def test_static_path_under_autocast_gives_the_dynamic_tokens():
+    # the prefill writes its bf16 keys into the float32 block cache and attends to them in bf16, as the dynamic path
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dynamic, static = (model.generate_video_tokens(class_labels=[0, 2], generator=torch.Generator().manual_seed(1),
+                                                       cache_implementation=c, top_k=20) for c in ("dynamic", "static"))
+    assert torch.equal(dynamic, static)
+
+
 def test_static_cache_frame_prediction_equals_reference():
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     kw = dict(context_ids=grid(model)[:, :1], top_k=10)
