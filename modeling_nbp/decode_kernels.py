@@ -1,12 +1,14 @@
 """Triton kernels for the static decode step at small batch (`compile_decode="triton"`).
 
 A decode step at batch 1 feeds 16 positions through 24 layers: every matrix product has 16 rows, so the step is
-bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 8 kernels instead of
-the ~16 of the PyTorch step: layer norm; the q/k/v product, whose epilogue writes the keys and values straight into
-the block cache; attention over the filled cache, split over the keys (partials, then a combine); the attention
-projection with bias and residual; layer norm; fc1 with bias and exact GELU; fc2 with bias and residual. The
-products read the weights once per 64 rows (meant for up to a few sequences; larger batches are better served by
-cuBLAS on the default path).
+bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 6 kernels instead of
+the ~16 of the PyTorch step: the q/k/v product, whose epilogue writes the keys and values straight into the block
+cache; attention over the filled cache, split over the keys (partials, then a combine); the attention projection
+with bias and residual; fc1 with bias and exact GELU; fc2 with bias and residual. The layer norms have no kernel of
+their own: a product that writes the residual stream also writes the row statistics of its column block (count,
+mean, squared deviations), and the product that reads the stream next joins them and normalises its input tiles as
+it loads them. The products read the weights once per 64 rows (meant for up to a few sequences; larger batches are
+better served by cuBLAS on the default path).
 
 The same function as the PyTorch step up to float rounding (products accumulate in float32 and the epilogue rounds
 once). Runs on CUDA, or on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is
@@ -38,20 +40,39 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_y, eps, B
 @triton.jit(do_not_specialize=["start"])  # one compilation for every step
 def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x, stride_w, stride_r, stride_y,
                    tokens, start, D, head_dim, kv_s0, kv_s1, kv_s2, kv_s3,
+                   ln_w_ptr, ln_b_ptr, stats_in_ptr, slices_in, eps, stats_out_ptr,
                    BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
-                   PRECISION: tl.constexpr,
+                   NORM: tl.constexpr, STATS: tl.constexpr, SLICES: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = x @ w.T (+ b), then GELU or + r. QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and
-    values to the block cache kv (2, B, heads, length, head_dim) at positions start + row % tokens."""
+    """y = f(x) @ w.T (+ b), then GELU or + r, where f is the identity or (NORM) the layer norm of x's rows with the
+    row statistics in stats_in (slices_in, 3, M): per slice of columns its count, mean and sum of squared
+    deviations, which the product that made x wrote (STATS: this product writes those of y, one slice per program
+    column). QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and values to the block cache kv
+    (2, B, heads, length, head_dim) at positions start + row % tokens."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rm < M, rn < N
+    if NORM:  # join the slices' statistics (Chan et al.): mean and 1 / std of each row
+        sl = tl.arange(0, SLICES)
+        at = stats_in_ptr + sl[:, None] * 3 * M + rm[None, :]
+        ok = (sl[:, None] < slices_in) & row_ok[None, :]
+        count = tl.load(at, mask=ok, other=0.0)
+        part_mean = tl.load(at + M, mask=ok, other=0.0)
+        mean = tl.sum(count * part_mean, axis=0) / K
+        deviation = part_mean - mean[None, :]
+        m2 = tl.sum(tl.load(at + 2 * M, mask=ok, other=0.0) + count * deviation * deviation, axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < K), other=0.0)
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # as F.layer_norm, rounded to the input's dtype before the product
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            h = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]).to(x.dtype)
+        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if BIAS:
         acc += tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -61,6 +82,15 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x,
     if RESIDUAL:
         acc += tl.load(r_ptr + rm[:, None] * stride_r + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     out = acc.to(y_ptr.dtype.element_ty)
+    if STATS:  # of the stored (rounded) values, for the layer norm that reads y next
+        v = tl.where(col_ok[None, :], out.to(tl.float32), 0.0)
+        count = tl.sum(col_ok.to(tl.float32), axis=0)
+        part_mean = tl.sum(v, axis=1) / count
+        deviation = tl.where(col_ok[None, :], v - part_mean[:, None], 0.0)
+        at = stats_out_ptr + tl.program_id(0) * 3 * M + rm
+        tl.store(at, tl.zeros((BLOCK_M,), dtype=tl.float32) + count, mask=row_ok)
+        tl.store(at + M, part_mean, mask=row_ok)
+        tl.store(at + 2 * M, tl.sum(deviation * deviation, axis=1), mask=row_ok)
     if QKV:
         which = rn // D  # 0 q, 1 k, 2 v
         head, d = (rn % D) // head_dim, rn % head_dim
@@ -162,15 +192,22 @@ _TILINGS = [(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 8, 3), 
 _chosen: dict = {}
 
 
-def _launch_linear(tiling, x, w, b, r, y, kv, M, N, K, qkv, gelu, block_m):
+def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, block_m):
     block_n, block_k, warps, stages = tiling
+    (M, K), N = x.shape, w.shape[0]
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    tokens, start, D, head_dim, kv_strides = qkv if qkv is not None else (1, 0, N, N, (0, 0, 0, 0))
-    _linear_kernel[grid](x, w, b if b is not None else w, r if r is not None else y, y, kv if kv is not None else y, M, N, K, x.stride(0),
-                         w.stride(0), r.stride(0) if r is not None else 0, y.stride(0), tokens, start, D, head_dim,
-                         *kv_strides, BIAS=b is not None, GELU=gelu, RESIDUAL=r is not None, QKV=qkv is not None,
-                         PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=warps, num_stages=stages)
+    tokens, start, D, head_dim = qkv if qkv is not None else (1, 0, N, N)
+    kv_strides = kv.stride()[:4] if kv is not None else (0, 0, 0, 0)
+    ln_w, ln_b, eps, stats_in = norm if norm is not None else (w, w, 0.0, w)
+    slices_in = stats_in.shape[0] if norm is not None else 1
+    _linear_kernel[grid](x, w, b if b is not None else w, r if r is not None else y, y, kv if kv is not None else y,
+                         M, N, K, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, y.stride(0),
+                         tokens, start, D, head_dim, *kv_strides, ln_w, ln_b, stats_in, slices_in, eps,
+                         stats if stats is not None else y,
+                         BIAS=b is not None, GELU=gelu, RESIDUAL=r is not None, QKV=qkv is not None,
+                         NORM=norm is not None, STATS=stats is not None,
+                         SLICES=max(2, triton.next_power_of_2(slices_in)), PRECISION=_precision(x.dtype),
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 def _tiling(key, launch):
@@ -192,23 +229,28 @@ def _tiling(key, launch):
     return _chosen[key]
 
 
-def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None):
-    """x (M, K) @ weight (N, K).T (+ bias), then exact GELU (`gelu`) or + residual (M, N) -> (M, N).
+def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, norm=None, stats=False):
+    """f(x) (M, K) @ weight (N, K).T (+ bias), then exact GELU (`gelu`) or + residual (M, N) -> (M, N).
+    norm=(weight, bias, eps, statistics): f is the layer norm of x's rows, from the row statistics that the product
+    which made x returned (stats=True: -> (y, its row statistics)); else f is the identity.
     qkv=(tokens, start, D, head_dim) with kv, a (2, B, heads, length, head_dim) cache: the product's columns are
     q | k | v; returns q (M, D) and writes the keys and values of row m into kv[:, m // tokens, :, start + m %
     tokens]."""
     M, K = x.shape
     N = weight.shape[0]
     y = x.new_empty((M, qkv[2] if qkv is not None else N))
-    if qkv is not None:
-        qkv = (*qkv, tuple(kv.stride()[:4]))
     block_m = min(64, max(16, triton.next_power_of_2(M)))
+    key = (block_m, N, K, x.dtype, bias is not None, gelu, residual is not None, qkv is not None, norm is not None,
+           stats)
+    out = {}
 
     def launch(tiling):
-        _launch_linear(tiling, x, weight, bias, residual, y, kv, M, N, K, qkv, gelu, block_m)
+        # the statistics have one slice per column block, so their shape follows the tiling
+        out["stats"] = x.new_empty((triton.cdiv(N, tiling[0]), 3, M), dtype=torch.float32) if stats else None
+        _launch_linear(tiling, x, weight, bias, residual, y, kv, qkv, gelu, norm, out["stats"], block_m)
 
-    launch(_tiling((block_m, N, K, x.dtype, bias is not None, gelu, residual is not None, qkv is not None), launch))
-    return y
+    launch(_tiling(key, launch))
+    return (y, out["stats"]) if stats else y
 
 
 ATTENTION_CHUNK = 128  # keys per program: a 16-row step at batch 1 over ~1000 keys runs 16 heads x 8 programs
@@ -245,14 +287,18 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice) -> to
     D = cfg.hidden_size
     head_dim = D // cfg.num_attention_heads
     x = (m.embed_tokens(ids) + m.embed_positions.weight[start:end]).view(B * n, D)
+    stats = None  # the row statistics of x, from the product that made it (the first layer's input has none)
     for i, layer in enumerate(m.layers):
         norm, post, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
-        h = layer_norm(x, norm.weight, norm.bias, norm.eps)
-        q = linear(h, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i])
+        if stats is None:
+            h, fused = layer_norm(x, norm.weight, norm.bias, norm.eps), None
+        else:
+            h, fused = x, (norm.weight, norm.bias, norm.eps, stats)
+        q = linear(h, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i], norm=fused)
         o = attention(q, cache.kv[i], n, end, layer.self_attn.scaling)
-        x = linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, residual=x)
-        h = linear(layer_norm(x, post.weight, post.bias, post.eps), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
-        x = linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x)
+        x, stats = linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, residual=x, stats=True)
+        h = linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True, norm=(post.weight, post.bias, post.eps, stats))
+        x, stats = linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, stats=True)
     x = x.view(B, n, D)[:, keep].reshape(-1, D)
     x = layer_norm(x, m.norm.weight, m.norm.bias, m.norm.eps)
     head = model.lm_head.weight

@@ -32,6 +32,23 @@ def test_linear_and_its_epilogues(dtype, M, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_inside_the_next_product(dtype):
+    """A product that writes the residual stream returns its rows' statistics by column block (100 columns: four
+    blocks, the last one partial); the next product normalises its input with them, as F.layer_norm then F.linear.
+    The stream's mean of 10 would cost digits to a sum-of-squares variance."""
+    M, K, N = 5, 24, 100
+    g = torch.Generator().manual_seed(2)
+    x, w, b, r, w2, b2, gain, shift = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in (
+        (M, K), (N, K), (N,), (M, N), (40, N), (40,), (N,), (N,)))
+    y, stats = decode_kernels.linear(x, w, b, residual=r + 10, stats=True)
+    close(y, F.linear(x.float(), w.float(), b.float()) + (r + 10).float(), dtype)
+    assert stats.shape == (4, 3, M)
+    normed = F.layer_norm(y.float(), (N,), gain.float(), shift.float(), 1e-5).to(dtype)
+    out = decode_kernels.linear(y, w2, b2, norm=(gain, shift, 1e-5, stats))
+    close(out, F.linear(normed.float(), w2.float(), b2.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layer_norm(dtype):
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((7, 50), (50,), (50,)))
