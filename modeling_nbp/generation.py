@@ -342,7 +342,9 @@ class NBPGenerationMixin:
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
         # the prefill (the first step) runs through the model's forward; on the static path it writes its keys and
         # values straight into the decoder's block cache
-        cache = None if not use_cache else DynamicCache(config=cfg) if decoder is None else decoder.cache.prefill_cache()
+        cache = None
+        if use_cache:
+            cache = DynamicCache(config=cfg) if decoder is None else decoder.cache.prefill_cache()
         # set on the device by any step whose logits are not finite; read once, at the end or when the consumer stops
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         # no dropout, no class dropout: a model in training mode samples what it would in eval mode; the mode comes
