@@ -358,6 +358,9 @@ def main(argv=None):
             noise = torch.rand(batch, 16, device=device, generator=gen(7))
             seconds = timed(lambda: sample_tokens(logits, noise=noise, **PAPER_SAMPLING), device, 50, warmup=5)
             out[f"batch {batch}"]["sampler ms per video (48 steps, eager)"] = 48 * 1000 * seconds / batch
+            seconds = timed(lambda: sample_tokens(logits, noise=noise, fused=True, **PAPER_SAMPLING), device, 50,
+                            warmup=5)
+            out[f"batch {batch}"]["fused sampler ms per video (48 steps, eager)"] = 48 * 1000 * seconds / batch
         return out
 
     @run("pipeline")

@@ -172,6 +172,47 @@ def _attention_combine_kernel(acc_ptr, stats_ptr, out_ptr, tokens, heads, head_d
              (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=(t < tokens)[:, None] & (d < head_dim)[None, :])
 
 
+@triton.jit
+def _sample_ranked_kernel(values_ptr, index_ptr, noise_ptr, out_ptr, k, temperature, top_p, stride_v, stride_i,
+                          TEMPERATURE: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of `generation.sample_tokens` after its ranking: the k kept logits, largest first, with their ids."""
+    row = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    ok = j < k
+    logits = tl.load(values_ptr + row * stride_v + j, mask=ok, other=float("-inf")).to(tl.float32)
+    if TEMPERATURE:
+        logits = logits / temperature
+    e = tl.exp(logits - tl.max(logits, axis=0))
+    probs = e / tl.sum(e, axis=0)
+    cumulative = tl.cumsum(probs, axis=0)
+    last = k - 1
+    if TOP_P:  # the kept tokens: those with at most top_p of the probability ranked above them (a prefix)
+        last = tl.maximum(tl.sum(((cumulative - probs <= top_p) & ok).to(tl.int32), axis=0), 1) - 1
+    total = tl.sum(tl.where(j == last, cumulative, 0.0), axis=0)
+    target = tl.load(noise_ptr + row) * total
+    # searchsorted(cumulative, target, right=True): how many cumulative sums are <= target
+    choice = tl.minimum(tl.sum(((cumulative <= target) & ok).to(tl.int32), axis=0), k - 1)
+    tl.store(out_ptr + row, tl.load(index_ptr + row * stride_i + choice))
+
+
+MAX_RANKED = 16384  # the fused sampler holds a row's kept logits in one program (the paper's top-k is 16000)
+
+
+def sample_ranked(values: torch.Tensor, index: torch.Tensor, noise: torch.Tensor, temperature: float,
+                  top_p: float) -> torch.Tensor:
+    """The sampling that `generation.sample_tokens` does after its top-k (or sort), fused: `values` (..., k) the
+    kept logits largest first, `index` (..., k) their ids, `noise` (...) one uniform number per row -> ids (...)."""
+    k = values.shape[-1]
+    rows = values.reshape(-1, k)
+    ids = index.reshape(-1, k)
+    out = torch.empty(rows.shape[0], dtype=index.dtype, device=values.device)
+    _sample_ranked_kernel[(rows.shape[0],)](rows, ids, noise.reshape(-1).float(), out, k, float(temperature),
+                                            float(top_p), rows.stride(0), ids.stride(0),
+                                            TEMPERATURE=temperature != 1.0, TOP_P=top_p < 1.0,
+                                            BLOCK=max(16, triton.next_power_of_2(k)), num_warps=16)
+    return out.view(values.shape[:-1])
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 models get float32 products (no TF32), as the PyTorch path computes them
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -33,14 +33,16 @@ def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.T
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                  generator=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                  generator=None, noise: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: a
     token is kept while the tokens ranked above it hold at most top_p of the probability) as in the official
     sampler, except that top-k keeps exactly k tokens where the official filter also keeps those tied with the k-th
     (with bf16 logits about 40 more of 64000, under 0.1% of the probability for flat logits). Runs on the
     logits' device without host synchronisation, by inverse transform: with u ~ U[0, 1) per position, the token
     at which the cumulative probability of the kept tokens (largest first) passes u times their total.
-    `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here."""
+    `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here.
+    `fused`: everything after the ranking in one Triton kernel (`decode_kernels.sample_ranked`; CUDA, or CPU under
+    Triton's interpreter) when at most `decode_kernels.MAX_RANKED` tokens are ranked."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     # rank in the logits' own dtype (bf16 halves the bytes read), then compute in float32 on the kept ones;
@@ -51,6 +53,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         logits, index = logits.topk(top_k, dim=-1)  # sorted, largest first
     elif top_p < 1.0:
         logits, index = logits.sort(dim=-1, descending=True)
+    if noise is None:
+        noise = _noise(logits.shape[:-1], generator, logits.device)
+    if fused and index is not None:
+        from . import decode_kernels  # imports triton
+
+        if logits.shape[-1] <= decode_kernels.MAX_RANKED:
+            return decode_kernels.sample_ranked(logits, index, noise, temperature, top_p)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -61,13 +70,12 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     # chosen; the clamps only keep NaN logits, reported after the run, from indexing out of range)
     last = (cumulative - probs <= top_p).sum(dim=-1, keepdim=True).clamp_(min=1) - 1 if top_p < 1.0 else None
     total = cumulative[..., -1:] if last is None else cumulative.gather(-1, last)
-    if noise is None:
-        noise = _noise(logits.shape[:-1], generator, logits.device)
     choice = torch.searchsorted(cumulative, noise.unsqueeze(-1) * total, right=True).clamp_(max=probs.shape[-1] - 1)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
 
 
-def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None):
+def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None,
+                  fused=False):
     """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
     `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run)."""
     if nonfinite is not None:
@@ -75,7 +83,7 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
     if guidance_scale != 1.0:
         cond, uncond = logits.float().chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
-    return sample_tokens(logits, temperature, top_k, top_p, noise=noise)
+    return sample_tokens(logits, temperature, top_k, top_p, noise=noise, fused=fused)
 
 
 # ways to compile the decode step: torch.compile modes without torch.compile's own CUDA graphs (the decoder captures
@@ -410,7 +418,7 @@ class NBPGenerationMixin:
     def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
         return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, nonfinite=nonfinite,
-                             **sampling)
+                             fused=compiled == "triton", **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":

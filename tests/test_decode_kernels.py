@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 pytest.importorskip("triton")
 
-from modeling_nbp import decode_kernels  # noqa: E402
+from modeling_nbp import decode_kernels, generation  # noqa: E402
 from test_modeling_nbp import make_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,6 +79,18 @@ def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype):
                                                    kv[0, :, :, :end].float(), kv[1, :, :, :end].float(),
                                                    scale=head_dim**-0.5)
         close(out, reference.transpose(1, 2).reshape(B * tokens, D), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sampling", [dict(top_k=100, top_p=0.9), dict(top_k=100), dict(top_p=0.5, temperature=0.7),
+                                      dict(top_k=1)])
+def test_fused_sampler_gives_the_tokens_of_the_plain_one(dtype, sampling):
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn((4, 6, 300), generator=g)).to(DEVICE, dtype)
+    noise = torch.rand((4, 6), generator=g).to(DEVICE)
+    plain = generation.sample_tokens(logits, noise=noise, **sampling)
+    fused = generation.sample_tokens(logits, noise=noise, fused=True, **sampling)
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
 
 
 @pytest.mark.parametrize("block,first_block,guidance", [((1, 1, 4), "hybrid", 1.0), ((1, 4, 4), "bov", 2.5)])
