@@ -40,14 +40,15 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_y, eps, B
 @triton.jit(do_not_specialize=["start"])  # one compilation for every step
 def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x, stride_w, stride_r, stride_y,
                    tokens, start, D, head_dim, kv_s0, kv_s1, kv_s2, kv_s3,
-                   ln_w_ptr, ln_b_ptr, stats_in_ptr, slices_in, eps, stats_out_ptr,
+                   ln_w_ptr, ln_b_ptr, stats_in_ptr, slices_in, eps, stats_out_ptr, flag_ptr,
                    BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
-                   NORM: tl.constexpr, STATS: tl.constexpr, SLICES: tl.constexpr, PRECISION: tl.constexpr,
+                   NORM: tl.constexpr, STATS: tl.constexpr, FLAG: tl.constexpr, SLICES: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = f(x) @ w.T (+ b), then GELU or + r, where f is the identity or (NORM) the layer norm of x's rows with the
     row statistics in stats_in (slices_in, 3, M): per slice of columns its count, mean and sum of squared
     deviations, which the product that made x wrote (STATS: this product writes those of y, one slice per program
-    column). QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and values to the block cache kv
+    column). FLAG: sets flag (one byte) when a value of y is NaN or infinite. QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and values to the block cache kv
     (2, B, heads, length, head_dim) at positions start + row % tokens."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,6 +83,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x,
     if RESIDUAL:
         acc += tl.load(r_ptr + rm[:, None] * stride_r + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     out = acc.to(y_ptr.dtype.element_ty)
+    if FLAG:
+        value = out.to(tl.float32)
+        bad = tl.sum(((value != value) | (tl.abs(value) == float("inf"))) & mask, axis=1)
+        tl.store(flag_ptr + tl.zeros((BLOCK_M,), dtype=tl.int32), tl.full((BLOCK_M,), 1, dtype=tl.uint8), mask=bad > 0)
     if STATS:  # of the stored (rounded) values, for the layer norm that reads y next
         v = tl.where(col_ok[None, :], out.to(tl.float32), 0.0)
         count = tl.sum(col_ok.to(tl.float32), axis=0)
@@ -233,7 +238,7 @@ _TILINGS = [(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 8, 3), 
 _chosen: dict = {}
 
 
-def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, block_m):
+def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, flag, block_m):
     block_n, block_k, warps, stages = tiling
     (M, K), N = x.shape, w.shape[0]
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
@@ -244,9 +249,9 @@ def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, block_m):
     _linear_kernel[grid](x, w, b if b is not None else w, r if r is not None else y, y, kv if kv is not None else y,
                          M, N, K, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, y.stride(0),
                          tokens, start, D, head_dim, *kv_strides, ln_w, ln_b, stats_in, slices_in, eps,
-                         stats if stats is not None else y,
+                         stats if stats is not None else y, flag if flag is not None else y,
                          BIAS=b is not None, GELU=gelu, RESIDUAL=r is not None, QKV=qkv is not None,
-                         NORM=norm is not None, STATS=stats is not None,
+                         NORM=norm is not None, STATS=stats is not None, FLAG=flag is not None,
                          SLICES=max(2, triton.next_power_of_2(slices_in)), PRECISION=_precision(x.dtype),
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
@@ -270,10 +275,12 @@ def _tiling(key, launch):
     return _chosen[key]
 
 
-def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, norm=None, stats=False):
+def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, norm=None, stats=False,
+           nonfinite=None):
     """f(x) (M, K) @ weight (N, K).T (+ bias), then exact GELU (`gelu`) or + residual (M, N) -> (M, N).
     norm=(weight, bias, eps, statistics): f is the layer norm of x's rows, from the row statistics that the product
-    which made x returned (stats=True: -> (y, its row statistics)); else f is the identity.
+    which made x returned (stats=True: -> (y, its row statistics)); else f is the identity. `nonfinite`, a bool
+    device scalar, is set when a value of y is NaN or infinite.
     qkv=(tokens, start, D, head_dim) with kv, a (2, B, heads, length, head_dim) cache: the product's columns are
     q | k | v; returns q (M, D) and writes the keys and values of row m into kv[:, m // tokens, :, start + m %
     tokens]."""
@@ -282,13 +289,14 @@ def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, n
     y = x.new_empty((M, qkv[2] if qkv is not None else N))
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     key = (block_m, N, K, x.dtype, bias is not None, gelu, residual is not None, qkv is not None, norm is not None,
-           stats)
+           stats, nonfinite is not None)
+    flag = nonfinite.view(torch.uint8) if nonfinite is not None else None
     out = {}
 
     def launch(tiling):
         # the statistics have one slice per column block, so their shape follows the tiling
         out["stats"] = x.new_empty((triton.cdiv(N, tiling[0]), 3, M), dtype=torch.float32) if stats else None
-        _launch_linear(tiling, x, weight, bias, residual, y, kv, qkv, gelu, norm, out["stats"], block_m)
+        _launch_linear(tiling, x, weight, bias, residual, y, kv, qkv, gelu, norm, out["stats"], flag, block_m)
 
     launch(_tiling(key, launch))
     return (y, out["stats"]) if stats else y
@@ -320,8 +328,9 @@ def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: f
     return out
 
 
-def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice) -> torch.Tensor:
-    """`NBPForVideoGeneration.decode_block_logits` through the kernels above (same arguments and result)."""
+def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice, nonfinite=None) -> torch.Tensor:
+    """`NBPForVideoGeneration.decode_block_logits` through the kernels above (same arguments and result; the head's
+    product checks the logits for `nonfinite`)."""
     m, cfg = model.model, model.config
     B, n = ids.shape
     end = start + n
@@ -345,4 +354,4 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice) -> to
     head = model.lm_head.weight
     if not cfg.sample_whole_vocabulary:
         head = head[cfg.video_token_offset : cfg.video_token_offset + cfg.video_vocab_size]
-    return linear(x, head).view(B, -1, head.shape[0])
+    return linear(x, head, nonfinite=nonfinite).view(B, -1, head.shape[0])

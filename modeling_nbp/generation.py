@@ -417,8 +417,8 @@ class NBPGenerationMixin:
 
     def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
-        return sample_guided(self.decode_block_logits(cache, ids, start, keep, compiled), noise, nonfinite=nonfinite,
-                             fused=compiled == "triton", **sampling)
+        logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite)
+        return sample_guided(logits, noise, fused=compiled == "triton", **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":

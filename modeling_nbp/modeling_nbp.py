@@ -370,7 +370,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             blockers.append(f"the parameters lie on several devices ({', '.join(sorted(devices))})")
         return blockers
 
-    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None):
+    def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None,
+                            nonfinite: torch.Tensor | None = None):
         """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) (the whole
         vocabulary's with `config.sample_whole_vocabulary`) of `ids` (B, n) at positions [start, start + n), which
         see every earlier position and each other (so no mask);
@@ -378,15 +379,19 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
         no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
         through `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels
-        of `decode_kernels`."""
+        of `decode_kernels`. `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite."""
         if compiled == "triton":
             from . import decode_kernels  # imports triton
 
-            return decode_kernels.block_logits(self, cache, ids, start, keep)
+            return decode_kernels.block_logits(self, cache, ids, start, keep, nonfinite)
         if compiled:
             with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
-                return self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
-        return self._block_logits(cache, ids, start, keep, DECODE_PARTS)
+                logits = self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
+        else:
+            logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS)
+        if nonfinite is not None:
+            nonfinite.logical_or_(~torch.isfinite(logits).all())
+        return logits
 
     def _block_logits(self, cache, ids, start: int, keep: slice, parts):
         m, cfg = self.model, self.config

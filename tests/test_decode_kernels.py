@@ -112,6 +112,31 @@ def test_triton_decode_in_half_precision_gives_the_static_tokens():
         assert torch.equal(plain, triton)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
+def test_the_head_product_flags_values_that_are_not_finite():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn((3, 24), generator=g).to(DEVICE), torch.randn((70, 24), generator=g).to(DEVICE)
+    flag = torch.zeros((), dtype=torch.bool, device=DEVICE)
+    decode_kernels.linear(x, w, nonfinite=flag)
+    assert not flag
+    for bad in (float("nan"), float("inf")):
+        w[65, 7] = bad  # in the last column block
+        decode_kernels.linear(x, w, nonfinite=flag)
+        assert flag
+        flag.zero_()
+
+
+def test_triton_decode_reports_nan_logits():
+    # (the prefill's forward checks its logits too; the product's flag is tested above)
+    model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE)
+    kw = dict(class_labels=[0], top_k=20, cache_implementation="static", compile_decode="triton")
+    model.generate_video_tokens(**kw)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.video_token_offset + 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+        model.generate_video_tokens(**kw)
+
+
 def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
     model = make_model()
     with pytest.raises(ValueError, match="compile_decode needs"):
