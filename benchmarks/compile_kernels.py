@@ -1,0 +1,134 @@
+"""Compile the Triton decode kernels (`modeling_nbp/decode_kernels.py`) for a GPU architecture without a GPU, with the
+specialisations that a 700M batch-1 step launches (bf16, every candidate tiling), and print each kernel's registers,
+spilled bytes and shared memory (cuobjdump). Catches what Triton's interpreter cannot: compile errors, spills, tilings
+that do not fit. Needs the triton package (its bundled ptxas and cuobjdump); not TRITON_INTERPRET.
+
+    python benchmarks/compile_kernels.py                 # sm_90 (H100/H200)
+    python benchmarks/compile_kernels.py --arch 80       # A100
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter has nothing to compile")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from modeling_nbp import decode_kernels as dk  # noqa: E402
+
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+           torch.int64: "*i64"}
+
+
+def compile_kernel(kernel, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3):
+    """`args`: name -> a torch dtype (a pointer, 16-byte aligned), an int or a float, as a launch would pass them;
+    ints are specialised as the JIT does (1 -> constant, multiples of 16 -> divisible) unless not specialised."""
+    jit = kernel
+    skip = {jit.arg_names[i] if isinstance(i, int) else i for i in getattr(jit, "do_not_specialize", ())}
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for name in jit.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value, index = args[name], (jit.arg_names.index(name),)
+        if isinstance(value, torch.dtype):
+            signature[name] = POINTER[value]
+            attrs[index] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and name not in skip:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0 and name not in skip:
+                attrs[index] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=jit, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled, resource_usage(compiled.asm["cubin"])
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local (spilled) bytes of a compiled kernel, read by cuobjdump."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        log = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    number = lambda field: int(m.group(1)) if (m := re.search(rf"\b{field}:(\d+)", log)) else 0  # noqa: E731
+    return dict(registers=number("REG"), spill_bytes=number("LOCAL"))
+
+
+def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=16, length=1040, top_k=16000):
+    """(name, kernel, args, constexprs, num_warps, num_stages) of every kernel a batch-1 step of the 700M model
+    launches, for each candidate tiling of the products."""
+    head_dim, ffn = hidden // heads, 4 * hidden
+    common = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, r_ptr=dtype, y_ptr=dtype, kv_ptr=dtype, M=rows,
+                  stride_r=hidden, tokens=rows, start=400, D=hidden, head_dim=head_dim, kv_s0=heads * length * head_dim,
+                  kv_s1=heads * length * head_dim, kv_s2=length * head_dim, kv_s3=head_dim, ln_w_ptr=dtype,
+                  ln_b_ptr=dtype, stats_in_ptr=torch.float32, slices_in=48, eps=1e-5, stats_out_ptr=torch.float32,
+                  flag_ptr=torch.uint8)
+    flags = dict(BIAS=False, GELU=False, RESIDUAL=False, QKV=False, NORM=False, STATS=False, FLAG=False, SLICES=64,
+                 PRECISION="tf32", BLOCK_M=16)
+    products = {"q/k/v (+ layer norm, cache write)": (3 * hidden, hidden, dict(BIAS=True, QKV=True, NORM=True)),
+                "attention projection (+ residual, statistics)": (hidden, hidden, dict(BIAS=True, RESIDUAL=True,
+                                                                                       STATS=True)),
+                "fc1 (+ layer norm, GELU)": (ffn, hidden, dict(BIAS=True, GELU=True, NORM=True)),
+                "fc2 (+ residual, statistics)": (hidden, ffn, dict(BIAS=True, RESIDUAL=True, STATS=True)),
+                "head (+ finiteness flag)": (vocab, hidden, dict(FLAG=True))}
+    for name, (N, K, on) in products.items():
+        for block_n, block_k, warps, stages in dk._TILINGS:
+            args = dict(common, N=N, K=K, stride_x=K, stride_w=K, stride_y=N)
+            constexprs = dict(flags, **on, BLOCK_N=block_n, BLOCK_K=block_k)
+            yield f"{name}, tiling {block_n}x{block_k}", dk._linear_kernel, args, constexprs, warps, stages
+    block_q, head = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(head_dim))
+    attention = dict(q_ptr=dtype, kv_ptr=dtype, acc_ptr=torch.float32, stats_ptr=torch.float32, out_ptr=dtype,
+                     tokens=rows, heads=heads, end=length, head_dim=head_dim, scale=head_dim**-0.5, stride_q=hidden,
+                     kv_s0=heads * length * head_dim, kv_s1=heads * length * head_dim, kv_s2=length * head_dim,
+                     kv_s3=head_dim, CHUNK=dk.ATTENTION_CHUNK, splits=9)
+    for direct in (False, True):
+        yield (f"attention partials (direct {direct})", dk._attention_partial_kernel, attention,
+               dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", DIRECT=direct), 4, 3)
+    yield ("attention combine", dk._attention_combine_kernel,
+           dict(acc_ptr=torch.float32, stats_ptr=torch.float32, out_ptr=dtype, tokens=rows, heads=heads,
+                head_dim=head_dim, splits=9), dict(BLOCK_Q=block_q, HEAD=head), 4, 3)
+    yield ("layer norm", dk._layer_norm_kernel, dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, N=hidden,
+                                                     stride_x=hidden, stride_y=hidden, eps=1e-5),
+           dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)
+    yield ("sampler after the top-k", dk._sample_ranked_kernel,
+           dict(values_ptr=dtype, index_ptr=torch.int64, noise_ptr=torch.float32, out_ptr=torch.int64, k=top_k,
+                temperature=1.0, top_p=0.9, stride_v=top_k, stride_i=top_k),
+           dict(TEMPERATURE=False, TOP_P=True, BLOCK=triton.next_power_of_2(top_k)), 16, 3)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    args = parser.parse_args(argv)
+    failures = 0
+    print(f"{'kernel':<62} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}")
+    for name, kernel, kernel_args, constexprs, warps, stages in step_kernels():
+        try:
+            compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
+        except Exception as error:  # noqa: BLE001 - report every kernel
+            failures += 1
+            print(f"{name:<62} FAILED: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            continue
+        print(f"{name:<62} {warps:>5} {stages:>6} {report['registers']:>5} {report['spill_bytes']:>7} "
+              f"{compiled.metadata.shared:>7}")
+    if failures:
+        sys.exit(f"{failures} kernel(s) failed to compile for sm_{args.arch}")
+
+
+if __name__ == "__main__":
+    main()
