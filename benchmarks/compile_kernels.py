@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from modeling_nbp import decode_kernels as dk  # noqa: E402
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
-           torch.int64: "*i64"}
+           torch.int32: "*i32", torch.int64: "*i64"}
 
 
 def compile_kernel(kernel, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 3):
@@ -92,16 +92,14 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
             constexprs = dict(flags, **on, BLOCK_N=block_n, BLOCK_K=block_k)
             yield f"{name}, tiling {block_n}x{block_k}", dk._linear_kernel, args, constexprs, warps, stages
     block_q, head = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(head_dim))
-    attention = dict(q_ptr=dtype, kv_ptr=dtype, acc_ptr=torch.float32, stats_ptr=torch.float32, out_ptr=dtype,
-                     tokens=rows, heads=heads, end=length, head_dim=head_dim, scale=head_dim**-0.5, stride_q=hidden,
-                     kv_s0=heads * length * head_dim, kv_s1=heads * length * head_dim, kv_s2=length * head_dim,
-                     kv_s3=head_dim, CHUNK=dk.ATTENTION_CHUNK, splits=9)
-    for direct in (False, True):
-        yield (f"attention partials (direct {direct})", dk._attention_partial_kernel, attention,
-               dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", DIRECT=direct), 4, 3)
-    yield ("attention combine", dk._attention_combine_kernel,
-           dict(acc_ptr=torch.float32, stats_ptr=torch.float32, out_ptr=dtype, tokens=rows, heads=heads,
-                head_dim=head_dim, splits=9), dict(BLOCK_Q=block_q, HEAD=head), 4, 3)
+    attention = dict(q_ptr=dtype, kv_ptr=dtype, acc_ptr=torch.float32, stats_ptr=torch.float32,
+                     counter_ptr=torch.int32, out_ptr=dtype, tokens=rows, heads=heads, end=length, head_dim=head_dim,
+                     scale=head_dim**-0.5, stride_q=hidden, kv_s0=heads * length * head_dim,
+                     kv_s1=heads * length * head_dim, kv_s2=length * head_dim, kv_s3=head_dim, CHUNK=dk.ATTENTION_CHUNK,
+                     splits=9)
+    for split in (True, False):
+        yield (f"attention{' (split over the keys)' * split}", dk._attention_kernel, attention,
+               dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", SPLIT=split), 4, 3)
     yield ("layer norm", dk._layer_norm_kernel, dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, N=hidden,
                                                      stride_x=hidden, stride_y=hidden, eps=1e-5),
            dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)

@@ -1,10 +1,10 @@
 """Triton kernels for the static decode step at small batch (`compile_decode="triton"`).
 
 A decode step at batch 1 feeds 16 positions through 24 layers: every matrix product has 16 rows, so the step is
-bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 6 kernels instead of
+bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 5 kernels instead of
 the ~16 of the PyTorch step: the q/k/v product, whose epilogue writes the keys and values straight into the block
-cache; attention over the filled cache, split over the keys (partials, then a combine); the attention projection
-with bias and residual; fc1 with bias and exact GELU; fc2 with bias and residual. The layer norms have no kernel of
+cache; attention over the filled cache, split over the keys (the last program of a head to finish joins the
+partial sums); the attention projection with bias and residual; fc1 with bias and exact GELU; fc2 with bias and residual. The layer norms have no kernel of
 their own: a product that writes the residual stream also writes the row statistics of its column block (count,
 mean, squared deviations), and the product that reads the stream next joins them and normalises its input tiles as
 it loads them. The products read the weights once per 64 rows (meant for up to a few sequences; larger batches are
@@ -109,13 +109,15 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x,
 
 
 @triton.jit(do_not_specialize=["end"])
-def _attention_partial_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, out_ptr, tokens, heads, end, head_dim, scale,
-                              stride_q, kv_s0, kv_s1, kv_s2, kv_s3, CHUNK, splits,
-                              BLOCK_Q: tl.constexpr, BLOCK_KEYS: tl.constexpr, HEAD: tl.constexpr,
-                              PRECISION: tl.constexpr, DIRECT: tl.constexpr):
-    """Attention of one sequence's `tokens` queries of one head over the keys [split * CHUNK, +CHUNK) ∩ [0, end).
-    DIRECT (one split): the normalised output into out (B * tokens, D). Else the unnormalised float32 sums into
-    acc (B * heads, splits, BLOCK_Q, HEAD) and the running max and sum into stats (B * heads, splits, 2, BLOCK_Q)."""
+def _attention_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, counter_ptr, out_ptr, tokens, heads, end, head_dim, scale,
+                      stride_q, kv_s0, kv_s1, kv_s2, kv_s3, CHUNK, splits,
+                      BLOCK_Q: tl.constexpr, BLOCK_KEYS: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """Attention of one sequence's `tokens` queries of one head over the keys [split * CHUNK, +CHUNK) ∩ [0, end),
+    into out (B * tokens, D). SPLIT (several programs per head): each writes its unnormalised float32 sums to acc
+    (B * heads, splits, BLOCK_Q, HEAD) and its running max and sum to stats (B * heads, splits, 2, BLOCK_Q), then
+    counts itself in counter[b * heads + h]; the last one to finish joins the splits in their order (so the result
+    does not depend on which finished last) and sets the counter back to 0 for the next launch."""
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     t = tl.arange(0, BLOCK_Q)
@@ -143,38 +145,32 @@ def _attention_partial_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, out_ptr, tokens
         l_i = l_i * alpha + tl.sum(weights, axis=1)
         acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    if DIRECT:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+    out_at = out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :]
+    out_mask = t_ok[:, None] & d_ok[None, :]
+    if not SPLIT:
+        tl.store(out_at, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         part = bh * splits + split
         tl.store(acc_ptr + (part * BLOCK_Q + t)[:, None] * HEAD + d[None, :], acc)
         tl.store(stats_ptr + part * 2 * BLOCK_Q + t, m_i)
         tl.store(stats_ptr + part * 2 * BLOCK_Q + BLOCK_Q + t, l_i)
-
-
-@triton.jit
-def _attention_combine_kernel(acc_ptr, stats_ptr, out_ptr, tokens, heads, head_dim, splits,
-                              BLOCK_Q: tl.constexpr, HEAD: tl.constexpr):
-    """Join the partial softmax sums of one sequence and head: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s."""
-    bh = tl.program_id(0)
-    b, h = bh // heads, bh % heads
-    t = tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, HEAD)
-    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    for s in range(0, splits):
-        m = tl.maximum(m, tl.load(stats_ptr + (bh * splits + s) * 2 * BLOCK_Q + t))
-    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, HEAD), dtype=tl.float32)
-    for s in range(0, splits):
-        part = bh * splits + s
-        # a split lies inside [0, end), so every one has keys and a finite max
-        w = tl.exp(tl.load(stats_ptr + part * 2 * BLOCK_Q + t) - m)
-        total += w * tl.load(stats_ptr + part * 2 * BLOCK_Q + BLOCK_Q + t)
-        acc += w[:, None] * tl.load(acc_ptr + (part * BLOCK_Q + t)[:, None] * HEAD + d[None, :])
-    tl.store(out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :],
-             (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=(t < tokens)[:, None] & (d < head_dim)[None, :])
+        # release: the sums above are visible to whichever program counts last; acquire: that one sees them all
+        if tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel") == splits - 1:
+            tl.store(counter_ptr + bh, 0)
+            first = bh * splits
+            m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+            for s_ in range(0, splits):
+                m = tl.maximum(m, tl.load(stats_ptr + (first + s_) * 2 * BLOCK_Q + t, cache_modifier=".cg"))
+            total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            joined = tl.zeros((BLOCK_Q, HEAD), dtype=tl.float32)
+            for s_ in range(0, splits):
+                at = stats_ptr + (first + s_) * 2 * BLOCK_Q + t
+                # every split lies inside [0, end), so each has keys and a finite max
+                w = tl.exp(tl.load(at, cache_modifier=".cg") - m)
+                total += w * tl.load(at + BLOCK_Q, cache_modifier=".cg")
+                joined += w[:, None] * tl.load(acc_ptr + ((first + s_) * BLOCK_Q + t)[:, None] * HEAD + d[None, :],
+                                               cache_modifier=".cg")
+            tl.store(out_at, (joined / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -305,26 +301,22 @@ def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, n
 ATTENTION_CHUNK = 128  # keys per program: a 16-row step at batch 1 over ~1000 keys runs 16 heads x 8 programs
 
 
-def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float,
+              counters: torch.Tensor) -> torch.Tensor:
     """q (B * tokens, D) against the keys and values kv[:, :, :, :end] (all visible: a decode step needs no mask)
-    -> (B * tokens, D)."""
+    -> (B * tokens, D). `counters`: B * heads int32 zeros, kept between calls (the kernel leaves them at zero)."""
     _, B, heads, _, head_dim = kv.shape
     out = torch.empty_like(q)
     splits = triton.cdiv(end, ATTENTION_CHUNK)
     block_q, head = max(16, triton.next_power_of_2(tokens)), max(16, triton.next_power_of_2(head_dim))
-    direct = splits == 1
-    if direct:
-        acc = stats = out
-    else:
+    acc = stats = out  # not read with one split
+    if splits > 1:
         acc = torch.empty((B * heads * splits * block_q * head,), device=q.device, dtype=torch.float32)
         stats = torch.empty((B * heads * splits * 2 * block_q,), device=q.device, dtype=torch.float32)
-    _attention_partial_kernel[(B * heads, splits)](
-        q, kv, acc, stats, out, tokens, heads, end, head_dim, scale, q.stride(0), *kv.stride()[:4],
+    _attention_kernel[(B * heads, splits)](
+        q, kv, acc, stats, counters, out, tokens, heads, end, head_dim, scale, q.stride(0), *kv.stride()[:4],
         ATTENTION_CHUNK, splits, BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION=_precision(q.dtype),
-        DIRECT=direct, num_warps=4)
-    if not direct:
-        _attention_combine_kernel[(B * heads,)](acc, stats, out, tokens, heads, head_dim, splits, BLOCK_Q=block_q,
-                                                HEAD=head, num_warps=4)
+        SPLIT=splits > 1, num_warps=4)
     return out
 
 
@@ -345,7 +337,7 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice, nonfi
         else:
             h, fused = x, (norm.weight, norm.bias, norm.eps, stats)
         q = linear(h, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i], norm=fused)
-        o = attention(q, cache.kv[i], n, end, layer.self_attn.scaling)
+        o = attention(q, cache.kv[i], n, end, layer.self_attn.scaling, cache.split_counters)
         x, stats = linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, residual=x, stats=True)
         h = linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True, norm=(post.weight, post.bias, post.eps, stats))
         x, stats = linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, stats=True)

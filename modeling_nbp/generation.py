@@ -487,6 +487,8 @@ class BlockKVCache:
             self.kv = [torch.zeros(shape, **kw) for _ in layers]
             self.qkv_weight = [torch.empty(3 * dim, dim, **kw) for _ in layers]
             self.qkv_bias = [torch.empty(3 * dim, **kw) for _ in layers]
+            # the Triton attention's split counters (`decode_kernels.attention`), zero between launches
+            self.split_counters = torch.zeros(batch_size * heads, dtype=torch.int32, device=model.device)
 
     @torch.no_grad()
     def reset(self, model):
