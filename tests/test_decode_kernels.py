@@ -12,7 +12,7 @@ from torch.nn import functional as F
 pytest.importorskip("triton")
 
 from modeling_nbp import decode_kernels, generation  # noqa: E402
-from test_modeling_nbp import make_model  # noqa: E402
+from test_modeling_nbp import make_model, replay_graphs  # noqa: E402,F401 (a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes float32 and float16 products (not bfloat16 ones); float32 sums differ only in their order
@@ -110,6 +110,18 @@ def test_triton_decode_gives_the_reference_tokens(block, first_block, guidance):
     assert torch.equal(fast, reference)
 
 
+def test_triton_decode_replayed_from_graphs_gives_the_reference_tokens(replay_graphs):
+    # graphs stood in by re-running the recorded step on its static inputs (see test_modeling_nbp)
+    model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0)
+    reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    for call in range(2):  # captured in the first call, replayed in both
+        fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static",
+                                           compile_decode="triton", **kw)
+        assert torch.equal(fast, reference)
+    assert replay_graphs and all(graph.replays for graph in replay_graphs)
+
+
 def test_triton_decode_in_half_precision_gives_the_static_tokens():
     model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE, torch.float16)
     for sampling in (dict(top_k=20, top_p=0.9), dict(temperature=0.0, guidance_scale=2.0)):
@@ -145,7 +157,7 @@ def test_triton_decode_reports_nan_logits():
 
 
 def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
-    model = make_model()
+    model = make_model().to(DEVICE)
     with pytest.raises(ValueError, match="compile_decode needs"):
         model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode="triton")
     if not torch.cuda.is_available():
