@@ -80,18 +80,18 @@ def peak_memory_gib(device) -> float:
 
 
 def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
-                    variants=("eager", "optimized"), ntp_batches=None):
-    """Time NBP and NTP with each of `variants` (names in VARIANTS) at each batch size (NTP at `ntp_batches`,
-    default the same): a list of row dicts (NTP skips the torch.compile variants)."""
+                    variants=("eager", "optimized"), ntp_batches=None, ntp_variants=None):
+    """Time NBP with each of `variants` (names in VARIANTS) at each batch size, and NTP with each of `ntp_variants`
+    (default: `variants` but the torch.compile ones) at `ntp_batches` (default the same): a list of row dicts."""
     rows = []
+    if ntp_variants is None:
+        ntp_variants = [v for v in variants if v not in TORCH_COMPILED]
     for method, block in (("NBP", (1, 1, 16)), ("NTP", (1, 1, 1))):
         model = build(size, block, device, dtype)
         H, W = model.config.latent_shape[1:]
         steps = len(model.layout.decode_schedule(model.layout.context_tokens(2)))
-        for variant in variants:
+        for variant in variants if method == "NBP" else ntp_variants:
             kwargs = VARIANTS[variant]
-            if method == "NTP" and variant in TORCH_COMPILED:
-                continue
             for batch in batches if method == "NBP" or ntp_batches is None else ntp_batches:
                 context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
                 generator = torch.Generator(device).manual_seed(0)
