@@ -77,7 +77,7 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                   stride_r=hidden, tokens=rows, start=400, D=hidden, head_dim=head_dim, kv_s0=heads * length * head_dim,
                   kv_s1=heads * length * head_dim, kv_s2=length * head_dim, kv_s3=head_dim, ln_w_ptr=dtype,
                   ln_b_ptr=dtype, stats_in_ptr=torch.float32, slices_in=48, eps=1e-5, stats_out_ptr=torch.float32,
-                  flag_ptr=torch.uint8)
+                  flag_ptr=torch.uint8, part_ptr=torch.float32, counter_ptr=torch.int32)
     flags = dict(BIAS=False, GELU=False, RESIDUAL=False, QKV=False, NORM=False, STATS=False, FLAG=False, SLICES=64,
                  PRECISION="tf32", BLOCK_M=16)
     products = {"q/k/v (+ layer norm, cache write)": (3 * hidden, hidden, dict(BIAS=True, QKV=True, NORM=True)),
@@ -87,10 +87,11 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                 "fc2 (+ residual, statistics)": (hidden, ffn, dict(BIAS=True, RESIDUAL=True, STATS=True)),
                 "head (+ finiteness flag)": (vocab, hidden, dict(FLAG=True))}
     for name, (N, K, on) in products.items():
-        for block_n, block_k, warps, stages in dk._TILINGS:
+        for block_n, block_k, warps, stages, split_k in dk._TILINGS:
             args = dict(common, N=N, K=K, stride_x=K, stride_w=K, stride_y=N)
-            constexprs = dict(flags, **on, BLOCK_N=block_n, BLOCK_K=block_k)
-            yield f"{name}, tiling {block_n}x{block_k}", dk._linear_kernel, args, constexprs, warps, stages
+            constexprs = dict(flags, **on, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+            yield (f"{name}, tiling {block_n}x{block_k}{f' split {split_k}' * (split_k > 1)}", dk._linear_kernel,
+                   args, constexprs, warps, stages)
     block_q, head = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(head_dim))
     attention = dict(q_ptr=dtype, kv_ptr=dtype, acc_ptr=torch.float32, stats_ptr=torch.float32,
                      counter_ptr=torch.int32, out_ptr=dtype, tokens=rows, heads=heads, end=length, head_dim=head_dim,
@@ -114,15 +115,15 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     args = parser.parse_args(argv)
     failures = 0
-    print(f"{'kernel':<62} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}")
+    print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}")
     for name, kernel, kernel_args, constexprs, warps, stages in step_kernels():
         try:
             compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
         except Exception as error:  # noqa: BLE001 - report every kernel
             failures += 1
-            print(f"{name:<62} FAILED: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            print(f"{name:<70} FAILED: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             continue
-        print(f"{name:<62} {warps:>5} {stages:>6} {report['registers']:>5} {report['spill_bytes']:>7} "
+        print(f"{name:<70} {warps:>5} {stages:>6} {report['registers']:>5} {report['spill_bytes']:>7} "
               f"{compiled.metadata.shared:>7}")
     if failures:
         sys.exit(f"{failures} kernel(s) failed to compile for sm_{args.arch}")

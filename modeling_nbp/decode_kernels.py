@@ -4,11 +4,12 @@ A decode step at batch 1 feeds 16 positions through 24 layers: every matrix prod
 bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 5 kernels instead of
 the ~16 of the PyTorch step: the q/k/v product, whose epilogue writes the keys and values straight into the block
 cache; attention over the filled cache, split over the keys (the last program of a head to finish joins the
-partial sums); the attention projection with bias and residual; fc1 with bias and exact GELU; fc2 with bias and residual. The layer norms have no kernel of
-their own: a product that writes the residual stream also writes the row statistics of its column block (count,
-mean, squared deviations), and the product that reads the stream next joins them and normalises its input tiles as
-it loads them. The products read the weights once per 64 rows (meant for up to a few sequences; larger batches are
-better served by cuBLAS on the default path).
+partial sums); the attention projection with bias and residual; fc1 with bias and exact GELU; fc2 with bias and
+residual. The layer norms have no kernel of their own: a product that writes the residual stream also writes the
+row statistics of its column block (count, mean, squared deviations), and the product that reads the stream next
+joins them and normalises its input tiles as it loads them. The products read the weights once per 64 rows (meant
+for up to a few sequences; larger batches are better served by cuBLAS on the default path). After the top-k, the
+sampling is one kernel per row (`sample_ranked`).
 
 The same function as the PyTorch step up to float rounding (products accumulate in float32 and the epilogue rounds
 once). Runs on CUDA, or on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is
@@ -37,44 +38,12 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_y, eps, B
     tl.store(y_ptr + row * stride_y + cols, (centered * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["start"])  # one compilation for every step
-def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x, stride_w, stride_r, stride_y,
-                   tokens, start, D, head_dim, kv_s0, kv_s1, kv_s2, kv_s3,
-                   ln_w_ptr, ln_b_ptr, stats_in_ptr, slices_in, eps, stats_out_ptr, flag_ptr,
-                   BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
-                   NORM: tl.constexpr, STATS: tl.constexpr, FLAG: tl.constexpr, SLICES: tl.constexpr,
-                   PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y = f(x) @ w.T (+ b), then GELU or + r, where f is the identity or (NORM) the layer norm of x's rows with the
-    row statistics in stats_in (slices_in, 3, M): per slice of columns its count, mean and sum of squared
-    deviations, which the product that made x wrote (STATS: this product writes those of y, one slice per program
-    column). FLAG: sets flag (one byte) when a value of y is NaN or infinite. QKV: the columns are q | k | v (D each); q goes to y (M, D), keys and values to the block cache kv
-    (2, B, heads, length, head_dim) at positions start + row % tokens."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
+@triton.jit
+def _linear_epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, kv_ptr, stride_r, stride_y, tokens, start, D, head_dim,
+                     kv_s0, kv_s1, kv_s2, kv_s3, stats_out_ptr, flag_ptr, BIAS: tl.constexpr, GELU: tl.constexpr,
+                     RESIDUAL: tl.constexpr, QKV: tl.constexpr, STATS: tl.constexpr, FLAG: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
     row_ok, col_ok = rm < M, rn < N
-    if NORM:  # join the slices' statistics (Chan et al.): mean and 1 / std of each row
-        sl = tl.arange(0, SLICES)
-        at = stats_in_ptr + sl[:, None] * 3 * M + rm[None, :]
-        ok = (sl[:, None] < slices_in) & row_ok[None, :]
-        count = tl.load(at, mask=ok, other=0.0)
-        part_mean = tl.load(at + M, mask=ok, other=0.0)
-        mean = tl.sum(count * part_mean, axis=0) / K
-        deviation = part_mean - mean[None, :]
-        m2 = tl.sum(tl.load(at + 2 * M, mask=ok, other=0.0) + count * deviation * deviation, axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # as F.layer_norm, rounded to the input's dtype before the product
-            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            h = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]).to(x.dtype)
-        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if BIAS:
         acc += tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -106,6 +75,72 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x,
         tl.store(kv_ptr + row_off[:, None] + col_off[None, :], out, mask=mask & ~is_q[None, :])
     else:
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], out, mask=mask)
+
+
+@triton.jit(do_not_specialize=["start"])  # one compilation for every step
+def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x, stride_w, stride_r, stride_y,
+                   tokens, start, D, head_dim, kv_s0, kv_s1, kv_s2, kv_s3,
+                   ln_w_ptr, ln_b_ptr, stats_in_ptr, slices_in, eps, stats_out_ptr, flag_ptr, part_ptr, counter_ptr,
+                   BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr,
+                   NORM: tl.constexpr, STATS: tl.constexpr, FLAG: tl.constexpr, SLICES: tl.constexpr,
+                   PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = f(x) @ w.T (+ b), then GELU or + r, where f is the identity or (NORM) the layer norm of x's rows with the
+    row statistics in stats_in (slices_in, 3, M): per slice of columns its count, mean and sum of squared
+    deviations, which the product that made x wrote (STATS: this product writes those of y, one slice per program
+    column). FLAG: sets flag (one byte) when a value of y is NaN or infinite. QKV: the columns are q | k | v (D
+    each); q goes to y (M, D), keys and values to the block cache kv (2, B, heads, length, head_dim) at positions
+    start + row % tokens.
+    SPLIT_K > 1: the programs of a tile share out K; each writes its float32 sums to part (tiles, SPLIT_K, BLOCK_M,
+    BLOCK_N) and counts itself in counter[tile]; the last to finish adds the parts in order (the result does not
+    depend on the timing), sets the counter back to 0 and runs the epilogue."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rm < M, rn < N
+    if NORM:  # join the slices' statistics (Chan et al.): mean and 1 / std of each row
+        sl = tl.arange(0, SLICES)
+        at = stats_in_ptr + sl[:, None] * 3 * M + rm[None, :]
+        ok = (sl[:, None] < slices_in) & row_ok[None, :]
+        count = tl.load(at, mask=ok, other=0.0)
+        part_mean = tl.load(at + M, mask=ok, other=0.0)
+        mean = tl.sum(count * part_mean, axis=0) / K
+        deviation = part_mean - mean[None, :]
+        m2 = tl.sum(tl.load(at + 2 * M, mask=ok, other=0.0) + count * deviation * deviation, axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = tl.program_id(2) * per_split
+    k_hi = tl.minimum(k_lo + per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # as F.layer_norm, rounded to the input's dtype before the product
+            g = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            h = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]).to(x.dtype)
+        w = tl.load(w_ptr + rn[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if SPLIT_K == 1:
+        _linear_epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, kv_ptr, stride_r, stride_y, tokens, start, D,
+                         head_dim, kv_s0, kv_s1, kv_s2, kv_s3, stats_out_ptr, flag_ptr, BIAS, GELU, RESIDUAL, QKV,
+                         STATS, FLAG, BLOCK_M)
+    else:
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        i, j = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+        part = part_ptr + ((tile * SPLIT_K + tl.program_id(2)) * BLOCK_M + i)[:, None] * BLOCK_N + j[None, :]
+        tl.store(part, acc)
+        # release: the part above is visible to whichever program counts last; acquire: that one sees them all
+        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.store(counter_ptr + tile, 0)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s_ in range(0, SPLIT_K):
+                total += tl.load(part_ptr + ((tile * SPLIT_K + s_) * BLOCK_M + i)[:, None] * BLOCK_N + j[None, :],
+                                 cache_modifier=".cg")
+            _linear_epilogue(total, rm, rn, M, N, b_ptr, r_ptr, y_ptr, kv_ptr, stride_r, stride_y, tokens, start, D,
+                             head_dim, kv_s0, kv_s1, kv_s2, kv_s3, stats_out_ptr, flag_ptr, BIAS, GELU, RESIDUAL, QKV,
+                             STATS, FLAG, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["end"])
@@ -227,29 +262,46 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return y
 
 
-# candidate tilings of the products, (BLOCK_N, BLOCK_K, num_warps, num_stages): for a block of 16 rows (a step at
-# batch 1) each one is compiled and timed once per shape on CUDA (`_tiling`); other row blocks, and the
-# interpreter, take the first
-_TILINGS = [(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 8, 3), (16, 128, 2, 5)]
+# candidate tilings of the products, (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): for a block of 16 rows (a
+# step at batch 1) each one is compiled and timed once per shape on CUDA (`_tiling`); other row blocks, and the
+# interpreter, take the first. Splitting K gives the narrow products (1536 columns: 48-96 column blocks) more
+# programs than the GPU has multiprocessors.
+_TILINGS = [(32, 128, 4, 4, 1), (16, 256, 4, 4, 1), (64, 128, 4, 4, 1), (32, 256, 8, 3, 1), (16, 128, 2, 5, 1),
+            (16, 256, 4, 4, 2), (32, 128, 4, 4, 4)]
 _chosen: dict = {}
+_split_counters: dict = {}  # device -> int32 zeros, one per tile of a split product (the kernel leaves them at 0)
+
+
+def _counters(device, tiles: int) -> torch.Tensor:
+    counters = _split_counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        with torch.inference_mode(False):
+            counters = _split_counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, flag, block_m):
-    block_n, block_k, warps, stages = tiling
+    block_n, block_k, warps, stages, split_k = tiling
     (M, K), N = x.shape, w.shape[0]
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split_k)
     tokens, start, D, head_dim = qkv if qkv is not None else (1, 0, N, N)
     kv_strides = kv.stride()[:4] if kv is not None else (0, 0, 0, 0)
     ln_w, ln_b, eps, stats_in = norm if norm is not None else (w, w, 0.0, w)
     slices_in = stats_in.shape[0] if norm is not None else 1
+    part = counters = y
+    if split_k > 1:
+        tiles = grid[0] * grid[1]
+        part = torch.empty((tiles * split_k * block_m * block_n,), dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, tiles)
     _linear_kernel[grid](x, w, b if b is not None else w, r if r is not None else y, y, kv if kv is not None else y,
                          M, N, K, x.stride(0), w.stride(0), r.stride(0) if r is not None else 0, y.stride(0),
                          tokens, start, D, head_dim, *kv_strides, ln_w, ln_b, stats_in, slices_in, eps,
-                         stats if stats is not None else y, flag if flag is not None else y,
+                         stats if stats is not None else y, flag if flag is not None else y, part, counters,
                          BIAS=b is not None, GELU=gelu, RESIDUAL=r is not None, QKV=qkv is not None,
                          NORM=norm is not None, STATS=stats is not None, FLAG=flag is not None,
                          SLICES=max(2, triton.next_power_of_2(slices_in)), PRECISION=_precision(x.dtype),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                         num_stages=stages)
 
 
 def _tiling(key, launch):

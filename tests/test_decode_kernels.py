@@ -12,7 +12,7 @@ from torch.nn import functional as F
 pytest.importorskip("triton")
 
 from modeling_nbp import decode_kernels, generation  # noqa: E402
-from test_modeling_nbp import make_model, replay_graphs  # noqa: E402,F401 (a fixture)
+from test_modeling_nbp import make_model, replay_graphs  # noqa: E402,F401 (replay_graphs: a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes float32 and float16 products (not bfloat16 ones); float32 sums differ only in their order
@@ -24,9 +24,18 @@ def close(actual, expected, dtype):
     assert (actual.float() - expected.float()).abs().max() <= TOLERANCE[dtype] * scale
 
 
+@pytest.fixture(params=[None, (16, 64, 4, 4, 2), (32, 32, 4, 4, 4)], ids=["default", "split 2", "split 4"])
+def tiling(request, monkeypatch):
+    """The products' tiling (the interpreter takes the first candidate): the default, or K split over 2 or 4
+    programs whose sums the last one to finish adds."""
+    if request.param is not None:
+        monkeypatch.setattr(decode_kernels, "_TILINGS", [request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", [(1, 40, 24), (16, 96, 72), (70, 200, 130)])  # 70 rows: two row blocks
-def test_linear_and_its_epilogues(dtype, M, N, K):
+def test_linear_and_its_epilogues(dtype, M, N, K, tiling):
     g = torch.Generator().manual_seed(M)
     x, w, b, r = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((M, K), (N, K), (N,), (M, N)))
     product = F.linear(x.float(), w.float(), b.float())
@@ -37,17 +46,17 @@ def test_linear_and_its_epilogues(dtype, M, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_layer_norm_inside_the_next_product(dtype):
+def test_layer_norm_inside_the_next_product(dtype, tiling):
     """A product that writes the residual stream returns its rows' statistics by column block (100 columns: four
     blocks, the last one partial); the next product normalises its input with them, as F.layer_norm then F.linear.
     The stream's mean of 10 would cost digits to a sum-of-squares variance."""
-    M, K, N = 5, 24, 100
+    M, K, N = 5, 72, 100
     g = torch.Generator().manual_seed(2)
     x, w, b, r, w2, b2, gain, shift = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in (
         (M, K), (N, K), (N,), (M, N), (40, N), (40,), (N,), (N,)))
     y, stats = decode_kernels.linear(x, w, b, residual=r + 10, stats=True)
     close(y, F.linear(x.float(), w.float(), b.float()) + (r + 10).float(), dtype)
-    assert stats.shape == (4, 3, M)
+    assert stats.shape == (-(-N // decode_kernels._TILINGS[0][0]), 3, M)  # one slice per column block
     normed = F.layer_norm(y.float(), (N,), gain.float(), shift.float(), 1e-5).to(dtype)
     out = decode_kernels.linear(y, w2, b2, norm=(gain, shift, 1e-5, stats))
     close(out, F.linear(normed.float(), w2.float(), b2.float()), dtype)
@@ -61,7 +70,7 @@ def test_layer_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype):
+def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype, tiling):
     """The q/k/v product writes keys and values at [start, start + tokens) of each sequence and head, and leaves the
     rest of the cache as it was; attention over [0, end) in one program (end <= 128) or in splits (the last program
     of a head joins them) equals SDPA. head_dim 12 is not a power of two, as the 700M model's 96."""
@@ -132,7 +141,7 @@ def test_triton_decode_in_half_precision_gives_the_static_tokens():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
-def test_the_head_product_flags_values_that_are_not_finite():
+def test_the_head_product_flags_values_that_are_not_finite(tiling):
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn((3, 24), generator=g).to(DEVICE), torch.randn((70, 24), generator=g).to(DEVICE)
     flag = torch.zeros((), dtype=torch.bool, device=DEVICE)
