@@ -69,7 +69,7 @@ def resource_usage(cubin: bytes) -> dict:
     return dict(registers=number("REG"), spill_bytes=number("LOCAL"))
 
 
-def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=16, length=1040, top_k=16000):
+def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=16, length=1280, top_k=16000):
     """(name, kernel, args, constexprs, num_warps, num_stages) of every kernel a batch-1 step of the 700M model
     launches, for each candidate tiling of the products."""
     head_dim, ffn = hidden // heads, 4 * hidden
@@ -97,7 +97,7 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                      counter_ptr=torch.int32, out_ptr=dtype, tokens=rows, heads=heads, end=length, head_dim=head_dim,
                      scale=head_dim**-0.5, stride_q=hidden, kv_s0=heads * length * head_dim,
                      kv_s1=heads * length * head_dim, kv_s2=length * head_dim, kv_s3=head_dim, CHUNK=dk.ATTENTION_CHUNK,
-                     splits=9)
+                     splits=10)
     for split in (True, False):
         yield (f"attention{' (split over the keys)' * split}", dk._attention_kernel, attention,
                dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", SPLIT=split), 4, 3)

@@ -350,7 +350,7 @@ def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, n
     return (y, out["stats"]) if stats else y
 
 
-ATTENTION_CHUNK = 128  # keys per program: a 16-row step at batch 1 over ~1000 keys runs 16 heads x 8 programs
+ATTENTION_CHUNK = 128  # keys per program: a step of the K600 setting (up to 1280 keys) runs 16 heads x up to 10
 
 
 def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float,
