@@ -101,6 +101,10 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
     for split in (True, False):
         yield (f"attention{' (split over the keys)' * split}", dk._attention_kernel, attention,
                dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", SPLIT=split), 4, 3)
+    yield ("embedding (+ row statistics)", dk._embed_kernel,
+           dict(ids_ptr=torch.int64, token_ptr=dtype, position_ptr=dtype, x_ptr=dtype, stats_ptr=torch.float32,
+                tokens=rows, start=400, M=rows, D=hidden, stride_ids_b=1280, stride_ids_t=1, stride_token=hidden,
+                stride_position=hidden), dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)
     yield ("layer norm", dk._layer_norm_kernel, dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, N=hidden,
                                                      stride_x=hidden, stride_y=hidden, eps=1e-5),
            dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)

@@ -9,7 +9,8 @@ residual. The layer norms have no kernel of their own: a product that writes the
 row statistics of its column block (count, mean, squared deviations), and the product that reads the stream next
 joins them and normalises its input tiles as it loads them. The products read the weights once per 64 rows (meant
 for up to a few sequences; larger batches are better served by cuBLAS on the default path). After the top-k, the
-sampling is one kernel per row (`sample_ranked`).
+sampling is one kernel per row (`sample_ranked`), and the step's input (token and position embeddings) one kernel
+that also writes its row statistics.
 
 The same function as the PyTorch step up to float rounding (products accumulate in float32 and the epilogue rounds
 once). Runs on CUDA, or on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, set before this module is
@@ -249,6 +250,41 @@ def sample_ranked(values: torch.Tensor, index: torch.Tensor, noise: torch.Tensor
     return out.view(values.shape[:-1])
 
 
+@triton.jit(do_not_specialize=["start"])
+def _embed_kernel(ids_ptr, token_ptr, position_ptr, x_ptr, stats_ptr, tokens, start, M, D, stride_ids_b,
+                  stride_ids_t, stride_token, stride_position, BLOCK: tl.constexpr):
+    """x[row] = token embedding of ids[b, t] + position embedding of start + t, where row = b * tokens + t (rounded
+    once, as the PyTorch sum), and its statistics for the next layer norm (one slice: stats (1, 3, M))."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < D
+    token = tl.load(ids_ptr + (row // tokens) * stride_ids_b + (row % tokens) * stride_ids_t)
+    position = start + row % tokens
+    x = (tl.load(token_ptr + token * stride_token + cols, mask=ok, other=0.0).to(tl.float32)
+         + tl.load(position_ptr + position * stride_position + cols, mask=ok, other=0.0).to(tl.float32))
+    x = x.to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + row * D + cols, x, mask=ok)
+    v = x.to(tl.float32)
+    mean = tl.sum(v, axis=0) / D
+    centered = tl.where(ok, v - mean, 0.0)
+    tl.store(stats_ptr + row, D * 1.0)
+    tl.store(stats_ptr + M + row, mean)
+    tl.store(stats_ptr + 2 * M + row, tl.sum(centered * centered, axis=0))
+
+
+def embed(ids: torch.Tensor, token_weight: torch.Tensor, position_weight: torch.Tensor, start: int):
+    """The decode step's input: ids (B, tokens) at positions [start, start + tokens) -> (x (B * tokens, D), the row
+    statistics of x for `linear(norm=...)`)."""
+    B, tokens = ids.shape
+    D = token_weight.shape[1]
+    x = token_weight.new_empty((B * tokens, D))
+    stats = x.new_empty((1, 3, B * tokens), dtype=torch.float32)
+    _embed_kernel[(B * tokens,)](ids, token_weight, position_weight, x, stats, tokens, start, B * tokens, D,
+                                 *ids.stride(), token_weight.stride(0), position_weight.stride(0),
+                                 BLOCK=triton.next_power_of_2(D))
+    return x, stats
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 models get float32 products (no TF32), as the PyTorch path computes them
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -380,22 +416,22 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice, nonfi
     end = start + n
     D = cfg.hidden_size
     head_dim = D // cfg.num_attention_heads
-    x = (m.embed_tokens(ids) + m.embed_positions.weight[start:end]).view(B * n, D)
-    stats = None  # the row statistics of x, from the product that made it (the first layer's input has none)
+    x, stats = embed(ids, m.embed_tokens.weight, m.embed_positions.weight, start)
     for i, layer in enumerate(m.layers):
         norm, post, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
-        if stats is None:
-            h, fused = layer_norm(x, norm.weight, norm.bias, norm.eps), None
-        else:
-            h, fused = x, (norm.weight, norm.bias, norm.eps, stats)
-        q = linear(h, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i], norm=fused)
+        q = linear(x, cache.qkv_weight[i], cache.qkv_bias[i], qkv=(n, start, D, head_dim), kv=cache.kv[i],
+                   norm=(norm.weight, norm.bias, norm.eps, stats))
         o = attention(q, cache.kv[i], n, end, layer.self_attn.scaling, cache.split_counters)
         x, stats = linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, residual=x, stats=True)
         h = linear(x, mlp.fc1.weight, mlp.fc1.bias, gelu=True, norm=(post.weight, post.bias, post.eps, stats))
         x, stats = linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, stats=True)
-    x = x.view(B, n, D)[:, keep].reshape(-1, D)
-    x = layer_norm(x, m.norm.weight, m.norm.bias, m.norm.eps)
     head = model.lm_head.weight
     if not cfg.sample_whole_vocabulary:
         head = head[cfg.video_token_offset : cfg.video_token_offset + cfg.video_vocab_size]
-    return linear(x, head, nonfinite=nonfinite).view(B, -1, head.shape[0])
+    final = m.norm
+    if keep.start == 0 and keep.stop == n:  # every position's logits (a block step): the norm inside the head
+        logits = linear(x, head, norm=(final.weight, final.bias, final.eps, stats), nonfinite=nonfinite)
+    else:
+        x = layer_norm(x.view(B, n, D)[:, keep].reshape(-1, D), final.weight, final.bias, final.eps)
+        logits = linear(x, head, nonfinite=nonfinite)
+    return logits.view(B, -1, head.shape[0])

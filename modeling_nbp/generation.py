@@ -274,7 +274,7 @@ class NBPGenerationMixin:
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         fast = cuda_graphs_supported(self.device)
         wants_static = use_cache and (cache_implementation == "static" or (cache_implementation is None and fast))
-        blockers = self.static_decode_blockers() if wants_static else []
+        blockers = self.static_decode_blockers(triton=compile_decode == "triton") if wants_static else []
         if cache_implementation is None:
             cache_implementation = "static" if fast and not blockers else "dynamic"
             if fast and blockers:

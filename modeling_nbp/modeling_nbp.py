@@ -341,15 +341,18 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
         return result if return_dict is not False else result.to_tuple()
 
-    def static_decode_blockers(self) -> list[str]:
+    def static_decode_blockers(self, triton: bool = False) -> list[str]:
         """What stops the static decode step (`decode_block_logits`) from computing what the forward computes: it
         calls `embed_tokens` and the final `norm` but only reads the weights of the other modules (plain
         `nn.Embedding` / `nn.LayerNorm` / `nn.Linear`), so a module of another class there (a PEFT adapter, a
         quantized layer), a forward hook on it (accelerate's `device_map` dispatch, a user's hook) or weights spread
-        over several devices would be skipped silently.
+        over several devices would be skipped silently. The Triton step (`triton`) reads those two modules' weights
+        too.
         -> one line per cause; [] when the static path is exact."""
-        called = {"model.embed_tokens", "model.norm"}
+        called = set() if triton else {"model.embed_tokens", "model.norm"}
         expected = {"model": NBPModel, "model.embed_positions": nn.Embedding, "lm_head": nn.Linear}
+        if triton:
+            expected.update({"model.embed_tokens": nn.Embedding, "model.norm": nn.LayerNorm})
         for i in range(len(self.model.layers)):
             p = f"model.layers.{i}."
             expected.update({p[:-1]: NBPDecoderLayer, p + "input_layernorm": nn.LayerNorm,

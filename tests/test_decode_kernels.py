@@ -63,6 +63,22 @@ def test_layer_norm_inside_the_next_product(dtype, tiling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embedding_and_its_row_statistics(dtype, tiling):
+    """The step's input from ids that are a slice of the sequence (not contiguous), and the layer norm of the first
+    layer from its statistics."""
+    g = torch.Generator().manual_seed(5)
+    tokens_, positions, gain, shift, w = (torch.randn(shape, generator=g).to(DEVICE, dtype)
+                                          for shape in ((50, 24), (40, 24), (24,), (24,), (30, 24)))
+    sequence = torch.randint(0, 50, (3, 20), generator=g).to(DEVICE)
+    ids, start = sequence[:, 7:11], 7
+    x, stats = decode_kernels.embed(ids, tokens_, positions, start)
+    expected = (F.embedding(ids, tokens_) + positions[start : start + 4]).reshape(12, 24)
+    assert torch.equal(x, expected)
+    normed = F.layer_norm(x.float(), (24,), gain.float(), shift.float(), 1e-5).to(dtype)
+    close(decode_kernels.linear(x, w, norm=(gain, shift, 1e-5, stats)), F.linear(normed.float(), w.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layer_norm(dtype):
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((7, 50), (50,), (50,)))
@@ -165,6 +181,19 @@ def test_triton_decode_reports_nan_logits():
         model.generate_video_tokens(**kw)
 
 
+def test_triton_decode_never_skips_hooks_on_the_embedding_or_the_final_norm():
+    # the PyTorch static step calls these two modules; the Triton one reads their weights
+    model = make_model().to(DEVICE)
+    hook = model.model.norm.register_forward_hook(lambda module, args, out: out)
+    try:
+        assert model.static_decode_blockers() == []
+        assert model.static_decode_blockers(triton=True) == ["model.norm has a forward hook"]
+        with pytest.raises(ValueError, match="model.norm has a forward hook"):
+            model.generate_video_tokens(class_labels=[0], cache_implementation="static", compile_decode="triton")
+    finally:
+        hook.remove()
+
+
 def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
     model = make_model().to(DEVICE)
     with pytest.raises(ValueError, match="compile_decode needs"):
@@ -185,5 +214,5 @@ def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = run.stdout.splitlines()[1:]
-    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4
+    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 5
     assert all(int(row.split()[-2]) == 0 for row in rows), run.stdout  # spilled bytes
