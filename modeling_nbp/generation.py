@@ -77,7 +77,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None,
                   fused=False):
     """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
-    `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run)."""
+    `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run);
+    `fused` as in `sample_tokens`."""
     if nonfinite is not None:
         nonfinite.logical_or_(~torch.isfinite(logits).all())
     if guidance_scale != 1.0:
