@@ -305,15 +305,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 _TILINGS = [(32, 128, 4, 4, 1), (16, 256, 4, 4, 1), (64, 128, 4, 4, 1), (32, 256, 8, 3, 1), (16, 128, 2, 5, 1),
             (16, 256, 4, 4, 2), (32, 128, 4, 4, 4)]
 _chosen: dict = {}
-_split_counters: dict = {}  # device -> int32 zeros, one per tile of a split product (the kernel leaves them at 0)
+# device -> int32 zeros, one per tile of a split product (the kernel leaves them at 0), largest last; none is ever
+# freed, since a CUDA graph captured with one keeps using it
+_split_counters: dict = {}
 
 
 def _counters(device, tiles: int) -> torch.Tensor:
-    counters = _split_counters.get(device)
-    if counters is None or counters.numel() < tiles:
+    kept = _split_counters.setdefault(device, [])
+    if not kept or kept[-1].numel() < tiles:
         with torch.inference_mode(False):
-            counters = _split_counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return counters
+            kept.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def _launch_linear(tiling, x, w, b, r, y, kv, qkv, gelu, norm, stats, flag, block_m):
