@@ -137,7 +137,7 @@ def test_triton_decode_gives_the_reference_tokens(block, first_block, guidance):
 
 def test_triton_decode_replayed_from_graphs_gives_the_reference_tokens(replay_graphs):
     # graphs stood in by re-running the recorded step on its static inputs (see test_modeling_nbp)
-    model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE)
+    model = make_model(block=(1, 4, 4), first_block="bov").to(DEVICE)
     kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0)
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     for call in range(2):  # captured in the first call, replayed in both
@@ -172,7 +172,7 @@ def test_the_head_product_flags_values_that_are_not_finite(tiling):
 
 def test_triton_decode_reports_nan_logits():
     # (the prefill's forward checks its logits too; the product's flag is tested above)
-    model = make_model(block=(1, 1, 4), first_block="hybrid").to(DEVICE)
+    model = make_model(block=(1, 4, 4), first_block="bov").to(DEVICE)
     kw = dict(class_labels=[0], top_k=20, cache_implementation="static", compile_decode="triton")
     model.generate_video_tokens(**kw)
     with torch.no_grad():
