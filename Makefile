@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 
 .PHONY: setup demo test bench
 
-$(BIN)/nbp: setup.py
+$(BIN)/nbp: setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

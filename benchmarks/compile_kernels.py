@@ -105,9 +105,6 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
            dict(ids_ptr=torch.int64, token_ptr=dtype, position_ptr=dtype, x_ptr=dtype, stats_ptr=torch.float32,
                 tokens=rows, start=400, M=rows, D=hidden, stride_ids_b=1280, stride_ids_t=1, stride_token=hidden,
                 stride_position=hidden), dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)
-    yield ("layer norm", dk._layer_norm_kernel, dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, N=hidden,
-                                                     stride_x=hidden, stride_y=hidden, eps=1e-5),
-           dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)
     yield ("sampler after the top-k", dk._sample_ranked_kernel,
            dict(values_ptr=dtype, index_ptr=torch.int64, noise_ptr=torch.float32, out_ptr=torch.int64, k=top_k,
                 temperature=1.0, top_p=0.9, stride_v=top_k, stride_i=top_k),

@@ -26,20 +26,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_x, stride_y, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    centered = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (centered * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _linear_epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, y_ptr, kv_ptr, stride_r, stride_y, tokens, start, D, head_dim,
                      kv_s0, kv_s1, kv_s2, kv_s3, stats_out_ptr, flag_ptr, BIAS: tl.constexpr, GELU: tl.constexpr,
                      RESIDUAL: tl.constexpr, QKV: tl.constexpr, STATS: tl.constexpr, FLAG: tl.constexpr,
@@ -290,14 +276,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """`F.layer_norm` over the last dimension of a 2-D tensor with contiguous rows."""
-    M, N = x.shape
-    y = torch.empty_like(x)
-    _layer_norm_kernel[(M,)](x, weight, bias, y, N, x.stride(0), y.stride(0), eps, BLOCK=triton.next_power_of_2(N))
-    return y
-
-
 # candidate tilings of the products, (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): for a block of 16 rows (a
 # step at batch 1) each one is compiled and timed once per shape on CUDA (`_tiling`); other row blocks, and the
 # interpreter, take the first. Splitting K gives the narrow products (1536 columns: 48-96 column blocks) more
@@ -430,10 +408,9 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice, nonfi
     head = model.lm_head.weight
     if not cfg.sample_whole_vocabulary:
         head = head[cfg.video_token_offset : cfg.video_token_offset + cfg.video_vocab_size]
-    final = m.norm
-    if keep.start == 0 and keep.stop == n:  # every position's logits (a block step): the norm inside the head
-        logits = linear(x, head, norm=(final.weight, final.bias, final.eps, stats), nonfinite=nonfinite)
-    else:
-        x = layer_norm(x.view(B, n, D)[:, keep].reshape(-1, D), final.weight, final.bias, final.eps)
-        logits = linear(x, head, nonfinite=nonfinite)
+    # the final norm inside the head's product, on the positions that give logits (all of them in a block step)
+    S = stats.shape[0]
+    x = x.view(B, n, D)[:, keep].reshape(-1, D)
+    stats = stats.view(S, 3, B, n)[..., keep].reshape(S, 3, -1)
+    logits = linear(x, head, norm=(m.norm.weight, m.norm.bias, m.norm.eps, stats), nonfinite=nonfinite)
     return logits.view(B, -1, head.shape[0])

@@ -79,13 +79,6 @@ def test_embedding_and_its_row_statistics(dtype, tiling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_layer_norm(dtype):
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((7, 50), (50,), (50,)))
-    close(decode_kernels.layer_norm(x, w, b, 1e-5), F.layer_norm(x.float(), (50,), w.float(), b.float(), 1e-5), dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype, tiling):
     """The q/k/v product writes keys and values at [start, start + tokens) of each sequence and head, and leaves the
     rest of the cache as it was; attention over [0, end) in one program (end <= 128) or in splits (the last program
@@ -170,13 +163,15 @@ def test_the_head_product_flags_values_that_are_not_finite(tiling):
         flag.zero_()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
 def test_triton_decode_reports_nan_logits():
-    # (the prefill's forward checks its logits too; the product's flag is tested above)
+    # NaN at the last position fed (the last block is only sampled): the prefill is clean, so the Triton step's head
+    # must report it
     model = make_model(block=(1, 4, 4), first_block="bov").to(DEVICE)
     kw = dict(class_labels=[0], top_k=20, cache_implementation="static", compile_decode="triton")
     model.generate_video_tokens(**kw)
     with torch.no_grad():
-        model.lm_head.weight[model.config.video_token_offset + 3] = float("nan")
+        model.model.embed_positions.weight[model.layout.sequence_length - model.config.block_size - 1] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
         model.generate_video_tokens(**kw)
 
@@ -214,5 +209,5 @@ def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = run.stdout.splitlines()[1:]
-    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 5
+    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4
     assert all(int(row.split()[-2]) == 0 for row in rows), run.stdout  # spilled bytes
