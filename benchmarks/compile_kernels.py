@@ -1,5 +1,6 @@
-"""Compile the Triton decode kernels (`modeling_nbp/decode_kernels.py`) for a GPU architecture without a GPU, with the
-specialisations that a 700M batch-1 step launches (bf16, every candidate tiling), and print each kernel's registers,
+"""Compile this project's Triton kernels for a GPU architecture without a GPU, with the specialisations that the 700M
+model launches (the decode step at batch 1, `modeling_nbp/decode_kernels.py`: bf16, every candidate tiling; the
+training loss, `modeling_nbp/loss_kernels.py`: bf16 logits of 64000 codes), and print each kernel's registers,
 spilled bytes and shared memory (cuobjdump). Catches what Triton's interpreter cannot: compile errors, spills, tilings
 that do not fit. Needs the triton package (its bundled ptxas and cuobjdump); not TRITON_INTERPRET.
 
@@ -24,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from modeling_nbp import decode_kernels as dk  # noqa: E402
+from modeling_nbp import loss_kernels  # noqa: E402
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
            torch.int32: "*i32", torch.int64: "*i64"}
@@ -111,13 +113,22 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
            dict(TEMPERATURE=False, TOP_P=True, BLOCK=triton.next_power_of_2(top_k)), 16, 3)
 
 
+def loss_kernel(dtype=torch.bfloat16, vocab=64000):
+    """The training loss's kernel for the 700M head, with and without the gradient."""
+    args = dict(x_ptr=dtype, stride_x=vocab, labels_ptr=torch.int64, loss_ptr=torch.float32, grad_ptr=dtype,
+                stride_g=vocab, scale_ptr=torch.float32, V=vocab)
+    for grad in (True, False):
+        yield (f"training loss{' (+ gradient)' * grad}", loss_kernels._cross_entropy_kernel, args,
+               dict(GRAD=grad, BLOCK=loss_kernels.BLOCK), 8, 3)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     args = parser.parse_args(argv)
     failures = 0
     print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}")
-    for name, kernel, kernel_args, constexprs, warps, stages in step_kernels():
+    for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(), *loss_kernel()):
         try:
             compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
         except Exception as error:  # noqa: BLE001 - report every kernel

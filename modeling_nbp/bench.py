@@ -11,7 +11,8 @@ max-autotune mode (Triton matrix-product kernels tried against cuBLAS; minutes o
 warm-up, taken with CUDA events on a GPU; FPS counts generated frames. Random weights.
 
 Training (--train): the same model with 1x1x16 blocks on the whole 5x16x16 grid (1264 positions), one step = forward
-with the block-causal mask (flex attention on CUDA), the chunked next-block loss, backward, AdamW (fused on CUDA);
+with the block-causal mask (flex attention on CUDA), the next-block loss (chunked, or --loss_implementation triton),
+backward, AdamW (fused on CUDA);
 bf16 autocast on CUDA, float32 on CPU; --compile runs the forward through torch.compile. FLOPs are counted as the
 training script counts them (`training/flops.py`: 6 x matrix weights + the full attention matrix).
 """
@@ -25,7 +26,8 @@ import torch
 
 from .configuration_nbp import NBPConfig
 from .generation import PAPER_SAMPLING
-from .modeling_nbp import NBPForVideoGeneration
+from .modeling_nbp import LOSS_IMPLEMENTATIONS, NBPForVideoGeneration
+from .triton_support import require_triton
 
 SIZES = {"tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4),  # smoke runs
          "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8),
@@ -132,9 +134,11 @@ def generation_ratios(rows) -> dict:
 
 
 def training_rows(size, device, batches, attn: str = "sdpa", compiled: bool = False, repeats: int = 5,
-                  gradient_checkpointing: bool = False, peak_tflops: float | None = None, log=print, inspect=None):
+                  gradient_checkpointing: bool = False, peak_tflops: float | None = None, log=print, inspect=None,
+                  loss: str = "chunked"):
     """Time training steps at each batch size: a list of row dicts (tokens/s, achieved TFLOP/s, MFU against
-    `peak_tflops` or the device's datasheet peak, peak memory; "out of memory" rows are marked).
+    `peak_tflops` or the device's datasheet peak, peak memory; "out of memory" rows are marked). `loss`: the
+    model's `loss_implementation`.
     `inspect(batch, step)`, when given, is called after each batch size's timing with its step function."""
     from .training import flops
 
@@ -142,6 +146,7 @@ def training_rows(size, device, batches, attn: str = "sdpa", compiled: bool = Fa
     model = build(size, (1, 1, 16), device, torch.float32, attn=attn).train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.loss_implementation = loss
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     cfg, n = model.config, model.layout.input_length
@@ -242,6 +247,8 @@ def main(argv=None):
     train.add_argument("--attn_implementation", choices=["flex_attention", "sdpa", "eager"],
                        default="flex_attention" if cuda else "sdpa")
     train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--loss_implementation", choices=LOSS_IMPLEMENTATIONS, default="chunked",
+                       help="the training loss: PyTorch in chunks of rows, or one Triton kernel (CUDA)")
     train.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -250,10 +257,13 @@ def main(argv=None):
     header = (f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} size={args.size} "
               f"torch={torch.__version__}")
     if args.train:
+        if args.loss_implementation == "triton":
+            require_triton(device, "--loss_implementation triton")
         rows = training_rows(args.size, device, args.train_batch, args.attn_implementation, args.compile, args.repeats,
-                             args.gradient_checkpointing, args.peak_tflops, log=progress)
+                             args.gradient_checkpointing, args.peak_tflops, log=progress, loss=args.loss_implementation)
         precision = "bf16 autocast" if device.type == "cuda" else "float32"
-        variant = " compiled" * args.compile + " gradient checkpointing" * args.gradient_checkpointing
+        variant = (" compiled" * args.compile + " gradient checkpointing" * args.gradient_checkpointing
+                   + f" loss={args.loss_implementation}")
         print(f"{header} attention={args.attn_implementation} {precision}{variant}")
         print(format_training_table(rows))
         return rows

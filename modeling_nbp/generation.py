@@ -1,8 +1,6 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
-import importlib.util
 import numbers
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -11,6 +9,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .triton_support import require_triton
 
 
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,13 +102,7 @@ def compile_mode(compile_decode, device: torch.device) -> str | None:
     if compile_decode not in DECODE_COMPILE_MODES:
         raise ValueError(f"compile_decode must be True, False or one of {DECODE_COMPILE_MODES}, got {compile_decode!r}")
     if compile_decode == "triton":
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if not (device.type == "cuda" or (device.type == "cpu" and interpreted)):
-            raise ValueError(f"compile_decode='triton' runs on a CUDA device (got {device}; on CPU only under Triton's "
-                             "interpreter, TRITON_INTERPRET=1, for testing)")
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("compile_decode='triton' needs the triton package (pip install triton; CUDA builds of "
-                             "torch bring it)")
+        require_triton(device, "compile_decode='triton'")
     return compile_decode
 
 

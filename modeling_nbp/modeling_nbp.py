@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from .configuration_nbp import NBPConfig
 from .generation import NBPGenerationMixin
 from .layout import BlockLayout
+from .triton_support import require_triton
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -206,33 +207,48 @@ class NBPModel(NBPPreTrainedModel):
         return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+# how the training loss is computed (`NBPForVideoGeneration.loss_implementation`): "chunked", PyTorch operations a
+# chunk of rows at a time; "triton", one kernel (`loss_kernels`; CUDA, or CPU under Triton's interpreter)
+LOSS_IMPLEMENTATIONS = ("chunked", "triton")
+
+
+def _chunked_cross_entropy(flat, targets, count, chunk_rows: int, with_grad: bool):
+    """The summed loss of the counted rows of `flat` (N, V), and (with_grad) its gradient divided by `count`."""
+    grad = torch.empty_like(flat) if with_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], chunk_rows):
+        x, y = flat[start : start + chunk_rows].float(), targets[start : start + chunk_rows]
+        valid = y != -100
+        log_probs = x.log_softmax(dim=-1)
+        y = torch.where(valid, y, 0)
+        picked = log_probs.gather(1, y[:, None])[:, 0]
+        total -= (picked * valid).sum()
+        if grad is not None:  # d(loss)/d(logits) = (softmax - onehot) / count on the counted rows
+            g = log_probs.exp_()
+            g[torch.arange(len(y), device=y.device), y] -= 1
+            grad[start : start + chunk_rows] = g * (valid[:, None] / count)
+    return total, grad
+
+
+class _CrossEntropy(torch.autograd.Function):
     """Cross-entropy summed over the positions whose label is not -100 and divided by `normalizer` (None: their
-    count, i.e. the mean), in float32, a chunk of rows at a time. The gradient with respect to the logits is
-    formed in the forward, in the logits' dtype, so neither a float32 copy of the logits nor their softmax is kept
-    for the backward (at batch 8 and a 64000-code head: about 5 GB)."""
+    count, i.e. the mean), in float32. The gradient with respect to the logits is formed in the forward, in the
+    logits' dtype, so neither a float32 copy of the logits nor their softmax is kept for the backward (at batch 8
+    and a 64000-code head: about 5 GB)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, chunk_rows: int, normalizer=None):
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"labels must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])} "
-                             f"(-100 = no target); got {tuple(labels.shape)}")
+    def forward(ctx, logits, labels, implementation: str, chunk_rows: int, normalizer=None):
         flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         count = (targets != -100).sum() if normalizer is None else torch.as_tensor(normalizer, device=logits.device)
         count = count.clamp(min=1)
-        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, flat.shape[0], chunk_rows):
-            x, y = flat[start : start + chunk_rows].float(), targets[start : start + chunk_rows]
-            valid = y != -100
-            log_probs = x.log_softmax(dim=-1)
-            y = torch.where(valid, y, 0)  # another negative label stays out of range: gather refuses it
-            picked = log_probs.gather(1, y[:, None])[:, 0]
-            total -= (picked * valid).sum()
-            if grad is not None:  # d(loss)/d(logits) = (softmax - onehot) / count on the counted rows
-                g = log_probs.exp_()
-                g[torch.arange(len(y), device=y.device), y] -= 1
-                grad[start : start + chunk_rows] = g * (valid[:, None] / count)
+        with_grad = ctx.needs_input_grad[0]
+        if implementation == "triton":
+            from . import loss_kernels  # imports triton
+
+            losses, grad = loss_kernels.cross_entropy_rows(flat, targets, 1.0 / count.float() if with_grad else None)
+            total = losses.sum()
+        else:
+            total, grad = _chunked_cross_entropy(flat, targets, count, chunk_rows, with_grad)
         if grad is not None:
             ctx.save_for_backward(grad)
             ctx.shape = logits.shape
@@ -241,15 +257,30 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None, None
+        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None, None, None
 
 
 def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048,
-                    num_items_in_batch=None) -> torch.Tensor:
+                    num_items_in_batch=None, implementation: str = "chunked") -> torch.Tensor:
     """Mean cross-entropy of `logits` (..., V) against `labels` (...), -100 ignored (0 when every label is); with
     `num_items_in_batch` (the labelled positions of a whole accumulated batch, as transformers' Trainer passes it)
-    the sum divided by that count instead."""
-    return _ChunkedCrossEntropy.apply(logits, labels, chunk_rows, num_items_in_batch)
+    the sum divided by that count instead. `implementation`: one of `LOSS_IMPLEMENTATIONS`."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])} "
+                         f"(-100 = no target); got {tuple(labels.shape)}")
+    vocab = logits.shape[-1]
+    outside = ((labels < 0) | (labels >= vocab)) & (labels != -100)
+    message = f"labels must lie in [0, {vocab}) or be -100 (no target)"
+    if labels.device.type == "cpu":
+        if outside.any():
+            raise ValueError(f"{message}; got {labels[outside][0].item()}")
+    else:  # no host sync: a bad label stops the process at a later kernel launch, with this message
+        torch._assert_async(~outside.any(), message)
+    if implementation == "triton":
+        require_triton(logits.device, "loss_implementation='triton'")
+    elif implementation != "chunked":
+        raise ValueError(f"implementation must be one of {LOSS_IMPLEMENTATIONS}, got {implementation!r}")
+    return _CrossEntropy.apply(logits, labels, implementation, chunk_rows, num_items_in_batch)
 
 
 # the dense parts of the static decode step, as plain functions of tensors (the same ops as the modules' forward),
@@ -297,7 +328,20 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         super().__init__(config)
         self.model = NBPModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._loss_implementation = "chunked"
         self.post_init()
+
+    @property
+    def loss_implementation(self) -> str:
+        """How `forward` computes the loss, one of `LOSS_IMPLEMENTATIONS`: "chunked" (the default) or "triton" (one
+        kernel; CUDA). Not saved with the model."""
+        return self._loss_implementation
+
+    @loss_implementation.setter
+    def loss_implementation(self, value: str):
+        if value not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"loss_implementation must be one of {LOSS_IMPLEMENTATIONS}, got {value!r}")
+        self._loss_implementation = value
 
     @property
     def layout(self) -> BlockLayout:
@@ -337,7 +381,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch)
+            loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch,
+                                   implementation=self.loss_implementation)
         result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
         return result if return_dict is not False else result.to_tuple()
 

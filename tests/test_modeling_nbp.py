@@ -738,23 +738,67 @@ def test_forward_refuses_a_preallocated_transformers_cache():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), cache=cache)
 
 
-def test_chunked_loss_equals_cross_entropy():
+@pytest.mark.parametrize("implementation", ["chunked", "triton"])  # triton: under the interpreter on CPU
+@pytest.mark.parametrize("vocab", [50, 5000])  # 5000: more than one load of the kernel, the last one partial
+def test_loss_equals_cross_entropy(implementation, vocab):
     from modeling_nbp.modeling_nbp import next_block_loss
 
     torch.manual_seed(0)
-    logits = (torch.randn(3, 37, 50) * 3).requires_grad_()
-    labels = torch.randint(0, 50, (3, 37))
+    logits = (torch.randn(3, 37, vocab) * 3).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 37))
     labels[0, :5] = labels[2, 30:] = -100
+    labels[1, 0] = vocab - 1
     reference_logits = logits.detach().clone().requires_grad_()
     reference = F.cross_entropy(reference_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     (3 * reference).backward()
-    loss = next_block_loss(logits, labels, chunk_rows=16)  # chunks that cut through rows of the batch
+    # chunks that cut through rows of the batch
+    loss = next_block_loss(logits, labels, chunk_rows=16, implementation=implementation)
     (3 * loss).backward()
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-7, rtol=1e-5)
-    assert next_block_loss(logits.detach(), torch.full_like(labels, -100)) == 0
-    # through the model: the parameters get the gradients of the plain loss
+    assert next_block_loss(logits.detach(), torch.full_like(labels, -100), implementation=implementation) == 0
+    summed = next_block_loss(logits.detach(), labels, num_items_in_batch=torch.tensor(4 * 100),
+                             implementation=implementation)
+    torch.testing.assert_close(summed, reference.detach() * int((labels != -100).sum()) / 400)
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {vocab}\) or be -100 \(no target\); got {bad}"):
+            next_block_loss(logits, labels.index_fill(1, torch.tensor([3]), bad), implementation=implementation)
+    if implementation == "chunked" and vocab == 50:
+        with pytest.raises(ValueError, match=r"implementation must be one of \('chunked', 'triton'\), got 'fused'"):
+            next_block_loss(logits, labels, implementation="fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_loss_in_half_precision_equals_the_chunked_one(dtype):
+    from modeling_nbp.modeling_nbp import next_block_loss
+
+    torch.manual_seed(1)
+    logits = (torch.randn(2, 9, 4500) * 4).to(dtype)
+    logits[0, 2, 7] = 60.0  # one dominant code: its probability rounds near 1
+    labels = torch.randint(0, 4500, (2, 9))
+    labels[0, 2], labels[1, 3] = 7, -100
+    grads = {}
+    for implementation in ("chunked", "triton"):
+        x = logits.clone().requires_grad_()
+        loss = next_block_loss(x, labels, implementation=implementation)
+        loss.backward()
+        grads[implementation] = (loss.detach(), x.grad)
+    assert grads["triton"][1].dtype == dtype
+    torch.testing.assert_close(grads["triton"][0], grads["chunked"][0], atol=1e-5, rtol=1e-5)
+    # both round the same float32 gradient once: at most one unit in the last place apart (Triton's interpreter
+    # truncates to bfloat16 where a GPU rounds to nearest)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(grads["triton"][1], grads["chunked"][1], atol=1e-6, rtol=ulp)
+    assert grads["triton"][1][1, 3].abs().max() == 0  # an ignored position gets no gradient
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "triton"])
+def test_the_model_trains_with_either_loss(implementation):
     model = make_model().eval()  # eval: no dropout, so both passes compute the same function
+    model.loss_implementation = implementation
+    with pytest.raises(ValueError, match="loss_implementation must be one of"):
+        model.loss_implementation = "liger"
+    assert model.loss_implementation == implementation
     video, classes = grid(model), torch.tensor([0, 2])
     model(video_ids=video, class_labels=classes).loss.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

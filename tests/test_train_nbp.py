@@ -470,3 +470,16 @@ def test_throughput_summary_of_a_run_too_short_to_time():
     meter.step(100)
     text = meter.describe("clips/s", 1)
     assert text.endswith(" clips/s") and float(text.split()[0]) > 0
+
+
+def test_the_triton_loss_trains_like_the_chunked_one(token_data, tmp_path, monkeypatch):
+    losses = {}
+    for loss in ("chunked", "triton"):  # triton: under the interpreter on CPU
+        summary = main(["--train_data", token_data[0], *TINY, "--max_steps", "3", "--train_batch_size", "4",
+                        "--loss_implementation", loss, "--output_dir", str(tmp_path / loss)])
+        losses[loss] = summary["train_loss"]
+    assert losses["triton"] == pytest.approx(losses["chunked"], rel=1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="--loss_implementation triton runs on a CUDA device"):
+        main(["--train_data", token_data[0], *TINY, "--max_steps", "3", "--loss_implementation", "triton",
+              "--output_dir", str(tmp_path / "refused")])

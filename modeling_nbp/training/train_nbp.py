@@ -26,9 +26,10 @@ from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
 from ..data.pretokenize import weights_digest
 from ..generation import resolve_sampling
-from ..modeling_nbp import NBPForVideoGeneration
+from ..modeling_nbp import LOSS_IMPLEMENTATIONS, NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
 from ..pipelines.pipeline_nbp_video import upload_to_hub
+from ..triton_support import require_triton
 from ..video_io import atomic_output_path, decoding_workers
 from . import common, flops
 from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn_implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
                    help="auto: flex_attention on CUDA, sdpa on CPU")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--loss_implementation", choices=LOSS_IMPLEMENTATIONS, default="chunked",
+                   help="chunked: PyTorch, a chunk of rows at a time; triton: one fused kernel (CUDA)")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer_recipe", choices=sorted(OPTIMIZER_RECIPES), default="official",
                    help="official: AdamW(0.9, 0.95) + cosine; paper: Adam(W)(0.9, 0.98) + linear decay")
@@ -374,6 +377,9 @@ def main(argv=None) -> dict:
                                   if attn == "auto" else attn)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.loss_implementation == "triton":
+        require_triton(accelerator.device, "--loss_implementation triton")
+    model.loss_implementation = args.loss_implementation
     if config.class_dropout_prob == 0 or model.layout.prefix_length == 0:
         # never used in a forward pass of this run: freezing it keeps DDP from waiting for its gradient
         model.model.uncond_embedding.requires_grad_(False)
