@@ -29,7 +29,7 @@ setup(
         "datasets>=4.0,<6",
         "huggingface_hub>=1.0,<3",
         "safetensors>=0.4",
-        "av>=12",
+        "av>=14.1",  # VideoFrame.rotation
         "numpy>=1.24",
         "pillow>=9",
         "scipy>=1.10",

@@ -179,6 +179,14 @@ def _packet_times(path: str) -> tuple[np.ndarray, float, float] | None:
     return np.sort(np.asarray(pts, dtype=np.int64)), float(time_base), rate
 
 
+def _upright_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as RGB (H, W, 3), turned as players show it: phone videos store their frames sideways with a
+    display matrix in the container, whose rotation (counter-clockwise degrees) PyAV reads from the frame."""
+    rgb = frame.to_ndarray(format="rgb24")
+    quarter_turns = round(frame.rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
+
+
 def _decode_wanted(path: str, wanted: set[int]) -> dict[int, np.ndarray] | None:
     """RGB arrays of the frames whose timestamps are in `wanted`, decoding only up to the last of them; None when
     a wanted frame does not come out of the decoder (a packet that does not decode, say)."""
@@ -187,7 +195,7 @@ def _decode_wanted(path: str, wanted: set[int]) -> dict[int, np.ndarray] | None:
         with av.open(path) as container:
             for frame in container.decode(container.streams.video[0]):
                 if frame.pts in wanted and frame.pts not in found:
-                    found[frame.pts] = frame.to_ndarray(format="rgb24")
+                    found[frame.pts] = _upright_rgb(frame)
                     if len(found) == len(wanted):
                         break
                 elif frame.pts is not None and frame.pts > last:
@@ -238,7 +246,8 @@ def read_video(
 
     The frames' timestamps are read from the container first (no decoding), then only the frames up to the last
     one returned are decoded, and only the returned ones are converted to RGB: a short clip from the start of a
-    long video costs what the clip does. Files whose packets carry no usable timestamps are decoded whole.
+    long video costs what the clip does. Files whose packets carry no usable timestamps are decoded whole. Frames
+    come out upright: a rotation in the container's display matrix (phone videos) is applied, in quarter turns.
 
     Args:
         path: the video file.
@@ -268,7 +277,7 @@ def read_video(
     frames, timestamps, native_fps = _decode_all(path)
     indices = _pick(len(frames), timestamps, native_fps, fps, select)
     try:
-        rgb = np.stack([frames[i].to_ndarray(format="rgb24") for i in indices])
+        rgb = np.stack([_upright_rgb(frames[i]) for i in indices])
     except (av.FFmpegError, ValueError) as err:
         raise VideoDecodeError(f"cannot convert frames of {path} to RGB: {err}") from err
     return rgb, float(fps if fps is not None else native_fps)

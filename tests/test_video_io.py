@@ -210,3 +210,41 @@ def test_atomic_writes_reach_the_disk_before_their_name(tmp_path, monkeypatch):
         os.makedirs(os.path.join(tmp, "sub"))
         open(os.path.join(tmp, "sub", "a"), "w").close()
     assert os.path.join(tmp, "sub", "a") in synced and synced[-1] == str(tmp_path)
+
+
+def with_display_rotation(path, out, degrees_clockwise: int) -> str:
+    """A copy of the MP4 `path` whose track header asks players to turn the frames `degrees_clockwise` (a multiple of
+    90), as phones store portrait videos: the same frames, only the tkhd matrix (16.16 fixed point) changed."""
+    import struct
+
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"tkhd") + 4
+    assert data[at] == 0  # version 0: 4-byte times
+    matrix = at + 4 + 5 * 4 + 8 + 4 * 2  # after flags, times/track id/duration, reserved, layer/group/volume
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees_clockwise]
+    data[matrix : matrix + 36] = struct.pack(">9i", cos << 16, sin << 16, 0, -sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+    with open(out, "wb") as f:
+        f.write(data)
+    return str(out)
+
+
+def test_read_video_turns_phone_videos_upright(tmp_path, monkeypatch):
+    from modeling_nbp import video_io
+
+    video = np.zeros((6, 32, 48, 3), np.uint8)
+    video[:, :8, :8] = 255  # a white corner at the top left of a landscape frame
+    path = export_to_mp4(video, tmp_path / "plain.mp4", fps=8)
+    plain, _ = read_video(path)
+    assert plain[0, :8, :8].mean() > 200 and plain[0, -8:, -8:].mean() < 50
+    assert (plain == read_video(with_display_rotation(path, tmp_path / "zero.mp4", 0))[0]).all()
+    for degrees in (90, 180, 270):
+        rotated = with_display_rotation(path, tmp_path / f"turn{degrees}.mp4", degrees)
+        expected = np.rot90(plain, k=-degrees // 90, axes=(1, 2))  # clockwise
+        frames, _ = read_video(rotated, select=lambda n: [0, n - 1])
+        np.testing.assert_array_equal(frames, expected[[0, -1]])
+        with monkeypatch.context() as m:  # the whole-file decoder turns them too
+            m.setattr(video_io, "_packet_times", lambda path: None)
+            np.testing.assert_array_equal(read_video(rotated)[0], expected)
+    # 90 clockwise: portrait, the white corner now at the top right
+    turned, _ = read_video(tmp_path / "turn90.mp4")
+    assert turned.shape[1:3] == (48, 32) and turned[0, :8, -8:].mean() > 200
