@@ -24,7 +24,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 

@@ -46,6 +46,7 @@ def _cross_entropy_kernel(x_ptr, stride_x, labels_ptr, loss_ptr, grad_ptr, strid
             tl.store(g_row + start + cols, (p * scale).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+@torch.compiler.disable  # a compiled model runs the kernel as it is (the interpreter cannot be traced)
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None):
     """Per-row losses (N,) in float32 of `logits` (N, V) against `labels` (N,) (-100: no target, loss 0), and,
     when `scale` (a 0-d float32 tensor) is given, the gradient of sum(loss) * scale with respect to the logits, in

@@ -792,6 +792,22 @@ def test_triton_loss_in_half_precision_equals_the_chunked_one(dtype):
     assert grads["triton"][1][1, 3].abs().max() == 0  # an ignored position gets no gradient
 
 
+def test_triton_loss_inside_a_compiled_function():
+    """torch.compile (as `nbp bench --train --compile` wraps the model) runs the kernel as it is, between graphs."""
+    from modeling_nbp.modeling_nbp import next_block_loss
+
+    torch.manual_seed(2)
+    logits, labels = torch.randn(2, 5, 40), torch.randint(0, 40, (2, 5))
+    grads = []
+    for loss_fn in (lambda x: next_block_loss(x.tanh() * 3, labels),
+                    torch.compile(lambda x: next_block_loss(x.tanh() * 3, labels, implementation="triton"))):
+        x = logits.clone().requires_grad_()
+        loss = loss_fn(x)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["chunked", "triton"])
 def test_the_model_trains_with_either_loss(implementation):
     model = make_model().eval()  # eval: no dropout, so both passes compute the same function
