@@ -1,7 +1,7 @@
 """A Triton kernel for the training loss: cross-entropy and its gradient in one launch (`loss_implementation="triton"`).
 
 The 700M generator's head has 64000 codes, so at batch 16 the logits are 20224 x 64000 (2.6 GB in bf16). The
-PyTorch loss (`modeling_nbp._ChunkedCrossEntropy`) makes about six float32 passes over them (cast, log-softmax,
+PyTorch loss (`modeling_nbp._chunked_cross_entropy`) makes about six float32 passes over them (cast, log-softmax,
 exp, scale, cast back); here one program per row reads its logits twice, once for the log-sum-exp and once to
 write the gradient, with nothing in between. Runs on CUDA, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`), which is how the tests check it."""
