@@ -349,7 +349,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match=r"labels must have the logits' shape"):
         model(input_ids=inputs, labels=labels[:, 1:])
     labels[0, -1] = -1  # only -100 means "no target": another negative label is refused, never read as id 0
-    with pytest.raises(RuntimeError, match="index -1 is out of bounds"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, \d+\) or be -100 \(no target\); got -1"):
         model(input_ids=inputs, labels=labels)
     low, high = model.config.condition_token_offset, model.config.condition_token_offset + 3
     with pytest.raises(ValueError, match=rf"condition_ids must lie in this model's condition range \[{low}, {high}\)"):
