@@ -757,6 +757,10 @@ def test_loss_equals_cross_entropy(implementation, vocab):
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-7, rtol=1e-5)
     assert next_block_loss(logits.detach(), torch.full_like(labels, -100), implementation=implementation) == 0
+    again = next_block_loss(logits, labels, implementation=implementation)  # its gradient is scaled in place
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="supports one backward pass"):
+        again.backward()
     summed = next_block_loss(logits.detach(), labels, num_items_in_batch=torch.tensor(4 * 100),
                              implementation=implementation)
     torch.testing.assert_close(summed, reference.detach() * int((labels != -100).sum()) / 400)
