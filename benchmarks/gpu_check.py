@@ -514,11 +514,20 @@ def main(argv=None):
                 if cuda and batch == args.train_batch[0]:
                     out[f"{name}, batch {batch}, kernel profile"] = kernel_profile(step, top=12)
 
-            for row in training_rows(args.size, device, args.train_batch, attn, compiled, repeats=5,
-                                     log=lambda row: print(row, flush=True), inspect=inspect, loss=loss):
+            def record(row, name=name):  # each row as it is measured
                 if measured and not row.get("out_of_memory"):
                     row["mfu_measured_matmul"] = row["tflops"] / measured
                 out[f"{name}, batch {row['batch']}"] = row
+                print(row, flush=True)
+
+            # a variant that fails (a new path on the GPU) keeps the rows measured so far and the other variants
+            failed = attempt(lambda: training_rows(args.size, device, args.train_batch, attn, compiled, repeats=5,
+                                                   log=record, inspect=inspect, loss=loss))
+            if isinstance(failed, str):
+                out[name] = failed
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         return out
 
     @run("cfg")
