@@ -201,7 +201,8 @@ def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
 
 def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
     """What the interpreter cannot check: the kernels of a 700M batch-1 step (bf16, every candidate tiling) and the
-    training loss's compile for sm_90 (Triton's own compiler and ptxas, no GPU needed), and no thread spills registers to local memory."""
+    training loss's kernel compile for sm_90 (Triton's own compiler and ptxas, no GPU needed), and no thread spills
+    registers to local memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     root = Path(__file__).resolve().parents[1]
