@@ -1,8 +1,9 @@
 """Compile this project's Triton kernels for a GPU architecture without a GPU, with the specialisations that the 700M
 model launches (the decode step at batch 1, `modeling_nbp/decode_kernels.py`: bf16, every candidate tiling; the
 training loss, `modeling_nbp/loss_kernels.py`: bf16 logits of 64000 codes), and print each kernel's registers,
-spilled bytes and shared memory (cuobjdump). Catches what Triton's interpreter cannot: compile errors, spills, tilings
-that do not fit. Needs the triton package (its bundled ptxas and cuobjdump); not TRITON_INTERPRET.
+spilled bytes and shared memory (cuobjdump), and, for the kernels whose programs join their parts (split products and
+attention), whether the compiled join is ordered (`join_order`). Catches what Triton's interpreter cannot: compile
+errors, spills, tilings that do not fit, a join that could read parts before they are written. Needs the triton package (its bundled ptxas and cuobjdump); not TRITON_INTERPRET.
 
     python benchmarks/compile_kernels.py                 # sm_90 (H100/H200)
     python benchmarks/compile_kernels.py --arch 80       # A100
@@ -71,6 +72,28 @@ def resource_usage(cubin: bytes) -> dict:
     return dict(registers=number("REG"), spill_bytes=number("LOCAL"))
 
 
+def join_order(ptx: str) -> str:
+    """How the PTX orders the join of a split kernel: "ok", "-" (no atomic), or what is missing. The programs of a
+    tile write their parts with every thread, then one thread counts the program in with an atomic add, and the last
+    program reads all parts. That is sound only when a CTA barrier (bar.sync) lies between the part's stores and the
+    atomic (so the one thread's release covers the other threads' stores), the atomic is acq_rel at GPU scope, and
+    the parts are read past the L1 cache (ld.global.cg)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    atoms = [i for i, line in enumerate(lines) if "atom.global" in line]
+    if not atoms:
+        return "-"
+    for i in atoms:
+        if ".acq_rel" not in lines[i] or ".gpu" not in lines[i]:
+            return f"atomic not acq_rel at GPU scope: {lines[i]}"
+        before = lines[:i]
+        last_store = max((j for j, line in enumerate(before) if "st.global" in line), default=-1)
+        if not any("bar.sync" in line for line in before[last_store + 1:]):
+            return "no bar.sync between the parts' stores and the atomic"
+    if not any("ld.global.cg" in line for line in lines[atoms[-1]:]):
+        return "the parts are not read with ld.global.cg"
+    return "ok"
+
+
 def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=16, length=1280, top_k=16000):
     """(name, kernel, args, constexprs, num_warps, num_stages) of every kernel a batch-1 step of the 700M model
     launches, for each candidate tiling of the products."""
@@ -127,7 +150,7 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     args = parser.parse_args(argv)
     failures = 0
-    print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7}")
+    print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7} join_order")
     for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(), *loss_kernel()):
         try:
             compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
@@ -135,10 +158,12 @@ def main(argv=None):
             failures += 1
             print(f"{name:<70} FAILED: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             continue
+        order = join_order(compiled.asm["ptx"])
+        failures += order not in ("ok", "-")
         print(f"{name:<70} {warps:>5} {stages:>6} {report['registers']:>5} {report['spill_bytes']:>7} "
-              f"{compiled.metadata.shared:>7}")
+              f"{compiled.metadata.shared:>7} {order}")
     if failures:
-        sys.exit(f"{failures} kernel(s) failed to compile for sm_{args.arch}")
+        sys.exit(f"{failures} kernel(s) failed to compile for sm_{args.arch} or have an unordered join")
 
 
 if __name__ == "__main__":

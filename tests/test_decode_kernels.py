@@ -211,4 +211,32 @@ def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     rows = run.stdout.splitlines()[1:]
     assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4 + 2  # + the loss, with and without its gradient
-    assert all(int(row.split()[-2]) == 0 for row in rows), run.stdout  # spilled bytes
+    assert all(int(row.split()[-3]) == 0 for row in rows), run.stdout  # spilled bytes
+    # the kernels whose programs join their parts (split products, split attention) compile to an ordered join
+    joins = [row.split()[-1] for row in rows if "split" in row]
+    assert len(joins) == 5 * sum(t[-1] > 1 for t in decode_kernels._TILINGS) + 1
+    assert set(joins) == {"ok"} and {row.split()[-1] for row in rows if "split" not in row} == {"-"}, run.stdout
+
+
+def test_join_order_flags_an_unordered_join():
+    """compile_kernels.join_order, on PTX written here: a join is ordered only with a CTA barrier between the
+    parts' stores and an acq_rel atomic, and the parts read past L1."""
+    script = """
+import sys
+sys.path.insert(0, "benchmarks")
+from compile_kernels import join_order
+store = "st.global.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };"
+atom = "@%p1 atom.global.gpu.acq_rel.add.u32 %r5, [ %rd2 + 0 ], %r6;"
+read = "ld.global.cg.v4.b32 { %r7, %r8, %r9, %r10 }, [ %rd3 + 0 ];"
+for ptx in ([store, "bar.sync 0;", atom, read], [store, atom, "bar.sync 0;", read], [store, "bar.sync 0;", atom],
+            [store, "bar.sync 0;", atom.replace("acq_rel", "relaxed"), read], [store, read]):
+    print(join_order("\\n".join(ptx)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["ok", "no bar.sync between the parts' stores and the atomic",
+                                       "the parts are not read with ld.global.cg",
+                                       "atomic not acq_rel at GPU scope: " + "@%p1 atom.global.gpu.relaxed.add.u32 "
+                                       "%r5, [ %rd2 + 0 ], %r6;", "-"]
