@@ -1,9 +1,11 @@
 """Compile this project's Triton kernels for a GPU architecture without a GPU, with the specialisations that the 700M
 model launches (the decode step at batch 1, `modeling_nbp/decode_kernels.py`: bf16, every candidate tiling; the
-training loss, `modeling_nbp/loss_kernels.py`: bf16 logits of 64000 codes), and print each kernel's registers,
-spilled bytes and shared memory (cuobjdump), and, for the kernels whose programs join their parts (split products and
-attention), whether the compiled join is ordered (`join_order`). Catches what Triton's interpreter cannot: compile
-errors, spills, tilings that do not fit, a join that could read parts before they are written. Needs the triton package (its bundled ptxas and cuobjdump); not TRITON_INTERPRET.
+training loss, `modeling_nbp/loss_kernels.py`: bf16 logits of 64000 codes) and the official tokenizer's norm kernels
+(`modeling_nbp/norm_kernels.py`), and print each kernel's registers, spilled bytes and shared memory (cuobjdump), and,
+for the kernels whose programs join their parts (split products and attention), whether the compiled join is ordered
+(`join_order`). Catches what Triton's interpreter cannot: compile errors, spills, tilings that do not fit, a join that
+could read parts before they are written. Needs the triton package (its bundled ptxas and cuobjdump); not
+TRITON_INTERPRET.
 
     python benchmarks/compile_kernels.py                 # sm_90 (H100/H200)
     python benchmarks/compile_kernels.py --arch 80       # A100
@@ -26,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from modeling_nbp import decode_kernels as dk  # noqa: E402
-from modeling_nbp import loss_kernels  # noqa: E402
+from modeling_nbp import loss_kernels, norm_kernels  # noqa: E402
 
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
            torch.int32: "*i32", torch.int64: "*i64"}
@@ -145,13 +147,25 @@ def loss_kernel(dtype=torch.bfloat16, vocab=64000):
                dict(GRAD=grad, BLOCK=loss_kernels.BLOCK), 8, 3)
 
 
+def tokenizer_kernels(dtype=torch.bfloat16, channels=128, frames=17, size=128, group_size=4):
+    """The tokenizer's norm kernels at the official decoder's widest level (128 channels, 17 frames of 128x128,
+    padded for a 3x3x3 causal conv)."""
+    yield ("tokenizer group statistics", norm_kernels._group_stats_kernel,
+           dict(x_ptr=dtype, stats_ptr=torch.float32, T=frames, HW=size * size, group_size=group_size, eps=1e-6),
+           dict(BLOCK=norm_kernels.BLOCK), 4, 3)
+    yield ("tokenizer norm + Swish + padding", norm_kernels._norm_swish_pad_kernel,
+           dict(x_ptr=dtype, stats_ptr=torch.float32, weight_ptr=dtype, bias_ptr=dtype, beta_ptr=dtype, out_ptr=dtype,
+                C=channels, T=frames, H=size, W=size, T_out=frames + 2, H_out=size + 2, W_out=size + 2,
+                group_size=group_size, PAD_T=2, PAD_H=1, PAD_W=1), dict(BLOCK=norm_kernels.BLOCK), 4, 3)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     args = parser.parse_args(argv)
     failures = 0
     print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7} join_order")
-    for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(), *loss_kernel()):
+    for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(), *loss_kernel(), *tokenizer_kernels()):
         try:
             compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
         except Exception as error:  # noqa: BLE001 - report every kernel

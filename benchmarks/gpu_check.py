@@ -18,7 +18,8 @@ a section that would start after --time_budget seconds is skipped, so the run en
    batch 1 and the large batch (and the Triton step at batch 1), by kind of kernel and the top kernels; the
    sampler alone per video (48 steps).
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
-   tokenizer's encode and decode timed alone too; Triton, channels-last, overlapped and compiled variants.
+   tokenizer's encode and decode timed alone too (with PyTorch's norms and with the Triton ones, checked against
+   each other); the Triton decode step, the Triton norms, both, and overlapped decoding.
 6. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
    --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
    sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
@@ -64,14 +65,22 @@ KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "flex")),
                 ("layer norm", ("layer_norm",)),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("copies", ("copy", "index", "cat", "memcpy", "memset")))
+# the same for the video tokenizer (convolutions, group norms with their Swish, replicate padding)
+TOKENIZER_KERNEL_KINDS = (("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
+                          ("copies", ("copy", "cat", "memcpy", "memset", "index")),
+                          ("convolutions", ("convolve", "fprop", "xmma", "implicit", "cudnn", "nvjet", "gemm",
+                                            "cutlass", "conv2d", "conv3d")),
+                          ("group norm (Triton: + Swish, padding)", ("moments", "group_norm", "groupnorm",
+                                                                     "_group_stats", "_norm_swish")),
+                          ("replicate padding", ("replication", "pad")))
 
 
-def kernel_kind(name: str) -> str:
+def kernel_kind(name: str, kinds=KERNEL_KINDS) -> str:
     name = name.lower()
-    return next((kind for kind, parts in KERNEL_KINDS if any(p in name for p in parts)), "other elementwise")
+    return next((kind for kind, parts in kinds if any(p in name for p in parts)), "other elementwise")
 
 
-def kernel_profile(fn, top: int = 20) -> dict:
+def kernel_profile(fn, top: int = 20, kinds=KERNEL_KINDS) -> dict:
     """GPU kernel time of one `fn()` (run once before, as a warm-up): total, launches, by kind, the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -80,12 +89,13 @@ def kernel_profile(fn, top: int = 20) -> dict:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kinds = {}
+    by_kind = {}
     for e in events:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.device_time_total / 1000  # us -> ms
+        kind = kernel_kind(e.key, kinds)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 1000  # us -> ms
     return {"kernel ms": sum(e.device_time_total for e in events) / 1000,
             "kernel launches": sum(e.count for e in events if e.device_time_total > 0),  # not the runtime API calls
-            "ms by kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "ms by kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top": [(e.key[:60], round(e.device_time_total / 1000, 2), e.count)
                     for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
 
@@ -440,27 +450,47 @@ def main(argv=None):
             out["encode 5 frames ms"] = 1000 * timed(lambda: tok.encode(video.to(bf16).transpose(1, 2)), device,
                                                       args.repeats)
             out["decode 17 frames ms"] = 1000 * timed(lambda: tok.decode(ids), device, args.repeats)
+            if cuda:
+                out["decode 17 frames, kernel profile"] = attempt(lambda: kernel_profile(
+                    lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
         reset_peak_memory(device)
         seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), **PAPER_SAMPLING), device,
                         args.repeats)
         out.update({"end-to-end ms per video": 1000 * seconds, "generated FPS": GENERATED_FRAMES / seconds,
                     "peak_gib": peak_memory_gib(device)})
-        if triton:
-            out["end-to-end ms per video, compile_decode=triton"] = attempt(lambda: 1000 * timed(
-                lambda: pipe(video=video, output_type="pt", generator=gen(4), compile_decode="triton",
-                             **PAPER_SAMPLING), device, args.repeats))
-        if cuda:  # candidates: channels-last 3D convolutions, decoding beside generation, compiled decode step
-            tok = tok.to(memory_format=torch.channels_last_3d)
-            with torch.no_grad():
-                out["decode 17 frames ms, channels_last_3d"] = 1000 * timed(lambda: tok.decode(ids), device,
+        if triton:  # the Triton decode step, the tokenizer's Triton norms (checked against PyTorch's), and both
+            def tokenizer_with_triton_norms():
+                with torch.no_grad():
+                    pixels, context_ids = tok.decode(ids), tok.encode(video.to(bf16).transpose(1, 2))
+                    tok.norm_implementation = "triton"
+                    out["triton norms: decode max abs difference, encode ids equal"] = [
+                        float((tok.decode(ids) - pixels).abs().max()),
+                        float((tok.encode(video.to(bf16).transpose(1, 2)) == context_ids).float().mean())]
+                    out["encode 5 frames ms, triton norms"] = 1000 * timed(
+                        lambda: tok.encode(video.to(bf16).transpose(1, 2)), device, args.repeats)
+                    out["decode 17 frames ms, triton norms"] = 1000 * timed(lambda: tok.decode(ids), device,
                                                                             args.repeats)
-            for name, options in (("channels_last_3d", {}),
-                                  ("channels_last_3d + overlap_decode", dict(overlap_decode=True)),
-                                  ("channels_last_3d + overlap_decode + compile_decode",
-                                   dict(overlap_decode=True, compile_decode=True))):
-                seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), **options,
-                                             **PAPER_SAMPLING), device, args.repeats)
-                out[f"end-to-end ms per video, {name}"] = 1000 * seconds
+                    if cuda:
+                        out["decode 17 frames, kernel profile, triton norms"] = attempt(lambda: kernel_profile(
+                            lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
+
+            def end_to_end(**options):
+                return attempt(lambda: 1000 * timed(lambda: pipe(video=video, output_type="pt", generator=gen(4),
+                                                                 **options, **PAPER_SAMPLING), device, args.repeats))
+
+            triton_step = dict(compile_decode="triton", cache_implementation="static")  # static: CUDA's default
+            out["end-to-end ms per video, compile_decode=triton"] = end_to_end(**triton_step)
+            failed = attempt(tokenizer_with_triton_norms)
+            if failed is None:
+                out["end-to-end ms per video, triton norms"] = end_to_end()
+                out["end-to-end ms per video, compile_decode=triton + triton norms"] = end_to_end(**triton_step)
+            else:
+                out["triton norms"] = failed
+            tok.norm_implementation = "torch"
+        if cuda:  # decoding beside generation (channels-last 3D and a compiled step were slower in run 3: not rerun)
+            seconds = timed(lambda: pipe(video=video, output_type="pt", generator=gen(4), overlap_decode=True,
+                                         **PAPER_SAMPLING), device, args.repeats)
+            out["end-to-end ms per video, overlap_decode"] = 1000 * seconds
             a = pipe(video=video, output_type="pt", generator=gen(7), **PAPER_SAMPLING).frames
             b = pipe(video=video, output_type="pt", generator=gen(7), overlap_decode=True, **PAPER_SAMPLING).frames
             out["overlap_decode vs full decode, max abs difference"] = float((a - b).abs().max())

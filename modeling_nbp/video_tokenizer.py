@@ -30,11 +30,17 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .fsq import FSQ
+from .triton_support import require_triton
 
 logger = logging.getLogger(__name__)
 
 # Float rounding may take [0, 1] pixels this far outside the range (the FVD and PSNR checks use the same).
 _RANGE_TOLERANCE = 1e-3
+
+# how the tokenizer computes each norm, Swish and conv padding (`NBPVideoTokenizer.norm_implementation`): "torch",
+# PyTorch's modules one after another; "triton", two kernels (`norm_kernels`; CUDA, or CPU under Triton's
+# interpreter), used where no gradient is recorded
+NORM_IMPLEMENTATIONS = ("torch", "triton")
 
 
 def depth_to_space(x: torch.Tensor, time_factor: int, space_factor: int) -> torch.Tensor:
@@ -98,6 +104,18 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
+def _norm_act_conv(norm: "FrameGroupNorm", act: "Swish", conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """conv(act(norm(x))); fused: the norm, the activation and the conv's padding in Triton kernels."""
+    if not fused:
+        return conv(act(norm(x)))
+    from . import norm_kernels  # imports triton
+
+    causal = isinstance(conv, CausalConv3d)
+    h = norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta,
+                                      conv.padding if causal else (0,) * 6)
+    return (conv.conv if causal else conv)(h)
+
+
 class ResidualUnit(nn.Module):
     """Pre-norm residual unit: [GroupNorm, Swish, conv 3x3x3, GroupNorm, Swish, conv 3x3x3] + shortcut.
 
@@ -120,8 +138,11 @@ class ResidualUnit(nn.Module):
         else:
             self.residual_fn = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) + self.residual_fn(x)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused: norms, activations and paddings in Triton kernels (`NBPVideoTokenizer.norm_implementation`)."""
+        norm1, act1, conv1, norm2, act2, conv2 = self.fn
+        h = _norm_act_conv(norm2, act2, conv2, _norm_act_conv(norm1, act1, conv1, x, fused), fused)
+        return h + self.residual_fn(x)
 
 
 class CausalDepthToSpace(nn.Module):
@@ -233,6 +254,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._patch_size = patch_size
         self._in_channels = in_channels
         self.gradient_checkpointing = False
+        self._norm_implementation = "torch"
 
         latent_dim = self.quantizer.dim
         pixel_channels = in_channels * patch_size * patch_size
@@ -260,6 +282,20 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
                 decoder += [CausalConv3d(width, width * t * s * s), CausalDepthToSpace(t, s)]
         decoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), CausalConv3d(width, pixel_channels)]
         self.decoder_layers = nn.ModuleList(decoder)
+
+    @property
+    def norm_implementation(self) -> str:
+        """How encode and decode compute each group norm, Swish and conv padding, one of `NORM_IMPLEMENTATIONS`:
+        "torch" (the default) or "triton" (two kernels instead of about seven passes over the activation; CUDA; used
+        where no gradient is recorded: under `torch.no_grad()`, as in the pipeline, `encode` and
+        `incremental_decoder()`; training keeps PyTorch's modules). Not saved with the model."""
+        return self._norm_implementation
+
+    @norm_implementation.setter
+    def norm_implementation(self, value: str):
+        if value not in NORM_IMPLEMENTATIONS:
+            raise ValueError(f"norm_implementation must be one of {NORM_IMPLEMENTATIONS}, got {value!r}")
+        self._norm_implementation = value
 
     # ----------------------------------------------------------------------------------------- geometry
     @property
@@ -379,13 +415,20 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     # -------------------------------------------------------------------------------- encoder/decoder
     def _run_layers(self, layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """Both layer lists end with norm, Swish and a conv, which run together (`_norm_act_conv`)."""
         checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in layers:
+        fused = self._norm_implementation == "triton" and not torch.is_grad_enabled()
+        if fused:
+            require_triton(x.device, "norm_implementation='triton'")
+        *body, norm, act, conv = layers
+        for layer in body:
             if checkpoint and isinstance(layer, ResidualUnit):
                 x = self._gradient_checkpointing_func(layer, x)
+            elif isinstance(layer, ResidualUnit):
+                x = layer(x, fused)
             else:
                 x = layer(x)
-        return x
+        return _norm_act_conv(norm, act, conv, x, fused)
 
     def _encode_latents(self, video: torch.Tensor) -> torch.Tensor:
         x = video.to(self.dtype)
@@ -485,6 +528,12 @@ class IncrementalDecoder:
         self.tokenizer, self.decode_batch_size = tokenizer, decode_batch_size
         self.states, self.batch_size, self.grid = None, None, None
 
+    @property
+    def fused(self) -> bool:
+        """Norms, activations and paddings in Triton kernels (the tokenizer's `norm_implementation`, read at each
+        chunk: the frames kept between chunks are the same either way)."""
+        return self.tokenizer.norm_implementation == "triton"
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """ids (B, k, H', W') of the next k latent frames -> their pixel frames (B, C, f, H, W) in [0, 1]:
@@ -507,13 +556,17 @@ class IncrementalDecoder:
             return torch.empty(ids.shape[0], tok._in_channels, 0, ids.shape[2] * sc, ids.shape[3] * sc,
                                dtype=tok.dtype, device=ids.device)
         chunks = ids.split(self.decode_batch_size) if self.decode_batch_size else (ids,)
+        if self.fused:
+            require_triton(ids.device, "norm_implementation='triton'")
         if self.states is None:
             self.batch_size, self.grid, self.states = ids.shape[0], tuple(ids.shape[2:]), [{} for _ in chunks]
         videos = []
         for chunk, state in zip(chunks, self.states):
             x = tok.indices_to_codes(chunk, validate=False).to(tok.dtype)
-            for layer in tok.decoder_layers:
+            *body, norm, act, conv = tok.decoder_layers
+            for layer in body:
                 x = self._layer(layer, x, state)
+            x = self._norm_act_conv(norm, act, conv, x, state)
             if tok._patch_size > 1:
                 x = depth_to_space(x, 1, tok._patch_size)
             videos.append(x.clamp(0, 1))
@@ -521,22 +574,39 @@ class IncrementalDecoder:
 
     def _layer(self, layer: nn.Module, x: torch.Tensor, state: dict) -> torch.Tensor:
         if isinstance(layer, ResidualUnit):
-            h = x
-            for sub in layer.fn:
-                h = self._layer(sub, h, state)
+            norm1, act1, conv1, norm2, act2, conv2 = layer.fn
+            h = self._norm_act_conv(norm2, act2, conv2, self._norm_act_conv(norm1, act1, conv1, x, state), state)
             shortcut = x if isinstance(layer.residual_fn, nn.Identity) else self._layer(layer.residual_fn[0], x, state)
             return h + shortcut
         if isinstance(layer, CausalConv3d) and layer.padding[4]:
-            # the frames before this chunk that the temporal kernel reaches: the previous chunks' last ones, or
-            # copies of the first frame at the start (the replicate padding of the full decode)
-            front = layer.padding[4]
-            past = state[layer] if layer in state else x[:, :, :1].expand(-1, -1, front, -1, -1)
-            x = torch.cat([past, x], dim=2)
-            state[layer] = x[:, :, -front:].clone()  # not a view: it would keep the whole chunk alive
-            return layer.conv(F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"))
+            return self._causal_conv(layer, F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"), state)
         if isinstance(layer, CausalDepthToSpace):
             y = depth_to_space(x, layer.time_factor, layer.space_factor)
             first = layer not in state
             state[layer] = True
             return y[:, :, layer.time_factor - 1:] if first else y
         return layer(x)
+
+    def _norm_act_conv(self, norm: FrameGroupNorm, act: Swish, conv: nn.Module, x: torch.Tensor,
+                       state: dict) -> torch.Tensor:
+        """`_norm_act_conv` of the full decode for this chunk: a causal conv takes its past frames from `state`."""
+        if not (isinstance(conv, CausalConv3d) and conv.padding[4]):
+            return _norm_act_conv(norm, act, conv, x, self.fused)
+        space = conv.padding[:4] + (0, 0)
+        if self.fused:
+            from . import norm_kernels  # imports triton
+
+            x = norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, space)
+        else:
+            x = F.pad(act(norm(x)), space, mode="replicate")
+        return self._causal_conv(conv, x, state)
+
+    @staticmethod
+    def _causal_conv(conv: CausalConv3d, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """conv of a chunk `x` already padded in space, after the frames before it that the temporal kernel reaches:
+        the previous chunks' last ones, or copies of the first frame at the start (the full decode's padding)."""
+        front = conv.padding[4]
+        past = state[conv] if conv in state else x[:, :, :1].expand(-1, -1, front, -1, -1)
+        x = torch.cat([past, x], dim=2)
+        state[conv] = x[:, :, -front:].clone()  # not a view: it would keep the whole chunk alive
+        return conv.conv(x)

@@ -201,7 +201,7 @@ def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
 
 def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
     """What the interpreter cannot check: the kernels of a 700M batch-1 step (bf16, every candidate tiling) and the
-    training loss's kernel compile for sm_90 (Triton's own compiler and ptxas, no GPU needed), and no thread spills
+    training loss's and the tokenizer's norm kernels compile for sm_90 (Triton's own compiler and ptxas, no GPU needed), and no thread spills
     registers to local memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
@@ -210,7 +210,8 @@ def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = run.stdout.splitlines()[1:]
-    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4 + 2  # + the loss, with and without its gradient
+    # + the loss, with and without its gradient, + the tokenizer's two norm kernels
+    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4 + 2 + 2
     assert all(int(row.split()[-3]) == 0 for row in rows), run.stdout  # spilled bytes
     # the kernels whose programs join their parts (split products, split attention) compile to an ordered join
     joins = [row.split()[-1] for row in rows if "split" in row]
