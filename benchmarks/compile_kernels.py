@@ -147,16 +147,24 @@ def loss_kernel(dtype=torch.bfloat16, vocab=64000):
                dict(GRAD=grad, BLOCK=loss_kernels.BLOCK), 8, 3)
 
 
-def tokenizer_kernels(dtype=torch.bfloat16, channels=128, frames=17, size=128, group_size=4):
+def tokenizer_kernels(dtype=torch.bfloat16, channels=128, frames=17, size=128, groups=32):
     """The tokenizer's norm kernels at the official decoder's widest level (128 channels, 17 frames of 128x128,
-    padded for a 3x3x3 causal conv)."""
-    yield ("tokenizer group statistics", norm_kernels._group_stats_kernel,
-           dict(x_ptr=dtype, stats_ptr=torch.float32, T=frames, HW=size * size, group_size=group_size, eps=1e-6),
-           dict(BLOCK=norm_kernels.BLOCK), 4, 3)
-    yield ("tokenizer norm + Swish + padding", norm_kernels._norm_swish_pad_kernel,
-           dict(x_ptr=dtype, stats_ptr=torch.float32, weight_ptr=dtype, bias_ptr=dtype, beta_ptr=dtype, out_ptr=dtype,
-                C=channels, T=frames, H=size, W=size, T_out=frames + 2, H_out=size + 2, W_out=size + 2,
-                group_size=group_size, PAD_T=2, PAD_H=1, PAD_W=1), dict(BLOCK=norm_kernels.BLOCK), 4, 3)
+    padded for a 3x3x3 causal conv), in both memory layouts."""
+    for channels_last in (False, True):
+        s_c, s_hw = (1, channels) if channels_last else (frames * size * size, 1)
+        strides = dict(s_b=channels * frames * size * size, s_c=s_c,
+                       s_t=size * size * (channels if channels_last else 1))
+        name = ", channels-last" if channels_last else ""
+        yield (f"tokenizer group statistics{name}", norm_kernels._group_stats_kernel,
+               dict(x_ptr=dtype, stats_ptr=torch.float32, T=frames, HW=size * size, groups=groups,
+                    group_size=channels // groups, **strides, s_hw=s_hw, eps=1e-6),
+               dict(CHANNELS_LAST=channels_last, BLOCK=norm_kernels.BLOCK), 4, 3)
+        yield (f"tokenizer norm + Swish + padding{name}", norm_kernels._norm_swish_pad_kernel,
+               dict(x_ptr=dtype, stats_ptr=torch.float32, weight_ptr=dtype, bias_ptr=dtype, beta_ptr=dtype,
+                    out_ptr=dtype, C=channels, T=frames, H=size, W=size, T_out=frames + 2, H_out=size + 2,
+                    W_out=size + 2, groups=groups, group_size=channels // groups, **strides, s_h=size * s_hw,
+                    s_w=s_hw, PAD_T=2, PAD_H=1, PAD_W=1),
+               dict(CHANNELS_LAST=channels_last, BLOCK=norm_kernels.BLOCK), 4, 3)
 
 
 def main(argv=None):

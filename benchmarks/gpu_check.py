@@ -453,6 +453,17 @@ def main(argv=None):
             if cuda:
                 out["decode 17 frames, kernel profile"] = attempt(lambda: kernel_profile(
                     lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
+                # the widest level's 3x3x3 conv alone (padded input of 17 frames), in the layout the tokenizer uses
+                # and channels-last: TFLOP/s of each, to see what the convolutions could gain from the layout
+                width, size = tok.config.block_out_channels[0], H * s
+                conv = torch.nn.Conv3d(width, width, 3, device=device, dtype=bf16)
+                x = torch.randn(1, width, 19, size + 2, size + 2, device=device, dtype=bf16)
+                flop = 2 * width * width * 27 * 17 * size * size
+                for name, layout in (("contiguous", torch.contiguous_format), ("channels_last_3d",
+                                                                                torch.channels_last_3d)):
+                    c, xs = conv.to(memory_format=layout), x.to(memory_format=layout)
+                    out[f"widest 3x3x3 conv TFLOP/s, {name}"] = attempt(
+                        lambda: flop / timed(lambda: c(xs), device, args.repeats) / 1e12)
                 # every figure here uses cuDNN's autotuning of the convolutions (set by this script); without it:
                 torch.backends.cudnn.benchmark = False
                 try:
@@ -480,6 +491,19 @@ def main(argv=None):
                     if cuda:
                         out["decode 17 frames, kernel profile, triton norms"] = attempt(lambda: kernel_profile(
                             lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
+                        # channels-last weights: the convolutions' activations stay channels-last, norms included
+                        tok.to(memory_format=torch.channels_last_3d)
+                        try:
+                            out["triton norms + channels_last_3d: decode max abs difference"] = float(
+                                (tok.decode(ids) - pixels).abs().max())
+                            for name, fn in (("encode 5 frames", lambda: tok.encode(video.to(bf16).transpose(1, 2))),
+                                             ("decode 17 frames", lambda: tok.decode(ids))):
+                                out[f"{name} ms, triton norms + channels_last_3d"] = 1000 * timed(fn, device,
+                                                                                                args.repeats)
+                            out["decode 17 frames, kernel profile, triton norms + channels_last_3d"] = attempt(
+                                lambda: kernel_profile(lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
+                        finally:
+                            tok.to(memory_format=torch.contiguous_format)
 
             def end_to_end(**options):
                 return attempt(lambda: 1000 * timed(lambda: pipe(video=video, output_type="pt", generator=gen(4),

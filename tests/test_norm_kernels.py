@@ -31,7 +31,7 @@ def kernel_calls(monkeypatch):
     """Counts the calls of `norm_kernels.group_norm_swish`, so that a test of equal outputs knows the kernels ran."""
     calls = []
     run = norm_kernels.group_norm_swish
-    monkeypatch.setattr(norm_kernels, "group_norm_swish", lambda *args: calls.append(args[0].shape) or run(*args))
+    monkeypatch.setattr(norm_kernels, "group_norm_swish", lambda *args: calls.append(args[0]) or run(*args))
     return calls
 
 
@@ -40,6 +40,8 @@ def make(config, seed=0):
     return randomise(NBPVideoTokenizer(**config).eval(), seed).to(DEVICE)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d],
+                         ids=["contiguous", "channels-last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,groups,padding", [
     ((2, 8, 3, 5, 7), 4, (1, 1, 1, 1, 2, 0)),   # conv padding; odd sizes
@@ -47,16 +49,20 @@ def make(config, seed=0):
     ((1, 16, 2, 4, 4), 16, (0, 0, 0, 0, 0, 0)),  # one channel per group, no padding (the encoder's last conv)
     ((2, 4, 2, 3, 3), 1, (1, 1, 1, 1, 0, 0)),    # one group; padding in space only (the incremental decoder)
 ])
-def test_group_norm_swish_matches_the_modules(dtype, shape, groups, padding):
+def test_group_norm_swish_matches_the_modules(dtype, shape, groups, padding, layout):
     norm, act = randomise(FrameGroupNorm(groups, shape[1])), randomise(Swish(shape[1]), seed=1)
     norm, act = norm.to(DEVICE, dtype).float(), act.to(DEVICE, dtype).float()  # parameters exact in dtype
     # an offset far from 0: a one-pass sum of squares in float32 would lose the variance (by a few percent here)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2 + 1000).to(DEVICE, dtype)
+    x = x.contiguous(memory_format=layout)
     with torch.no_grad():
-        expected = F.pad(act(norm(x.float())), padding, mode="replicate")  # float32 reference
+        # a float32 reference from a contiguous copy (PyTorch's CPU group norm of a channels-last input loses the
+        # variance at this offset: 0.08 off)
+        expected = F.pad(act(norm(x.float().contiguous())), padding, mode="replicate")
         weight, bias, beta = (p.to(dtype) for p in (norm.weight, norm.bias, act.beta))
         actual = norm_kernels.group_norm_swish(x, groups, weight, bias, norm.eps, beta, padding)
     assert actual.dtype == dtype and actual.shape == expected.shape
+    assert actual.is_contiguous(memory_format=layout)  # the input's layout (a one-channel tensor is both)
     # float32: the input's own resolution at 1000 (6e-5), scaled by 1 / std; bfloat16: one rounding of the result
     # (relative 2^-8; the interpreter truncates)
     tolerance = 1e-4 if dtype == torch.float32 else 2 ** -7
@@ -97,6 +103,22 @@ def test_incremental_decoding_with_the_kernels_matches_full_decoding(kernel_call
         chunks.append(decoder(ids[:, a:b]))
     torch.testing.assert_close(torch.cat(chunks, dim=2), full, atol=1e-5, rtol=1e-5)
     assert len(kernel_calls) == 2 * sum(isinstance(m, FrameGroupNorm) for m in tok.decoder_layers.modules())
+
+
+def test_a_channels_last_tokenizer_decodes_the_same(kernel_calls):
+    """With the weights channels-last (`tok.to(memory_format=torch.channels_last_3d)`) the video is the one the
+    contiguous modules give. On CUDA the convolutions then give channels-last activations, which the kernels keep
+    (CPU convolutions give contiguous ones: there the layouts are covered by the test of the kernels above)."""
+    tok = make(OFFICIAL_PATTERN)
+    ids = torch.randint(0, tok.codebook_size, (1, 3, 2, 2), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        expected = tok.decode(ids)
+        tok = tok.to(memory_format=torch.channels_last_3d)
+        tok.norm_implementation = "triton"
+        actual = tok.decode(ids)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    if DEVICE == "cuda":  # all but the first norm after each of the three depth-to-space layers
+        assert sum(norm_kernels._channels_last(x) for x in kernel_calls) == len(kernel_calls) - 3
 
 
 def test_training_keeps_the_torch_modules(kernel_calls):
