@@ -37,7 +37,7 @@ def _group_stats_kernel(x_ptr, stats_ptr, T, HW, groups, group_size, s_b, s_c, s
     deviations (Welford: no cross-lane work inside the loop, stable for any offset); the lanes are joined at the end
     (Chan et al.)."""
     program = tl.program_id(0)
-    t = program % T
+    t = (program % T).to(tl.int64)
     bg = program // T
     base = x_ptr + (bg // groups).to(tl.int64) * s_b + ((bg % groups) * group_size).to(tl.int64) * s_c + t * s_t
     offsets = tl.arange(0, BLOCK)
@@ -51,11 +51,13 @@ def _group_stats_kernel(x_ptr, stats_ptr, T, HW, groups, group_size, s_b, s_c, s
             v = tl.load(base + (j % group_size) * s_c + (j // group_size).to(tl.int64) * s_hw, mask=ok, other=0.0)
             count, mean, m2 = _welford(v.to(tl.float32), ok, count, mean, m2)
     else:
-        for c in range(0, group_size):
+        plane = base
+        for _ in range(0, group_size):
             for start in range(0, HW, BLOCK):
                 ok = start + offsets < HW
-                v = tl.load(base + c * s_c + (start + offsets) * s_hw, mask=ok, other=0.0)
+                v = tl.load(plane + (start + offsets) * s_hw, mask=ok, other=0.0)
                 count, mean, m2 = _welford(v.to(tl.float32), ok, count, mean, m2)
+            plane += s_c  # the next channel (a 64-bit pointer: no int32 product to overflow)
     n = tl.sum(count, axis=0)
     total_mean = tl.sum(count * mean, axis=0) / n
     spread = mean - total_mean
@@ -91,7 +93,6 @@ def _norm_swish_pad_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, beta_ptr, out
         inside = lane < W_out * C
         c = lane % C
         w = tl.minimum(tl.maximum(lane // C - PAD_W, 0), W - 1)
-        stats = stats_ptr + 2 * (((b * groups + c // group_size) * T) + t)
         end = W_out * C
     else:
         t = tl.maximum(outer % T_out - PAD_T, 0)
@@ -100,8 +101,8 @@ def _norm_swish_pad_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, beta_ptr, out
         inside = lane < H_out * W_out
         h = tl.minimum(tl.maximum(lane // W_out - PAD_H, 0), H - 1)
         w = tl.minimum(tl.maximum(lane % W_out - PAD_W, 0), W - 1)
-        stats = stats_ptr + 2 * (((b * groups + c // group_size) * T) + t)
         end = H_out * W_out
+    stats = stats_ptr + 2 * (((b * groups + c // group_size) * T) + t)
     # every index is clamped into x (lanes past the end too), so the loads need no mask
     v = tl.load(x_ptr + b * s_b + c * s_c + t * s_t + h * s_h + w * s_w).to(tl.float32)
     out = _norm_swish(v, stats, weight_ptr, bias_ptr, beta_ptr, c)
