@@ -158,7 +158,7 @@ def tokenizer_kernels(dtype=torch.bfloat16, channels=128, frames=17, size=128, g
         yield (f"tokenizer group statistics{name}", norm_kernels._group_stats_kernel,
                dict(x_ptr=dtype, stats_ptr=torch.float32, T=frames, HW=size * size, groups=groups,
                     group_size=channels // groups, **strides, s_hw=s_hw, eps=1e-6),
-               dict(CHANNELS_LAST=channels_last, BLOCK=norm_kernels.BLOCK), 4, 3)
+               dict(CHANNELS_LAST=channels_last, BLOCK=norm_kernels.STATS_BLOCK), norm_kernels.STATS_WARPS, 3)
         yield (f"tokenizer norm + Swish + padding{name}", norm_kernels._norm_swish_pad_kernel,
                dict(x_ptr=dtype, stats_ptr=torch.float32, weight_ptr=dtype, bias_ptr=dtype, beta_ptr=dtype,
                     out_ptr=dtype, C=channels, T=frames, H=size, W=size, T_out=frames + 2, H_out=size + 2,

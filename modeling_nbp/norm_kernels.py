@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # elements per load
+BLOCK = 1024  # elements per program of the normalising kernel
+# elements per load of the statistics kernel, whose few programs (one per frame and group: 544 at the official
+# decoder's widest level) each loop over their group: 4 KB per load and 8 warps keep more bytes in flight
+STATS_BLOCK, STATS_WARPS = 2048, 8
 
 
 @triton.jit
@@ -134,7 +137,8 @@ def group_norm_swish(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bia
     group_size = C // num_groups
     s_b, s_c, s_t, s_h, s_w = x.stride()
     _group_stats_kernel[(B * num_groups * T,)](x, stats, T, H * W, num_groups, group_size, s_b, s_c, s_t, s_w, eps,
-                                               CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=4)
+                                               CHANNELS_LAST=channels_last, BLOCK=STATS_BLOCK,
+                                               num_warps=STATS_WARPS)
     T_out, H_out, W_out = out.shape[2:]
     if channels_last:
         grid = (B * T_out * H_out, triton.cdiv(W_out * C, BLOCK))
