@@ -104,7 +104,7 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
-def _norm_act_conv(norm: "FrameGroupNorm", act: "Swish", conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+def _norm_act_conv(norm: FrameGroupNorm, act: Swish, conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """conv(act(norm(x))); fused: the norm, the activation and the conv's padding in Triton kernels."""
     if not fused:
         return conv(act(norm(x)))
