@@ -1,5 +1,6 @@
 """The tokenizer's Triton norm kernels (`norm_implementation="triton"`): on CUDA, or on CPU under Triton's interpreter
 (conftest sets TRITON_INTERPRET=1 there)."""
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -8,6 +9,7 @@ pytest.importorskip("triton")
 
 from modeling_nbp import norm_kernels  # noqa: E402
 from modeling_nbp.video_tokenizer import FrameGroupNorm, NBPVideoTokenizer, Swish  # noqa: E402
+from test_pipeline import tiny_pipeline  # noqa: E402
 from test_video_tokenizer import OFFICIAL_PATTERN, rand_video  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,6 +121,20 @@ def test_a_channels_last_tokenizer_decodes_the_same(kernel_calls):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     if DEVICE == "cuda":  # all but the first norm after each of the three depth-to-space layers
         assert sum(norm_kernels._channels_last(x) for x in kernel_calls) == len(kernel_calls) - 3
+
+
+def test_the_pipeline_gives_the_same_frames_with_the_kernels(kernel_calls):
+    """Frame prediction end to end (encode the context, generate, decode; also decoding while generating) with the
+    Triton norms gives the frames of PyTorch's."""
+    pipe = tiny_pipeline(mode="frames")
+    randomise(pipe.video_tokenizer)
+    context = np.random.default_rng(1).random((3, 8, 8, 3)).astype(np.float32)
+    run = lambda **kw: pipe(video=context, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).frames
+    expected = run()
+    pipe.video_tokenizer.norm_implementation = "triton"
+    torch.testing.assert_close(run(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(overlap_decode=True), expected, atol=1e-5, rtol=0)
+    assert kernel_calls
 
 
 def test_training_keeps_the_torch_modules(kernel_calls):
