@@ -117,6 +117,7 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@torch.compiler.disable  # a compiled tokenizer runs the kernels as they are (the interpreter cannot be traced)
 def group_norm_swish(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                      beta: torch.Tensor, padding: tuple = (0, 0, 0, 0, 0, 0)) -> torch.Tensor:
     """swish(group_norm(x)) of a video (B, C, T, H, W), the norm over each frame's groups of channels (as

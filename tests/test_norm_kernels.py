@@ -71,6 +71,17 @@ def test_group_norm_swish_matches_the_modules(dtype, shape, groups, padding, lay
     assert ((actual.float() - expected).abs() <= tolerance * (1 + expected.abs())).all()
 
 
+def test_group_norm_swish_inside_a_compiled_function():
+    """torch.compile runs the kernels as they are, between graphs."""
+    norm, act = randomise(FrameGroupNorm(2, 4)).to(DEVICE), randomise(Swish(4)).to(DEVICE)
+    x = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    padding = (1, 1, 1, 1, 2, 0)
+    with torch.no_grad():
+        compiled = torch.compile(lambda x: norm_kernels.group_norm_swish(x.tanh(), 2, norm.weight, norm.bias, norm.eps,
+                                                                         act.beta, padding))
+        torch.testing.assert_close(compiled(x), F.pad(act(norm(x.tanh())), padding, mode="replicate"))
+
+
 def test_group_norm_swish_rejects_padding_it_does_not_make():
     x = torch.zeros(1, 4, 2, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="symmetric in space and at the front in time"):
