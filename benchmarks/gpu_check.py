@@ -67,12 +67,12 @@ KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "flex")),
                 ("copies", ("copy", "index", "cat", "memcpy", "memset")))
 # the same for the video tokenizer (convolutions, group norms with their Swish, replicate padding)
 TOKENIZER_KERNEL_KINDS = (("layout transposes", ("nchwtonhwc", "nhwctonchw", "transpose")),
+                          ("replicate padding", ("replication",)),  # before copies: "replication" has "cat"
                           ("copies", ("copy", "cat", "memcpy", "memset", "index")),
                           ("convolutions", ("convolve", "fprop", "xmma", "implicit", "cudnn", "nvjet", "gemm",
                                             "cutlass", "conv2d", "conv3d")),
-                          ("group norm (Triton: + Swish, padding)", ("moments", "group_norm", "groupnorm",
-                                                                     "_group_stats", "_norm_swish")),
-                          ("replicate padding", ("replication", "pad")))
+                          ("group norm (Triton: + Swish, padding)", ("moments", "fusedparams", "group_norm",
+                                                                     "groupnorm", "_group_stats", "_norm_swish")))
 
 
 def kernel_kind(name: str, kinds=KERNEL_KINDS) -> str:
