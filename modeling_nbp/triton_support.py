@@ -1,4 +1,4 @@
-"""Where this project's Triton kernels (`decode_kernels`, `loss_kernels`) can run."""
+"""Where this project's Triton kernels (`decode_kernels`, `loss_kernels`, `norm_kernels`) can run."""
 
 import importlib.util
 import os

@@ -104,16 +104,21 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
-def _norm_act_conv(norm: FrameGroupNorm, act: Swish, conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """conv(act(norm(x))); fused: the norm, the activation and the conv's padding in Triton kernels."""
-    if not fused:
-        return conv(act(norm(x)))
-    from . import norm_kernels  # imports triton
+def _norm_act(norm: FrameGroupNorm, act: Swish, x: torch.Tensor, padding: tuple, fused: bool) -> torch.Tensor:
+    """act(norm(x)) padded as `F.pad(..., padding, mode="replicate")`; fused: all three in Triton kernels."""
+    if fused:
+        from . import norm_kernels  # imports triton
 
-    causal = isinstance(conv, CausalConv3d)
-    h = norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta,
-                                      conv.padding if causal else (0,) * 6)
-    return (conv.conv if causal else conv)(h)
+        return norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, padding)
+    x = act(norm(x))
+    return F.pad(x, padding, mode="replicate") if any(padding) else x
+
+
+def _norm_act_conv(norm: FrameGroupNorm, act: Swish, conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """conv(act(norm(x))), the causal conv's padding done with the norm (`_norm_act`)."""
+    if isinstance(conv, CausalConv3d):
+        return conv.conv(_norm_act(norm, act, x, conv.padding, fused))
+    return conv(_norm_act(norm, act, x, (0,) * 6, fused))
 
 
 class ResidualUnit(nn.Module):
@@ -592,14 +597,7 @@ class IncrementalDecoder:
         """`_norm_act_conv` of the full decode for this chunk: a causal conv takes its past frames from `state`."""
         if not (isinstance(conv, CausalConv3d) and conv.padding[4]):
             return _norm_act_conv(norm, act, conv, x, self.fused)
-        space = conv.padding[:4] + (0, 0)
-        if self.fused:
-            from . import norm_kernels  # imports triton
-
-            x = norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, space)
-        else:
-            x = F.pad(act(norm(x)), space, mode="replicate")
-        return self._causal_conv(conv, x, state)
+        return self._causal_conv(conv, _norm_act(norm, act, x, conv.padding[:4] + (0, 0), self.fused), state)
 
     @staticmethod
     def _causal_conv(conv: CausalConv3d, x: torch.Tensor, state: dict) -> torch.Tensor:
