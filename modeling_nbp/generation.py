@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 from transformers import GenerationConfig
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from .triton_support import require_triton
 
@@ -254,7 +254,7 @@ class NBPGenerationMixin:
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
         shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere and for models whose
         modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
-        use_cuda_graphs (default: on with a static cache on CUDA) replays each decode step from a CUDA graph
+        use_cuda_graphs (default: on with a static cache on CUDA) replays each step (the prefill too) from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
         dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
         kernels.
@@ -335,18 +335,14 @@ class NBPGenerationMixin:
             start, upto = (fed if use_cache else 0), int(positions.max()) + 1
             keep = positions - start
             plan.append((a, b, start, upto, keep.to(device), slice(int(keep[0]), int(keep[-1]) + 1)))
-            if static and start > 0 and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
+            if static and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
             fed = upto
         compile_decode = compile_mode(compile_decode, device)
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
         decoder = self.static_decoder(seq.shape[0], use_cuda_graphs, compile_decode, **sampling) if static else None
-        # the prefill (the first step) runs through the model's forward; on the static path it writes its keys and
-        # values straight into the decoder's block cache
-        cache = None
-        if use_cache:
-            cache = DynamicCache(config=cfg) if decoder is None else decoder.cache.prefill_cache()
+        cache = DynamicCache(config=cfg) if use_cache and decoder is None else None
         # set on the device by any step whose logits are not finite; read once, at the end or when the consumer stops
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         # no dropout, no class dropout: a model in training mode samples what it would in eval mode; the mode comes
@@ -381,7 +377,7 @@ class NBPGenerationMixin:
             if sampling["temperature"] > 0:
                 draw_noise = partial(_noise, (B, b - a), generator, device)
             step_drop = drop if start < layout.prefix_length else None
-            if decoder is not None and start > 0:
+            if decoder is not None:
                 tokens = decoder(self, ids, start, keep_slice, draw_noise)
             else:
                 noise = draw_noise() if draw_noise else None
@@ -409,9 +405,10 @@ class NBPGenerationMixin:
             logits = logits[..., off : off + V]
         return sample_guided(logits, noise, nonfinite=nonfinite, **sampling)
 
-    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, **sampling):
+    def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, mask=None,
+                    drop=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
-        logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite)
+        logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite, mask=mask, drop=drop)
         return sample_guided(logits, noise, fused=compiled == "triton", **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
@@ -463,8 +460,8 @@ class NBPGenerationMixin:
 # A decode step feeds one block (or one token of the hybrid start) that may see every earlier position and all of
 # its own block, so attention needs no mask: it runs over exactly the filled part of the cache. Every step of a
 # sequence therefore has its own fixed shapes, and on CUDA each one is captured once as a CUDA graph and replayed
-# in later steps and calls. The prefill (the condition prefix and context, which need the block-causal mask) runs
-# through the model's ordinary forward and is copied into the cache.
+# in later steps and calls. The prefill (the condition prefix and context) is one more step of its own shape, with
+# the layout's block-causal mask.
 
 
 class BlockKVCache:
@@ -492,30 +489,6 @@ class BlockKVCache:
             torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=w)
             torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b)
 
-    def prefill_cache(self) -> Cache:
-        """A transformers `Cache` for the model's forward whose layers keep their keys and values in these buffers."""
-        return Cache(layers=[BlockPrefillLayer(kv) for kv in self.kv])
-
-
-class BlockPrefillLayer(DynamicLayer):
-    """A cache layer that writes into one layer's buffer of a `BlockKVCache` (2, B, heads, max_len, head_dim) and
-    hands back views of its filled part: the forward of the prefill fills the block cache without a concatenation
-    or a copy afterwards."""
-
-    def __init__(self, kv: torch.Tensor):
-        super().__init__()
-        self.kv = kv
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        past = self.get_seq_length()
-        end = past + key_states.shape[-2]
-        self.kv[0, :, :, past:end] = key_states
-        self.kv[1, :, :, past:end] = value_states
-        self.device, self.is_initialized = self.kv.device, True
-        self.keys, self.values = self.kv[0, :, :, :end], self.kv[1, :, :, :end]
-        # under autocast the new keys may be in another dtype than the buffers: attention takes them in theirs
-        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
-
 
 def cuda_graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
@@ -534,8 +507,8 @@ class StaticDecoder:
     """Decode steps over a `BlockKVCache` for one batch size and sampling configuration, kept on the model
     between calls (`NBPGenerationMixin.static_decoder`).
 
-    With `use_cuda_graphs`, every decode step (not the prefill) is captured once as a CUDA graph and replayed
-    in later calls; the first step of each feed length runs eagerly first, as the warm-up. Before a replay the
+    With `use_cuda_graphs`, every step (the prefill too) is captured once as a CUDA graph and replayed in later
+    calls; the first step of each feed length runs eagerly first, as the warm-up. Before a replay the
     step's ids are copied and its sampling noise drawn into the graph's static inputs, so a graph holds no host
     work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
     (they run one after another, and each output is copied out before the next replay)."""
@@ -545,14 +518,31 @@ class StaticDecoder:
         self.cache = BlockKVCache(model, batch_size)
         with torch.inference_mode(False):
             self.nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)  # see `sample_guided`
+            # classifier-free guidance doubles the batch: the second half is the unconditional one
+            guided = step_options["guidance_scale"] != 1.0
+            self.drop = torch.arange(batch_size, device=model.device) >= batch_size // 2 if guided else None
         self.in_use = False
-        self.graphs, self.inputs, self.warm = {}, {}, set()
+        self.graphs, self.inputs, self.warm, self.masks = {}, {}, set(), {}
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
+
+    def _prefill_options(self, model, start: int, end: int) -> dict:
+        """The mask and condition dropout of a step feeding [start, end): none for a decode step."""
+        options = {}
+        if (start, end) not in self.masks:  # kept: a graph reads the tensor it was captured with
+            with torch.inference_mode(False):
+                self.masks[start, end] = (model.layout.allowed(start, end).to(model.device)
+                                          if model.layout.needs_mask(start, end) else None)
+        if self.masks[start, end] is not None:
+            options["mask"] = self.masks[start, end]
+        if self.drop is not None and start < model.layout.prefix_length:
+            options["drop"] = self.drop
+        return options
 
     def __call__(self, model, ids, start: int, keep: slice, draw_noise):
         """Tokens (B, len(keep)) sampled from the step that feeds `ids` at positions [start, start + n);
         `draw_noise(out=None)` draws the step's sampling noise (None for greedy decoding)."""
-        step = partial(model.static_step, cache=self.cache, nonfinite=self.nonfinite, **self.step_options)
+        step = partial(model.static_step, cache=self.cache, nonfinite=self.nonfinite, **self.step_options,
+                       **self._prefill_options(model, start, start + ids.shape[1]))
         shape = (ids.shape[1], keep.start, keep.stop)
         if not self.use_cuda_graphs or ((start, shape) not in self.graphs and shape not in self.warm):
             if self.use_cuda_graphs:

@@ -426,20 +426,26 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         return blockers
 
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None,
-                            nonfinite: torch.Tensor | None = None):
-        """The static decode step (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) (the whole
-        vocabulary's with `config.sample_whole_vocabulary`) of `ids` (B, n) at positions [start, start + n), which
-        see every earlier position and each other (so no mask);
-        their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly
-        its filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together,
-        no mask). `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions
-        through `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels
-        of `decode_kernels`. `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite."""
-        if compiled == "triton":
+                            nonfinite: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                            drop: torch.Tensor | None = None):
+        """A step of the static path (`generation.StaticDecoder`): video-vocabulary logits (B, len(keep), V) (the
+        whole vocabulary's with `config.sample_whole_vocabulary`) of `ids` (B, n) at positions [start, start + n);
+        their keys and values are written into `cache` (a `generation.BlockKVCache`), attention reads exactly its
+        filled part. Same function as `forward`, in fewer kernels (fused q/k/v, keys and values written together).
+        A decode step feeds one block, which sees every earlier position and itself: no mask. The prefill (the
+        condition prefix and the context) takes `mask` (n, start + n), bool: which positions each fed one may see
+        (`layout.allowed`), and `drop` (B,), bool: the rows whose condition prefix is replaced by `uncond_embedding`
+        (classifier-free guidance); it runs the plain PyTorch parts whatever `compiled` says.
+        `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions through
+        `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels of
+        `decode_kernels`. `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite."""
+        if mask is not None or drop is not None:
+            logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, mask, drop)
+        elif compiled == "triton":
             from . import decode_kernels  # imports triton
 
             return decode_kernels.block_logits(self, cache, ids, start, keep, nonfinite)
-        if compiled:
+        elif compiled:
             with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
                 logits = self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
         else:
@@ -448,7 +454,7 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             nonfinite.logical_or_(~torch.isfinite(logits).all())
         return logits
 
-    def _block_logits(self, cache, ids, start: int, keep: slice, parts):
+    def _block_logits(self, cache, ids, start: int, keep: slice, parts, mask=None, drop=None):
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
@@ -464,13 +470,18 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             return o.weight, o.bias, norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, \
                 mlp.fc2.bias
 
-        x = m.embed_tokens(ids) + m.embed_positions.weight[start:end]
+        x = m.embed_tokens(ids)
+        prefix = min(self.layout.prefix_length, end) - start  # prefix positions among those fed
+        if drop is not None and prefix > 0:
+            uncond = m.uncond_embedding[start : start + prefix].to(x.dtype)
+            x = torch.cat([torch.where(drop.view(-1, 1, 1), uncond, x[:, :prefix]), x[:, prefix:]], dim=1)
+        x = x + m.embed_positions.weight[start:end]
         qkv = layer_input(x, *input_weights(0))
         for i, layer in enumerate(m.layers):
             qkv = qkv.view(B, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, n, head_dim)
             kv = cache.kv[i]
             kv[:, :, :, start:end] = qkv[1:]  # keys and values in one copy
-            o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end],
+            o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
                                                scale=layer.self_attn.scaling)
             o = o.transpose(1, 2).reshape(B, n, -1)
             if i + 1 < len(m.layers):

@@ -559,21 +559,21 @@ def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
     for call in range(3):  # the graphs are captured in the first call and replayed in the later ones
         fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw)
         assert torch.equal(fast, reference)
-        # one graph per step but the prefill (eager); in the first call the first step of each feed length
-        # (token-by-token and block steps) runs eagerly as the warm-up, and is captured in the next call
-        assert len(graphs) == (steps - 3 if call == 0 else steps - 1)
-        assert sum(g.replays for g in graphs) == (steps - 3) + call * (steps - 1)
+        # one graph per step; in the first call the first step of each feed length (the prefill, token-by-token
+        # and block steps) runs eagerly as the warm-up, and is captured in the next call
+        assert len(graphs) == (steps - 3 if call == 0 else steps)
+        assert sum(g.replays for g in graphs) == (steps - 3) + call * steps
     # one generator per video: the noise drawn row by row into the graphs' inputs gives the reference's
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
     per_video = model.generate_video_tokens(generator=gens(), use_cache=False, class_labels=[0, 2], top_k=20,
                                             top_p=0.9, guidance_scale=3.0)
     assert torch.equal(model.generate_video_tokens(generator=gens(), **kw), per_video)
-    assert sum(g.replays for g in graphs) == (steps - 3) + 3 * (steps - 1)
+    assert sum(g.replays for g in graphs) == (steps - 3) + 3 * steps
     other = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **{**kw, "top_k": 5})
-    assert len(graphs) == 2 * steps - 4 and not torch.equal(other, reference)  # new sampling: new graphs
+    assert len(graphs) == 2 * steps - 3 and not torch.equal(other, reference)  # new sampling: new graphs
     model.clear_decode_cache()
     assert torch.equal(model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw), reference)
-    assert len(graphs) == 3 * steps - 7  # captured again
+    assert len(graphs) == 3 * steps - 6  # captured again
     with pytest.raises(ValueError, match="use_cuda_graphs needs"):
         model.generate_video_tokens(cache_implementation="dynamic", use_cuda_graphs=True, class_labels=[0])
 
@@ -872,6 +872,31 @@ def test_half_precision_static_path_gives_the_dynamic_tokens(dtype):
                                                        cache_implementation=c, **sampling)
                            for c in ("dynamic", "static"))
         assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("kw", [dict(first_block="hybrid"), dict(first_block="bov"),
+                                dict(mode="frames", first_block="none", num_context_frames=1)])
+def test_static_prefill_gives_the_forward_logits(kw):
+    """The static path's prefill (a step with the layout's block-causal mask, the unconditional prefix in the rows
+    that drop the condition) computes the forward's logits, and the keys and values that later steps read."""
+    model = make_model(**kw)
+    ids, _ = model.prepare_training_inputs(grid(model), None if kw.get("mode") else [0, 1])
+    n, P = ids.shape[1] - 4, model.layout.prefix_length
+    drop = torch.tensor([False, True]) if P else None
+    cache = generation.BlockKVCache(model, 2)
+    cache.reset(model)
+    mask = model.layout.allowed(0, n)
+    prefill = model.decode_block_logits(cache, ids[:, :n], 0, slice(0, n), mask=mask, drop=drop)
+    step = model.decode_block_logits(cache, ids[:, n:], n, slice(0, 4))  # a decode step reading the prefill's cache
+    full = model(input_ids=ids, drop_condition=drop).logits
+    off, V = model.config.video_token_offset, model.config.video_vocab_size
+    assert torch.allclose(prefill, full[:, :n, off : off + V], atol=1e-5)
+    assert model.layout.needs_mask(0, n) and not model.layout.needs_mask(n, n + 4)
+    # the last 4 positions are one block (or the end of one: they may see each other), as the step assumes
+    assert torch.allclose(step, full[:, n:, off : off + V], atol=1e-5)
+    if P:  # the unconditional row differs from what it would give with its condition
+        assert not torch.allclose(prefill[1], model.decode_block_logits(cache, ids[:, :n], 0, slice(0, n),
+                                                                        mask=mask)[1], atol=1e-3)
 
 
 def test_static_path_under_autocast_gives_the_dynamic_tokens():
