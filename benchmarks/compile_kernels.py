@@ -127,7 +127,8 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                      splits=10)
     for split in (True, False):
         yield (f"attention{' (split over the keys)' * split}", dk._attention_kernel, attention,
-               dict(BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION="tf32", SPLIT=split), 4, 3)
+               dict(BLOCK_Q=block_q, BLOCK_KEYS=dk.ATTENTION_BLOCK_KEYS, HEAD=head, PRECISION="tf32", SPLIT=split),
+               4, 3)
     yield ("embedding (+ row statistics)", dk._embed_kernel,
            dict(ids_ptr=torch.int64, token_ptr=dtype, position_ptr=dtype, x_ptr=dtype, stats_ptr=torch.float32,
                 tokens=rows, start=400, M=rows, D=hidden, stride_ids_b=1280, stride_ids_t=1, stride_token=hidden,

@@ -10,13 +10,13 @@ a section that would start after --time_budget seconds is skipped, so the run en
 2. checks: optimized tokens (static cache + CUDA graphs, graphs replayed in a second call) against the eager
    dynamic-cache tokens (fp32, sampled and greedy); graphs against the same static step without graphs and against
    eager (bf16); flex attention against SDPA logits of the block-causal training forward.
-   triton checks: the Triton decode step (compile_decode="triton"): fp32 tokens against eager (greedy, sampled),
-   bf16 against the static step.
+   triton checks: the Triton decode step (compile_decode="triton") and the Triton attention alone
+   ("triton-attention"): fp32 tokens against eager (greedy, sampled), bf16 against the static step.
 3. generation (modeling_nbp.bench): NBP in each of --variants, batch 1 and a large batch; NTP optimized and
    Triton (when in --variants), batch 1 only; the K600 setting with the paper's sampling; peak memory per row.
 4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
-   batch 1 and the large batch (and the Triton step at batch 1), by kind of kernel and the top kernels; the
-   sampler alone per video (48 steps).
+   batch 1 and the large batch (and the Triton step at batch 1, the Triton attention at the large batch), by kind of
+   kernel and the top kernels; the sampler alone per video (48 steps).
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too (with PyTorch's norms and with the Triton ones, checked against
    each other); the Triton decode step, the Triton norms, both, and overlapped decoding.
@@ -267,7 +267,8 @@ def main(argv=None):
     p.add_argument("--train_batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
     p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "autotuned"],
-                   default=["eager", "optimized", "compiled", "triton"], help="decode variants of the generation table")
+                   default=["eager", "optimized", "compiled", "triton", "triton-attention"],
+                   help="decode variants of the generation table")
     p.add_argument("--autotune", action="store_true",
                    help="also time NBP with compile_decode='max-autotune-no-cudagraphs' (minutes of compilation)")
     p.add_argument("--official_repo", default=".official/NBP" if os.path.isdir(".official/NBP") else None,
@@ -372,17 +373,22 @@ def main(argv=None):
         model = build(args.size, (1, 1, 16), device, torch.float32)
         H, W = model.config.latent_shape[1:]
         ctx = torch.randint(0, model.config.video_vocab_size, (2, 2, H, W), device=device)
+        modes = ("triton", "triton-attention")
         for name, sampling in (("greedy", dict(temperature=0.0)), ("sampled", PAPER_SAMPLING)):
             eager = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="dynamic",
                                                 **sampling)
-            fast = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static",
-                                               compile_decode="triton", **sampling)
-            out[f"fp32 triton vs eager, {name} (equal tokens)"] = float((fast == eager).float().mean())
+            for mode in modes:
+                fast = model.generate_video_tokens(context_ids=ctx, generator=gen(0), cache_implementation="static",
+                                                   compile_decode=mode, **sampling)
+                out[f"fp32 {mode} vs eager, {name} (equal tokens)"] = float((fast == eager).float().mean())
         model = model.to(bf16)
-        static, fused = (model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
-                                                     compile_decode=mode, **PAPER_SAMPLING) for mode in (False, "triton"))
-        out["bf16 triton vs the static step, sampled (equal tokens; kernels differ: rounding)"] = float(
-            (fused == static).float().mean())
+        static = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
+                                             **PAPER_SAMPLING)
+        for mode in modes:
+            fused = model.generate_video_tokens(context_ids=ctx, generator=gen(1), cache_implementation="static",
+                                                compile_decode=mode, **PAPER_SAMPLING)
+            out[f"bf16 {mode} vs the static step, sampled (equal tokens; kernels differ: rounding)"] = float(
+                (fused == static).float().mean())
         return out
 
     @run("generation")
@@ -391,14 +397,16 @@ def main(argv=None):
         # NTP at batch 1 only, the ratio the issue asks for (its 768 graphs per batch cost time), on the fast paths
         # (its eager row, a minute, is not part of the ratio); the Triton rows last, apart, so that a failure there
         # keeps the others
+        kernels = [v for v in args.variants if v.startswith("triton")]
         rows = generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats, args.ntp_repeats,
-                               variants=tuple(v for v in args.variants if v != "triton")
+                               variants=tuple(v for v in args.variants if v not in kernels)
                                + ("autotuned",) * args.autotune, ntp_batches=(1,),
                                ntp_variants=[v for v in args.variants if v == "optimized"], log=log)
-        if triton and "triton" in args.variants:
-            try:
+        if triton and kernels:
+            try:  # NTP with the whole Triton step only (the attention kernel alone is for large batches)
                 rows += generation_rows(args.size, device, bf16, (1, args.large_batch), args.repeats,
-                                        args.ntp_repeats, variants=("triton",), ntp_batches=(1,), log=log)
+                                        args.ntp_repeats, variants=tuple(kernels), ntp_batches=(1,),
+                                        ntp_variants=[v for v in kernels if v == "triton"], log=log)
             except Exception:  # noqa: BLE001
                 out["triton error"] = traceback.format_exc()
                 print(out["triton error"], flush=True)
@@ -417,10 +425,10 @@ def main(argv=None):
             out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
                 context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
                 **PAPER_SAMPLING))
-            if batch == 1:
-                out["batch 1, triton"] = attempt(lambda: kernel_profile(lambda: model.generate_video_tokens(
-                    context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
-                    compile_decode="triton", **PAPER_SAMPLING)))
+            mode = "triton" if batch == 1 else "triton-attention"  # each Triton path at the batch it is for
+            out[f"batch {batch}, {mode}"] = attempt(lambda: kernel_profile(lambda: model.generate_video_tokens(
+                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
+                compile_decode=mode, **PAPER_SAMPLING)))
             # the sampler alone on one step's logits (16 positions per video), times 48 steps: its share of a video
             logits = torch.randn(batch, 16, model.config.video_vocab_size, device=device, generator=gen(6)).to(bf16)
             noise = torch.rand(batch, 16, device=device, generator=gen(7))

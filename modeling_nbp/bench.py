@@ -36,7 +36,8 @@ GENERATED_FRAMES = 12  # pixel frames generated per video in the K600 setting
 VARIANTS = {"eager": dict(cache_implementation="dynamic"), "optimized": dict(cache_implementation="static"),
             "compiled": dict(cache_implementation="static", compile_decode=True),
             "autotuned": dict(cache_implementation="static", compile_decode="max-autotune-no-cudagraphs"),
-            "triton": dict(cache_implementation="static", compile_decode="triton")}
+            "triton": dict(cache_implementation="static", compile_decode="triton"),
+            "triton-attention": dict(cache_implementation="static", compile_decode="triton-attention")}
 TORCH_COMPILED = ("compiled", "autotuned")  # NTP skips these (minutes of compilation for a row nobody asks for)
 
 

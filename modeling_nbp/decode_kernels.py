@@ -366,16 +366,26 @@ def linear(x, weight, bias=None, residual=None, gelu=False, qkv=None, kv=None, n
     return (y, out["stats"]) if stats else y
 
 
-ATTENTION_CHUNK = 128  # keys per program: a step of the K600 setting (up to 1280 keys) runs 16 heads x up to 10
+# keys per program: at batch 1 a step of the K600 setting (up to 1280 keys) runs 16 heads x up to 10 programs; a
+# launch of more than ATTENTION_PROGRAMS programs (batch 64: 1024 heads) gives each program a longer run of keys
+# instead, down to one program per head (no partial sums to write and join)
+ATTENTION_CHUNK = 128
+ATTENTION_PROGRAMS = 1024
+ATTENTION_BLOCK_KEYS = 32  # keys per iteration inside a program
 
 
 def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float,
               counters: torch.Tensor) -> torch.Tensor:
-    """q (B * tokens, D) against the keys and values kv[:, :, :, :end] (all visible: a decode step needs no mask)
-    -> (B * tokens, D). `counters`: B * heads int32 zeros, kept between calls (the kernel leaves them at zero)."""
+    """q (B * tokens, >= D), each row's queries in its first D columns, against the keys and values
+    kv[:, :, :, :end] (all visible: a decode step needs no mask) -> (B * tokens, D). `counters`: B * heads int32
+    zeros, kept between calls (the kernel leaves them at zero)."""
     _, B, heads, _, head_dim = kv.shape
-    out = torch.empty_like(q)
-    splits = triton.cdiv(end, ATTENTION_CHUNK)
+    out = q.new_empty((q.shape[0], heads * head_dim))
+    chunk, splits = ATTENTION_CHUNK, triton.cdiv(end, ATTENTION_CHUNK)
+    if B * heads * splits > ATTENTION_PROGRAMS:  # enough heads to fill the GPU: longer chunks, fewer parts to join
+        splits = max(1, ATTENTION_PROGRAMS // (B * heads))
+        chunk = triton.cdiv(triton.cdiv(end, splits), ATTENTION_BLOCK_KEYS) * ATTENTION_BLOCK_KEYS
+        splits = triton.cdiv(end, chunk)  # every split has keys
     block_q, head = max(16, triton.next_power_of_2(tokens)), max(16, triton.next_power_of_2(head_dim))
     acc = stats = out  # not read with one split
     if splits > 1:
@@ -383,7 +393,7 @@ def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: f
         stats = torch.empty((B * heads * splits * 2 * block_q,), device=q.device, dtype=torch.float32)
     _attention_kernel[(B * heads, splits)](
         q, kv, acc, stats, counters, out, tokens, heads, end, head_dim, scale, q.stride(0), *kv.stride()[:4],
-        ATTENTION_CHUNK, splits, BLOCK_Q=block_q, BLOCK_KEYS=32, HEAD=head, PRECISION=_precision(q.dtype),
+        chunk, splits, BLOCK_Q=block_q, BLOCK_KEYS=ATTENTION_BLOCK_KEYS, HEAD=head, PRECISION=_precision(q.dtype),
         SPLIT=splits > 1, num_warps=4)
     return out
 

@@ -88,9 +88,10 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
 
 # ways to compile the decode step: torch.compile modes without torch.compile's own CUDA graphs (the decoder captures
 # whole steps itself; "max-autotune-no-cudagraphs" also tries Triton matrix-product kernels for the small batches),
-# and "triton", this project's hand-written Triton kernels (`decode_kernels`: a few fused kernels per layer, for
-# small batches)
-DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "triton")
+# "triton", this project's hand-written Triton kernels (`decode_kernels`: a few fused kernels per layer, for small
+# batches), and "triton-attention", the PyTorch step (cuBLAS products) with the Triton attention kernel only (for
+# large batches, where the products run near the matrix rate and attention over the cache dominates)
+DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "triton", "triton-attention")
 
 
 def compile_mode(compile_decode, device: torch.device) -> str | None:
@@ -101,8 +102,8 @@ def compile_mode(compile_decode, device: torch.device) -> str | None:
         return None
     if compile_decode not in DECODE_COMPILE_MODES:
         raise ValueError(f"compile_decode must be True, False or one of {DECODE_COMPILE_MODES}, got {compile_decode!r}")
-    if compile_decode == "triton":
-        require_triton(device, "compile_decode='triton'")
+    if compile_decode in ("triton", "triton-attention"):
+        require_triton(device, f"compile_decode={compile_decode!r}")
     return compile_decode
 
 
@@ -257,7 +258,7 @@ class NBPGenerationMixin:
         use_cuda_graphs (default: on with a static cache on CUDA) replays each step (the prefill too) from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
         dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
-        kernels.
+        kernels, or ("triton-attention") only its attention.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
         The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
         if self.device.type == "meta":

@@ -438,13 +438,18 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         (classifier-free guidance); it runs the plain PyTorch parts whatever `compiled` says.
         `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions through
         `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels of
-        `decode_kernels`. `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite."""
+        `decode_kernels`, "triton-attention" only its attention (`decode_kernels.attention`). `nonfinite`, a bool
+        device scalar, is set when a logit is NaN or infinite."""
         if mask is not None or drop is not None:
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, mask, drop)
         elif compiled == "triton":
             from . import decode_kernels  # imports triton
 
             return decode_kernels.block_logits(self, cache, ids, start, keep, nonfinite)
+        elif compiled == "triton-attention":
+            from . import decode_kernels
+
+            logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, attention=decode_kernels.attention)
         elif compiled:
             with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
                 logits = self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
@@ -454,7 +459,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             nonfinite.logical_or_(~torch.isfinite(logits).all())
         return logits
 
-    def _block_logits(self, cache, ids, start: int, keep: slice, parts, mask=None, drop=None):
+    def _block_logits(self, cache, ids, start: int, keep: slice, parts, mask=None, drop=None, attention=None):
+        """`decode_block_logits` with the dense `parts` given; `attention`: a kernel in place of SDPA (no mask)."""
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
@@ -478,12 +484,17 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         x = x + m.embed_positions.weight[start:end]
         qkv = layer_input(x, *input_weights(0))
         for i, layer in enumerate(m.layers):
+            rows = qkv.view(B * n, -1)  # (B n, 3 D): the kernel reads each row's queries where they are
             qkv = qkv.view(B, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, n, head_dim)
             kv = cache.kv[i]
             kv[:, :, :, start:end] = qkv[1:]  # keys and values in one copy
-            o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
-                                               scale=layer.self_attn.scaling)
-            o = o.transpose(1, 2).reshape(B, n, -1)
+            if attention is not None:
+                o = attention(rows.to(kv.dtype), kv, n, end, layer.self_attn.scaling, cache.split_counters)
+                o = o.view(B, n, -1)
+            else:
+                o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
+                                                   scale=layer.self_attn.scaling)
+                o = o.transpose(1, 2).reshape(B, n, -1)
             if i + 1 < len(m.layers):
                 x, qkv = layer_output_and_next_input(x, o, *output_weights(layer), *input_weights(i + 1))
             else:

@@ -106,6 +106,25 @@ def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype, tiling):
         close(out, reference.transpose(1, 2).reshape(B * tokens, D), dtype)
 
 
+@pytest.mark.parametrize("programs", [6, 12, 10**6], ids=["one program per head", "two per head", "chunks of 128"])
+def test_attention_reads_queries_in_place_and_splits_by_launch_size(programs, monkeypatch):
+    """Attention as the PyTorch step calls it (`compile_decode="triton-attention"`): each row's queries in the first
+    D columns of its q/k/v row. A launch that would exceed ATTENTION_PROGRAMS programs (B * heads = 6 here) gives
+    each program a longer run of keys instead, down to one program per head."""
+    monkeypatch.setattr(decode_kernels, "ATTENTION_PROGRAMS", programs)
+    B, tokens, heads, head_dim, end = 2, 4, 3, 12, 305
+    D = heads * head_dim
+    g = torch.Generator().manual_seed(4)
+    kv = torch.randn((2, B, heads, 320, head_dim), generator=g).to(DEVICE)
+    rows = torch.randn((B * tokens, 3 * D), generator=g).to(DEVICE)
+    counters = torch.zeros(B * heads, dtype=torch.int32, device=DEVICE)
+    out = decode_kernels.attention(rows, kv, tokens, end, head_dim**-0.5, counters)
+    q = rows[:, :D].reshape(B, tokens, heads, head_dim).transpose(1, 2)
+    reference = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], scale=head_dim**-0.5)
+    assert out.shape == (B * tokens, D) and not counters.any()
+    close(out, reference.transpose(1, 2).reshape(B * tokens, D), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sampling", [dict(top_k=100, top_p=0.9), dict(top_k=100), dict(top_p=0.5, temperature=0.7),
                                       dict(top_k=1)])
@@ -118,12 +137,14 @@ def test_fused_sampler_gives_the_tokens_of_the_plain_one(dtype, sampling):
     assert fused.dtype == plain.dtype and torch.equal(fused, plain)
 
 
-@pytest.mark.parametrize("block,first_block,guidance", [((1, 1, 4), "hybrid", 1.0), ((1, 4, 4), "bov", 2.5)])
-def test_triton_decode_gives_the_reference_tokens(block, first_block, guidance):
+@pytest.mark.parametrize("block,first_block,guidance,mode", [((1, 1, 4), "hybrid", 1.0, "triton"),
+                                                             ((1, 4, 4), "bov", 2.5, "triton"),
+                                                             ((1, 4, 4), "bov", 2.5, "triton-attention")])
+def test_triton_decode_gives_the_reference_tokens(block, first_block, guidance, mode):
     model = make_model(block=block, first_block=first_block).to(DEVICE)
     kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=guidance)
     fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static",
-                                       compile_decode="triton", **kw)
+                                       compile_decode=mode, **kw)
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     assert torch.equal(fast, reference)
 
