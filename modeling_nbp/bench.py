@@ -240,7 +240,8 @@ def main(argv=None):
                         help="also time NBP with compile_decode='max-autotune-no-cudagraphs'")
     parser.add_argument("--triton", action="store_true",
                         help="also time NBP and NTP with compile_decode='triton' (this project's Triton decode "
-                             "kernels; CUDA)")
+                             "kernels, for small batches) and 'triton-attention' (its attention kernel alone, for "
+                             "large batches); CUDA")
     train = parser.add_argument_group("training (--train)")
     train.add_argument("--train", action="store_true", help="time training steps instead of generation")
     train.add_argument("--train_batch", type=positive_int, nargs="+", default=[16, 32] if cuda else [2],
@@ -270,7 +271,7 @@ def main(argv=None):
         return rows
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     variants = ("eager", "optimized") + ("compiled",) * args.compile + ("autotuned",) * args.autotune \
-        + ("triton",) * args.triton
+        + ("triton", "triton-attention") * args.triton
     rows = generation_rows(args.size, device, dtype, sorted({1, args.large_batch}), args.repeats, args.ntp_repeats,
                            log=progress, variants=variants)
     print(f"{header} dtype={str(dtype).removeprefix('torch.')} "
