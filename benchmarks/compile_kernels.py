@@ -98,7 +98,8 @@ def join_order(ptx: str) -> str:
 
 def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=16, length=1280, top_k=16000):
     """(name, kernel, args, constexprs, num_warps, num_stages) of every kernel a batch-1 step of the 700M model
-    launches, for each candidate tiling of the products."""
+    launches, for each candidate tiling of the products, and the attention kernel as the PyTorch step calls it
+    (compile_decode="triton-attention")."""
     head_dim, ffn = hidden // heads, 4 * hidden
     common = dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, r_ptr=dtype, y_ptr=dtype, kv_ptr=dtype, M=rows,
                   stride_r=hidden, tokens=rows, start=400, D=hidden, head_dim=head_dim, kv_s0=heads * length * head_dim,
@@ -125,10 +126,13 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                      scale=head_dim**-0.5, stride_q=hidden, kv_s0=heads * length * head_dim,
                      kv_s1=heads * length * head_dim, kv_s2=length * head_dim, kv_s3=head_dim, CHUNK=dk.ATTENTION_CHUNK,
                      splits=10)
-    for split in (True, False):
-        yield (f"attention{' (split over the keys)' * split}", dk._attention_kernel, attention,
-               dict(BLOCK_Q=block_q, BLOCK_KEYS=dk.ATTENTION_BLOCK_KEYS, HEAD=head, PRECISION="tf32", SPLIT=split),
-               4, 3)
+    # the Triton step's attention, and that of compile_decode="triton-attention" (new keys read from the q/k/v rows;
+    # one program per head at batch 64, split at small batches)
+    for split, new_kv in ((True, False), (False, False), (False, True), (True, True)):
+        args = dict(attention, stride_q=3 * hidden) if new_kv else attention
+        yield (f"attention{' (split over the keys)' * split}{', new keys from the q/k/v rows' * new_kv}",
+               dk._attention_kernel, args, dict(BLOCK_Q=block_q, BLOCK_KEYS=dk.ATTENTION_BLOCK_KEYS, HEAD=head,
+                                                PRECISION="tf32", SPLIT=split, NEW_KV=new_kv), 4, 3)
     yield ("embedding (+ row statistics)", dk._embed_kernel,
            dict(ids_ptr=torch.int64, token_ptr=dtype, position_ptr=dtype, x_ptr=dtype, stats_ptr=torch.float32,
                 tokens=rows, start=400, M=rows, D=hidden, stride_ids_b=1280, stride_ids_t=1, stride_token=hidden,

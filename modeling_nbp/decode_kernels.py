@@ -130,13 +130,29 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, kv_ptr, M, N, K, stride_x,
                              STATS, FLAG, BLOCK_M)
 
 
+@triton.jit
+def _attend(q, k, v, p_ok, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """One block of keys and values into the running softmax of `_attention_kernel` -> (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = tl.where(p_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    weights = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["end"])
 def _attention_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, counter_ptr, out_ptr, tokens, heads, end, head_dim, scale,
                       stride_q, kv_s0, kv_s1, kv_s2, kv_s3, CHUNK, splits,
                       BLOCK_Q: tl.constexpr, BLOCK_KEYS: tl.constexpr, HEAD: tl.constexpr, PRECISION: tl.constexpr,
-                      SPLIT: tl.constexpr):
+                      SPLIT: tl.constexpr, NEW_KV: tl.constexpr):
     """Attention of one sequence's `tokens` queries of one head over the keys [split * CHUNK, +CHUNK) ∩ [0, end),
-    into out (B * tokens, D). SPLIT (several programs per head): each writes its unnormalised float32 sums to acc
+    into out (B * tokens, D). NEW_KV: the fed block's keys and values, positions [end - tokens, end), are not in
+    the cache yet but in each query row after its queries (q | k | v, D columns each); the program whose keys they
+    are reads them there, after the cached ones, and writes them into the cache.
+    SPLIT (several programs per head): each writes its unnormalised float32 sums to acc
     (B * heads, splits, BLOCK_Q, HEAD) and its running max and sum to stats (B * heads, splits, 2, BLOCK_Q), then
     counts itself in counter[b * heads + h]; the last one to finish joins the splits in their order (so the result
     does not depend on which finished last) and sets the counter back to 0 for the next launch."""
@@ -148,25 +164,35 @@ def _attention_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, counter_ptr, out_ptr, t
     q = tl.load(q_ptr + (b * tokens + t)[:, None] * stride_q + h * head_dim + d[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = kv_ptr + b * kv_s1 + h * kv_s2
+    D = heads * head_dim
+    start = end - tokens
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, HEAD), dtype=tl.float32)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, end)
-    for p0 in range(lo, hi, BLOCK_KEYS):
+    cached_hi = tl.minimum(hi, start) if NEW_KV else hi
+    for p0 in range(lo, cached_hi, BLOCK_KEYS):
         p = p0 + tl.arange(0, BLOCK_KEYS)
-        p_ok = p < hi
+        p_ok = p < cached_hi
+        k_at = k_base + p[:, None] * kv_s3 + d[None, :]
         kv_mask = p_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + p[:, None] * kv_s3 + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(k_base + kv_s0 + p[:, None] * kv_s3 + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(p_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        weights = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        k = tl.load(k_at, mask=kv_mask, other=0.0)
+        v = tl.load(k_at + kv_s0, mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, p_ok, m_i, l_i, acc, scale, PRECISION)
+    if NEW_KV:
+        fresh_lo = tl.maximum(lo, start)
+        if fresh_lo < hi:  # the block's own keys (at most BLOCK_Q of them) fall in this program's run
+            p = fresh_lo + tl.arange(0, BLOCK_Q)
+            p_ok = p < hi
+            kv_mask = p_ok[:, None] & d_ok[None, :]
+            row_at = q_ptr + (b * tokens + p - start)[:, None] * stride_q + h * head_dim + d[None, :]
+            k = tl.load(row_at + D, mask=kv_mask, other=0.0)
+            v = tl.load(row_at + 2 * D, mask=kv_mask, other=0.0)
+            k_at = k_base + p[:, None] * kv_s3 + d[None, :]
+            tl.store(k_at, k, mask=kv_mask)
+            tl.store(k_at + kv_s0, v, mask=kv_mask)
+            m_i, l_i, acc = _attend(q, k, v, p_ok, m_i, l_i, acc, scale, PRECISION)
     out_at = out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :]
     out_mask = t_ok[:, None] & d_ok[None, :]
     if not SPLIT:
@@ -374,11 +400,12 @@ ATTENTION_PROGRAMS = 1024
 ATTENTION_BLOCK_KEYS = 32  # keys per iteration inside a program
 
 
-def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float,
-              counters: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: float, counters: torch.Tensor,
+              new_kv: bool = False) -> torch.Tensor:
     """q (B * tokens, >= D), each row's queries in its first D columns, against the keys and values
     kv[:, :, :, :end] (all visible: a decode step needs no mask) -> (B * tokens, D). `counters`: B * heads int32
-    zeros, kept between calls (the kernel leaves them at zero)."""
+    zeros, kept between calls (the kernel leaves them at zero). `new_kv`: q is the q/k/v product (B * tokens, 3 D)
+    of the block fed at [end - tokens, end), whose keys and values the kernel writes into kv as it reads them."""
     _, B, heads, _, head_dim = kv.shape
     out = q.new_empty((q.shape[0], heads * head_dim))
     chunk, splits = ATTENTION_CHUNK, triton.cdiv(end, ATTENTION_CHUNK)
@@ -394,7 +421,7 @@ def attention(q: torch.Tensor, kv: torch.Tensor, tokens: int, end: int, scale: f
     _attention_kernel[(B * heads, splits)](
         q, kv, acc, stats, counters, out, tokens, heads, end, head_dim, scale, q.stride(0), *kv.stride()[:4],
         chunk, splits, BLOCK_Q=block_q, BLOCK_KEYS=ATTENTION_BLOCK_KEYS, HEAD=head, PRECISION=_precision(q.dtype),
-        SPLIT=splits > 1, num_warps=4)
+        SPLIT=splits > 1, NEW_KV=new_kv, num_warps=4)
     return out
 
 

@@ -484,14 +484,13 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         x = x + m.embed_positions.weight[start:end]
         qkv = layer_input(x, *input_weights(0))
         for i, layer in enumerate(m.layers):
-            rows = qkv.view(B * n, -1)  # (B n, 3 D): the kernel reads each row's queries where they are
-            qkv = qkv.view(B, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, n, head_dim)
             kv = cache.kv[i]
-            kv[:, :, :, start:end] = qkv[1:]  # keys and values in one copy
-            if attention is not None:
-                o = attention(rows.to(kv.dtype), kv, n, end, layer.self_attn.scaling, cache.split_counters)
-                o = o.view(B, n, -1)
+            if attention is not None:  # the kernel reads q, k, v in the product's rows and writes k, v into the cache
+                o = attention(qkv.view(B * n, -1).to(kv.dtype), kv, n, end, layer.self_attn.scaling,
+                              cache.split_counters, new_kv=True).view(B, n, -1)
             else:
+                qkv = qkv.view(B, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, n, head_dim)
+                kv[:, :, :, start:end] = qkv[1:]  # keys and values in one copy
                 o = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
                                                    scale=layer.self_attn.scaling)
                 o = o.transpose(1, 2).reshape(B, n, -1)

@@ -106,22 +106,28 @@ def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype, tiling):
         close(out, reference.transpose(1, 2).reshape(B * tokens, D), dtype)
 
 
-@pytest.mark.parametrize("programs", [6, 12, 10**6], ids=["one program per head", "two per head", "chunks of 128"])
-def test_attention_reads_queries_in_place_and_splits_by_launch_size(programs, monkeypatch):
-    """Attention as the PyTorch step calls it (`compile_decode="triton-attention"`): each row's queries in the first
-    D columns of its q/k/v row. A launch that would exceed ATTENTION_PROGRAMS programs (B * heads = 6 here) gives
-    each program a longer run of keys instead, down to one program per head."""
+@pytest.mark.parametrize("end", [130, 290])
+@pytest.mark.parametrize("programs", [6, 12, 10**6], ids=["one program per head", "few per head", "chunks of 128"])
+def test_attention_reads_the_block_in_the_qkv_rows_and_writes_the_cache(programs, end, monkeypatch):
+    """Attention as the PyTorch step calls it (`compile_decode="triton-attention"`): the block's queries, keys and
+    values in the q/k/v product's rows (q | k | v), its keys and values written into the cache by the kernel, the
+    rest of the cache left as it was. A launch that would exceed ATTENTION_PROGRAMS programs (B * heads = 6 here)
+    gives each program a longer run of keys instead, down to one program per head. The block's 4 positions lie
+    across two programs' runs of keys (end 130 in chunks of 128) or across two blocks of 32 keys of one program."""
     monkeypatch.setattr(decode_kernels, "ATTENTION_PROGRAMS", programs)
-    B, tokens, heads, head_dim, end = 2, 4, 3, 12, 305
-    D = heads * head_dim
+    B, tokens, heads, head_dim = 2, 4, 3, 12
+    D, start = heads * head_dim, end - tokens
     g = torch.Generator().manual_seed(4)
     kv = torch.randn((2, B, heads, 320, head_dim), generator=g).to(DEVICE)
     rows = torch.randn((B * tokens, 3 * D), generator=g).to(DEVICE)
+    expected = kv.clone()
+    expected[:, :, :, start:end] = rows.view(B, tokens, 3, heads, head_dim)[:, :, 1:].permute(2, 0, 3, 1, 4)
     counters = torch.zeros(B * heads, dtype=torch.int32, device=DEVICE)
-    out = decode_kernels.attention(rows, kv, tokens, end, head_dim**-0.5, counters)
+    out = decode_kernels.attention(rows, kv, tokens, end, head_dim**-0.5, counters, new_kv=True)
+    assert torch.equal(kv, expected) and not counters.any()
     q = rows[:, :D].reshape(B, tokens, heads, head_dim).transpose(1, 2)
     reference = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], scale=head_dim**-0.5)
-    assert out.shape == (B * tokens, D) and not counters.any()
+    assert out.shape == (B * tokens, D)
     close(out, reference.transpose(1, 2).reshape(B * tokens, D), torch.float32)
 
 
@@ -222,8 +228,8 @@ def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
 
 def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
     """What the interpreter cannot check: the kernels of a 700M batch-1 step (bf16, every candidate tiling) and the
-    training loss's and the tokenizer's norm kernels compile for sm_90 (Triton's own compiler and ptxas, no GPU needed), and no thread spills
-    registers to local memory."""
+    training loss's and the tokenizer's norm kernels compile for sm_90 (Triton's own compiler and ptxas, no GPU
+    needed), and no thread spills registers to local memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     root = Path(__file__).resolve().parents[1]
@@ -231,12 +237,13 @@ def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = run.stdout.splitlines()[1:]
-    # + the loss, with and without its gradient, + the tokenizer's two norm kernels in two memory layouts
-    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 4 + 2 + 4
+    # the products in every tiling; attention (4 variants), embedding, sampler; the loss, with and without its
+    # gradient; the tokenizer's two norm kernels in two memory layouts
+    assert len(rows) == 5 * len(decode_kernels._TILINGS) + 6 + 2 + 4
     assert all(int(row.split()[-3]) == 0 for row in rows), run.stdout  # spilled bytes
     # the kernels whose programs join their parts (split products, split attention) compile to an ordered join
     joins = [row.split()[-1] for row in rows if "split" in row]
-    assert len(joins) == 5 * sum(t[-1] > 1 for t in decode_kernels._TILINGS) + 1
+    assert len(joins) == 5 * sum(t[-1] > 1 for t in decode_kernels._TILINGS) + 2
     assert set(joins) == {"ok"} and {row.split()[-1] for row in rows if "split" not in row} == {"-"}, run.stdout
 
 
