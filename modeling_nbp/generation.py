@@ -89,8 +89,9 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
 # ways to compile the decode step: torch.compile modes without torch.compile's own CUDA graphs (the decoder captures
 # whole steps itself; "max-autotune-no-cudagraphs" also tries Triton matrix-product kernels for the small batches),
 # "triton", this project's hand-written Triton kernels (`decode_kernels`: a few fused kernels per layer, for small
-# batches), and "triton-attention", the PyTorch step (cuBLAS products) with the Triton attention kernel only (for
-# large batches, where the products run near the matrix rate and attention over the cache dominates)
+# batches), and "triton-attention", the PyTorch step (cuBLAS products) with the Triton attention kernel (for large
+# batches, where the products run near the matrix rate and attention over the cache dominates); both sample with the
+# fused sampler (`decode_kernels.sample_ranked`)
 DECODE_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "triton", "triton-attention")
 
 
@@ -258,7 +259,7 @@ class NBPGenerationMixin:
         use_cuda_graphs (default: on with a static cache on CUDA) replays each step (the prefill too) from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
         dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
-        kernels, or ("triton-attention") only its attention.
+        kernels, or ("triton-attention") only its attention and sampling.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
         The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
         if self.device.type == "meta":
@@ -410,7 +411,7 @@ class NBPGenerationMixin:
                     drop=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
         logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite, mask=mask, drop=drop)
-        return sample_guided(logits, noise, fused=compiled == "triton", **sampling)
+        return sample_guided(logits, noise, fused=compiled in ("triton", "triton-attention"), **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":

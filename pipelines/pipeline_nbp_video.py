@@ -487,7 +487,8 @@ class NBPVideoPipeline(DiffusionPipeline):
                 step would skip); see `NBPForVideoGeneration.iter_generation`.
             compile_decode: run the static path's decode step through `torch.compile` (the first call compiles); True
                 or a mode of `modeling_nbp.generation.DECODE_COMPILE_MODES`; "triton": through this project's Triton
-                kernels (small batches; CUDA); "triton-attention": its attention only (large batches; CUDA).
+                kernels (small batches; CUDA); "triton-attention": its attention and sampling only (large batches;
+                CUDA).
             overlap_decode: decode each latent frame as soon as it is complete (on CUDA on a second stream, beside
                 the rest of the generation) instead of all frames at the end; same frames up to float rounding
                 (in a video longer than one window, a rounding difference can change a token of a re-encoded
