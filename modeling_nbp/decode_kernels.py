@@ -1,4 +1,5 @@
-"""Triton kernels for the static decode step at small batch (`compile_decode="triton"`).
+"""Triton kernels for the static decode step at small batch (`compile_decode="triton"`), and its attention and
+sampler alone for large batches (`compile_decode="triton-attention"`).
 
 A decode step at batch 1 feeds 16 positions through 24 layers: every matrix product has 16 rows, so the step is
 bound by reading the weights and by the number of kernels, not by arithmetic. Here a layer is 5 kernels instead of
@@ -8,7 +9,7 @@ partial sums); the attention projection with bias and residual; fc1 with bias an
 residual. The layer norms have no kernel of their own: a product that writes the residual stream also writes the
 row statistics of its column block (count, mean, squared deviations), and the product that reads the stream next
 joins them and normalises its input tiles as it loads them. The products read the weights once per 64 rows (meant
-for up to a few sequences; larger batches are better served by cuBLAS on the default path). After the top-k, the
+for up to a few sequences; larger batches are better served by cuBLAS, as in "triton-attention"). After the top-k, the
 sampling is one kernel per row (`sample_ranked`), and the step's input (token and position embeddings) one kernel
 that also writes its row statistics.
 
@@ -193,7 +194,7 @@ def _attention_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, counter_ptr, out_ptr, t
             tl.store(k_at, k, mask=kv_mask)
             tl.store(k_at + kv_s0, v, mask=kv_mask)
             m_i, l_i, acc = _attend(q, k, v, p_ok, m_i, l_i, acc, scale, PRECISION)
-    out_at = out_ptr + (b * tokens + t)[:, None] * (heads * head_dim) + h * head_dim + d[None, :]
+    out_at = out_ptr + (b * tokens + t)[:, None] * D + h * head_dim + d[None, :]
     out_mask = t_ok[:, None] & d_ok[None, :]
     if not SPLIT:
         tl.store(out_at, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)

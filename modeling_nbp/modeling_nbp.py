@@ -438,8 +438,9 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         (classifier-free guidance); it runs the plain PyTorch parts whatever `compiled` says.
         `compiled` (a mode of `generation.DECODE_COMPILE_MODES`) runs the dense parts between the attentions through
         `torch.compile` (their shapes do not depend on the step); "triton" runs the step through the kernels of
-        `decode_kernels`, "triton-attention" only its attention (`decode_kernels.attention`). `nonfinite`, a bool
-        device scalar, is set when a logit is NaN or infinite."""
+        `decode_kernels`, "triton-attention" only its attention (`decode_kernels.attention`, which also writes the
+        block's keys and values into the cache). `nonfinite`, a bool device scalar, is set when a logit is NaN or
+        infinite."""
         if mask is not None or drop is not None:
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, mask, drop)
         elif compiled == "triton":
@@ -460,7 +461,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         return logits
 
     def _block_logits(self, cache, ids, start: int, keep: slice, parts, mask=None, drop=None, attention=None):
-        """`decode_block_logits` with the dense `parts` given; `attention`: a kernel in place of SDPA (no mask)."""
+        """`decode_block_logits` with the dense `parts` given; `attention` (`decode_kernels.attention`, decode steps
+        only) in place of the cache write and SDPA."""
         m, cfg = self.model, self.config
         B, n = ids.shape
         end = start + n
