@@ -216,14 +216,15 @@ def test_triton_decode_never_skips_hooks_on_the_embedding_or_the_final_norm():
         hook.remove()
 
 
-def test_triton_decode_needs_cuda_or_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("mode", ["triton", "triton-attention"])
+def test_triton_decode_needs_cuda_or_the_interpreter(mode, monkeypatch):
     model = make_model().to(DEVICE)
     with pytest.raises(ValueError, match="compile_decode needs"):
-        model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode="triton")
+        model.generate_video_tokens(class_labels=[0], cache_implementation="dynamic", compile_decode=mode)
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="compile_decode='triton' runs on a CUDA device"):
-            model.generate_video_tokens(class_labels=[0], cache_implementation="static", compile_decode="triton")
+        with pytest.raises(ValueError, match=f"compile_decode='{mode}' runs on a CUDA device"):
+            model.generate_video_tokens(class_labels=[0], cache_implementation="static", compile_decode=mode)
 
 
 def test_every_kernel_compiles_for_the_h100_without_spilling(tmp_path):
