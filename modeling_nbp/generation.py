@@ -152,6 +152,11 @@ def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
     return float(temperature), None if top_k is None else int(top_k), float(top_p), float(guidance_scale)
 
 
+# devices whose generation uses the static path unless a call says otherwise (on CUDA with CUDA graphs; on CPU it is
+# faster too, without them: `nbp bench`, README); elsewhere the dynamic cache, until measured
+STATIC_BY_DEFAULT = ("cuda", "cpu")
+
+
 @dataclass
 class GenerationStep:
     """What one decoding step produced: video tokens [start, end) in block order. `video_tokens` is the live
@@ -254,7 +259,7 @@ class NBPGenerationMixin:
         reference path).
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
-        shapes and no host synchronisation); default "static" on CUDA, "dynamic" elsewhere and for models whose
+        shapes and no host synchronisation); default "static" on CUDA and CPU, "dynamic" elsewhere and for models whose
         modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
         use_cuda_graphs (default: on with a static cache on CUDA) replays each step (the prefill too) from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
@@ -268,7 +273,7 @@ class NBPGenerationMixin:
                              "load the weights, or use enable_model_cpu_offload() or .to(device)")
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
-        fast = cuda_graphs_supported(self.device)
+        fast = self.device.type in STATIC_BY_DEFAULT
         wants_static = use_cache and (cache_implementation == "static" or (cache_implementation is None and fast))
         blockers = self.static_decode_blockers(triton=compile_decode == "triton") if wants_static else []
         if cache_implementation is None:

@@ -482,9 +482,9 @@ class NBPVideoPipeline(DiffusionPipeline):
             decode_batch_size: decode this many videos at a time (less memory).
             condition_ids: a raw (B, P) condition prefix (e.g. free-text ids for the UCF model) instead of labels.
             use_cache: False recomputes the whole sequence each step (the reference path).
-            cache_implementation: "static" (the default on CUDA: preallocated cache, decode steps replayed from CUDA
-                graphs) or "dynamic" (the default elsewhere, and for a generator with adapters or hooks the static
-                step would skip); see `NBPForVideoGeneration.iter_generation`.
+            cache_implementation: "static" (the default on CUDA and CPU: preallocated cache, lean steps, replayed from
+                CUDA graphs on CUDA) or "dynamic" (the default elsewhere, and for a generator with adapters or hooks
+                the static step would skip); see `NBPForVideoGeneration.iter_generation`.
             compile_decode: run the static path's decode step through `torch.compile` (the first call compiles); True
                 or a mode of `modeling_nbp.generation.DECODE_COMPILE_MODES`; "triton": through this project's Triton
                 kernels (small batches; CUDA); "triton-attention": its attention and sampling only (large batches;

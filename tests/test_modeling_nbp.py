@@ -100,33 +100,39 @@ def test_prefix_tokens_are_bidirectional():
 
 
 # ---- cached decoding = full recompute -------------------------------------------------------------------------------
+CACHES = ["dynamic", "static"]  # transformers' DynamicCache, and the static path (the default on CPU and CUDA)
+
+
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("block,first_block", [((1, 1, 1), "bov"), ((1, 1, 4), "bov"), ((1, 4, 4), "bov"),
                                                 ((1, 1, 4), "hybrid"), ((1, 4, 4), "hybrid"), ((2, 1, 2), "bov")])
-def test_cached_generation_equals_full_recompute(block, first_block):
+def test_cached_generation_equals_full_recompute(block, first_block, cache):
     latent = (4, 4, 4) if block[0] == 2 else (3, 4, 4)
     model = make_model(block=block, latent=latent, first_block=first_block)
     kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, temperature=1.0)
-    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), **kw)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), cache_implementation=cache, **kw)
     full = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
     assert torch.equal(cached, full)
     assert cached.shape == (2, *latent)
 
 
-def test_cached_frame_prediction_equals_full_recompute():
+@pytest.mark.parametrize("cache", CACHES)
+def test_cached_frame_prediction_equals_full_recompute(cache):
     model = make_model(mode="frames", first_block="none", num_context_frames=1)
     context = grid(model)[:, :1]
     kw = dict(context_ids=context, top_k=10)
-    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(0), **kw)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(0), cache_implementation=cache, **kw)
     full = model.generate_video_tokens(generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     assert torch.equal(cached, full)
     assert torch.equal(cached[:, :1], context)  # context kept as given
     assert len(model.layout.decode_schedule(16)) == (48 - 16) // 4
 
 
-def test_cached_guidance_equals_full_recompute():
+@pytest.mark.parametrize("cache", CACHES)
+def test_cached_guidance_equals_full_recompute(cache):
     model = make_model(first_block="hybrid")
     kw = dict(class_labels=[1, 2], guidance_scale=3.0)
-    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), **kw)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), cache_implementation=cache, **kw)
     full = model.generate_video_tokens(generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
     assert torch.equal(cached, full)
 
@@ -554,7 +560,7 @@ def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
     graphs = replay_graphs
     kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0)
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
-    kw["cache_implementation"] = "static"  # the default on CUDA (the CPU default is "dynamic")
+    kw["cache_implementation"] = "static"  # the default on CUDA and CPU
     steps = len(model.layout.decode_schedule(0))
     for call in range(3):  # the graphs are captured in the first call and replayed in the later ones
         fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw)

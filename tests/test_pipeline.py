@@ -76,11 +76,12 @@ def test_seeds(pipe):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_static_path_gives_the_default_tokens(pipe):
-    # the CUDA default (static cache, graphs on CUDA) gives the CPU default's tokens; compiling needs it
+def test_default_static_path_gives_the_dynamic_caches_tokens(pipe):
+    # the default (the static path, with graphs on CUDA) gives the tokens of transformers' DynamicCache; compiling
+    # needs the static path
     default = pipe(class_labels=[2], generator=gen(3), output_type="latent").frames
-    static = pipe(class_labels=[2], generator=gen(3), output_type="latent", cache_implementation="static").frames
-    assert torch.equal(default, static)
+    dynamic = pipe(class_labels=[2], generator=gen(3), output_type="latent", cache_implementation="dynamic").frames
+    assert torch.equal(default, dynamic) and pipe.transformer._static_decoder is not None
     with pytest.raises(ValueError, match="compile_decode needs"):
         pipe(class_labels=[2], cache_implementation="dynamic", compile_decode=True)
 
@@ -479,12 +480,14 @@ def test_guidance_runs_batched(pipe):
     a = pipe(class_labels=[0], guidance_scale=3.0, generator=gen(0), output_type="latent").frames
     b = pipe(class_labels=[0], guidance_scale=1.0, generator=gen(0), output_type="latent").frames
     assert a.shape == b.shape and not torch.equal(a, b)
-    # one forward per step for both halves: as many forwards as steps, each over a doubled batch
+    # one forward per step for both halves: as many forwards as steps, each over a doubled batch (counted on the
+    # dynamic cache's path, which calls the model's forward)
     batches = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, args, kw: batches.append(kw["input_ids"].shape[0]),
                                                       with_kwargs=True)
     try:
-        guided = pipe(class_labels=[0, 2], guidance_scale=3.0, generator=[gen(0), gen(1)], output_type="latent").frames
+        guided = pipe(class_labels=[0, 2], guidance_scale=3.0, generator=[gen(0), gen(1)], output_type="latent",
+                      cache_implementation="dynamic").frames
     finally:
         hook.remove()
     assert len(batches) == len(pipe.transformer.layout.decode_schedule(0)) and set(batches) == {4}
