@@ -12,7 +12,7 @@ from torch.nn import functional as F
 pytest.importorskip("triton")
 
 from modeling_nbp import decode_kernels, generation  # noqa: E402
-from test_modeling_nbp import make_model, replay_graphs  # noqa: E402,F401 (replay_graphs: a fixture)
+from test_modeling_nbp import captured_host_reads, make_model, replay_graphs  # noqa: E402,F401 (a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes float32 and float16 products (not bfloat16 ones); float32 sums differ only in their order
@@ -165,6 +165,13 @@ def test_triton_decode_replayed_from_graphs_gives_the_reference_tokens(replay_gr
                                            compile_decode="triton", **kw)
         assert torch.equal(fast, reference)
     assert replay_graphs and all(graph.replays for graph in replay_graphs)
+
+
+@pytest.mark.parametrize("mode", ["triton", "triton-attention"])
+def test_triton_steps_never_read_a_result_on_the_host(mode, replay_graphs, monkeypatch):
+    """The captured Triton steps (the prefill runs the PyTorch parts) hold no operator whose result the host reads."""
+    model = make_model(block=(1, 4, 4), first_block="bov").to(DEVICE)
+    assert captured_host_reads(model, monkeypatch, compile_decode=mode) == [] and replay_graphs
 
 
 def test_triton_decode_in_half_precision_gives_the_static_tokens():

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel
 
 from remote_code import run_without_package
@@ -553,6 +554,54 @@ def test_a_new_static_decoder_is_allocated_after_the_old_one_is_freed(monkeypatc
                         lambda self, *a, **k: (alive.append(old() is not None), real_init(self, *a, **k))[1])
     model.generate_video_tokens(class_labels=[0], top_k=5, cache_implementation="static")  # another batch size
     assert alive == [False]
+
+
+# operators whose result the host must read (a synchronisation): a CUDA graph cannot hold them
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2", "unique_dim",
+              "unique_consecutive"}
+
+
+class HostReads(TorchDispatchMode):
+    """Lists the operators of HOST_READS that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def captured_host_reads(model, monkeypatch, **kw) -> list:
+    """The HOST_READS operators of the steps that two guided generations capture (graphs stood in by
+    `replay_graphs`): the second call captures the first call's warm-ups, the prefill among them."""
+    reads = []
+    capture = generation.capture_cuda_graph  # the fixture's stand-in
+
+    def watched(fn, pool):
+        with HostReads() as watch:
+            result = capture(fn, pool)
+        reads.extend(watch.seen)
+        return result
+
+    monkeypatch.setattr(generation, "capture_cuda_graph", watched)
+    kw = dict(class_labels=[0, 2], top_k=20, top_p=0.9, guidance_scale=3.0, cache_implementation="static", **kw)
+    for _ in range(2):
+        model.generate_video_tokens(generator=torch.Generator().manual_seed(7), **kw)
+    return reads
+
+
+def test_captured_steps_never_read_a_result_on_the_host(replay_graphs, monkeypatch):
+    """What CUDA graph capture would refuse, found on CPU: every step the decoder captures (the prefill, token-by-token
+    and block steps; guided) runs its device work without an operator whose result the host reads."""
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    assert captured_host_reads(model, monkeypatch) == []
+    assert len(replay_graphs) == len(model.layout.decode_schedule(0))
+    with HostReads() as watch:  # the watch sees a read where there is one
+        bool(torch.ones(2).sum() > 1)
+    assert watch.seen == ["_local_scalar_dense"]
 
 
 def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
