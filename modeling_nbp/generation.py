@@ -383,11 +383,11 @@ class NBPGenerationMixin:
             draw_noise = None  # (out=None) -> this step's sampling noise, drawn into `out` when given
             if sampling["temperature"] > 0:
                 draw_noise = partial(_noise, (B, b - a), generator, device)
-            step_drop = drop if start < layout.prefix_length else None
-            if decoder is not None:
+            if decoder is not None:  # it holds its own condition dropout (a graph keeps the tensor it captured)
                 tokens = decoder(self, ids, start, keep_slice, draw_noise)
             else:
                 noise = draw_noise() if draw_noise else None
+                step_drop = drop if start < layout.prefix_length else None
                 tokens = self.decode_step(ids, keep, noise, step_drop, cache, use_cache=use_cache,
                                           nonfinite=nonfinite, **sampling)
             sampled = tokens  # video ids, or ids of the whole vocabulary (sample_whole_vocabulary)

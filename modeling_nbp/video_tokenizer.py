@@ -566,9 +566,9 @@ class IncrementalDecoder:
         if self.states is None:
             self.batch_size, self.grid, self.states = ids.shape[0], tuple(ids.shape[2:]), [{} for _ in chunks]
         videos = []
+        *body, norm, act, conv = tok.decoder_layers
         for chunk, state in zip(chunks, self.states):
             x = tok.indices_to_codes(chunk, validate=False).to(tok.dtype)
-            *body, norm, act, conv = tok.decoder_layers
             for layer in body:
                 x = self._layer(layer, x, state)
             x = self._norm_act_conv(norm, act, conv, x, state)
