@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
 # tests/ has no __init__.py: make its helper modules (e.g. `hub_server`) importable from the test files.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass  # the Triton tests skip themselves
+    else:
+        from triton_interpreter import interpret_bfloat16_as_a_gpu
+
+        interpret_bfloat16_as_a_gpu()
+
 from hub_server import LocalHubServer, forget_hub_clients, use_local_hub  # noqa: E402
 
 
