@@ -54,6 +54,11 @@ def build(size: str, block_shape, device, dtype, task="k600", attn="sdpa"):
 
 def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     """Median seconds of `fn()` over `repeats` runs after `warmup` runs (CUDA events on a GPU)."""
+    return statistics.median(timings(fn, device, repeats, warmup))
+
+
+def timings(fn, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` runs of `fn()` after `warmup` runs (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -69,7 +74,7 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def reset_peak_memory(device):
@@ -80,6 +85,26 @@ def reset_peak_memory(device):
 
 def peak_memory_gib(device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def forced_step_logits(model, forced: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """Every step's logits (float32 copies) of a greedy generation whose steps are fed `forced` (B, N video ids in
+    block order) instead of what they chose, so that paths whose roundings differ see the same inputs at every step.
+    Static path without graphs (each step runs in Python, where it is recorded); `kwargs` go to `iter_generation`."""
+    steps, step = [], model.decode_block_logits
+
+    def recorded(*args, **kw):
+        logits = step(*args, **kw)
+        steps.append(logits.float().clone())
+        return logits
+
+    model.decode_block_logits = recorded
+    try:
+        for s in model.iter_generation(temperature=0.0, cache_implementation="static", use_cuda_graphs=False, **kwargs):
+            s.video_tokens[:, s.start : s.end] = forced[:, s.start : s.end]
+    finally:
+        del model.decode_block_logits
+    return steps
 
 
 def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling=PAPER_SAMPLING, log=print,
@@ -105,11 +130,13 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
                 reset_peak_memory(device)
                 first = timed(run, device, 1, warmup=0)  # the first call: graph capture, compilation
                 # the second call of a static path still captures the graphs of the steps the first ran as warm-ups
-                seconds = timed(run, device, repeats if method == "NBP" else ntp_repeats,
+                times = timings(run, device, repeats if method == "NBP" else ntp_repeats,
                                 warmup=0 if variant == "eager" else 1)
+                seconds = statistics.median(times)
                 rows.append(dict(method=method, variant=variant, batch=batch, steps=steps,
                                  ms_per_video=1000 * seconds / batch, fps=GENERATED_FRAMES * batch / seconds,
-                                 peak_gib=peak_memory_gib(device), first_call_ms=1000 * first))
+                                 peak_gib=peak_memory_gib(device), first_call_ms=1000 * first,
+                                 ms_range=(1000 * min(times) / batch, 1000 * max(times) / batch)))
                 log(rows[-1])
         model.clear_decode_cache()
         del model
@@ -198,11 +225,14 @@ def format_training_table(rows) -> str:
 
 
 def format_table(rows) -> str:
-    lines = [f"{'method':<6} {'variant':<10} {'batch':>5} {'steps':>5} {'ms/video':>10} {'FPS':>9} {'peak GiB':>9}"]
+    """The generation rows as a table: ms/video is the median, `range` the fastest and slowest run."""
+    lines = [f"{'method':<6} {'variant':<16} {'batch':>5} {'steps':>5} {'ms/video':>10} {'range':>17} {'FPS':>9} "
+             f"{'peak GiB':>9}"]
     for r in rows:
         peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"  # NaN on CPU
-        lines.append(f"{r['method']:<6} {r['variant']:<10} {r['batch']:>5} {r['steps']:>5} {r['ms_per_video']:>10.1f} "
-                     f"{r['fps']:>9.1f} {peak:>9}")
+        spread = "{:.1f}-{:.1f}".format(*r["ms_range"])
+        lines.append(f"{r['method']:<6} {r['variant']:<16} {r['batch']:>5} {r['steps']:>5} {r['ms_per_video']:>10.1f} "
+                     f"{spread:>17} {r['fps']:>9.1f} {peak:>9}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ def test_generation_rows_and_ratios():
                                  log=lambda row: None, variants=("optimized",), ntp_batches=())
     assert [(r["method"], r["variant"], r["batch"], r["steps"]) for r in rows] == [("NBP", "optimized", 1, 48)]
     assert rows[0]["fps"] == bench.GENERATED_FRAMES * 1000 / rows[0]["ms_per_video"] and rows[0]["first_call_ms"] > 0
-    assert "NBP    optimized      1    48" in bench.format_table(rows)
+    low, high = rows[0]["ms_range"]
+    assert low <= rows[0]["ms_per_video"] <= high
+    assert "NBP    optimized            1    48" in bench.format_table(rows)
     # ratios are taken between rows of the same batch
     fake = [dict(method=m, variant=v, batch=b, ms_per_video=ms) for m, v, b, ms in
             (("NBP", "eager", 1, 40.0), ("NBP", "optimized", 1, 10.0), ("NTP", "eager", 1, 400.0),
@@ -41,3 +43,28 @@ def test_flex_attention_training_is_refused_on_cpu(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--train", "--device", "cpu", "--attn_implementation", "flex_attention"])
     assert "flex_attention trains on CUDA only" in capsys.readouterr().err
+
+
+def test_gpu_check_decides_by_the_runs_spread_and_the_checks():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rows = [dict(method="NBP", variant=v, batch=b, ms_per_video=ms, ms_range=spread) for v, b, ms, spread in (
+        ("eager", 1, 500.0, (490.0, 510.0)), ("optimized", 1, 115.0, (112.0, 120.0)),
+        ("triton", 1, 60.0, (58.0, 63.0)), ("triton-attention", 1, 113.0, (110.0, 118.0)),  # inside the spread
+        ("optimized", 64, 8.8, (8.7, 8.9)), ("triton-attention", 64, 7.5, (7.4, 7.6)))]
+    checks = {"fp32 triton vs eager, greedy (equal tokens)": 1.0,
+              "fp32 triton-attention vs eager, greedy (equal tokens)": 1.0,
+              "bf16 static step logits vs fp32, max error (bf16 eps)": 1.2,
+              "bf16 triton step logits vs fp32, max error (bf16 eps)": 1.1,
+              "bf16 triton-attention step logits vs fp32, max error (bf16 eps)": 2.0}
+    lines = gpu_check.decode_decisions({"generation": {"rows": rows}, "triton checks": checks})
+    assert lines[0].startswith("decision, NBP batch 1: beyond the spread of optimized (112.00-120.00 ms): triton 60.00")
+    assert "checks passed" in lines[0] and "triton-attention" not in lines[0]
+    assert "triton-attention 7.50 ms (1.17x; checks FAILED" in lines[1]  # its bf16 error is over 1.25x the step's
+    del checks["bf16 static step logits vs fp32, max error (bf16 eps)"]
+    assert "checks missing" in gpu_check.decode_decisions({"generation": {"rows": rows}, "triton checks": checks})[0]
