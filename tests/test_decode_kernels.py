@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 from modeling_nbp import decode_kernels, generation  # noqa: E402
 from modeling_nbp.bench import forced_step_logits  # noqa: E402
 from test_modeling_nbp import captured_host_reads, make_model, replay_graphs  # noqa: E402,F401 (a fixture)
+from triton_interpreter import guard_intact, guarded  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 sums differ only in their order; half precision: one rounding of each result (bfloat16 under the
@@ -23,6 +24,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def close(actual, expected, dtype):
+    """Within the dtype's tolerance (a NaN, e.g. from a read past a `guarded` input, fails)."""
     scale = expected.abs().max().clamp(min=1)
     assert (actual.float() - expected.float()).abs().max() <= TOLERANCE[dtype] * scale
 
@@ -40,7 +42,8 @@ def tiling(request, monkeypatch):
 @pytest.mark.parametrize("M,N,K", [(1, 40, 24), (16, 96, 72), (70, 200, 130)])  # 70 rows: two row blocks
 def test_linear_and_its_epilogues(dtype, M, N, K, tiling):
     g = torch.Generator().manual_seed(M)
-    x, w, b, r = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((M, K), (N, K), (N,), (M, N)))
+    x, w, b, r = (guarded(torch.randn(shape, generator=g).to(DEVICE, dtype))
+                  for shape in ((M, K), (N, K), (N,), (M, N)))
     product = F.linear(x.float(), w.float(), b.float())
     close(decode_kernels.linear(x, w, b), product, dtype)
     close(decode_kernels.linear(x, w), F.linear(x.float(), w.float()), dtype)
@@ -55,11 +58,12 @@ def test_layer_norm_inside_the_next_product(dtype, tiling):
     The stream's mean of 10 would cost digits to a sum-of-squares variance."""
     M, K, N = 5, 72, 100
     g = torch.Generator().manual_seed(2)
-    x, w, b, r, w2, b2, gain, shift = (torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in (
+    x, w, b, r, w2, b2, gain, shift = (guarded(torch.randn(shape, generator=g).to(DEVICE, dtype)) for shape in (
         (M, K), (N, K), (N,), (M, N), (40, N), (40,), (N,), (N,)))
-    y, stats = decode_kernels.linear(x, w, b, residual=r + 10, stats=True)
+    y, stats = decode_kernels.linear(x, w, b, residual=guarded(r + 10), stats=True)
     close(y, F.linear(x.float(), w.float(), b.float()) + (r + 10).float(), dtype)
     assert stats.shape == (-(-N // decode_kernels._TILINGS[0][0]), 3, M)  # one slice per column block
+    y, stats = guarded(y), guarded(stats)
     normed = F.layer_norm(y.float(), (N,), gain.float(), shift.float(), 1e-5).to(dtype)
     out = decode_kernels.linear(y, w2, b2, norm=(gain, shift, 1e-5, stats))
     close(out, F.linear(normed.float(), w2.float(), b2.float()), dtype)
@@ -70,7 +74,7 @@ def test_embedding_and_its_row_statistics(dtype, tiling):
     """The step's input from ids that are a slice of the sequence (not contiguous), and the layer norm of the first
     layer from its statistics."""
     g = torch.Generator().manual_seed(5)
-    tokens_, positions, gain, shift, w = (torch.randn(shape, generator=g).to(DEVICE, dtype)
+    tokens_, positions, gain, shift, w = (guarded(torch.randn(shape, generator=g).to(DEVICE, dtype))
                                           for shape in ((50, 24), (40, 24), (24,), (24,), (30, 24)))
     sequence = torch.randint(0, 50, (3, 20), generator=g).to(DEVICE)
     ids, start = sequence[:, 7:11], 7
@@ -78,29 +82,33 @@ def test_embedding_and_its_row_statistics(dtype, tiling):
     expected = (F.embedding(ids, tokens_) + positions[start : start + 4]).reshape(12, 24)
     assert torch.equal(x, expected)
     normed = F.layer_norm(x.float(), (24,), gain.float(), shift.float(), 1e-5).to(dtype)
-    close(decode_kernels.linear(x, w, norm=(gain, shift, 1e-5, stats)), F.linear(normed.float(), w.float()), dtype)
+    out = decode_kernels.linear(guarded(x), w, norm=(gain, shift, 1e-5, guarded(stats)))
+    close(out, F.linear(normed.float(), w.float()), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qkv_product_writes_the_cache_and_attention_reads_it(dtype, tiling):
     """The q/k/v product writes keys and values at [start, start + tokens) of each sequence and head, and leaves the
     rest of the cache as it was; attention over [0, end) in one program (end <= 128) or in splits (the last program
-    of a head joins them) equals SDPA. head_dim 12 is not a power of two, as the 700M model's 96."""
+    of a head joins them) equals SDPA. head_dim 12 is not a power of two, as the 700M model's 96. The cache past the
+    block holds NaN, as does the memory around every input: a read there would show in the result."""
     B, tokens, heads, head_dim, length, start = 2, 5, 3, 12, 400, 300
-    D = heads * head_dim
+    D, end = heads * head_dim, start + tokens
     g = torch.Generator().manual_seed(1)
-    kv = torch.randn((2, B, heads, length, head_dim), generator=g).to(DEVICE, dtype)
-    x = torch.randn((B * tokens, D), generator=g).to(DEVICE, dtype)
-    w, b = (torch.randn(shape, generator=g).div(8).to(DEVICE, dtype) for shape in ((3 * D, D), (3 * D,)))
+    kv = guarded(torch.randn((2, B, heads, length, head_dim), generator=g).to(DEVICE, dtype))
+    kv[:, :, :, end:] = float("nan")
+    x = guarded(torch.randn((B * tokens, D), generator=g).to(DEVICE, dtype))
+    w, b = (guarded(torch.randn(shape, generator=g).div(8).to(DEVICE, dtype)) for shape in ((3 * D, D), (3 * D,)))
     q_k_v = F.linear(x.float(), w.float(), b.float()).view(B, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     expected = kv.clone()
-    expected[:, :, :, start : start + tokens] = q_k_v[1:].to(dtype)
-    q = decode_kernels.linear(x, w, b, qkv=(tokens, start, D, head_dim), kv=kv)
+    expected[:, :, :, start:end] = q_k_v[1:].to(dtype)
+    q = guarded(decode_kernels.linear(x, w, b, qkv=(tokens, start, D, head_dim), kv=kv))
     close(q, q_k_v[0].transpose(1, 2).reshape(B * tokens, D), dtype)
-    close(kv, expected, dtype)
+    close(kv[:, :, :, :end], expected[:, :, :, :end], dtype)
     assert torch.equal(kv[:, :, :, :start], expected[:, :, :, :start])
+    assert kv[:, :, :, end:].isnan().all() and guard_intact(kv)
     counters = torch.zeros(B * heads, dtype=torch.int32, device=DEVICE)
-    for end in (start + tokens, 100, start + tokens):  # three splits, one; the counters are back at zero after a launch
+    for end in (end, 100, end):  # three splits, one; the counters are back at zero after a launch
         out = decode_kernels.attention(q, kv, tokens, end, head_dim**-0.5, counters)
         assert not counters.any()
         reference = F.scaled_dot_product_attention(q.float().view(B, tokens, heads, head_dim).transpose(1, 2),
@@ -117,18 +125,21 @@ def test_attention_reads_the_block_in_the_qkv_rows_and_writes_the_cache(dtype, p
     values in the q/k/v product's rows (q | k | v), its keys and values written into the cache by the kernel, the
     rest of the cache left as it was. A launch that would exceed ATTENTION_PROGRAMS programs (B * heads = 6 here)
     gives each program a longer run of keys instead, down to one program per head. The block's 4 positions lie
-    across two programs' runs of keys (end 130 in chunks of 128) or across two blocks of 32 keys of one program."""
+    across two programs' runs of keys (end 130 in chunks of 128) or across two blocks of 32 keys of one program.
+    The cache past the block holds NaN, as does the memory around every input."""
     monkeypatch.setattr(decode_kernels, "ATTENTION_PROGRAMS", programs)
     B, tokens, heads, head_dim = 2, 4, 3, 12
     D, start = heads * head_dim, end - tokens
     g = torch.Generator().manual_seed(4)
-    kv = torch.randn((2, B, heads, 320, head_dim), generator=g).to(DEVICE, dtype)
-    rows = torch.randn((B * tokens, 3 * D), generator=g).to(DEVICE, dtype)
+    kv = guarded(torch.randn((2, B, heads, 320, head_dim), generator=g).to(DEVICE, dtype))
+    kv[:, :, :, start:] = float("nan")
+    rows = guarded(torch.randn((B * tokens, 3 * D), generator=g).to(DEVICE, dtype))
     expected = kv.clone()
     expected[:, :, :, start:end] = rows.view(B, tokens, 3, heads, head_dim)[:, :, 1:].permute(2, 0, 3, 1, 4)
     counters = torch.zeros(B * heads, dtype=torch.int32, device=DEVICE)
     out = decode_kernels.attention(rows, kv, tokens, end, head_dim**-0.5, counters, new_kv=True)
-    assert torch.equal(kv, expected) and not counters.any()
+    assert torch.equal(kv[:, :, :, :end], expected[:, :, :, :end]) and not counters.any()
+    assert kv[:, :, :, end:].isnan().all() and guard_intact(kv)
     q = rows[:, :D].reshape(B, tokens, heads, head_dim).transpose(1, 2)
     reference = F.scaled_dot_product_attention(q.float(), kv[0, :, :, :end].float(), kv[1, :, :, :end].float(),
                                                scale=head_dim**-0.5)

@@ -30,3 +30,24 @@ def interpret_bfloat16_as_a_gpu():
         return cast(self, src, dst_type)
 
     builder.create_dot, builder.cast_impl = create_dot, cast_impl
+
+
+GUARD = 1024  # elements of NaN (or -1) on each side of a `guarded` tensor
+
+
+def guarded(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` in the middle of a buffer filled with NaN (-1 for integers). A kernel that reads past
+    either end of it (the interpreter, like a GPU, reads the neighbouring memory without complaint) gets NaN into its
+    result instead of a neighbour's plausible value; `guard_intact` tells whether a kernel wrote past it."""
+    fill = -1 if not t.is_floating_point() else float("nan")
+    buffer = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype, device=t.device)
+    inner = buffer[GUARD : GUARD + t.numel()].view(t.shape)
+    inner.copy_(t)
+    return inner
+
+
+def guard_intact(t: torch.Tensor) -> bool:
+    """The guard zones of a `guarded` tensor still hold only their fill."""
+    buffer = torch.as_strided(t, (t.numel() + 2 * GUARD,), (1,), t.storage_offset() - GUARD)
+    zones = torch.cat([buffer[:GUARD], buffer[-GUARD:]])
+    return bool(zones.isnan().all()) if t.is_floating_point() else bool((zones == -1).all())
