@@ -461,6 +461,18 @@ class NBPGenerationMixin:
                 callback(last)
         return self.layout.sequence_to_grid(last.video_tokens.clone())
 
+    def generate(self, input_ids=None, generation_config: GenerationConfig | None = None, **kwargs):
+        """transformers' name for generation: `generate_video_tokens` with the same keyword arguments, and a
+        `generation_config` in place of the model's own for the sampling values the call does not set."""
+        if input_ids is not None:
+            raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
+                             "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
+                             "those to generate() instead")
+        if generation_config is not None:
+            names = ("temperature", "top_k", "top_p", "guidance_scale")
+            kwargs.update(zip(names, resolve_sampling(generation_config, *(kwargs.pop(n, None) for n in names))))
+        return self.generate_video_tokens(**kwargs)
+
 
 # ---- the fast decode path: a preallocated block KV cache, a lean decode step, and CUDA graphs of the steps.
 #

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, GenerationConfig
 
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
@@ -188,6 +188,22 @@ def test_sampling_defaults_come_from_the_generation_config_then_the_paper(tmp_pa
     loaded.generation_config.top_p = 0.0
     with pytest.raises(ValueError, match="top_p was not passed to this call: it came from the model's generation_config"):
         loaded.generate_video_tokens(class_labels=[0])
+
+
+def test_generate_is_transformers_name_for_generation():
+    model = make_model()
+    kw = dict(class_labels=[0, 1], top_k=5)
+    tokens = model.generate(generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(tokens, model.generate_video_tokens(generator=torch.Generator().manual_seed(2), **kw))
+    # a generation_config given to the call stands in for the model's own; the call's own values still win
+    greedy = model.generate_video_tokens(class_labels=[0, 1], temperature=0)
+    assert torch.equal(model.generate(class_labels=[0, 1], generation_config=GenerationConfig(do_sample=False)), greedy)
+    config = GenerationConfig(do_sample=True, top_k=5, temperature=0.5)
+    assert torch.equal(model.generate(generator=torch.Generator().manual_seed(2), generation_config=config,
+                                      temperature=1.0, **kw), tokens)
+    assert model.generation_config.top_k != 5  # the model's own is left as it was
+    with pytest.raises(ValueError, match="input_ids: an NBP video is generated from class_labels"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_sampler_draws_from_the_filtered_distribution():
