@@ -46,6 +46,7 @@ import time
 import traceback
 
 import torch
+from torch.nn import functional as F
 
 from modeling_nbp import NBPConfig, NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.conversion.convert_nbp import GENERATOR_PREFIX, convert_generator_state_dict
@@ -518,6 +519,18 @@ def main(argv=None):
                     c, xs = conv.to(memory_format=layout), x.to(memory_format=layout)
                     out[f"widest 3x3x3 conv TFLOP/s, {name}"] = attempt(
                         lambda: flop / timed(lambda: c(xs), device, args.repeats) / 1e12)
+                # the same conv as a 2D one over the 3 frames each output sees, stacked as channels (frames as the
+                # batch, channels-last: cuDNN's most tuned path), with and without the stacking copy: whether
+                # the tokenizer would gain from running its convolutions as 2D ones
+                stacked = x.unfold(2, 3, 1).permute(0, 2, 5, 1, 3, 4).reshape(17, 3 * width, size + 2, size + 2)
+                weight2d = conv.weight.permute(0, 2, 1, 3, 4).reshape(width, 3 * width, 3, 3).contiguous(
+                    memory_format=torch.channels_last)
+                frames2d = stacked.contiguous(memory_format=torch.channels_last)
+                out["widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, conv only"] = attempt(
+                    lambda: flop / timed(lambda: F.conv2d(frames2d, weight2d, conv.bias), device, args.repeats) / 1e12)
+                out["widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, with the stacking copy"] = attempt(
+                    lambda: flop / timed(lambda: F.conv2d(stacked.contiguous(memory_format=torch.channels_last),
+                                                          weight2d, conv.bias), device, args.repeats) / 1e12)
                 # every figure here uses cuDNN's autotuning of the convolutions (set by this script); without it:
                 torch.backends.cudnn.benchmark = False
                 try:
