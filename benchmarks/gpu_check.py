@@ -522,15 +522,22 @@ def main(argv=None):
                 # the same conv as a 2D one over the 3 frames each output sees, stacked as channels (frames as the
                 # batch, channels-last: cuDNN's most tuned path), with and without the stacking copy: whether
                 # the tokenizer would gain from running its convolutions as 2D ones
-                stacked = x.unfold(2, 3, 1).permute(0, 2, 5, 1, 3, 4).reshape(17, 3 * width, size + 2, size + 2)
+                def stack(x):  # (1, C, 19, H, W) -> (17, 3 C, H, W) channels-last, frame j of 3 in channels j C...
+                    frames = x.unfold(2, 3, 1).permute(0, 2, 3, 4, 5, 1)  # (1, 17, H, W, 3, C), a view
+                    return frames.reshape(17, size + 2, size + 2, 3 * width).permute(0, 3, 1, 2)  # one copy
+
+                # ...matching the weight's (out, 3 in) order, time tap major
                 weight2d = conv.weight.permute(0, 2, 1, 3, 4).reshape(width, 3 * width, 3, 3).contiguous(
                     memory_format=torch.channels_last)
-                frames2d = stacked.contiguous(memory_format=torch.channels_last)
+                stacked = stack(x)
                 out["widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, conv only"] = attempt(
-                    lambda: flop / timed(lambda: F.conv2d(frames2d, weight2d, conv.bias), device, args.repeats) / 1e12)
-                out["widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, with the stacking copy"] = attempt(
-                    lambda: flop / timed(lambda: F.conv2d(stacked.contiguous(memory_format=torch.channels_last),
-                                                          weight2d, conv.bias), device, args.repeats) / 1e12)
+                    lambda: flop / timed(lambda: F.conv2d(stacked, weight2d, conv.bias), device, args.repeats) / 1e12)
+                for name, layout in (("contiguous", torch.contiguous_format), ("channels_last_3d",
+                                                                                torch.channels_last_3d)):
+                    xs = x.to(memory_format=layout)
+                    out[f"widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, with the stacking copy from {name}"] = (
+                        attempt(lambda: flop / timed(lambda: F.conv2d(stack(xs), weight2d, conv.bias), device,
+                                                     args.repeats) / 1e12))
                 # every figure here uses cuDNN's autotuning of the convolutions (set by this script); without it:
                 torch.backends.cudnn.benchmark = False
                 try:
