@@ -20,7 +20,8 @@ a section that would start after --time_budget seconds is skipped, so the run en
    kernel and the top kernels; the sampler alone per video (48 steps).
 5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too (with PyTorch's norms and with the Triton ones, checked against
-   each other); the Triton decode step, the Triton norms, both, and overlapped decoding.
+   each other, also channels-last and with `conv_implementation="frames2d"`); the Triton decode step, the Triton
+   norms, both (and with frames2d), and overlapped decoding.
 6. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
    --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
    sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
@@ -578,10 +579,27 @@ def main(argv=None):
                                 lambda: kernel_profile(lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
                         finally:
                             tok.to(memory_format=torch.contiguous_format)
+                        # the convolutions as 2D ones over stacked frames (channels-last activations)
+                        tok.conv_implementation = "frames2d"
+                        try:
+                            out["triton norms + frames2d: decode max abs difference"] = float(
+                                (tok.decode(ids) - pixels).abs().max())
+                            for name, fn in (("encode 5 frames", lambda: tok.encode(frames)),
+                                             ("decode 17 frames", lambda: tok.decode(ids))):
+                                out[f"{name} ms, triton norms + frames2d"] = 1000 * timed(fn, device, args.repeats)
+                            out["decode 17 frames, kernel profile, triton norms + frames2d"] = attempt(
+                                lambda: kernel_profile(lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
+                        finally:
+                            tok.conv_implementation = "conv3d"
 
-            def end_to_end(**options):
-                return attempt(lambda: 1000 * timed(lambda: pipe(video=video, output_type="pt", generator=gen(4),
-                                                                 **options, **PAPER_SAMPLING), device, args.repeats))
+            def end_to_end(conv_implementation="conv3d", **options):
+                tok.conv_implementation = conv_implementation
+                try:
+                    return attempt(lambda: 1000 * timed(lambda: pipe(video=video, output_type="pt", generator=gen(4),
+                                                                     **options, **PAPER_SAMPLING), device,
+                                                        args.repeats))
+                finally:
+                    tok.conv_implementation = "conv3d"
 
             triton_step = dict(compile_decode="triton", cache_implementation="static")
             out["end-to-end ms per video, compile_decode=triton"] = end_to_end(**triton_step)
@@ -589,6 +607,9 @@ def main(argv=None):
             if failed is None:
                 out["end-to-end ms per video, triton norms"] = end_to_end()
                 out["end-to-end ms per video, compile_decode=triton + triton norms"] = end_to_end(**triton_step)
+                if cuda:
+                    out["end-to-end ms per video, compile_decode=triton + triton norms + frames2d"] = end_to_end(
+                        "frames2d", **triton_step)
             else:
                 out["triton norms"] = failed
             tok.norm_implementation = "torch"

@@ -41,6 +41,9 @@ _RANGE_TOLERANCE = 1e-3
 # PyTorch's modules one after another; "triton", two kernels (`norm_kernels`; CUDA, or CPU under Triton's
 # interpreter), used where no gradient is recorded
 NORM_IMPLEMENTATIONS = ("torch", "triton")
+# how it computes each convolution (`NBPVideoTokenizer.conv_implementation`): "conv3d", PyTorch's 3D convolution;
+# "frames2d", one 2D convolution over the frames each output frame sees, stacked as input channels (`FrameConv3d`)
+CONV_IMPLEMENTATIONS = ("conv3d", "frames2d")
 
 
 def depth_to_space(x: torch.Tensor, time_factor: int, space_factor: int) -> torch.Tensor:
@@ -84,6 +87,28 @@ class FrameGroupNorm(nn.GroupNorm):
         return y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
+class FrameConv3d(nn.Conv3d):
+    """nn.Conv3d (no padding, dilation or groups) that can also run as one 2D convolution: the kt frames each output
+    frame sees are stacked as kt * C input channels (time tap major, as the weight is reordered), the output frames
+    are the batch, channels-last. The same function up to float rounding (the sums run in another order), in the
+    2D kernels GPUs tune most; it costs one copy of kt times the input. `as_frames` is set by the tokenizer's
+    `conv_implementation`."""
+
+    as_frames = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.as_frames:
+            return super().forward(x)
+        (kt, kh, kw), (st, sh, sw) = self.kernel_size, self.stride
+        B, C, _, H, W = x.shape
+        frames = x.unfold(2, kt, st)  # (B, C, T', H, W, kt), a view
+        T = frames.shape[2]
+        stacked = frames.permute(0, 2, 3, 4, 5, 1).reshape(B * T, H, W, kt * C).permute(0, 3, 1, 2)
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * C, kh, kw)
+        y = F.conv2d(stacked, weight, self.bias, stride=(sh, sw))  # (B T', out, H', W')
+        return y.unflatten(0, (B, T)).transpose(1, 2)  # (B, out, T', H', W'), a view
+
+
 class CausalConv3d(nn.Module):
     """Conv3d that sees only the current and past frames.
 
@@ -94,7 +119,7 @@ class CausalConv3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride=(1, 1, 1)):
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
+        self.conv = FrameConv3d(in_channels, out_channels, kernel_size, stride=stride)
         half = kernel_size // 2
         self.padding = (half, half, half, half, 2 * half, 0)  # (W left/right, H top/bottom, T front/back)
 
@@ -260,6 +285,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._in_channels = in_channels
         self.gradient_checkpointing = False
         self._norm_implementation = "torch"
+        self._conv_implementation = "conv3d"
 
         latent_dim = self.quantizer.dim
         pixel_channels = in_channels * patch_size * patch_size
@@ -273,7 +299,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             for _ in range(n_units):
                 encoder.append(ResidualUnit(width, level_width, norm_num_groups))
                 width = level_width
-        encoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), nn.Conv3d(width, latent_dim, 1)]
+        encoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), FrameConv3d(width, latent_dim, 1)]
         self.encoder_layers = nn.ModuleList(encoder)
 
         decoder = [CausalConv3d(latent_dim, widths[-1])]
@@ -301,6 +327,22 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         if value not in NORM_IMPLEMENTATIONS:
             raise ValueError(f"norm_implementation must be one of {NORM_IMPLEMENTATIONS}, got {value!r}")
         self._norm_implementation = value
+
+    @property
+    def conv_implementation(self) -> str:
+        """How every convolution runs, one of `CONV_IMPLEMENTATIONS`: "conv3d" (the default) or "frames2d" (one 2D
+        convolution over stacked frames, `FrameConv3d`; everywhere: encode, decode, the incremental decoder,
+        training). Not saved with the model."""
+        return self._conv_implementation
+
+    @conv_implementation.setter
+    def conv_implementation(self, value: str):
+        if value not in CONV_IMPLEMENTATIONS:
+            raise ValueError(f"conv_implementation must be one of {CONV_IMPLEMENTATIONS}, got {value!r}")
+        self._conv_implementation = value
+        for module in self.modules():
+            if isinstance(module, FrameConv3d):
+                module.as_frames = value == "frames2d"
 
     # ----------------------------------------------------------------------------------------- geometry
     @property

@@ -134,6 +134,20 @@ def test_a_channels_last_tokenizer_decodes_the_same(kernel_calls):
         assert sum(norm_kernels._channels_last(x) for x in kernel_calls) == len(kernel_calls) - 3
 
 
+def test_convolutions_over_stacked_frames_feed_the_kernels_channels_last(kernel_calls):
+    """`conv_implementation="frames2d"` gives channels-last activations (on CPU too: the 2D convolution's output is
+    channels-last), which the kernels read as they are."""
+    tok = make(OFFICIAL_PATTERN)
+    video = rand_video(1, 3, 5, 16, 16).to(DEVICE)
+    ids = torch.randint(0, tok.codebook_size, (1, 3, 2, 2), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        latents, expected = tok._encode_latents(video), tok.decode(ids)
+        tok.conv_implementation, tok.norm_implementation = "frames2d", "triton"
+        torch.testing.assert_close(tok._encode_latents(video), latents, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tok.decode(ids), expected, atol=1e-5, rtol=1e-5)
+    assert sum(norm_kernels._channels_last(x) for x in kernel_calls) > len(kernel_calls) // 2
+
+
 def test_the_pipeline_gives_the_same_frames_with_the_kernels(kernel_calls):
     """Frame prediction end to end (encode the context, generate, decode; also decoding while generating) with the
     Triton norms gives the frames of PyTorch's."""

@@ -5,8 +5,8 @@ import torch
 
 from accelerate.utils import convert_outputs_to_fp32
 
-from modeling_nbp.video_tokenizer import (NBPVideoTokenizer, NBPVideoTokenizerOutput, ResidualUnit, depth_to_space,
-                                          space_to_depth)
+from modeling_nbp.video_tokenizer import (FrameConv3d, NBPVideoTokenizer, NBPVideoTokenizerOutput, ResidualUnit,
+                                          depth_to_space, space_to_depth)
 
 # Tiny configurations: (time, space) compression (2, 2), (4, 8) with the official stride pattern, and (4, 8)
 # from a 2x space-to-depth stem plus two conv downsamplings.
@@ -194,6 +194,43 @@ def test_incremental_decoding_matches_full_decoding(config, splits):
     torch.testing.assert_close(torch.cat(chunks, dim=2), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds a batch of 3 videos"):
         decoder(ids[:1, :1])
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, (1, 1, 1)), (3, (1, 2, 2)), (3, (2, 2, 2)), (1, (1, 1, 1))])
+def test_a_convolution_over_stacked_frames_is_the_3d_convolution(kernel, stride):
+    conv = FrameConv3d(6, 5, kernel, stride=stride)
+    x = torch.randn(2, 6, 7, 8, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    outputs, grads = [], []
+    for as_frames in (False, True):
+        conv.as_frames = as_frames
+        y = conv(x)
+        y.square().sum().backward()
+        outputs.append(y)
+        grads.append(torch.cat([x.grad.flatten(), conv.weight.grad.flatten(), conv.bias.grad.flatten()]))
+        x.grad = conv.weight.grad = conv.bias.grad = None
+    assert outputs[1].shape == outputs[0].shape
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [OFFICIAL_PATTERN, PATCHED], ids=["official-pattern", "patched"])
+def test_tokenizer_with_2d_convolutions_over_stacked_frames(config):
+    tok = make(config)
+    video = rand_video(2, 3, 9, 16, 16)
+    ids = torch.randint(0, tok.codebook_size, (2, 3, 2, 2), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        latents, decoded = tok._encode_latents(video), tok.decode(ids)
+        tok.conv_implementation = "frames2d"
+        assert all(m.as_frames for m in tok.modules() if isinstance(m, FrameConv3d))
+        torch.testing.assert_close(tok._encode_latents(video), latents, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tok.decode(ids), decoded, atol=1e-5, rtol=1e-5)
+        decoder = tok.incremental_decoder()
+        frames = torch.cat([decoder(ids[:, :1]), decoder(ids[:, 1:])], dim=2)
+        torch.testing.assert_close(frames, decoded, atol=1e-5, rtol=1e-5)
+    tok.conv_implementation = "conv3d"
+    assert not any(m.as_frames for m in tok.modules() if isinstance(m, FrameConv3d))
+    with pytest.raises(ValueError, match=r"conv_implementation must be one of \('conv3d', 'frames2d'\), got 'conv2d'"):
+        tok.conv_implementation = "conv2d"
 
 
 def test_prefix_encoding_matches_full_encoding():
