@@ -15,22 +15,22 @@ a section that would start after --time_budget seconds is skipped, so the run en
    step's, all paths fed the same tokens, beside the PyTorch step's error (a rounding may move a sampled token).
 3. generation (modeling_nbp.bench): NBP in each of --variants, batch 1 and a large batch; NTP optimized and
    Triton (when in --variants), batch 1 only; the K600 setting with the paper's sampling; peak memory per row.
-4. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
-   batch 1 and the large batch (and the Triton step at batch 1, the Triton attention at the large batch), by kind of
-   kernel and the top kernels; the sampler alone per video (48 steps).
-5. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
+4. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too (with PyTorch's norms and with the Triton ones, checked against
    each other, also channels-last and with `conv_implementation="frames2d"`); the Triton decode step, the Triton
    norms, both (and with frames2d), and overlapped decoding.
-6. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
-   --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
-   sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
-   converted by `nbp convert`'s mapping).
-7. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
+5. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
    --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
    the first batch size; with the chunked loss and the Triton one (after a check of the Triton loss against the
    chunked one on bf16 logits), each also compiled with --train_compile (a run that would start after
    --time_budget is skipped).
+6. official: the official generator code (`nbp/modules/gpt.py` of a checkout of github.com/RenShuhuai-Andy/NBP,
+   --official_repo; default .official/NBP when present), timed in the same run: `sample_with_past` with the paper's
+   sampling, batch 1, fp32 and bf16 weights; its greedy tokens against ours (static path, fp32, its weights
+   converted by `nbp convert`'s mapping).
+7. profile: GPU kernel time of one optimized generation without graphs (the floor the graphs can reach), at
+   batch 1 and the large batch (and the Triton step at batch 1, the Triton attention at the large batch), by kind of
+   kernel and the top kernels; the sampler alone per video (48 steps).
 8. cfg: UCF-like model (95 steps, hybrid start), guidance 1 vs 3, optimized and Triton, batch 1.
 Random weights throughout. Timing: CUDA events after warm-up, medians.
 """
@@ -462,30 +462,6 @@ def main(argv=None):
         out.pop("rows so far", None)
         return dict(rows=rows, ratios=generation_ratios(rows))
 
-    @run("profile")
-    def _(out):
-        if not cuda:
-            return {}
-        model = build(args.size, (1, 1, 16), device, bf16)
-        H, W = model.config.latent_shape[1:]
-        for batch in (1, args.large_batch):  # kernel time of one optimized generation, without graphs
-            ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
-            out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
-                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
-                **PAPER_SAMPLING))
-            mode = "triton" if batch == 1 else "triton-attention"  # each Triton path at the batch it is for
-            out[f"batch {batch}, {mode}"] = attempt(lambda: kernel_profile(lambda: model.generate_video_tokens(
-                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
-                compile_decode=mode, **PAPER_SAMPLING)))
-            # the sampler alone on one step's logits (16 positions per video), times 48 steps: its share of a video
-            logits = torch.randn(batch, 16, model.config.video_vocab_size, device=device, generator=gen(6)).to(bf16)
-            noise = torch.rand(batch, 16, device=device, generator=gen(7))
-            seconds = timed(lambda: sample_tokens(logits, noise=noise, **PAPER_SAMPLING), device, 50, warmup=5)
-            out[f"batch {batch}"]["sampler ms per video (48 steps, eager)"] = 48 * 1000 * seconds / batch
-            out[f"batch {batch}"]["fused sampler ms per video (48 steps, eager)"] = attempt(lambda: 48 * 1000 * timed(
-                lambda: sample_tokens(logits, noise=noise, fused=True, **PAPER_SAMPLING), device, 50, warmup=5) / batch)
-        return out
-
     @run("pipeline")
     def _(out):
         with torch.device(device):
@@ -622,37 +598,6 @@ def main(argv=None):
             out["overlap_decode vs full decode, max abs difference"] = float((a - b).abs().max())
         return out
 
-    @run("official")
-    def _(out):
-        if not args.official_repo:
-            return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
-        model = build(args.size, (1, 1, 16), device, torch.float32)
-        official, gpt = official_gpt_with_our_weights(args.official_repo, model, torch.float32)
-        cfg, (H, W) = model.config, model.config.latent_shape[1:]
-        ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
-        x = ctx.reshape(1, -1)
-        steps = (model.config.latent_shape[0] - 2) * (H * W // cfg.block_size)  # as transformer_eval.py counts
-        mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
-
-        def official_sample(**sampling):
-            return official.sample_with_past(x, mask, gpt, steps=steps, pred_token_num_per_step=cfg.block_size,
-                                             **sampling)
-
-        theirs = official_sample(sample_logits=False)
-        ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
-        ours = ours.reshape(1, -1)[:, x.shape[1]:]
-        if ours.shape != theirs.shape:
-            raise RuntimeError(f"greedy ids: ours {tuple(ours.shape)}, official {tuple(theirs.shape)}")
-        out["greedy tokens equal to the official code's, fp32"] = float((ours == theirs).float().mean())
-        out["distinct greedy tokens (official)"] = int(theirs.unique().numel())
-        del model
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            gpt = gpt.to(dtype)
-            seconds = timed(lambda: official_sample(top_k=PAPER_SAMPLING["top_k"], top_p=PAPER_SAMPLING["top_p"]),
-                            device, min(args.repeats, 3))
-            out[f"official ms per video, batch 1, {name}"] = 1000 * seconds
-        return out
-
     @run("training")
     def _(out):
         measured = results.get("ceilings", {}).get("bf16_matmul_tflops")
@@ -684,6 +629,61 @@ def main(argv=None):
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
+        return out
+
+    @run("official")
+    def _(out):
+        if not args.official_repo:
+            return {"skipped": "no --official_repo (a checkout of github.com/RenShuhuai-Andy/NBP)"}
+        model = build(args.size, (1, 1, 16), device, torch.float32)
+        official, gpt = official_gpt_with_our_weights(args.official_repo, model, torch.float32)
+        cfg, (H, W) = model.config, model.config.latent_shape[1:]
+        ctx = torch.randint(0, cfg.video_vocab_size, (1, 2, H, W), device=device)
+        x = ctx.reshape(1, -1)
+        steps = (model.config.latent_shape[0] - 2) * (H * W // cfg.block_size)  # as transformer_eval.py counts
+        mask = official_block_mask(cfg.max_position_embeddings, cfg.block_size, device)
+
+        def official_sample(**sampling):
+            return official.sample_with_past(x, mask, gpt, steps=steps, pred_token_num_per_step=cfg.block_size,
+                                             **sampling)
+
+        theirs = official_sample(sample_logits=False)
+        ours = model.generate_video_tokens(context_ids=ctx, temperature=0.0, cache_implementation="static")
+        ours = ours.reshape(1, -1)[:, x.shape[1]:]
+        if ours.shape != theirs.shape:
+            raise RuntimeError(f"greedy ids: ours {tuple(ours.shape)}, official {tuple(theirs.shape)}")
+        out["greedy tokens equal to the official code's, fp32"] = float((ours == theirs).float().mean())
+        out["distinct greedy tokens (official)"] = int(theirs.unique().numel())
+        del model
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            gpt = gpt.to(dtype)
+            seconds = timed(lambda: official_sample(top_k=PAPER_SAMPLING["top_k"], top_p=PAPER_SAMPLING["top_p"]),
+                            device, min(args.repeats, 3))
+            out[f"official ms per video, batch 1, {name}"] = 1000 * seconds
+        return out
+
+    @run("profile")
+    def _(out):
+        if not cuda:
+            return {}
+        model = build(args.size, (1, 1, 16), device, bf16)
+        H, W = model.config.latent_shape[1:]
+        for batch in (1, args.large_batch):  # kernel time of one optimized generation, without graphs
+            ctx = torch.randint(0, 64000, (batch, 2, H, W), device=device)
+            out[f"batch {batch}"] = kernel_profile(lambda: model.generate_video_tokens(
+                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
+                **PAPER_SAMPLING))
+            mode = "triton" if batch == 1 else "triton-attention"  # each Triton path at the batch it is for
+            out[f"batch {batch}, {mode}"] = attempt(lambda: kernel_profile(lambda: model.generate_video_tokens(
+                context_ids=ctx, generator=gen(5), cache_implementation="static", use_cuda_graphs=False,
+                compile_decode=mode, **PAPER_SAMPLING)))
+            # the sampler alone on one step's logits (16 positions per video), times 48 steps: its share of a video
+            logits = torch.randn(batch, 16, model.config.video_vocab_size, device=device, generator=gen(6)).to(bf16)
+            noise = torch.rand(batch, 16, device=device, generator=gen(7))
+            seconds = timed(lambda: sample_tokens(logits, noise=noise, **PAPER_SAMPLING), device, 50, warmup=5)
+            out[f"batch {batch}"]["sampler ms per video (48 steps, eager)"] = 48 * 1000 * seconds / batch
+            out[f"batch {batch}"]["fused sampler ms per video (48 steps, eager)"] = attempt(lambda: 48 * 1000 * timed(
+                lambda: sample_tokens(logits, noise=noise, fused=True, **PAPER_SAMPLING), device, 50, warmup=5) / batch)
         return out
 
     @run("cfg")
