@@ -18,7 +18,9 @@ COMMANDS = {
 
 
 def _generate_parser(parser):
+    from .generation import DECODE_COMPILE_MODES
     from .training.common import non_negative_int, positive_int
+    from .video_tokenizer import CONV_IMPLEMENTATIONS, NORM_IMPLEMENTATIONS
 
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--class_labels", nargs="*", default=None,
@@ -91,6 +93,17 @@ def _generate_parser(parser):
                         help="weights dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--batch_size", type=positive_int, default=16,
                         help="videos per pipeline call (the videos do not change with it)")
+    speed = parser.add_argument_group(
+        "speed", "fast paths (docs/performance.md): the same videos up to float rounding, which may move a sampled "
+                 "token; recorded with the other settings")
+    speed.add_argument("--compile_decode", default="off", choices=["off", *DECODE_COMPILE_MODES],
+                       help="the generator's decode step: torch.compile ('default', 'max-autotune-no-cudagraphs'), "
+                            "this project's Triton kernels ('triton', for small batches; CUDA) or its Triton "
+                            "attention alone ('triton-attention', for large ones; CUDA)")
+    speed.add_argument("--norm_implementation", default="torch", choices=list(NORM_IMPLEMENTATIONS),
+                       help="the tokenizer's norms, Swish and padding: PyTorch's modules or two Triton kernels (CUDA)")
+    speed.add_argument("--conv_implementation", default="conv3d", choices=list(CONV_IMPLEMENTATIONS),
+                       help="the tokenizer's convolutions: 3D ones, or 2D ones over stacked frames (frames2d)")
     parser.add_argument("--num_workers", type=non_negative_int, default=4,
                         help="processes that read context clips ahead of the generation (0: read them in between)")
 

@@ -304,7 +304,8 @@ def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
                 window_context_frames=args.window_context_frames, context_frames=args.context_frames,
                 context_fps=args.context_fps, resize=args.resize, fps=args.fps,
                 context_class=args.class_labels if args.context and config.condition_mode == "class" else None,
-                dataset=dataset)
+                dataset=dataset, compile_decode=args.compile_decode, norm_implementation=args.norm_implementation,
+                conv_implementation=args.conv_implementation)
 
 
 def run_generate(args) -> GenerationSummary:
@@ -325,6 +326,8 @@ def run_generate(args) -> GenerationSummary:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
+    pipe.video_tokenizer.norm_implementation = args.norm_implementation
+    pipe.video_tokenizer.conv_implementation = args.conv_implementation
     if args.dataset and args.context:
         raise ValueError("--dataset and --context exclude each other: with --dataset the contexts are its clips")
     contexts = context_files(args.context) if args.context else None
@@ -342,7 +345,9 @@ def run_generate(args) -> GenerationSummary:
 
     settings = run_settings(args, pipe, device, clips)
     settings_path = os.path.join(args.output_dir, SETTINGS_FILE)
-    differences = read_settings_differences(settings_path, settings)
+    # folders started before the speed options existed were made with their defaults
+    differences = read_settings_differences(settings_path, settings, earlier_defaults=dict(
+        compile_decode="off", norm_implementation="torch", conv_implementation="conv3d"))
     stale = output_files(args.output_dir) if differences else []  # videos of other settings
     if stale and not args.overwrite:  # every process finds this out by itself: none waits for another
         raise SystemExit(f"{args.output_dir} holds videos made with other settings ({'; '.join(differences)}); "
@@ -360,7 +365,8 @@ def run_generate(args) -> GenerationSummary:
         context_clip_frames=args.context_frames, context_fps=args.context_fps, context_resize=args.resize, clips=clips,
         num_workers=args.num_workers, show_progress=state.is_main_process,
         guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-        num_frames=args.num_frames, context_frames=args.window_context_frames)
+        num_frames=args.num_frames, context_frames=args.window_context_frames,
+        compile_decode=False if args.compile_decode == "off" else args.compile_decode)
     for clip, why in summary.failed.items():
         print(f"skipped context clip {clip}: {why}")
     print(f"process {state.process_index}: made {summary.made} videos, {summary.existing} were already in "

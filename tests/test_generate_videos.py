@@ -116,6 +116,30 @@ def test_a_rerun_resumes_and_other_settings_are_refused(saved, tmp_path):
     assert json.loads((out / "generate.json").read_text())["top_k"] == 5
 
 
+def test_speed_options_give_the_same_videos_and_are_recorded(saved, tmp_path):
+    """The fast paths (here the Triton attention and norms under Triton's interpreter, the 2D convolutions) make the
+    default path's videos; a folder started without the options (or before they existed) resumes only with their
+    defaults."""
+    _, model = saved
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    generate(model, plain, "--class_labels", "0", "--formats", "npy")
+    speed = ("--compile_decode", "triton-attention", "--norm_implementation", "triton",
+             "--conv_implementation", "frames2d")
+    generate(model, fast, "--class_labels", "0", "--formats", "npy", *speed)
+    a, b = np.load(plain / "circle_0.npy"), np.load(fast / "circle_0.npy")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # uint8 frames: at most a rounding apart
+    settings = json.loads((fast / "generate.json").read_text())
+    assert (settings["compile_decode"], settings["norm_implementation"], settings["conv_implementation"]) == (
+        "triton-attention", "triton", "frames2d")
+    with pytest.raises(SystemExit, match=r"conv_implementation 'conv3d' on disk, 'frames2d' now"):
+        generate(model, plain, "--class_labels", "0", "--formats", "npy", *speed)
+    written = json.loads((plain / "generate.json").read_text())
+    for key in ("compile_decode", "norm_implementation", "conv_implementation"):
+        del written[key]
+    (plain / "generate.json").write_text(json.dumps(written))  # as an earlier version wrote it
+    generate(model, plain, "--class_labels", "0", "--formats", "npy")
+
+
 def test_files_appear_batch_by_batch_and_a_crash_loses_only_the_batch_under_way(saved, tmp_path, monkeypatch):
     pipe, _ = saved
     jobs = plan_videos(pipe, seed=0, num_videos_per_class=2)
