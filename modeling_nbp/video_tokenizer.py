@@ -96,6 +96,11 @@ class FrameConv3d(nn.Conv3d):
 
     as_frames = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding != (0, 0, 0) or self.dilation != (1, 1, 1) or self.groups != 1:
+            raise ValueError("FrameConv3d takes no padding, dilation or groups (the causal padding is done before it)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.as_frames:
             return super().forward(x)

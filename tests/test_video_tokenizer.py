@@ -211,6 +211,8 @@ def test_a_convolution_over_stacked_frames_is_the_3d_convolution(kernel, stride)
     assert outputs[1].shape == outputs[0].shape
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="FrameConv3d takes no padding, dilation or groups"):
+        FrameConv3d(6, 5, 3, padding=1)
 
 
 @pytest.mark.parametrize("config", [OFFICIAL_PATTERN, PATCHED], ids=["official-pattern", "patched"])

@@ -1,7 +1,11 @@
-"""Triton's interpreter (the CPU stand-in for a GPU in these tests) keeps bfloat16 values as their raw 16 bits: its
-dot product multiplies those bits as integers (a silently wrong result), and its float32 -> bfloat16 cast truncates
-where a GPU rounds to nearest even. `interpret_bfloat16_as_a_gpu` makes both what a GPU computes, so the kernels'
-bfloat16 paths (the 700M model's dtype) are tested on CPU too."""
+"""What the tests add to Triton's interpreter, the CPU stand-in for a GPU in these tests.
+
+It keeps bfloat16 values as their raw 16 bits: its dot product multiplies those bits as integers (a silently wrong
+result), and its float32 -> bfloat16 cast truncates where a GPU rounds to nearest even. `interpret_bfloat16_as_a_gpu`
+makes both what a GPU computes, so the kernels' bfloat16 paths (the 700M model's dtype) are tested on CPU too.
+
+It reads and writes past a tensor without complaint, as a GPU does: `guarded` surrounds a kernel's input with NaN,
+so that such a read shows in the result, and `guard_intact` tells whether a kernel wrote there."""
 import numpy as np
 import torch
 
