@@ -321,7 +321,7 @@ class NBPGenerationMixin:
                 raise ValueError(f"context_ids must have shape (batch, frames, {layout.latent_shape[1]}, "
                                  f"{layout.latent_shape[2]}); got {tuple(context_ids.shape)}")
             video[:, :c] = layout.grid_to_sequence(context_ids.long())
-        schedule = layout.decode_schedule(c)
+        steps = layout.step_plan(c, use_cache)  # every step's inputs (the loop then only launches device work)
 
         guided = guidance_scale != 1.0
         drop = None
@@ -333,18 +333,13 @@ class NBPGenerationMixin:
             drop = torch.arange(2 * B, device=device) >= B
         seq = layout.build_sequence(prefix, video[:, :c].repeat(2 if guided else 1, 1))
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
-        # every step's inputs, computed once (the loop then only launches device work): the positions fed,
-        # [start, upto), and which of them give this step's logits (`keep`, relative to start)
+        # the static step takes the kept positions as a slice, the dynamic one as indices on the device
         static = use_cache and cache_implementation == "static"
-        plan, fed = [], 0
-        for a, b in schedule:
-            positions = layout.step_positions(a, b)
-            start, upto = (fed if use_cache else 0), int(positions.max()) + 1
-            keep = positions - start
-            plan.append((a, b, start, upto, keep.to(device), slice(int(keep[0]), int(keep[-1]) + 1)))
-            if static and not torch.equal(keep, torch.arange(keep[0], keep[-1] + 1)):
+        plan = []
+        for a, b, start, upto, keep, keep_slice in steps:
+            if static and keep_slice is None:
                 raise RuntimeError(f"static decoding needs contiguous logit positions; step {a}:{b} has {keep}")
-            fed = upto
+            plan.append((a, b, start, upto, None if static else keep.to(device), keep_slice))
         compile_decode = compile_mode(compile_decode, device)
         if compile_decode and not static:
             raise ValueError("compile_decode needs use_cache=True and cache_implementation='static'")
@@ -357,7 +352,8 @@ class NBPGenerationMixin:
         if not getattr(self, "_generations_under_way", 0):
             self._mode_before_generation = self.training
         self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
-        self.eval()
+        if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
+            self.eval()
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
                                          sampling, nonfinite)
@@ -367,8 +363,8 @@ class NBPGenerationMixin:
             raise
         finally:
             self._generations_under_way -= 1
-            if not self._generations_under_way:
-                self.train(self._mode_before_generation)
+            if not self._generations_under_way and self._mode_before_generation:
+                self.train()
             if decoder is not None:
                 decoder.in_use = False
 

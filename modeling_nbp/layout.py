@@ -23,6 +23,7 @@ class BlockLayout:
         with torch.device("cpu"):  # small index tables; models may be built under a meta-device context
             self._build(latent_shape, block_shape, num_condition_tokens, first_block, bov_token_id,
                         video_token_offset)
+        self._plans = {}  # `step_plan`'s
 
     def _build(self, latent_shape, block_shape, num_condition_tokens, first_block, bov_token_id,
                video_token_offset):
@@ -180,3 +181,21 @@ class BlockLayout:
     def step_positions(self, a: int, b: int) -> torch.Tensor:
         """Positions whose logits give video tokens [a, b)."""
         return self.target_positions[a:b]
+
+    def step_plan(self, num_context_tokens: int, use_cache: bool) -> tuple:
+        """Every generation step's inputs, computed once per (context, cache use) and kept (a call's setup is host
+        time the device waits through): (a, b, start, upto, keep, keep_slice) per step, for video tokens [a, b)
+        from the positions fed, [start, upto) (with a cache, those after the previous step's), and which of them
+        give the logits: `keep` (CPU, relative to start), or `keep_slice` when they are contiguous (else None)."""
+        key = (num_context_tokens, use_cache)
+        if key not in self._plans:
+            plan, fed = [], 0
+            for a, b in self.decode_schedule(num_context_tokens):
+                positions = self.step_positions(a, b)
+                start, upto = (fed if use_cache else 0), int(positions.max()) + 1
+                keep = positions - start
+                contiguous = torch.equal(keep, torch.arange(keep[0], keep[-1] + 1))
+                plan.append((a, b, start, upto, keep, slice(int(keep[0]), int(keep[-1]) + 1) if contiguous else None))
+                fed = upto
+            self._plans[key] = tuple(plan)
+        return self._plans[key]

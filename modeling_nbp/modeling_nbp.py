@@ -323,6 +323,21 @@ def compiled_decode_parts(mode: str = "default"):
     return tuple(torch.compile(f, fullgraph=True, dynamic=False, mode=mode) for f in DECODE_PARTS)
 
 
+@functools.cache
+def _static_step_modules(num_layers: int, triton: bool) -> tuple:
+    """(name, class) of every module whose weights the static decode step reads instead of calling it."""
+    expected = {"model": NBPModel, "model.embed_positions": nn.Embedding, "lm_head": nn.Linear}
+    if triton:
+        expected.update({"model.embed_tokens": nn.Embedding, "model.norm": nn.LayerNorm})
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        expected.update({p[:-1]: NBPDecoderLayer, p + "input_layernorm": nn.LayerNorm,
+                         p + "post_attention_layernorm": nn.LayerNorm, p + "self_attn": NBPAttention,
+                         p + "mlp": NBPMLP, p + "mlp.fc1": nn.Linear, p + "mlp.fc2": nn.Linear})
+        expected.update({f"{p}self_attn.{x}_proj": nn.Linear for x in "qkvo"})
+    return tuple(expected.items())
+
+
 class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
     """NBP generator with its output head. Training: `model(video_ids=grid, class_labels=y)` or
     `model(input_ids=..., labels=...)` (labels aligned with input_ids: each position holds the id it predicts,
@@ -402,27 +417,19 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         too.
         -> one line per cause; [] when the static path is exact."""
         called = set() if triton else {"model.embed_tokens", "model.norm"}
-        expected = {"model": NBPModel, "model.embed_positions": nn.Embedding, "lm_head": nn.Linear}
-        if triton:
-            expected.update({"model.embed_tokens": nn.Embedding, "model.norm": nn.LayerNorm})
-        for i in range(len(self.model.layers)):
-            p = f"model.layers.{i}."
-            expected.update({p[:-1]: NBPDecoderLayer, p + "input_layernorm": nn.LayerNorm,
-                             p + "post_attention_layernorm": nn.LayerNorm, p + "self_attn": NBPAttention,
-                             p + "mlp": NBPMLP, p + "mlp.fc1": nn.Linear, p + "mlp.fc2": nn.Linear})
-            expected.update({f"{p}self_attn.{x}_proj": nn.Linear for x in "qkvo"})
-        modules = dict(self.named_modules())
+        modules = dict(self.named_modules())  # (checked at every generation: the module walks are kept to one)
         blockers = [f"{name} is a {type(modules.get(name)).__module__}.{type(modules.get(name)).__qualname__}, "
                     f"not a {cls.__module__}.{cls.__qualname__}"
-                    for name, cls in expected.items() if type(modules.get(name)) is not cls]
-        # accelerate's hooks replace `forward` and leave `_hf_hook`; the model's own one (diffusers' model offloading)
-        # only moves it to its device before generation
+                    for name, cls in _static_step_modules(len(self.model.layers), triton)
+                    if type(modules.get(name)) is not cls]
+        # accelerate's hooks replace `forward` and leave `_hf_hook` (an attribute: in the module's __dict__); the
+        # model's own one (diffusers' model offloading) only moves it to its device before generation
         blockers += [f"{name or 'the model'} has a forward hook" for name, module in modules.items()
                      if name not in called and (module._forward_hooks or module._forward_pre_hooks
-                                                or (module is not self and hasattr(module, "_hf_hook")))]
-        devices = {str(p.device) for p in self.parameters()}
+                                                or (module is not self and "_hf_hook" in vars(module)))]
+        devices = {p.device for m in modules.values() for p in m._parameters.values() if p is not None}
         if len(devices) > 1:
-            blockers.append(f"the parameters lie on several devices ({', '.join(sorted(devices))})")
+            blockers.append(f"the parameters lie on several devices ({', '.join(sorted(map(str, devices)))})")
         return blockers
 
     def decode_block_logits(self, cache, ids: torch.Tensor, start: int, keep: slice, compiled: str | None = None,

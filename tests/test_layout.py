@@ -150,3 +150,15 @@ def test_token_id_ranges_are_kept_apart():
     official, rows = NBPConfig.from_preset("ucf-tiny"), NBPConfig.from_preset("ucf-tiny", block_shape=[1, 1, 8])
     assert official.condition_token_offset == 16 and rows.condition_token_offset == 8
     assert [i - 8 for i in rows.class_condition_ids[5]] == [i - 16 for i in official.class_condition_ids[5]]
+
+
+def test_the_step_plan_is_computed_once_per_context_and_cache_use():
+    layout = BlockLayout((3, 4, 4), (1, 1, 4), num_condition_tokens=1, first_block="hybrid")
+    plan = layout.step_plan(0, True)
+    assert layout.step_plan(0, True) is plan and layout.step_plan(0, False) is not plan
+    # hybrid start: 4 one-token steps, then one block (a row) per step, each fed after the previous step's positions
+    assert [(a, b) for a, b, *_ in plan] == layout.decode_schedule(0)
+    assert all(start == previous[3] for previous, (_, _, start, *_) in zip(plan, plan[1:]))
+    assert all(keep_slice == slice(int(keep[0]), int(keep[-1]) + 1) for *_, keep, keep_slice in plan)
+    # without a cache every step feeds the sequence from its start
+    assert {start for _, _, start, *_ in layout.step_plan(0, False)} == {0}

@@ -428,6 +428,11 @@ def test_generation_in_training_mode_samples_as_in_eval_mode():
                                              cache_implementation=cache_implementation)
         assert torch.equal(tokens, expected)
         assert model.training  # switched back
+    model.eval()
+    model.model.layers[0].train()  # a submodule alone in training mode: its dropout would move the tokens
+    tokens = model.generate_video_tokens(class_labels=[0, 2], top_k=5, generator=torch.Generator().manual_seed(0),
+                                         cache_implementation="dynamic")  # (the static step calls no dropout)
+    assert torch.equal(tokens, expected)
 
 
 # ---- the fast path: a static (preallocated) cache gives the reference tokens -------------------------------------
