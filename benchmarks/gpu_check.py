@@ -203,7 +203,7 @@ def report(results: dict, large_batch: int) -> None:
         for k, v in generation_ratios(rows).items():
             print(f"{k}: {v:.2f}x")
     print("\n".join(against_goals(results, large_batch)))
-    print("\n".join(decode_decisions(results)))
+    print("\n".join(decode_decisions(results) + pipeline_rankings(results)))
 
 
 def against_goals(results: dict, large_batch: int) -> list[str]:
@@ -290,6 +290,21 @@ def decode_decisions(results: dict) -> list[str]:
                   for v, r in nbp.items() if v not in ("eager", "optimized") and r["ms_range"][1] < base["ms_range"][0]]
         lines.append(f"decision, NBP batch {batch}: beyond the spread of optimized ({base['ms_range'][0]:.2f}-"
                      f"{base['ms_range'][1]:.2f} ms): " + ("; ".join(better) or "none"))
+    return lines
+
+
+def pipeline_rankings(results: dict) -> list[str]:
+    """The pipeline section's variants of encode, decode and the whole pipeline, fastest first, one line each (the
+    tokenizer's defaults are chosen from these, by the same rule as the decode step's)."""
+    pipeline = results.get("pipeline", {})
+    lines = []
+    for what, label in (("encode 5 frames ms", "encode 5 frames"), ("decode 17 frames ms", "decode 17 frames"),
+                        ("end-to-end ms per video", "end to end")):
+        times = {k.removeprefix(what).lstrip(", ") or "default": v for k, v in pipeline.items()
+                 if k.startswith(what) and isinstance(v, float)}
+        if times:
+            ranked = sorted(times.items(), key=lambda kv: kv[1])
+            lines.append(f"ranking, {label}: " + "; ".join(f"{k} {v:.1f} ms" for k, v in ranked))
     return lines
 
 

@@ -68,3 +68,9 @@ def test_gpu_check_decides_by_the_runs_spread_and_the_checks():
     assert "triton-attention 7.50 ms (1.17x; checks FAILED" in lines[1]  # its bf16 error is over 1.25x the step's
     del checks["bf16 static step logits vs fp32, max error (bf16 eps)"]
     assert "checks missing" in gpu_check.decode_decisions({"generation": {"rows": rows}, "triton checks": checks})[0]
+    pipeline = {"decode 17 frames ms": 34.6, "decode 17 frames ms, triton norms": 30.1,
+                "decode 17 frames ms, triton norms + frames2d": 21.0, "decode 17 frames, kernel profile": {},
+                "end-to-end ms per video": 184.2, "end-to-end ms per video, overlap_decode": "error: ..."}
+    assert gpu_check.pipeline_rankings({"pipeline": pipeline}) == [
+        "ranking, decode 17 frames: triton norms + frames2d 21.0 ms; triton norms 30.1 ms; default 34.6 ms",
+        "ranking, end to end: default 184.2 ms"]
