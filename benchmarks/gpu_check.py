@@ -202,8 +202,10 @@ def report(results: dict, large_batch: int) -> None:
         print(format_table(rows))
         for k, v in generation_ratios(rows).items():
             print(f"{k}: {v:.2f}x")
-    print("\n".join(against_goals(results, large_batch)))
-    print("\n".join(decode_decisions(results) + pipeline_rankings(results)))
+    for summary in (lambda: against_goals(results, large_batch), lambda: decode_decisions(results),
+                    lambda: pipeline_rankings(results)):
+        lines = attempt(summary)  # a summary's bug must not cost the others (results.json holds everything)
+        print(lines if isinstance(lines, str) else "\n".join(lines))
 
 
 def against_goals(results: dict, large_batch: int) -> list[str]:
