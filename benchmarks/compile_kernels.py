@@ -9,6 +9,7 @@ TRITON_INTERPRET.
 
     python benchmarks/compile_kernels.py                 # sm_90 (H100/H200)
     python benchmarks/compile_kernels.py --arch 80       # A100
+    python benchmarks/compile_kernels.py --dtype float32 # the decode step in float32 (gpu_check's fp32 checks)
 """
 
 import argparse
@@ -107,7 +108,7 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                   ln_b_ptr=dtype, stats_in_ptr=torch.float32, slices_in=48, eps=1e-5, stats_out_ptr=torch.float32,
                   flag_ptr=torch.uint8, part_ptr=torch.float32, counter_ptr=torch.int32)
     flags = dict(BIAS=False, GELU=False, RESIDUAL=False, QKV=False, NORM=False, STATS=False, FLAG=False, SLICES=64,
-                 PRECISION="tf32", BLOCK_M=16)
+                 PRECISION=dk._precision(dtype), BLOCK_M=16)
     products = {"q/k/v (+ layer norm, cache write)": (3 * hidden, hidden, dict(BIAS=True, QKV=True, NORM=True)),
                 "attention projection (+ residual, statistics)": (hidden, hidden, dict(BIAS=True, RESIDUAL=True,
                                                                                        STATS=True)),
@@ -132,7 +133,7 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
         args = dict(attention, stride_q=3 * hidden) if new_kv else attention
         yield (f"attention{' (split over the keys)' * split}{', new keys from the q/k/v rows' * new_kv}",
                dk._attention_kernel, args, dict(BLOCK_Q=block_q, BLOCK_KEYS=dk.ATTENTION_BLOCK_KEYS, HEAD=head,
-                                                PRECISION="tf32", SPLIT=split, NEW_KV=new_kv), 4, 3)
+                                                PRECISION=dk._precision(dtype), SPLIT=split, NEW_KV=new_kv), 4, 3)
     yield ("embedding (+ row statistics)", dk._embed_kernel,
            dict(ids_ptr=torch.int64, token_ptr=dtype, position_ptr=dtype, x_ptr=dtype, stats_ptr=torch.float32,
                 tokens=rows, start=400, M=rows, D=hidden, stride_ids_b=1280, stride_ids_t=1, stride_token=hidden,
@@ -175,10 +176,14 @@ def tokenizer_kernels(dtype=torch.bfloat16, channels=128, frames=17, size=128, g
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the decode step's dtype (float32: the fp32 checks of gpu_check's Triton section)")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     failures = 0
     print(f"{'kernel':<70} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem B':>7} join_order")
-    for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(), *loss_kernel(), *tokenizer_kernels()):
+    for name, kernel, kernel_args, constexprs, warps, stages in (*step_kernels(dtype), *loss_kernel(),
+                                                                 *tokenizer_kernels()):
         try:
             compiled, report = compile_kernel(kernel, kernel_args, constexprs, args.arch, warps, stages)
         except Exception as error:  # noqa: BLE001 - report every kernel
