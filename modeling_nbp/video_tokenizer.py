@@ -91,8 +91,8 @@ class FrameConv3d(nn.Conv3d):
     """nn.Conv3d (no padding, dilation or groups) that can also run as one 2D convolution: the kt frames each output
     frame sees are stacked as kt * C input channels (time tap major, as the weight is reordered), the output frames
     are the batch, channels-last. The same function up to float rounding (the sums run in another order), in the
-    2D kernels GPUs tune most; it costs one copy of kt times the input. `as_frames` is set by the tokenizer's
-    `conv_implementation`."""
+    2D kernels GPUs tune most; it costs one copy of kt times the input and a reordered copy of the weight per call
+    (so that training updates reach it). `as_frames` is set by the tokenizer's `conv_implementation`."""
 
     as_frames = False
 
