@@ -12,6 +12,16 @@ from transformers.cache_utils import DynamicCache
 from .triton_support import require_triton
 
 
+def check_in_range(values: torch.Tensor, low: int, high: int, message: str):
+    """ValueError(`message` and the values' range) when `values` leave [low, high). Inside torch.compile the
+    check is a device-side assert with the same message instead, so that it reads nothing back to the host and
+    the compiled graph does not break there."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(((values >= low) & (values < high)).all(), message)
+    elif values.numel() and (values.min() < low or values.max() >= high):
+        raise ValueError(f"{message}; got values in [{int(values.min())}, {int(values.max())}]")
+
+
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform [0, 1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch
     equals single runs). A generator on another kind of device than the model (a CPU generator for a CUDA
@@ -207,11 +217,8 @@ class NBPGenerationMixin:
         if video_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"video token ids must be an integer tensor, got {video_ids.dtype}")
         V = self.config.video_vocab_size
-        if video_ids.numel() and (video_ids.min() < 0 or video_ids.max() >= V):
-            raise ValueError(
-                f"video token ids must lie in [0, {V}) (video vocabulary ids, without the offset "
-                f"{self.config.video_token_offset}); got values in [{int(video_ids.min())}, {int(video_ids.max())}]"
-            )
+        check_in_range(video_ids, 0, V, f"video token ids must lie in [0, {V}) (video vocabulary ids, without the "
+                                        f"offset {self.config.video_token_offset})")
 
     def condition_prefix(self, class_labels=None, batch_size: int = 1, device=None, condition_ids=None):
         """The (B, P) condition prefix: each class's condition ids, or given `condition_ids` (e.g. free text)."""
@@ -223,10 +230,9 @@ class NBPGenerationMixin:
             if condition_ids.ndim != 2 or condition_ids.shape[1] != cfg.num_condition_tokens:
                 raise ValueError(f"condition_ids must have shape (batch, {cfg.num_condition_tokens})")
             low, high = cfg.condition_token_offset, cfg.condition_token_offset + cfg.condition_vocab_size
-            if condition_ids.numel() and (condition_ids.min() < low or condition_ids.max() >= high):
-                raise ValueError(f"condition_ids must lie in this model's condition range [{low}, {high}) (ids of "
-                                 f"the text tokenizer + condition_token_offset {low}); got values in "
-                                 f"[{int(condition_ids.min())}, {int(condition_ids.max())}]")
+            check_in_range(condition_ids, low, high, f"condition_ids must lie in this model's condition range "
+                                                     f"[{low}, {high}) (ids of the text tokenizer + "
+                                                     f"condition_token_offset {low})")
             return condition_ids
         if cfg.condition_mode != "class":
             if class_labels is not None:
@@ -239,8 +245,7 @@ class NBPGenerationMixin:
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be ints in [0, {cfg.num_classes}); got {labels.dtype} values")
         labels = labels.long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
-            raise ValueError(f"class_labels must lie in [0, {cfg.num_classes}); got {labels.tolist()}")
+        check_in_range(labels, 0, cfg.num_classes, f"class_labels must lie in [0, {cfg.num_classes})")
         table = torch.tensor(cfg.class_condition_ids, dtype=torch.long, device=device)
         return table[labels]
 

@@ -53,6 +53,11 @@ class BlockLayout:
             self.video_positions = torch.where(i < S, P + 1 + i, P + S + i)
             self.target_positions = P + i
 
+        # training labels: the video tokens (block order) that some position predicts, and those positions
+        has_target = self.target_positions >= 0
+        self.targeted_tokens = has_target.nonzero()[:, 0]
+        self.targeting_positions = self.target_positions[has_target]
+
         # tokens of the body that are not video tokens: BOV block / BOV + placeholders
         self.start_positions, self.start_tokens = self._start_tokens()
 
@@ -66,6 +71,7 @@ class BlockLayout:
         else:  # token-by-token over [BOV, v_0..v_{S-2}], then blocks starting at v_{S-1}
             block_ids[P + S:] = 1 + torch.arange(L - P - S) // S
         self.block_ids = block_ids
+        self._block_id_list = tuple(block_ids.tolist())  # read by `needs_mask`, also while torch.compile traces
 
         # frame f is complete once the first `frame_end[f]` video tokens (block order) are known
         order = self.grid_to_sequence(torch.arange(N).view(1, *self.latent_shape))[0]  # seq index -> grid index
@@ -135,8 +141,8 @@ class BlockLayout:
         video = self.grid_to_sequence(video_grid)
         seq = self.build_sequence(prefix_ids, video)
         labels = torch.full_like(seq, -100)
-        has_target = self.target_positions >= 0
-        labels[:, self.target_positions[has_target].to(seq.device)] = video[:, has_target] + self.video_token_offset
+        targets = video[:, self.targeted_tokens.to(seq.device)] + self.video_token_offset
+        labels[:, self.targeting_positions.to(seq.device)] = targets
         return seq[:, : self.input_length], labels[:, : self.input_length]
 
     # ---- attention -----------------------------------------------------------------------------------
@@ -150,10 +156,11 @@ class BlockLayout:
     def needs_mask(self, q_start: int, q_end: int) -> bool:
         """False when the positions fed at once may all see each other and every earlier one (a decode step
         of one block or one token), so attention needs no mask at all."""
-        if q_end - q_start == 1:
+        if q_end - q_start <= 1:
             return False
-        g = self.block_ids[q_start:q_end]
-        return not bool((g == g[0]).all() and g[0] >= 0)
+        # groups are runs of consecutive positions, so the first and last position tell
+        g = self._block_id_list
+        return not (g[q_start] >= 0 and g[q_start] == g[q_end - 1])
 
     # ---- generation ----------------------------------------------------------------------------------
     def context_tokens(self, num_context_frames: int) -> int:

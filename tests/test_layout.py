@@ -162,3 +162,13 @@ def test_the_step_plan_is_computed_once_per_context_and_cache_use():
     assert all(keep_slice == slice(int(keep[0]), int(keep[-1]) + 1) for *_, keep, keep_slice in plan)
     # without a cache every step feeds the sequence from its start
     assert {start for _, _, start, *_ in layout.step_plan(0, False)} == {0}
+
+
+@pytest.mark.parametrize("first_block", ["none", "bov", "hybrid"])
+def test_needs_mask_is_false_exactly_when_the_positions_fed_see_each_other(first_block):
+    layout = BlockLayout((2, 2, 4), (1, 1, 4), num_condition_tokens=2, first_block=first_block)
+    L = layout.sequence_length
+    for start in range(L):
+        for end in range(start + 1, L + 1):
+            free = bool(layout.allowed(start, end)[:, start:].all())  # every fed position sees all fed ones
+            assert layout.needs_mask(start, end) == (not free), (start, end)

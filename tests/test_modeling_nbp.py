@@ -357,6 +357,21 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert "remote ok" in stdout
 
 
+@pytest.mark.parametrize("mode, first_block", [("class", "hybrid"), ("frames", "none")])
+def test_the_training_forward_compiles_as_one_graph(mode, first_block):
+    """torch.compile(model) for training traces the whole forward (input checks, labels, mask, loss) as one graph:
+    the checks become device-side asserts there, with the same messages."""
+    model = make_model(mode=mode, first_block=first_block).train()
+    ids, cond = grid(model), dict(class_labels=torch.tensor([0, 2])) if mode == "class" else {}
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # any graph break is an error
+    assert torch.allclose(compiled(video_ids=ids, **cond).loss, model(video_ids=ids, **cond).loss)
+    with pytest.raises(RuntimeError, match=r"video token ids must lie in \[0, 40\)"):
+        compiled(video_ids=ids.clamp(max=39) + 1, **cond)
+    if mode == "class":
+        with pytest.raises(RuntimeError, match=r"class_labels must lie in \[0, 3\)"):
+            compiled(video_ids=ids, class_labels=torch.tensor([0, 3]))
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors():
     model = make_model()
