@@ -483,3 +483,31 @@ def test_the_triton_loss_trains_like_the_chunked_one(token_data, tmp_path, monke
     with pytest.raises(ValueError, match="--loss_implementation triton runs on a CUDA device"):
         main(["--train_data", token_data[0], *TINY, "--max_steps", "3", "--loss_implementation", "triton",
               "--output_dir", str(tmp_path / "refused")])
+
+
+def test_a_run_compiled_by_accelerate_trains_and_resumes_like_an_eager_one(token_data, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend ...` compiles the prepared model: the training forward is one graph (a
+    graph break fails the run), and the log, the checkpoints and final/ (EMA weights included) are the eager run's."""
+    args = ["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "4",
+            "--train_batch_size", "4", "--checkpointing_steps", "2", "--class_dropout_prob", "0.2",
+            "--ema_decay", "0.9", "--seed", "7", "--validation_steps", "2"]
+    main([*args, "--output_dir", str(tmp_path / "eager")])
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # dynamo's tracing without inductor's compile time
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_FULLGRAPH", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state (and its dynamo settings) is read anew
+    GradientState._reset_state()
+    main([*args, "--output_dir", str(tmp_path / "compiled")])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rs]  # noqa: E731
+    assert strip(read_log(tmp_path / "compiled")) == strip(read_log(tmp_path / "eager"))
+    for path in ("final/model.safetensors", "checkpoint-2/model.safetensors", "checkpoint-2/ema.safetensors"):
+        eager, compiled = load_file(str(tmp_path / "eager" / path)), load_file(str(tmp_path / "compiled" / path))
+        assert eager.keys() == compiled.keys() and all(torch.equal(eager[k], compiled[k]) for k in eager), path
+    # each run's checkpoint resumes in the other kind of run, to the same losses
+    resumed = main([*args, "--output_dir", str(tmp_path / "eager"), "--max_steps", "6", "--resume_from_checkpoint",
+                    "latest"])
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert main([*args, "--output_dir", str(tmp_path / "compiled"), "--max_steps", "6",
+                 "--resume_from_checkpoint", "latest"])["train_loss"] == resumed["train_loss"]
+    assert strip(read_log(tmp_path / "compiled")) == strip(read_log(tmp_path / "eager"))

@@ -293,9 +293,12 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.dtype))
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.shadow) - set(params))
+        if missing:
+            raise ValueError(f"the model has no parameters named {missing[:3]} (of {len(missing)}) that the EMA holds")
+        for name, value in self.shadow.items():
+            params[name].copy_(value.to(params[name].dtype))
 
 
 # ------------------------------------------------------------------------------------------------- logging
@@ -400,6 +403,12 @@ def make_accelerator(args, gradient_accumulation_steps: int):
         log_with=resolve_report_to(args.report_to) or None, step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")))
+
+
+def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model under what `accelerator.prepare` wrapped it in (DDP, and torch.compile with `accelerate launch
+    --dynamo_backend ...`): the module whose parameter and state-dict names are the model's own."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def use_cpu(requested: bool) -> bool:

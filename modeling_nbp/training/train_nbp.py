@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from accelerate import PartialState
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedType
@@ -258,7 +259,7 @@ def validation_loss(accelerator, model, data, batch_size: int) -> float:
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_tokens)
     loader = prepare_data_loader(loader, accelerator.device, accelerator.num_processes, accelerator.process_index,
                                  put_on_device=True)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = common.bare_model(accelerator, model)
     was_training = model.training
     model.eval()
     losses = []
@@ -289,7 +290,7 @@ def set_sampling(model, args):
 @torch.no_grad()
 def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int, seed: int, step: int, output_dir: str):
     """Generate `num_samples` videos with the model's sampling (`set_sampling`) and log them (main process)."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = common.bare_model(accelerator, model)
     config = unwrapped.config
     kwargs, labels = {}, None
     if config.condition_mode == "class":
@@ -319,10 +320,11 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
     else from the folder, and says `notes`), else the generator folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
+    consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")  # the names under torch.compile's wrapper
     if accelerator.is_main_process:
         final = NBPForVideoGeneration(NBPConfig.from_dict(config.to_dict()))  # default attention, not the training one
         final.load_state_dict(state_dict)
-        final.generation_config = accelerator.unwrap_model(model).generation_config  # the run's sampling
+        final.generation_config = common.bare_model(accelerator, model).generation_config  # the run's sampling
         if ema is not None:
             ema.copy_to(final)
         with atomic_output_path(final_dir) as tmp:
@@ -393,7 +395,7 @@ def main(argv=None) -> dict:
     num_parameters, matmul_parameters = sum(p.numel() for p in model.parameters()), flops.matmul_parameters(model)
     input_length = model.layout.input_length
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = common.EMA(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay else None
+    ema = common.EMA(common.bare_model(accelerator, model), args.ema_decay) if args.ema_decay else None
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step = 0
@@ -450,7 +452,7 @@ def main(argv=None) -> dict:
         global_step += 1
         progress.update()
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(common.bare_model(accelerator, model))
         meter.step(tokens_per_step)
         done = global_step == args.max_steps
         if global_step % args.logging_steps == 0 or done:

@@ -228,7 +228,7 @@ def evaluate(accelerator, tokenizer, eval_data, batch_size: int, step: int, outp
              num_log_videos: int) -> dict:
     """Main process: PSNR / SSIM of reconstructions of the held-out clips, and the first reconstructions saved
     as videos (each clip above its reconstruction)."""
-    tokenizer = accelerator.unwrap_model(tokenizer)
+    tokenizer = common.bare_model(accelerator, tokenizer)
     loader = torch.utils.data.DataLoader(eval_data, batch_size=batch_size, collate_fn=collate_videos)
     was_training = tokenizer.training
     tokenizer.eval()
@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
         described += f", discriminator {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M"
         tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
             tokenizer, discriminator, opt_g, opt_d, sched_g, sched_d)
-        raw_discriminator = accelerator.unwrap_model(discriminator)
+        raw_discriminator = common.bare_model(accelerator, discriminator)
     else:
         tokenizer, opt_g, sched_g = accelerator.prepare(tokenizer, opt_g, sched_g)
     models = (tokenizer, discriminator) if adversarial else (tokenizer,)
@@ -295,7 +295,7 @@ def main(argv=None) -> dict:
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         # checkpoints from before clips could be squashed were cropped
-        state = common.load_checkpoint(accelerator, resume, resume_settings(args, accelerator.unwrap_model(tokenizer)),
+        state = common.load_checkpoint(accelerator, resume, resume_settings(args, common.bare_model(accelerator, tokenizer)),
                                        earlier_defaults={"data": {"resize": "crop"}})
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
@@ -386,7 +386,7 @@ def main(argv=None) -> dict:
                               f"({len(eval_data)} held-out clips)")
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   dict(resume_settings(args, accelerator.unwrap_model(tokenizer)),
+                                   dict(resume_settings(args, common.bare_model(accelerator, tokenizer)),
                                         global_batch_size=global_batch),
                                    total_limit=args.checkpoints_total_limit)
         meter.resume()
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     final_dir = os.path.join(args.output_dir, "final")
     if accelerator.is_main_process:
         with atomic_output_path(final_dir) as tmp:
-            accelerator.unwrap_model(tokenizer).save_pretrained(tmp)
+            common.bare_model(accelerator, tokenizer).save_pretrained(tmp)
         if hub_repo:
             upload_to_hub(final_dir, hub_repo, commit_message=f"NBP video tokenizer after {global_step} steps")
             accelerator.print(f"pushed {final_dir} to {hub_repo}")
