@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import blockwise_overlay, causal_mask_function, create_causal_mask, or_masks
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
@@ -82,6 +83,16 @@ class NBPMLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as the official nn.GELU()
+
+
+def flex_block_causal_mask(block_ids: torch.Tensor) -> BlockMask:
+    """The flex-attention mask that `create_causal_mask` builds for whole sequences (B, L) of `block_ids` (causal,
+    and each group >= 0 sees all of itself), built the same way but without the `_compile=True` that transformers
+    passes to `create_block_mask`: torch's deprecation warning for that flag breaks a compiled graph, while this
+    call is traced into it. Used while torch.compile traces a training forward."""
+    B, L = block_ids.shape
+    mask_mod = or_masks(causal_mask_function, blockwise_overlay(block_ids))
+    return create_block_mask(mask_mod, B, None, L, L, device=block_ids.device)
 
 
 class NBPDecoderLayer(GradientCheckpointingLayer):
@@ -193,12 +204,13 @@ class NBPModel(NBPPreTrainedModel):
         hidden = self.dropout(inputs_embeds + self.embed_positions(positions))
 
         if attention_mask is None and self.layout.needs_mask(past, past + q_len):
-            block_ids = self.layout.block_ids[: past + q_len].to(hidden.device)
-            attention_mask = create_causal_mask(
-                config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
-                block_sequence_ids=block_ids.expand(hidden.shape[0], -1),
-                position_ids=positions.unsqueeze(0),
-            )
+            block_ids = self.layout.block_ids[: past + q_len].to(hidden.device).expand(hidden.shape[0], -1)
+            if self.config._attn_implementation == "flex_attention" and past == 0 and torch.compiler.is_compiling():
+                attention_mask = flex_block_causal_mask(block_ids)
+            else:
+                attention_mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                                    cache=cache, block_sequence_ids=block_ids,
+                                                    position_ids=positions.unsqueeze(0))
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, cache=cache)
         return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)

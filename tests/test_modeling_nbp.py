@@ -5,9 +5,11 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, GenerationConfig
+from transformers.masking_utils import create_causal_mask
 
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
+from modeling_nbp.modeling_nbp import flex_block_causal_mask
 
 
 def tiny_config(block=(1, 1, 4), latent=(3, 4, 4), mode="class", first_block="bov", **kw):
@@ -370,6 +372,27 @@ def test_the_training_forward_compiles_as_one_graph(mode, first_block):
     if mode == "class":
         with pytest.raises(RuntimeError, match=r"class_labels must lie in \[0, 3\)"):
             compiled(video_ids=ids, class_labels=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("first_block", ["bov", "hybrid"])
+def test_flex_attention_gives_the_sdpa_logits_eager_and_compiled(first_block):
+    """Flex attention (the training default on CUDA) with the layout's block mask gives the SDPA logits, also under
+    torch.compile, where the mask is built inside the one graph (`flex_block_causal_mask`, checked against
+    transformers' `create_causal_mask`). No gradients: flex attention has no backward on CPU."""
+    kw = dict(first_block=first_block, latent=(3, 8, 8), block=(1, 2, 4))  # about 200 positions: two 128-blocks
+    flex, sdpa = make_model(attn="flex_attention", **kw), make_model(**kw)
+    inputs, _ = flex.prepare_training_inputs(grid(flex), [0, 1])
+    block_ids = flex.layout.block_ids[: inputs.shape[1]].expand(2, -1)
+    reference = create_causal_mask(config=flex.config, inputs_embeds=torch.zeros(2, inputs.shape[1], 1),
+                                   attention_mask=None, cache=None, block_sequence_ids=block_ids,
+                                   position_ids=torch.arange(inputs.shape[1])[None])
+    built = flex_block_causal_mask(block_ids)
+    assert torch.equal(built.to_dense(), reference.to_dense()) and built.BLOCK_SIZE == reference.BLOCK_SIZE
+    with torch.no_grad():
+        expected = sdpa(input_ids=inputs).logits
+        assert torch.allclose(flex(input_ids=inputs).logits, expected, atol=1e-5)
+        compiled = torch.compile(flex, fullgraph=True, backend="eager")  # a graph break is an error
+        assert torch.allclose(compiled(input_ids=inputs).logits, expected, atol=1e-5)
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------------
