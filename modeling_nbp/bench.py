@@ -169,11 +169,12 @@ def training_rows(size, device, batches, attn: str = "sdpa", compiled: bool = Fa
     model's `loss_implementation`.
     `inspect(batch, step)`, when given, is called after each batch size's timing with its step function."""
     from .training import flops
+    from .training.common import enable_activation_checkpointing
 
     cuda = device.type == "cuda"
     model = build(size, (1, 1, 16), device, torch.float32, attn=attn).train()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.loss_implementation = loss
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers.masking_utils import create_causal_mask
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
 from modeling_nbp.modeling_nbp import flex_block_causal_mask
+from modeling_nbp.training.common import enable_activation_checkpointing
 
 
 def tiny_config(block=(1, 1, 4), latent=(3, 4, 4), mode="class", first_block="bov", **kw):
@@ -372,6 +374,22 @@ def test_the_training_forward_compiles_as_one_graph(mode, first_block):
     if mode == "class":
         with pytest.raises(RuntimeError, match=r"class_labels must lie in \[0, 3\)"):
             compiled(video_ids=ids, class_labels=torch.tensor([0, 3]))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    plain, checkpointed = make_model(hidden_dropout=0.1).train(), make_model(hidden_dropout=0.1).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current transformers name, not the deprecated one
+        enable_activation_checkpointing(checkpointed)
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    losses = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(3)  # the same dropout masks; checkpointing replays them in the backward
+        losses.append(model(video_ids=grid(model), class_labels=[0, 2]).loss)
+        losses[-1].backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
 @pytest.mark.parametrize("first_block", ["bov", "hybrid"])

@@ -405,6 +405,13 @@ def make_accelerator(args, gradient_accumulation_steps: int):
                                             logging_dir=os.path.join(args.output_dir, "logs")))
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Keep only each layer's input for the backward (transformers' `activation_checkpointing_enable`; versions
+    before it have only the older name, which later ones deprecate)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The model under what `accelerator.prepare` wrapped it in (DDP, and torch.compile with `accelerate launch
     --dynamo_backend ...`): the module whose parameter and state-dict names are the model's own."""

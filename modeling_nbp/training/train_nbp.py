@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
     model.set_attn_implementation(("flex_attention" if accelerator.device.type == "cuda" else "sdpa")
                                   if attn == "auto" else attn)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        common.enable_activation_checkpointing(model)
     if args.loss_implementation == "triton":
         require_triton(accelerator.device, "--loss_implementation triton")
     model.loss_implementation = args.loss_implementation
