@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from accelerate import PartialState
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DistributedType
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset

@@ -295,7 +295,8 @@ def main(argv=None) -> dict:
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         # checkpoints from before clips could be squashed were cropped
-        state = common.load_checkpoint(accelerator, resume, resume_settings(args, common.bare_model(accelerator, tokenizer)),
+        settings = resume_settings(args, common.bare_model(accelerator, tokenizer))
+        state = common.load_checkpoint(accelerator, resume, settings,
                                        earlier_defaults={"data": {"resize": "crop"}})
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
