@@ -413,6 +413,10 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._check_device(video, "video")
         if video.device.type == "meta":  # shape-only run: there are no values to check
             return
+        if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assert instead
+            inside = (video >= -_RANGE_TOLERANCE) & (video <= 1 + _RANGE_TOLERANCE)  # False for NaN
+            torch._assert_async(inside.all(), "`video` values must lie in [0, 1] (NaN and infinities refused)")
+            return
         low, high = (v.item() for v in torch.aminmax(video.detach()))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("`video` contains NaN or infinite values")

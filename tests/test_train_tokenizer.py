@@ -243,3 +243,21 @@ def test_help_through_the_example_wrapper(monkeypatch, capsys):
     for flag in ("--perceptual_model", "--disc_start_step", "--gan_loss", "--fsq_levels", "--patch_size",
                  "--tokenizer_config", "--push_to_hub", "no perceptual weights ship"):
         assert flag in text
+
+
+def test_a_run_compiled_by_accelerate_trains_like_an_eager_one(tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend ...`: the tokenizer's and the discriminator's forwards are each one graph
+    (a graph break fails the run; the input check is a device-side assert there), and the run is the eager one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    args = [*TINY, "--max_steps", "3", "--disc_start_step", "1", "--perceptual_weight", "0"]
+    eager = main([*args, "--output_dir", str(tmp_path / "eager")])
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # dynamo's tracing without inductor's compile time
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_FULLGRAPH", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state (and its dynamo settings) is read anew
+    GradientState._reset_state()
+    compiled = main([*args, "--output_dir", str(tmp_path / "compiled")])
+    assert compiled["loss"] == eager["loss"] and compiled["psnr"] == eager["psnr"]
+    a = load_file(str(tmp_path / "eager" / "final" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "final" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

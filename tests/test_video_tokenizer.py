@@ -414,6 +414,17 @@ def test_bad_video_is_rejected(video, error, message):
         tok(video)
 
 
+def test_a_compiled_forward_checks_the_video_on_the_device():
+    """Inside torch.compile the value check reads nothing back to the host (one graph), and still refuses."""
+    tok = make(OFFICIAL_PATTERN)
+    compiled = torch.compile(tok, fullgraph=True, backend="eager")  # a graph break is an error
+    video = rand_video(1, 3, 5, 16, 16)
+    assert torch.equal(compiled(video).reconstruction, tok(video).reconstruction)
+    for bad in (video * 255, torch.full_like(video, float("nan"))):
+        with pytest.raises(RuntimeError, match=r"`video` values must lie in \[0, 1\]"):
+            compiled(bad)
+
+
 @pytest.mark.parametrize("ids, kwargs, error, message", [
     (torch.full((1, 2, 2, 2), 512), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
     (torch.full((1, 2, 2, 2), -1), {}, ValueError, r"`ids` must lie in \[0, 512\)"),
