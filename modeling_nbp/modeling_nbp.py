@@ -18,9 +18,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_nbp import NBPConfig
-from .generation import NBPGenerationMixin, check_in_range
+from .generation import NBPGenerationMixin
 from .layout import BlockLayout
 from .triton_support import require_triton
+from .value_checks import check_in_range
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

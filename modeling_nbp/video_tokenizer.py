@@ -31,6 +31,7 @@ from torch import nn
 
 from .fsq import FSQ
 from .triton_support import require_triton
+from .value_checks import check_in_range
 
 logger = logging.getLogger(__name__)
 
@@ -446,10 +447,8 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._check_device(ids, "ids")
         if ids.device.type == "meta" or not ids.numel():
             return
-        low, high = (v.item() for v in torch.aminmax(ids))
-        if low < 0 or high >= self.codebook_size:
-            raise ValueError(f"`ids` must lie in [0, {self.codebook_size}) (the FSQ codebook size); got min {low}, "
-                             f"max {high}")
+        check_in_range(ids, 0, self.codebook_size,
+                       f"`ids` must lie in [0, {self.codebook_size}) (the FSQ codebook size)")
 
     # ------------------------------------------------------------------------------------ quantizer
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,13 +511,17 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._check_video(video)
         with torch.no_grad():  # ids are discrete: no gradient can flow through them
             latents = self._encode_latents(video)
-            if latents.device.type != "meta" and not torch.isfinite(latents).all():
-                # FSQ would turn NaN into ids far outside the codebook (INT64_MIN on CPU)
-                bad = int((~torch.isfinite(latents)).sum())
-                fp16 = self.dtype == torch.float16
-                hint = "; float16 overflows easily in its encoder: run it in bfloat16 or float32" if fp16 else ""
-                raise FloatingPointError(f"the video tokenizer encoded {bad} NaN or infinite latent values (weights in "
-                                         f"{self.dtype}{hint}); no valid ids can be made from them")
+        # checked outside no_grad: an assert failing in a compiled no_grad block leaves grad mode off (torch 2.13)
+        if torch.compiler.is_compiling():  # no host read inside a compiled graph
+            torch._assert_async(torch.isfinite(latents).all(), "the video tokenizer encoded NaN or infinite latents")
+        elif latents.device.type != "meta" and not torch.isfinite(latents).all():
+            # FSQ would turn NaN into ids far outside the codebook (INT64_MIN on CPU)
+            bad = int((~torch.isfinite(latents)).sum())
+            fp16 = self.dtype == torch.float16
+            hint = "; float16 overflows easily in its encoder: run it in bfloat16 or float32" if fp16 else ""
+            raise FloatingPointError(f"the video tokenizer encoded {bad} NaN or infinite latent values (weights in "
+                                     f"{self.dtype}{hint}); no valid ids can be made from them")
+        with torch.no_grad():
             return self.quantize(latents)[1]
 
     @apply_forward_hook

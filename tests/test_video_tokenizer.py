@@ -414,15 +414,27 @@ def test_bad_video_is_rejected(video, error, message):
         tok(video)
 
 
-def test_a_compiled_forward_checks_the_video_on_the_device():
-    """Inside torch.compile the value check reads nothing back to the host (one graph), and still refuses."""
+def test_forward_encode_and_decode_compile_as_one_graph_and_still_check_their_inputs():
+    """Inside torch.compile the checks read nothing back to the host (device-side asserts with the same messages),
+    so `torch.compile(tok.decode)` and the others trace as one graph and give the eager results."""
     tok = make(OFFICIAL_PATTERN)
-    compiled = torch.compile(tok, fullgraph=True, backend="eager")  # a graph break is an error
     video = rand_video(1, 3, 5, 16, 16)
-    assert torch.equal(compiled(video).reconstruction, tok(video).reconstruction)
+    ids = tok.encode(video)
+    # backend="eager": dynamo's tracing without inductor's compile time; fullgraph: a graph break is an error
+    forward, encode, decode = (torch.compile(f, fullgraph=True, backend="eager") for f in (tok, tok.encode, tok.decode))
+    assert torch.equal(forward(video).reconstruction, tok(video).reconstruction)
+    assert torch.equal(encode(video), ids) and torch.equal(decode(ids), tok.decode(ids))
     for bad in (video * 255, torch.full_like(video, float("nan"))):
-        with pytest.raises(RuntimeError, match=r"`video` values must lie in \[0, 1\]"):
-            compiled(bad)
+        for compiled in (forward, encode):
+            with pytest.raises(RuntimeError, match=r"`video` values must lie in \[0, 1\]"):
+                compiled(bad)
+    with pytest.raises(RuntimeError, match=r"`ids` must lie in \[0, 512\)"):
+        decode(ids + tok.codebook_size)
+    with torch.no_grad():
+        tok.encoder_layers[0].conv.weight.fill_(float("inf"))
+    with pytest.raises(RuntimeError, match="the video tokenizer encoded NaN or infinite latents"):
+        encode(video)
+    assert torch.is_grad_enabled()  # a failed check leaves the caller's grad mode as it was
 
 
 @pytest.mark.parametrize("ids, kwargs, error, message", [

@@ -1,0 +1,13 @@
+"""Checks of tensor values that also hold inside torch.compile (where they read nothing back to the host)."""
+
+import torch
+
+
+def check_in_range(values: torch.Tensor, low: int, high: int, message: str):
+    """ValueError(`message` and the values' range) when `values` leave [low, high). Inside torch.compile the
+    check is a device-side assert with the same message instead, so that it reads nothing back to the host and
+    the compiled graph does not break there."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(((values >= low) & (values < high)).all(), message)
+    elif values.numel() and (values.min() < low or values.max() >= high):
+        raise ValueError(f"{message}; got values in [{int(values.min())}, {int(values.max())}]")
