@@ -68,6 +68,21 @@ def space_to_depth(x: torch.Tensor, space_factor: int) -> torch.Tensor:
     return x.reshape(b, s * s * c, f, h // s, w // s)
 
 
+def replicate_pad(x: torch.Tensor, padding: tuple) -> torch.Tensor:
+    """`F.pad(x, padding, mode="replicate")` of a 5-D x, padding = (W left, W right, H top, H bottom, T front, T back).
+    While torch.compile traces, the same values come from concatenated edge slices: inductor (torch 2.13) fails on
+    replicate padding after the decoder's depth-to-space (an assert in its scheduler), and fuses the concatenations
+    into one kernel all the same."""
+    if not any(padding):
+        return x
+    if not torch.compiler.is_compiling():
+        return F.pad(x, padding, mode="replicate")
+    for dim, (before, after) in zip((4, 3, 2), zip(padding[::2], padding[1::2])):
+        n = x.shape[dim]
+        x = torch.cat([x.narrow(dim, 0, 1)] * before + [x] + [x.narrow(dim, n - 1, 1)] * after, dim)
+    return x
+
+
 class Swish(nn.Module):
     """x * sigmoid(beta * x) with a learnable per-channel beta of shape (1, C, 1, 1, 1), initialised to 1."""
 
@@ -130,9 +145,7 @@ class CausalConv3d(nn.Module):
         self.padding = (half, half, half, half, 2 * half, 0)  # (W left/right, H top/bottom, T front/back)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.padding):
-            x = F.pad(x, self.padding, mode="replicate")
-        return self.conv(x)
+        return self.conv(replicate_pad(x, self.padding))
 
 
 def _norm_act(norm: FrameGroupNorm, act: Swish, x: torch.Tensor, padding: tuple, fused: bool) -> torch.Tensor:
@@ -141,8 +154,7 @@ def _norm_act(norm: FrameGroupNorm, act: Swish, x: torch.Tensor, padding: tuple,
         from . import norm_kernels  # imports triton
 
         return norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, padding)
-    x = act(norm(x))
-    return F.pad(x, padding, mode="replicate") if any(padding) else x
+    return replicate_pad(act(norm(x)), padding)
 
 
 def _norm_act_conv(norm: FrameGroupNorm, act: Swish, conv: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -638,7 +650,7 @@ class IncrementalDecoder:
             shortcut = x if isinstance(layer.residual_fn, nn.Identity) else self._layer(layer.residual_fn[0], x, state)
             return h + shortcut
         if isinstance(layer, CausalConv3d) and layer.padding[4]:
-            return self._causal_conv(layer, F.pad(x, layer.padding[:4] + (0, 0), mode="replicate"), state)
+            return self._causal_conv(layer, replicate_pad(x, layer.padding[:4] + (0, 0)), state)
         if isinstance(layer, CausalDepthToSpace):
             y = depth_to_space(x, layer.time_factor, layer.space_factor)
             first = layer not in state

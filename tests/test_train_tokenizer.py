@@ -247,7 +247,8 @@ def test_help_through_the_example_wrapper(monkeypatch, capsys):
 
 def test_a_run_compiled_by_accelerate_trains_like_an_eager_one(tmp_path, monkeypatch):
     """`accelerate launch --dynamo_backend ...`: the tokenizer's and the discriminator's forwards are each one graph
-    (a graph break fails the run; the input check is a device-side assert there), and the run is the eager one."""
+    (a graph break fails the run; the input check is a device-side assert there), and the run is the eager one up to
+    float rounding."""
     from accelerate.state import AcceleratorState, GradientState
 
     args = [*TINY, "--max_steps", "3", "--disc_start_step", "1", "--perceptual_weight", "0"]
@@ -257,7 +258,11 @@ def test_a_run_compiled_by_accelerate_trains_like_an_eager_one(tmp_path, monkeyp
     AcceleratorState._reset_state(reset_partial_state=True)  # the state (and its dynamo settings) is read anew
     GradientState._reset_state()
     compiled = main([*args, "--output_dir", str(tmp_path / "compiled")])
-    assert compiled["loss"] == eager["loss"] and compiled["psnr"] == eager["psnr"]
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert compiled["psnr"] == pytest.approx(eager["psnr"], rel=1e-5)
     a = load_file(str(tmp_path / "eager" / "final" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "final" / "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # up to float rounding: compiled, the causal padding is a concatenation, whose gradient sums in another order
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
