@@ -17,8 +17,8 @@ a section that would start after --time_budget seconds is skipped, so the run en
    Triton (when in --variants), batch 1 only; the K600 setting with the paper's sampling; peak memory per row.
 4. pipeline end to end: encode 5 frames with the tokenizer, 48 steps, decode 17 frames at 128x128; the
    tokenizer's encode and decode timed alone too (with PyTorch's norms and with the Triton ones, checked against
-   each other, also channels-last and with `conv_implementation="frames2d"`); the Triton decode step, the Triton
-   norms, both (and with frames2d), and overlapped decoding.
+   each other, also channels-last and with `conv_implementation="frames2d"`; with --tokenizer_compile also through
+   torch.compile); the Triton decode step, the Triton norms, both (and with frames2d), and overlapped decoding.
 5. training step (modeling_nbp.bench.training_rows): 700M bf16 autocast, flex attention, fused AdamW, at each
    --train_batch: tokens/s and MFU (datasheet and measured matrix rate), and the kernel time by kind of one step at
    the first batch size; with the chunked loss and the Triton one (after a check of the Triton loss against the
@@ -319,6 +319,9 @@ def main(argv=None):
     p.add_argument("--ntp_repeats", type=int, default=1)
     p.add_argument("--train_batch", type=int, nargs="+", default=[16, 32])
     p.add_argument("--train_compile", action="store_true", help="also time a torch.compile'd training step")
+    p.add_argument("--tokenizer_compile", action="store_true",
+                   help="also time torch.compile'd tokenizer encode and decode (pipeline section; a minute or so of "
+                        "compilation)")
     p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "autotuned"],
                    default=["eager", "optimized", "compiled", "triton", "triton-attention"],
                    help="decode variants of the generation table")
@@ -499,6 +502,29 @@ def main(argv=None):
         with torch.no_grad():
             out["encode 5 frames ms"] = 1000 * timed(lambda: tok.encode(frames), device, args.repeats)
             out["decode 17 frames ms"] = 1000 * timed(lambda: tok.decode(ids), device, args.repeats)
+            if args.tokenizer_compile:  # inductor's fusion of the norms, activations and paddings around the convs
+                def compiled_tokenizer():
+                    encode, decode = torch.compile(tok.encode), torch.compile(tok.decode)
+                    start = time.perf_counter()
+                    # called as the pipeline calls them, so that its run below compiles nothing more
+                    pixels, context_ids = decode(ids, decode_batch_size=None), encode(frames)
+                    out["torch.compile: first encode + decode call s"] = time.perf_counter() - start
+                    out["torch.compile: decode max abs difference, encode ids equal"] = [
+                        float((pixels - tok.decode(ids)).abs().max()),
+                        float((context_ids == tok.encode(frames)).float().mean())]
+                    out["encode 5 frames ms, torch.compile"] = 1000 * timed(lambda: encode(frames), device,
+                                                                             args.repeats)
+                    out["decode 17 frames ms, torch.compile"] = 1000 * timed(
+                        lambda: decode(ids, decode_batch_size=None), device, args.repeats)
+                    tok.encode, tok.decode = encode, decode  # what the pipeline calls, as a user would set them
+                    try:
+                        out["end-to-end ms per video, tokenizer torch.compile"] = 1000 * timed(
+                            lambda: pipe(video=video, output_type="pt", generator=gen(4), **PAPER_SAMPLING), device,
+                            args.repeats)
+                    finally:
+                        del tok.encode, tok.decode
+
+                attempt(compiled_tokenizer)
             if cuda:
                 out["decode 17 frames, kernel profile"] = attempt(lambda: kernel_profile(
                     lambda: tok.decode(ids), top=10, kinds=TOKENIZER_KERNEL_KINDS))
