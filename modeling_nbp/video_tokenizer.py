@@ -71,8 +71,7 @@ def space_to_depth(x: torch.Tensor, space_factor: int) -> torch.Tensor:
 def replicate_pad(x: torch.Tensor, padding: tuple) -> torch.Tensor:
     """`F.pad(x, padding, mode="replicate")` of a 5-D x, padding = (W left, W right, H top, H bottom, T front, T back).
     While torch.compile traces, the same values come from concatenated edge slices: inductor (torch 2.13) fails on
-    replicate padding after the decoder's depth-to-space (an assert in its scheduler), and fuses the concatenations
-    into one kernel all the same."""
+    replicate padding after the decoder's depth-to-space (an assert in its scheduler), not on concatenations."""
     if not any(padding):
         return x
     if not torch.compiler.is_compiling():
