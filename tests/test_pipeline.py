@@ -547,3 +547,18 @@ def test_save_without_code_names_the_installed_modules(pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(loaded(class_labels=[0], generator=gen(1), output_type="np").frames,
                                   pipe(class_labels=[0], generator=gen(1), output_type="np").frames)
+
+
+def test_the_pipeline_runs_a_compiled_tokenizer():
+    """`tok.encode = torch.compile(tok.encode)` (and decode) as a user sets them: the pipeline's calls trace as one
+    graph each (fullgraph) and give the eager frames, in frame prediction (encode and decode) and longer videos."""
+    pipe = tiny_pipeline(mode="frames")
+    tok = pipe.video_tokenizer
+    context = np.random.default_rng(1).random((3, 8, 8, 3)).astype(np.float32)
+    expected = pipe(video=context, generator=gen(0), num_frames=9, output_type="pt").frames
+    tok.encode, tok.decode = (torch.compile(f, fullgraph=True, backend="eager") for f in (tok.encode, tok.decode))
+    try:
+        frames = pipe(video=context, generator=gen(0), num_frames=9, output_type="pt").frames
+    finally:
+        del tok.encode, tok.decode
+    torch.testing.assert_close(frames, expected, atol=1e-6, rtol=0)
