@@ -504,7 +504,7 @@ def main(argv=None):
             out["decode 17 frames ms"] = 1000 * timed(lambda: tok.decode(ids), device, args.repeats)
             if args.tokenizer_compile:  # inductor's fusion of the norms, activations and paddings around the convs
                 def compiled_tokenizer():
-                    encode, decode = torch.compile(tok.encode), torch.compile(tok.decode)
+                    encode, decode = (torch.compile(f, dynamic=False) for f in (tok.encode, tok.decode))
                     start = time.perf_counter()
                     # called as the pipeline calls them, so that its run below compiles nothing more
                     pixels, context_ids = decode(ids, decode_batch_size=None), encode(frames)

@@ -440,11 +440,13 @@ def test_forward_encode_and_decode_compile_as_one_graph_and_still_check_their_in
 def test_inductor_compiles_the_decoder():
     """Inductor (torch 2.13) asserted on the decoder's replicate padding after depth-to-space; while compiling, the
     padding is built from edge slices (`replicate_pad`), and the compiled decode gives the eager frames. About 25 s of
-    compilation on 2 CPU cores."""
+    compilation on 2 CPU cores. Static shapes: with the shapes that earlier compilations of `decode` in this process
+    saw, automatic dynamic shapes reach another inductor failure (a value range error lowering a convolution)."""
     tok = make(OFFICIAL_PATTERN)
     ids = tok.encode(rand_video(1, 3, 5, 16, 16))
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(tok.decode)(ids), tok.decode(ids), rtol=1e-4, atol=1e-5)
+        compiled = torch.compile(tok.decode, dynamic=False)
+        torch.testing.assert_close(compiled(ids), tok.decode(ids), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("ids, kwargs, error, message", [
