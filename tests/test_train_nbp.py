@@ -511,3 +511,40 @@ def test_a_run_compiled_by_accelerate_trains_and_resumes_like_an_eager_one(token
     assert main([*args, "--output_dir", str(tmp_path / "compiled"), "--max_steps", "6",
                  "--resume_from_checkpoint", "latest"])["train_loss"] == resumed["train_loss"]
     assert strip(read_log(tmp_path / "compiled")) == strip(read_log(tmp_path / "eager"))
+
+
+def test_transformers_trainer_trains_the_generator(tmp_path):
+    """The model under transformers' Trainer (token grids and class labels as the dataset's columns): gradient
+    accumulation equals the large batch, and Trainer's torch_compile (dynamo's tracing, backend "eager") the eager run."""
+    from torch._dynamo.utils import counters
+    from transformers import Trainer, TrainingArguments
+
+    grids = torch.randint(0, 16, (16, *GRID), generator=torch.Generator().manual_seed(0))
+    rows = [{"video_ids": g, "class_labels": i % CLASSES} for i, g in enumerate(grids)]
+    config = NBPConfig(latent_shape=list(GRID), block_shape=[1, 1, 4], video_vocab_size=16, num_classes=CLASSES,
+                       condition_mode="class", first_block="hybrid", hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, hidden_dropout=0.0)
+
+    def train(batch, accumulation, **options):
+        torch.manual_seed(0)
+        model = NBPForVideoGeneration(config)
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{batch}x{accumulation}{len(options)}"), max_steps=3,
+                                 per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                                 learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, **options)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return model, [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+    large, large_losses = train(4, 1)
+    accumulated, accumulated_losses = train(2, 2)
+    torch._dynamo.reset()  # no graph of an earlier test can serve this run
+    counters.clear()
+    compiled, compiled_losses = train(4, 1, torch_compile=True, torch_compile_backend="eager")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, compiled once
+    assert len(large_losses) == 3 and large_losses[-1] < large_losses[0]
+    assert accumulated_losses == pytest.approx(large_losses, rel=1e-5)
+    assert compiled_losses == pytest.approx(large_losses, rel=1e-6)
+    for a, b, c in zip(large.parameters(), accumulated.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
