@@ -532,8 +532,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             hint = "; float16 overflows easily in its encoder: run it in bfloat16 or float32" if fp16 else ""
             raise FloatingPointError(f"the video tokenizer encoded {bad} NaN or infinite latent values (weights in "
                                      f"{self.dtype}{hint}); no valid ids can be made from them")
-        with torch.no_grad():
-            return self.quantize(latents)[1]
+        return self.quantize(latents)[1]  # latents made under no_grad: FSQ (no parameters) records no graph
 
     @apply_forward_hook
     def decode(self, ids: torch.Tensor, decode_batch_size: int | None = None) -> torch.Tensor:
