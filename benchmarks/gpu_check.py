@@ -53,6 +53,7 @@ from modeling_nbp import NBPConfig, NBPVideoPipeline, NBPVideoTokenizer
 from modeling_nbp.conversion.convert_nbp import GENERATOR_PREFIX, convert_generator_state_dict
 from modeling_nbp.generation import sample_tokens
 from modeling_nbp.modeling_nbp import next_block_loss
+from modeling_nbp.video_tokenizer import FrameConv3d
 from modeling_nbp.bench import (GENERATED_FRAMES, PAPER_SAMPLING, SIZES, VARIANTS, build, forced_step_logits,
                                 format_table, generation_ratios, generation_rows, peak_memory_gib, reset_peak_memory,
                                 timed, training_rows)
@@ -531,7 +532,7 @@ def main(argv=None):
                 # the widest level's 3x3x3 conv alone (padded input of 17 frames), in the layout the tokenizer uses
                 # and channels-last: TFLOP/s of each, to see what the convolutions could gain from the layout
                 width, size = tok.config.block_out_channels[0], H * s
-                conv = torch.nn.Conv3d(width, width, 3, device=device, dtype=bf16)
+                conv = FrameConv3d(width, width, 3, device=device, dtype=bf16)
                 x = torch.randn(1, width, 19, size + 2, size + 2, device=device, dtype=bf16)
                 flop = 2 * width * width * 27 * 17 * size * size
                 for name, layout in (("contiguous", torch.contiguous_format), ("channels_last_3d",
@@ -540,24 +541,19 @@ def main(argv=None):
                     out[f"widest 3x3x3 conv TFLOP/s, {name}"] = attempt(
                         lambda: flop / timed(lambda: c(xs), device, args.repeats) / 1e12)
                 # the same conv as a 2D one over the 3 frames each output sees, stacked as channels (frames as the
-                # batch, channels-last: cuDNN's most tuned path), with and without the stacking copy: whether
-                # the tokenizer would gain from running its convolutions as 2D ones
-                def stack(x):  # (1, C, 19, H, W) -> (17, 3 C, H, W) channels-last, frame j of 3 in channels j C...
-                    frames = x.unfold(2, 3, 1).permute(0, 2, 3, 4, 5, 1)  # (1, 17, H, W, 3, C), a view
-                    return frames.reshape(17, size + 2, size + 2, 3 * width).permute(0, 3, 1, 2)  # one copy
-
-                # ...matching the weight's (out, 3 in) order, time tap major
-                weight2d = conv.weight.permute(0, 2, 1, 3, 4).reshape(width, 3 * width, 3, 3).contiguous(
-                    memory_format=torch.channels_last)
-                stacked = stack(x)
+                # batch, channels-last: cuDNN's most tuned path; `conv_implementation="frames2d"`), without and with
+                # the stacking copy (and the weight reordered, as the tokenizer runs it): whether the tokenizer would
+                # gain from running its convolutions as 2D ones
+                conv.to(memory_format=torch.contiguous_format).as_frames = True
+                stacked = conv.stacked_frames(x)
+                weight2d = conv.stacked_weight().contiguous(memory_format=torch.channels_last)
                 out["widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, conv only"] = attempt(
                     lambda: flop / timed(lambda: F.conv2d(stacked, weight2d, conv.bias), device, args.repeats) / 1e12)
                 for name, layout in (("contiguous", torch.contiguous_format), ("channels_last_3d",
                                                                                 torch.channels_last_3d)):
                     xs = x.to(memory_format=layout)
                     out[f"widest 3x3x3 conv as stacked-frame 2D conv TFLOP/s, with the stacking copy from {name}"] = (
-                        attempt(lambda: flop / timed(lambda: F.conv2d(stack(xs), weight2d, conv.bias), device,
-                                                     args.repeats) / 1e12))
+                        attempt(lambda: flop / timed(lambda: conv(xs), device, args.repeats) / 1e12))
                 # every figure here uses cuDNN's autotuning of the convolutions (set by this script); without it:
                 torch.backends.cudnn.benchmark = False
                 try:

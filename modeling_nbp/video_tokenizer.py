@@ -119,14 +119,20 @@ class FrameConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.as_frames:
             return super().forward(x)
-        (kt, kh, kw), (st, sh, sw) = self.kernel_size, self.stride
+        y = F.conv2d(self.stacked_frames(x), self.stacked_weight(), self.bias, stride=self.stride[1:])  # (B T', ...)
+        return y.unflatten(0, (x.shape[0], -1)).transpose(1, 2)  # (B, out, T', H', W'), a view
+
+    def stacked_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B T', kt C, H, W), channels-last: the kt frames each output frame sees (one copy)."""
+        kt, st = self.kernel_size[0], self.stride[0]
         B, C, _, H, W = x.shape
         frames = x.unfold(2, kt, st)  # (B, C, T', H, W, kt), a view
-        T = frames.shape[2]
-        stacked = frames.permute(0, 2, 3, 4, 5, 1).reshape(B * T, H, W, kt * C).permute(0, 3, 1, 2)
-        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * C, kh, kw)
-        y = F.conv2d(stacked, weight, self.bias, stride=(sh, sw))  # (B T', out, H', W')
-        return y.unflatten(0, (B, T)).transpose(1, 2)  # (B, out, T', H', W'), a view
+        return frames.permute(0, 2, 3, 4, 5, 1).reshape(-1, H, W, kt * C).permute(0, 3, 1, 2)
+
+    def stacked_weight(self) -> torch.Tensor:
+        """The weight (out, C, kt, kh, kw) as the 2D one (out, kt C, kh, kw) that reads `stacked_frames`."""
+        out, C, kt, kh, kw = self.weight.shape
+        return self.weight.permute(0, 2, 1, 3, 4).reshape(out, kt * C, kh, kw)
 
 
 class CausalConv3d(nn.Module):
