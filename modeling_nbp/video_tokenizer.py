@@ -308,7 +308,6 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         self._in_channels = in_channels
         self.gradient_checkpointing = False
         self._norm_implementation = "torch"
-        self._conv_implementation = "conv3d"
 
         latent_dim = self.quantizer.dim
         pixel_channels = in_channels * patch_size * patch_size
@@ -356,13 +355,13 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         """How every convolution runs, one of `CONV_IMPLEMENTATIONS`: "conv3d" (the default) or "frames2d" (one 2D
         convolution over stacked frames, `FrameConv3d`; everywhere: encode, decode, the incremental decoder,
         training). Not saved with the model."""
-        return self._conv_implementation
+        frames = any(m.as_frames for m in self.modules() if isinstance(m, FrameConv3d))  # the modules' own flags
+        return "frames2d" if frames else "conv3d"
 
     @conv_implementation.setter
     def conv_implementation(self, value: str):
         if value not in CONV_IMPLEMENTATIONS:
             raise ValueError(f"conv_implementation must be one of {CONV_IMPLEMENTATIONS}, got {value!r}")
-        self._conv_implementation = value
         for module in self.modules():
             if isinstance(module, FrameConv3d):
                 module.as_frames = value == "frames2d"
