@@ -107,8 +107,14 @@ class NBPConfig(PreTrainedConfig):
         if self.condition_mode == "class":
             if self.class_condition_ids is not None:
                 self.class_condition_ids = [list(map(int, ids)) for ids in self.class_condition_ids]
-                self.num_classes = len(self.class_condition_ids)
-                self.num_condition_tokens = len(self.class_condition_ids[0]) if self.class_condition_ids else 0
+                width = len(self.class_condition_ids[0]) if self.class_condition_ids else 0
+                if self.num_classes is not None and self.num_classes != len(self.class_condition_ids):
+                    raise ValueError(f"num_classes ({self.num_classes}) disagrees with class_condition_ids "
+                                     f"({len(self.class_condition_ids)} classes); give one of them")
+                if self.num_condition_tokens not in (1, width):  # 1: the default, for a class id each
+                    raise ValueError(f"num_condition_tokens ({self.num_condition_tokens}) disagrees with "
+                                     f"class_condition_ids ({width} ids per class)")
+                self.num_classes, self.num_condition_tokens = len(self.class_condition_ids), width
             if self.condition_vocab_size is None:  # the span of the given ids, else one id per class
                 ids = [i for c in self.class_condition_ids or () for i in c]
                 self.condition_vocab_size = max(ids) + 1 - self.condition_token_offset if ids else self.num_classes or 0
@@ -144,9 +150,12 @@ class NBPConfig(PreTrainedConfig):
                 f"{self.latent_shape}, {self.block_shape}"
             )
         sizes = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-                     num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size)
+                     num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+                     video_vocab_size=self.video_vocab_size, max_position_embeddings=self.max_position_embeddings)
         if not positive_ints(sizes.values()):
             raise ValueError(f"the transformer sizes must be positive ints; got {sizes}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("class_dropout_prob", "hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -167,6 +176,9 @@ class NBPConfig(PreTrainedConfig):
         if self.condition_mode == "class" and not self.num_classes:
             raise ValueError("condition_mode='class' needs num_classes > 0 or class_condition_ids")
         if self.condition_mode == "class":
+            if len(self.class_condition_ids) != self.num_classes:
+                raise ValueError(f"num_classes ({self.num_classes}) must equal the number of class_condition_ids "
+                                 f"({len(self.class_condition_ids)}): to add classes, give each its condition ids")
             bad = [ids for ids in self.class_condition_ids if len(ids) != self.num_condition_tokens]
             if bad:
                 raise ValueError("every entry of class_condition_ids must have num_condition_tokens ids")
@@ -181,6 +193,8 @@ class NBPConfig(PreTrainedConfig):
                 f"({self.max_position_embeddings})"
             )
         self._check_id_ranges()
+        if not isinstance(self.num_context_frames, int) or isinstance(self.num_context_frames, bool):
+            raise ValueError(f"num_context_frames must be an int, got {self.num_context_frames!r}")
         if self.condition_mode == "frames" and (self.num_context_frames % self.block_shape[0]
                                                  or not 0 <= self.num_context_frames < self.latent_shape[0]):
             raise ValueError(

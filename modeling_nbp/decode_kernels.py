@@ -230,8 +230,8 @@ def _sample_ranked_kernel(values_ptr, index_ptr, noise_ptr, out_ptr, k, temperat
     j = tl.arange(0, BLOCK)
     ok = j < k
     logits = tl.load(values_ptr + row * stride_v + j, mask=ok, other=float("-inf")).to(tl.float32)
-    if TEMPERATURE:
-        logits = logits / temperature
+    if TEMPERATURE:  # shifted first, as in `sample_tokens`
+        logits = (logits - tl.max(logits, axis=0)) / temperature
     e = tl.exp(logits - tl.max(logits, axis=0))
     probs = e / tl.sum(e, axis=0)
     cumulative = tl.cumsum(probs, axis=0)

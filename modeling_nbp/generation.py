@@ -1,5 +1,6 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         if logits.shape[-1] <= decode_kernels.MAX_RANKED:
             return decode_kernels.sample_ranked(logits, index, noise, temperature, top_p)
     logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    if temperature != 1.0:  # shifted first: the largest becomes 0, so a tiny temperature cannot overflow to inf
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     probs = logits.softmax(dim=-1)
     cumulative = probs.cumsum(dim=-1)
     # the kept tokens are a prefix: drop a token when the tokens ranked above it hold more than top_p
@@ -138,18 +139,18 @@ def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None
 
 
 def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
-    """The sampling arguments, checked, as plain Python numbers (numpy scalars accepted)."""
+    """The sampling arguments, checked, as plain Python numbers (numpy scalars accepted; NaN and infinity refused)."""
     def number(value, kind=numbers.Real):
-        return isinstance(value, kind) and not isinstance(value, bool)
+        return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
     if not number(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not number(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int (0 = no top-k filtering), got {top_k!r}")
     if not number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1] (1 = no nucleus filtering), got {top_p!r}")
     if not number(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
     return float(temperature), None if top_k is None else int(top_k), float(top_p), float(guidance_scale)
 
 
@@ -217,7 +218,10 @@ class NBPGenerationMixin:
         if condition_ids is not None and class_labels is not None:
             raise ValueError("give class_labels or condition_ids (the prefix they stand for), not both")
         if condition_ids is not None:
-            condition_ids = torch.as_tensor(condition_ids, device=device).long()
+            condition_ids = torch.as_tensor(condition_ids, device=device)
+            if condition_ids.is_floating_point() or condition_ids.is_complex() or condition_ids.dtype == torch.bool:
+                raise ValueError(f"condition_ids must be ints; got {condition_ids.dtype} values")
+            condition_ids = condition_ids.long()
             if condition_ids.ndim != 2 or condition_ids.shape[1] != cfg.num_condition_tokens:
                 raise ValueError(f"condition_ids must have shape (batch, {cfg.num_condition_tokens})")
             low, high = cfg.condition_token_offset, cfg.condition_token_offset + cfg.condition_vocab_size
@@ -301,10 +305,14 @@ class NBPGenerationMixin:
             class_labels = torch.as_tensor(class_labels).view(-1)  # an int, a list, an array or a tensor
         sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
         if batch_size is not None:
+            if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
             sizes.add(batch_size)
         if len(sizes) > 1:
             raise ValueError(f"class_labels, context_ids, condition_ids and batch_size disagree on the batch size: {sizes}")
         B = sizes.pop() if sizes else 1
+        if B == 0:
+            raise ValueError("nothing to generate: class_labels, context_ids or condition_ids hold no videos")
         prefix = self.condition_prefix(class_labels, B, device, condition_ids)
 
         video = torch.full((B, layout.num_video_tokens), -1, dtype=torch.long, device=device)
@@ -351,9 +359,13 @@ class NBPGenerationMixin:
         if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
             self.eval()
         try:
-            yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
-                                         sampling, nonfinite)
+            written_outside = yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache,
+                                                           use_cache, generator, sampling, nonfinite)
             check_finite_logits(nonfinite, self.dtype)
+            if bool(written_outside):
+                raise ValueError(f"a consumer of the generation steps wrote video_tokens outside [0, "
+                                 f"{cfg.video_vocab_size}) (video vocabulary ids; -1 marks tokens not generated yet); "
+                                 "the tokens generated after them are meaningless")
         except GeneratorExit:  # the consumer stopped early (`close()`): what it took must not hide non-finite logits
             check_finite_logits(nonfinite, self.dtype)
             raise
@@ -366,8 +378,10 @@ class NBPGenerationMixin:
 
     def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling,
                      nonfinite):
-        """The decoding loop of `iter_generation` over its precomputed plan."""
+        """The decoding loop of `iter_generation` over its precomputed plan. Returns a bool device flag: whether a
+        consumer wrote ids outside the video vocabulary (fed clamped meanwhile, so no step reads back to the host)."""
         cfg, layout, device = self.config, self.layout, self.device
+        written_outside = torch.zeros((), dtype=torch.bool, device=device)
         video_positions = layout.video_positions.to(device)
         off, whole = cfg.video_token_offset, cfg.sample_whole_vocabulary
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
@@ -388,10 +402,13 @@ class NBPGenerationMixin:
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
-            fed = video[:, a:b] + off
+            written = video[:, a:b]
+            written_outside.logical_or_(((written < 0) | (written >= cfg.video_vocab_size)).any())
+            fed = written.clamp(0, cfg.video_vocab_size - 1) + off
             if whole:  # the official sampler feeds back what it sampled (unless a consumer changed it)
                 fed = torch.where(video[:, a:b] == tokens, sampled, fed)
             seq[:, video_positions[a:b]] = fed.repeat(2 if guided else 1, 1)
+        return written_outside
 
     def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, nonfinite=None, **sampling):
         """One forward over `ids` (the sequence positions that follow the cache) and the video ids (ids of the whole

@@ -197,6 +197,11 @@ class NBPModel(NBPPreTrainedModel):
 
         positions = past + torch.arange(q_len, device=inputs_embeds.device)
         P = self.layout.prefix_length
+        if drop_condition is not None:
+            drop_condition = torch.as_tensor(drop_condition)
+            if drop_condition.dtype != torch.bool or tuple(drop_condition.shape) != (inputs_embeds.shape[0],):
+                raise ValueError(f"drop_condition must be a bool tensor of shape (batch,) = ({inputs_embeds.shape[0]},)"
+                                 f"; got {drop_condition.dtype} of shape {tuple(drop_condition.shape)}")
         if drop_condition is not None and P:
             # rows with drop_condition see `uncond_embedding` at the prefix positions of this chunk
             uncond = self.uncond_embedding[positions.clamp(max=P - 1)].to(inputs_embeds.dtype)  # (q, D)
@@ -525,7 +530,7 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         """Video token grids (B, T', H', W') (+ class labels) -> (input_ids, labels) for next-block training."""
         self.check_video_ids(video_ids)
         prefix = self.condition_prefix(class_labels, video_ids.shape[0], video_ids.device)
-        return self.layout.training_inputs(prefix, video_ids)
+        return self.layout.training_inputs(prefix, video_ids.long())
 
 
 __all__ = ["NBPConfig", "NBPModel", "NBPForVideoGeneration", "NBPPreTrainedModel"]

@@ -460,7 +460,10 @@ def test_bad_inputs_give_clear_errors():
         frames.generate_video_tokens(class_labels=[0], context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="not both"):
         model.generate_video_tokens(class_labels=[0], condition_ids=[model.config.class_condition_ids[1]])
-    for name, value in (("guidance_scale", "3"), ("top_p", 1.5), ("top_k", 2.5), ("temperature", "1")):
+    nan, inf = float("nan"), float("inf")
+    for name, value in (("guidance_scale", "3"), ("top_p", 1.5), ("top_k", 2.5), ("temperature", "1"),
+                        ("temperature", nan), ("temperature", inf), ("guidance_scale", nan), ("guidance_scale", inf),
+                        ("top_p", nan)):
         with pytest.raises(ValueError, match=name):
             model.generate_video_tokens(class_labels=[0], **{name: value})
 
@@ -473,6 +476,77 @@ def test_sampling_arguments_of_other_types():
         tokens = model.generate_video_tokens(class_labels=labels, top_k=np.int64(5),
                                              generator=torch.Generator().manual_seed(0))
         assert torch.equal(tokens, reference)
+
+
+def test_narrow_integer_ids_train_and_generate_as_int64():
+    model = make_model(video_vocab_size=300)
+    ids = grid(model)
+    expected = model(video_ids=ids, class_labels=[0, 1]).loss
+    for dtype in (torch.int32, torch.int16, torch.uint8):  # uint8 holds every id below 256
+        small = ids.clamp(max=255).to(dtype)
+        assert torch.equal(model(video_ids=small, class_labels=[0, 1]).loss,
+                           model(video_ids=small.long(), class_labels=[0, 1]).loss)
+    assert torch.equal(model(video_ids=ids.int(), class_labels=[0, 1]).loss, expected)
+    # the range check compares in int64: 300 as uint8 would wrap to 44
+    context = torch.full((1, 1, 4, 4), 50, dtype=torch.uint8)
+    assert model.generate_video_tokens(class_labels=[0], context_ids=context)[:, :1].eq(50).all()
+    with pytest.raises(ValueError, match=r"video token ids must lie in \[0, 300\)"):
+        model(video_ids=ids.clamp(max=255).to(torch.int16) + 290, class_labels=[0, 1])
+
+
+def test_batch_prefix_and_condition_dropout_arguments_are_checked():
+    model = make_model()
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            model.generate_video_tokens(class_labels=[0], batch_size=bad)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        model.generate_video_tokens(class_labels=[])
+    offset = model.config.condition_token_offset
+    for bad in ([[offset + 0.9]], [[True]]):  # never truncated to an id
+        with pytest.raises(ValueError, match="condition_ids must be ints"):
+            model.generate_video_tokens(condition_ids=bad)
+    inputs = torch.zeros(2, 3, dtype=torch.long)
+    for bad in (torch.tensor([1, 0]), torch.tensor([True]), torch.tensor([[True, False]])):
+        with pytest.raises(ValueError, match=r"drop_condition must be a bool tensor of shape \(batch,\) = \(2,\)"):
+            model(input_ids=inputs, drop_condition=bad)
+
+
+def test_config_refuses_class_counts_and_sizes_that_disagree():
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"num_classes \(5\) disagrees with class_condition_ids \(3 classes\)"):
+        NBPConfig(**dict(config.to_dict(), num_classes=5))
+    with pytest.raises(ValueError, match=r"num_condition_tokens \(2\) disagrees"):
+        NBPConfig(**dict(config.to_dict(), num_condition_tokens=2))
+    config.num_classes = 5  # as from_pretrained(path, num_classes=5) sets it: refused when a model is built
+    with pytest.raises(ValueError, match="must equal the number of class_condition_ids"):
+        NBPForVideoGeneration(config)
+    for field, bad in (("video_vocab_size", 0), ("video_vocab_size", 40.0), ("max_position_embeddings", 100.0),
+                       ("layer_norm_eps", -1.0), ("num_context_frames", True)):
+        with pytest.raises(ValueError, match=field):
+            tiny_config(**{field: bad})
+
+
+@pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
+def test_tokens_written_back_outside_the_vocabulary_are_refused(cache_implementation):
+    model = make_model()
+    for value in (model.config.video_vocab_size, -1):  # -1 marks tokens not generated yet
+        steps = model.iter_generation(class_labels=[0], cache_implementation=cache_implementation)
+        with pytest.raises(ValueError, match=r"wrote video_tokens outside \[0, 40\)"):
+            for step in steps:
+                step.video_tokens[:, step.start : step.end] = value
+    steps = model.iter_generation(class_labels=[0], cache_implementation=cache_implementation)
+    for step in steps:  # ids inside the vocabulary are fed as written
+        step.video_tokens[:, step.start : step.end] = 7
+    assert step.video_tokens.eq(7).all()
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens():
+    model = make_model()
+    greedy = model.generate_video_tokens(class_labels=[0, 1], temperature=0)
+    for temperature in (1e-30, 1e-40):  # 1 / t overflows float32
+        tokens = model.generate_video_tokens(class_labels=[0, 1], temperature=temperature,
+                                             generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, greedy)
 
 
 def test_generation_in_training_mode_samples_as_in_eval_mode():
