@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import time
 
 import numpy as np
@@ -114,6 +115,10 @@ def test_fvd_from_features_sampling_and_checks():
         fvd_from_features(fake, real, num_samples=13)
     with pytest.raises(ValueError, match="needs num_samples"):
         fvd_from_features(fake, real, num_repeats=2)
+    with pytest.raises(ValueError, match="every repeat would use all videos"):  # 12 of 12, twice: the same value
+        fvd_from_features(fake[:12], real, num_repeats=2, num_samples=12)
+    varied = fvd_from_features(fake, real, num_repeats=2, num_samples=12)["values"]  # 12 of 20 fake: repeats differ
+    assert varied[0] != varied[1]
     with pytest.raises(ValueError, match="at least 2 fake videos"):
         fvd_from_features(fake[:1], real)
     real[3, 1] = np.nan
@@ -351,12 +356,30 @@ def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
         assert fvd_module._list_video_files(tmp_path / "gifs") == [tmp_path / "gifs" / n for n in ("0.npy", "1.mp4")]
 
 
-def test_main_checks_its_sampling_arguments_before_reading_videos(tmp_path, capsys):
-    # the folders do not exist: an argument error must come first
-    for flags, message in ((["--num-repeats", "2"], "needs --num-samples"), (["--num-samples", "1"], ">= 2")):
+def test_main_checks_its_arguments_before_any_video_goes_through_the_detector(tmp_path, monkeypatch, capsys):
+    def no_detector(*args, **kwargs):
+        raise AssertionError("the detector was built before the arguments were checked")
+
+    monkeypatch.setattr(fvd_module, "FVDCalculator", no_detector)
+    video = (moving_squares(1, frames=17, size=16)[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+    for name in ("fake", "real", "small"):
+        (tmp_path / name).mkdir()
+        for index in range(3):
+            frames = video[:, :8, :8] if name == "small" else video
+            np.save(tmp_path / name / f"{index}.npy", frames.numpy())
+    folders = [str(tmp_path / "fake"), str(tmp_path / "real")]
+    for flags, message in ((["--num-repeats", "2"], "needs --num-samples"),
+                           (["--num-samples", "1"], r"--num-samples must be an int in \[2, 3\]"),
+                           (["--num-samples", "4"], r"in \[2, 3\] \(the smaller set has 3 videos\), got 4"),
+                           (["--num-repeats", "2", "--num-samples", "3"], "every repeat would use all videos"),
+                           (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+                           (["--num-repeats", "0"], "--num-repeats must be an int >= 1")):
         with pytest.raises(SystemExit):
-            fvd_module.main([str(tmp_path / "fake"), str(tmp_path / "real"), *flags])
-        assert message in capsys.readouterr().err
+            fvd_module.main([*folders, *flags])
+        assert re.search(message, capsys.readouterr().err), flags
+    # reconstruction pairs are compared before the FVD: a mismatch fails at once
+    with pytest.raises(ValueError, match="differ in shape"):
+        fvd_module.main([str(tmp_path / "fake"), str(tmp_path / "small"), "--reconstruction"])
 
 
 def test_conversion_refuses_checkpoints_that_are_not_plain_arrays(tmp_path):

@@ -72,16 +72,19 @@ def test_psnr_constant_offset_has_known_value():
     assert torch.allclose(psnr((target + 0.1) * 255, target * 255, data_range=255.0), torch.full((2,), 20.0), atol=1e-4)
 
 
-def test_psnr_averages_per_frame_values_and_caps_exact_frames():
+def test_psnr_of_the_clip_or_averaged_over_frames_and_capped_for_exact_frames():
     target = torch.full((1, 1, 2, 4, 4), 0.5, dtype=torch.float64)
     pred = target.clone()
     pred[:, :, 0] += 0.01  # frame 0: MSE 1e-4 -> 40 dB
     pred[:, :, 1] += 0.1  # frame 1: MSE 1e-2 -> 20 dB
-    assert psnr(pred, target).item() == pytest.approx(30.0, abs=1e-9)
-    # An exact frame counts as 100 dB: (100 + 20) / 2.
+    # the official evaluation's video PSNR: one MSE over the clip, (1e-4 + 1e-2) / 2
+    assert psnr(pred, target).item() == pytest.approx(10 * math.log10(2 / 0.0101), abs=1e-9)
+    assert psnr(pred, target, per_frame=True).item() == pytest.approx(30.0, abs=1e-9)
+    # An exact frame counts as 100 dB when frames are averaged: (100 + 20) / 2.
     pred[:, :, 0] = 0.5
-    assert psnr(pred, target).item() == pytest.approx(60.0, abs=1e-9)
-    assert math.isfinite(psnr(target, target).item())
+    assert psnr(pred, target, per_frame=True).item() == pytest.approx(60.0, abs=1e-9)
+    assert psnr(pred, target).item() == pytest.approx(10 * math.log10(2 / 0.01), abs=1e-9)
+    assert psnr(target, target).item() == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("metric", [psnr, ssim])

@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "FVDCalculator": "fvd",
+    "feature_statistics": "fvd",
     "frechet_distance": "fvd",
     "fvd_from_features": "fvd",
     "preprocess_videos": "fvd",

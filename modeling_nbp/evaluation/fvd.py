@@ -6,6 +6,12 @@ of I3D before the softmax; FVD is the Fréchet distance between Gaussians fitted
 "k600_64" first brings every video to 64x64 the same way (shorter side to 64, centre crop), as the
 paper's Kinetics-600 evaluation does, then proceeds as above.
 
+    try:  # before any video goes through the detector (files that prove unreadable can still fail it later)
+        check_sampling(len(fake_files), len(real), args.num_repeats, args.num_samples)
+    except ValueError as error:
+        parser.error(str(error).replace("num_", "--num-"))
+    if args.reconstruction:  # first: a pair that does not match fails in seconds, not after the FVD
+        results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     calculator = FVDCalculator(device="cuda", cache_dir="fvd_cache")
     result = calculator.fvd(fake_videos, real_videos)  # (N, 3, T, H, W) in [0, 1]
     result["mean"], result["std"], result["values"]
@@ -97,6 +103,23 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
 
 
+def check_sampling(num_fake: int, num_real: int, num_repeats: int, num_samples: Optional[int]) -> None:
+    """ValueError unless `num_samples` can be drawn from both sets and the repeats can differ."""
+    if not (isinstance(num_repeats, int) and num_repeats >= 1):
+        raise ValueError(f"num_repeats must be an int >= 1, got {num_repeats!r}")
+    if num_samples is None:
+        if num_repeats > 1:
+            raise ValueError("num_repeats > 1 needs num_samples: without sampling every repeat uses the same videos")
+        return
+    smallest = min(num_fake, num_real)
+    if not (isinstance(num_samples, int) and 2 <= num_samples <= smallest):
+        raise ValueError(f"num_samples must be an int in [2, {smallest}] (the smaller set has {smallest} videos), "
+                         f"got {num_samples!r}")
+    if num_repeats > 1 and num_samples == num_fake == num_real:
+        raise ValueError(f"num_repeats > 1 with num_samples {num_samples}, the size of both sets: every repeat would "
+                         "use all videos and give the same value (draw fewer, or use num_repeats 1)")
+
+
 def fvd_from_features(
     fake_features: np.ndarray,
     real_features: np.ndarray,
@@ -116,18 +139,7 @@ def fvd_from_features(
             raise ValueError(f"{name} features hold NaN or infinite values (from a NaN video or a diverged detector)")
     if fake_features.shape[1] != real_features.shape[1]:
         raise ValueError(f"fake and real features differ in size: {fake_features.shape[1]} vs {real_features.shape[1]}")
-    if not (isinstance(num_repeats, int) and num_repeats >= 1):
-        raise ValueError(f"num_repeats must be an int >= 1, got {num_repeats!r}")
-    if num_samples is None:
-        if num_repeats > 1:
-            raise ValueError("num_repeats > 1 needs num_samples: without sampling every repeat uses the same videos")
-    else:
-        smallest = min(len(fake_features), len(real_features))
-        if not (isinstance(num_samples, int) and 2 <= num_samples <= smallest):
-            raise ValueError(
-                f"num_samples must be an int in [2, {smallest}] (the smaller set has {smallest} videos), "
-                f"got {num_samples!r}"
-            )
+    check_sampling(len(fake_features), len(real_features), num_repeats, num_samples)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(num_repeats):
@@ -525,6 +537,9 @@ class ReadVideos:
         self.num_workers = decoding_workers(num_workers)
         self.skipped: List[str] = []
 
+    def __len__(self) -> int:
+        return len(self.items)
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.skipped.clear()
         loader = torch.utils.data.DataLoader(_ReadItems(self.items, self.read), batch_size=None,
@@ -621,7 +636,8 @@ def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Se
         if not real_path.is_file():
             raise FileNotFoundError(f"--reconstruction pairs files by name: {real_path} (for {fake_path}) is missing")
         try:
-            fake, real = load_video_file(fake_path), load_video_file(real_path)
+            # the official tokenizer_eval.py compares the first 16 of its 17 frames
+            fake, real = (load_video_file(path, num_frames=FVD_NUM_FRAMES) for path in (fake_path, real_path))
         except VideoDecodeError as error:
             warnings.warn(f"--reconstruction skips a pair ({error})", stacklevel=2)
             skipped.append(str(fake_path))
@@ -649,7 +665,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="styleganv")
     parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--num-workers", type=int, default=4,
                         help="processes that decode videos ahead of the I3D (at most the CPUs; 0: in between)")
     parser.add_argument("--num-repeats", type=int, default=1,
@@ -657,7 +673,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--num-samples", type=int, help="videos drawn from each set per repeat (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", help="save and reuse features there")
-    parser.add_argument("--reconstruction", action="store_true", help="also PSNR/SSIM of same-named file pairs")
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="also PSNR/SSIM of same-named file pairs, over their first 16 frames as the official "
+                             "tokenizer evaluation (PSNR of the whole clip's mean squared error)")
     parser.add_argument("--no-progress", action="store_true")
     clips = parser.add_argument_group(
         "real clips from a dataset", "the official evaluation's real set: the clips that `nbp generate --dataset` "
@@ -680,10 +698,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                             "centre crop")
     clips.add_argument("--real-num-frames", type=int)
     args = parser.parse_args(argv)
-    if args.num_repeats < 1 or (args.num_samples is not None and args.num_samples < 2):
-        parser.error("--num-repeats must be >= 1 and --num-samples >= 2 (a covariance needs two videos)")
-    if args.num_repeats > 1 and args.num_samples is None:  # before any video is read
-        parser.error("--num-repeats > 1 needs --num-samples: without sampling every repeat uses the same videos")
 
     if args.real_dataset and args.reconstruction:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
@@ -725,6 +739,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         real_files = _list_video_files(real_folder)
         real = ReadVideos(real_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
         real_key = _folder_cache_key(real_files)
+    try:  # before any video goes through the detector (files that prove unreadable can still fail it later)
+        check_sampling(len(fake_files), len(real), args.num_repeats, args.num_samples)
+    except ValueError as error:
+        parser.error(str(error).replace("num_", "--num-"))
+    if args.reconstruction:  # first: a pair that does not match fails in seconds, not after the FVD
+        results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     calculator = FVDCalculator(
         args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
     )
@@ -739,8 +759,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     )
     if fake.skipped or real.skipped:
         results["skipped_unreadable"] = {"fake": fake.skipped, "real": real.skipped}
-    if args.reconstruction:
-        results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     print(json.dumps(results, indent=2))
     return results
 

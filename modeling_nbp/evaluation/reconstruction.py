@@ -1,8 +1,10 @@
 """Per-video reconstruction metrics: PSNR and SSIM for video tensors (B, C, T, H, W).
 
-Both metrics are computed frame by frame and averaged over frames, giving one value per video, the
-convention of the common video-tokenizer evaluation code. Inputs must already lie in [0, data_range]
-(clamp decoder outputs first): a range check catches tensors in [-1, 1] or [0, 255] passed by mistake.
+One value per video, in the convention of the official NBP tokenizer evaluation (`evaluation/metrics.py`, video
+mode): PSNR of the mean squared error over the whole clip, SSIM per frame averaged over frames (`psnr(...,
+per_frame=True)` averages per-frame PSNRs instead, as some other video-tokenizer code does; the two differ when
+the error varies between frames). Inputs must already lie in [0, data_range] (clamp decoder outputs first): a range
+check catches tensors in [-1, 1] or [0, 255] passed by mistake.
 """
 
 import math
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = ["psnr", "ssim"]
 
-# PSNR of a frame reproduced exactly (MSE 0) is infinite; it is capped here so averages stay finite.
+# PSNR of a video (or frame) reproduced exactly (MSE 0) is infinite; it is capped here so averages stay finite.
 PSNR_MAX_DB = 100.0
 
 # Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.
@@ -48,17 +50,15 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> 
             )
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB, per frame, averaged over frames: a tensor of shape (B,).
-
-    A frame with zero error counts as PSNR_MAX_DB (100 dB).
-    """
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, per_frame: bool = False) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each video's mean squared error (per_frame: of each frame's, averaged
+    over frames): a tensor of shape (B,). Zero error counts as PSNR_MAX_DB (100 dB)."""
     _check_pair(pred, target, data_range)
     error = (pred.double() - target.double()).square()
-    mse_per_frame = error.mean(dim=(1, 3, 4))  # (B, T): mean over channels and pixels
+    mse = error.mean(dim=(1, 3, 4)) if per_frame else error.mean(dim=(1, 2, 3, 4))  # (B, T) or (B,)
     min_mse = data_range**2 * 10.0 ** (-PSNR_MAX_DB / 10.0)
-    frame_psnr = 10.0 * torch.log10(data_range**2 / mse_per_frame.clamp_min(min_mse))
-    return frame_psnr.mean(dim=1).to(pred.dtype)
+    value = 10.0 * torch.log10(data_range**2 / mse.clamp_min(min_mse))
+    return (value.mean(dim=1) if per_frame else value).to(pred.dtype)
 
 
 def _gaussian_kernel_1d(device: torch.device) -> torch.Tensor:
