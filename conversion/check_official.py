@@ -52,7 +52,7 @@ from ..ucf101 import load_ucf101_table
 from ..video_tokenizer import NBPVideoTokenizer
 from .convert_nbp import MAGVIT2_VOCAB_SIZE, training_arguments, generator_from_checkpoint
 from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
-from .safe_load import safe_torch_load, strip_prefix
+from .safe_load import require_checkpoint_file, safe_torch_load, strip_prefix
 
 OFFICIAL_PACKAGE = "official_nbp"  # the name the official `nbp/` folder is imported under
 OFFICIAL_FILES = ("nbp/modules/gpt.py", "nbp/modules/encoders.py", "nbp/lm_transformer.py", "nbp/utils.py",
@@ -483,10 +483,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """parser.error (exit status 2) naming the first bad argument."""
     if args.generator is None and args.tokenizer is None:
         parser.error("give --generator, --tokenizer or both")
-    for name in ("generator", "tokenizer"):
-        path = getattr(args, name)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{name}: file not found: {path}")
+    for name, path in (("generator", args.generator), ("tokenizer", args.tokenizer)):
+        try:
+            if path is not None:
+                require_checkpoint_file(path)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(f"--{name}: {error}")
     if args.converted is not None:
         for name, sub in (("generator", "transformer"), ("tokenizer", "video_tokenizer")):
             if getattr(args, name) is not None and not os.path.isdir(os.path.join(args.converted, sub)):

@@ -16,10 +16,12 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 
 import torch
 
 from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
+from ..video_io import flush_to_disk
 from .convert_nbp import generator_from_checkpoint
 from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
 from .safe_load import safe_torch_load
@@ -44,35 +46,56 @@ def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_s
         video_tokenizer.save_pretrained(os.path.join(folder, "video_tokenizer"), max_shard_size=max_shard_size)
 
 
+def _check_output(output: str, inputs: list, overwrite: bool) -> None:
+    """Refuse an existing `output` that is not a folder, holds one of the `inputs` (symlinks resolved) or, without
+    `overwrite`, exists at all: replacing it would delete it."""
+    if not os.path.exists(output):
+        return
+    if not os.path.isdir(output):
+        raise ValueError(f"output {output} exists and is not a folder; give a folder path as output (--output)")
+    folder = os.path.realpath(output)
+    for path in inputs:
+        if os.path.commonpath([folder, os.path.realpath(path)]) == folder:
+            raise ValueError(f"output folder {output} holds the input checkpoint {path}, which replacing the folder "
+                             "would delete; give another output folder (--output)")
+    if not overwrite:
+        raise ValueError(f"output folder {output} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def _replace_dir(source: str, target: str) -> None:
-    """Move the finished folder `source` to `target`; an existing `target` is removed only after the move."""
+    """Move the finished folder `source` to `target`, its contents on disk before the move; an existing `target` is
+    removed only once the move is on disk."""
+    flush_to_disk(source)
     old = None
     if os.path.exists(target):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
         os.replace(target, os.path.join(old, "folder"))
     os.replace(source, target)
+    flush_to_disk(os.path.dirname(target), entries_only=True)
     if old is not None:
         shutil.rmtree(old)
 
 
 def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "float32", max_shard_size="5GB",
                         push_to_hub: str | None = None, private: bool = False, overwrite: bool = False,
-                        tokenizer_config: dict | None = None, num_context_frames: int = 2,
+                        tokenizer_config: dict | None = None, num_context_frames: int | None = None,
                         tokenizer_from_generator: bool = False) -> str:
     """Convert an official generator `*.ckpt` and/or tokenizer `*.pt` into the folder `output` (written under a
     temporary name, then renamed). `dtype`: one of `DTYPES`. `tokenizer_config`: `NBPVideoTokenizer` keyword
     arguments for non-official architectures. `num_context_frames`: context latent frames for unconditional
-    (frame prediction) generators. `tokenizer_from_generator`: convert the generator checkpoint's embedded
-    tokenizer copy (`first_stage_model.*`) instead of a tokenizer file. Returns the folder path."""
+    (frame prediction) generators (None: the official 2; an error for the others). `tokenizer_from_generator`:
+    convert the generator checkpoint's embedded tokenizer copy (`first_stage_model.*`) instead of a tokenizer file.
+    Returns the folder path."""
     if generator is None and tokenizer is None:
         raise ValueError("give a generator checkpoint (generator=...), a tokenizer file (tokenizer=...) or both")
     if tokenizer_from_generator and (generator is None or tokenizer is not None):
         raise ValueError("tokenizer_from_generator needs a generator checkpoint and no tokenizer file")
+    if num_context_frames is not None and generator is None:
+        raise ValueError("num_context_frames (--num_context_frames) needs a generator checkpoint")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     given_output, output = os.fspath(output), os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
-        raise ValueError(f"output folder {output} already exists; pass overwrite=True (--overwrite) to replace it")
+    _check_output(output, [f for f in (generator, tokenizer) if f is not None], overwrite)
     torch_dtype = DTYPES[dtype]
 
     transformer, tokenizer_tensors = None, {}
@@ -92,7 +115,8 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
 
     repo_id = create_hub_repo(push_to_hub, private) if push_to_hub else None  # the full id, for the model card
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
+    staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex}")
+    os.mkdir(staging)  # not mkdtemp: the folder gets a plain mkdir's permissions (the umask's), not 0700
     try:
         sources = " and ".join(f"`{os.path.basename(str(f))}`" for f in (generator, tokenizer) if f is not None)
         notes = (f"Converted with nbp-video's `nbp convert` from the official checkpoint{'s' * (' and ' in sources)} "
@@ -117,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder to write (safetensors)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
     parser.add_argument("--max_shard_size", default="5GB", help="largest weight file (default 5GB: the 3B is sharded)")
-    parser.add_argument("--num_context_frames", type=int, default=2,
-                        help="context latent frames of unconditional (K600 frame prediction) models (default 2)")
+    parser.add_argument("--num_context_frames", type=int,
+                        help="context latent frames of unconditional (K600 frame prediction) models (default 2); "
+                             "an error for class-conditional ones")
     parser.add_argument("--tokenizer_from_generator", action="store_true",
                         help="convert the tokenizer copy embedded in the generator checkpoint (first_stage_model.*)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this Hub repository")

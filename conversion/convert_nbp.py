@@ -112,11 +112,13 @@ def _block_shape(tokens_per_step: int, latent_shape) -> list[int]:
     raise ValueError(f"token_number_per_step={S} does not cut the {T}x{H}x{W} token grid into raster-order blocks")
 
 
-def config_from_checkpoint(hyper_parameters, generator_state_dict: dict, num_context_frames: int = 2) -> NBPConfig:
+def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
+                           num_context_frames: int | None = None) -> NBPConfig:
     """Build the `NBPConfig` of an official checkpoint from its hyper-parameters (checked against its tensors).
 
     `num_context_frames` is the number of latent frames given as context to an unconditional (frame prediction)
-    model, an evaluation choice (official K600: 2 latent frames = 5 pixel frames)."""
+    model, an evaluation choice (None: the official K600 evaluation's 2 latent frames = 5 pixel frames); giving it
+    for a class-conditional model is an error."""
     args = training_arguments(hyper_parameters)
     missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in args]
     if missing:
@@ -132,6 +134,10 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict, num_con
     hybrid, starts_with_bov = bool(args.get("hybrid")), bool(args.get("starts_with_bov"))
     unconditional = bool(args.get("unconditional"))
     cond_key = args.get("cond_stage_key", "label")
+    if num_context_frames is not None and not unconditional:
+        raise ValueError(f"num_context_frames={num_context_frames} (--num_context_frames) is only for unconditional "
+                         f"(frame prediction) checkpoints; this one is conditioned on cond_stage_key={cond_key!r}: "
+                         "leave num_context_frames out")
     frames = int(args.get("sequence_length", 17))
     resolution = int(args.get("resolution", 128))
     latent_shape = [(frames - 1) // 4 + 1, resolution // 8, resolution // 8]  # official eval: 4x time, 8x space
@@ -144,8 +150,8 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict, num_con
     if unconditional:
         if hybrid or starts_with_bov:
             raise ValueError("unconditional official models never use hybrid or starts_with_bov")
-        task.update(condition_mode="frames", first_block="none", num_context_frames=num_context_frames,
-                    condition_vocab_size=0)
+        task.update(condition_mode="frames", first_block="none", condition_vocab_size=0,
+                    num_context_frames=2 if num_context_frames is None else num_context_frames)
     elif not hybrid:
         raise ValueError(
             f"conditional checkpoints without the hybrid start (cond_stage_key={cond_key!r}, hybrid={hybrid}, "
@@ -207,7 +213,8 @@ def convert_generator_state_dict(generator_state_dict: dict, config: NBPConfig) 
     return converted
 
 
-def generator_from_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float32, num_context_frames: int = 2):
+def generator_from_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float32,
+                              num_context_frames: int | None = None):
     """A loaded official Lightning checkpoint -> (`NBPForVideoGeneration` in eval mode, embedded tokenizer tensors
     (official key names without prefix; empty when the checkpoint holds none))."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:

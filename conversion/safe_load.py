@@ -42,6 +42,25 @@ def _torch_load(path: str, allow: bool):
         raise ValueError(f"cannot read {path} as a torch checkpoint: {type(error).__name__}: {error}") from error
 
 
+def require_checkpoint_file(path: str) -> None:
+    """Raise FileNotFoundError when `path` does not exist and ValueError when it is a folder, saying how to turn a
+    DeepSpeed checkpoint folder into the one file that `safe_torch_load` reads."""
+    if os.path.isfile(path):
+        return
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not os.path.isfile(os.path.join(path, "latest")):  # DeepSpeed names its last save there
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    # DeepSpeed's own copy of zero_to_fp32.py in the folder saves the weights alone; the official one keeps
+    # Lightning's hyper_parameters, which the conversion reads
+    raise ValueError(
+        f"{path} is a folder, not a checkpoint file: it looks like a DeepSpeed checkpoint folder (what the official "
+        f"training saves with --use_deepspeed). Make it one file with the zero_to_fp32.py at the root of the official "
+        f"repository (github.com/RenShuhuai-Andy/NBP): `python zero_to_fp32.py {path} OUTPUT.ckpt`, and give "
+        "OUTPUT.ckpt here; the zero_to_fp32.py that DeepSpeed copies into the folder drops the hyper_parameters"
+    )
+
+
 def safe_torch_load(path) -> dict:
     """`torch.load` a checkpoint on the CPU with weights_only=True (plus `ALLOWED_GLOBALS` on a second try).
 
@@ -49,8 +68,7 @@ def safe_torch_load(path) -> dict:
     naming the globals the file needs when it cannot be read this way.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    require_checkpoint_file(path)
     try:
         return _torch_load(path, allow=False)
     except pickle.UnpicklingError:

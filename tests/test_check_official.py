@@ -11,13 +11,16 @@ from modeling_nbp.conversion.check_official import OFFICIAL_FILES, id_row, main,
 
 @pytest.fixture
 def files(tmp_path):
-    """An empty official-looking checkout and placeholder checkpoint files (never read: validation stops first)."""
+    """An empty official-looking checkout, placeholder checkpoint files (never read: validation stops first) and a
+    DeepSpeed checkpoint folder."""
     repo = tmp_path / "NBP"
     for name in OFFICIAL_FILES:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("")
     (tmp_path / "gen.ckpt").write_bytes(b"")
     (tmp_path / "tok.pt").write_bytes(b"")
+    (tmp_path / "best.ckpt" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "best.ckpt" / "latest").write_text("checkpoint")
     return tmp_path
 
 
@@ -30,7 +33,8 @@ def exit_message(capsys, argv) -> str:
 
 @pytest.mark.parametrize("extra,message", [
     ([], "give --generator, --tokenizer or both"),
-    (["--generator", "missing.ckpt"], "--generator: file not found: missing.ckpt"),
+    (["--generator", "missing.ckpt"], "--generator: checkpoint file not found: missing.ckpt"),
+    (["--generator", "{d}/best.ckpt"], "best.ckpt is a folder, not a checkpoint file: it looks like a DeepSpeed"),
     (["--tokenizer", "{d}/tok.pt", "--frames", "8"], "--frames must be 1 + 4k"),
     (["--tokenizer", "{d}/tok.pt", "--resolution", "20"], "--resolution must be a positive multiple of 8"),
     (["--tokenizer", "{d}/tok.pt", "--rtol", "0"], "--rtol must be positive"),

@@ -10,6 +10,8 @@ official-format tensors directly.
 import argparse
 import math
 import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -305,6 +307,37 @@ def test_unsupported_training_settings_are_refused(tmp_path, overrides, message)
         convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt")
 
 
+@pytest.mark.parametrize("setting", ["ucf", "label"])
+def test_num_context_frames_is_refused_for_class_conditional_checkpoints(tmp_path, capsys, setting):
+    write_generator(tmp_path / "gen.ckpt", setting)
+    with pytest.raises(SystemExit) as exit_info:  # even the default value, given explicitly
+        main(["--generator", str(tmp_path / "gen.ckpt"), "--output", str(tmp_path / "out"),
+              "--num_context_frames", "2"])
+    assert exit_info.value.code == 2
+    assert "(--num_context_frames) is only for unconditional" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_num_context_frames_is_kept_for_unconditional_checkpoints_only(tmp_path):
+    args, sd = write_generator(tmp_path / "gen.ckpt", "k600")
+    model, _ = generator_from_checkpoint(lightning_checkpoint(args, sd), num_context_frames=1)
+    assert model.config.num_context_frames == 1
+    write_tokenizer(tmp_path / "tok.pt")
+    with pytest.raises(ValueError, match="num_context_frames .* needs a generator checkpoint"):
+        convert_checkpoints(tmp_path / "out", tokenizer=tmp_path / "tok.pt", num_context_frames=2)
+
+
+def test_a_deepspeed_checkpoint_folder_is_named_with_how_to_make_it_one_file(tmp_path):
+    folder = tmp_path / "best_checkpoint.ckpt"  # what Lightning with DeepSpeed saves (official --use_deepspeed)
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    with pytest.raises(ValueError, match=r"looks like a DeepSpeed checkpoint folder.*`python zero_to_fp32\.py "):
+        convert_checkpoints(tmp_path / "out", generator=folder)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="other is a folder, not a checkpoint file$"):  # a folder, not DeepSpeed's
+        convert_checkpoints(tmp_path / "out", tokenizer=tmp_path / "other")
+
+
 CALLS = []
 
 
@@ -535,6 +568,49 @@ def test_existing_output_is_replaced_only_with_overwrite(tmp_path):
     convert_checkpoints(tmp_path / "out", tokenizer=tmp_path / "tok.pt", tokenizer_config=TINY_TOKENIZER,
                         overwrite=True)
     assert sorted(os.listdir(tmp_path / "out")) == ["video_tokenizer"]
+
+
+@pytest.mark.parametrize("output,generator,message", [
+    ("ckpts", "ckpts/gen.ckpt", "holds the input checkpoint"),
+    (".", "ckpts/gen.ckpt", "holds the input checkpoint"),  # an ancestor
+    ("link", "ckpts/gen.ckpt", "holds the input checkpoint"),  # a symlink to the folder
+    ("ckpts", "link/gen.ckpt", "holds the input checkpoint"),  # the input through a symlink
+    ("ckpts/gen.ckpt", "ckpts/gen.ckpt", "exists and is not a folder"),
+])
+def test_overwrite_never_deletes_the_inputs(tmp_path, output, generator, message):
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "ckpts")
+    write_generator(tmp_path / "ckpts" / "gen.ckpt", "k600")
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoints(tmp_path / output, generator=tmp_path / generator, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "ckpts")) == ["gen.ckpt"]
+
+
+def test_the_folder_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Every file and folder written is fsynced before the rename onto the output, and the renames (the parent
+    folder) before the old output is deleted."""
+    write_generator(tmp_path / "gen.ckpt", "k600")
+    (tmp_path / "gen").mkdir()  # the old output; its name is a prefix of the input's, which is not inside it
+    events, fsync, replace, rmtree = [], os.fsync, os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(b))), replace(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (events.append(("rmtree", None)), rmtree(p, **k))[1])
+    out = convert_checkpoints(tmp_path / "gen", generator=tmp_path / "gen.ckpt", overwrite=True)
+
+    renamed = events.index(("replace", out))
+    written = {os.stat(os.path.join(root, n)).st_ino for root, dirs, files in os.walk(out) for n in dirs + files}
+    assert written and written | {os.stat(out).st_ino} <= {ino for kind, ino in events[:renamed] if kind == "fsync"}
+    assert events.index(("fsync", os.stat(tmp_path).st_ino), renamed) < events.index(("rmtree", None), renamed)
+
+
+def test_the_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path):
+    write_generator(tmp_path / "gen.ckpt", "k600")
+    umask = os.umask(0o027)
+    try:
+        out = convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o750  # not mkdtemp's 0700
 
 
 def test_push_to_hub_uploads_the_folder(tmp_path, local_hub):
