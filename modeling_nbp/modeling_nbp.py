@@ -178,6 +178,9 @@ class NBPModel(NBPPreTrainedModel):
             attention_mask = None
         elif attention_mask is not None and attention_mask.ndim != 4:
             raise ValueError(f"attention_mask must be None, 2-D (all ones) or 4-D; got shape {tuple(attention_mask.shape)}")
+        elif attention_mask is not None and not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+            raise ValueError("a 4-D attention_mask must be boolean (True = may attend) or floating point (added to the "
+                             f"scores: 0 or -inf); got {attention_mask.dtype}")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("the forward takes a DynamicCache (or none); for a preallocated cache and CUDA graphs use "
                              "generate_video_tokens / iter_generation with cache_implementation='static'")
@@ -195,6 +198,10 @@ class NBPModel(NBPPreTrainedModel):
                 f"latent_shape {self.layout.latent_shape}, first_block {self.layout.first_block!r})"
             )
 
+        if attention_mask is not None and (attention_mask.shape[-2:] != (q_len, past + q_len)
+                                           or attention_mask.shape[0] not in (1, inputs_embeds.shape[0])):
+            raise ValueError(f"a 4-D attention_mask must have shape (batch or 1, 1 or heads, query, key) = "
+                             f"({inputs_embeds.shape[0]}, 1, {q_len}, {past + q_len}); got {tuple(attention_mask.shape)}")
         positions = past + torch.arange(q_len, device=inputs_embeds.device)
         P = self.layout.prefix_length
         if drop_condition is not None:

@@ -1056,6 +1056,10 @@ def test_forward_follows_the_transformers_conventions():
     L = input_ids.shape[1]
     full = torch.ones(2, 1, L, L, dtype=torch.bool)
     assert not torch.allclose(model(input_ids=input_ids, attention_mask=full).logits, out.logits)
+    with pytest.raises(ValueError, match="must be boolean .* or floating point"):  # an int 0/1 mask would be a bias
+        model(input_ids=input_ids, attention_mask=full.long())
+    with pytest.raises(ValueError, match=rf"must have shape .* = \(2, 1, {L}, {L}\)"):
+        model(input_ids=input_ids, attention_mask=full[..., 1:])
     # past_key_values is the cache; the loss comes first in the tuple form
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids[:, :5], past_key_values=cache)
