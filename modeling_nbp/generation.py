@@ -294,6 +294,7 @@ class NBPGenerationMixin:
             raise ValueError("use_cuda_graphs needs a model on a CUDA device, use_cache=True and "
                              f"cache_implementation='static' (got device {self.device}, use_cache={use_cache}, "
                              f"cache_implementation={cache_implementation!r})")
+        guidance_given = guidance_scale is not None
         temperature, top_k, top_p, guidance_scale = resolve_sampling(self.generation_config, temperature, top_k, top_p,
                                                                      guidance_scale)
         layout, cfg, device = self.layout, self.config, self.device
@@ -331,8 +332,9 @@ class NBPGenerationMixin:
         drop = None
         if guided:
             if layout.prefix_length == 0:
-                raise ValueError("guidance_scale != 1 needs a condition prefix and its unconditional embedding; "
-                                 "this model has none (condition_mode=%r)" % cfg.condition_mode)
+                source = "" if guidance_given else " (it came from the model's generation_config: pass guidance_scale=1)"
+                raise ValueError(f"guidance_scale != 1 needs a condition prefix and its unconditional embedding; this "
+                                 f"model has none (condition_mode={cfg.condition_mode!r}){source}")
             prefix = torch.cat([prefix, prefix])
             drop = torch.arange(2 * B, device=device) >= B
         seq = layout.build_sequence(prefix, video[:, :c].repeat(2 if guided else 1, 1))

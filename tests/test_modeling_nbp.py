@@ -450,8 +450,12 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="temperature"):
         model.generate_video_tokens(class_labels=[0], temperature=-1)
     frames = make_model(mode="frames", first_block="none", num_context_frames=1)
-    with pytest.raises(ValueError, match="unconditional embedding"):
+    with pytest.raises(ValueError, match=r"unconditional embedding; this model has none \(condition_mode='frames'\)$"):
         frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long), guidance_scale=2.0)
+    frames.generation_config = GenerationConfig(guidance_scale=2.0)
+    with pytest.raises(ValueError, match="it came from the model's generation_config"):
+        frames.generate_video_tokens(context_ids=torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    frames.generation_config = GenerationConfig()
     with pytest.raises(ValueError, match="at least one block of context"):
         frames.generate_video_tokens(batch_size=1)
     with pytest.raises(ValueError, match="context_ids must have shape"):
