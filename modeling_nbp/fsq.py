@@ -18,6 +18,15 @@ from torch import nn
 _BOUND_EPS = 1e-3
 
 
+def _require(ok: torch.Tensor, error: type, message: str) -> None:
+    """Raise `error(message)` unless the bool tensor `ok` holds True. Inside torch.compile a device-side assert with
+    the same message instead, so that the check reads nothing back to the host and the graph does not break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif ok.device.type != "meta" and not ok:
+        raise error(message)
+
+
 def round_straight_through(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer in the forward pass; pass the gradient through unchanged (d/dx = 1)."""
     return x + (x.round() - x).detach()
@@ -87,18 +96,32 @@ class FSQ(nn.Module):
             codes: `(..., dim)` float32 values on the grid `k / (levels // 2)`, with straight-through
                 gradients to `z` (the rounding passes the gradient unchanged).
             ids: `(...)` int64 codebook ids in `[0, codebook_size)`.
+
+        Raises FloatingPointError for NaN or infinite latents (inside torch.compile: a device-side assert).
         """
         self._check_latents(z, "z")
+        # NaN would round to an id far outside the codebook (INT64_MIN on CPU), infinity to a saturated code
+        _require(torch.isfinite(z).all(), FloatingPointError,
+                 f"`z` holds NaN or infinite values (dtype {z.dtype}): FSQ can make no valid ids from them")
         rounded = round_straight_through(self.bound(z.float()))
-        codes = rounded / self._half_width()
-        return codes, self.codes_to_indices(codes)
+        half = self._half_width()  # `rounded` holds exact integers (x + (round(x) - x) is exact), digits on the grid
+        return rounded / half, self._digits_to_indices(rounded.detach() + half)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
-        """Map grid codes `(..., dim)` to int64 ids `(...)`: id = sum_i (code_i * half_i + half_i) * basis_i."""
+        """Map grid codes `(..., dim)` to int64 ids `(...)`: id = sum_i (code_i * half_i + half_i) * basis_i. Each
+        digit code_i * half_i + half_i is rounded to the nearest integer, which must lie in [0, levels[i])."""
         self._check_latents(codes, "codes")
         half = self._half_width()
-        digits = torch.round(codes.detach().float() * half + half).long()
-        return (digits * self._basis).sum(dim=-1)
+        digits = torch.round(codes.detach().float() * half + half)
+        inside = ((digits >= 0) & (digits < self._levels)).all()  # False for NaN
+        _require(inside, ValueError, f"`codes` must lie on the FSQ grid of levels {self.levels}: code_i = "
+                                     "k / (levels[i] // 2) in [-1, 1] (even levels stop one step below +1), "
+                                     "NaN refused")
+        return self._digits_to_indices(digits)
+
+    def _digits_to_indices(self, digits: torch.Tensor) -> torch.Tensor:
+        """Integer-valued float digits `(..., dim)`, each in [0, levels[i]) -> int64 ids `(...)`."""
+        return (digits.long() * self._basis).sum(dim=-1)
 
     def indices_to_codes(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """Map int ids `(...)` in `[0, codebook_size)` to float32 codes `(..., dim)`; the inverse of

@@ -6,9 +6,11 @@ Conventions used throughout this module:
 * Writers accept one of
     - a list of ``PIL.Image`` frames or of ``(H, W, 3)`` numpy arrays,
     - a numpy array ``(T, H, W, 3)``, ``uint8`` or float in ``[0, 1]``,
-    - a torch tensor ``(3, T, H, W)`` (channels first, the dataset/tokenizer layout), ``uint8`` or float
-      in ``[0, 1]``.
-  Float values outside ``[0, 1]`` are clipped; NaN or infinite values are refused.
+    - a torch tensor ``(T, 3, H, W)`` (one video of the pipeline's ``output_type="pt"`` frames) or ``(3, T, H, W)``
+      (channels first, the dataset/tokenizer layout), ``uint8`` or float in ``[0, 1]``; ``(3, 3, H, W)`` is read
+      as ``(3, T, H, W)``.
+  Float values slightly outside ``[0, 1]`` are clipped; values far outside it (0..255 or [-1, 1] pixels) and NaN
+  or infinite values are refused.
 * Every file is written under a temporary name in the target folder and renamed into place.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fractions
+import math
 import os
 import shutil
 import uuid
@@ -288,13 +291,32 @@ def read_video(
 # --------------------------------------------------------------------------------------------------
 
 
+def _tensor_frames(video: torch.Tensor) -> np.ndarray:
+    """A (T, 3, H, W) or (3, T, H, W) video tensor (see the module docstring) -> a (T, H, W, 3) array."""
+    if video.ndim != 4 or 3 not in video.shape[:2]:
+        raise ValueError(f"a video tensor must have shape (T, 3, H, W) or (3, T, H, W), got {tuple(video.shape)}")
+    video = video.detach().cpu().permute((1, 2, 3, 0) if video.shape[0] == 3 else (0, 2, 3, 1))
+    return (video.float() if video.is_floating_point() else video).numpy()  # numpy has no bfloat16
+
+
+def _float_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8; a small overshoot is clipped, values far outside [0, 1] are refused."""
+    low, high = float(frames.min()), float(frames.max())  # NaN if any value is NaN
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("float frames must lie in [0, 1], got NaN or infinite values")
+    if high > 1.5:
+        raise ValueError(f"float frames must lie in [0, 1], got values up to {high:.4g}: for 0..255 pixels pass "
+                         "`frames / 255` (or uint8 frames)")
+    if low < -0.5:
+        raise ValueError(f"float frames must lie in [0, 1], got values down to {low:.4g}: for [-1, 1] pixels pass "
+                         "`(frames + 1) / 2`")
+    return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def as_uint8_frames(frames) -> np.ndarray:
     """Convert any accepted frame container (see module docstring) to ``uint8`` ``(T, H, W, 3)``."""
     if isinstance(frames, torch.Tensor):
-        if frames.ndim != 4 or frames.shape[0] != 3:
-            raise ValueError(f"a video tensor must have shape (3, T, H, W), got {tuple(frames.shape)}")
-        frames = frames.detach().cpu().permute(1, 2, 3, 0)
-        frames = (frames.float() if frames.is_floating_point() else frames).numpy()  # numpy has no bfloat16
+        frames = _tensor_frames(frames)
     elif isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("`frames` is empty")
@@ -303,17 +325,20 @@ def as_uint8_frames(frames) -> np.ndarray:
     elif not isinstance(frames, np.ndarray):
         raise TypeError(
             "`frames` must be a list of PIL images / (H, W, 3) arrays, a (T, H, W, 3) numpy array or a "
-            f"(3, T, H, W) torch tensor, got {type(frames).__name__}"
+            f"(T, 3, H, W) or (3, T, H, W) torch tensor, got {type(frames).__name__}"
         )
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"frames must have shape (T, H, W, 3) with T >= 1, got {frames.shape}")
     if frames.dtype == np.uint8:
         return np.ascontiguousarray(frames)
     if np.issubdtype(frames.dtype, np.floating):
-        if not np.isfinite(frames).all():
-            raise ValueError("float frames must lie in [0, 1], got NaN or infinite values")
-        return np.round(np.clip(frames, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return _float_to_uint8(frames)
     raise TypeError(f"frames must be uint8 or float in [0, 1], got dtype {frames.dtype}")
+
+
+def _check_fps(fps) -> None:
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"`fps` must be a positive finite number, got {fps}")
 
 
 def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12) -> str:
@@ -323,8 +348,7 @@ def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12
     so a 63x63 video is stored (and read back) as 64x64. ``crf`` sets the quality (0 lossless luma,
     higher = smaller files); the default of 12 keeps small frames such as 64x64 close to the input.
     """
-    if fps <= 0:
-        raise ValueError(f"`fps` must be positive, got {fps}")
+    _check_fps(fps)
     if not 0 <= crf <= 51:
         raise ValueError(f"`crf` must be in [0, 51], got {crf}")
     video = as_uint8_frames(frames)
@@ -355,8 +379,7 @@ def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
     identical consecutive frames into one longer frame, so a video with repeated frames reads back with
     fewer frames: GIFs are for viewing, not for evaluation (FVD refuses them).
     """
-    if fps <= 0:
-        raise ValueError(f"`fps` must be positive, got {fps}")
+    _check_fps(fps)
     images = [Image.fromarray(frame) for frame in as_uint8_frames(frames)]
     path = os.fspath(path)
     with atomic_output_path(path) as tmp:
@@ -376,7 +399,8 @@ def make_contact_sheet(
 
     Args:
         videos: a list of videos (each in any form `as_uint8_frames` accepts), a batch tensor
-            ``(B, 3, T, H, W)`` or a numpy array ``(B, T, H, W, 3)``. All videos must share H and W.
+            ``(B, T, 3, H, W)`` (the pipeline's ``output_type="pt"``) or ``(B, 3, T, H, W)``, or a numpy array
+            ``(B, T, H, W, 3)``. All videos must share H and W.
         path: when given, the sheet is saved there (PNG by extension) atomically.
         columns: number of frames shown per video, picked evenly from first to last frame; default
             all frames of the longest video. Shorter videos leave their trailing cells black.

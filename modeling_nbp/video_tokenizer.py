@@ -19,6 +19,7 @@ index), so the official state dict loads after stripping its `module.` prefix. F
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -156,9 +157,10 @@ class CausalConv3d(nn.Module):
 def _norm_act(norm: FrameGroupNorm, act: Swish, x: torch.Tensor, padding: tuple, fused: bool) -> torch.Tensor:
     """act(norm(x)) padded as `F.pad(..., padding, mode="replicate")`; fused: all three in Triton kernels."""
     if fused:
-        from . import norm_kernels  # imports triton
+        # imports triton; `from .x import` is the form that the Hub loaders copy with remote code
+        from .norm_kernels import group_norm_swish
 
-        return norm_kernels.group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, padding)
+        return group_norm_swish(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act.beta, padding)
     return replicate_pad(act(norm(x)), padding)
 
 
@@ -233,9 +235,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_decode_batch_size(value) -> None:
-    if value is not None and (not _is_int(value) or value < 1):
+def _decode_batch_size(value) -> int | None:
+    """`decode_batch_size` checked: None, or a positive integer (numpy's too) as an int."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {value!r}")
+    return int(value)
 
 
 def _check_positive_ints(name: str, values, example: str) -> tuple:
@@ -555,8 +561,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             `num_frames_for_latent(k)` frames of decoding `ids`.
         """
         self._check_ids(ids)
-        _check_decode_batch_size(decode_batch_size)
-        size = decode_batch_size or ids.shape[0]
+        size = _decode_batch_size(decode_batch_size) or ids.shape[0]
         while True:
             try:
                 videos = [self._decode_codes(self.indices_to_codes(chunk, validate=False)).clamp(0, 1)
@@ -598,8 +603,7 @@ class IncrementalDecoder:
     whether the time-upsampling layers have dropped their leading frames yet (only the video's first chunk)."""
 
     def __init__(self, tokenizer: NBPVideoTokenizer, decode_batch_size: int | None = None):
-        _check_decode_batch_size(decode_batch_size)
-        self.tokenizer, self.decode_batch_size = tokenizer, decode_batch_size
+        self.tokenizer, self.decode_batch_size = tokenizer, _decode_batch_size(decode_batch_size)
         self.states, self.batch_size, self.grid = None, None, None
 
     @property

@@ -320,8 +320,10 @@ class NBPVideoPipeline(DiffusionPipeline):
                     if callback_on_step_end is not None:
                         kwargs = {k: step.video_tokens for k in callback_on_step_end_tensor_inputs or ()}
                         outputs = callback_on_step_end(self, step.step, step.step, kwargs) or {}
-                        if "video_tokens" in outputs and outputs["video_tokens"] is not step.video_tokens:
-                            step.video_tokens.copy_(self._checked_callback_tokens(outputs["video_tokens"], step))
+                        if "video_tokens" in outputs:  # checked also when edited in place (the live tensor back)
+                            tokens = self._checked_callback_tokens(outputs["video_tokens"], step)
+                            if tokens is not step.video_tokens:
+                                step.video_tokens.copy_(tokens)
                     progress_bar.update()
                     yield step
                     if self.interrupt:
@@ -496,6 +498,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         """
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
                                   context_frames, batch_size, decode_batch_size)
+        if class_labels is not None:  # resolved once: an iterator would be used up by the first window
+            class_labels = self._class_ids(class_labels)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode, callback_on_step_end=callback_on_step_end,
@@ -539,6 +543,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
         total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames, batch_size,
                                   decode_batch_size)
+        if class_labels is not None:  # resolved once: an iterator would be used up by the first window
+            class_labels = self._class_ids(class_labels)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
                         compile_decode=compile_decode)
@@ -690,16 +696,16 @@ class NBPVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load from a local folder or a Hub repo id. With nbp-video installed the components are built from the
         installed classes (no remote code); pass `transformer=` / `video_tokenizer=` to use your own. Loading
-        options: variant, dtype (or its older name torch_dtype; default float32 for both components, whatever dtype
-        the files were saved in: half-precision matrix products are slow on CPUs; a dict such as
-        `{"transformer": torch.bfloat16, "default": torch.float32}` sets it per component, as in diffusers;
+        options: variant, dtype (or its older name torch_dtype; a torch dtype or its name, e.g. "bfloat16"; default
+        float32 for both components, whatever dtype the files were saved in: half-precision matrix products are slow
+        on CPUs; a dict such as `{"transformer": torch.bfloat16, "default": torch.float32}` sets it per component, as
+        in diffusers;
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` without a dtype keeps the generator's saved
         dtype, as transformers does), revision, cache_dir, token, local_files_only."""
         try:
             from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
-            if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-                kwargs["torch_dtype"] = torch.float32
+            kwargs["dtype"] = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
@@ -734,19 +740,41 @@ class NBPVideoPipeline(DiffusionPipeline):
         dtype = torch_dtype if dtype is None else dtype
         names = ("transformer", "video_tokenizer")
         if not isinstance(dtype, dict):
-            return dict.fromkeys(names, dtype or torch.float32)
+            return dict.fromkeys(names, _torch_dtype(dtype))
         unknown = sorted(set(dtype) - {*names, "default"})
         if unknown:
             raise ValueError(f"dtype names unknown components {unknown}; a dict's keys must be among "
                              f"{[*names, 'default']}")
-        return {name: dtype.get(name, dtype.get("default")) or torch.float32 for name in names}
+        return {name: _torch_dtype(dtype.get(name, dtype.get("default"))) for name in names}
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    """A component's loading dtype: a floating torch dtype or its name ("bfloat16"); float32 for None."""
+    if dtype is None:
+        return torch.float32
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name, e.g. torch.bfloat16 or 'bfloat16' "
+                         f"(None: float32; 'auto', the saved dtypes, is not supported), got {dtype!r}")
+    return named
+
+
+def _relative_imports(source: str) -> list[str]:
+    """Names of what `source` imports from its own package: `from .x import ...` and `from . import x, y as z` (also
+    parenthesised over several lines); a name that is not a module (`from . import SomeClass`) has no file."""
+    import re
+
+    names = re.findall(r"^\s*from\s+\.(\w+)\s+import\b", source, flags=re.MULTILINE)
+    for group in re.findall(r"^\s*from\s+\.\s+import\s+(\([^)]*\)|[^\n#]+)", source, flags=re.MULTILINE):
+        items = re.sub(r"#[^\n]*", "", group).strip("()").split(",")
+        names += [item.split()[0] for item in items if item.strip()]  # "x as y" imports the module x
+    return names
 
 
 def _module_with_relative_imports(path: str) -> list[str]:
-    """`path` and every sibling file it reaches through `from .x import ...` (what the code copy needs). A file that
-    is not there is left out: a carried copy (loaded as remote code) holds only what loading needed."""
-    import re
-
+    """`path` and every sibling file it reaches through relative imports (`_relative_imports`; what the code copy
+    needs). A file that is not there is left out: a carried copy (loaded as remote code) holds only what loading
+    needed."""
     todo, seen = [path], []
     while todo:
         current = todo.pop()
@@ -754,6 +782,6 @@ def _module_with_relative_imports(path: str) -> list[str]:
             continue
         seen.append(current)
         with open(current, encoding="utf-8") as f:
-            names = re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), flags=re.MULTILINE)
+            names = _relative_imports(f.read())
         todo += [p for p in (os.path.join(os.path.dirname(current), n + ".py") for n in names) if os.path.isfile(p)]
     return seen

@@ -111,3 +111,29 @@ def test_bad_arguments():
 def test_odd_levels_reach_plus_one():
     codes = FSQ((5, 4)).indices_to_codes(torch.arange(20))
     assert codes[:, 0].max() == 1 and codes[:, 1].max() == 0.5 and codes.min() == -1
+
+
+def test_non_finite_latents_and_codes_off_the_grid_are_refused():
+    # NaN would round to INT64_MIN, a code past the grid to an id of another code or past the codebook
+    fsq = FSQ((8, 5, 5, 5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(FloatingPointError, match=r"`z` holds NaN or infinite values \(dtype torch.float32\)"):
+            fsq(torch.tensor([[0.0, bad, 0.0, 0.0]]))
+    off_grid = ([1.0, 0, 0, 0],  # level 8 stops at 0.75
+                [1.0, 1, 1, 1], [-1.25, 0, 0, 0], [0, 1.5, 0, 0], [float("nan"), 0, 0, 0])
+    for codes in off_grid:
+        with pytest.raises(ValueError, match=r"`codes` must lie on the FSQ grid of levels \(8, 5, 5, 5\)"):
+            fsq.codes_to_indices(torch.tensor([codes]))
+    assert fsq.codes_to_indices(torch.tensor([[0.75, 1, 1, 1], [-1.0, -1, -1, -1]])).tolist() == [999, 0]
+
+
+def test_checks_compile_into_one_graph():
+    fsq = FSQ((8, 5))
+    forward, to_indices = (torch.compile(f, fullgraph=True, backend="eager") for f in (fsq, fsq.codes_to_indices))
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    codes, ids = fsq(z)
+    assert torch.equal(forward(z)[1], ids) and torch.equal(to_indices(codes), ids)
+    with pytest.raises(RuntimeError, match="`z` holds NaN or infinite values"):
+        forward(torch.full((6, 2), float("nan")))
+    with pytest.raises(RuntimeError, match="`codes` must lie on the FSQ grid"):
+        to_indices(codes + 1)

@@ -10,7 +10,8 @@ from diffusers import DiffusionPipeline
 from hub_server import set_hub_offline
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
-from modeling_nbp.video_io import read_video
+from modeling_nbp.pipelines.pipeline_nbp_video import _relative_imports
+from modeling_nbp.video_io import as_uint8_frames, make_contact_sheet, read_video
 
 CLASSES = {0: "circle", 1: "square", 2: "TriangleUp"}
 
@@ -62,6 +63,14 @@ def test_output_types(pipe):
     np.testing.assert_allclose(postdecode(pipe, latent), arr, atol=1e-6)
     (tup,) = pipe(return_dict=False, output_type="np", **dict(kw, generator=gen(0)))
     np.testing.assert_array_equal(tup, arr)
+
+
+def test_pt_frames_export_as_the_np_frames(pipe):
+    # the exporters read a video of the "pt" output, (T, 3, H, W), as the same video of the "np" output
+    pt = pipe(class_labels=[0, 1], generator=gen(0), output_type="pt").frames
+    arr = pipe(class_labels=[0, 1], generator=gen(0), output_type="np").frames
+    np.testing.assert_array_equal(as_uint8_frames(pt[1]), as_uint8_frames(arr[1]))
+    np.testing.assert_array_equal(np.asarray(make_contact_sheet(pt)), np.asarray(make_contact_sheet(arr)))
 
 
 @torch.no_grad()
@@ -172,6 +181,16 @@ def test_decode_batch_size_is_checked_before_any_step(pipe):
     assert not steps
 
 
+def test_numpy_integer_decode_batch_size(pipe):
+    # accepted by the pipeline's check and by the tokenizer it is handed to
+    expected = pipe(class_labels=[0, 1], generator=gen(0), output_type="np").frames
+    for size in (np.int64(1), np.int32(2)):
+        np.testing.assert_allclose(pipe(class_labels=[0, 1], generator=gen(0), output_type="np",
+                                        decode_batch_size=size).frames, expected, atol=1e-5)
+    streamed = [c.frames for c in pipe.stream(class_labels=[0, 1], generator=gen(0), decode_batch_size=np.int64(1))]
+    np.testing.assert_allclose(np.concatenate(streamed, axis=1), expected, atol=1e-5)
+
+
 def test_batch_size_and_context_frames_must_be_positive_ints(pipe):
     free = tiny_pipeline(mode="none")
     assert free(batch_size=2, generator=gen(0), output_type="latent").frames.shape[0] == 2
@@ -233,6 +252,14 @@ def test_longer_videos_continue_window_by_window(pipe, frames_pipe):
         blocks(class_labels=[0], num_frames=17, context_frames=3)
 
 
+def test_class_labels_from_an_iterator_serve_every_window(pipe):
+    expected = pipe(class_labels=[0, 2], generator=[gen(0), gen(1)], num_frames=9, output_type="np").frames
+    once = pipe(class_labels=iter([0, 2]), generator=[gen(0), gen(1)], num_frames=9, output_type="np").frames
+    np.testing.assert_array_equal(once, expected)
+    chunks = pipe.stream(class_labels=(c for c in [0, 2]), generator=[gen(0), gen(1)], num_frames=9)
+    np.testing.assert_allclose(np.concatenate([c.frames for c in chunks], axis=1), expected, atol=1e-5)
+
+
 def test_a_model_without_class_names(pipe):
     # transformers fills id2label with two placeholder labels when none are given: they are not class names
     cfg = NBPConfig.from_dict({**pipe.transformer.config.to_dict(), "id2label": None, "label2id": None})
@@ -278,6 +305,24 @@ def test_callback_sees_and_modifies_tokens(pipe):
     pipe(class_labels=[0], output_type="latent", callback_on_step_end_tensor_inputs=None,
          callback_on_step_end=lambda p, i, t, kw: calls.append(kw) or {})
     assert calls and calls[0] == {}
+
+
+def test_tokens_edited_in_place_by_a_callback_are_checked_at_that_step(pipe):
+    V, steps = pipe.transformer.config.video_vocab_size, []
+
+    def setting(value):
+        def callback(p, step, timestep, kwargs):
+            steps.append(step)
+            if step == 3:
+                kwargs["video_tokens"][:, 3] = value  # the live tensor, edited in place and returned
+            return kwargs
+        return callback
+
+    with pytest.raises(ValueError, match=rf"callback_on_step_end returned video_tokens outside \[0, {V}\)"):
+        pipe(class_labels=[0], output_type="latent", callback_on_step_end=setting(V))
+    assert steps[-1] == 3  # refused at once, not after the remaining steps
+    out = pipe(class_labels=[0, 1], generator=gen(0), output_type="latent", callback_on_step_end=setting(7)).frames
+    assert (out[:, 0, 0, 3] == 7).all()
 
 
 def test_interrupt_returns_complete_frames(pipe):
@@ -448,6 +493,13 @@ def test_from_pretrained_dtype_argument_and_per_component_dict(pipe, tmp_path):
         assert dtypes(mixed) == (torch.bfloat16, torch.float16)
     no_default = NBPVideoPipeline.from_pretrained(tmp_path, dtype={"video_tokenizer": torch.bfloat16})
     assert dtypes(no_default) == (torch.float32, torch.bfloat16)
+    # a dtype's name, as a command line or a config gives it
+    assert dtypes(NBPVideoPipeline.from_pretrained(tmp_path, torch_dtype="bfloat16")) == (torch.bfloat16,) * 2
+    named = NBPVideoPipeline.from_pretrained(tmp_path, dtype={"transformer": "float16", "default": "bfloat16"})
+    assert dtypes(named) == (torch.float16, torch.bfloat16)
+    for bad in ("auto", "bf16", "int64", 3):
+        with pytest.raises(ValueError, match=rf"dtype must be a floating torch dtype or its name.* got {bad!r}"):
+            NBPVideoPipeline.from_pretrained(tmp_path, dtype=bad)
     with pytest.raises(ValueError, match="pass dtype or torch_dtype .*, not both"):
         NBPVideoPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16, torch_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"unknown components \['vae'\]; .* \['transformer', 'video_tokenizer', 'default'\]"):
@@ -521,7 +573,10 @@ def test_hub_push_and_pull(pipe, local_hub, monkeypatch, tmp_path):
 
 
 def test_remote_code_without_the_package(pipe, tmp_path):
+    import importlib.util
+
     pipe.save_pretrained(tmp_path / "pipe")
+    triton = importlib.util.find_spec("triton") is not None  # on CPU under Triton's interpreter (conftest)
     expected = pipe(class_labels=[1], generator=gen(2), output_type="np").frames
     np.save(tmp_path / "expected.npy", expected)
     stdout = run_without_package(f"""
@@ -535,9 +590,32 @@ def test_remote_code_without_the_package(pipe, tmp_path):
         again = DiffusionPipeline.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)
         out = again(class_labels=[1], generator=torch.Generator().manual_seed(2), output_type="np").frames
         np.testing.assert_array_equal(out, np.load({str(tmp_path / 'expected.npy')!r}))
+        # the class's own from_pretrained, with a dtype's name
+        half = type(pipe).from_pretrained({str(tmp_path / 'pipe')!r}, dtype="bfloat16")
+        assert (half.transformer.dtype, half.video_tokenizer.dtype) == (torch.bfloat16,) * 2
+        if {triton}:  # the kernels of the tokenizer's Triton norm came with the code
+            pipe.video_tokenizer.norm_implementation = "triton"
+            assert pipe.video_tokenizer.encode(torch.rand(1, 3, 5, 8, 8)).shape == (1, 3, 4, 4)
         print("remote ok", type(pipe).__module__)
     """, tmp_path / "modules")
     assert "remote ok diffusers_modules" in stdout
+
+
+def test_relative_imports_in_every_form():
+    source = ("from .fsq import FSQ\n"
+              "    from . import norm_kernels  # imports triton\n"
+              "from . import a, b as c\n"
+              "from . import (d,  # why\n    e as f,\n)\n"
+              "from .. import g\n"
+              "import h\n")
+    assert _relative_imports(source) == ["fsq", "norm_kernels", "a", "b", "d", "e"]
+
+
+def test_carried_code_holds_the_kernel_modules(pipe, tmp_path):
+    # imported inside functions as `from . import x` / `from .x import y`: the Triton options need them
+    pipe.save_pretrained(tmp_path)
+    assert {"decode_kernels.py", "loss_kernels.py"} <= {p.name for p in (tmp_path / "transformer").iterdir()}
+    assert "norm_kernels.py" in {p.name for p in (tmp_path / "video_tokenizer").iterdir()}
 
 
 def test_save_without_code_names_the_installed_modules(pipe, tmp_path):

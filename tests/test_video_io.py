@@ -44,8 +44,10 @@ def test_mp4_accepts_tensor_and_pil_frames_alike(tmp_path):
     from_tensor = read_video(export_to_mp4(tensor, tmp_path / "t.mp4"))[0]
     from_pil = read_video(export_to_mp4([Image.fromarray(f) for f in video], tmp_path / "p.mp4"))[0]
     np.testing.assert_array_equal(from_tensor, from_pil)
-    with pytest.raises(ValueError, match=r"\(3, T, H, W\)"):
-        export_to_mp4(tensor.permute(1, 0, 2, 3), tmp_path / "bad.mp4")  # (T, 3, H, W) is not accepted
+    # (T, 3, H, W), a video of the pipeline's "pt" output, is the same video
+    np.testing.assert_array_equal(as_uint8_frames(tensor.transpose(0, 1)), video)
+    with pytest.raises(ValueError, match=r"\(T, 3, H, W\) or \(3, T, H, W\), got \(5, 16, 16, 3\)"):
+        export_to_mp4(tensor.permute(1, 2, 3, 0), tmp_path / "bad.mp4")
 
 
 def test_mp4_odd_size_is_padded_to_even(tmp_path):
@@ -157,7 +159,7 @@ def test_read_video_decodes_only_up_to_the_last_frame_it_returns(tmp_path, monke
 
 
 def test_as_uint8_frames_validates_input():
-    np.testing.assert_array_equal(as_uint8_frames(np.array([[[[-0.5, 0.5, 2.0]]]])), [[[[0, 128, 255]]]])
+    np.testing.assert_array_equal(as_uint8_frames(np.array([[[[-0.2, 0.5, 1.2]]]])), [[[[0, 128, 255]]]])
     with pytest.raises(TypeError):
         as_uint8_frames(np.zeros((1, 2, 2, 3), dtype=np.int64))
     with pytest.raises(ValueError):
@@ -169,6 +171,21 @@ def test_as_uint8_frames_validates_input():
             as_uint8_frames(np.array([[[[0.5, bad, 0.5]]]]))
         with pytest.raises(ValueError, match="NaN or infinite"):
             as_uint8_frames(torch.tensor([bad, 0.5]).view(1, 2, 1, 1).expand(3, 2, 1, 1))
+
+
+def test_float_frames_far_outside_0_1_and_bad_rates_are_refused(tmp_path):
+    # not silently white (0..255) or half black ([-1, 1]) videos; small float overshoot is still clipped
+    video = smooth_video(frames=2, height=8, width=8)
+    for frames in (video * 255, torch.from_numpy(video * 255).permute(3, 0, 1, 2)):
+        with pytest.raises(ValueError, match=r"values up to 2\d\d(\.\d+)?: for 0..255 pixels pass `frames / 255`"):
+            export_to_mp4(frames, tmp_path / "white.mp4")
+    with pytest.raises(ValueError, match=r"values down to -0.\d+: for \[-1, 1\] pixels pass `\(frames \+ 1\) / 2`"):
+        export_to_gif(video * 2 - 1, tmp_path / "dark.gif")
+    for fps in (float("nan"), float("inf"), 0):
+        for export in (export_to_mp4, export_to_gif):
+            with pytest.raises(ValueError, match=r"`fps` must be a positive finite number"):
+                export(video, tmp_path / "clip.mp4", fps=fps)
+    assert not os.listdir(tmp_path)
 
 
 def test_as_uint8_frames_accepts_low_precision_tensors():

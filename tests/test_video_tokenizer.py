@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -360,10 +361,28 @@ def test_non_finite_latents_raise_instead_of_giving_bad_ids():
         tok.encode(rand_video(1, 3, 5, 8, 8))
 
 
+def test_non_finite_latents_give_no_ids_in_training_and_quantize():
+    tok = make(TINY)
+    with pytest.raises(FloatingPointError, match="`z` holds NaN or infinite values"):
+        tok.quantize(torch.full((1, 4, 1, 1, 1), float("nan")))
+    with torch.no_grad():
+        tok.encoder_layers[0].conv.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="`z` holds NaN or infinite values"):
+        tok(rand_video(1, 3, 5, 8, 8))
+
+
 def test_decode_in_chunks_matches_one_pass():
     tok = make(TINY)
     ids = torch.randint(0, tok.codebook_size, (5, 3, 4, 4), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(tok.decode(ids, decode_batch_size=2), tok.decode(ids), atol=1e-6, rtol=1e-5)
+    whole = tok.decode(ids)
+    for size in (2, np.int64(2)):  # numpy integers too, as the pipeline passes them on
+        torch.testing.assert_close(tok.decode(ids, decode_batch_size=size), whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tok.incremental_decoder(size)(ids), whole, atol=1e-5, rtol=1e-5)
+    for bad in (0, 2.0, True, np.float64(2)):
+        with pytest.raises(ValueError, match=r"`decode_batch_size` must be a positive integer or None; got"):
+            tok.decode(ids, decode_batch_size=bad)
+        with pytest.raises(ValueError, match=r"`decode_batch_size` must be a positive integer or None; got"):
+            tok.incremental_decoder(bad)
 
 
 def test_decode_splits_the_batch_when_memory_runs_out(monkeypatch, caplog):
@@ -380,7 +399,7 @@ def test_decode_splits_the_batch_when_memory_runs_out(monkeypatch, caplog):
 
     monkeypatch.setattr(tok, "_decode_codes", fits_two)
     with caplog.at_level("WARNING"):
-        torch.testing.assert_close(tok.decode(ids), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tok.decode(ids), expected, atol=1e-5, rtol=1e-5)  # batches round differently
     assert sizes == [5, 3, 2, 2, 1]  # 5 fails, 3 fails, then halves of 2
     assert "retrying with decode_batch_size=3" in caplog.text and "decode_batch_size=2" in caplog.text
     monkeypatch.setattr(tok, "_decode_codes", lambda codes: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
@@ -434,6 +453,8 @@ def test_forward_encode_and_decode_compile_as_one_graph_and_still_check_their_in
         tok.encoder_layers[0].conv.weight.fill_(float("inf"))
     with pytest.raises(RuntimeError, match="the video tokenizer encoded NaN or infinite latents"):
         encode(video)
+    with pytest.raises(RuntimeError, match="`z` holds NaN or infinite values"):  # the quantizer's own check
+        forward(video)
     assert torch.is_grad_enabled()  # a failed check leaves the caller's grad mode as it was
 
 
