@@ -59,6 +59,15 @@ def test_load_clip_resamples_and_pads_short_videos(tmp_path):
     assert frame_numbers(short) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18] + [18] * 7
 
 
+def test_a_seeded_item_always_cuts_the_same_random_window(tmp_path):
+    write_counting_video(tmp_path / "a" / "0.mp4", frames=20, fps=8)
+    data = load_video_dataset(tmp_path, num_frames=4, resolution=8, fps=8)  # split "train": random windows
+    windows = [frame_numbers(data[(0, seed)]["video"]) for seed in range(6)]
+    assert windows == [clip_frame_indices(20, 4, "random", torch.Generator().manual_seed(seed)).tolist()
+                       for seed in range(6)]
+    assert len({w[0] for w in windows}) > 1 and frame_numbers(data[(0, 5)]["video"]) == windows[5]
+
+
 def test_resize_center_crop_keeps_the_middle():
     frames = np.zeros((1, 20, 40, 3), dtype=np.uint8)
     frames[:, :, 8:32] = 255  # white middle, a little wider than the crop (bilinear blurs 2 px)

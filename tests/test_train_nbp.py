@@ -2,6 +2,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
 from modeling_nbp.data.pretokenize import TOKEN_FEATURES
 from modeling_nbp.training import common, flops
+from modeling_nbp.training.optim import lr_at_step
 from modeling_nbp.training.train_nbp import build_parser, main, parse_args
 from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
@@ -67,6 +69,15 @@ def test_step_batch_sampler_order_is_independent_of_processes_and_resumes():
         assert len(set(items)) == 8  # no repeats inside an epoch
     assert single[:2] != single[2:4]  # reshuffled each epoch
     assert batches(common.StepBatchSampler(10, 4, seed=4), 2) != single[:2]
+    # per-item seeds (a clip's random window): a function of (seed, epoch, item), whatever the split or resume
+    seeded = batches(common.StepBatchSampler(10, 4, seed=3, item_seeds=True), 6)
+    assert [[i for i, _ in batch] for batch in seeded] == single
+    halves = [batches(common.StepBatchSampler(10, 2, 2, p, seed=3, item_seeds=True), 6) for p in range(2)]
+    assert [a + b for a, b in zip(*halves)] == seeded
+    assert batches(common.StepBatchSampler(10, 4, seed=3, start_step=4, item_seeds=True), 2) == seeded[4:]
+    first_epoch = dict(pair for batch in seeded[:2] for pair in batch)
+    again = [(first_epoch[i], seed) for batch in seeded[2:4] for i, seed in batch if i in first_epoch]
+    assert len(again) >= 6 and all(a != b for a, b in again)  # an item's next epoch is a new draw
     with pytest.raises(ValueError, match="fewer than one global batch"):
         common.StepBatchSampler(3, 2, 2, 0)
 
@@ -137,6 +148,29 @@ def test_batch_and_checkpoint_flags_must_be_positive(capsys):
 def test_warmup_longer_than_the_schedule_is_refused():
     with pytest.raises(ValueError, match="--warmup_steps 5000 \\(with --preset ucf-700m\\) must lie in \\[0, 1000\\]"):
         parse_args(["--train_data", "x", "--output_dir", "y", "--preset", "ucf-700m", "--max_steps", "1000"])
+
+
+def test_clipping_and_schedule_values_are_checked():
+    base = ["--train_data", "x", "--output_dir", "y"]
+    for flags, message in [(["--max_grad_norm=-1"], "--max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+                           (["--warmup_lr_init=-1e-3"], "--warmup_lr_init must be >= 0, got -0.001"),
+                           (["--lr_min", "1e-3"], "--lr_min must lie in [0, --learning_rate 0.0003], got 0.001"),
+                           (["--lr_min=-1e-5"], "--lr_min must lie in [0, --learning_rate 0.0003], got -1e-05")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_args([*base, *flags])
+    args = parse_args([*base, "--max_grad_norm", "0", "--lr_min", "3e-4"])  # no clipping; a constant rate
+    assert (args.max_grad_norm, args.lr_min) == (0, 3e-4)
+
+
+def test_mixed_precision_follows_the_device(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU: on the CPU"):  # accelerate ignores it
+        main(["--train_data", "x", "--output_dir", str(tmp_path), "--cpu", "--mixed_precision", "fp16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert common.resolve_mixed_precision("auto") == "bf16"
+    assert common.resolve_mixed_precision("auto", cpu=True) == "no"  # as on a machine without CUDA
+    assert common.resolve_mixed_precision("fp16") == "fp16"
 
 
 def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path):
@@ -348,6 +382,29 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     final_b = load_file(str(killed / "final" / "model.safetensors"))
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # EMA weights included
     assert not (killed / ".tmp-checkpoint-10000").exists()
+
+
+def test_a_resume_may_raise_max_steps_but_not_change_the_data_or_schedule(token_data, tmp_path):
+    """A finished run extended by a larger --max_steps: its cosine stretches to the new length from the resumed step
+    on, although the checkpoint's optimizer holds the old schedule's rate; --lr_schedule_steps keeps the first
+    run's length instead. Another training set (the same one moved is fine) or schedule shape is refused."""
+    args = ["--train_data", token_data[0], *TINY, "--train_batch_size", "4", "--resume_from_checkpoint", "latest"]
+    main([*args, "--max_steps", "4", "--output_dir", str(tmp_path / "stretched")])
+    shutil.copytree(tmp_path / "stretched", tmp_path / "kept")
+    for flags, change in [(["--train_data", token_data[1]], "data.fingerprint"),
+                          (["--lr_schedule", "linear"], "schedule.lr_schedule 'cosine' on disk, 'linear' now"),
+                          (["--warmup_steps", "1"], "schedule.warmup_steps 2 on disk, 1 now"),
+                          (["--lr_min", "1e-5"], "schedule.lr_min 0.0 on disk, 1e-05 now"),
+                          (["--warmup_lr_init", "1e-5"], "schedule.warmup_lr_init 0.0 on disk, 1e-05 now")]:
+        with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}"):
+            main([*args, "--max_steps", "8", "--output_dir", str(tmp_path / "stretched"), *flags])
+    moved = str(shutil.copytree(token_data[0], tmp_path / "moved"))  # the same tokens at another path: accepted
+    for run, flags, length in (("stretched", ["--train_data", moved], 8), ("kept", ["--lr_schedule_steps", "4"], 4)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        main([*args, "--max_steps", "8", "--output_dir", str(tmp_path / run), *flags])
+        rates = [r["lr"] for r in read_log(tmp_path / run) if r["step"] > 4]
+        assert rates == pytest.approx([lr_at_step(step, 3e-4, length, 2) for step in range(4, 8)], rel=1e-12)
 
 
 def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub):

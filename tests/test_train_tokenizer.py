@@ -3,29 +3,41 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
-from modeling_nbp.training import common
+from modeling_nbp.training import common, train_tokenizer
+from modeling_nbp.training.optim import lr_at_step
 from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversarial_active, discriminator_loss,
                                                     generator_adversarial_loss, load_perceptual_model,
                                                     reconstruction_loss)
 from modeling_nbp.training.train_tokenizer import (build_datasets, build_tokenizer, check_discriminator_input, main,
                                                      parse_args)
+from modeling_nbp.video_io import export_to_mp4
 from modeling_nbp.video_tokenizer import NBPVideoTokenizer
-from test_data import write_counting_video
+from test_data import write_corrupt, write_counting_video
 from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
 
 # 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
-TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2", "--num_frames", "5",
-        "--resolution", "16", "--base_channels", "8", "--channel_multipliers", "1,1", "--layers_per_block", "1",
-        "--time_strides", "2", "--space_strides", "2", "--fsq_levels", "4,4", "--norm_num_groups", "4",
-        "--patch_size", "2", "--disc_base_channels", "8", "--disc_num_layers", "2", "--train_batch_size", "2",
-        "--max_steps", "4", "--disc_start_step", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
-        "--eval_steps", "2", "--num_log_videos", "1", "--dataloader_num_workers", "0", "--report_to", "none",
-        "--learning_rate", "1e-3", "--seed", "3"]
+RUN = ["--num_frames", "5", "--resolution", "16", "--base_channels", "8", "--channel_multipliers", "1,1",
+       "--layers_per_block", "1", "--time_strides", "2", "--space_strides", "2", "--fsq_levels", "4,4",
+       "--norm_num_groups", "4", "--patch_size", "2", "--disc_base_channels", "8", "--disc_num_layers", "2",
+       "--train_batch_size", "2", "--max_steps", "4", "--disc_start_step", "2", "--checkpointing_steps", "1",
+       "--logging_steps", "1", "--eval_steps", "2", "--num_log_videos", "1", "--dataloader_num_workers", "0",
+       "--report_to", "none", "--learning_rate", "1e-3", "--seed", "3"]
+TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2", *RUN]
+
+
+def write_noise_videos(folder, count: int, frames: int = 40) -> str:
+    """`count` 8 fps videos of 16 x 16 noise, longer than a clip: which window a clip is cut from shows in its loss."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        export_to_mp4(rng.integers(0, 256, (frames, 16, 16, 3), dtype=np.uint8), folder / "a" / f"{i}.mp4", fps=8)
+    return str(folder)
 
 
 class L1Distance(nn.Module):
@@ -116,6 +128,20 @@ def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="--resolution 16 is too small for the 3d discriminator with --disc_num_layers 3"):
         check_discriminator_input(parse_args([*base, "--resolution", "16"]))
     check_discriminator_input(parse_args([*base, "--resolution", "24"]))
+    with pytest.raises(ValueError, match="--max_grad_norm must be >= 0 \\(0: no clipping\\), got -1.0"):
+        parse_args([*base, "--max_grad_norm=-1"])  # clip_grad_norm_ would flip the gradients' sign
+    # data flags that the chosen data would ignore are refused (a preset's values are defaults, not given flags)
+    folder = ["--train_data", str(tmp_path), "--output_dir", str(tmp_path)]
+    for argv, message in [
+            ([*base, "--fps", "4", "--resize", "crop"], "--fps, --resize would be ignored: these flags are read for "
+                                                        "video folders (--train_data), not --dataset moving_digits"),
+            ([*folder, "--num_clips", "5"], "--num_clips would be ignored: only --dataset moving_digits reads it"),
+            ([*folder, "--validation_split", "val"], "--validation_split would be ignored: only --validation_data"),
+            ([*folder, "--validation_data", "v", "--num_eval_clips", "3"],
+             "--num_eval_clips would be ignored: --validation_data is held out whole")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_args(argv)
+    assert parse_args([*base, "--preset", "k600"]).fps == 16
 
 
 def test_held_out_clips_are_the_same_at_every_evaluation(tmp_path):
@@ -132,7 +158,49 @@ def test_held_out_clips_are_the_same_at_every_evaluation(tmp_path):
     assert torch.equal(held_out[0]["video"], centre)  # the centre window, not one random draw that repeated
 
 
+def test_unreadable_held_out_clips_stop_the_run_before_training(tmp_path):
+    data = tmp_path / "data"
+    write_noise_videos(data, 3, frames=5)
+    write_corrupt(data / "z" / "broken.mp4", "random")  # the last video: the held-out one
+    args = ["--train_data", str(data), "--num_eval_clips", "1", *RUN, "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="none of the last --num_eval_clips 1 videos of --train_data .* reads; hold "
+                                         "out more \\(--num_eval_clips\\) or pass --validation_data"):
+        main(args)
+    write_corrupt(tmp_path / "validation" / "z" / "broken.mp4", "truncated")
+    with pytest.raises(ValueError, match="no video of --validation_data .*validation \\(split 'test'\\) reads"):
+        main(["--train_data", str(data), "--validation_data", str(tmp_path / "validation"), *RUN, "--output_dir",
+              str(tmp_path / "run")])
+    assert not common.list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_a_step_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch):
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train_tokenizer, "evaluate", failing_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        main([*TINY, "--max_steps", "2", "--adversarial_weight", "0", "--output_dir", str(tmp_path)])
+    assert common.find_latest_checkpoint(tmp_path).endswith("checkpoint-2")  # the step evaluated is not lost
+
+
 # ---- training runs ---------------------------------------------------------------------------------------------
+def test_random_clip_windows_resume_exactly(tmp_path):
+    """Training clips from videos longer than a clip take random windows: drawn per item from its place in the data
+    order, so a resumed run (here with DataLoader workers) cuts the clips the uninterrupted one cut."""
+    data = write_noise_videos(tmp_path / "data", 8)
+    args = ["--train_data", data, "--num_eval_clips", "1", *RUN]
+    main([*args, "--output_dir", str(tmp_path / "run")])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", resumed / "checkpoint-2")
+    # which videos are held out decides the training set: a resume cannot change it
+    with pytest.raises(ValueError, match="data.num_eval_clips 1 on disk, 2 now"):
+        main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--num_eval_clips", "2"])
+    main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "2"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731
+    assert strip(read_log(resumed)) == strip(read_log(tmp_path / "run"))
+
+
 def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     scripted = export_l1(tmp_path / "l1.pt2")
     run = tmp_path / "run"
@@ -167,7 +235,8 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
                           (["--learning_rate", "1e-5"], "optimization.disc_learning_rate 0.001 on disk, 1e-05 now; "
                                                        "optimization.learning_rate 0.001 on disk, 1e-05 now"),
                           (["--fsq_levels", "2,8"], "tokenizer.fsq_levels [4, 4] on disk, [2, 8] now"),
-                          (["--disc_start_step", "3"], "optimization.disc_start_step 2 on disk, 3 now")]:
+                          (["--disc_start_step", "3"], "optimization.disc_start_step 2 on disk, 3 now"),
+                          (["--lr_schedule", "cosine"], "schedule.lr_schedule 'linear' on disk, 'cosine' now")]:
         with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
             main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint",
                   "latest", *flags])
@@ -189,10 +258,12 @@ def test_without_the_adversarial_loss_no_discriminator_is_trained_or_saved(tmp_p
     with pytest.raises(ValueError, match="optimization.discriminator False on disk, True now"):  # not switched on resume
         main([*TINY, "--output_dir", str(run), "--max_steps", "4", "--disc_start_step", "1",
               "--resume_from_checkpoint", "latest"])
-    # the unused GAN settings (whose default start moves with --max_steps) do not stop a run from being extended
+    # the unused GAN settings (whose default start moves with --max_steps) do not stop a run from being extended,
+    # and the extended run follows the schedule stretched to the new --max_steps (not the rate the checkpoint kept)
     main([*TINY, "--output_dir", str(run), "--adversarial_weight", "0", "--max_steps", "4", "--disc_start_step", "3",
           "--resume_from_checkpoint", "latest"])
     assert (run / "checkpoint-4").is_dir()
+    assert [r["lr"] for r in read_log(run) if r["step"] == 4 and "lr" in r] == [lr_at_step(3, 1e-3, 4, 0, "linear")]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -222,8 +293,40 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             torch.testing.assert_close(two[key], one[key], rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
+def test_fp16_gan_with_accumulation_unscales_each_optimizer_by_its_own_scale(tmp_path, monkeypatch):
+    """fp16's GradScaler, simulated on the CPU (Accelerate makes one on CUDA only; growth_interval 1 changes the scale
+    at every update, as a growth or an overflow's back-off does), is shared by the tokenizer's and the discriminator's
+    optimizers: every micro-batch of each must be unscaled by the scale it was scaled by, so that 2 x 2 accumulated
+    clips give both optimizers the gradients of one batch of 4."""
+    make_accelerator = common.make_accelerator
+
+    def with_scaler(args, accumulation_steps):
+        accelerator = make_accelerator(args, accumulation_steps)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
+        return accelerator
+
+    gradients, adam_step = [], torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        gradients.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                    if p.grad is not None]))
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(common, "make_accelerator", with_scaler)
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    args = [*TINY, "--max_steps", "1", "--disc_start_step", "0", "--eval_steps", "0", "--max_grad_norm", "0"]
+    main([*args, "--output_dir", str(tmp_path / "batch"), "--train_batch_size", "4"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    batch, gradients[:] = list(gradients), []
+    main([*args, "--output_dir", str(tmp_path / "accumulated"), "--gradient_accumulation_steps", "2"])
+    assert len(batch) == len(gradients) == 2  # the tokenizer's step, then the discriminator's
+    for one, accumulated in zip(batch, gradients):
+        assert (accumulated - one).norm() <= 1e-5 * one.norm()
+
+
 def test_presets_set_the_paper_values(tmp_path):
-    base = ["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--max_steps", "500"]
+    base = ["--train_data", str(tmp_path), "--output_dir", str(tmp_path), "--max_steps", "500"]
     ucf, k600 = parse_args([*base, "--preset", "ucf"]), parse_args([*base, "--preset", "k600", "--fps", "8"])
     assert (ucf.learning_rate, ucf.global_batch_size, ucf.fps, ucf.perceptual_weight, ucf.adversarial_weight) == (
         5e-5, 256, 8, 0.1, 0.1)

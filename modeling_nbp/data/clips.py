@@ -29,7 +29,8 @@ def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "cen
                        generator: torch.Generator | None = None) -> np.ndarray:
     """Indices (into ``num_available`` frames) of a clip of ``num_frames`` consecutive frames.
 
-    ``sampling``: "random" picks a uniformly random start (torch's RNG, so DataLoader workers differ),
+    ``sampling``: "random" picks a uniformly random start (from ``generator``, else torch's global RNG, which
+    differs between DataLoader workers and runs),
     "center" takes the middle window, "start" the first one. Short videos follow the too-short rule:
     all frames, then the last index repeated.
     """

@@ -260,18 +260,23 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def decode_example(self, example: dict) -> dict:
-        """{"path", "label"} -> item; ``"video"`` is None (and one line is logged) if decoding fails."""
+    def decode_example(self, example: dict, generator: torch.Generator | None = None) -> dict:
+        """{"path", "label"} -> item; ``"video"`` is None (and one line is logged) if decoding fails. "random"
+        sampling draws the window from ``generator`` (default: torch's global RNG)."""
         path, label = example["path"], int(example["label"])
         try:
-            video = load_clip(path, self.num_frames, self.resolution, self.fps, self.sampling, resize=self.resize)
+            video = load_clip(path, self.num_frames, self.resolution, self.fps, self.sampling, generator, self.resize)
         except VideoDecodeError as err:
             logger.warning("skipping unreadable video %s (%s)", path, err)
             video = None
         return {"video": video, "label": label, "path": path}
 
-    def __getitem__(self, i: int) -> dict:
-        return self.decode_example(self.index[int(i)])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item ``key``: an index, or (index, seed) to draw a "random" window from a generator seeded with ``seed``,
+        the same whichever process or DataLoader worker reads it (an index alone draws from torch's global RNG)."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.decode_example(self.index[int(i)], generator)
 
 
 def load_video_dataset(source: str | os.PathLike, layout: str = "auto", split: str | None = "train",

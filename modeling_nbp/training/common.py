@@ -6,7 +6,8 @@
   checkpoint. Old checkpoints are rotated out (`total_limit`).
 * Data order: `StepBatchSampler` gives every process its share of micro-batch `m` as a pure function of
   (seed, m), so a resumed run sees exactly the batches an uninterrupted run would; an optimizer step takes the
-  same clips whatever the number of processes and accumulation steps (for the same global batch).
+  same clips whatever the number of processes and accumulation steps (for the same global batch); with
+  `item_seeds` it also gives each item a seed from (seed, epoch, item), which fixes a clip's random window.
 * A resume restores the optimizer, the EMA and the data order from the checkpoint, so `check_resume_settings`
   refuses one that asks for other learning rates, seed, data and so on, instead of overriding them silently.
 * Randomness inside a step (dropout, class-label dropout) is reseeded from (seed, micro-step, process) by
@@ -223,10 +224,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
     the `(s % S)`-th slice of G items of epoch `s // S`'s permutation (seeded by (seed, epoch); S = optimizer
     steps per epoch, the incomplete tail of each permutation is dropped), and its micro-step `a`, process `p` the
     `(a * num_processes + p)`-th `batch_size` items of that slice. So the clips of every optimizer step depend only
-    on the seed and G, not on how G is split over processes and accumulation, nor on resumes."""
+    on the seed and G, not on how G is split over processes and accumulation, nor on resumes. With `item_seeds` each
+    index comes as (index, a seed derived from (seed, epoch, index)), for per-item randomness such as a clip's
+    random window (`VideoClipDataset`) that must not depend on workers or on what ran before a resume either."""
 
     def __init__(self, num_items: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 seed: int = 0, start_step: int = 0, shuffle: bool = True, accumulation_steps: int = 1):
+                 seed: int = 0, start_step: int = 0, shuffle: bool = True, accumulation_steps: int = 1,
+                 item_seeds: bool = False):
         if (batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes or start_step < 0
                 or accumulation_steps < 1):
             raise ValueError(f"need batch_size >= 1, 0 <= process_index < num_processes, start_step >= 0, "
@@ -239,7 +243,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
                              "the batch size")
         self.num_items, self.batch_size, self.num_processes = num_items, batch_size, num_processes
         self.process_index, self.accumulation_steps = process_index, accumulation_steps
-        self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
+        self.seed, self.start_step, self.shuffle, self.item_seeds = seed, start_step, shuffle, item_seeds
         self.steps_per_epoch = num_items // self.global_batch  # optimizer steps
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -257,7 +261,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 order = self.epoch_order(epoch)
             start = ((step % self.steps_per_epoch) * self.global_batch
                      + (a * self.num_processes + self.process_index) * self.batch_size)
-            yield order[start:start + self.batch_size].tolist()
+            batch = order[start:start + self.batch_size].tolist()
+            yield [(i, _derived_seed(self.seed, epoch, i)) for i in batch] if self.item_seeds else batch
             micro += 1
 
 
@@ -355,15 +360,20 @@ def tracker_config(args) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
 
 
-def resolve_mixed_precision(value: str) -> str | None:
-    """"auto": the `accelerate launch` config's choice if there is one, else bf16 where CUDA supports it, else no."""
+def resolve_mixed_precision(value: str, cpu: bool = False) -> str | None:
+    """"auto": the `accelerate launch` config's choice if there is one, else bf16 where CUDA supports it and the run
+    is not on the CPU (`cpu`), else no. fp16 on the CPU is refused: Accelerate applies none there (no autocast, no
+    gradient scaling), so the run would train in fp32."""
     if value not in MIXED_PRECISION:
         raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION}, got {value!r}")
+    if value == "fp16" and cpu:
+        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU (--cpu, or several processes without CUDA) "
+                         "Accelerate applies no fp16 and the run would train in fp32; pass bf16, no or auto")
     if value != "auto":
         return value
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
         return None  # Accelerator reads it from the environment
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def resolve_batch_layout(train_batch_size: int | None, gradient_accumulation_steps: int | None,
@@ -397,8 +407,9 @@ def make_accelerator(args, gradient_accumulation_steps: int):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    cpu = use_cpu(args.cpu)
     return Accelerator(
-        cpu=use_cpu(args.cpu), mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        cpu=cpu, mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu),
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=resolve_report_to(args.report_to) or None, step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
@@ -431,7 +442,7 @@ def log_videos(accelerator, tag: str, videos: torch.Tensor, step: int, output_di
     if not accelerator.is_main_process:
         return []
     folder = os.path.join(output_dir, "samples", f"step-{step:07d}")
-    videos = videos.detach().float().clamp(0, 1).cpu()
+    videos = videos.detach().float().clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3): unambiguous
     paths = [export_to_mp4(video, os.path.join(folder, f"{tag}_{i}.mp4"), fps=fps) for i, video in enumerate(videos)]
     sheet = make_contact_sheet(list(videos), os.path.join(folder, f"{tag}.png"), labels=labels)
     for tracker in accelerator.trackers:
@@ -544,7 +555,8 @@ def add_batch_arguments(group, default_batch_size: int) -> None:
                             "--gradient_accumulation_steps is not given")
     group.add_argument("--gradient_accumulation_steps", type=positive_int)
     group.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="auto",
-                       help="auto: the accelerate config's, else bf16 on CUDA, else no")
+                       help="auto: the accelerate config's, else bf16 on CUDA (not with --cpu), else no; fp16 needs "
+                            "a GPU")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present (several "
                        "processes without CUDA always use CPU + gloo)")

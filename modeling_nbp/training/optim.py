@@ -124,5 +124,16 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+def follow_schedule(scheduler) -> None:
+    """Set the optimizer's rates (and `get_last_lr`) to what `scheduler`, a `LambdaLR` (or Accelerate's wrapper of
+    one), gives at its step. For a resume: the checkpoint restores the rates of the schedule that saved it, and a
+    resumed run may stretch the schedule (a larger --max_steps), whose rate from the resumed step on is this one."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 __all__ = ["OPTIMIZER_RECIPES", "SCHEDULES", "build_lr_scheduler", "build_optimizer", "build_param_groups",
-           "decay_parameter_names", "lr_at_step"]
+           "decay_parameter_names", "follow_schedule", "lr_at_step"]

@@ -33,7 +33,7 @@ from ..pipelines.pipeline_nbp_video import upload_to_hub
 from ..triton_support import require_triton
 from ..video_io import atomic_output_path, decoding_workers
 from . import common, flops
-from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer
+from .optim import OPTIMIZER_RECIPES, SCHEDULES, build_lr_scheduler, build_optimizer, follow_schedule
 from .presets import GENERATOR_PRESETS, parse_with_preset
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learning_rate", type=float, help=f"peak learning rate (default {DEFAULTS['learning_rate']})")
     g.add_argument("--weight_decay", type=float, default=0.01, help="on Linear weights only")
     g.add_argument("--warmup_steps", type=int, help="linear warmup steps (default 5%% of --max_steps)")
-    g.add_argument("--warmup_lr_init", type=float, default=0.0)
-    g.add_argument("--lr_min", type=float, default=0.0)
+    g.add_argument("--warmup_lr_init", type=float, default=0.0, help="the warmup's first rate (>= 0)")
+    g.add_argument("--lr_min", type=float, default=0.0, help="where the decay ends (0 to --learning_rate)")
     g.add_argument("--lr_schedule_steps", type=int,
                    help="length of the decay (default --max_steps; raising --max_steps on a resume stretches the "
                         "schedule from there, so give the first run's length here to keep it)")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     g.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the weights (0 = off); final/ gets the EMA")
     g.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEFAULTS['max_steps']})")
     common.add_batch_arguments(g, DEFAULTS["train_batch_size"])
@@ -123,6 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("max_steps", "num_samples"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.max_grad_norm < 0:
+        raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
+    if args.warmup_lr_init < 0:
+        raise ValueError(f"--warmup_lr_init must be >= 0, got {args.warmup_lr_init}")
+    if not 0 <= args.lr_min <= args.learning_rate:
+        raise ValueError(f"--lr_min must lie in [0, --learning_rate {args.learning_rate}], got {args.lr_min}")
     schedule = args.lr_schedule_steps or args.max_steps
     if not 0 <= args.warmup_steps <= schedule:
         source = f" (with --preset {args.preset})" if args.preset else ""
@@ -337,13 +343,20 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
     return final_dir
 
 
-def resume_settings(args, config: NBPConfig) -> dict:
-    """What a resume takes from the checkpoint (data order, the model, optimizer rates and decay, EMA), kept in every
-    checkpoint: a resume asking for other values is refused (`common.check_resume_settings`)."""
+def resume_settings(args, config: NBPConfig, data) -> dict:
+    """What a resume takes from the checkpoint (the training data and its order, the model, optimizer rates and decay,
+    the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
+    (`common.check_resume_settings`)."""
     weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout")]
+    recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
     return {"seed": args.seed, "model": {k: getattr(config, k) for k in weights},
+            # the token folder's contents (its datasets fingerprint survives a copy to another path), not its path
+            "data": dict(fingerprint=data.tokens._fingerprint, num_items=len(data)),
             "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                                 optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay)}
+                                 optimizer_recipe=args.optimizer_recipe, ema_decay=args.ema_decay),
+            # not its length: --lr_schedule_steps, else --max_steps, which a resume may raise (see their help)
+            "schedule": dict(lr_schedule=args.lr_schedule or recipe["schedule"], warmup_steps=args.warmup_steps,
+                             warmup_lr_init=args.warmup_lr_init, lr_min=args.lr_min)}
 
 
 def main(argv=None) -> dict:
@@ -398,11 +411,12 @@ def main(argv=None) -> dict:
     ema = common.EMA(common.bare_model(accelerator, model), args.ema_decay) if args.ema_decay else None
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
-    global_step = 0
+    global_step, settings = 0, resume_settings(args, config, info["data"])
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        state = common.load_checkpoint(accelerator, resume, resume_settings(args, config))
+        state = common.load_checkpoint(accelerator, resume, settings)
+        follow_schedule(scheduler)
         global_step = state["global_step"]
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         if ema is not None:
@@ -473,7 +487,7 @@ def main(argv=None) -> dict:
                           global_step, args.output_dir)
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   dict(resume_settings(args, config), global_batch_size=global_batch),
+                                   dict(settings, global_batch_size=global_batch),
                                    {"ema": ema.state_dict()} if ema is not None else None,
                                    args.checkpoints_total_limit)
         meter.resume()

@@ -25,13 +25,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
-from ..data import MovingDigits, collate_videos, load_video_dataset, SkipSummary
+from ..data import MovingDigits, VideoClipDataset, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
 from ..pipelines.pipeline_nbp_video import upload_to_hub
 from ..video_io import atomic_output_path, decoding_workers
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
-from .optim import SCHEDULES, lr_at_step
+from .optim import SCHEDULES, follow_schedule, lr_at_step
 from .presets import TOKENIZER_PRESETS, parse_with_preset
 from .tokenizer_losses import (DISCRIMINATOR_KINDS, GAN_LOSSES, PatchDiscriminator, adversarial_active,
                                discriminator_loss, generator_adversarial_loss, load_perceptual_model,
@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moving_digits: the built-in procedural dataset (no files needed)")
     g.add_argument("--layout", default="auto", help="--train_data layout: auto, folder, ucf101, k600")
     g.add_argument("--num_clips", type=int, default=1000, help="moving_digits: training clips")
-    g.add_argument("--validation_data", help="held-out video root; default: the last --num_eval_clips training "
-                   "items are held out (moving_digits: separate clips)")
-    g.add_argument("--validation_split", default="test")
-    g.add_argument("--num_eval_clips", type=int, default=16)
+    g.add_argument("--validation_data", help="held-out video root (all of it is held out); default: the last "
+                   "--num_eval_clips training items are held out (moving_digits: separate clips)")
+    g.add_argument("--validation_split", default="test", help="--validation_data's split")
+    g.add_argument("--num_eval_clips", type=int, default=16, help="held-out clips, without --validation_data")
     g.add_argument("--num_frames", type=int, default=17)
     g.add_argument("--resolution", type=int, default=128)
     g.add_argument("--fps", type=float, default=8)
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--lr_schedule", choices=SCHEDULES, default="linear")
     g.add_argument("--warmup_steps", type=int, help="default 1%% of --max_steps (paper Table 5)")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip each model's gradient norm (0: no clipping)")
     g.add_argument("--max_steps", type=int, default=10_000)
     common.add_batch_arguments(g, DEFAULT_BATCH_SIZE)
     g = p.add_argument_group("checkpoints, logging, hub")
@@ -118,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_preset(parser, argv, TOKENIZER_PRESETS, "tokenizer")
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
+    check_data_flags(parser, args)
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
@@ -133,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.disc_start_step = args.max_steps // 5
     if args.disc_start_step < 0:
         raise ValueError(f"--disc_start_step must be >= 0, got {args.disc_start_step}")
+    if args.max_grad_norm < 0:
+        raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
     if args.tokenizer_config:
         given = [f"--{k}" for k in SIZE_FLAGS if getattr(args, k) != parser.get_default(k)]
         if given:
@@ -141,6 +144,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return args
+
+
+def check_data_flags(parser, args) -> None:
+    """Refuse data flags given (set to other than their default) that the chosen data would ignore."""
+    moving_digits, held_out_data = args.dataset == "moving_digits", args.validation_data is not None
+    rules = [(moving_digits, ("validation_data", "validation_split", "fps", "layout", "resize"),
+              "these flags are read for video folders (--train_data), not --dataset moving_digits"),
+             (not moving_digits, ("num_clips",), "only --dataset moving_digits reads it"),
+             (not moving_digits and not held_out_data, ("validation_split",), "only --validation_data reads it"),
+             (held_out_data, ("num_eval_clips",), "--validation_data is held out whole")]
+    for applies, flags, why in rules:
+        given = [f"--{k}" for k in flags if applies and getattr(args, k) != parser.get_default(k)]
+        if given:
+            raise ValueError(f"{', '.join(given)} would be ignored: {why}")
 
 
 def build_tokenizer(args) -> NBPVideoTokenizer:
@@ -158,12 +175,14 @@ def build_tokenizer(args) -> NBPVideoTokenizer:
 
 
 def data_settings(args) -> dict:
-    """What decides the training clips, kept in every checkpoint and checked when a run resumes."""
+    """What decides the training clips, kept in every checkpoint and checked when a run resumes (from a video folder,
+    the last --num_eval_clips videos are held out unless there is --validation_data)."""
     settings = dict(dataset=args.dataset, num_frames=args.num_frames, resolution=args.resolution)
     if args.dataset == "moving_digits":
         return dict(settings, num_clips=args.num_clips)
     return dict(settings, train_data=os.path.abspath(args.train_data), layout=args.layout, fps=args.fps,
-                resize=args.resize)
+                resize=args.resize, num_eval_clips=args.num_eval_clips,
+                validation_data=args.validation_data and os.path.abspath(args.validation_data))
 
 
 def build_datasets(args):
@@ -173,18 +192,31 @@ def build_datasets(args):
         # held-out clips come from another seed, so they are different clips
         return (MovingDigits(args.num_clips, seed=args.seed, **clip),
                 MovingDigits(args.num_eval_clips, seed=args.seed + 1, **clip))
-    clip = dict(layout=args.layout, num_frames=args.num_frames, resolution=args.resolution, fps=args.fps,
-                resize=args.resize)
-    train = load_video_dataset(args.train_data, split="train", **clip)
+    clip = dict(num_frames=args.num_frames, resolution=args.resolution, fps=args.fps, resize=args.resize)
+    train = load_video_dataset(args.train_data, args.layout, split="train", **clip)
     if args.validation_data:
-        return train, load_video_dataset(args.validation_data, split=args.validation_split, sampling="center", **clip)
+        return train, load_video_dataset(args.validation_data, args.layout, split=args.validation_split,
+                                         sampling="center", **clip)
     if len(train) <= args.num_eval_clips:
         raise ValueError(f"{args.train_data} has {len(train)} videos, not more than --num_eval_clips "
                          f"{args.num_eval_clips}; pass --validation_data or hold out fewer clips")
     n = len(train) - args.num_eval_clips
     # the held-out clips read the same window at every evaluation (training reads random ones)
-    held_out = load_video_dataset(args.train_data, split="train", sampling="center", **clip)
-    return torch.utils.data.Subset(train, range(n)), torch.utils.data.Subset(held_out, range(n, len(train)))
+    return (VideoClipDataset(train.index.select(range(n)), sampling=train.sampling, **clip),
+            VideoClipDataset(train.index.select(range(n, len(train))), sampling="center", **clip))
+
+
+def check_held_out_data(eval_data, args) -> None:
+    """The evaluation at the end of the run needs a readable held-out clip: checked before training (decoding up to
+    the first one that reads), not once every step is trained."""
+    if any(eval_data[i]["video"] is not None for i in range(len(eval_data))):
+        return
+    if args.validation_data:
+        raise ValueError(f"no held-out clip could be decoded: no video of --validation_data {args.validation_data} "
+                         f"(split {args.validation_split!r}) reads; pass one with readable videos")
+    raise ValueError(f"no held-out clip could be decoded: none of the last --num_eval_clips {args.num_eval_clips} "
+                     f"videos of --train_data {args.train_data} reads; hold out more (--num_eval_clips) or pass "
+                     "--validation_data")
 
 
 def check_discriminator_input(args) -> None:
@@ -210,7 +242,9 @@ def resume_settings(args, tokenizer) -> dict:
     return {"seed": args.seed, "data": data_settings(args),
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
             "optimization": dict(learning_rate=args.learning_rate, adam_betas=[args.adam_beta1, args.adam_beta2],
-                                 discriminator=adversarial, **gan)}
+                                 discriminator=adversarial, **gan),
+            # its length is --max_steps, which a resume may raise (the schedule then stretches from the resumed step)
+            "schedule": dict(lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)}
 
 
 def adam(params, lr: float, args) -> torch.optim.Adam:
@@ -221,6 +255,29 @@ def lambda_schedule(optimizer, args, offset: int = 0):
     """Per-update lr factor; `offset` = the global step of the optimizer's first update."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at_step(
         i + offset, 1.0, args.max_steps, args.warmup_steps, args.lr_schedule))
+
+
+def step_optimizers(accelerator, pairs, max_grad_norm: float) -> None:
+    """At the last micro-batch of a step, once every loss is backpropagated: clip each (model, optimizer) pair's
+    gradients and step its optimizer. Under fp16 both share Accelerate's one GradScaler: each optimizer is unscaled
+    by the scale its micro-batches were scaled by, and the scale updates once, after both steps
+    (`AcceleratedOptimizer.step` updates it after each, so the other optimizer would meet the next scale)."""
+    if not accelerator.sync_gradients:  # accumulating (an AcceleratedOptimizer neither steps nor zeroes then)
+        return
+    scaler = accelerator.scaler
+    for model, optimizer in pairs:
+        if scaler is not None:
+            scaler.unscale_(optimizer.optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    for _, optimizer in pairs:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer.optimizer)  # skipped when a gradient is not finite
+        optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
 
 
 @torch.no_grad()
@@ -262,6 +319,7 @@ def main(argv=None) -> dict:
     hub_repo = common.prepare_output_dir(accelerator, args)
 
     train_data, eval_data = build_datasets(args)
+    check_held_out_data(eval_data, args)
     torch.manual_seed(args.seed)  # same initial weights on every process
     tokenizer = build_tokenizer(args)
     tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
@@ -294,10 +352,13 @@ def main(argv=None) -> dict:
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
-        # checkpoints from before clips could be squashed were cropped
+        # checkpoints from before clips could be squashed were cropped; the held-out flags were kept later
         settings = resume_settings(args, common.bare_model(accelerator, tokenizer))
+        later = {k: settings["data"].get(k) for k in ("num_eval_clips", "validation_data")}
         state = common.load_checkpoint(accelerator, resume, settings,
-                                       earlier_defaults={"data": {"resize": "crop"}})
+                                       earlier_defaults={"data": {"resize": "crop", **later}})
+        for scheduler in (sched_g, sched_d) if adversarial else (sched_g,):
+            follow_schedule(scheduler)
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
         log.truncate(global_step)
@@ -306,9 +367,10 @@ def main(argv=None) -> dict:
         os.remove(log.path)
     accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
 
+    # a video clip's random window is seeded by its place in the data order (moving digits are fixed clips)
     sampler = common.StepBatchSampler(len(train_data), per_device_batch, accelerator.num_processes,
                                       accelerator.process_index, args.seed, start_step=global_step * accum,
-                                      accumulation_steps=accum)
+                                      accumulation_steps=accum, item_seeds=args.dataset == "folder")
     loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_videos,
                                          num_workers=decoding_workers(args.dataloader_num_workers),
                                          worker_init_fn=common.dataloader_worker_init,
@@ -349,19 +411,13 @@ def main(argv=None) -> dict:
                     raw_discriminator.requires_grad_(True)
                     loss_g = loss_g + args.adversarial_weight * terms["g_adversarial"]
                 accelerator.backward(weight * loss_g)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(tokenizer.parameters(), args.max_grad_norm)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
                 if gan:
                     # one forward over real and fake clips (GroupNorm: no clip affects another's score)
                     real, fake = discriminator(torch.cat([video, reconstruction.detach().to(video.dtype)])).chunk(2)
                     terms["discriminator"] = discriminator_loss(real, fake, args.gan_loss)
                     accelerator.backward(weight * terms["discriminator"])
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
+                step_optimizers(accelerator, [(tokenizer, opt_g)] + ([(discriminator, opt_d)] if gan else []),
+                                args.max_grad_norm)
             for key, value in dict(terms, total=loss_g).items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / accum
         sched_g.step()
@@ -378,6 +434,11 @@ def main(argv=None) -> dict:
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
             progress.set_postfix(loss=f"{record['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
         meter.pause()
+        if global_step % args.checkpointing_steps == 0 or done:  # before evaluating: an error there loses no step
+            common.save_checkpoint(accelerator, args.output_dir, global_step,
+                                   dict(resume_settings(args, common.bare_model(accelerator, tokenizer)),
+                                        global_batch_size=global_batch),
+                                   total_limit=args.checkpoints_total_limit)
         if ((args.eval_steps and global_step % args.eval_steps == 0) or done) and accelerator.is_main_process:
             scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
                               args.num_log_videos)
@@ -385,11 +446,6 @@ def main(argv=None) -> dict:
             log.append({"step": global_step, **{f"eval_{k}": v for k, v in scores.items()}})
             accelerator.print(f"step {global_step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
                               f"({len(eval_data)} held-out clips)")
-        if global_step % args.checkpointing_steps == 0 or done:
-            common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   dict(resume_settings(args, common.bare_model(accelerator, tokenizer)),
-                                        global_batch_size=global_batch),
-                                   total_limit=args.checkpoints_total_limit)
         meter.resume()
     progress.close()
 
