@@ -7,8 +7,8 @@ Conventions used throughout this module:
     - a list of ``PIL.Image`` frames or of ``(H, W, 3)`` numpy arrays,
     - a numpy array ``(T, H, W, 3)``, ``uint8`` or float in ``[0, 1]``,
     - a torch tensor ``(T, 3, H, W)`` (one video of the pipeline's ``output_type="pt"`` frames) or ``(3, T, H, W)``
-      (channels first, the dataset/tokenizer layout), ``uint8`` or float in ``[0, 1]``; ``(3, 3, H, W)`` is read
-      as ``(3, T, H, W)``.
+      (channels first, the dataset/tokenizer layout), ``uint8`` or float in ``[0, 1]``; ``(3, 3, H, W)`` could be
+      either and is refused (pass a numpy array).
   Float values slightly outside ``[0, 1]`` are clipped; values far outside it (0..255 or [-1, 1] pixels) and NaN
   or infinite values are refused.
 * Every file is written under a temporary name in the target folder and renamed into place.
@@ -295,6 +295,9 @@ def _tensor_frames(video: torch.Tensor) -> np.ndarray:
     """A (T, 3, H, W) or (3, T, H, W) video tensor (see the module docstring) -> a (T, H, W, 3) array."""
     if video.ndim != 4 or 3 not in video.shape[:2]:
         raise ValueError(f"a video tensor must have shape (T, 3, H, W) or (3, T, H, W), got {tuple(video.shape)}")
+    if video.shape[:2] == (3, 3):
+        raise ValueError("a (3, 3, H, W) video tensor is either (T, 3, H, W) or (3, T, H, W) with T = 3: pass a "
+                         "(T, H, W, 3) numpy array instead, e.g. `video.permute(0, 2, 3, 1).numpy()` for (T, 3, H, W)")
     video = video.detach().cpu().permute((1, 2, 3, 0) if video.shape[0] == 3 else (0, 2, 3, 1))
     return (video.float() if video.is_floating_point() else video).numpy()  # numpy has no bfloat16
 

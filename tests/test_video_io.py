@@ -48,6 +48,8 @@ def test_mp4_accepts_tensor_and_pil_frames_alike(tmp_path):
     np.testing.assert_array_equal(as_uint8_frames(tensor.transpose(0, 1)), video)
     with pytest.raises(ValueError, match=r"\(T, 3, H, W\) or \(3, T, H, W\), got \(5, 16, 16, 3\)"):
         export_to_mp4(tensor.permute(1, 2, 3, 0), tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match=r"a \(3, 3, H, W\) video tensor is either .* pass a \(T, H, W, 3\) numpy"):
+        export_to_mp4(tensor[:, :3], tmp_path / "bad.mp4")  # 3 frames: not silently read the other way
 
 
 def test_mp4_odd_size_is_padded_to_even(tmp_path):
