@@ -18,14 +18,15 @@ setup(
         "modeling_nbp.conversion": "conversion",
     },
     # the bundled demo pipeline
-    package_data={"modeling_nbp": ["assets/*.json", "pretrained/*/*.json", "pretrained/*/*/*.json",
-                                   "pretrained/*/*/*.safetensors"]},
-    include_package_data=True,
+    package_data={"modeling_nbp": ["assets/*.json", "pretrained/*/*.json", "pretrained/*/README.md",
+                                   "pretrained/*/*/*.json", "pretrained/*/*/*.safetensors"]},
     install_requires=[
-        "torch>=2.4,<3",
-        "transformers>=5.0,<6",
+        # the lowest versions the package was run with: transformers 5.24 names create_causal_mask's `cache`,
+        # accelerate 1.3 has unwrap_model(keep_torch_compile=...), transformers 5.24 needs torch 2.6
+        "torch>=2.6,<3",
+        "transformers>=5.24,<6",
         "diffusers>=0.40,<0.50",
-        "accelerate>=1.0,<2",
+        "accelerate>=1.3,<2",
         "datasets>=4.0,<6",
         "huggingface_hub>=1.0,<3",
         "safetensors>=0.4",

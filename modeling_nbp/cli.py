@@ -1,13 +1,16 @@
 """`nbp`: the command line of nbp-video. `nbp <command> --help` explains each command."""
 
 import argparse
+import os
 import sys
 
 COMMANDS = {
     "generate": "generate videos with a pipeline folder or Hub repo and write MP4/GIF files and a contact sheet",
     "demo": "generate every class of the bundled moving-digits model, and a frame-prediction example (no download)",
-    "train": "train an NBP generator with Accelerate (see examples/train_nbp.py)",
-    "train-tokenizer": "train a video tokenizer with Accelerate (see examples/train_tokenizer.py)",
+    "train": "train an NBP generator with Accelerate (several processes: accelerate launch -m "
+             "modeling_nbp.training.train_nbp)",
+    "train-tokenizer": "train a video tokenizer with Accelerate (several processes: accelerate launch -m "
+                       "modeling_nbp.training.train_tokenizer)",
     "pretokenize": "run a video tokenizer over a video dataset once and store the token grids",
     "make-digits": "write the procedural moving-digits dataset as video files (folder layout)",
     "convert": "convert the official NBP checkpoints into a pipeline folder",
@@ -22,7 +25,8 @@ def _generate_parser(parser):
     from .training.common import non_negative_int, positive_int
     from .video_tokenizer import CONV_IMPLEMENTATIONS, NORM_IMPLEMENTATIONS
 
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--model", required=True,
+                        help="pipeline folder, Hub repo id, or demo (the bundled moving-digits model)")
     parser.add_argument("--class_labels", nargs="*", default=None,
                         help="class ids or names (default: every class of a class-conditional model; with --context "
                              "the one class the continuations are conditioned on)")
@@ -123,9 +127,13 @@ def main(argv=None):
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; choose one of {list(COMMANDS)}")
     if command == "generate":
+        from .demo import DEMO_MODEL
         from .generate_videos import run_generate
 
-        run_generate(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if args.model == "demo" and not os.path.exists("demo"):  # a folder of that name comes first
+            args.model = DEMO_MODEL
+        run_generate(args)
         return 0
     # the other commands own their argument parsers
     if command == "demo":

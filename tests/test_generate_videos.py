@@ -297,3 +297,12 @@ def test_a_folder_keeps_the_frame_rate_it_was_started_with(saved, tmp_path, caps
     generate(model, tmp_path / "out", "--class_labels", "0", "--formats", "npy", "--fps", "5", "--contact_sheet", "0")
     generate(model, tmp_path / "out", "--class_labels", "0", "square", "--formats", "npy", "--contact_sheet", "0")
     assert "made 1 videos, 1 were already in" in capsys.readouterr().out  # resumed: no --fps means the folder's
+
+
+def test_demo_names_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from anywhere, not only the repository's root
+    generate("demo", tmp_path / "out", "--class_labels", "3", "--formats", "npy", "--contact_sheet", "0")
+    from modeling_nbp.demo import DEMO_MODEL
+
+    assert sorted(os.listdir(tmp_path / "out")) == ["3_0.npy", "generate.json"]
+    assert json.loads((tmp_path / "out" / "generate.json").read_text())["model"]["path"] == DEMO_MODEL

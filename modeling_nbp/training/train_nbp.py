@@ -1,7 +1,9 @@
 """Train an NBP generator on pre-tokenized video (the output folder of `pretokenize` / `nbp pretokenize`).
 
-    accelerate launch examples/train_nbp.py --train_data tokens/ucf_train --output_dir runs/ucf \\
+    accelerate launch -m modeling_nbp.training.train_nbp --train_data tokens/ucf_train --output_dir runs/ucf \\
         --preset ucf-700m --tokenizer pretrained/tokenizer --resume_from_checkpoint latest
+
+(`examples/train_nbp.py` in a checkout of the repository, or `nbp train ...` in one process.)
 
 Outputs in --output_dir: checkpoint-<step>/ (complete training state; resume with --resume_from_checkpoint),
 train_log.jsonl (one line per logged step and per validation), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with

@@ -1,9 +1,12 @@
 """Train an NBP video tokenizer (causal 3D CNN + FSQ) on pixels.
 
-    accelerate launch examples/train_tokenizer.py --train_data /data/UCF-101 --preset ucf --output_dir runs/tok
-    accelerate launch examples/train_tokenizer.py --dataset moving_digits --num_clips 2000 --resolution 64 \\
-        --base_channels 32 --channel_multipliers 1,2,2 --layers_per_block 1 --time_strides 2,2 \\
+    accelerate launch -m modeling_nbp.training.train_tokenizer --train_data /data/UCF-101 --preset ucf \\
+        --output_dir runs/tok
+    accelerate launch -m modeling_nbp.training.train_tokenizer --dataset moving_digits --num_clips 2000 \\
+        --resolution 64 --base_channels 32 --channel_multipliers 1,2,2 --layers_per_block 1 --time_strides 2,2 \\
         --space_strides 2,2 --fsq_levels 8,5,5,5 --patch_size 2 --output_dir runs/tok_digits
+
+(`examples/train_tokenizer.py` in a checkout of the repository, or `nbp train-tokenizer ...` in one process.)
 
 Loss: L1 + L2 reconstruction, + perceptual (--perceptual_model: no perceptual weights ship with nbp-video and
 none are downloaded, so it is off unless you give a network), + PatchGAN adversarial loss from
