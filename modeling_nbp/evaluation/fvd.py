@@ -6,12 +6,6 @@ of I3D before the softmax; FVD is the Fréchet distance between Gaussians fitted
 "k600_64" first brings every video to 64x64 the same way (shorter side to 64, centre crop), as the
 paper's Kinetics-600 evaluation does, then proceeds as above.
 
-    try:  # before any video goes through the detector (files that prove unreadable can still fail it later)
-        check_sampling(len(fake_files), len(real), args.num_repeats, args.num_samples)
-    except ValueError as error:
-        parser.error(str(error).replace("num_", "--num-"))
-    if args.reconstruction:  # first: a pair that does not match fails in seconds, not after the FVD
-        results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
     calculator = FVDCalculator(device="cuda", cache_dir="fvd_cache")
     result = calculator.fvd(fake_videos, real_videos)  # (N, 3, T, H, W) in [0, 1]
     result["mean"], result["std"], result["values"]
