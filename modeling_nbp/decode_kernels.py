@@ -256,7 +256,7 @@ def sample_ranked(values: torch.Tensor, index: torch.Tensor, noise: torch.Tensor
     rows = values.reshape(-1, k)
     ids = index.reshape(-1, k)
     out = torch.empty(rows.shape[0], dtype=index.dtype, device=values.device)
-    _sample_ranked_kernel[(rows.shape[0],)](rows, ids, noise.reshape(-1).float(), out, k, float(temperature),
+    _sample_ranked_kernel[(rows.shape[0],)](rows, ids, noise.reshape(-1).float().contiguous(), out, k, float(temperature),
                                             float(top_p), rows.stride(0), ids.stride(0),
                                             TEMPERATURE=temperature != 1.0, TOP_P=top_p < 1.0,
                                             BLOCK=max(16, triton.next_power_of_2(k)), num_warps=16)
@@ -449,6 +449,6 @@ def block_logits(model, cache, ids: torch.Tensor, start: int, keep: slice, nonfi
     # the final norm inside the head's product, on the positions that give logits (all of them in a block step)
     S = stats.shape[0]
     x = x.view(B, n, D)[:, keep].reshape(-1, D)
-    stats = stats.view(S, 3, B, n)[..., keep].reshape(S, 3, -1)
+    stats = stats.view(S, 3, B, n)[..., keep].reshape(S, 3, -1).contiguous()  # the kernel reads (S, 3, M) densely
     logits = linear(x, head, norm=(m.norm.weight, m.norm.bias, m.norm.eps, stats), nonfinite=nonfinite)
     return logits.view(B, -1, head.shape[0])

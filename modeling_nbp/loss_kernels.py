@@ -53,6 +53,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     their dtype (None otherwise). The labels must already be checked (in [0, V) or -100)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    labels = labels.contiguous()  # read densely (a reshaped slice of a label table may be a strided view)
     n, vocab = logits.shape
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if scale is not None else None

@@ -137,7 +137,9 @@ def group_norm_swish(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bia
     stats = torch.empty((B * num_groups * T, 2), dtype=torch.float32, device=x.device)
     group_size = C // num_groups
     s_b, s_c, s_t, s_h, s_w = x.stride()
-    _group_stats_kernel[(B * num_groups * T,)](x, stats, T, H * W, num_groups, group_size, s_b, s_c, s_t, s_w, eps,
+    # the kernel steps through H x W as one axis; with W == 1 the step is H's (a size-1 dim's stride is arbitrary)
+    _group_stats_kernel[(B * num_groups * T,)](x, stats, T, H * W, num_groups, group_size, s_b, s_c, s_t,
+                                               s_h if W == 1 else s_w, eps,
                                                CHANNELS_LAST=channels_last, BLOCK=STATS_BLOCK,
                                                num_warps=STATS_WARPS)
     T_out, H_out, W_out = out.shape[2:]

@@ -159,6 +159,28 @@ def test_fused_sampler_gives_the_tokens_of_the_plain_one(dtype, sampling):
     assert fused.dtype == plain.dtype and torch.equal(fused, plain)
 
 
+def test_strided_inputs_are_read_as_their_values():
+    # the kernels read dense rows: a strided view (a column of a wider table) must be copied, not misread
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn((4, 1, 300), generator=g)).to(DEVICE)
+    noise = torch.rand((4, 5), generator=g).to(DEVICE)[:, :1]
+    assert torch.equal(generation.sample_tokens(logits, top_k=100, top_p=0.9, noise=noise, fused=True),
+                       generation.sample_tokens(logits, top_k=100, top_p=0.9, noise=noise))
+    # logits of some positions of a block at batch 1: the final norm's statistics of those positions only
+    model = make_model(block=(1, 1, 4), first_block="bov").to(DEVICE)
+    P, S = model.layout.prefix_length, model.layout.block_size
+    seq = model.config.video_token_offset + torch.randint(0, 40, (1, P + 2 * S), generator=g).to(DEVICE)
+    logits = {}
+    with torch.no_grad():
+        for mode in (None, "triton"):
+            cache = generation.BlockKVCache(model, 1)
+            cache.reset(model)
+            model.decode_block_logits(cache, seq[:, : P + S], 0, slice(P, P + S), None,
+                                      mask=model.layout.allowed(0, P + S))
+            logits[mode] = model.decode_block_logits(cache, seq[:, P + S :], P + S, slice(1, 3), mode)
+    torch.testing.assert_close(logits["triton"], logits[None], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block,first_block,guidance,mode", [((1, 1, 4), "hybrid", 1.0, "triton"),
                                                              ((1, 4, 4), "bov", 2.5, "triton"),
                                                              ((1, 4, 4), "bov", 2.5, "triton-attention")])

@@ -1006,6 +1006,16 @@ def test_triton_loss_in_half_precision_equals_the_chunked_one(dtype):
     assert grads["triton"][1][1, 3].abs().max() == 0  # an ignored position gets no gradient
 
 
+def test_triton_loss_of_strided_labels():
+    from modeling_nbp.modeling_nbp import next_block_loss
+
+    logits = torch.randn(3, 1, 50, generator=torch.Generator().manual_seed(0))
+    table = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1))
+    for labels in (table[:, :1], torch.tensor(7).expand(3, 1)):  # a column of a table; one label broadcast
+        torch.testing.assert_close(next_block_loss(logits, labels, implementation="triton"),
+                                   next_block_loss(logits, labels, implementation="chunked"))
+
+
 def test_triton_loss_inside_a_compiled_function():
     """torch.compile (as `nbp bench --train --compile` wraps the model) runs the kernel as it is, between graphs."""
     from modeling_nbp.modeling_nbp import next_block_loss

@@ -71,6 +71,16 @@ def test_group_norm_swish_matches_the_modules(dtype, shape, groups, padding, lay
     assert ((actual.float() - expected).abs() <= tolerance * (1 + expected.abs())).all()
 
 
+def test_a_width_of_one_with_any_stride():
+    # (.., H, 1) with the stride of the size-1 width unlike H's: is_contiguous() holds, the H x W walk must step by H
+    norm, act = randomise(FrameGroupNorm(2, 4)), randomise(Swish(4), seed=1)
+    x = torch.randn(1, 4, 2, 1, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE).transpose(3, 4)
+    assert x.is_contiguous() and x.stride()[3:] == (1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(norm_kernels.group_norm_swish(x, 2, norm.weight, norm.bias, norm.eps, act.beta),
+                                   act(norm(x.contiguous())), atol=1e-5, rtol=1e-5)
+
+
 def test_group_norm_swish_inside_a_compiled_function():
     """torch.compile runs the kernels as they are, between graphs."""
     norm, act = randomise(FrameGroupNorm(2, 4)).to(DEVICE), randomise(Swish(4)).to(DEVICE)
