@@ -22,7 +22,7 @@ COMMANDS = {
 
 def _generate_parser(parser):
     from .generation import DECODE_COMPILE_MODES
-    from .training.common import non_negative_int, positive_int
+    from .training.common import non_negative_int, positive_float, positive_int
     from .video_tokenizer import CONV_IMPLEMENTATIONS, NORM_IMPLEMENTATIONS
 
     parser.add_argument("--model", required=True,
@@ -40,7 +40,7 @@ def _generate_parser(parser):
                         help="how context and --dataset clips become the model's square frames: squash (whole frames, "
                              "as the official loader and the official models' training data) or crop (shorter side + "
                              "centre crop)")
-    parser.add_argument("--context_fps", type=float, default=None,
+    parser.add_argument("--context_fps", type=positive_float, default=None,
                         help="resample the context clips to this frame rate first (default: their own; the K600 "
                              "models were trained at 16 fps, the UCF ones at 8)")
     parser.add_argument("--num_videos_per_class", type=positive_int, default=1,
@@ -57,7 +57,7 @@ def _generate_parser(parser):
                        help="clips: the split's videos in a random order fixed by --clips_seed, repeated until this "
                             "many (default: one per video)")
     clips.add_argument("--clips_seed", type=int, default=0)
-    clips.add_argument("--clip_fps", type=float, default=8, help="frame rate of the clips (UCF-101: 8)")
+    clips.add_argument("--clip_fps", type=positive_float, default=8, help="frame rate of the clips (UCF-101: 8)")
     clips.add_argument("--clip_sampling", default="center", choices=["center", "start", "random"],
                        help="where each clip starts in its video (random: seeded per clip)")
 

@@ -320,7 +320,7 @@ def run_generate(args) -> GenerationSummary:
         if os.path.isfile(recorded) and not args.overwrite:
             with open(recorded, encoding="utf-8") as f:
                 args.fps = json.load(f).get("fps")
-        args.fps = args.fps or round(args.context_fps or (args.clip_fps if args.dataset else 8))
+        args.fps = args.fps or max(1, round(args.context_fps or (args.clip_fps if args.dataset else 8)))
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")

@@ -82,9 +82,10 @@ def test_bad_arguments(saved, tmp_path):
     _, model = saved
     with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
         generate(model, tmp_path / "bad", "--class_labels", "0", "--num_frames", "9", "--window_context_frames", "2")
-    for flag in ("--batch_size", "--num_videos_per_class"):  # refused by the parser, before any model loads
+    for flag, value in (("--batch_size", "0"), ("--num_videos_per_class", "0"), ("--context_fps", "0"),
+                        ("--context_fps", "nan"), ("--clip_fps", "-8")):  # refused by the parser, before any model loads
         with pytest.raises(SystemExit):
-            nbp(["generate", "--model", str(tmp_path / "missing"), flag, "0"])
+            nbp(["generate", "--model", str(tmp_path / "missing"), flag, value])
     with pytest.raises(ValueError, match="unknown class name 'hexagon'"):
         generate(model, tmp_path / "bad", "--class_labels", "hexagon")
     with pytest.raises(ValueError, match="two videos would be called 'circle_0'"):

@@ -545,6 +545,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """argparse type for rates that must be > 0 and finite (frame rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def add_batch_arguments(group, default_batch_size: int) -> None:
     """Batch layout, precision, seed and device flags, shared by the training scripts."""
     group.add_argument("--train_batch_size", type=positive_int,
