@@ -27,6 +27,22 @@ def test_generation_rows_and_ratios():
                                              "NTP optimized over eager (batch 1)": 2.0}
 
 
+def test_generation_rows_count_no_earlier_rows_decoder_in_a_peak(monkeypatch):
+    """Each row's peak-memory count starts with no static decoder held: on CUDA the previous row's (its KV cache,
+    11 GiB at batch 64 for the 700M model) made a later batch-1 row report 13 GiB instead of 2.3 (H100 run 3)."""
+    models, held = [], []
+    build = bench.build
+    monkeypatch.setattr(bench, "build", lambda *args, **kwargs: models.append(build(*args, **kwargs)) or models[-1])
+    monkeypatch.setattr(bench, "reset_peak_memory",
+                        lambda device: held.append(getattr(models[-1], "_static_decoder", None)))
+    monkeypatch.setitem(bench.VARIANTS, "static, no graphs", dict(cache_implementation="static", use_cuda_graphs=False))
+    rows = bench.generation_rows("tiny", torch.device("cpu"), torch.float32, batches=(1, 2), repeats=1, ntp_repeats=1,
+                                 log=lambda row: None, variants=("optimized", "static, no graphs"), ntp_batches=())
+    assert [(r["variant"], r["batch"]) for r in rows] == [("optimized", 1), ("optimized", 2), ("static, no graphs", 1),
+                                                         ("static, no graphs", 2)]
+    assert held == [None] * 4
+
+
 def test_training_rows(capsys):
     seen = []
     rows = bench.training_rows("tiny", torch.device("cpu"), [1], repeats=1, peak_tflops=1.0, log=lambda row: None,
