@@ -479,7 +479,7 @@ def main(argv=None):
             except Exception:  # noqa: BLE001
                 out["triton error"] = traceback.format_exc()
                 print(out["triton error"], flush=True)
-                rows = out["rows so far"]
+                rows = out.get("rows so far", [])  # none when only Triton variants were asked for
         out.pop("rows so far", None)
         return dict(rows=rows, ratios=generation_ratios(rows))
 

@@ -43,6 +43,38 @@ def test_generation_rows_count_no_earlier_rows_decoder_in_a_peak(monkeypatch):
     assert held == [None] * 4
 
 
+def test_cuda_timing_and_memory_follow_the_given_device(monkeypatch):
+    """CUDA events are recorded on the stream of the device the work runs on (the current device's stream would time
+    another GPU's queue for `--device cuda:1`), and the peak memory is that device's."""
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            calls.append(("record", stream))
+
+        def synchronize(self):
+            calls.append(("synchronize",))
+
+        def elapsed_time(self, end):
+            return 250.0  # ms
+
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2**30 if device == torch.device("cuda", 1)
+                        else 0)
+    assert bench.timings(lambda: calls.append(("fn",)), device, repeats=1, warmup=0) == [0.25]
+    assert calls == [("record", "stream of cuda:1"), ("fn",), ("record", "stream of cuda:1"), ("synchronize",)]
+    calls.clear()
+    bench.reset_peak_memory(device)
+    assert calls == [("sync", device), ("reset", device)] and bench.peak_memory_gib(device) == 1.0
+
+
 def test_training_rows(capsys):
     seen = []
     rows = bench.training_rows("tiny", torch.device("cpu"), [1], repeats=1, peak_tflops=1.0, log=lambda row: None,
