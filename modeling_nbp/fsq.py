@@ -14,17 +14,10 @@ import math
 import torch
 from torch import nn
 
+from .value_checks import require
+
 # Keeps the bounded value strictly inside the outermost rounding cells (official value).
 _BOUND_EPS = 1e-3
-
-
-def _require(ok: torch.Tensor, error: type, message: str) -> None:
-    """Raise `error(message)` unless the bool tensor `ok` holds True. Inside torch.compile a device-side assert with
-    the same message instead, so that the check reads nothing back to the host and the graph does not break."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(ok, message)
-    elif ok.device.type != "meta" and not ok:
-        raise error(message)
 
 
 def round_straight_through(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +94,7 @@ class FSQ(nn.Module):
         """
         self._check_latents(z, "z")
         # NaN would round to an id far outside the codebook (INT64_MIN on CPU), infinity to a saturated code
-        _require(torch.isfinite(z).all(), FloatingPointError,
+        require(torch.isfinite(z).all(), FloatingPointError,
                  f"`z` holds NaN or infinite values (dtype {z.dtype}): FSQ can make no valid ids from them")
         rounded = round_straight_through(self.bound(z.float()))
         half = self._half_width()  # `rounded` holds exact integers (x + (round(x) - x) is exact), digits on the grid
@@ -114,7 +107,7 @@ class FSQ(nn.Module):
         half = self._half_width()
         digits = torch.round(codes.detach().float() * half + half)
         inside = ((digits >= 0) & (digits < self._levels)).all()  # False for NaN
-        _require(inside, ValueError, f"`codes` must lie on the FSQ grid of levels {self.levels}: code_i = "
+        require(inside, ValueError, f"`codes` must lie on the FSQ grid of levels {self.levels}: code_i = "
                                      "k / (levels[i] // 2) in [-1, 1] (even levels stop one step below +1), "
                                      "NaN refused")
         return self._digits_to_indices(digits)

@@ -12,3 +12,12 @@ def check_in_range(values: torch.Tensor, low: int, high: int, message: str):
         torch._assert_async(((values >= low) & (values < high)).all(), message)
     elif values.numel() and (values.min() < low or values.max() >= high):
         raise ValueError(f"{message}; got values in [{int(values.min())}, {int(values.max())}]")
+
+
+def require(ok: torch.Tensor, error: type, message: str) -> None:
+    """Raise `error(message)` unless the bool tensor `ok` holds True; inside torch.compile a device-side assert with
+    the same message instead, as in `check_in_range`."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif ok.device.type != "meta" and not ok:
+        raise error(message)
