@@ -361,10 +361,11 @@ class NBPGenerationMixin:
         if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
             self.eval()
         try:
-            written_outside = yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache,
-                                                           use_cache, generator, sampling, nonfinite)
+            yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
+                                         sampling, nonfinite)
             check_finite_logits(nonfinite, self.dtype)
-            if bool(written_outside):
+            # once, at the end: every id is written by then (the steps fed a consumer's ids clamped)
+            if bool(((video < 0) | (video >= cfg.video_vocab_size)).any()):
                 raise ValueError(f"a consumer of the generation steps wrote video_tokens outside [0, "
                                  f"{cfg.video_vocab_size}) (video vocabulary ids; -1 marks tokens not generated yet); "
                                  "the tokens generated after them are meaningless")
@@ -380,10 +381,8 @@ class NBPGenerationMixin:
 
     def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling,
                      nonfinite):
-        """The decoding loop of `iter_generation` over its precomputed plan. Returns a bool device flag: whether a
-        consumer wrote ids outside the video vocabulary (fed clamped meanwhile, so no step reads back to the host)."""
+        """The decoding loop of `iter_generation` over its precomputed plan."""
         cfg, layout, device = self.config, self.layout, self.device
-        written_outside = torch.zeros((), dtype=torch.bool, device=device)
         video_positions = layout.video_positions.to(device)
         off, whole = cfg.video_token_offset, cfg.sample_whole_vocabulary
         for step, (a, b, start, upto, keep, keep_slice) in enumerate(plan):
@@ -404,13 +403,10 @@ class NBPGenerationMixin:
             video[:, a:b] = tokens
             yield GenerationStep(step, len(plan), a, b, video)
             # read back after the yield: a consumer may have replaced this step's tokens
-            written = video[:, a:b]
-            written_outside.logical_or_(((written < 0) | (written >= cfg.video_vocab_size)).any())
-            fed = written.clamp(0, cfg.video_vocab_size - 1) + off
+            fed = video[:, a:b].clamp(0, cfg.video_vocab_size - 1) + off  # a consumer's bad ids: reported at the end
             if whole:  # the official sampler feeds back what it sampled (unless a consumer changed it)
                 fed = torch.where(video[:, a:b] == tokens, sampled, fed)
             seq[:, video_positions[a:b]] = fed.repeat(2 if guided else 1, 1)
-        return written_outside
 
     def decode_step(self, ids, keep, noise, drop, cache, use_cache=True, nonfinite=None, **sampling):
         """One forward over `ids` (the sequence positions that follow the cache) and the video ids (ids of the whole
