@@ -51,24 +51,38 @@ def preprocess_video(video) -> torch.Tensor:
     """The one place where user videos become the tokenizer's (B, 3, T, H, W) float in [0, 1].
 
     Accepts: a torch tensor (T, 3, H, W) or (B, T, 3, H, W), float in [0, 1] or uint8; a numpy array (T, H, W, 3) or
-    (B, T, H, W, 3), float in [0, 1] or uint8; a list of PIL images (one video) or a list of such lists."""
-    if isinstance(video, list) and video and isinstance(video[0], PIL.Image.Image):
-        video = [video]
-    if isinstance(video, list) and video and isinstance(video[0], list):
-        video = np.stack([np.stack([np.asarray(f.convert("RGB")) for f in v]) for v in video])
-    if isinstance(video, np.ndarray):
-        if video.ndim == 4:
-            video = video[None]
-        if video.ndim != 5 or video.shape[-1] != 3:
-            raise ValueError(f"a numpy video must be (T, H, W, 3) or (B, T, H, W, 3); got {video.shape}")
-        video = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 1, 4, 2, 3)
-    if not isinstance(video, torch.Tensor):
-        raise TypeError("video must be a torch tensor, a numpy array or a list of PIL images; got "
+    (B, T, H, W, 3), float in [0, 1] or uint8; a list of PIL images (one video); a list of videos of one size (each
+    in any of these forms, as diffusers' VideoProcessor takes them)."""
+    if isinstance(video, list) and not video:
+        raise ValueError("video is an empty list: give at least one frame")
+    if isinstance(video, list) and not isinstance(video[0], PIL.Image.Image):  # a list of videos
+        videos = [preprocess_video(v) for v in video]
+        sizes = sorted({tuple(v.shape[2:]) for v in videos})
+        if len(sizes) > 1:
+            raise ValueError(f"the videos of a list must have the same number of frames and size; got (frames, "
+                             f"height, width) {sizes}")
+        return torch.cat(videos)
+    if isinstance(video, list):
+        if not all(isinstance(f, PIL.Image.Image) for f in video):
+            raise TypeError("a list of PIL images must hold only PIL images (one video), or be a list of videos")
+        if len({f.size for f in video}) > 1:
+            raise ValueError(f"the frames of a video must have one size; got (width, height) "
+                             f"{sorted({f.size for f in video})}")
+        video = np.stack([np.asarray(f.convert("RGB")) for f in video])
+    if not isinstance(video, (np.ndarray, torch.Tensor)):
+        raise TypeError("video must be a torch tensor, a numpy array, a list of PIL images or a list of videos; got "
                         f"{type(video).__name__}")
+    if isinstance(video, np.ndarray):
+        if video.ndim not in (4, 5) or video.shape[-1] != 3:
+            raise ValueError(f"a numpy video must be (T, H, W, 3) or (B, T, H, W, 3); got {video.shape}")
+    elif video.ndim not in (4, 5) or video.shape[-3] != 3:
+        raise ValueError(f"a video tensor must be (T, 3, H, W) or (B, T, 3, H, W); got {tuple(video.shape)}")
+    if 0 in video.shape:
+        raise ValueError(f"video holds no frames or pixels: got shape {tuple(video.shape)}")
+    if isinstance(video, np.ndarray):
+        video = torch.from_numpy(np.ascontiguousarray(video)).permute(*range(video.ndim - 3), -1, -3, -2)
     if video.ndim == 4:
         video = video[None]
-    if video.ndim != 5 or video.shape[2] != 3:
-        raise ValueError(f"a video tensor must be (T, 3, H, W) or (B, T, 3, H, W); got {tuple(video.shape)}")
     if video.dtype == torch.uint8:
         video = video.float() / 255
     elif not video.is_floating_point():
@@ -709,7 +723,8 @@ class NBPVideoPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-        variant = {"variant": kwargs.pop("variant")} if kwargs.get("variant") else {}
+        variant = kwargs.pop("variant", None)
+        variant = {"variant": variant} if variant else {}
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 

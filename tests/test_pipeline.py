@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from hub_server import set_hub_offline
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
-from modeling_nbp.pipelines.pipeline_nbp_video import _relative_imports
+from modeling_nbp.pipelines.pipeline_nbp_video import _relative_imports, preprocess_video
 from modeling_nbp.video_io import as_uint8_frames, make_contact_sheet, read_video
 
 CLASSES = {0: "circle", 1: "square", 2: "TriangleUp"}
@@ -506,6 +506,12 @@ def test_from_pretrained_dtype_argument_and_per_component_dict(pipe, tmp_path):
         NBPVideoPipeline.from_pretrained(tmp_path, dtype={"vae": torch.float16})
 
 
+def test_from_pretrained_variant_none(pipe, tmp_path):
+    # variant=None (a script's unset option) means no variant, as in diffusers
+    pipe.save_pretrained(tmp_path)
+    assert NBPVideoPipeline.from_pretrained(tmp_path, variant=None).num_frames == pipe.num_frames
+
+
 def test_frame_prediction(frames_pipe):
     rng = np.random.default_rng(0)
     context = rng.random((3, 8, 8, 3)).astype(np.float32)  # 3 pixel frames = 2 latent frames (2x in time)
@@ -526,6 +532,36 @@ def test_frame_prediction(frames_pipe):
     pil = [PIL.Image.fromarray(f) for f in uint8]
     assert torch.equal(frames_pipe(video=pil, generator=gen(0), output_type="latent").frames,
                        frames_pipe(video=uint8, generator=gen(0), output_type="latent").frames)
+
+
+def test_a_list_of_videos_in_any_form_and_malformed_videos(frames_pipe):
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    pil = lambda v: [PIL.Image.fromarray(f) for f in v]  # noqa: E731
+    batch = preprocess_video(np.stack([a, b]))
+    # a list of videos, each in any single-video form (as diffusers' VideoProcessor takes them)
+    for videos in ([a, b], [pil(a), pil(b)], [torch.from_numpy(a).permute(0, 3, 1, 2), b[None]],
+                   [a.astype(np.float32) / 255, torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255]):
+        torch.testing.assert_close(preprocess_video(videos), batch, atol=1e-7, rtol=0)
+
+    def latent(video):
+        return frames_pipe(video=video, generator=[gen(0), gen(1)], output_type="latent").frames
+
+    assert torch.equal(latent([a, pil(b)]), latent(np.stack([a, b])))
+    # clear errors, each naming the shape as given
+    with pytest.raises(ValueError, match=r"same number of frames and size; got \(frames, height, width\) "
+                                         r"\[\(1, 8, 8\), \(3, 8, 8\)\]"):
+        frames_pipe(video=[pil(a), pil(b)[:1]])
+    with pytest.raises(ValueError, match=r"frames of a video must have one size; got \(width, height\)"):
+        frames_pipe(video=pil(a)[:2] + [PIL.Image.new("RGB", (16, 16))])
+    with pytest.raises(ValueError, match=r"video holds no frames or pixels: got shape \(0, 8, 8, 3\)"):
+        frames_pipe(video=np.zeros((0, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"video is an empty list"):
+        frames_pipe(video=[])
+    with pytest.raises(ValueError, match=r"must be \(T, 3, H, W\) or \(B, T, 3, H, W\); got \(3, 8, 8, 3\)$"):
+        frames_pipe(video=torch.from_numpy(a))  # channels last
+    with pytest.raises(ValueError, match=r"must be \(T, H, W, 3\) or \(B, T, H, W, 3\); got \(3, 3, 8, 8\)$"):
+        frames_pipe(video=a.transpose(0, 3, 1, 2))  # channels first
 
 
 def test_guidance_runs_batched(pipe):
