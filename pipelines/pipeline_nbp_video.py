@@ -547,21 +547,23 @@ class NBPVideoPipeline(DiffusionPipeline):
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
                use_cache: bool = True, cache_implementation: str | None = None,
                compile_decode: bool | str = False, num_frames: int | None = None,
-               context_frames: int | None = None) -> Iterator[NBPVideoStreamChunk]:
+               context_frames: int | None = None, callback_on_step_end: Callable | None = None,
+               callback_on_step_end_tensor_inputs: list[str] = ("video_tokens",)) -> Iterator[NBPVideoStreamChunk]:
         """Like `__call__`, but yields `NBPVideoStreamChunk`s: the pixel frames of each latent frame as soon as
         its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own, each
         once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the frames of
         `__call__(..., overlap_decode=True)` for the same seed, longer videos (`num_frames`, `context_frames`)
-        included; generation stops as soon as `num_frames` frames are out."""
+        and callbacks included; generation stops as soon as `num_frames` frames are out."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
-        total = self.check_inputs(num_frames, output_type, None, num_videos_per_prompt, context_frames, batch_size,
-                                  decode_batch_size)
+        total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
+                                  context_frames, batch_size, decode_batch_size)
         if class_labels is not None:  # resolved once: an iterator would be used up by the first window
             class_labels = self._class_ids(class_labels)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                         generator=generator, use_cache=use_cache, cache_implementation=cache_implementation,
-                        compile_decode=compile_decode)
+                        compile_decode=compile_decode, callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         inputs = dict(class_labels=class_labels, video=video, batch_size=batch_size,
                       num_videos_per_prompt=num_videos_per_prompt, condition_ids=condition_ids)
         # c: context frames each further window repeats; made: the video's frames so far; out: how many

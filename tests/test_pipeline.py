@@ -356,6 +356,30 @@ def test_streaming_matches_full_generation(pipe):
     np.testing.assert_array_equal(overlapped, np.concatenate([c.frames for c in chunks], axis=1))
 
 
+def test_stream_runs_callbacks_as_call_does(pipe):
+    def callback(seen):
+        def edit(p, step, timestep, kwargs):  # records each window's steps and pins one id of a generated position
+            seen.append(step)
+            kwargs["video_tokens"][:, 0] = 7
+            if len(seen) == first.num_steps + 5:  # in the second window
+                p._interrupt = True
+            return kwargs
+        return edit
+
+    first = next(pipe.transformer.iter_generation(class_labels=torch.tensor([0]), batch_size=1))
+    called, streamed = [], []
+    full = pipe(class_labels=[0], generator=gen(3), output_type="np", num_frames=13, overlap_decode=True,
+                callback_on_step_end=callback(called)).frames
+    chunks = list(pipe.stream(class_labels=[0], generator=gen(3), num_frames=13,
+                              callback_on_step_end=callback(streamed)))
+    assert streamed == called and called[:first.num_steps] == list(range(first.num_steps))
+    assert 5 < full.shape[1] < 13 and not chunks[-1].done  # one window and part of the second
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks], axis=1), full)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        next(pipe.stream(class_labels=[0], callback_on_step_end=callback([]),
+                         callback_on_step_end_tensor_inputs=["latents"]))
+
+
 def test_overlapped_decoding_in_frame_prediction_and_interrupts(frames_pipe, pipe):
     context = np.random.default_rng(1).random((3, 8, 8, 3)).astype(np.float32)
     full = frames_pipe(video=context, generator=gen(0), output_type="pt").frames
