@@ -318,6 +318,15 @@ class NBPVideoPipeline(DiffusionPipeline):
             if cfg.condition_mode == "frames":
                 raise ValueError("this model predicts frames: pass video= with the context frames")
             batch_size = (batch_size or 1) * num_videos_per_prompt
+        else:  # each input gives the number of videos; they must agree (the generator would name its own arguments)
+            given = {name: len(x) // num_videos_per_prompt for name, x in (("class_labels", labels), ("video", context),
+                     ("condition_ids", condition_ids)) if x is not None}
+            if batch_size is not None:
+                given["batch_size"] = batch_size
+            if len(set(given.values())) > 1:
+                raise ValueError(f"{', '.join(given)} give different numbers of videos: "
+                                 f"{', '.join(f'{k}: {v}' for k, v in given.items())}")
+            batch_size = None
         self._interrupt = False
         self._onload(self.transformer)  # after the context's encoding, which onloads the tokenizer
         steps = self.transformer.iter_generation(

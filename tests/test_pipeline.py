@@ -588,6 +588,19 @@ def test_a_list_of_videos_in_any_form_and_malformed_videos(frames_pipe):
         frames_pipe(video=a.transpose(0, 3, 1, 2))  # channels first
 
 
+def test_inputs_that_disagree_on_the_number_of_videos_are_named(pipe):
+    video = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="class_labels, video give different numbers of videos: class_labels: 2, "
+                                         "video: 1"):
+        pipe(class_labels=[0, 1], video=video)
+    with pytest.raises(ValueError, match="class_labels, batch_size give different numbers of videos: "
+                                         "class_labels: 2, batch_size: 3"):
+        pipe(class_labels=[0, 1], batch_size=3)
+    # a batch_size that agrees is accepted, with several videos per prompt too
+    many = pipe(class_labels=[0, 1], batch_size=2, num_videos_per_prompt=2, generator=gen(0), output_type="latent")
+    assert many.frames.shape[0] == 4
+
+
 def test_guidance_runs_batched(pipe):
     a = pipe(class_labels=[0], guidance_scale=3.0, generator=gen(0), output_type="latent").frames
     b = pipe(class_labels=[0], guidance_scale=1.0, generator=gen(0), output_type="latent").frames
