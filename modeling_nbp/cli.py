@@ -35,7 +35,7 @@ def _generate_parser(parser):
                              "continued, --num_videos_per_class times (frame prediction)")
     parser.add_argument("--context_frames", type=positive_int, default=None,
                         help="frames of each context clip to give (default: the pixel frames of the model's "
-                             "num_context_frames latent frames, at least one latent frame: 5 for 2)")
+                             "num_context_frames latent frames, else of one block of latent frames: 5 for 2)")
     parser.add_argument("--resize", default="squash", choices=["squash", "crop"],
                         help="how context and --dataset clips become the model's square frames: squash (whole frames, "
                              "as the official loader and the official models' training data) or crop (shorter side + "

@@ -208,7 +208,8 @@ def generate_to_folder(pipe, jobs: list[VideoJob], output_dir: str, formats=("mp
 
     todo = [j for j in mine if overwrite or not all(map(written, files_of(output_dir, j, formats)))]
     if context_clip_frames is None and any(j.context for j in todo):
-        latent = max(pipe.transformer.config.num_context_frames, 1)
+        cfg = pipe.transformer.config  # a class-conditional model continues at least one block of latent frames
+        latent = cfg.num_context_frames or cfg.block_shape[0]
         context_clip_frames = pipe.video_tokenizer.num_frames_for_latent(latent)
     device = pipe._execution_device
     summary = GenerationSummary([], 0, len(mine) - len(todo), {})

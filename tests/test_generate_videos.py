@@ -241,6 +241,19 @@ def test_context_clips_from_folders(tmp_path, capsys):
     assert_same_video(read_video(str(tmp_path / "three" / "b_0.gif"))[0], reference)
 
 
+def test_a_class_model_continues_one_block_of_latent_frames_by_default(tmp_path):
+    pipe = tiny_pipeline(block=(2, 4, 4), latent_shape=(4, 4, 4))  # blocks of 2 latent frames: contexts of 3 frames
+    pipe.save_pretrained(tmp_path / "pipe")
+    clip = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    export_to_mp4(clip, str(tmp_path / "clips" / "a.mp4"), fps=8)
+    generate(tmp_path / "pipe", tmp_path / "out", "--context", tmp_path / "clips", "--class_labels", "1",
+             "--formats", "mp4")
+    context, _ = read_video(str(tmp_path / "clips" / "a.mp4"))
+    expected = pipe(video=context[:3], class_labels=[1], generator=gen(name_seed(0, "a_0")), output_type="np")
+    reference, _ = read_video(export_to_mp4(expected.frames[0], str(tmp_path / "ref.mp4"), fps=8))
+    assert_same_video(read_video(str(tmp_path / "out" / "a_0.mp4"))[0], reference)
+
+
 def test_an_interrupted_overwrite_resumes_without_the_old_videos(saved, tmp_path, monkeypatch):
     pipe, model = saved
     out, flags = tmp_path / "out", ("--formats", "npy", "--batch_size", "2", "--contact_sheet", "0")
