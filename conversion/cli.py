@@ -7,8 +7,9 @@ The folder is an `NBPVideoPipeline` (`NBPVideoPipeline.from_pretrained(folder)`)
 (`NBPForVideoGeneration`), `video_tokenizer/` (`NBPVideoTokenizer`), model_index.json. Converting only one of the
 two writes just its subfolder. The frozen tokenizer copy that a generator checkpoint may embed
 (`first_stage_model.*`) is skipped, or converted as the tokenizer with --tokenizer_from_generator (instead of a
---tokenizer file). The generator's generation_config holds the paper's sampling (top-k 16000, top-p 0.9, temperature
-1.0), the pipeline's default; UCF-101 takes 95 steps, K600 2 context latent frames and 48 steps.
+--tokenizer file); a --tokenizer file that differs from it is refused unless --allow_other_tokenizer. The
+generator's generation_config holds the paper's sampling (top-k 16000, top-p 0.9, temperature 1.0), the pipeline's
+default; UCF-101 takes 95 steps, K600 2 context latent frames and 48 steps.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import torch
 from ..pipelines.pipeline_nbp_video import create_hub_repo, upload_to_hub
 from ..video_io import flush_to_disk
 from .convert_nbp import generator_from_checkpoint
-from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
+from .convert_tokenizer import differing_tensors, tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
 from .safe_load import safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,14 @@ def _replace_dir(source: str, target: str) -> None:
 def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "float32", max_shard_size="5GB",
                         push_to_hub: str | None = None, private: bool = False, overwrite: bool = False,
                         tokenizer_config: dict | None = None, num_context_frames: int | None = None,
-                        tokenizer_from_generator: bool = False) -> str:
+                        tokenizer_from_generator: bool = False, allow_other_tokenizer: bool = False) -> str:
     """Convert an official generator `*.ckpt` and/or tokenizer `*.pt` into the folder `output` (written under a
     temporary name, then renamed). `dtype`: one of `DTYPES`. `tokenizer_config`: `NBPVideoTokenizer` keyword
     arguments for non-official architectures. `num_context_frames`: context latent frames for unconditional
     (frame prediction) generators (None: the official 2; an error for the others). `tokenizer_from_generator`:
     convert the generator checkpoint's embedded tokenizer copy (`first_stage_model.*`) instead of a tokenizer file.
-    Returns the folder path."""
+    A tokenizer file that differs from that copy (the tokenizer the generator was trained with) is refused unless
+    `allow_other_tokenizer`. Returns the folder path."""
     if generator is None and tokenizer is None:
         raise ValueError("give a generator checkpoint (generator=...), a tokenizer file (tokenizer=...) or both")
     if tokenizer_from_generator and (generator is None or tokenizer is not None):
@@ -98,18 +100,27 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
     _check_output(output, [f for f in (generator, tokenizer) if f is not None], overwrite)
     torch_dtype = DTYPES[dtype]
 
-    transformer, tokenizer_tensors = None, {}
+    transformer, tokenizer_tensors, embedded = None, {}, {}
     if generator is not None:
         transformer, embedded = generator_from_checkpoint(safe_torch_load(generator), torch_dtype, num_context_frames)
         if tokenizer_from_generator and not embedded:
             raise ValueError(f"{generator} embeds no tokenizer (no first_stage_model.* tensors); give a tokenizer file")
         if tokenizer_from_generator:
             tokenizer_tensors = embedded
-        elif embedded:
+        elif embedded and tokenizer is None:
             logger.warning("skipped the %d first_stage_model.* tensors (the embedded tokenizer copy) of %s; "
                            "use tokenizer_from_generator=True to convert them", len(embedded), generator)
     if tokenizer is not None:
         tokenizer_tensors = tokenizer_state_dict_from_checkpoint(safe_torch_load(tokenizer))
+        # both tokenizers have one architecture: a K600 generator paired with the UCF file would convert silently
+        differ = differing_tensors(embedded, tokenizer_tensors) if embedded and not allow_other_tokenizer else []
+        if differ:
+            raise ValueError(
+                f"{tokenizer} is not the tokenizer that {generator} was trained with: {len(differ)} of the "
+                f"{len(embedded)} tensors of its embedded copy (first_stage_model.*) differ, e.g. {differ[:3]}. Give "
+                "the matching tokenizer file (magvit2_ucf.pt for UCF-101 generators, magvit2_k600.pt for Kinetics-600 "
+                "ones), or convert the embedded copy (tokenizer_from_generator=True, --tokenizer_from_generator), or "
+                "pair them on purpose with allow_other_tokenizer=True (--allow_other_tokenizer)")
     video_tokenizer = (tokenizer_from_state_dict(tokenizer_tensors, tokenizer_config, torch_dtype)
                        if tokenizer is not None or tokenizer_from_generator else None)
 
@@ -146,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "an error for class-conditional ones")
     parser.add_argument("--tokenizer_from_generator", action="store_true",
                         help="convert the tokenizer copy embedded in the generator checkpoint (first_stage_model.*)")
+    parser.add_argument("--allow_other_tokenizer", action="store_true",
+                        help="accept a --tokenizer file that differs from the tokenizer copy embedded in the generator "
+                             "checkpoint (the one it was trained with)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -161,7 +175,8 @@ def main(argv=None) -> int:
         folder = convert_checkpoints(args.output, args.generator, args.tokenizer, args.dtype, args.max_shard_size,
                                      args.push_to_hub, args.private, args.overwrite,
                                      num_context_frames=args.num_context_frames,
-                                     tokenizer_from_generator=args.tokenizer_from_generator)
+                                     tokenizer_from_generator=args.tokenizer_from_generator,
+                                     allow_other_tokenizer=args.allow_other_tokenizer)
     except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         parser.exit(2, f"nbp convert: error: {error}\n")
     parts = sorted(p for p in os.listdir(folder) if not p.startswith("."))

@@ -25,6 +25,14 @@ def tokenizer_state_dict_from_checkpoint(checkpoint: dict) -> dict:
     return strip_prefix(checkpoint[TOKENIZER_STATE_KEY], "module.")
 
 
+def differing_tensors(embedded: dict, state_dict: dict) -> list[str]:
+    """Keys of a generator checkpoint's embedded tokenizer copy (no prefix) that a tokenizer file's tensors do not
+    reproduce: missing there, another shape, or other values once rounded to the copy's dtype (a generator trained in
+    bfloat16 keeps its frozen copy in bfloat16). Keys the copy lacks are not compared."""
+    return [k for k, v in embedded.items()
+            if k not in state_dict or state_dict[k].shape != v.shape or not torch.equal(state_dict[k].to(v.dtype), v)]
+
+
 def tokenizer_from_state_dict(state_dict: dict, config: dict | None = None,
                               dtype: torch.dtype = torch.float32) -> NBPVideoTokenizer:
     """Official tokenizer tensors (no prefix) -> `NBPVideoTokenizer` in eval mode. `config`: keyword arguments of

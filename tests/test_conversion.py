@@ -492,10 +492,15 @@ def write_tokenizer(path, sd=None):
     torch.save({"model_state_dict": sd or official_tokenizer_tensors(), "version": "0.1.0", "epoch": 3}, path)
 
 
+def embedded_copy(sd):
+    """A tokenizer file's tensors as a generator checkpoint embeds its frozen tokenizer (`first_stage_model.*`)."""
+    return {"first_stage_model." + k[len("module."):]: v for k, v in sd.items()}
+
+
 def test_converted_pipeline_tokenizer_matches_reference_encoder_and_decoder(tmp_path):
     sd = official_tokenizer_tensors()
     write_tokenizer(tmp_path / "tok.pt", sd)
-    _, gpt = write_generator(tmp_path / "gen.ckpt", "k600")
+    _, gpt = write_generator(tmp_path / "gen.ckpt", "k600", extra=embedded_copy(sd))
     out = convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer=tmp_path / "tok.pt",
                               tokenizer_config=TINY_TOKENIZER)
     pipe = NBPVideoPipeline.from_pretrained(out)
@@ -514,13 +519,30 @@ def test_converted_pipeline_tokenizer_matches_reference_encoder_and_decoder(tmp_
 
 def test_embedded_tokenizer_is_converted_on_request(tmp_path):
     sd = official_tokenizer_tensors(seed=1)
-    embedded = {"first_stage_model." + k[len("module."):]: v for k, v in sd.items()}
-    write_generator(tmp_path / "gen.ckpt", "k600", extra=embedded)
+    write_generator(tmp_path / "gen.ckpt", "k600", extra=embedded_copy(sd))
     out = convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer_config=TINY_TOKENIZER,
                               tokenizer_from_generator=True)
     tokenizer = NBPVideoTokenizer.from_pretrained(os.path.join(out, "video_tokenizer"))
     weights = tokenizer.state_dict()
     assert all(torch.equal(weights[k[len("module."):]], v) for k, v in sd.items()) and len(weights) == len(sd)
+
+
+def test_a_tokenizer_other_than_the_one_the_generator_was_trained_with_is_refused(tmp_path):
+    trained_with = official_tokenizer_tensors(seed=1)
+    write_generator(tmp_path / "gen.ckpt", "k600", extra=embedded_copy(trained_with))
+    write_tokenizer(tmp_path / "other.pt")  # another tokenizer of the same architecture (UCF's for a K600 model)
+    with pytest.raises(ValueError, match=r"other\.pt is not the tokenizer that .*gen\.ckpt was trained with"):
+        convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer=tmp_path / "other.pt",
+                            tokenizer_config=TINY_TOKENIZER)
+    assert not os.path.exists(tmp_path / "out")
+    convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer=tmp_path / "other.pt",
+                        tokenizer_config=TINY_TOKENIZER, allow_other_tokenizer=True)  # paired on purpose
+    # the matching file passes, also against a copy kept in bfloat16 (bf16 training stores its frozen copy so)
+    bf16_copy = {k: v.bfloat16() for k, v in embedded_copy(trained_with).items()}
+    write_generator(tmp_path / "bf16.ckpt", "k600", extra=bf16_copy)
+    write_tokenizer(tmp_path / "tok.pt", trained_with)
+    convert_checkpoints(tmp_path / "ok", generator=tmp_path / "bf16.ckpt", tokenizer=tmp_path / "tok.pt",
+                        tokenizer_config=TINY_TOKENIZER)
 
 
 @pytest.mark.parametrize("key", ["module.encoder_layers.1.fn.1.beta",
@@ -616,7 +638,7 @@ def test_the_folder_gets_the_permissions_of_a_plain_mkdir(tmp_path):
 def test_push_to_hub_uploads_the_folder(tmp_path, local_hub):
     from huggingface_hub import HfApi
 
-    write_generator(tmp_path / "gen.ckpt", "k600")
+    write_generator(tmp_path / "gen.ckpt", "k600", extra=embedded_copy(official_tokenizer_tensors()))
     write_tokenizer(tmp_path / "tok.pt")
     convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", tokenizer=tmp_path / "tok.pt",
                         tokenizer_config=TINY_TOKENIZER, push_to_hub="test-user/nbp-tiny")
