@@ -145,7 +145,9 @@ class NBPModel(NBPPreTrainedModel):
         self.layout = BlockLayout.from_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        # replaces the condition prefix for classifier-free guidance (official: `uncond_embedding`, P x D)
+        # replaces the condition prefix for classifier-free guidance (official: `uncond_embedding`, P x D); the
+        # official code registers it as a buffer, so its optimizer never updates it; here training with class dropout
+        # learns it (converted weights load either way)
         self.uncond_embedding = nn.Parameter(torch.zeros(config.num_condition_tokens, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(NBPDecoderLayer(config, i) for i in range(config.num_hidden_layers))
