@@ -128,8 +128,7 @@ def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float
     at ``native_fps`` give ``floor(n * fps / native_fps)`` frames (at least one). Target times are
     ``first + k / fps``; ties go to the earlier frame.
     """
-    if fps <= 0:
-        raise ValueError(f"`fps` must be positive, got {fps}")
+    _check_fps(fps)
     timestamps = np.asarray(timestamps, dtype=np.float64)
     duration = timestamps[-1] - timestamps[0] + 1.0 / native_fps
     count = max(1, int(np.floor(duration * fps + 1e-6)))
@@ -190,13 +189,30 @@ def _upright_rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns)) if quarter_turns else rgb
 
 
+def _decoded_frames(container) -> Iterator[av.VideoFrame]:
+    """The frames of the first video stream. A packet the decoder refuses (damaged, or cut off at the end of a
+    truncated file) is left out, as players do, rather than failing the whole video."""
+    for packet in container.demux(container.streams.video[0]):
+        try:
+            yield from packet.decode()
+        except av.InvalidDataError:
+            continue
+
+
+def _stack(frames: list[np.ndarray], path: str) -> np.ndarray:
+    sizes = sorted({frame.shape[:2] for frame in frames})
+    if len(sizes) > 1:
+        raise VideoDecodeError(f"the frame size changes within {path}: " + ", ".join(f"{h}x{w}" for h, w in sizes))
+    return np.stack(frames)
+
+
 def _decode_wanted(path: str, wanted: set[int]) -> dict[int, np.ndarray] | None:
     """RGB arrays of the frames whose timestamps are in `wanted`, decoding only up to the last of them; None when
     a wanted frame does not come out of the decoder (a packet that does not decode, say)."""
     found, last = {}, max(wanted)
     try:
         with av.open(path) as container:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in _decoded_frames(container):
                 if frame.pts in wanted and frame.pts not in found:
                     found[frame.pts] = _upright_rgb(frame)
                     if len(found) == len(wanted):
@@ -212,9 +228,8 @@ def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
     """Decode every frame of the first video stream: (frames as av.VideoFrame, timestamps in s, fps)."""
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
-            frames = list(container.decode(stream))
-            rate = _stream_rate(stream)
+            frames = list(_decoded_frames(container))
+            rate = _stream_rate(container.streams.video[0])
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
         raise _open_error(path, err) from err
     if not frames:
@@ -264,8 +279,9 @@ def read_video(
         (``fps`` if given, else the stream's rate).
 
     Raises:
-        VideoDecodeError: the file is missing, unreadable or has no video frames, or the frames asked for cannot be
-            decoded (a truncated file still gives the frames before the damage).
+        VideoDecodeError: the file is missing, unreadable or has no decodable video frames, or its frame size
+            changes. Packets the decoder refuses are left out: a truncated or damaged file gives the frames that
+            decode (a truncated one those before the damage), resampled by their timestamps.
     """
     path = os.fspath(path)
     packets = _packet_times(path)
@@ -276,14 +292,14 @@ def read_video(
         indices = _pick(len(pts), timestamps, native_fps, fps, select)
         found = _decode_wanted(path, {int(p) for p in pts[indices]})
         if found is not None:
-            return np.stack([found[int(p)] for p in pts[indices]]), float(fps if fps is not None else native_fps)
+            return _stack([found[int(p)] for p in pts[indices]], path), float(fps if fps is not None else native_fps)
     frames, timestamps, native_fps = _decode_all(path)
     indices = _pick(len(frames), timestamps, native_fps, fps, select)
     try:
-        rgb = np.stack([_upright_rgb(frames[i]) for i in indices])
+        rgb = [_upright_rgb(frames[i]) for i in indices]
     except (av.FFmpegError, ValueError) as err:
         raise VideoDecodeError(f"cannot convert frames of {path} to RGB: {err}") from err
-    return rgb, float(fps if fps is not None else native_fps)
+    return _stack(rgb, path), float(fps if fps is not None else native_fps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +394,8 @@ def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
     """Write an animated GIF that loops forever and return its path.
 
     GIF stores frame durations in whole hundredths of a second, so the rate is rounded (8 fps: 125 ms
-    is stored as 12 cs and plays at 8.33 fps). Each frame gets its own 256-colour palette. Pillow merges
+    is stored as 12 cs and plays at 8.33 fps); rates above 50 fps are stored as 50 fps, since players show
+    shorter delays at 10 fps. Each frame gets its own 256-colour palette. Pillow merges
     identical consecutive frames into one longer frame, so a video with repeated frames reads back with
     fewer frames: GIFs are for viewing, not for evaluation (FVD refuses them).
     """
@@ -387,7 +404,7 @@ def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
     path = os.fspath(path)
     with atomic_output_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                       duration=1000.0 / fps, loop=0)
+                       duration=10 * max(2, round(100 / fps)), loop=0)
     return path
 
 

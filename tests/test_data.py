@@ -139,6 +139,11 @@ def test_ucf101_layout(tmp_path, caplog):
         load_video_dataset(root, layout="ucf101", fold=4)
     # the root as shells complete it: the split lists next to it are still found (the folder layout read them all)
     assert load_video_dataset(f"{root}/", split="train", num_frames=5, resolution=16).index["label"] == [0, 1]
+    # without classInd.txt the classes are the class folders; hidden folders (a notebook's checkpoints) are none
+    (tmp_path / "ucfTrainTestlist" / "classInd.txt").unlink()
+    (root / ".ipynb_checkpoints").mkdir()
+    train = load_video_dataset(root, split="train", num_frames=5, resolution=16)
+    assert train.class_names == ["ApplyEyeMakeup", "Biking", "YoYo"] and train.index["label"] == [0, 1]
 
 
 def test_k600_layout(tmp_path):
@@ -163,6 +168,16 @@ def test_k600_layout(tmp_path):
     assert load_video_dataset(tmp_path, split="train", num_frames=8, resolution=16, fps=16).index["label"] == [1, 0]
     with pytest.raises(ValueError, match="split"):
         load_video_dataset(tmp_path, layout="k600", split="dev")
+
+    # a clip found twice (a re-download in another format) is the same file whatever order the folders list in
+    write_counting_video(tmp_path / "train" / "again" / "abc_000003_000013.mp4", frames=4, fps=16)
+    picks = set()
+    walk = os.walk
+    for order in (list, reversed):  # the folders in either order
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(os, "walk", lambda top: order(list(walk(top))))
+            picks.add(load_video_dataset(tmp_path, split="train", num_frames=8, resolution=16, fps=16).index["path"][0])
+    assert picks == {str(tmp_path / "train" / "abc_000003_000013.mp4")}
 
 
 # ------------------------------------------------------------------------------ skipping, streaming
@@ -219,6 +234,9 @@ def test_video_clip_dataset_validates_arguments(folder_with_corrupt_files):
     data = load_video_dataset(folder_with_corrupt_files)
     with pytest.raises(ValueError, match="sampling"):
         VideoClipDataset(data.index, sampling="middle")
+    for fps in (0, float("nan"), float("inf")):  # refused before any video is decoded
+        with pytest.raises(ValueError, match="fps a finite number > 0 or None"):
+            VideoClipDataset(data.index, fps=fps)
     with pytest.raises(ValueError, match="layout"):
         load_video_dataset(folder_with_corrupt_files, layout="kinetics")
 
@@ -281,6 +299,22 @@ def test_pretokenize_round_trip_and_resume(tmp_path):
     assert read_all(tmp_path / "resumed") == items
 
 
+class UnreadableRun(WithUnreadable):
+    """Moving digits where items 3, 4 and 5 (a whole chunk of 3) and 9 are 'unreadable'."""
+
+    def __getitem__(self, i):
+        return None if 3 <= i <= 5 or i == 9 else self.clips[i]
+
+
+def test_pretokenize_merges_around_a_chunk_with_no_readable_item(tmp_path):
+    merged = pretokenize(UnreadableRun(), FakeTokenizer(), tmp_path / "gap", batch_size=2, chunk_size=3)
+    assert merged["index"] == [0, 1, 2, 6, 7, 8, 10, 11, 12, 13]
+    assert (tmp_path / "gap" / "skipped.json").read_text() == '["item 3", "item 4", "item 5", "item 9"]'
+    nothing = torch.utils.data.Subset(UnreadableRun(), range(3, 6))
+    with pytest.raises(ValueError, match=r"none of the 3 items could be read.*skipped\.json"):
+        pretokenize(nothing, FakeTokenizer(), tmp_path / "none", chunk_size=2)
+
+
 def test_pretokenize_sharded_then_merged(tmp_path):
     data = WithUnreadable()
     pretokenize(data, FakeTokenizer(), tmp_path / "one", batch_size=3, chunk_size=3)
@@ -290,6 +324,9 @@ def test_pretokenize_sharded_then_merged(tmp_path):
     with pytest.raises(FileNotFoundError, match="chunks are not written"):
         merge_token_chunks(out)
     pretokenize(data, FakeTokenizer(), out, batch_size=3, chunk_size=3, num_shards=2, shard_index=0)
+    for folder in (out, out / "tokens"):  # training pointed at a folder whose shards are not merged yet
+        with pytest.raises(FileNotFoundError, match=r"not merged yet.*merge_token_chunks"):
+            load_token_dataset(folder)
     merge_token_chunks(out)
     assert read_all(out) == reference
 
@@ -376,6 +413,19 @@ def test_pretokenize_resumes_only_with_the_same_videos(tmp_path):
     with pytest.raises(ValueError, match=r"videos '\w+' on disk, '\w+' now"):
         pretokenize(load_video_dataset(tmp_path / "videos", num_frames=3, resolution=8), tok, tmp_path / "files",
                     batch_size=2, chunk_size=2, num_shards=2, shard_index=1)
+
+
+def test_pretokenize_resumes_whichever_way_the_video_folder_is_written(tmp_path, monkeypatch):
+    for k in range(3):
+        write_counting_video(tmp_path / "videos" / "a" / f"{k}.mp4", frames=6)
+
+    def clips(root):
+        return load_video_dataset(root, num_frames=3, resolution=8, sampling="center")
+
+    pretokenize(clips(tmp_path / "videos"), FakeTokenizer(), tmp_path / "tokens", chunk_size=2, num_shards=2)
+    monkeypatch.chdir(tmp_path)  # the same videos by a relative path: not other videos
+    pretokenize(clips("videos"), FakeTokenizer(), "tokens", chunk_size=2, num_shards=2, shard_index=1)
+    assert merge_token_chunks(tmp_path / "tokens")["index"] == [0, 1, 2]
 
 
 def test_pretokenize_processes_take_their_own_gpu(monkeypatch):

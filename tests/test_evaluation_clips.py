@@ -117,6 +117,24 @@ def test_context_reading_workers_do_not_change_the_videos(dataset, tmp_path):
         assert np.array_equal(np.load(tmp_path / "0" / name), np.load(tmp_path / "2" / name))
 
 
+def test_the_set_does_not_depend_on_how_its_folder_is_written(dataset, monkeypatch):
+    absolute = EvaluationClips(dataset, num_clips=4, num_frames=5, resolution=8)
+    monkeypatch.chdir(dataset.parent)
+    relative = EvaluationClips(dataset.name, num_clips=4, num_frames=5, resolution=8)
+    # `nbp evaluate` compares the recorded digest of the split's files: a relative path is not other videos
+    assert relative.settings == absolute.settings
+    assert [relative.path(i) for i in range(4)] == [absolute.path(i) for i in range(4)]
+    assert [relative.name(i) for i in range(4)] == [absolute.name(i) for i in range(4)]
+
+
+def test_videos_whose_names_would_collide_are_refused(tmp_path):
+    video = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    for name in ("a/take 1.mp4", "a/take_1.mp4"):  # both would be generated as a_take_1_<copy>
+        export_to_mp4(video, str(tmp_path / name), fps=8)
+    with pytest.raises(ValueError, match=r"take 1\.mp4 and .*take_1\.mp4 .* 'a_take_1'"):
+        EvaluationClips(tmp_path, num_frames=4, resolution=8)
+
+
 def test_evaluate_reads_the_clips_as_the_real_set(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: _tiny_i3d())
     fake = tmp_path / "fake"

@@ -68,6 +68,10 @@ def test_gif_round_trip(tmp_path):
     frames, _ = read_video(path)
     assert frames.shape == (9, 32, 40, 3)
     assert np.abs(frames.astype(float) - as_uint8_frames(video).astype(float)).mean() < 8.0
+    # frame delays are whole hundredths of a second, and players slow delays under 2 down to 10
+    for fps, delay in [(8, 120), (6, 170), (30, 30), (60, 20), (1000, 20)]:
+        with Image.open(export_to_gif(video[:2], tmp_path / "rate.gif", fps=fps)) as gif:
+            assert gif.info["duration"] == delay, fps
 
 
 @pytest.mark.parametrize("damage", ["random_bytes", "first_half", "missing"])
@@ -91,6 +95,9 @@ def test_fps_resampling_picks_nearest_frames(tmp_path):
     assert decoded_indices(double) == [k // 2 for k in range(32)]
     third, _ = read_video(path, fps=16 / 3)  # targets at 0, 3, 6, ... source frames
     assert decoded_indices(third) == [0, 3, 6, 9, 12]
+    for fps in (0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="`fps` must be a positive finite number"):
+            read_video(path, fps=fps)
 
 
 def test_read_video_select_returns_only_chosen_frames(tmp_path):
@@ -136,7 +143,19 @@ def test_read_video_decodes_only_up_to_the_last_frame_it_returns(tmp_path, monke
     decoded = []
     real_open = av.open
 
-    class CountingContainer:  # av.open's container, counting the frames its decoder gives
+    class CountingPacket:  # a demuxed packet, counting the frames its decoding gives
+        def __init__(self, packet):
+            self.packet = packet
+
+        def __getattr__(self, name):
+            return getattr(self.packet, name)
+
+        def decode(self):
+            frames = self.packet.decode()
+            decoded.extend(frame.pts for frame in frames)
+            return frames
+
+    class CountingContainer:  # av.open's container, whose packets count the frames decoded
         def __init__(self, *args, **kwargs):
             self.container = real_open(*args, **kwargs)
             self.streams = self.container.streams
@@ -148,12 +167,7 @@ def test_read_video_decodes_only_up_to_the_last_frame_it_returns(tmp_path, monke
             self.container.close()
 
         def demux(self, *args):
-            return self.container.demux(*args)
-
-        def decode(self, *args):
-            for frame in self.container.decode(*args):
-                decoded.append(frame.pts)
-                yield frame
+            return (CountingPacket(packet) for packet in self.container.demux(*args))
 
     monkeypatch.setattr(av, "open", CountingContainer)
     frames, _ = read_video(path, select=lambda n: range(3))
@@ -267,3 +281,54 @@ def test_read_video_turns_phone_videos_upright(tmp_path, monkeypatch):
     # 90 clockwise: portrait, the white corner now at the top right
     turned, _ = read_video(tmp_path / "turn90.mp4")
     assert turned.shape[1:3] == (48, 32) and turned[0, :8, -8:].mean() > 200
+
+
+def write_h264(path, frames, fmt, options=None, fps=8):
+    """`frames` (T, H, W, 3) uint8 as H.264 in container `fmt` (PyAV muxer options: e.g. an MP4 index at the front)."""
+    import av
+
+    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_a_cut_off_mp4_gives_the_frames_before_the_cut(tmp_path):
+    import av
+
+    video = index_video(24).copy()
+    video[:, :4, :4] = np.random.default_rng(0).integers(0, 256, (24, 4, 4, 3))  # detail, so packets have a size
+    # the index at the front, as downloads have it: a file cut short still lists every packet, the last ones broken
+    path = write_h264(tmp_path / "full.mp4", video, "mp4", {"movflags": "faststart"})
+    with av.open(path) as container:
+        packets = sorted((p.pts, p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size)
+    _, pos, size = packets[12]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(open(path, "rb").read()[: pos + size // 2])  # stops inside frame 12's packet
+    frames, _ = read_video(cut)
+    assert decoded_indices(frames[:12, 4:, 4:]) == list(range(12))  # (the noisy corner left out)
+    clip, _ = read_video(cut, select=lambda n: range(n // 2 - 4, n // 2 + 4))  # a centre window reaching the cut
+    assert len(clip) == 8
+
+
+def test_a_video_whose_frame_size_changes_is_an_unreadable_video(tmp_path):
+    import av
+
+    small = write_h264(tmp_path / "small.ts", index_video(8, size=16), "mpegts")
+    large = write_h264(tmp_path / "large.ts", index_video(8, size=32)[::-1].copy(), "mpegts")
+    path = str(tmp_path / "joined.ts")  # the second part's timestamps follow the first's
+    with av.open(small) as first, av.open(large) as second, av.open(path, "w", format="mpegts") as out:
+        stream = out.add_stream_from_template(first.streams.video[0])
+        shift = 0
+        for source in (first, second):
+            for packet in source.demux(source.streams.video[0]):
+                if packet.dts is not None:
+                    packet.pts, packet.dts, packet.stream = packet.pts + shift, packet.dts + shift, stream
+                    out.mux(packet)
+            shift = 10 * 90000  # 10 s in the 90 kHz time base
+    for select in (None, lambda n: [0, n - 1]):
+        with pytest.raises(VideoDecodeError, match=r"frame size changes .*16x16.*32x32"):
+            read_video(path, select=select)

@@ -47,14 +47,23 @@ class EvaluationClips:
     def __init__(self, source: str | os.PathLike, split: str = "train", num_clips: int | None = None, seed: int = 0,
                  num_frames: int = 17, resolution: int = 128, fps: float | None = 8, sampling: str = "center",
                  layout: str = "auto", resize: str = "squash"):
-        self.source = os.fspath(source)
+        # absolute, so that the files (and their digest below) are the same whichever way the folder is written
+        self.source = os.path.abspath(source)
         self.dataset = load_video_dataset(self.source, layout, split, num_frames, resolution, fps, sampling=sampling,
                                           resize=resize)
         self.order = clip_order(len(self.dataset), num_clips or len(self.dataset), seed)
         self.paths, self.labels = self.dataset.index["path"], self.dataset.index["label"]  # read once, not per clip
+        # each video's file-name-safe name (its path below the root): the generated videos are named after them
+        self._names = [safe_file_name(os.path.splitext(os.path.relpath(p, self.source))[0]) for p in self.paths]
+        if len(set(self._names)) < len(self._names):
+            first = {}
+            for path, name in zip(self.paths, self._names):
+                if name in first:
+                    raise ValueError(f"{first[name]} and {path} would both give videos named {name!r}: rename one")
+                first[name] = path
         # the split's files decide which video each clip comes from: a video added or removed changes every clip
         videos = hashlib.sha256("\n".join(self.paths).encode()).hexdigest()[:16]
-        self.settings = dict(source=os.path.abspath(self.source), split=split, layout=layout, seed=seed,
+        self.settings = dict(source=self.source, split=split, layout=layout, seed=seed,
                              num_clips=len(self.order), num_frames=num_frames, resolution=resolution, fps=fps,
                              sampling=sampling, resize=resize, videos=videos)
 
@@ -71,13 +80,10 @@ class EvaluationClips:
     def label(self, i: int) -> int:
         return int(self.labels[self.order[i][0]])
 
-    def _video_name(self, video: int) -> str:
-        return safe_file_name(os.path.splitext(os.path.relpath(self.paths[video], self.source))[0])
-
     def name(self, i: int) -> str:
         """The clip's file-name-safe name: its path below the dataset root, and its pass over the videos."""
         video, repeat = self.order[i]
-        return f"{self._video_name(video)}_{repeat}"
+        return f"{self._names[video]}_{repeat}"
 
     def position(self, name: str) -> int | None:
         """The position in the clip order (of any length: this set's `num_clips` aside) of the clip called `name`;
@@ -90,7 +96,7 @@ class EvaluationClips:
     @functools.cached_property
     def _rank(self) -> dict[str, int]:
         """Each video's place in one pass of the clip order, by its name."""
-        return {self._video_name(v): r for r, v in enumerate(video_order(len(self.paths), self.settings["seed"]))}
+        return {self._names[v]: r for r, v in enumerate(video_order(len(self.paths), self.settings["seed"]))}
 
     def clip(self, i: int) -> torch.Tensor:
         """Clip `i`: float (3, T, H, W) in [0, 1]. Raises `VideoDecodeError` for an unreadable file."""

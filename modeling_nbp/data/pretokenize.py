@@ -97,7 +97,9 @@ def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
     }
     index = getattr(dataset, "index", None)
     if index is not None and "path" in getattr(index, "column_names", ()):  # which videos, not only how many
-        settings["videos"] = hashlib.sha256("\n".join(index["path"]).encode()).hexdigest()[:16]
+        # absolute paths: the same videos whether their folder was given by a relative or an absolute path
+        paths = "\n".join(os.path.abspath(path) for path in index["path"])
+        settings["videos"] = hashlib.sha256(paths.encode()).hexdigest()[:16]
     if isinstance(tokenizer, torch.nn.Module):  # the config alone cannot tell two checkpoints apart
         settings["tokenizer_weights"] = weights_digest(tokenizer)
     return json.loads(json.dumps(settings, default=str))  # tuples -> lists, as they read back from the file
@@ -216,10 +218,16 @@ def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
                                     f"{_chunk_dir(output_dir, missing[0])}; finish every shard first")
         parts, skipped = [], []
         for k in range(num_chunks):
-            parts.append(datasets.load_from_disk(_chunk_dir(output_dir, k)))
             with open(os.path.join(_chunk_dir(output_dir, k), "skipped.json"), encoding="utf-8") as f:
-                skipped += json.load(f)
+                chunk_skipped = json.load(f)
+            skipped += chunk_skipped
+            # a chunk none of whose items could be read holds no rows, and `datasets` cannot load an empty save
+            if len(chunk_skipped) < min(meta["num_items"], (k + 1) * meta["chunk_size"]) - k * meta["chunk_size"]:
+                parts.append(datasets.load_from_disk(_chunk_dir(output_dir, k)))
         write_json(os.path.join(output_dir, "skipped.json"), skipped)
+        if not parts:
+            raise ValueError(f"none of the {meta['num_items']} items could be read (they are listed in "
+                             f"{os.path.join(output_dir, 'skipped.json')})")
         with atomic_output_path(final) as tmp:
             datasets.concatenate_datasets(parts).save_to_disk(tmp)
         shutil.rmtree(os.path.join(output_dir, "chunks"), ignore_errors=True)
@@ -249,7 +257,14 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
     folder."""
     path = os.fspath(path)
     merged = os.path.join(path, "tokens")
-    return TokenDataset(datasets.load_from_disk(merged if os.path.isdir(merged) else path))
+    try:
+        return TokenDataset(datasets.load_from_disk(merged if os.path.isdir(merged) else path))
+    except FileNotFoundError as err:
+        for output_dir in (path, os.path.dirname(os.path.abspath(path))):  # the output_dir or its tokens folder
+            if os.path.isdir(os.path.join(output_dir, "chunks")):
+                raise FileNotFoundError(f"the pre-tokenization in {output_dir} is not merged yet: once every shard is "
+                                        f"done, run merge_token_chunks({output_dir!r})") from err
+        raise
 
 
 def default_device() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import re
 from typing import Sequence
@@ -114,7 +115,8 @@ def _ucf101_index(root: str, split: str, fold: int) -> datasets.Dataset:
         with open(class_index, encoding="utf-8") as f:
             class_names = sorted(line.split()[1] for line in f if line.strip())
     else:
-        class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name != "ucfTrainTestlist")
+        class_names = sorted(e.name for e in os.scandir(root)
+                             if e.is_dir() and e.name != "ucfTrainTestlist" and not e.name.startswith("."))
     label_of = {name: i for i, name in enumerate(class_names)}
     paths, labels = [], []
     with open(os.path.join(lists, f"{split}list0{fold}.txt"), encoding="utf-8") as f:
@@ -165,8 +167,9 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     files = {}
     for folder, _, names in os.walk(video_dir):
         for name in names:
-            if is_video_file(name):
-                files.setdefault(os.path.splitext(name)[0], os.path.join(folder, name))
+            if is_video_file(name):  # a clip found twice: the first path in sorted order, whichever folder lists first
+                key, path = os.path.splitext(name)[0], os.path.join(folder, name)
+                files[key] = min(files.get(key, path), path)
     has_labels = "label" in rows[0]
     class_names = sorted({row["label"] for row in rows}) if has_labels else []
     label_of = {name: i for i, name in enumerate(class_names)}
@@ -240,8 +243,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
-        if num_frames < 1 or resolution < 1 or (fps is not None and fps <= 0):
-            raise ValueError(f"need num_frames >= 1, resolution >= 1, fps > 0 or None; got "
+        if num_frames < 1 or resolution < 1 or (fps is not None and not (math.isfinite(fps) and fps > 0)):
+            raise ValueError(f"need num_frames >= 1, resolution >= 1, fps a finite number > 0 or None; got "
                              f"{num_frames}, {resolution}, {fps}")
         self.index = index
         self.num_frames, self.resolution, self.fps, self.sampling = num_frames, resolution, fps, sampling
