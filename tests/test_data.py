@@ -325,10 +325,15 @@ def test_pretokenize_sharded_then_merged(tmp_path):
         merge_token_chunks(out)
     pretokenize(data, FakeTokenizer(), out, batch_size=3, chunk_size=3, num_shards=2, shard_index=0)
     for folder in (out, out / "tokens"):  # training pointed at a folder whose shards are not merged yet
-        with pytest.raises(FileNotFoundError, match=r"not merged yet.*merge_token_chunks"):
+        with pytest.raises(FileNotFoundError, match=r"not merged yet.*in one process.*merge_token_chunks"):
             load_token_dataset(folder)
-    merge_token_chunks(out)
-    assert read_all(out) == reference
+
+    class Untouchable(WithUnreadable):  # the finished chunks are not read again, only merged
+        def __getitem__(self, i):
+            raise AssertionError("read an item of a finished chunk")
+
+    merged = pretokenize(Untouchable(), FakeTokenizer(), out, batch_size=3, chunk_size=3)  # the command, one process
+    assert merged is not None and read_all(out) == reference
 
 
 def test_pretokenize_keeps_class_names(tmp_path):

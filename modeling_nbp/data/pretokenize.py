@@ -263,7 +263,8 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
         for output_dir in (path, os.path.dirname(os.path.abspath(path))):  # the output_dir or its tokens folder
             if os.path.isdir(os.path.join(output_dir, "chunks")):
                 raise FileNotFoundError(f"the pre-tokenization in {output_dir} is not merged yet: once every shard is "
-                                        f"done, run merge_token_chunks({output_dir!r})") from err
+                                        "done, run the same nbp pretokenize command in one process (it finds every "
+                                        f"chunk on disk and merges them) or merge_token_chunks({output_dir!r})") from err
         raise
 
 
@@ -310,4 +311,5 @@ def main(argv=None):
     if result is not None:
         print(f"{len(result)} token grids in {os.path.join(args.output_dir, 'tokens')}")
     else:
-        print(f"shard {rank}/{world} done; run merge_token_chunks({args.output_dir!r}) once all shards finished")
+        print(f"shard {rank}/{world} done; once all shards finished, run this command again in one process to "
+              f"merge them (or merge_token_chunks({args.output_dir!r}))")
