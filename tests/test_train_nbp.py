@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
+from modeling_nbp.data import load_token_dataset
 from modeling_nbp.data.pretokenize import TOKEN_FEATURES
 from modeling_nbp.training import common, flops
 from modeling_nbp.training.optim import lr_at_step
@@ -224,6 +225,27 @@ def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
     del model
 
 
+def test_a_resume_with_other_accumulation_steps_updates_at_its_step_boundaries(tmp_path):
+    """Same global batch on another number of processes -> other accumulation steps. The checkpoint's micro-step
+    count (3 steps without accumulation) must not shift the resumed run's updates off its step boundaries."""
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    for _ in range(3):
+        with accelerator.accumulate(model):
+            pass
+    common.save_checkpoint(accelerator, str(tmp_path), 3, {})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    common.load_checkpoint(accelerator, str(tmp_path / "checkpoint-3"))
+    updates = []
+    for _ in range(4):
+        with accelerator.accumulate(model):
+            updates.append(accelerator.sync_gradients)
+    assert updates == [False, True, False, True]
+
+
 def test_flops_and_mfu_estimates():
     D, L = 32, 2
     config = NBPConfig(latent_shape=list(GRID), block_shape=[1, 1, 4], video_vocab_size=VOCAB, num_classes=CLASSES,
@@ -382,6 +404,44 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     final_b = load_file(str(killed / "final" / "model.safetensors"))
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # EMA weights included
     assert not (killed / ".tmp-checkpoint-10000").exists()
+
+
+def test_a_resume_raising_max_steps_keeps_the_checkpoints_warmup(token_data, tmp_path):
+    """--warmup_steps left to its default (5% of --max_steps) on a resume: the checkpoint's warmup (0) is kept, so a
+    larger --max_steps (20, whose 5% is 1 step) is not refused as a change of warmup."""
+    args = ["--train_data", token_data[0], *TINY[:-2], "--train_batch_size", "4", "--resume_from_checkpoint", "latest",
+            "--output_dir", str(tmp_path), "--checkpointing_steps", "100"]
+    main([*args, "--max_steps", "1", "--warmup_steps", "0"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main([*args, "--max_steps", "20"])
+    rates = [r["lr"] for r in read_log(tmp_path)]
+    assert rates == pytest.approx([lr_at_step(step, 3e-4, 1, 0) for step in range(1)]
+                                  + [lr_at_step(step, 3e-4, 20, 0) for step in range(1, 20)], rel=1e-12)
+
+
+def test_with_ema_the_validation_loss_is_that_of_the_saved_ema_weights(token_data, tmp_path):
+    """final/ holds the EMA weights: the validation loss reported (summary, log, model card) is theirs, as diffusers'
+    examples validate with the EMA weights, and the training model gets its own weights back."""
+    summary = main(["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "2",
+                    "--train_batch_size", "4", "--ema_decay", "0.5", "--output_dir", str(tmp_path)])
+    final = NBPForVideoGeneration.from_pretrained(tmp_path / "final").eval()
+    items = load_token_dataset(token_data[1])
+    with torch.no_grad():
+        loss = final(video_ids=torch.stack([it["input_ids"] for it in items]),
+                     class_labels=torch.tensor([it["label"] for it in items])).loss.item()
+    assert summary["val_loss"] == pytest.approx(loss, rel=1e-5)
+    net = torch.nn.Linear(3, 2)
+    ema = common.EMA(net, 0.5)
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    with ema.swapped_into(net):
+        assert torch.equal(net.weight, ema.shadow["weight"]) and torch.equal(net.bias, own["bias"])
+        assert not torch.equal(net.weight, trained["weight"])
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_a_resume_may_raise_max_steps_but_not_change_the_data_or_schedule(token_data, tmp_path):

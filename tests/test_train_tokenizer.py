@@ -266,6 +266,19 @@ def test_without_the_adversarial_loss_no_discriminator_is_trained_or_saved(tmp_p
     assert [r["lr"] for r in read_log(run) if r["step"] == 4 and "lr" in r] == [lr_at_step(3, 1e-3, 4, 0, "linear")]
 
 
+def test_a_resume_raising_max_steps_keeps_the_checkpoints_gan_start(tmp_path):
+    """--disc_start_step left to its default (20% of --max_steps) on a resume: the checkpoint's start (1) is kept,
+    not refused as a change to 0 (20% of 2 steps)."""
+    i = TINY.index("--disc_start_step")
+    args = [*TINY[:i], *TINY[i + 2:], "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
+            "--num_log_videos", "0"]
+    main([*args, "--max_steps", "1", "--disc_start_step", "1"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main([*args, "--max_steps", "2"])
+    assert [r["step"] for r in read_log(tmp_path) if "total" in r and "discriminator" in r] == [2]
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     """Tokenizer and discriminator (GAN on from step 1) under DDP over gloo: 2 x 2 clips = 1 x 4 clips."""
     import subprocess

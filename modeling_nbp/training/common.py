@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -79,14 +80,29 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     return resume_from_checkpoint
 
 
+def read_trainer_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def keep_resumed_defaults(args, resume: str | None, groups: dict[str, str]) -> None:
+    """On a resume, the flags left to a default that is a share of --max_steps (`args._from_max_steps`, set by the
+    scripts' parse_args) take the checkpoint's values (`groups`: flag -> its group in the trainer state), so that a
+    resume may raise --max_steps without moving the warmup or the GAN's start (which it could not change)."""
+    if resume is None:
+        return
+    state = read_trainer_state(resume)
+    for name in getattr(args, "_from_max_steps", ()):
+        value = state.get(groups[name], {}).get(name)
+        if value is not None:
+            setattr(args, name, value)
+
+
 def check_run_start(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool) -> None:
     """Refuse to mix two runs' checkpoints in `output_dir`: a fresh run (`resume` None) finds none there, a
     resumed one none newer than the checkpoint it resumes. With `overwrite` (--overwrite_output_dir) the main
     process deletes them instead, and for a fresh run also the earlier run's samples/ and logs/ (TensorBoard)."""
-    step = -1
-    if resume is not None:
-        with open(os.path.join(resume, CHECKPOINT_MARKER), encoding="utf-8") as f:
-            step = json.load(f)["global_step"]
+    step = -1 if resume is None else read_trainer_state(resume)["global_step"]
     others = [path for s, path in list_checkpoints(output_dir) if s > step]
     if overwrite:
         if is_main_process:
@@ -172,8 +188,7 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
     """Restore what `save_checkpoint` saved through the accelerator, once `settings` are checked against the
     checkpoint's (`check_resume_settings`: before the states are loaded, which would fail on another model with an
     opaque error); returns the trainer state (with `global_step`). Extra tensor files: `load_checkpoint_tensors`."""
-    with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_trainer_state(path)
     if settings is not None:
         check_resume_settings(path, state, settings, earlier_defaults)
     try:
@@ -181,6 +196,9 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
     except (RuntimeError, ValueError, KeyError) as error:  # checkpoints from before the settings were kept
         raise ValueError(f"{path} holds another model or optimizer than this run builds: resume with the flags that "
                          f"started the run ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
+    # load_state restores the micro-step count, which decides where `accumulate` updates: a checkpoint is taken at an
+    # update, so count from 0 (the saved count is off the boundaries when the accumulation steps change)
+    accelerator.step = 0
     return state
 
 
@@ -296,6 +314,20 @@ class EMA:
         for name, value in state.items():
             self.shadow[name].copy_(value)
 
+    @contextlib.contextmanager
+    def swapped_into(self, model: torch.nn.Module):
+        """The EMA weights in `model` inside the block (validation and samples see what final/ will hold), the model's
+        own again after it (kept on the CPU meanwhile)."""
+        params = dict(model.named_parameters())
+        own = {name: params[name].detach().to("cpu", copy=True) for name in self.shadow}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in own.items():
+                    params[name].copy_(value)
+
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
@@ -357,7 +389,8 @@ def resolve_report_to(report_to: str) -> list[str]:
 
 def tracker_config(args) -> dict:
     """argparse namespace -> flat dict of str/int/float/bool, as TensorBoard's hparams need."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
+            if not k.startswith("_")}
 
 
 def resolve_mixed_precision(value: str, cpu: bool = False) -> str | None:
@@ -497,11 +530,11 @@ class ThroughputMeter:
 
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "check_run_start", "dataloader_worker_init",
-    "find_latest_checkpoint", "JsonlLog", "list_checkpoints", "load_checkpoint", "load_checkpoint_tensors",
-    "log_videos", "make_accelerator", "prepare_output_dir", "remove_stale_temporaries", "remove_tree",
-    "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to", "resolve_resume_checkpoint",
-    "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter", "tracker_config", "training_progress",
-    "use_cpu", "write_json",
+    "find_latest_checkpoint", "JsonlLog", "keep_resumed_defaults", "list_checkpoints", "load_checkpoint",
+    "load_checkpoint_tensors", "log_videos", "make_accelerator", "prepare_output_dir", "read_trainer_state",
+    "remove_stale_temporaries", "remove_tree", "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to",
+    "resolve_resume_checkpoint", "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter",
+    "tracker_config", "training_progress", "use_cpu", "write_json",
 ]
 
 

@@ -11,6 +11,7 @@ train_log.jsonl (one line per logged step and per validation), logs/ (TensorBoar
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -87,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_schedule", choices=SCHEDULES, help="override the recipe's schedule")
     g.add_argument("--learning_rate", type=float, help=f"peak learning rate (default {DEFAULTS['learning_rate']})")
     g.add_argument("--weight_decay", type=float, default=0.01, help="on Linear weights only")
-    g.add_argument("--warmup_steps", type=int, help="linear warmup steps (default 5%% of --max_steps)")
+    g.add_argument("--warmup_steps", type=int,
+                   help="linear warmup steps (default 5%% of --max_steps; on a resume, the checkpoint's)")
     g.add_argument("--warmup_lr_init", type=float, default=0.0, help="the warmup's first rate (>= 0)")
     g.add_argument("--lr_min", type=float, default=0.0, help="where the decay ends (0 to --learning_rate)")
     g.add_argument("--lr_schedule_steps", type=int,
                    help="length of the decay (default --max_steps; raising --max_steps on a resume stretches the "
                         "schedule from there, so give the first run's length here to keep it)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
-    g.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the weights (0 = off); final/ gets the EMA")
+    g.add_argument("--ema_decay", type=float, default=0.0,
+                   help="EMA of the weights (0 = off); final/ gets the EMA, so validation and samples use it too")
     g.add_argument("--max_steps", type=int, help=f"optimizer steps (default {DEFAULTS['max_steps']})")
     common.add_batch_arguments(g, DEFAULTS["train_batch_size"])
     g = p.add_argument_group("checkpoints, logging, hub")
@@ -120,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("learning_rate", "max_steps", "dropout"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key])
+    args._from_max_steps = ["warmup_steps"] if args.warmup_steps is None else []  # a resume keeps the checkpoint's
     if args.warmup_steps is None:
         args.warmup_steps = args.max_steps // 20  # the UCF recipe's share: 5k of 100k steps
     for key in ("max_steps", "num_samples"):
@@ -281,6 +285,11 @@ def validation_loss(accelerator, model, data, batch_size: int) -> float:
     return torch.cat(losses).mean().item()
 
 
+def ema_weights(accelerator, model, ema):
+    """Context in which `model` holds the EMA weights (with --ema_decay: what final/ gets), else its own."""
+    return ema.swapped_into(common.bare_model(accelerator, model)) if ema is not None else contextlib.nullcontext()
+
+
 def set_sampling(model, args):
     """The sampling flags as the model's generation_config, checked before any step is trained."""
     sampling = {k: getattr(args, k) for k in ("guidance_scale", "top_k", "top_p", "temperature")
@@ -376,6 +385,8 @@ def main(argv=None) -> dict:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_device_batch
     hub_repo = common.prepare_output_dir(accelerator, args)
+    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule"})
 
     info = describe_tokens(args.train_data)
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
@@ -414,7 +425,6 @@ def main(argv=None) -> dict:
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step, settings = 0, resume_settings(args, config, info["data"])
-    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         state = common.load_checkpoint(accelerator, resume, settings)
@@ -481,12 +491,14 @@ def main(argv=None) -> dict:
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}", refresh=False)
         meter.pause()
         if val_data is not None and args.validation_steps and global_step % args.validation_steps == 0 and not done:
-            val = validation_loss(accelerator, model, val_data, per_device_batch)
+            with ema_weights(accelerator, model, ema):
+                val = validation_loss(accelerator, model, val_data, per_device_batch)
             accelerator.log({"val/loss": val}, step=global_step)
             log.append({"step": global_step, "val_loss": val})
         if can_sample and args.sample_steps and global_step % args.sample_steps == 0 and accelerator.is_main_process:
-            sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
-                          global_step, args.output_dir)
+            with ema_weights(accelerator, model, ema):
+                sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
+                              global_step, args.output_dir)
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
                                    dict(settings, global_batch_size=global_batch),
@@ -496,12 +508,14 @@ def main(argv=None) -> dict:
     progress.close()
 
     if val_data is not None:
-        val_loss = validation_loss(accelerator, model, val_data, per_device_batch)
+        with ema_weights(accelerator, model, ema):
+            val_loss = validation_loss(accelerator, model, val_data, per_device_batch)
         accelerator.log({"val/loss": val_loss}, step=global_step)
         log.append({"step": global_step, "val_loss": val_loss})
     if can_sample and accelerator.is_main_process:
-        sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
-                      global_step, args.output_dir)
+        with ema_weights(accelerator, model, ema):
+            sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
+                          global_step, args.output_dir)
     notes = (f"Trained with nbp-video's `nbp train` for {global_step} steps of {global_batch} clips on "
              f"`{os.path.basename(os.path.normpath(args.train_data))}`"
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--perceptual_weight", type=float, default=0.1)
     g.add_argument("--adversarial_weight", type=float, default=0.1,
                    help="0: no GAN (no discriminator is built, trained or saved)")
-    g.add_argument("--disc_start_step", type=int, help="optimizer steps without the GAN (default 20%% of --max_steps)")
+    g.add_argument("--disc_start_step", type=int,
+                   help="optimizer steps without the GAN (default 20%% of --max_steps; on a resume, the checkpoint's)")
     g.add_argument("--gan_loss", choices=GAN_LOSSES, default="hinge")
     g.add_argument("--discriminator", choices=DISCRIMINATOR_KINDS, default="3d")
     g.add_argument("--disc_base_channels", type=int, default=64)
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--lr_schedule", choices=SCHEDULES, default="linear")
-    g.add_argument("--warmup_steps", type=int, help="default 1%% of --max_steps (paper Table 5)")
+    g.add_argument("--warmup_steps", type=int,
+                   help="default 1%% of --max_steps (paper Table 5; on a resume, the checkpoint's)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip each model's gradient norm (0: no clipping)")
     g.add_argument("--max_steps", type=int, default=10_000)
     common.add_batch_arguments(g, DEFAULT_BATCH_SIZE)
@@ -125,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    # defaults that are shares of --max_steps: a resume keeps the checkpoint's (`common.keep_resumed_defaults`)
+    args._from_max_steps = [k for k in ("warmup_steps", "disc_start_step") if getattr(args, k) is None]
     if args.warmup_steps is None:
         args.warmup_steps = args.max_steps // 100
     if not 0 <= args.warmup_steps <= args.max_steps:
@@ -320,6 +324,8 @@ def main(argv=None) -> dict:
         raise ValueError("tokenizer training runs on one device or with DDP (multi_gpu / multi_node configs); it "
                          "trains two models (tokenizer and discriminator), which this script does not shard")
     hub_repo = common.prepare_output_dir(accelerator, args)
+    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule", "disc_start_step": "optimization"})
 
     train_data, eval_data = build_datasets(args)
     check_held_out_data(eval_data, args)
@@ -352,7 +358,6 @@ def main(argv=None) -> dict:
 
     log = common.JsonlLog(os.path.join(args.output_dir, "train_log.jsonl"), accelerator.is_main_process)
     global_step = 0
-    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         # checkpoints from before clips could be squashed were cropped; the held-out flags were kept later
