@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import re
@@ -15,8 +16,8 @@ from modeling_nbp.training.optim import lr_at_step
 from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversarial_active, discriminator_loss,
                                                     generator_adversarial_loss, load_perceptual_model,
                                                     reconstruction_loss)
-from modeling_nbp.training.train_tokenizer import (build_datasets, build_tokenizer, check_discriminator_input, main,
-                                                     parse_args)
+from modeling_nbp.training.train_tokenizer import (build_datasets, build_tokenizer, check_discriminator_input,
+                                                     held_out_videos, main, parse_args)
 from modeling_nbp.video_io import export_to_mp4
 from modeling_nbp.video_tokenizer import NBPVideoTokenizer
 from test_data import write_corrupt, write_counting_video
@@ -158,13 +159,25 @@ def test_held_out_clips_are_the_same_at_every_evaluation(tmp_path):
     assert torch.equal(held_out[0]["video"], centre)  # the centre window, not one random draw that repeated
 
 
+def test_held_out_clips_come_from_across_the_classes(tmp_path):
+    for name in ("a", "b", "c"):
+        for i in range(2):
+            write_counting_video(tmp_path / "data" / name / f"{i}.mp4", frames=6)
+    args = parse_args(["--train_data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--num_frames",
+                       "5", "--resolution", "16", "--num_eval_clips", "3"])
+    train, held_out = build_datasets(args)
+    assert sorted(held_out.index["label"]) == [0, 1, 2] and sorted(train.index["label"]) == [0, 1, 2]
+    assert not set(train.index["path"]) & set(held_out.index["path"])
+    assert held_out_videos(10, 4) == [1, 3, 6, 8] and held_out_videos(5, 4) == [0, 1, 3, 4]
+
+
 def test_unreadable_held_out_clips_stop_the_run_before_training(tmp_path):
     data = tmp_path / "data"
     write_noise_videos(data, 3, frames=5)
-    write_corrupt(data / "z" / "broken.mp4", "random")  # the last video: the held-out one
+    write_corrupt(data / "a" / "1.mp4", "random")  # the middle video: the held-out one
     args = ["--train_data", str(data), "--num_eval_clips", "1", *RUN, "--output_dir", str(tmp_path / "run")]
-    with pytest.raises(ValueError, match="none of the last --num_eval_clips 1 videos of --train_data .* reads; hold "
-                                         "out more \\(--num_eval_clips\\) or pass --validation_data"):
+    with pytest.raises(ValueError, match="none of the --num_eval_clips 1 videos held out of --train_data .* reads; "
+                                         "hold out more \\(--num_eval_clips\\) or pass --validation_data"):
         main(args)
     write_corrupt(tmp_path / "validation" / "z" / "broken.mp4", "truncated")
     with pytest.raises(ValueError, match="no video of --validation_data .*validation \\(split 'test'\\) reads"):
@@ -196,6 +209,15 @@ def test_random_clip_windows_resume_exactly(tmp_path):
     # which videos are held out decides the training set: a resume cannot change it
     with pytest.raises(ValueError, match="data.num_eval_clips 1 on disk, 2 now"):
         main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--num_eval_clips", "2"])
+    # a checkpoint from before the held-out videos were spread over the classes held out the last ones
+    marker = resumed / "checkpoint-2" / common.CHECKPOINT_MARKER
+    state = json.loads(marker.read_text())
+    del state["data"]["held_out"]
+    marker.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="data.held_out 'last' on disk, 'spread' now"):
+        main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    shutil.rmtree(resumed / "checkpoint-2")
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", resumed / "checkpoint-2")
     main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "2"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731
     assert strip(read_log(resumed)) == strip(read_log(tmp_path / "run"))

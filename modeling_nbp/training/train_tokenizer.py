@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moving_digits: the built-in procedural dataset (no files needed)")
     g.add_argument("--layout", default="auto", help="--train_data layout: auto, folder, ucf101, k600")
     g.add_argument("--num_clips", type=int, default=1000, help="moving_digits: training clips")
-    g.add_argument("--validation_data", help="held-out video root (all of it is held out); default: the last "
-                   "--num_eval_clips training items are held out (moving_digits: separate clips)")
+    g.add_argument("--validation_data", help="held-out video root (all of it is held out); default: "
+                   "--num_eval_clips training videos spread over the classes are held out (moving_digits: separate "
+                   "clips)")
     g.add_argument("--validation_split", default="test", help="--validation_data's split")
     g.add_argument("--num_eval_clips", type=int, default=16, help="held-out clips, without --validation_data")
     g.add_argument("--num_frames", type=int, default=17)
@@ -183,12 +184,12 @@ def build_tokenizer(args) -> NBPVideoTokenizer:
 
 def data_settings(args) -> dict:
     """What decides the training clips, kept in every checkpoint and checked when a run resumes (from a video folder,
-    the last --num_eval_clips videos are held out unless there is --validation_data)."""
+    --num_eval_clips videos spread over its classes are held out unless there is --validation_data)."""
     settings = dict(dataset=args.dataset, num_frames=args.num_frames, resolution=args.resolution)
     if args.dataset == "moving_digits":
         return dict(settings, num_clips=args.num_clips)
     return dict(settings, train_data=os.path.abspath(args.train_data), layout=args.layout, fps=args.fps,
-                resize=args.resize, num_eval_clips=args.num_eval_clips,
+                resize=args.resize, num_eval_clips=args.num_eval_clips, held_out="spread",
                 validation_data=args.validation_data and os.path.abspath(args.validation_data))
 
 
@@ -207,10 +208,17 @@ def build_datasets(args):
     if len(train) <= args.num_eval_clips:
         raise ValueError(f"{args.train_data} has {len(train)} videos, not more than --num_eval_clips "
                          f"{args.num_eval_clips}; pass --validation_data or hold out fewer clips")
-    n = len(train) - args.num_eval_clips
+    held = held_out_videos(len(train), args.num_eval_clips)
+    kept = sorted(set(range(len(train))) - set(held))
     # the held-out clips read the same window at every evaluation (training reads random ones)
-    return (VideoClipDataset(train.index.select(range(n)), sampling=train.sampling, **clip),
-            VideoClipDataset(train.index.select(range(n, len(train))), sampling="center", **clip))
+    return (VideoClipDataset(train.index.select(kept), sampling=train.sampling, **clip),
+            VideoClipDataset(train.index.select(held), sampling="center", **clip))
+
+
+def held_out_videos(num_videos: int, num_held: int) -> list[int]:
+    """Indices of `num_held` videos spread evenly over the index (sorted by class, then path), so the held-out
+    clips come from across the classes, not from the last ones."""
+    return [(2 * i + 1) * num_videos // (2 * num_held) for i in range(num_held)]
 
 
 def check_held_out_data(eval_data, args) -> None:
@@ -221,8 +229,8 @@ def check_held_out_data(eval_data, args) -> None:
     if args.validation_data:
         raise ValueError(f"no held-out clip could be decoded: no video of --validation_data {args.validation_data} "
                          f"(split {args.validation_split!r}) reads; pass one with readable videos")
-    raise ValueError(f"no held-out clip could be decoded: none of the last --num_eval_clips {args.num_eval_clips} "
-                     f"videos of --train_data {args.train_data} reads; hold out more (--num_eval_clips) or pass "
+    raise ValueError(f"no held-out clip could be decoded: none of the --num_eval_clips {args.num_eval_clips} "
+                     f"videos held out of --train_data {args.train_data} reads; hold out more (--num_eval_clips) or pass "
                      "--validation_data")
 
 
@@ -363,8 +371,9 @@ def main(argv=None) -> dict:
         # checkpoints from before clips could be squashed were cropped; the held-out flags were kept later
         settings = resume_settings(args, common.bare_model(accelerator, tokenizer))
         later = {k: settings["data"].get(k) for k in ("num_eval_clips", "validation_data")}
-        state = common.load_checkpoint(accelerator, resume, settings,
-                                       earlier_defaults={"data": {"resize": "crop", **later}})
+        # and before the held-out videos were spread over the classes, they were the last ones of the index
+        earlier = {"resize": "crop", **later, "held_out": "last"}
+        state = common.load_checkpoint(accelerator, resume, settings, earlier_defaults={"data": earlier})
         for scheduler in (sched_g, sched_d) if adversarial else (sched_g,):
             follow_schedule(scheduler)
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
