@@ -57,10 +57,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     if noise is None:
         noise = _noise(logits.shape[:-1], generator, logits.device)
     if fused and index is not None:
-        from . import decode_kernels  # imports triton
+        from .decode_kernels import MAX_RANKED, sample_ranked  # imports triton
 
-        if logits.shape[-1] <= decode_kernels.MAX_RANKED:
-            return decode_kernels.sample_ranked(logits, index, noise, temperature, top_p)
+        if logits.shape[-1] <= MAX_RANKED:
+            return sample_ranked(logits, index, noise, temperature, top_p)
     logits = logits.float()
     if temperature != 1.0:  # shifted first: the largest becomes 0, so a tiny temperature cannot overflow to inf
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature

@@ -267,9 +267,9 @@ class _CrossEntropy(torch.autograd.Function):
         count = count.clamp(min=1)
         with_grad = ctx.needs_input_grad[0]
         if implementation == "triton":
-            from . import loss_kernels  # imports triton
+            from .loss_kernels import cross_entropy_rows  # imports triton
 
-            losses, grad = loss_kernels.cross_entropy_rows(flat, targets, 1.0 / count.float() if with_grad else None)
+            losses, grad = cross_entropy_rows(flat, targets, 1.0 / count.float() if with_grad else None)
             total = losses.sum()
         else:
             total, grad = _chunked_cross_entropy(flat, targets, count, chunk_rows, with_grad)
@@ -474,13 +474,13 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         if mask is not None or drop is not None:
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, mask, drop)
         elif compiled == "triton":
-            from . import decode_kernels  # imports triton
+            from .decode_kernels import block_logits  # imports triton
 
-            return decode_kernels.block_logits(self, cache, ids, start, keep, nonfinite)
+            return block_logits(self, cache, ids, start, keep, nonfinite)
         elif compiled == "triton-attention":
-            from . import decode_kernels
+            from .decode_kernels import attention
 
-            logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, attention=decode_kernels.attention)
+            logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, attention=attention)
         elif compiled:
             with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
                 logits = self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))

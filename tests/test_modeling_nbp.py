@@ -347,15 +347,29 @@ def test_remote_code_loads_without_the_package(tmp_path):
     model = make_model(first_block="hybrid")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "modeling_nbp.py").exists() and (tmp_path / "configuration_nbp.py").exists()
+    # the Triton kernels travel too, and the import check of a Hub load does not ask for triton (they import it
+    # when they run)
+    from transformers.dynamic_module_utils import get_imports
+
+    carried = {p.name for p in tmp_path.glob("*.py")}
+    assert {"decode_kernels.py", "loss_kernels.py", "generation.py"} <= carried
+    assert not [name for name in carried if "triton" in get_imports(tmp_path / name)]
     inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
-    torch.save({"inputs": inputs, "logits": model(input_ids=inputs).logits}, tmp_path / "expected.pt")
+    ids = grid(model)
+    torch.save({"inputs": inputs, "logits": model(input_ids=inputs).logits, "ids": ids,
+                "loss": model(video_ids=ids, class_labels=torch.tensor([0, 1])).loss}, tmp_path / "expected.pt")
     stdout = run_without_package(f"""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"  # the carried Triton loss kernel, on CPU
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         torch.testing.assert_close(model(input_ids=expected["inputs"]).logits, expected["logits"])
+        model.loss_implementation = "triton"
+        loss = model(video_ids=expected["ids"], class_labels=torch.tensor([0, 1])).loss
+        torch.testing.assert_close(loss, expected["loss"])
         print("remote ok")
     """, tmp_path / "modules")
     assert "remote ok" in stdout
