@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 from modeling_nbp import NBPVideoPipeline
 from modeling_nbp.data import MovingDigits
 from modeling_nbp.demo import DEMO_DATA, DEMO_MODEL, HELD_OUT_SEED
-from modeling_nbp.evaluation.fvd import FVDCalculator
+from modeling_nbp.evaluation.fvd import FVDCalculator, check_sampling
+from modeling_nbp.training.common import non_negative_int, positive_int
 from modeling_nbp.training.train_nbp import main as train_nbp
 from modeling_nbp.video_io import atomic_output_path
 
@@ -79,15 +80,19 @@ def main(argv=None):
     p.add_argument("--output_dir", default="runs/study")
     p.add_argument("--docs_dir", help="where the chart and table go (default: --output_dir; the published ones: "
                    "--docs_dir docs)")
-    p.add_argument("--max_steps", type=int, default=600)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--num_layers", type=int, default=4)
-    p.add_argument("--hidden_size", type=int, default=256)
-    p.add_argument("--num_videos", type=int, default=128)
-    p.add_argument("--fvd_repeats", type=int, default=4)
-    p.add_argument("--fvd_samples", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_steps", type=positive_int, default=600)
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--num_layers", type=positive_int, default=4)
+    p.add_argument("--hidden_size", type=positive_int, default=256)
+    p.add_argument("--num_videos", type=positive_int, default=128)
+    p.add_argument("--fvd_repeats", type=positive_int, default=4)
+    p.add_argument("--fvd_samples", type=positive_int, default=96)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
+    try:  # before the first model trains: the generated and the real set both hold --num_videos videos
+        check_sampling(args.num_videos, args.num_videos, args.fvd_repeats, args.fvd_samples, args.seed)
+    except ValueError as error:
+        p.error(str(error).replace("num_samples", "--fvd_samples").replace("num_repeats", "--fvd_repeats"))
 
     real_data = MovingDigits(args.num_videos, seed=HELD_OUT_SEED, **DEMO_DATA)
     real = torch.stack([real_data[i]["video"] for i in range(args.num_videos)])
@@ -109,8 +114,10 @@ def main(argv=None):
             pipe = NBPVideoPipeline.from_pretrained(os.path.join(run_dir, "final"))
             pipe.set_progress_bar_config(disable=True)
             videos, seconds = generate(pipe, task, real, args.num_videos, args.seed)
+            # the real set's features are cached under a hash of its videos: a rerun with another --num_videos
+            # into the same folder must not score against the last run's set
             score = fvd.fvd(videos.float(), real, num_repeats=args.fvd_repeats, num_samples=args.fvd_samples,
-                            seed=args.seed, real_cache_key="moving-digits-held-out")
+                            seed=args.seed)
             steps = len(pipe.transformer.layout.decode_schedule(0 if task == "class-conditional" else 128))
             results.append(dict(task=task, variant=variant, steps=steps, seconds_per_video=seconds,
                                 train_minutes=train_s / 60, train_loss=summary.get("train_loss"),

@@ -1,6 +1,7 @@
 """`nbp`: the command line of nbp-video. `nbp <command> --help` explains each command."""
 
 import argparse
+import math
 import os
 import sys
 
@@ -18,6 +19,21 @@ COMMANDS = {
     "evaluate": "FVD (and PSNR/SSIM for reconstructions) between two sets of videos",
     "bench": "time NBP against NTP generation side by side",
 }
+
+
+def _finite_number(allowed, wanted: str):
+    """argparse type for a finite float for which `allowed(value)` holds; `wanted` words the rule."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and allowed(value)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _generate_parser(parser):
@@ -72,10 +88,12 @@ def _generate_parser(parser):
     sampling = parser.add_argument_group(
         "sampling", "defaults: the model's generation_config, else the paper's (top-k 16000, top-p 0.9, temperature 1, "
         "no guidance)")
-    sampling.add_argument("--guidance_scale", type=float, help="classifier-free guidance (1 = off)")
-    sampling.add_argument("--top_k", type=int, help="0 = off")
-    sampling.add_argument("--top_p", type=float, help="1 = off")
-    sampling.add_argument("--temperature", type=float, help="0 = greedy")
+    sampling.add_argument("--guidance_scale", type=_finite_number(lambda v: v >= 0, "a finite number >= 0"),
+                          help="classifier-free guidance (1 = off)")
+    sampling.add_argument("--top_k", type=non_negative_int, help="0 = off")
+    sampling.add_argument("--top_p", type=_finite_number(lambda v: 0 < v <= 1, "a number in (0, 1]"), help="1 = off")
+    sampling.add_argument("--temperature", type=_finite_number(lambda v: v >= 0, "a finite number >= 0"),
+                          help="0 = greedy")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default="outputs/generate")
     out.add_argument("--formats", nargs="+", default=["mp4", "gif"], choices=["mp4", "gif", "npy"],

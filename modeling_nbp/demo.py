@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=positive_int, default=8)
     args = parser.parse_args(argv)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):  # found before, not after, generating
+        parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
 
     from . import NBPVideoPipeline
     from .data import MovingDigits

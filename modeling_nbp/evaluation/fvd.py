@@ -97,13 +97,21 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean)))
 
 
-def check_sampling(num_fake: int, num_real: int, num_repeats: int, num_samples: Optional[int]) -> None:
-    """ValueError unless `num_samples` can be drawn from both sets and the repeats can differ."""
+def check_sampling(num_fake: Optional[int], num_real: Optional[int], num_repeats: int, num_samples: Optional[int],
+                   seed: int = 0) -> None:
+    """ValueError unless the seed is usable, `num_samples` can be drawn from both sets and the repeats can differ
+    (set sizes not known yet, None, are not checked)."""
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if not (isinstance(num_repeats, int) and num_repeats >= 1):
         raise ValueError(f"num_repeats must be an int >= 1, got {num_repeats!r}")
     if num_samples is None:
         if num_repeats > 1:
             raise ValueError("num_repeats > 1 needs num_samples: without sampling every repeat uses the same videos")
+        return
+    if num_fake is None or num_real is None:
+        if not (isinstance(num_samples, int) and num_samples >= 2):
+            raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
         return
     smallest = min(num_fake, num_real)
     if not (isinstance(num_samples, int) and 2 <= num_samples <= smallest):
@@ -133,7 +141,7 @@ def fvd_from_features(
             raise ValueError(f"{name} features hold NaN or infinite values (from a NaN video or a diverged detector)")
     if fake_features.shape[1] != real_features.shape[1]:
         raise ValueError(f"fake and real features differ in size: {fake_features.shape[1]} vs {real_features.shape[1]}")
-    check_sampling(len(fake_features), len(real_features), num_repeats, num_samples)
+    check_sampling(len(fake_features), len(real_features), num_repeats, num_samples, seed)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(num_repeats):
@@ -156,7 +164,9 @@ def _resize_shorter_side_and_center_crop(videos: torch.Tensor, size: int) -> tor
     if (height, width) == (size, size):
         return videos
     scale = size / min(height, width)
-    target = (size, math.ceil(width * scale)) if height <= width else (math.ceil(height * scale), size)
+    # a square frame takes the height branch, as in StyleGAN-V: where the scale rounds up (100 -> 225) the extra row
+    # is cut, not an extra column
+    target = (size, math.ceil(width * scale)) if height < width else (math.ceil(height * scale), size)
     frames_2d = videos.reshape(batch, channels * frames, height, width)  # every channel of every frame alone
     resized = F.interpolate(frames_2d, size=target, mode="bilinear", align_corners=False)
     top, left = (target[0] - size) // 2, (target[1] - size) // 2
@@ -246,6 +256,8 @@ class FVDCalculator:
         for name, videos in (("fake", fake), ("real", real)):
             if isinstance(videos, torch.Tensor) and len(videos) < 2:
                 raise ValueError(f"FVD needs at least 2 {name} videos to estimate a covariance, got {len(videos)}")
+        sizes = [len(videos) if isinstance(videos, torch.Tensor) else None for videos in (fake, real)]
+        check_sampling(*sizes, num_repeats, num_samples, seed)  # before the detector runs
         fake_features, fake_shape = self._features_and_shape(fake, fake_cache_key)
         real_features, _ = self._features_and_shape(real, real_cache_key, expected_shape=fake_shape)
         return fvd_from_features(fake_features, real_features, num_repeats, num_samples, seed)
@@ -500,6 +512,25 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     return videos[:, :, :num_frames]
 
 
+def count_videos(path: Path) -> int:
+    """How many videos `load_video_file(path)` gives, from an array file's header (one for a video file, and for a
+    file that cannot be read: the reading reports it)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        elif suffix == ".pt":
+            try:
+                shape = torch.load(path, map_location="cpu", weights_only=True, mmap=True).shape
+            except RuntimeError:  # the legacy (not zip) format cannot be mapped
+                shape = torch.load(path, map_location="cpu", weights_only=True).shape
+        else:
+            return 1
+    except (ValueError, OSError, EOFError, RuntimeError, AttributeError, pickle.UnpicklingError):
+        return 1
+    return shape[0] if len(shape) == 5 else 1
+
+
 class _ReadItems(torch.utils.data.Dataset):
     """`read(item)` for DataLoader workers: (videos or None, the reading error's message or None)."""
 
@@ -646,8 +677,20 @@ def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Se
     return dict(result, reconstruction_skipped=skipped) if skipped else result
 
 
+def _fvd_frame_count(text: str) -> int:
+    """argparse type for a clip length: FVD uses the first 16 frames."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < FVD_NUM_FRAMES:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {FVD_NUM_FRAMES} (FVD uses the first "
+                                         f"{FVD_NUM_FRAMES} frames), got {text!r}")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    from modeling_nbp.training.common import positive_int
+    from modeling_nbp.training.common import non_negative_int, positive_float, positive_int
 
     parser = argparse.ArgumentParser(
         prog="nbp evaluate",
@@ -660,12 +703,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--num-workers", type=int, default=4,
+    parser.add_argument("--num-workers", type=non_negative_int, default=4,
                         help="processes that decode videos ahead of the I3D (at most the CPUs; 0: in between)")
     parser.add_argument("--num-repeats", type=int, default=1,
                         help="FVD over this many random subsets (mean and std); > 1 needs --num-samples")
     parser.add_argument("--num-samples", type=int, help="videos drawn from each set per repeat (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--cache-dir", help="save and reuse features there")
     parser.add_argument("--reconstruction", action="store_true",
                         help="also PSNR/SSIM of same-named file pairs, over their first 16 frames as the official "
@@ -684,19 +727,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                        help="the first N clips of the order; default: the clips the videos in FAKE were made from "
                             "(FAKE/generate.json of `nbp generate --dataset`), else one per video")
     clips.add_argument("--clips-seed", type=int)
-    clips.add_argument("--real-fps", type=float)
+    clips.add_argument("--real-fps", type=positive_float)
     clips.add_argument("--real-sampling", choices=["center", "start", "random"])
-    clips.add_argument("--real-resolution", type=int)
+    clips.add_argument("--real-resolution", type=positive_int)
     clips.add_argument("--real-resize", choices=["squash", "crop"],
                        help="squash: whole frames to the square, as the official loader; crop: shorter side + "
                             "centre crop")
-    clips.add_argument("--real-num-frames", type=int)
+    clips.add_argument("--real-num-frames", type=_fvd_frame_count)
     args = parser.parse_args(argv)
 
     if args.real_dataset and args.reconstruction:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
+    if args.i3d_weights is not None and not os.path.isfile(args.i3d_weights):
+        parser.error(f"--i3d-weights: no file {args.i3d_weights}")
     fake_folder, real_folder = Path(args.fake), Path(args.real)
-    fake_files = _list_video_files(fake_folder)
+    try:
+        fake_files = _list_video_files(fake_folder)
+        real_files = None if args.real_dataset else _list_video_files(real_folder)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     if args.reconstruction:  # before any video is read
         unpaired = [p for p in fake_files if not (real_folder / p.relative_to(fake_folder)).is_file()]
         if unpaired:
@@ -715,7 +764,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         clip_set = partial(EvaluationClips, real_folder, settings["split"], seed=settings["seed"],
                            num_frames=settings["num_frames"], resolution=settings["resolution"], fps=settings["fps"],
                            sampling=settings["sampling"], layout=settings["layout"], resize=settings["resize"])
-        clips = clip_set(num_clips=args.real_num_clips)
+        try:
+            clips = clip_set(num_clips=args.real_num_clips)
+        except (FileNotFoundError, ValueError) as error:  # no such dataset, split or layout
+            parser.error(str(error))
         if settings.get("videos") not in (None, clips.settings["videos"]):
             parser.error(f"{real_folder}'s {settings['split']} split holds other videos than when the videos in "
                          f"{fake_folder} were made (generate.json): its clips are not theirs")
@@ -730,11 +782,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         real_key = _clips_cache_key(clips, positions)
         results["real_clips"] = dict(clips.settings, num_clips=len(positions))
     else:
-        real_files = _list_video_files(real_folder)
         real = ReadVideos(real_files, read_file, batch_size=args.batch_size, num_workers=args.num_workers)
         real_key = _folder_cache_key(real_files)
+    sizes = (None, None)
+    if args.num_samples is not None:  # the set sizes matter: read from the array files' headers
+        sizes = (sum(map(count_videos, fake_files)),
+                 len(real) if args.real_dataset else sum(map(count_videos, real_files)))
     try:  # before any video goes through the detector (files that prove unreadable can still fail it later)
-        check_sampling(len(fake_files), len(real), args.num_repeats, args.num_samples)
+        check_sampling(*sizes, args.num_repeats, args.num_samples, args.seed)
     except ValueError as error:
         parser.error(str(error).replace("num_", "--num-"))
     if args.reconstruction:  # first: a pair that does not match fails in seconds, not after the FVD
