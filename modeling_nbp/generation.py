@@ -4,7 +4,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from transformers import GenerationConfig
@@ -115,9 +115,43 @@ def compile_mode(compile_decode, device: torch.device) -> str | None:
 PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 
 
+# the GenerationConfig fields that generation reads; token ids may be set too (they describe the vocabulary)
+GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "guidance_scale", "do_sample")
+
+
+@cache
+def _generation_config_defaults() -> dict:
+    """Field -> the values that leave it unset: GenerationConfig's (None) and the one transformers' generate() then
+    applies (num_beams 1, num_return_sequences 1, ...)."""
+    applied = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    return {name: (value, applied.get(name, value)) for name, value in vars(GenerationConfig()).items()}
+
+
+def check_generation_config(generation_config) -> None:
+    """Refuse a GenerationConfig that asks for what NBP generation does not do (beams, several sequences per input,
+    lengths, other logits processors, returned scores): it would be ignored silently."""
+    defaults = _generation_config_defaults()
+    unsupported = sorted(
+        name for name, value in vars(generation_config).items()
+        if name not in GENERATION_CONFIG_FIELDS and name in defaults and not name.startswith("_")
+        and name != "transformers_version" and not name.endswith("_token_id") and value not in defaults[name]
+        and not (name.startswith(("output_", "return_dict")) and not value))
+    if unsupported:
+        fields = ", ".join(f"{n}={getattr(generation_config, n)!r}" for n in unsupported)
+        raise ValueError(
+            f"the generation_config (the model's own unless generate() was given one) sets {fields}, "
+            f"which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} and produces "
+            "the whole video token grid, one video per class label, condition or context (repeat those for more "
+            "samples); pass use_cache / cache_implementation to the call"
+        )
+
+
 def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None, guidance_scale=None) -> tuple:
     """(temperature, top_k, top_p, guidance_scale), checked: each value given, else the `generation_config`'s
-    (`do_sample=False` there means greedy, as in transformers), else `PAPER_SAMPLING` (guidance 1 = off)."""
+    (`do_sample=False` there means greedy, as in transformers), else `PAPER_SAMPLING` (guidance 1 = off). A
+    generation_config that sets fields generation would ignore is refused (`check_generation_config`)."""
+    if generation_config is not None:
+        check_generation_config(generation_config)
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
     fallback = dict(PAPER_SAMPLING, guidance_scale=1.0)
     from_config = []
@@ -206,7 +240,7 @@ class NBPGenerationMixin:
         return dict(zip(("temperature", "top_k", "top_p", "guidance_scale"), values))
 
     def check_video_ids(self, video_ids: torch.Tensor):
-        if video_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if video_ids.is_floating_point() or video_ids.is_complex() or video_ids.dtype == torch.bool:
             raise TypeError(f"video token ids must be an integer tensor, got {video_ids.dtype}")
         V = self.config.video_vocab_size
         check_in_range(video_ids, 0, V, f"video token ids must lie in [0, {V}) (video vocabulary ids, without the "
@@ -451,6 +485,15 @@ class NBPGenerationMixin:
         """Free the static decoder kept between calls (its cache, fused weights and CUDA graphs)."""
         self._static_decoder = None
 
+    def __getstate__(self):
+        """A copy (`copy.deepcopy`, say for an EMA model) or pickle leaves out the kept static decoder, whose cache is
+        sized for whole sequences of a batch and whose CUDA graphs belong to this model's tensors (the copy builds its
+        own), and this model's generations under way."""
+        state = super().__getstate__()
+        state.pop("_static_decoder", None)
+        state.pop("_generations_under_way", None)
+        return state
+
     @torch.no_grad()
     def generate_video_tokens(self, class_labels=None, context_ids=None, batch_size=None, temperature=None,
                               top_k=None, top_p=None, guidance_scale=None, generator=None, use_cache=True,
@@ -470,7 +513,8 @@ class NBPGenerationMixin:
 
     def generate(self, input_ids=None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' name for generation: `generate_video_tokens` with the same keyword arguments, and a
-        `generation_config` in place of the model's own for the sampling values the call does not set."""
+        `generation_config` in place of the model's own for the sampling values the call does not set (one that sets
+        fields NBP cannot honour, such as num_beams or num_return_sequences, is refused: `check_generation_config`)."""
         if input_ids is not None:
             raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "

@@ -127,6 +127,18 @@ class NBPPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.embed_positions.weight, std=self.config.initializer_range)
             nn.init.normal_(module.uncond_embedding, std=self.config.hidden_size**-0.5)
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, refused below the ids the vocabulary layout uses: the embeddings and head would lose
+        video ids, which generation (reading only the head's video rows) would then never sample, silently."""
+        cfg = self.config
+        used = max(cfg.bov_token_id + cfg.num_special_tokens, cfg.condition_token_offset + cfg.condition_vocab_size,
+                   cfg.video_token_offset + cfg.video_vocab_size)
+        if new_num_tokens is not None and new_num_tokens < used:
+            raise ValueError(f"new_num_tokens ({new_num_tokens}) must be at least {used}: the BOV/placeholder, condition "
+                             f"and video ids (video_token_offset {cfg.video_token_offset} + video_vocab_size "
+                             f"{cfg.video_vocab_size}) all lie below that")
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
 
 @dataclass
 class NBPModelOutput(ModelOutput):

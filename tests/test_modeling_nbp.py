@@ -210,6 +210,22 @@ def test_generate_is_transformers_name_for_generation():
         model.generate(torch.zeros(1, 4, dtype=torch.long))
 
 
+
+def test_generation_config_fields_that_generation_would_ignore_are_refused():
+    model = make_model()
+    for config in (GenerationConfig(num_beams=4), GenerationConfig(do_sample=True, num_return_sequences=2),
+                   GenerationConfig(max_new_tokens=8), GenerationConfig(do_sample=True, repetition_penalty=1.3)):
+        with pytest.raises(ValueError, match="generation_config .* sets .* which NBP generation does not support"):
+            model.generate(class_labels=[0], generation_config=config)
+    # values that leave a field unset, token ids and output flags left off are accepted
+    neutral = GenerationConfig(do_sample=True, top_k=5, num_beams=1, num_return_sequences=1, use_cache=True,
+                               eos_token_id=3, output_scores=False)
+    assert torch.equal(model.generate(class_labels=[0], generation_config=neutral, generator=torch.Generator().manual_seed(1)),
+                       model.generate(class_labels=[0], top_k=5, generator=torch.Generator().manual_seed(1)))
+    model.generation_config.num_return_sequences = 2  # the model's own as well
+    with pytest.raises(ValueError, match="num_return_sequences=2"):
+        model.generate_video_tokens(class_labels=[0])
+
 def test_sampler_draws_from_the_filtered_distribution():
     probs = torch.tensor([0.05, 0.30, 0.12, 0.25, 0.20, 0.08])  # no ties: top-k is well defined
     logits = probs.log().expand(200_000, -1)
@@ -342,6 +358,16 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
                                    rtol=0, atol=0)
     assert AutoConfig.from_pretrained(tmp_path).block_shape == [1, 1, 4]
 
+
+
+def test_resize_token_embeddings_keeps_the_vocabulary_layout():
+    model = make_model()  # ids: BOV 0, conditions 1..3, video 4..43
+    with pytest.raises(ValueError, match=r"new_num_tokens \(30\) must be at least 44"):
+        model.resize_token_embeddings(30)
+    assert model.lm_head.weight.shape[0] == model.config.vocab_size == 44
+    model.resize_token_embeddings(50)  # growing adds ids past the video range
+    assert model.config.vocab_size == 50 and model.lm_head.weight.shape[0] == 50
+    assert model.generate_video_tokens(class_labels=[0]).shape == (1, 3, 4, 4)
 
 def test_remote_code_loads_without_the_package(tmp_path):
     model = make_model(first_block="hybrid")
@@ -511,6 +537,19 @@ def test_narrow_integer_ids_train_and_generate_as_int64():
     with pytest.raises(ValueError, match=r"video token ids must lie in \[0, 300\)"):
         model(video_ids=ids.clamp(max=255).to(torch.int16) + 290, class_labels=[0, 1])
 
+
+
+def test_ids_of_any_integer_type_train_and_generate():
+    # 64000 codes fit in uint16: token arrays are often stored so
+    model = make_model()
+    ids = grid(model)
+    expected = model(video_ids=ids, class_labels=[0, 1]).loss
+    for dtype in (torch.uint16, torch.uint32, torch.int8):
+        assert torch.equal(model(video_ids=ids.to(dtype), class_labels=[0, 1]).loss, expected)
+        context = ids[:1, :1].to(dtype)
+        assert torch.equal(model.generate_video_tokens(class_labels=[0], context_ids=context)[:, :1], ids[:1, :1])
+    with pytest.raises(TypeError, match="must be an integer tensor, got torch.bool"):
+        model(video_ids=ids > 0, class_labels=[0, 1])
 
 def test_batch_prefix_and_condition_dropout_arguments_are_checked():
     model = make_model()
@@ -816,6 +855,26 @@ def test_static_decoder_follows_weight_updates():
     reference = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), use_cache=False,
                                             **{**kw, "cache_implementation": None})
     assert torch.equal(fast, reference)
+
+
+
+def test_a_copy_of_the_model_leaves_out_the_kept_decoder():
+    # copy.deepcopy (an EMA model, say) would duplicate the decoder's cache, sized for a whole batch's sequences
+    import copy
+
+    model = make_model()
+    kw = dict(class_labels=[0], top_k=20, cache_implementation="static")
+    tokens = model.generate_video_tokens(generator=torch.Generator().manual_seed(3), **kw)
+    stream = model.iter_generation(generator=torch.Generator().manual_seed(3), **kw)
+    next(stream)  # a generation under way on the original
+    copied = copy.deepcopy(model)
+    assert getattr(copied, "_static_decoder", None) is None and model._static_decoder.in_use
+    copied.train()  # nor does the copy inherit the original's generation under way: its own mode comes back
+    assert torch.equal(copied.generate_video_tokens(generator=torch.Generator().manual_seed(3), **kw), tokens)
+    assert copied.training
+    for step in stream:
+        pass
+    assert torch.equal(model.layout.sequence_to_grid(step.video_tokens), tokens)
 
 
 def test_interleaved_static_generations_do_not_share_a_cache():
