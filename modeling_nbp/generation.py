@@ -1,5 +1,7 @@
 """Block-wise generation for NBP: a KV cache fed one block per step, top-k/top-p sampling, batched CFG."""
 
+import copy
+import inspect
 import math
 import numbers
 import warnings
@@ -519,6 +521,12 @@ class NBPGenerationMixin:
             raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
                              "those to generate() instead")
+        # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in transformers
+        fields = {k: kwargs.pop(k) for k in list(kwargs)
+                  if k not in inspect.signature(self.generate_video_tokens).parameters and hasattr(GenerationConfig(), k)}
+        if fields:
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            generation_config.update(**fields)
         if generation_config is not None:
             names = ("temperature", "top_k", "top_p", "guidance_scale")
             kwargs.update(zip(names, resolve_sampling(generation_config, *(kwargs.pop(n, None) for n in names))))

@@ -220,11 +220,19 @@ def test_generation_config_fields_that_generation_would_ignore_are_refused():
     # values that leave a field unset, token ids and output flags left off are accepted
     neutral = GenerationConfig(do_sample=True, top_k=5, num_beams=1, num_return_sequences=1, use_cache=True,
                                eos_token_id=3, output_scores=False)
-    assert torch.equal(model.generate(class_labels=[0], generation_config=neutral, generator=torch.Generator().manual_seed(1)),
-                       model.generate(class_labels=[0], top_k=5, generator=torch.Generator().manual_seed(1)))
+    seeded = lambda: dict(class_labels=[0], generator=torch.Generator().manual_seed(1))  # noqa: E731
+    assert torch.equal(model.generate(generation_config=neutral, **seeded()), model.generate(top_k=5, **seeded()))
+    # fields given as keyword arguments update the config, as in transformers
+    assert torch.equal(model.generate(do_sample=False, **seeded()),
+                       model.generate(generation_config=GenerationConfig(do_sample=False), **seeded()))
+    with pytest.raises(ValueError, match="sets num_beams=2, which NBP generation does not support"):
+        model.generate(num_beams=2, **seeded())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'beams'"):
+        model.generate(beams=2, **seeded())
     model.generation_config.num_return_sequences = 2  # the model's own as well
     with pytest.raises(ValueError, match="num_return_sequences=2"):
         model.generate_video_tokens(class_labels=[0])
+
 
 def test_sampler_draws_from_the_filtered_distribution():
     probs = torch.tensor([0.05, 0.30, 0.12, 0.25, 0.20, 0.08])  # no ties: top-k is well defined
