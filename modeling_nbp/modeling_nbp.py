@@ -86,6 +86,10 @@ class NBPMLP(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as the official nn.GELU()
 
 
+# where attn_implementation="flex_attention" may run: torch 2.13's compiled CPU kernel is wrong for some lengths
+FLEX_ATTENTION_DEVICES = ("cuda",)
+
+
 def flex_block_causal_mask(block_ids: torch.Tensor) -> BlockMask:
     """The flex-attention mask that `create_causal_mask` builds for whole sequences (B, L) of `block_ids` (causal,
     and each group >= 0 sees all of itself), built the same way but without the `_compile=True` that transformers
@@ -195,6 +199,10 @@ class NBPModel(NBPPreTrainedModel):
         elif attention_mask is not None and not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
             raise ValueError("a 4-D attention_mask must be boolean (True = may attend) or floating point (added to the "
                              f"scores: 0 or -inf); got {attention_mask.dtype}")
+        if self.config._attn_implementation == "flex_attention" and given.device.type not in FLEX_ATTENTION_DEVICES:
+            raise ValueError(f"attn_implementation='flex_attention' runs on {FLEX_ATTENTION_DEVICES} devices, got "
+                             f"{given.device.type}: torch's compiled flex attention on CPU gives wrong results for some "
+                             "sequence lengths (keys 8 mod 16 in torch 2.13); use 'sdpa' there, the same function")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("the forward takes a DynamicCache (or none); for a preallocated cache and CUDA graphs use "
                              "generate_video_tokens / iter_generation with cache_implementation='static'")

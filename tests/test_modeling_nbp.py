@@ -10,6 +10,7 @@ from transformers.masking_utils import create_causal_mask
 
 from remote_code import run_without_package
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, generation
+from modeling_nbp import modeling_nbp as nbp_module
 from modeling_nbp.modeling_nbp import flex_block_causal_mask
 from modeling_nbp.training.common import enable_activation_checkpointing
 
@@ -440,11 +441,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         assert (a.grad is None and b.grad is None) or torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
+def test_flex_attention_is_refused_on_cpu():
+    model = make_model(attn="flex_attention")
+    inputs, _ = model.prepare_training_inputs(grid(model), [0, 1])
+    with pytest.raises(ValueError, match=r"flex_attention' runs on \('cuda',\) devices, got cpu.*use 'sdpa'"):
+        model(input_ids=inputs)
+
+
 @pytest.mark.parametrize("first_block", ["bov", "hybrid"])
-def test_flex_attention_gives_the_sdpa_logits_eager_and_compiled(first_block):
+def test_flex_attention_gives_the_sdpa_logits_eager_and_compiled(first_block, monkeypatch):
     """Flex attention (the training default on CUDA) with the layout's block mask gives the SDPA logits, also under
     torch.compile, where the mask is built inside the one graph (`flex_block_causal_mask`, checked against
-    transformers' `create_causal_mask`). No gradients: flex attention has no backward on CPU."""
+    transformers' `create_causal_mask`). On CPU, for a length the CPU kernel gets right (and checked here against
+    SDPA); no gradients: flex attention has no backward on CPU."""
+    monkeypatch.setattr(nbp_module, "FLEX_ATTENTION_DEVICES", ("cuda", "cpu"))
     kw = dict(first_block=first_block, latent=(3, 8, 8), block=(1, 2, 4))  # about 200 positions: two 128-blocks
     flex, sdpa = make_model(attn="flex_attention", **kw), make_model(**kw)
     inputs, _ = flex.prepare_training_inputs(grid(flex), [0, 1])

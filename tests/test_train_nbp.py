@@ -285,6 +285,9 @@ def test_bad_arguments_are_clear_errors(token_data, tmp_path):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--guidance_scale", "3", *TINY])
     with pytest.raises(ValueError, match="top_p must be a number in"):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--top_p", "0", *TINY])
+    with pytest.raises(ValueError, match="--attn_implementation flex_attention trains on CUDA only"):
+        main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--attn_implementation", "flex_attention",
+              *TINY])
     # the validation data must fit the model before training starts (not at the final validation)
     other_grid = write_tokens(tmp_path / "grid", 4, 2, grid=(2, 2, 4))
     with pytest.raises(ValueError, match="--validation_data has latent grids \\[2, 2, 4\\], --train_data \\[2, 4, 4\\]"):

@@ -399,8 +399,11 @@ def main(argv=None) -> dict:
     if tokenizer is not None and accelerator.is_main_process:
         check_tokenizer_made_tokens(args.train_data, tokenizer)
     torch.manual_seed(args.seed)  # same initial weights on every process
-    model = NBPForVideoGeneration(config)
     attn = args.attn_implementation
+    if attn == "flex_attention" and accelerator.device.type != "cuda":
+        raise ValueError("--attn_implementation flex_attention trains on CUDA only (on CPU torch's flex attention has "
+                         "no backward, and its compiled kernel is wrong for some lengths); use auto or sdpa")
+    model = NBPForVideoGeneration(config)
     model.set_attn_implementation(("flex_attention" if accelerator.device.type == "cuda" else "sdpa")
                                   if attn == "auto" else attn)
     if args.gradient_checkpointing:
