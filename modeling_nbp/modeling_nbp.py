@@ -128,7 +128,7 @@ class NBPPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, NBPModel):
-            nn.init.normal_(module.embed_positions.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.embed_positions.weight)  # as the official `pos_emb`
             nn.init.normal_(module.uncond_embedding, std=self.config.hidden_size**-0.5)
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
