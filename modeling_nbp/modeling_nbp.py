@@ -151,6 +151,11 @@ class NBPModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
 
+    @property
+    def past_key_values(self) -> Cache | None:
+        """transformers' name for `cache` (the forward takes either)."""
+        return self.cache
+
 
 class NBPModel(NBPPreTrainedModel):
     """The decoder without its output head."""

@@ -1167,7 +1167,7 @@ def test_forward_follows_the_transformers_conventions():
         model(input_ids=input_ids, attention_mask=full[..., 1:])
     # past_key_values is the cache; the loss comes first in the tuple form
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids[:, :5], past_key_values=cache)
+    assert model(input_ids=input_ids[:, :5], past_key_values=cache).past_key_values is cache  # and the output's
     torch.testing.assert_close(model(input_ids=input_ids[:, 5:9], past_key_values=cache).logits, out.logits[:, 5:9],
                                atol=1e-5, rtol=1e-5)
     loss, logits = model(input_ids=input_ids, labels=labels, return_dict=False)[:2]
