@@ -314,6 +314,9 @@ def _tensor_frames(video: torch.Tensor) -> np.ndarray:
     if video.shape[:2] == (3, 3):
         raise ValueError("a (3, 3, H, W) video tensor is either (T, 3, H, W) or (3, T, H, W) with T = 3: pass a "
                          "(T, H, W, 3) numpy array instead, e.g. `video.permute(0, 2, 3, 1).numpy()` for (T, 3, H, W)")
+    if video.shape[0] == 3 and video.shape[-1] == 3:  # (3, T, H, 3) would be 3 pixels wide: (T = 3, H, W, 3)
+        raise ValueError(f"a video tensor of shape {tuple(video.shape)} looks channels-last (T = 3, H, W, 3): pass "
+                         "a (T, H, W, 3) numpy array for that, or a (T, 3, H, W) / (3, T, H, W) tensor")
     video = video.detach().cpu().permute((1, 2, 3, 0) if video.shape[0] == 3 else (0, 2, 3, 1))
     return (video.float() if video.is_floating_point() else video).numpy()  # numpy has no bfloat16
 

@@ -50,6 +50,8 @@ def test_mp4_accepts_tensor_and_pil_frames_alike(tmp_path):
         export_to_mp4(tensor.permute(1, 2, 3, 0), tmp_path / "bad.mp4")
     with pytest.raises(ValueError, match=r"a \(3, 3, H, W\) video tensor is either .* pass a \(T, H, W, 3\) numpy"):
         export_to_mp4(tensor[:, :3], tmp_path / "bad.mp4")  # 3 frames: not silently read the other way
+    with pytest.raises(ValueError, match=r"of shape \(3, 16, 16, 3\) looks channels-last"):
+        export_to_mp4(tensor[:, :3].permute(1, 2, 3, 0), tmp_path / "bad.mp4")  # (3 frames, H, W, 3)
 
 
 def test_mp4_odd_size_is_padded_to_even(tmp_path):
