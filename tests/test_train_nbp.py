@@ -397,6 +397,12 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="holds another model or optimizer than this run builds"):
         main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest", "--hidden_size", "64"])
     marker.write_text(kept)
+    # a file the accelerator loads is missing (fp16's scaler.pt after a bf16 run, say): named, not a raw traceback
+    optimizer = killed / f"checkpoint-{latest_step}" / "optimizer.bin"
+    optimizer.rename(optimizer.with_suffix(".moved"))
+    with pytest.raises(ValueError, match="lacks optimizer.bin, which this run loads"):
+        main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    optimizer.with_suffix(".moved").rename(optimizer)
 
     summary = main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert f"resumed from {killed / f'checkpoint-{latest_step}'} at step {latest_step}" in capsys.readouterr().out

@@ -196,6 +196,10 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
     except (RuntimeError, ValueError, KeyError) as error:  # checkpoints from before the settings were kept
         raise ValueError(f"{path} holds another model or optimizer than this run builds: resume with the flags that "
                          f"started the run ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
+    except FileNotFoundError as error:  # e.g. scaler.pt: fp16's gradient scaler is saved by fp16 runs only
+        raise ValueError(f"{path} lacks {os.path.basename(error.filename or str(error))}, which this run loads: resume "
+                         "with the settings that started the run (--mixed_precision fp16 needs a checkpoint of an fp16 "
+                         "run), or from a complete checkpoint") from error
     # load_state restores the micro-step count, which decides where `accumulate` updates: a checkpoint is taken at an
     # update, so count from 0 (the saved count is off the boundaries when the accumulation steps change)
     accelerator.step = 0
