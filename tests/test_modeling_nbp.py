@@ -36,6 +36,20 @@ def grid(model, batch=2, seed=1):
     return torch.randint(0, model.config.video_vocab_size, (batch, *model.config.latent_shape), generator=g)
 
 
+def test_initialisation_follows_the_official_code():
+    # official gpt.py: Linear/Embedding weights N(0, 0.02), zero biases, unit LayerNorms, a zero position table, the
+    # unconditional prefix N(0, 1) / sqrt(hidden)
+    model = make_model(hidden_size=64, intermediate_size=256)
+    m = model.model
+    assert torch.count_nonzero(m.embed_positions.weight) == 0
+    assert abs(m.embed_tokens.weight.std().item() - 0.02) < 0.002
+    assert abs(m.uncond_embedding.std().item() - 64**-0.5) < 0.04
+    fc = m.layers[0].mlp
+    linear = next(x for x in fc.modules() if isinstance(x, torch.nn.Linear))
+    assert abs(linear.weight.std().item() - 0.02) < 0.002 and torch.count_nonzero(linear.bias) == 0
+    assert torch.equal(m.norm.weight, torch.ones(64)) and torch.count_nonzero(m.norm.bias) == 0
+
+
 # ---- block-causal attention, checked through the model ------------------------------------------------------------
 @pytest.mark.parametrize("first_block", ["bov", "hybrid"])
 def test_later_blocks_never_change_earlier_logits(first_block):
