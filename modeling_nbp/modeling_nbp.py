@@ -128,7 +128,8 @@ class NBPPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, NBPModel):
-            nn.init.zeros_(module.embed_positions.weight)  # as the official `pos_emb`
+            # N(0, 0.02) as transformers' embeddings; the official `pos_emb` starts at zeros (training from scratch)
+            nn.init.normal_(module.embed_positions.weight, std=self.config.initializer_range)
             nn.init.normal_(module.uncond_embedding, std=self.config.hidden_size**-0.5)
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
