@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/nbp demo
 
 test: setup
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=25  # the slowest tests, for keeping the suite under 10 minutes
 
 bench: setup
 	$(BIN)/python benchmarks/bench_generate.py

@@ -37,7 +37,8 @@ def test_generation_rows_count_no_earlier_rows_decoder_in_a_peak(monkeypatch):
                         lambda device: held.append(getattr(models[-1], "_static_decoder", None)))
     monkeypatch.setitem(bench.VARIANTS, "static, no graphs", dict(cache_implementation="static", use_cuda_graphs=False))
     rows = bench.generation_rows("tiny", torch.device("cpu"), torch.float32, batches=(1, 2), repeats=1, ntp_repeats=1,
-                                 log=lambda row: None, variants=("optimized", "static, no graphs"), ntp_batches=())
+                                 sampling=dict(temperature=0.0), log=lambda row: None,  # greedy: fast on CPU
+                                 variants=("optimized", "static, no graphs"), ntp_batches=())
     assert [(r["variant"], r["batch"]) for r in rows] == [("optimized", 1), ("optimized", 2), ("static, no graphs", 1),
                                                          ("static, no graphs", 2)]
     assert held == [None] * 4
