@@ -95,7 +95,7 @@ class FSQ(nn.Module):
         self._check_latents(z, "z")
         # NaN would round to an id far outside the codebook (INT64_MIN on CPU), infinity to a saturated code
         require(torch.isfinite(z).all(), FloatingPointError,
-                 f"`z` holds NaN or infinite values (dtype {z.dtype}): FSQ can make no valid ids from them")
+                f"`z` holds NaN or infinite values (dtype {z.dtype}): FSQ can make no valid ids from them")
         rounded = round_straight_through(self.bound(z.float()))
         half = self._half_width()  # `rounded` holds exact integers (x + (round(x) - x) is exact), digits on the grid
         return rounded / half, self._digits_to_indices(rounded.detach() + half)
@@ -108,8 +108,8 @@ class FSQ(nn.Module):
         digits = torch.round(codes.detach().float() * half + half)
         inside = ((digits >= 0) & (digits < self._levels)).all()  # False for NaN
         require(inside, ValueError, f"`codes` must lie on the FSQ grid of levels {self.levels}: code_i = "
-                                     "k / (levels[i] // 2) in [-1, 1] (even levels stop one step below +1), "
-                                     "NaN refused")
+                                    "k / (levels[i] // 2) in [-1, 1] (even levels stop one step below +1), "
+                                    "NaN refused")
         return self._digits_to_indices(digits)
 
     def _digits_to_indices(self, digits: torch.Tensor) -> torch.Tensor:

@@ -522,8 +522,8 @@ class NBPGenerationMixin:
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
                              "those to generate() instead")
         # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in transformers
-        fields = {k: kwargs.pop(k) for k in list(kwargs)
-                  if k not in inspect.signature(self.generate_video_tokens).parameters and hasattr(GenerationConfig(), k)}
+        own = inspect.signature(self.generate_video_tokens).parameters
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k in _generation_config_defaults()}
         if fields:
             generation_config = copy.deepcopy(generation_config or self.generation_config)
             generation_config.update(**fields)

@@ -36,7 +36,7 @@ def grid(model, batch=2, seed=1):
     return torch.randint(0, model.config.video_vocab_size, (batch, *model.config.latent_shape), generator=g)
 
 
-def test_initialisation_follows_the_official_code():
+def test_initialisation_follows_the_official_code_but_for_the_position_table():
     # official gpt.py: Linear/Embedding weights N(0, 0.02), zero biases, unit LayerNorms, the unconditional prefix
     # N(0, 1) / sqrt(hidden) (its position table starts at zeros, ours N(0, 0.02) as transformers' embeddings)
     model = make_model(hidden_size=64, intermediate_size=256)
