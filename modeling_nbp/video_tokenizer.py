@@ -428,9 +428,13 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"`video` must have shape (batch, channels, frames, height, width) with batch >= 1; "
                              f"got shape {tuple(video.shape)}")
         if video.shape[1] != self._in_channels:
+            if video.shape[-1] == self._in_channels:
+                hint = ("a channels-last (batch, frames, height, width, channels) tensor needs "
+                        "`video.permute(0, 4, 1, 2, 3)`")
+            else:
+                hint = "a (batch, frames, channels, height, width) tensor needs `video.permute(0, 2, 1, 3, 4)`"
             raise ValueError(f"`video` must have {self._in_channels} channels in dim 1 (batch, channels, frames, "
-                             f"height, width); got shape {tuple(video.shape)} (a (batch, frames, channels, ...) "
-                             f"tensor needs `video.permute(0, 2, 1, 3, 4)`)")
+                             f"height, width); got shape {tuple(video.shape)} ({hint})")
         self._latent_shape(*video.shape[2:], names=("`video` frame count (dim 2)", "`video` height (dim 3)",
                                                     "`video` width (dim 4)"))
         self._check_device(video, "video")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from modeling_nbp.data import (MovingDigits, SkipSummary, VideoClipDataset, clip_frame_indices, collate_videos,
-                               load_clip, load_token_dataset, load_video_dataset, merge_token_chunks,
+                               item_seed, load_clip, load_token_dataset, load_video_dataset, merge_token_chunks,
                                pretokenize, resize_center_crop, streaming_video_dataset)
+from modeling_nbp.training.common import StepBatchSampler
 from modeling_nbp.video_io import export_to_mp4
 
 
@@ -175,9 +176,20 @@ def test_k600_layout(tmp_path):
     walk = os.walk
     for order in (list, reversed):  # the folders in either order
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(os, "walk", lambda top: order(list(walk(top))))
+            m.setattr(os, "walk", lambda top, **kwargs: order(list(walk(top, **kwargs))))
             picks.add(load_video_dataset(tmp_path, split="train", num_frames=8, resolution=16, fps=16).index["path"][0])
     assert picks == {str(tmp_path / "train" / "abc_000003_000013.mp4")}
+
+
+def test_k600_clips_in_linked_class_folders_are_found(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.csv").write_text("label,youtube_id,time_start,time_end\nabseiling,abc,0,10\n")
+    write_counting_video(tmp_path / "elsewhere" / "abseiling" / "abc_000000_000010.mp4", frames=4)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "abseiling").symlink_to(tmp_path / "elsewhere" / "abseiling")
+    (tmp_path / "elsewhere" / "abseiling" / "loop").symlink_to(tmp_path / "train")  # a cycle ends the walk
+    train = load_video_dataset(tmp_path, split="train", num_frames=4, resolution=8)
+    assert train.index["path"] == [str(tmp_path / "train" / "abseiling" / "abc_000000_000010.mp4")]
 
 
 # ------------------------------------------------------------------------------ skipping, streaming
@@ -230,6 +242,32 @@ def test_streaming_split_by_node(folder_with_corrupt_files):
         streaming_video_dataset(data, rank=2, world_size=2)
 
 
+def test_seeded_streaming_windows_do_not_depend_on_workers_or_processes(tmp_path):
+    for k in range(4):
+        write_counting_video(tmp_path / "a" / f"{k}.mp4", frames=20, fps=8)
+    data = load_video_dataset(tmp_path, num_frames=3, resolution=8, fps=8)  # "random" windows
+
+    def windows(items):
+        return {os.path.basename(item["path"]): frame_numbers(item["video"]) for item in items}
+
+    torch.manual_seed(0)  # the global RNG must not matter
+    alone = windows(streaming_video_dataset(data, seed=7))
+    torch.manual_seed(1)
+    loader = torch.utils.data.DataLoader(streaming_video_dataset(data, seed=7), batch_size=None, num_workers=2)
+    assert windows(loader) == alone
+    split = [windows(streaming_video_dataset(data, rank=r, world_size=2, seed=7)) for r in range(2)]
+    assert {**split[0], **split[1]} == alone and len(split[0]) == len(split[1]) == 2
+    # the map-style dataset cuts the same clips for the same (index, seed) keys, the training sampler's keys
+    assert alone == windows(data[(i, item_seed(7, 0, i))] for i in range(4))
+    sampler = StepBatchSampler(4, batch_size=4, seed=7, shuffle=False, item_seeds=True)
+    assert next(iter(sampler)) == [(i, item_seed(7, 0, i)) for i in range(4)]
+    assert windows(streaming_video_dataset(data, seed=7, epoch=1)) != alone
+    assert set(next(iter(streaming_video_dataset(data, seed=7)))) == {"video", "label", "path"}
+    for bad in ({"seed": -1}, {"seed": 0, "epoch": 1.5}):
+        with pytest.raises(ValueError, match="`seed` must be a non-negative integer or None and `epoch`"):
+            streaming_video_dataset(data, **bad)
+
+
 def test_video_clip_dataset_validates_arguments(folder_with_corrupt_files):
     data = load_video_dataset(folder_with_corrupt_files)
     with pytest.raises(ValueError, match="sampling"):
@@ -237,6 +275,10 @@ def test_video_clip_dataset_validates_arguments(folder_with_corrupt_files):
     for fps in (0, float("nan"), float("inf")):  # refused before any video is decoded
         with pytest.raises(ValueError, match="fps a finite number > 0 or None"):
             VideoClipDataset(data.index, fps=fps)
+    for bad in ({"resolution": 16.0}, {"num_frames": 5.0}, {"num_frames": 0}):  # a float failed inside PIL
+        with pytest.raises(ValueError, match="num_frames and resolution integers >= 1"):
+            VideoClipDataset(data.index, **bad)
+    assert VideoClipDataset(data.index, num_frames=np.int64(4), resolution=np.int64(8))[0]["video"].shape[1:] == (4, 8, 8)
     with pytest.raises(ValueError, match="layout"):
         load_video_dataset(folder_with_corrupt_files, layout="kinetics")
 
@@ -396,6 +438,18 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
     # a finished folder is checked too: another tokenizer never gets the old tokens back
     with pytest.raises(ValueError, match=r"tokenizer_weights '\w+' on disk, '\w+' now"):
         pretokenize(TinyClips(), tokenizer(seed=1), out, batch_size=2, chunk_size=2)
+
+
+def test_pretokenize_starts_over_after_a_run_that_wrote_no_tokens(tmp_path):
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    torch.manual_seed(0)
+    tok = NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                            fsq_levels=(8, 5, 5, 5), norm_num_groups=4).eval()
+    digits = {"size": 16, "digit_size": 8}
+    with pytest.raises(ValueError, match="frame count"):  # 4 frames: the tokenizer takes 1 + 2n
+        pretokenize(MovingDigits(2, num_frames=4, **digits), tok, tmp_path / "tokens", batch_size=2)
+    assert len(pretokenize(MovingDigits(2, num_frames=5, **digits), tok, tmp_path / "tokens", batch_size=2)) == 2
 
 
 def test_pretokenize_resumes_only_with_the_same_videos(tmp_path):

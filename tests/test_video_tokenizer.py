@@ -415,6 +415,8 @@ def test_decode_splits_the_batch_when_memory_runs_out(monkeypatch, caplog):
      r"`video` height \(dim 3\) must be a multiple of the spatial compression 8"),
     (rand_video(1, 3, 5, 16, 20), ValueError, r"`video` width \(dim 4\) must be a multiple"),
     (rand_video(1, 1, 5, 16, 16), ValueError, r"`video` must have 3 channels"),
+    (rand_video(1, 5, 16, 16, 3), ValueError, r"3 channels in dim 1 .*channels-last .*`video\.permute\(0, 4, 1, 2, 3\)`"),
+    (rand_video(1, 5, 3, 16, 16), ValueError, r"3 channels in dim 1 .*`video\.permute\(0, 2, 1, 3, 4\)`"),
     (rand_video(1, 3, 5, 16, 16) * 255, ValueError, r"`video` values must lie in \[0, 1\].*0\.\.255"),
     (rand_video(1, 3, 5, 16, 16) * 2 - 1, ValueError, r"`video` values must lie in \[0, 1\].*\[-1, 1\]"),
     # [-1, 1] pixels whose darkest value is above -0.5

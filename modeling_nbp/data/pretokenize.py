@@ -111,6 +111,10 @@ def _check_metadata(output_dir: str, wanted: dict) -> None:
     later = {k: v for k, v in wanted["clip"].items() if k in LATER_SETTINGS}
     differences = read_settings_differences(meta_path, wanted, earlier_defaults={
         "clip": {"resize": "crop", **later}, "videos": wanted.get("videos")})
+    if differences and not _holds_tokens(output_dir):  # an earlier run that failed before its first chunk
+        logger.warning("%s holds no tokens yet: its settings file is replaced (%s)", output_dir,
+                       "; ".join(differences))
+        differences = None
     if differences is None:
         write_json(meta_path, wanted)
         return
@@ -118,6 +122,12 @@ def _check_metadata(output_dir: str, wanted: dict) -> None:
         raise ValueError(f"{output_dir} holds a pre-tokenization made with other settings ({'; '.join(differences)}); "
                          "resuming would mix their tokens. Rerun with the same dataset, tokenizer, clip settings and "
                          f"chunk_size, or start over in another output_dir (or delete {output_dir})")
+
+
+def _holds_tokens(output_dir: str) -> bool:
+    chunks = os.path.join(output_dir, "chunks")
+    return os.path.isdir(os.path.join(output_dir, "tokens")) or (
+        os.path.isdir(chunks) and any(name.startswith("chunk_") for name in os.listdir(chunks)))
 
 
 def _chunk_dir(output_dir: str, chunk: int) -> str:

@@ -13,13 +13,16 @@ items and reports them, and `SkipSummary` totals them over a run.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
+import numbers
 import os
 import re
 from typing import Sequence
 
 import datasets
+import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
@@ -41,6 +44,10 @@ K600_SPLIT_ALIASES = {
 def class_name_to_text(name: str) -> str:
     """Class name as text: camel case split, underscores to spaces, lower case ("YoYo" -> "yo yo")."""
     return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_video_file(name: str) -> bool:
@@ -164,8 +171,12 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     required = {"youtube_id", "time_start", "time_end"}
     if not rows or not required <= set(rows[0]):
         raise ValueError(f"{annotations} must have columns {sorted(required)} (+ label), got {list(rows[0]) if rows else []}")
-    files = {}
-    for folder, _, names in os.walk(video_dir):
+    files, seen = {}, set()
+    for folder, subfolders, names in os.walk(video_dir, followlinks=True):  # class folders may be links
+        if os.path.realpath(folder) in seen:  # a link back up the tree, or a second link to one folder
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
         for name in names:
             if is_video_file(name):  # a clip found twice: the first path in sorted order, whichever folder lists first
                 key, path = os.path.splitext(name)[0], os.path.join(folder, name)
@@ -232,7 +243,8 @@ def build_video_index(source: str | os.PathLike, layout: str = "auto", split: st
 class VideoClipDataset(torch.utils.data.Dataset):
     """Map-style torch dataset over a video index; decodes one clip per item with PyAV.
 
-    Picklable, so it works with DataLoader workers. Use ``collate_fn=collate_videos``.
+    A video with fewer than ``num_frames`` frames at ``fps`` is used whole and padded by repeating its last frame
+    (see `clips`). Picklable, so it works with DataLoader workers. Use ``collate_fn=collate_videos``.
     """
 
     def __init__(self, index: datasets.Dataset, num_frames: int = 17, resolution: int = 128,
@@ -243,9 +255,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
-        if num_frames < 1 or resolution < 1 or (fps is not None and not (math.isfinite(fps) and fps > 0)):
-            raise ValueError(f"need num_frames >= 1, resolution >= 1, fps a finite number > 0 or None; got "
-                             f"{num_frames}, {resolution}, {fps}")
+        if not all(_is_int(v) and v >= 1 for v in (num_frames, resolution)) or (
+                fps is not None and not (math.isfinite(fps) and fps > 0)):
+            raise ValueError(f"need num_frames and resolution integers >= 1, fps a finite number > 0 or None; got "
+                             f"{num_frames!r}, {resolution!r}, {fps!r}")
         self.index = index
         self.num_frames, self.resolution, self.fps, self.sampling = num_frames, resolution, fps, sampling
         self.resize = resize
@@ -299,8 +312,23 @@ def load_video_dataset(source: str | os.PathLike, layout: str = "auto", split: s
     return VideoClipDataset(index, num_frames, resolution, fps, sampling, resize)
 
 
+_INDEX_COLUMN = "_nbp_item_index"  # the position in the index, carried through a seeded streaming dataset
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s randomness (its "random" window) in ``epoch`` of a run seeded with ``seed``; the
+    training loops' `StepBatchSampler(item_seeds=True)` hands out the same (index, seed) keys."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+def _decode_seeded(dataset: VideoClipDataset, seed: int, epoch: int, example: dict) -> dict:
+    generator = torch.Generator().manual_seed(item_seed(seed, epoch, example[_INDEX_COLUMN]))
+    return dataset.decode_example(example, generator)
+
+
 def streaming_video_dataset(dataset: VideoClipDataset, rank: int = 0, world_size: int = 1,
-                            num_shards: int | None = None) -> datasets.IterableDataset:
+                            num_shards: int | None = None, seed: int | None = None,
+                            epoch: int = 0) -> datasets.IterableDataset:
     """An iterable copy of ``dataset`` holding only this process's part (``rank`` of ``world_size``).
 
     The index is cut into ``num_shards`` contiguous shards (default ``4 * world_size``, at most one per
@@ -308,12 +336,27 @@ def streaming_video_dataset(dataset: VideoClipDataset, rank: int = 0, world_size
     ``world_size``-th example. DataLoader workers then share out this process's shards. Items are the
     same dicts as `VideoClipDataset`'s (``"video"`` None for unreadable files). Shuffle with
     ``.shuffle(seed=..., buffer_size=...)`` using the same seed on every process.
+
+    ``seed``: "random" windows are drawn from a generator seeded with ``item_seed(seed, epoch, i)`` for the
+    ``i``-th video of the index, so they do not depend on the number of processes or DataLoader workers, nor on
+    what else drew random numbers (``dataset[(i, item_seed(seed, epoch, i))]`` cuts the same clip); None draws from
+    torch's global RNG. ``set_epoch`` on the returned dataset only reorders shards and shuffle buffers (`datasets`
+    does not pass it on to the decoding): for new windows each epoch, build the dataset per epoch with its ``epoch``.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if not (seed is None or (_is_int(seed) and seed >= 0)) or not (_is_int(epoch) and epoch >= 0):
+        raise ValueError(f"`seed` must be a non-negative integer or None and `epoch` a non-negative integer; got "
+                         f"seed={seed!r}, epoch={epoch!r}")
     num_shards = num_shards or min(len(dataset.index), 4 * world_size)
-    iterable = dataset.index.to_iterable_dataset(num_shards=num_shards)
-    return split_dataset_by_node(iterable, rank=rank, world_size=world_size).map(dataset.decode_example)
+    index = dataset.index
+    if seed is not None:
+        index = index.add_column(_INDEX_COLUMN, list(range(len(index))))
+    iterable = split_dataset_by_node(index.to_iterable_dataset(num_shards=num_shards), rank=rank, world_size=world_size)
+    if seed is None:
+        return iterable.map(dataset.decode_example)
+    decode = functools.partial(_decode_seeded, dataset, int(seed), int(epoch))
+    return iterable.map(decode, remove_columns=[_INDEX_COLUMN])
 
 
 # --------------------------------------------------------------------------------------------------
