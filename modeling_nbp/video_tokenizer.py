@@ -232,7 +232,13 @@ class NBPVideoTokenizerOutput(BaseOutput):
 
 
 def _is_int(value) -> bool:
+    """A Python int: config values are saved as JSON, which takes no numpy integers."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    """Any integer type (numpy's too), for sizes that are only computed with."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _decode_batch_size(value) -> int | None:
@@ -393,8 +399,9 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     def _latent_shape(self, num_frames, height, width, names) -> tuple[int, int, int]:
         for name, value in zip(names, (num_frames, height, width)):
-            if not _is_int(value) or value < 1:
+            if not _is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        num_frames, height, width = int(num_frames), int(height), int(width)
         tc, sc = self.temporal_compression, self.spatial_compression
         if (num_frames - 1) % tc:
             raise ValueError(
@@ -412,9 +419,9 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     def num_frames_for_latent(self, latent_frames: int) -> int:
         """Number of pixel frames that `latent_frames` latent frames decode to: 1 + temporal_compression * (t - 1)."""
-        if not _is_int(latent_frames) or latent_frames < 1:
+        if not _is_integer(latent_frames) or latent_frames < 1:
             raise ValueError(f"`latent_frames` must be a positive integer; got {latent_frames!r}")
-        return 1 + self.temporal_compression * (latent_frames - 1)
+        return 1 + self.temporal_compression * (int(latent_frames) - 1)
 
     # ------------------------------------------------------------------------------------- validation
     def _check_video(self, video) -> None:

@@ -97,6 +97,13 @@ def test_folder_layout(tmp_path):
     assert data.sampling == "random"  # split "train"
 
 
+def test_folder_layout_reads_every_common_video_extension(tmp_path):
+    for k, ext in enumerate([".mp4", ".MPG", ".mpeg", ".ts", ".flv", ".3gp", ".wmv", ".ogv"]):  # .mpg etc. were left out
+        os.replace(write_counting_video(tmp_path / "a" / f"{k}.mp4", frames=4), tmp_path / "a" / f"{k}{ext}")
+    data = load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
+    assert len(data) == 8 and data[1]["video"].shape == (3, 4, 8, 8)
+
+
 def test_folder_layout_with_split_folders(tmp_path):
     write_counting_video(tmp_path / "train" / "a" / "0.mp4", frames=4)
     write_counting_video(tmp_path / "test" / "a" / "1.mp4", frames=4)

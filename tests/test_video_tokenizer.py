@@ -101,6 +101,9 @@ def test_official_config_geometry(official_meta):
     assert (tok.temporal_compression, tok.spatial_compression, tok.codebook_size) == (4, 8, 64000)
     assert tok.latent_shape(17, 128, 128) == (5, 16, 16)
     assert tok.num_frames_for_latent(5) == 17
+    shape = tok.latent_shape(np.int64(17), np.int32(128), np.int64(128))  # sizes read from arrays (were refused)
+    assert shape == (5, 16, 16) and all(type(n) is int for n in shape)
+    assert tok.num_frames_for_latent(np.int64(5)) == 17
     ids = tok.encode(torch.empty(1, 3, 17, 128, 128, device="meta"))
     assert ids.shape == (1, 5, 16, 16) and ids.dtype == torch.int64
     assert tok.decode(ids).shape == (1, 3, 17, 128, 128)

@@ -31,7 +31,8 @@ from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".wmv",
+                    ".ogv")
 LAYOUTS = ("auto", "folder", "ucf101", "k600")
 FOLDER_SPLIT_NAMES = ("train", "test", "val", "validation", "valid")
 K600_SPLIT_ALIASES = {
