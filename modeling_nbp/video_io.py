@@ -163,7 +163,8 @@ def _packet_times(path: str) -> tuple[np.ndarray, float, float] | None:
     packets, the time base and the stream's rate; None when a packet has no timestamp or two share one (then
     frames cannot be matched to packets, and `_decode_all` decides)."""
     if not os.path.isfile(path):
-        raise VideoDecodeError(f"video file not found: {path}")
+        raise VideoDecodeError(f"{path} is a folder, not a video file" if os.path.isdir(path) else
+                               f"video file not found: {path}")
     try:
         with av.open(path) as container:
             if not container.streams.video:

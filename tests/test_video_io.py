@@ -89,6 +89,13 @@ def test_unreadable_files_raise_video_decode_error(tmp_path, damage):
         read_video(path)
 
 
+def test_missing_file_and_folder_are_named(tmp_path):
+    with pytest.raises(VideoDecodeError, match="video file not found"):
+        read_video(tmp_path / "missing.mp4")
+    with pytest.raises(VideoDecodeError, match="is a folder, not a video file"):  # was "video file not found"
+        read_video(tmp_path)
+
+
 def test_fps_resampling_picks_nearest_frames(tmp_path):
     path = export_to_mp4(index_video(16), tmp_path / "count.mp4", fps=16)  # 1 s of video
     half, fps = read_video(path, fps=8)
