@@ -23,7 +23,7 @@ from modeling_nbp.data.pretokenize import TOKEN_FEATURES
 from modeling_nbp.training import common, flops
 from modeling_nbp.training.optim import lr_at_step
 from modeling_nbp.training.train_nbp import build_parser, main, parse_args
-from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
+from train_helpers import fresh_accelerate_state, read_log, tensorboard_steps  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "examples" / "train_nbp.py")
@@ -140,7 +140,10 @@ def test_batch_layout_from_global_batch():
 
 def test_batch_and_checkpoint_flags_must_be_positive(capsys):
     for flag in ("--train_batch_size", "--gradient_accumulation_steps", "--global_batch_size",
-                 "--checkpoints_total_limit", "--checkpointing_steps", "--logging_steps"):
+                 "--checkpoints_total_limit", "--checkpointing_steps", "--logging_steps",
+                 # 0 would otherwise stand for "not given" (the data's classes, the default size)
+                 "--num_classes", "--num_layers", "--hidden_size", "--num_heads", "--video_vocab_size",
+                 "--lr_schedule_steps"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--train_data", "x", flag, "0"])
         assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
@@ -294,11 +297,25 @@ def test_bad_arguments_are_clear_errors(token_data, tmp_path):
         main(["--train_data", token_data[0], "--validation_data", other_grid, "--output_dir", str(tmp_path), *TINY])
     named = write_tokens(tmp_path / "named", 6, 2, class_names=["cat", "dog", "fox"])
     shifted = write_tokens(tmp_path / "shifted", 6, 3, class_names=["cat", "fox", "owl"])
-    with pytest.raises(ValueError, match="only in validation: \\['owl'\\], only in training: \\['dog'\\]"):
+    with pytest.raises(ValueError, match="--validation_data has classes that --train_data lacks \\(\\['owl'\\]\\)"):
         main(["--train_data", named, "--validation_data", shifted, "--output_dir", str(tmp_path), *TINY])
     more_classes = write_tokens(tmp_path / "classes", 8, 4, classes=4)
     with pytest.raises(ValueError, match="--validation_data has labels in \\[0, 3\\], the model 3 classes"):
         main(["--train_data", token_data[0], "--validation_data", more_classes, "--output_dir", str(tmp_path), *TINY])
+
+
+def test_a_validation_folder_with_some_of_the_classes_is_scored_with_the_training_labels(tmp_path):
+    """A small validation folder holds clips of some classes only, so its class list is shorter and its labels are
+    positions in that list: each must be scored as the training class of the same name."""
+    train = write_tokens(tmp_path / "train", 6, 0, class_names=["cat", "dog", "fox"])
+    val = write_tokens(tmp_path / "val", 1, 1, class_names=["fox"], classes=1)  # one clip, label 0 = fox
+    summary = main(["--train_data", train, "--validation_data", val, "--output_dir", str(tmp_path / "run"), *TINY,
+                    "--max_steps", "1", "--train_batch_size", "2", "--warmup_steps", "0"])
+    model = NBPForVideoGeneration.from_pretrained(tmp_path / "run" / "final").eval()
+    grid = load_token_dataset(val)[0]["input_ids"][None]
+    with torch.no_grad():
+        as_fox = model(video_ids=grid, class_labels=torch.tensor([2])).loss.item()
+    assert summary["val_loss"] == pytest.approx(as_fox, rel=1e-5)
 
 
 def test_class_count_comes_from_the_class_names(tmp_path):
@@ -415,6 +432,21 @@ def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):
     assert not (killed / ".tmp-checkpoint-10000").exists()
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(token_data, tmp_path):
+    """A run killed after logging step 3 but before checkpointing it resumes from step 2 and logs step 3 again:
+    TensorBoard must drop the killed run's step 3 (as train_log.jsonl does), not show both."""
+    args = ["--train_data", token_data[0], *TINY, "--max_steps", "3", "--train_batch_size", "4",
+            "--checkpointing_steps", "2", "--report_to", "tensorboard", "--output_dir", str(tmp_path),
+            "--resume_from_checkpoint", "latest"]
+    main(args)
+    shutil.rmtree(tmp_path / "checkpoint-3")  # killed before it was saved
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main(args)
+    assert tensorboard_steps(tmp_path / "logs" / "nbp", "train/loss") == [1, 2, 3]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
 def test_a_resume_raising_max_steps_keeps_the_checkpoints_warmup(token_data, tmp_path):
     """--warmup_steps left to its default (5% of --max_steps) on a resume: the checkpoint's warmup (0) is kept, so a
     larger --max_steps (20, whose 5% is 1 step) is not refused as a change of warmup."""
@@ -476,7 +508,7 @@ def test_a_resume_may_raise_max_steps_but_not_change_the_data_or_schedule(token_
         assert rates == pytest.approx([lr_at_step(step, 3e-4, length, 2) for step in range(4, 8)], rel=1e-12)
 
 
-def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub):
+def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub, monkeypatch):
     from huggingface_hub import HfApi
 
     from modeling_nbp.video_tokenizer import NBPVideoTokenizer
@@ -486,10 +518,14 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
                                   fsq_levels=(4, 4), norm_num_groups=4, patch_size=2)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     out = tmp_path / "run"
+    sampled = []
+    log_videos = common.log_videos
+    monkeypatch.setattr(common, "log_videos", lambda *a, **k: sampled.append(a[3]) or log_videos(*a, **k))
     main(["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4", "--output_dir", str(out),
           "--tokenizer", str(tmp_path / "tokenizer"), "--sample_steps", "1", "--num_samples", "2",
           "--class_dropout_prob", "0.1", "--guidance_scale", "2", "--top_k", "5",
           "--push_to_hub", "--hub_model_id", "test-user/tiny-nbp"])
+    assert sampled == [1, 2]  # the last step's samples once, though --sample_steps divides --max_steps
     for step in (1, 2):
         names = os.listdir(out / "samples" / f"step-{step:07d}")
         assert {"samples_0.mp4", "samples_1.mp4", "samples.png"} <= set(names)
@@ -504,6 +540,20 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     pushed = set(HfApi().list_repo_files("test-user/tiny-nbp"))
     local = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
     assert local <= pushed
+
+
+def test_push_to_hub_without_a_reachable_hub_fails_before_training(token_data, tmp_path, monkeypatch):
+    from hub_server import forget_hub_clients, use_local_hub
+
+    use_local_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf_home")  # nothing listens there
+    try:
+        with pytest.raises(RuntimeError, match="--push_to_hub: could not create the Hub repository 'me/tiny' before "
+                                               "training \\(.*Error.*\\): check the network and your Hub login"):
+            main(["--train_data", token_data[0], *TINY, "--output_dir", str(tmp_path / "run"), "--push_to_hub",
+                  "--hub_model_id", "me/tiny"])
+    finally:
+        forget_hub_clients()
+    assert os.listdir(tmp_path / "run") == []  # nothing trained
 
 
 # ---- accelerate configs (dry run: FSDP and DeepSpeed cannot run on this CPU-only machine) ------------------------

@@ -21,7 +21,7 @@ from modeling_nbp.training.train_tokenizer import (build_datasets, build_tokeniz
 from modeling_nbp.video_io import export_to_mp4
 from modeling_nbp.video_tokenizer import NBPVideoTokenizer
 from test_data import write_corrupt, write_counting_video
-from train_helpers import fresh_accelerate_state, read_log  # noqa: F401 (autouse fixture)
+from train_helpers import fresh_accelerate_state, read_log, tensorboard_steps  # noqa: F401 (autouse fixture)
 
 # 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
 RUN = ["--num_frames", "5", "--resolution", "16", "--base_channels", "8", "--channel_multipliers", "1,1",
@@ -183,6 +183,13 @@ def test_unreadable_held_out_clips_stop_the_run_before_training(tmp_path):
     with pytest.raises(ValueError, match="no video of --validation_data .*validation \\(split 'test'\\) reads"):
         main(["--train_data", str(data), "--validation_data", str(tmp_path / "validation"), *RUN, "--output_dir",
               str(tmp_path / "run")])
+    # nor a training folder none of whose videos reads (the run would train on nothing)
+    for i in range(2):
+        write_corrupt(tmp_path / "unreadable" / "a" / f"{i}.mp4", "random")
+    with pytest.raises(ValueError, match="no training clip could be decoded: no video of --train_data .*unreadable "
+                                         "reads"):
+        main(["--train_data", str(tmp_path / "unreadable"), "--validation_data", str(data), *RUN, "--output_dir",
+              str(tmp_path / "run")])
     assert not common.list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
@@ -226,7 +233,7 @@ def test_random_clip_windows_resume_exactly(tmp_path):
 def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     scripted = export_l1(tmp_path / "l1.pt2")
     run = tmp_path / "run"
-    summary = main([*TINY, "--output_dir", str(run), "--perceptual_model", scripted])
+    summary = main([*TINY, "--output_dir", str(run), "--perceptual_model", scripted, "--report_to", "tensorboard"])
     out = capsys.readouterr().out
     assert "step 2: PSNR" in out and "step 4: PSNR" in out and "done: 4 steps" in out
     assert 0 < summary["psnr"] < 100 and -1 <= summary["ssim"] <= 1
@@ -251,6 +258,7 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(run / "logs", resumed / "logs")  # with steps 3-4 logged
     # what the checkpoint restores (clips, data order, optimizer, model, the GAN's start) cannot change on a resume
     for flags, change in [(["--num_clips", "9"], "data.num_clips 8 on disk, 9 now"),
                           (["--seed", "1"], "seed 3 on disk, 1 now"),
@@ -262,8 +270,10 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
         with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
             main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint",
                   "latest", *flags])
-    main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest"])
+    main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest",
+          "--report_to", "tensorboard"])
     assert "resumed from" in capsys.readouterr().out
+    assert tensorboard_steps(resumed / "logs" / "nbp-tokenizer", "train/total") == [1, 2, 3, 4]  # 3-4 shown once
     strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731
     assert strip(read_log(resumed)) == strip(read_log(run))
     for name in ("model.safetensors", "model_1.safetensors"):  # tokenizer and discriminator

@@ -146,7 +146,15 @@ def prepare_output_dir(accelerator, args) -> str | None:
         return None
     os.makedirs(args.output_dir, exist_ok=True)
     remove_stale_temporaries(args.output_dir)
-    return create_hub_repo(args.hub_model_id, args.hub_private or None) if args.push_to_hub else None
+    if not args.push_to_hub:
+        return None
+    try:
+        return create_hub_repo(args.hub_model_id, args.hub_private or None)
+    except Exception as error:  # no network, offline mode, no or a wrong token, a name taken by someone else
+        reason = (str(error).splitlines() or [""])[0]
+        raise RuntimeError(f"--push_to_hub: could not create the Hub repository {args.hub_model_id!r} before training "
+                           f"({type(error).__name__}: {reason}): check the network and your Hub login (`hf auth "
+                           "login` or HF_TOKEN), or leave out --push_to_hub and upload final/ later") from error
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict,
@@ -391,6 +399,14 @@ def resolve_report_to(report_to: str) -> list[str]:
     return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}[report_to]
 
 
+def init_trackers(accelerator, args, global_step: int) -> None:
+    """Start the trackers for a run that logs from step `global_step + 1` on. TensorBoard hides what an earlier run
+    in the same folder logged from that step on (`purge_step`): a run killed after its last checkpoint logged steps
+    that the resumed run logs again, which would otherwise show twice (train_log.jsonl drops them likewise)."""
+    accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args),
+                              init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
+
+
 def tracker_config(args) -> dict:
     """argparse namespace -> flat dict of str/int/float/bool, as TensorBoard's hparams need."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
@@ -534,11 +550,11 @@ class ThroughputMeter:
 
 __all__ = [
     "CHECKPOINT_MARKER", "CHECKPOINT_PREFIX", "EMA", "check_run_start", "dataloader_worker_init",
-    "find_latest_checkpoint", "JsonlLog", "keep_resumed_defaults", "list_checkpoints", "load_checkpoint",
-    "load_checkpoint_tensors", "log_videos", "make_accelerator", "prepare_output_dir", "read_trainer_state",
-    "remove_stale_temporaries", "remove_tree", "resolve_batch_layout", "resolve_mixed_precision", "resolve_report_to",
-    "resolve_resume_checkpoint", "save_checkpoint", "seed_step", "StepBatchSampler", "ThroughputMeter",
-    "tracker_config", "training_progress", "use_cpu", "write_json",
+    "find_latest_checkpoint", "init_trackers", "JsonlLog", "keep_resumed_defaults", "list_checkpoints",
+    "load_checkpoint", "load_checkpoint_tensors", "log_videos", "make_accelerator", "prepare_output_dir",
+    "read_trainer_state", "remove_stale_temporaries", "remove_tree", "resolve_batch_layout", "resolve_mixed_precision",
+    "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step", "StepBatchSampler",
+    "ThroughputMeter", "tracker_config", "training_progress", "use_cpu", "write_json",
 ]
 
 

@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper setting: model size and task plus batch, lr, warmup and steps (training flags override "
                         "these; the model size comes only from the preset)")
     g.add_argument("--model_config", help="NBPConfig JSON file or model folder")
-    g.add_argument("--num_layers", type=int, help=f"default {DEFAULTS['num_layers']}")
-    g.add_argument("--hidden_size", type=int, help=f"default {DEFAULTS['hidden_size']}")
-    g.add_argument("--num_heads", type=int, help=f"default {DEFAULTS['num_heads']}")
+    g.add_argument("--num_layers", type=common.positive_int, help=f"default {DEFAULTS['num_layers']}")
+    g.add_argument("--hidden_size", type=common.positive_int, help=f"default {DEFAULTS['hidden_size']}")
+    g.add_argument("--num_heads", type=common.positive_int, help=f"default {DEFAULTS['num_heads']}")
     g.add_argument("--block_shape", type=common.int_list, help="t,h,w of a block (default: one row of the grid, 1,1,W')")
     g.add_argument("--first_block", choices=FIRST_BLOCK_SCHEMES,
                    help="default hybrid ('none' for --condition_mode frames)")
@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: class if every item has a label >= 0, else none")
     g.add_argument("--num_context_frames", type=int, default=1,
                    help="frames mode: latent frames given as context when sampling (training predicts all)")
-    g.add_argument("--num_classes", type=int, help="default: the data's class names, else its largest label + 1")
-    g.add_argument("--video_vocab_size", type=int,
+    g.add_argument("--num_classes", type=common.positive_int,
+                   help="default: the data's class names, else its largest label + 1")
+    g.add_argument("--video_vocab_size", type=common.positive_int,
                    help="default: the tokenizer's codebook, the preset's, or the largest id in the data + 1")
     g.add_argument("--dropout", type=float, help=f"embedding/residual dropout (default {DEFAULTS['dropout']})")
     g.add_argument("--class_dropout_prob", type=float, default=0.0,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warmup steps (default 5%% of --max_steps; on a resume, the checkpoint's)")
     g.add_argument("--warmup_lr_init", type=float, default=0.0, help="the warmup's first rate (>= 0)")
     g.add_argument("--lr_min", type=float, default=0.0, help="where the decay ends (0 to --learning_rate)")
-    g.add_argument("--lr_schedule_steps", type=int,
+    g.add_argument("--lr_schedule_steps", type=common.positive_int,
                    help="length of the decay (default --max_steps; raising --max_steps on a resume stretches the "
                         "schedule from there, so give the first run's length here to keep it)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
@@ -207,26 +208,35 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
     return config
 
 
-def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> None:
+def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> torch.Tensor | None:
     """The validation items must fit the model the training data shaped (checked before training: a mismatch
-    found at the final validation would lose the run's last steps and final/)."""
+    found at the final validation would lose the run's last steps and final/). -> the training label of each
+    validation label where the two class lists differ (labels are positions in each split's list: a validation
+    folder may hold some of the classes only), else None."""
     if val_info["latent_shape"] != info["latent_shape"]:
         raise ValueError(f"--validation_data has latent grids {val_info['latent_shape']}, --train_data "
                          f"{info['latent_shape']}: pre-tokenize both with the same tokenizer and clip settings")
+    label_map = None
     if config.condition_mode == "class":
         names, val_names = info["class_names"], val_info["class_names"]
-        if names and val_names and names != val_names:  # labels are positions in each split's class list
-            only_val, only_train = sorted(set(val_names) - set(names)), sorted(set(names) - set(val_names))
-            raise ValueError(f"--validation_data's class list differs from --train_data's (only in validation: "
-                             f"{only_val[:5]}, only in training: {only_train[:5]}, else the order); labels are "
-                             "positions in each list, so they would name other classes")
-        if not 0 <= val_info["min_label"] <= val_info["max_label"] < config.num_classes:
-            raise ValueError(f"--validation_data has labels in [{val_info['min_label']}, {val_info['max_label']}], "
-                             f"the model {config.num_classes} classes")
+        low, high = val_info["min_label"], val_info["max_label"]
+        if names and val_names and names != val_names:
+            unknown = sorted(set(val_names) - set(names))
+            if unknown:
+                raise ValueError(f"--validation_data has classes that --train_data lacks ({unknown[:5]}), which the "
+                                 "model has no label for")
+            label_map = torch.tensor([names.index(name) for name in val_names])
+            if low >= 0:
+                low, high = int(label_map[low:high + 1].min()), int(label_map[low:high + 1].max())
+        if not 0 <= low <= high < config.num_classes:
+            mapped = " (as training labels)" if label_map is not None else ""
+            raise ValueError(f"--validation_data has labels in [{low}, {high}]{mapped}, the model "
+                             f"{config.num_classes} classes")
     largest = max_token_id(val_info["data"])
     if largest >= config.video_vocab_size:
         raise ValueError(f"--validation_data holds token id {largest}, the model's video vocabulary "
                          f"{config.video_vocab_size} ids")
+    return label_map
 
 
 def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
@@ -266,8 +276,9 @@ def model_inputs(batch: dict, config: NBPConfig, device) -> dict:
 
 
 @torch.no_grad()
-def validation_loss(accelerator, model, data, batch_size: int) -> float:
-    """Mean next-block loss over `data` (each item once, shared out over the processes)."""
+def validation_loss(accelerator, model, data, batch_size: int, label_map: torch.Tensor | None = None) -> float:
+    """Mean next-block loss over `data` (each item once, shared out over the processes); `label_map` gives the
+    model's label of each label in `data` (`check_validation_data`)."""
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_tokens)
     loader = prepare_data_loader(loader, accelerator.device, accelerator.num_processes, accelerator.process_index,
                                  put_on_device=True)
@@ -276,6 +287,8 @@ def validation_loss(accelerator, model, data, batch_size: int) -> float:
     model.eval()
     losses = []
     for batch in loader:
+        if label_map is not None:
+            batch["class_labels"] = label_map.to(batch["class_labels"].device)[batch["class_labels"]]
         inputs = model_inputs(batch, unwrapped.config, accelerator.device)
         input_ids, labels = unwrapped.prepare_training_inputs(inputs["video_ids"], inputs.get("class_labels"))
         logits = model(input_ids=input_ids).logits
@@ -391,10 +404,10 @@ def main(argv=None) -> dict:
     info = describe_tokens(args.train_data)
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
     config = build_config(args, info, tokenizer)
-    val_data = None
+    val_data = val_labels = None
     if args.validation_data:
         val_info = describe_tokens(args.validation_data)
-        check_validation_data(val_info, info, config)
+        val_labels = check_validation_data(val_info, info, config)
         val_data = val_info["data"]
     if tokenizer is not None and accelerator.is_main_process:
         check_tokenizer_made_tokens(args.train_data, tokenizer)
@@ -440,7 +453,7 @@ def main(argv=None) -> dict:
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
         os.remove(log.path)  # a fresh run starts a fresh log
-    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+    common.init_trackers(accelerator, args, global_step)
 
     sampler = common.StepBatchSampler(len(info["data"]), per_device_batch, accelerator.num_processes,
                                       accelerator.process_index, args.seed, start_step=global_step * accum,
@@ -495,10 +508,11 @@ def main(argv=None) -> dict:
         meter.pause()
         if val_data is not None and args.validation_steps and global_step % args.validation_steps == 0 and not done:
             with ema_weights(accelerator, model, ema):
-                val = validation_loss(accelerator, model, val_data, per_device_batch)
+                val = validation_loss(accelerator, model, val_data, per_device_batch, val_labels)
             accelerator.log({"val/loss": val}, step=global_step)
             log.append({"step": global_step, "val_loss": val})
-        if can_sample and args.sample_steps and global_step % args.sample_steps == 0 and accelerator.is_main_process:
+        if (can_sample and args.sample_steps and global_step % args.sample_steps == 0 and not done
+                and accelerator.is_main_process):  # the last step's samples are made after the loop
             with ema_weights(accelerator, model, ema):
                 sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
                               global_step, args.output_dir)
@@ -512,7 +526,7 @@ def main(argv=None) -> dict:
 
     if val_data is not None:
         with ema_weights(accelerator, model, ema):
-            val_loss = validation_loss(accelerator, model, val_data, per_device_batch)
+            val_loss = validation_loss(accelerator, model, val_data, per_device_batch, val_labels)
         accelerator.log({"val/loss": val_loss}, step=global_step)
         log.append({"step": global_step, "val_loss": val_loss})
     if can_sample and accelerator.is_main_process:

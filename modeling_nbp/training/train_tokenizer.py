@@ -221,9 +221,13 @@ def held_out_videos(num_videos: int, num_held: int) -> list[int]:
     return [(2 * i + 1) * num_videos // (2 * num_held) for i in range(num_held)]
 
 
-def check_held_out_data(eval_data, args) -> None:
-    """The evaluation at the end of the run needs a readable held-out clip: checked before training (decoding up to
-    the first one that reads), not once every step is trained."""
+def check_readable_data(train_data, eval_data, args) -> None:
+    """Training needs a readable clip (unreadable ones are skipped: with none, every step would train on nothing),
+    and the evaluation at the end of the run a readable held-out one: checked before training (decoding up to the
+    first one that reads), not once every step is trained."""
+    if args.dataset == "folder" and all(train_data[(i, 0)]["video"] is None for i in range(len(train_data))):
+        raise ValueError(f"no training clip could be decoded: no video of --train_data {args.train_data} reads; pass "
+                         "a folder with readable videos")
     if any(eval_data[i]["video"] is not None for i in range(len(eval_data))):
         return
     if args.validation_data:
@@ -336,7 +340,7 @@ def main(argv=None) -> dict:
     common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule", "disc_start_step": "optimization"})
 
     train_data, eval_data = build_datasets(args)
-    check_held_out_data(eval_data, args)
+    check_readable_data(train_data, eval_data, args)
     torch.manual_seed(args.seed)  # same initial weights on every process
     tokenizer = build_tokenizer(args)
     tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
@@ -382,7 +386,7 @@ def main(argv=None) -> dict:
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
         os.remove(log.path)
-    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+    common.init_trackers(accelerator, args, global_step)
 
     # a video clip's random window is seeded by its place in the data order (moving digits are fixed clips)
     sampler = common.StepBatchSampler(len(train_data), per_device_batch, accelerator.num_processes,
