@@ -147,6 +147,10 @@ def test_batch_and_checkpoint_flags_must_be_positive(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--train_data", "x", flag, "0"])
         assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    for flag in ("--validation_steps", "--sample_steps"):  # 0: off; a negative interval ran at every step
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--train_data", "x", f"{flag}=-1"])
+        assert f"argument {flag}: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_warmup_longer_than_the_schedule_is_refused():

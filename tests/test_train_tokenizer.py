@@ -131,6 +131,9 @@ def test_argument_errors(tmp_path):
     check_discriminator_input(parse_args([*base, "--resolution", "24"]))
     with pytest.raises(ValueError, match="--max_grad_norm must be >= 0 \\(0: no clipping\\), got -1.0"):
         parse_args([*base, "--max_grad_norm=-1"])  # clip_grad_norm_ would flip the gradients' sign
+    for flag in ("--eval_steps", "--num_log_videos"):  # a negative interval evaluated at every step
+        with pytest.raises(SystemExit):
+            parse_args([*base, f"{flag}=-1"])
     # data flags that the chosen data would ignore are refused (a preset's values are defaults, not given flags)
     folder = ["--train_data", str(tmp_path), "--output_dir", str(tmp_path)]
     for argv, message in [

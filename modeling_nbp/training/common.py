@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.video_datasets import item_seed
 from ..pipelines.pipeline_nbp_video import create_hub_repo
 from ..run_files import settings_differences, write_json
 from ..video_io import atomic_output_path, export_to_mp4, flush_to_disk, make_contact_sheet
@@ -292,7 +293,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             start = ((step % self.steps_per_epoch) * self.global_batch
                      + (a * self.num_processes + self.process_index) * self.batch_size)
             batch = order[start:start + self.batch_size].tolist()
-            yield [(i, _derived_seed(self.seed, epoch, i)) for i in batch] if self.item_seeds else batch
+            yield [(i, item_seed(self.seed, epoch, i)) for i in batch] if self.item_seeds else batch
             micro += 1
 
 

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_batch_arguments(g, DEFAULTS["train_batch_size"])
     g = p.add_argument_group("checkpoints, logging, hub")
     common.add_checkpoint_arguments(g)
-    g.add_argument("--validation_steps", type=int, default=0, help="0: validate at the end only")
-    g.add_argument("--sample_steps", type=int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
+    g.add_argument("--validation_steps", type=common.non_negative_int, default=0, help="0: validate at the end only")
+    g.add_argument("--sample_steps", type=common.non_negative_int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
                    "at the end only)")
     g.add_argument("--num_samples", type=int, default=4)
     g = p.add_argument_group("sampling", "for the sample videos, and saved as the final model's generation_config (its "

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_batch_arguments(g, DEFAULT_BATCH_SIZE)
     g = p.add_argument_group("checkpoints, logging, hub")
     common.add_checkpoint_arguments(g)
-    g.add_argument("--eval_steps", type=int, default=0, help="PSNR/SSIM every N steps (0: at the end only)")
-    g.add_argument("--num_log_videos", type=int, default=4, help="held-out reconstructions saved at each eval")
+    g.add_argument("--eval_steps", type=common.non_negative_int, default=0, help="PSNR/SSIM every N steps (0: at the end only)")
+    g.add_argument("--num_log_videos", type=common.non_negative_int, default=4, help="held-out reconstructions saved at each eval")
     common.add_tracking_arguments(g, "nbp-tokenizer")
     return p
 
