@@ -196,6 +196,21 @@ def test_unreadable_held_out_clips_stop_the_run_before_training(tmp_path):
     assert not common.list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
+def test_an_unreadable_micro_batch_is_left_out_of_the_logged_losses(tmp_path):
+    """Step 1 of 1 readable + 1 unreadable clip in two micro-batches logs the readable clip's loss, as a run on
+    that clip alone does (the unreadable micro-batch trains zeros at weight 0; its loss was averaged in)."""
+    write_noise_videos(tmp_path / "held", 1, frames=5)
+    flags = [*RUN, "--train_batch_size", "1", "--max_steps", "1", "--validation_data", str(tmp_path / "held")]
+    write_noise_videos(tmp_path / "alone", 1, frames=5)
+    main(["--train_data", str(tmp_path / "alone"), *flags, "--output_dir", str(tmp_path / "run_alone")])
+    write_noise_videos(tmp_path / "mixed", 1, frames=5)
+    write_corrupt(tmp_path / "mixed" / "a" / "1.mp4", "random")
+    main(["--train_data", str(tmp_path / "mixed"), *flags, "--gradient_accumulation_steps", "2",
+          "--output_dir", str(tmp_path / "run_mixed")])
+    alone, mixed = read_log(tmp_path / "run_alone")[0], read_log(tmp_path / "run_mixed")[0]
+    assert mixed["total"] == pytest.approx(alone["total"], rel=1e-6) and mixed["l1"] == pytest.approx(alone["l1"])
+
+
 def test_a_step_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch):
     def failing_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")

@@ -409,7 +409,7 @@ def main(argv=None) -> dict:
     while global_step < args.max_steps:
         gan = adversarial and adversarial_active(global_step, args.disc_start_step)
         lr = sched_g.get_last_lr()[0]
-        totals = {}
+        totals, read = {}, 0.0  # loss sums over the micro-batches that held a readable clip, and their count
         for micro in range(accum):
             batch = next(batches)
             skips.update(batch)
@@ -439,8 +439,9 @@ def main(argv=None) -> dict:
                     accelerator.backward(weight * terms["discriminator"])
                 step_optimizers(accelerator, [(tokenizer, opt_g)] + ([(discriminator, opt_d)] if gan else []),
                                 args.max_grad_norm)
+            read += weight
             for key, value in dict(terms, total=loss_g).items():
-                totals[key] = totals.get(key, 0.0) + value.detach() / accum
+                totals[key] = totals.get(key, 0.0) + weight * value.detach()
         sched_g.step()
         if gan:
             sched_d.step()
@@ -450,7 +451,8 @@ def main(argv=None) -> dict:
         done = global_step == args.max_steps
         if global_step % args.logging_steps == 0 or done:
             record = {"step": global_step, "lr": lr, "clips_per_s": meter.rate}
-            record.update({k: accelerator.reduce(v, "mean").item() for k, v in totals.items()})
+            read = accelerator.reduce(torch.tensor(read, device=accelerator.device), "sum").clamp(min=1)
+            record.update({k: (accelerator.reduce(v, "sum") / read).item() for k, v in totals.items()})
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
             progress.set_postfix(loss=f"{record['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
