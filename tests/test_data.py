@@ -447,6 +447,19 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
         pretokenize(TinyClips(), tokenizer(seed=1), out, batch_size=2, chunk_size=2)
 
 
+def test_a_folder_without_tokens_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds no pre-tokenized videos \(the output_dir of `nbp "
+                                                r"pretokenize` or its tokens folder\)$"):
+        load_token_dataset(tmp_path / "empty")
+    write_counting_video(tmp_path / "videos" / "a" / "0.mp4", frames=2)  # the video folder given instead of tokens
+    with pytest.raises(FileNotFoundError, match=r"videos holds no pre-tokenized videos .*; it holds videos: tokenize "
+                                                r"them first \(`nbp pretokenize --data"):
+        load_token_dataset(tmp_path / "videos")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_token_dataset(tmp_path / "missing")
+
+
 def test_pretokenize_starts_over_after_a_run_that_wrote_no_tokens(tmp_path):
     from modeling_nbp.video_tokenizer import NBPVideoTokenizer
 

@@ -295,6 +295,13 @@ def test_bad_arguments_are_clear_errors(token_data, tmp_path):
     with pytest.raises(ValueError, match="--attn_implementation flex_attention trains on CUDA only"):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--attn_implementation", "flex_attention",
               *TINY])
+    unlabelled = write_tokens(tmp_path / "unlabelled", 4, 2, classes=1)
+    rows = load_token_dataset(unlabelled).tokens.map(lambda row: {"label": -1})
+    rows.save_to_disk(str(tmp_path / "unlabelled2" / "tokens"))
+    with pytest.raises(ValueError, match="--condition_mode class needs a label for every clip; --train_data .*"
+                                         "unlabelled2 holds unlabelled clips"):  # was NBPConfig's num_classes error
+        main(["--train_data", str(tmp_path / "unlabelled2"), "--output_dir", str(tmp_path), "--condition_mode", "class",
+              *TINY])
     # the validation data must fit the model before training starts (not at the final validation)
     other_grid = write_tokens(tmp_path / "grid", 4, 2, grid=(2, 2, 4))
     with pytest.raises(ValueError, match="--validation_data has latent grids \\[2, 2, 4\\], --train_data \\[2, 4, 4\\]"):

@@ -31,7 +31,7 @@ import torch
 
 from ..run_files import read_settings_differences, write_json
 from ..video_io import atomic_output_path
-from .video_datasets import collate_videos
+from .video_datasets import collate_videos, is_video_file
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,13 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
                 raise FileNotFoundError(f"the pre-tokenization in {output_dir} is not merged yet: once every shard is "
                                         "done, run the same nbp pretokenize command in one process (it finds every "
                                         f"chunk on disk and merges them) or merge_token_chunks({output_dir!r})") from err
-        raise
+        if not os.path.isdir(path):
+            raise
+        videos = any(is_video_file(name) for _, _, names in os.walk(path) for name in names)
+        hint = (f"; it holds videos: tokenize them first (`nbp pretokenize --data {path} --tokenizer ... --output_dir "
+                "...`) and pass that output_dir") if videos else ""
+        raise FileNotFoundError(f"{path} holds no pre-tokenized videos (the output_dir of `nbp pretokenize` or its "
+                                f"tokens folder){hint}") from err
 
 
 def default_device() -> str:

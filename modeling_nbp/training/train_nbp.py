@@ -189,6 +189,10 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
                                        video_vocab_size=vocab or preset_vocab, **training)
     else:
         mode = args.condition_mode or ("class" if info["min_label"] >= 0 else "none")
+        if mode == "class" and info["min_label"] < 0:
+            raise ValueError(f"--condition_mode class needs a label for every clip; --train_data {args.train_data} "
+                             "holds unlabelled clips (label -1): pre-tokenize videos in class folders, or use "
+                             "--condition_mode none")
         names = info["class_names"]
         first = args.first_block or ("none" if mode == "frames" else "hybrid")
         config = NBPConfig(
