@@ -253,7 +253,7 @@ def progress(row: dict) -> None:
 
 
 def main(argv=None):
-    from .training.common import positive_int
+    from .training.common import positive_float, positive_int
 
     parser = argparse.ArgumentParser(prog="nbp bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,16 +288,25 @@ def main(argv=None):
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--loss_implementation", choices=LOSS_IMPLEMENTATIONS, default="chunked",
                        help="the training loss: PyTorch in chunks of rows, or one Triton kernel (CUDA)")
-    train.add_argument("--peak_tflops", type=float, help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
+    train.add_argument("--peak_tflops", type=positive_float,
+                       help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.train and args.attn_implementation == "flex_attention" and device.type != "cuda":
         parser.error("--attn_implementation flex_attention trains on CUDA only (no backward on CPU); use sdpa")
+    if args.train and (args.triton or args.autotune):
+        parser.error("--triton and --autotune time generation, not --train (its Triton option: --loss_implementation "
+                     "triton)")
+    try:  # now, not after minutes of timing the other rows
+        if args.triton:
+            require_triton(device, "--triton")
+        if args.train and args.loss_implementation == "triton":
+            require_triton(device, "--loss_implementation triton")
+    except ValueError as error:
+        parser.error(str(error))
     header = (f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} size={args.size} "
               f"torch={torch.__version__}")
     if args.train:
-        if args.loss_implementation == "triton":
-            require_triton(device, "--loss_implementation triton")
         rows = training_rows(args.size, device, args.train_batch, args.attn_implementation, args.compile, args.repeats,
                              args.gradient_checkpointing, args.peak_tflops, log=progress, loss=args.loss_implementation)
         precision = "bf16 autocast" if device.type == "cuda" else "float32"

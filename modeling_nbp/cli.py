@@ -138,6 +138,7 @@ def main(argv=None):
         p = sub.add_parser(name, help=help_text, description=help_text, add_help=name == "generate")
         if name == "generate":
             _generate_parser(p)
+            generate_parser = p
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -149,9 +150,9 @@ def main(argv=None):
         from .generate_videos import run_generate
 
         args = parser.parse_args(argv)
-        if args.model == "demo" and not os.path.exists("demo"):  # a folder of that name comes first
+        if args.model == "demo" and not os.path.isdir("demo"):  # a folder of that name comes first
             args.model = DEMO_MODEL
-        run_generate(args)
+        run_generate(args, usage_error=generate_parser.error)
         return 0
     # the other commands own their argument parsers
     if command == "demo":

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +24,7 @@ from .data.clips import frames_to_tensor, resize_frames
 from .data.evaluation_clips import EvaluationClips
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
 from .run_files import read_settings_differences, write_json
+from .triton_support import require_triton
 from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, decoding_workers, export_to_gif,
                        export_to_mp4, make_contact_sheet, read_video, safe_file_name)
 
@@ -309,13 +311,52 @@ def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
                 conv_implementation=args.conv_implementation)
 
 
-def run_generate(args) -> GenerationSummary:
-    """`nbp generate` (see `nbp generate --help`); under `accelerate launch` every process takes its share."""
+def check_output_dir(output_dir: str, context: list[str] | None = None, dataset: str | None = None) -> None:
+    """Refuse an output folder that is a file or overlaps the inputs: inside a --context folder or the --dataset
+    root, a rerun would read its videos as clips; a context file in it would go with the videos --overwrite deletes."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file, not a folder")
+    out = os.path.realpath(output_dir)
+
+    def inside(folder):
+        return os.path.commonpath([out, os.path.realpath(folder)]) == os.path.realpath(folder)
+
+    for path in context or []:
+        if os.path.isdir(path) and inside(path):
+            raise ValueError(f"--output_dir {output_dir} is inside --context folder {path}: a rerun would continue "
+                             "its videos as context clips; choose an output folder outside it")
+        if os.path.isfile(path) and os.path.dirname(os.path.realpath(path)) == out:
+            raise ValueError(f"--context {path} is in --output_dir {output_dir}, whose videos --overwrite deletes; "
+                             "choose another --output_dir")
+    if dataset and inside(dataset):
+        raise ValueError(f"--output_dir {output_dir} is inside --dataset {dataset}: a rerun could read its videos as "
+                         "dataset clips; choose an output folder outside it")
+
+
+def run_generate(args, usage_error=None) -> GenerationSummary:
+    """`nbp generate` (see `nbp generate --help`); under `accelerate launch` every process takes its share.
+    `usage_error(message)` (argparse's `parser.error`) reports arguments that cannot work (no such model, class,
+    clip or dataset), found before any video is made; without it they raise."""
     from accelerate import PartialState
 
     from . import NBPVideoPipeline
     from .training.common import use_cpu
 
+    @contextmanager
+    def arguments_checked(errors):
+        try:
+            yield
+        except errors as error:
+            if usage_error is None:
+                raise
+            usage_error(str(error))
+
+    with arguments_checked(ValueError):
+        if args.dataset and args.context:
+            raise ValueError("--dataset and --context exclude each other: with --dataset the contexts are its clips")
+        if args.dataset and args.context_fps is not None:  # it would be ignored: the clips are not read at that rate
+            raise ValueError("--context_fps resamples --context files; --dataset clips are read at --clip_fps")
+        check_output_dir(args.output_dir, args.context, args.dataset)
     if args.fps is None:  # the files play at the rate of the frames the model continued; a folder keeps its own
         recorded = os.path.join(args.output_dir, SETTINGS_FILE)
         if os.path.isfile(recorded) and not args.overwrite:
@@ -325,24 +366,30 @@ def run_generate(args) -> GenerationSummary:
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
-    pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype)).to(device)
+    with arguments_checked(ValueError):  # now, not after the first batch
+        for option in ("compile_decode", "norm_implementation"):
+            if getattr(args, option).startswith("triton"):
+                require_triton(torch.device(device), f"--{option} {getattr(args, option)}")
+    with arguments_checked(OSError):  # no such model folder or Hub repo
+        pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype))
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
     pipe.video_tokenizer.norm_implementation = args.norm_implementation
     pipe.video_tokenizer.conv_implementation = args.conv_implementation
-    if args.dataset and args.context:
-        raise ValueError("--dataset and --context exclude each other: with --dataset the contexts are its clips")
-    contexts = context_files(args.context) if args.context else None
-    clips = None
-    if args.dataset:
-        height, width = pipe.resolution
-        if height != width:
-            raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
-        if args.context_frames is not None and args.context_frames >= pipe.num_frames:
-            raise ValueError(f"--context_frames must be fewer than the model's {pipe.num_frames} frames (the clips' "
-                             f"length); got {args.context_frames}")
-        clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed, pipe.num_frames,
-                                height, args.clip_fps, args.clip_sampling, args.dataset_layout, args.resize)
-    jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
+    with arguments_checked((OSError, ValueError)):
+        contexts = context_files(args.context) if args.context else None
+        clips = None
+        if args.dataset:
+            height, width = pipe.resolution
+            if height != width:
+                raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
+            if args.context_frames is not None and args.context_frames >= pipe.num_frames:
+                raise ValueError(f"--context_frames must be fewer than the model's {pipe.num_frames} frames (the "
+                                 f"clips' length); got {args.context_frames}")
+            clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed,
+                                    pipe.num_frames, height, args.clip_fps, args.clip_sampling, args.dataset_layout,
+                                    args.resize)
+        jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
 
     settings = run_settings(args, pipe, device, clips)
     settings_path = os.path.join(args.output_dir, SETTINGS_FILE)

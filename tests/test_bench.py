@@ -95,6 +95,19 @@ def test_flex_attention_training_is_refused_on_cpu(capsys):
     assert "flex_attention trains on CUDA only" in capsys.readouterr().err
 
 
+def test_options_that_cannot_run_are_refused_before_any_timing(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU runs no Triton kernel outside the tests
+    monkeypatch.setattr(bench, "generation_rows", lambda *a, **k: pytest.fail("timed before checking the options"))
+    monkeypatch.setattr(bench, "training_rows", lambda *a, **k: pytest.fail("timed before checking the options"))
+    for flags, message in ((["--triton"], "--triton runs on a CUDA device"),
+                           (["--train", "--triton"], "--triton and --autotune time generation, not --train"),
+                           (["--train", "--autotune"], "--triton and --autotune time generation, not --train"),
+                           (["--train", "--peak_tflops", "0"], "--peak_tflops: expected a finite number > 0")):
+        with pytest.raises(SystemExit) as exited:
+            bench.main(["--device", "cpu", "--size", "tiny", *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err, flags
+
+
 def test_gpu_check_decides_by_the_runs_spread_and_the_checks():
     import importlib.util
     from pathlib import Path

@@ -60,7 +60,7 @@ def test_clips_are_the_same_in_every_instance(dataset):
         clips.clip(next(i for i in range(8) if "broken" in clips.path(i)))
 
 
-def test_generate_pairs_videos_with_clips(dataset, tmp_path):
+def test_generate_pairs_videos_with_clips(dataset, tmp_path, capsys):
     pipe = tiny_pipeline()  # classes circle, square, TriangleUp: the dataset's labels are mapped by name
     pipe.save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"
@@ -76,9 +76,10 @@ def test_generate_pairs_videos_with_clips(dataset, tmp_path):
 
     reference, _ = read_video(export_to_gif(expected, str(tmp_path / "ref.gif"), fps=8))
     assert_same_video(read_video(str(out / f"{name}.gif"))[0], reference)
-    with pytest.raises(ValueError, match="--class_labels and --dataset exclude each other"):
+    with pytest.raises(SystemExit) as exited:  # a usage error
         nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(out), "--device", "cpu",
              "--dataset", str(dataset), "--class_labels", "0"])
+    assert exited.value.code == 2 and "--class_labels and --dataset exclude each other" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"dataset.seed 0 on disk, 1 now"):  # another clip set: refused
         nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(out), "--device", "cpu",
              "--dataset", str(dataset), "--clips_seed", "1", "--formats", "gif"])

@@ -41,6 +41,14 @@ def generate(model, out, *flags):
     nbp(["generate", "--model", str(model), "--output_dir", str(out), "--device", "cpu", *map(str, flags)])
 
 
+def refused(capsys, model, out, *flags) -> str:
+    """The one-line usage error (exit status 2) of `nbp generate` with these arguments."""
+    with pytest.raises(SystemExit) as exited:
+        generate(model, out, *flags)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
 def test_files_hold_the_pipeline_videos(saved, tmp_path):
     pipe, model = saved
     generate(model, tmp_path / "out", "--class_labels", "0", "square", "--seed", "3")
@@ -78,7 +86,7 @@ def test_files_hold_the_pipeline_videos(saved, tmp_path):
     assert_same_video(long[:5], read_video(str(tmp_path / "out" / "circle_0.gif"))[0])
 
 
-def test_bad_arguments(saved, tmp_path):
+def test_bad_arguments(saved, tmp_path, capsys):
     _, model = saved
     with pytest.raises(ValueError, match=r"context_frames must be one of \[1, 3\]"):
         generate(model, tmp_path / "bad", "--class_labels", "0", "--num_frames", "9", "--window_context_frames", "2")
@@ -86,12 +94,15 @@ def test_bad_arguments(saved, tmp_path):
                         ("--context_fps", "nan"), ("--clip_fps", "-8")):  # refused by the parser, before any model loads
         with pytest.raises(SystemExit):
             nbp(["generate", "--model", str(tmp_path / "missing"), flag, value])
-    with pytest.raises(ValueError, match="unknown class name 'hexagon'"):
-        generate(model, tmp_path / "bad", "--class_labels", "hexagon")
-    with pytest.raises(ValueError, match="two videos would be called 'circle_0'"):
-        generate(model, tmp_path / "bad", "--class_labels", "0", "circle")
-    with pytest.raises(ValueError, match="neither a video file nor a folder"):
-        generate(model, tmp_path / "bad", "--context", tmp_path / "nothing.mp4", "--class_labels", "0")
+    # found before any video is made: a usage error, not a traceback
+    assert "unknown class name 'hexagon'" in refused(capsys, model, tmp_path / "bad", "--class_labels", "hexagon")
+    assert "two videos would be called 'circle_0'" in refused(capsys, model, tmp_path / "bad", "--class_labels", "0",
+                                                              "circle")
+    assert "neither a video file nor a folder" in refused(capsys, model, tmp_path / "bad", "--context",
+                                                          tmp_path / "nothing.mp4", "--class_labels", "0")
+    assert "missing': no folder at" in refused(capsys, tmp_path / "missing", tmp_path / "bad")
+    (tmp_path / "file").write_text("")
+    assert "file is a file, not a folder" in refused(capsys, model, tmp_path / "file")
 
 
 def test_a_rerun_resumes_and_other_settings_are_refused(saved, tmp_path):
@@ -214,8 +225,8 @@ def test_context_clips_from_folders(tmp_path, capsys):
     (clips / "broken.mp4").write_bytes(b"not a video")
     (clips / "notes.txt").write_text("not a video either")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="--class_labels given, but this model is not class-conditional"):
-        generate(tmp_path / "pipe", out, "--context", clips, "--class_labels", "0")
+    assert "--class_labels given, but this model is not class-conditional" in refused(
+        capsys, tmp_path / "pipe", out, "--context", clips, "--class_labels", "0")
     generate(tmp_path / "pipe", out, "--context", clips, "--num_videos_per_class", "2", "--formats", "mp4")
     made = sorted(p for p in os.listdir(out) if p.endswith(".mp4"))
     assert made == ["b_0.mp4", "b_1.mp4", "c_0.mp4", "c_1.mp4", "walk_a_0.mp4", "walk_a_1.mp4"]
@@ -239,6 +250,33 @@ def test_context_clips_from_folders(tmp_path, capsys):
     expected = pipe(video=context, generator=gen(name_seed(0, "b_0")), output_type="np").frames[0]
     reference, _ = read_video(export_to_gif(expected, str(tmp_path / "ref.gif"), fps=8))
     assert_same_video(read_video(str(tmp_path / "three" / "b_0.gif"))[0], reference)
+
+
+def test_triton_options_the_device_cannot_run_are_refused_before_any_video(saved, tmp_path, capsys, monkeypatch):
+    _, model = saved
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU runs no Triton kernel outside the tests
+    for flags in (("--compile_decode", "triton"), ("--norm_implementation", "triton")):
+        assert f"{' '.join(flags)} runs on a CUDA device" in refused(capsys, model, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_among_the_inputs_and_an_ignored_rate_are_refused(saved, tmp_path, capsys, monkeypatch):
+    _, model = saved
+    clips = tmp_path / "my clips"  # a space in the path, and relative paths, as a user writes them
+    export_to_mp4(np.zeros((3, 8, 8, 3), dtype=np.uint8), str(clips / "walk" / "a.mp4"), fps=8)
+    monkeypatch.chdir(tmp_path)
+    # a rerun would continue its own videos as context clips, or read them as dataset clips
+    for out in ("my clips", "my clips/out", "my clips/walk"):
+        assert "inside --context folder my clips" in refused(capsys, model, out, "--context", "my clips",
+                                                             "--class_labels", "0")
+        assert "inside --dataset my clips" in refused(capsys, model, out, "--dataset", "my clips")
+    # a frame rate that the clips would not be read at
+    assert "--dataset clips are read at --clip_fps" in refused(capsys, model, "out", "--dataset", "my clips",
+                                                               "--context_fps", "16")
+    # --overwrite would delete a context clip that lies among the videos
+    assert "--context my clips/walk/a.mp4 is in --output_dir" in refused(
+        capsys, model, "my clips/walk", "--context", "my clips/walk/a.mp4", "--class_labels", "0")
+    assert sorted(os.listdir(clips)) == ["walk"] and os.listdir(clips / "walk") == ["a.mp4"]
 
 
 def test_a_class_model_continues_one_block_of_latent_frames_by_default(tmp_path):
@@ -320,3 +358,18 @@ def test_demo_names_the_bundled_model(tmp_path, monkeypatch):
 
     assert sorted(os.listdir(tmp_path / "out")) == ["3_0.npy", "generate.json"]
     assert json.loads((tmp_path / "out" / "generate.json").read_text())["model"]["path"] == DEMO_MODEL
+
+
+def test_demo_names_the_bundled_model_unless_a_folder_is_called_so(tmp_path, monkeypatch):
+    import modeling_nbp.generate_videos as generate_videos
+    from modeling_nbp.demo import DEMO_MODEL
+
+    models = []
+    monkeypatch.setattr(generate_videos, "run_generate", lambda args, **kwargs: models.append(args.model))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("a file, not a pipeline folder")
+    nbp(["generate", "--model", "demo"])
+    os.remove(tmp_path / "demo")
+    os.mkdir(tmp_path / "demo")
+    nbp(["generate", "--model", "demo"])
+    assert models == [DEMO_MODEL, "demo"]
