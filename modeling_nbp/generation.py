@@ -17,22 +17,32 @@ from .value_checks import check_in_range
 
 
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniform [0, 1) noise, into `out` when given; a list of generators gives row b its own stream (so a batch
-    equals single runs). A generator on another kind of device than the model (a CPU generator for a CUDA
-    model, as diffusers allows) draws on its own device, and the noise is copied over."""
-    out = torch.empty(shape, device=device) if out is None else out
+    """Uniform [0, 1) float32 noise (whatever the default dtype: bfloat16 noise has 8 bits), into `out` when given; a
+    list of generators gives row b its own stream (so a batch equals single runs). A generator on another kind of
+    device than the model (a CPU generator for a CUDA model, as diffusers allows) draws on its own device, and the
+    noise is copied over."""
+    out = torch.empty(shape, dtype=torch.float32, device=device) if out is None else out
     if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        check_generator(generator, shape[0])
         pairs = zip(out, generator)
     else:
         pairs = [(out, generator)]
     for target, g in pairs:
         if g is not None and g.device.type != target.device.type:
-            target.copy_(torch.empty(target.shape, device=g.device).uniform_(generator=g))
+            target.copy_(torch.empty(target.shape, dtype=target.dtype, device=g.device).uniform_(generator=g))
         else:
             target.uniform_(generator=g)
     return out
+
+
+def check_generator(generator, batch_size: int) -> None:
+    """`generator` must be None, a torch.Generator, or a list of `batch_size` of those (one per video)."""
+    many = isinstance(generator, (list, tuple))
+    if not all(g is None or isinstance(g, torch.Generator) for g in (generator if many else [generator])):
+        raise TypeError("generator must be a torch.Generator, a list of one per video (None: the global random "
+                        f"generator) or None; got {generator!r}")
+    if many and len(generator) != batch_size:
+        raise ValueError(f"generator: got {len(generator)} generators for a batch of {batch_size} (one per video)")
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
@@ -48,6 +58,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     Triton's interpreter) when at most `decode_kernels.MAX_RANKED` tokens are ranked."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    # a smaller one rounds to 0 in float32 (0 / 0 = NaN); the smallest normal float32 is as greedy (but for ties)
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
     # rank in the logits' own dtype (bf16 halves the bytes read), then compute in float32 on the kept ones;
     # dividing by a temperature does not change the ranking
     V = logits.shape[-1]
@@ -80,13 +92,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None,
                   fused=False):
     """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
-    `nonfinite`, a bool device scalar, is set when a logit is NaN or infinite (checked once, after the run);
-    `fused` as in `sample_tokens`."""
-    if nonfinite is not None:
-        nonfinite.logical_or_(~torch.isfinite(logits).all())
+    `nonfinite`, a bool device scalar, is set when a combined logit is NaN or infinite (checked once, after the run;
+    a huge guidance_scale overflows float32); `fused` as in `sample_tokens`."""
     if guidance_scale != 1.0:
         cond, uncond = logits.float().chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
+    if nonfinite is not None:
+        nonfinite.logical_or_(~torch.isfinite(logits).all())
     return sample_tokens(logits, temperature, top_k, top_p, noise=noise, fused=fused)
 
 
@@ -141,20 +153,25 @@ def check_generation_config(generation_config) -> None:
     if unsupported:
         fields = ", ".join(f"{n}={getattr(generation_config, n)!r}" for n in unsupported)
         raise ValueError(
-            f"the generation_config (the model's own unless generate() was given one) sets {fields}, "
-            f"which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} and produces "
+            f"the generation_config (the model's own, with the fields set by one given to generate()) sets "
+            f"{fields}, which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} and produces "
             "the whole video token grid, one video per class label, condition or context (repeat those for more "
             "samples); pass use_cache / cache_implementation to the call"
         )
 
 
-def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None, guidance_scale=None) -> tuple:
+def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None, guidance_scale=None,
+                     source: str = "the model's generation_config") -> tuple:
     """(temperature, top_k, top_p, guidance_scale), checked: each value given, else the `generation_config`'s
     (`do_sample=False` there means greedy, as in transformers), else `PAPER_SAMPLING` (guidance 1 = off). A
-    generation_config that sets fields generation would ignore is refused (`check_generation_config`)."""
+    generation_config that sets fields generation would ignore is refused (`check_generation_config`), unless every
+    value is given: it is not read then (generate() passes the values of the config it was given). `source` names
+    the generation_config in errors about its values."""
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
+    if None not in given.values():
+        generation_config = None
     if generation_config is not None:
         check_generation_config(generation_config)
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale)
     fallback = dict(PAPER_SAMPLING, guidance_scale=1.0)
     from_config = []
     for name, value in given.items():
@@ -169,8 +186,7 @@ def resolve_sampling(generation_config, temperature=None, top_k=None, top_p=None
     except ValueError as err:
         name = str(err).split()[0]  # the messages start with the argument's name
         if name in from_config:
-            raise ValueError(f"{err} ({name} was not passed to this call: it came from the model's "
-                             "generation_config)") from None
+            raise ValueError(f"{err} ({name} was not passed to this call: it came from {source})") from None
         raise
 
 
@@ -208,10 +224,13 @@ class GenerationStep:
     video_tokens: torch.Tensor
 
 
-def check_finite_logits(nonfinite: torch.Tensor, dtype: torch.dtype) -> None:
+def check_finite_logits(nonfinite: torch.Tensor, dtype: torch.dtype, guidance_scale: float = 1.0) -> None:
     """Raise if the flag that the sampling steps set on the device says some logits were NaN or infinite."""
     if bool(nonfinite):
         hint = "; float16 overflows easily: load the model in bfloat16 or float32" if dtype == torch.float16 else ""
+        if guidance_scale != 1.0:
+            hint += (f"; guidance_scale={guidance_scale:g} multiplies the difference of the conditional and "
+                     "unconditional logits, and a huge one overflows float32")
         raise FloatingPointError(f"the generator produced NaN or infinite logits (weights in {dtype}{hint}); the "
                                  "sampled tokens are meaningless")
 
@@ -351,6 +370,7 @@ class NBPGenerationMixin:
         if B == 0:
             raise ValueError("nothing to generate: class_labels, context_ids or condition_ids hold no videos")
         prefix = self.condition_prefix(class_labels, B, device, condition_ids)
+        check_generator(generator, B)
 
         video = torch.full((B, layout.num_video_tokens), -1, dtype=torch.long, device=device)
         c = 0
@@ -399,14 +419,14 @@ class NBPGenerationMixin:
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
                                          sampling, nonfinite)
-            check_finite_logits(nonfinite, self.dtype)
+            check_finite_logits(nonfinite, self.dtype, guidance_scale)
             # once, at the end: every id is written by then (the steps fed a consumer's ids clamped)
             if bool(((video < 0) | (video >= cfg.video_vocab_size)).any()):
                 raise ValueError(f"a consumer of the generation steps wrote video_tokens outside [0, "
                                  f"{cfg.video_vocab_size}) (video vocabulary ids; -1 marks tokens not generated yet); "
                                  "the tokens generated after them are meaningless")
         except GeneratorExit:  # the consumer stopped early (`close()`): what it took must not hide non-finite logits
-            check_finite_logits(nonfinite, self.dtype)
+            check_finite_logits(nonfinite, self.dtype, guidance_scale)
             raise
         finally:
             self._generations_under_way -= 1
@@ -459,7 +479,10 @@ class NBPGenerationMixin:
                     drop=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
         logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite, mask=mask, drop=drop)
-        return sample_guided(logits, noise, fused=compiled in ("triton", "triton-attention"), **sampling)
+        # the raw logits are checked above; guidance combines them in float32, where a huge scale overflows
+        combined = nonfinite if sampling["guidance_scale"] != 1.0 else None
+        return sample_guided(logits, noise, nonfinite=combined, fused=compiled in ("triton", "triton-attention"),
+                             **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":
@@ -515,8 +538,11 @@ class NBPGenerationMixin:
 
     def generate(self, input_ids=None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' name for generation: `generate_video_tokens` with the same keyword arguments, and a
-        `generation_config` in place of the model's own for the sampling values the call does not set (one that sets
-        fields NBP cannot honour, such as num_beams or num_return_sequences, is refused: `check_generation_config`)."""
+        `generation_config` over the model's own (as in transformers: the call's keyword arguments, then the given
+        config, then the model's, field by field) for the sampling values the call does not set. A config that sets
+        fields NBP cannot honour, such as num_beams or num_return_sequences, is refused (`check_generation_config`).
+        `do_sample=False` in the call (or in the config given to it) means greedy decoding, whatever temperature,
+        top_k or top_p the call also gives, as in transformers."""
         if input_ids is not None:
             raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
@@ -524,12 +550,25 @@ class NBPGenerationMixin:
         # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in transformers
         own = inspect.signature(self.generate_video_tokens).parameters
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k in _generation_config_defaults()}
-        if fields:
-            generation_config = copy.deepcopy(generation_config or self.generation_config)
-            generation_config.update(**fields)
+        if fields.get("do_sample", getattr(generation_config, "do_sample", None)) is False:
+            # this call asks for greedy decoding: as in transformers, its sampling values are ignored
+            ignored = [f"{n}={kwargs[n]!r}" for n in ("temperature", "top_k", "top_p")
+                       if kwargs.get(n) not in (None, 0)]
+            if ignored:
+                warnings.warn(f"do_sample=False: greedy decoding ignores {', '.join(ignored)}", stacklevel=2)
+            kwargs["temperature"] = 0.0
+        source = ("the model's generation_config" if generation_config is None
+                  else "the generation_config given to generate() (or the model's, for the fields it leaves unset)")
+        if generation_config is not None or fields:
+            merged = copy.deepcopy(self.generation_config if generation_config is None else generation_config)
+            if generation_config is not None:  # its unset fields come from the model's own, as in transformers
+                merged.update(**self.generation_config.to_dict(), defaults_only=True)
+            merged.update(**fields)
+            generation_config = merged
         if generation_config is not None:
             names = ("temperature", "top_k", "top_p", "guidance_scale")
-            kwargs.update(zip(names, resolve_sampling(generation_config, *(kwargs.pop(n, None) for n in names))))
+            kwargs.update(zip(names, resolve_sampling(generation_config, *(kwargs.pop(n, None) for n in names),
+                                                      source=source)))
         return self.generate_video_tokens(**kwargs)
 
 
