@@ -54,17 +54,6 @@ def generate(pipe, task, real, num_videos, seed):
     return out.permute(0, 2, 1, 3, 4), (time.perf_counter() - start) / num_videos
 
 
-def logged_train_loss(run_dir):
-    """The last training loss in the run's train_log.jsonl (a rerun that finds a run finished trains no step and
-    returns no loss), None without one."""
-    path = os.path.join(run_dir, "train_log.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        losses = [record["loss"] for record in map(json.loads, f) if "loss" in record]
-    return losses[-1] if losses else None
-
-
 def bar_chart(results, path):
     width, height, pad = 760, 340, 40
     img = Image.new("RGB", (width, height), "white")
@@ -131,7 +120,7 @@ def main(argv=None):
                             seed=args.seed)
             steps = len(pipe.transformer.layout.decode_schedule(0 if task == "class-conditional" else 128))
             results.append(dict(task=task, variant=variant, steps=steps, seconds_per_video=seconds,
-                                train_minutes=train_s / 60, train_loss=logged_train_loss(run_dir),
+                                train_minutes=train_s / 60, train_loss=summary.get("train_loss"),
                                 val_loss=summary.get("val_loss"), fvd_mean=score["mean"], fvd_std=score["std"]))
             print(results[-1], flush=True)
 

@@ -108,28 +108,6 @@ def test_study_scores_against_its_own_real_set_when_rerun_with_other_sizes(tmp_p
     assert [r["fvd_mean"] for r in results][0] == pytest.approx(expected, rel=1e-9)
 
 
-def test_a_rerun_study_reports_the_training_losses_of_the_runs_it_resumes(tmp_path, monkeypatch):
-    import json
-    import os
-
-    def train_nbp(argv):  # as train_nbp with --resume_from_checkpoint latest: a finished run trains no step again
-        log = os.path.join(argv[argv.index("--output_dir") + 1], "train_log.jsonl")
-        if os.path.exists(log):
-            return {"train_loss": float("nan"), "val_loss": 1.75}
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "w") as f:
-            f.write(json.dumps({"step": 2, "loss": 1.5}) + "\n" + json.dumps({"step": 2, "val_loss": 1.75}) + "\n")
-        return {"train_loss": 1.5, "val_loss": 1.75}
-
-    main, _, _ = study_without_models(monkeypatch, train_nbp)
-    flags = ["--tokens", "tokens", "--output_dir", str(tmp_path), "--fvd_repeats", "1", "--num_videos", "4",
-             "--fvd_samples", "4"]
-    for _ in range(2):  # the first run, then a rerun (after an interruption, or to redraw the table)
-        main(flags)
-        assert [r["train_loss"] for r in json.loads((tmp_path / "results.json").read_text())] == [1.5, 1.5]
-        assert "| 1.500 | 1.750 |" in (tmp_path / "nbp_vs_ntp_table.md").read_text()
-
-
 def test_train_demo_script_takes_any_runs_folder_resumes_and_ships_the_package_model(tmp_path, monkeypatch):
     """examples/train_demo.sh with its commands stubbed: a RUNS folder with a space, run from elsewhere and
     interrupted during the generator's training, then rerun; its last step run on a tiny trained pipeline."""

@@ -458,6 +458,18 @@ def test_tensorboard_shows_each_step_once_after_a_resume(token_data, tmp_path):
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
 
 
+def test_rerunning_a_finished_run_reports_its_last_loss(token_data, tmp_path):
+    """A rerun with --resume_from_checkpoint latest that finds the run finished trains no step: its summary keeps the
+    run's last training loss (was NaN, also in final/'s model card and the NBP-vs-NTP study's table)."""
+    args = ["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4", "--output_dir",
+            str(tmp_path), "--resume_from_checkpoint", "latest"]
+    first = main(args)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    again = main(args)
+    assert again["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)
+
+
 def test_a_resume_raising_max_steps_keeps_the_checkpoints_warmup(token_data, tmp_path):
     """--warmup_steps left to its default (5% of --max_steps) on a resume: the checkpoint's warmup (0) is kept, so a
     larger --max_steps (20, whose 5% is 1 step) is not refused as a change of warmup."""

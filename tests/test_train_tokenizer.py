@@ -291,6 +291,9 @@ def test_training_runs_gan_starts_late_and_resumes_exactly(tmp_path, capsys):
     main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint", "latest",
           "--report_to", "tensorboard"])
     assert "resumed from" in capsys.readouterr().out
+    finished = main([*TINY, "--output_dir", str(resumed), "--perceptual_model", scripted, "--resume_from_checkpoint",
+                     "latest", "--report_to", "tensorboard"])  # nothing left to train: the last scores (were NaN)
+    assert (finished["loss"], finished["psnr"]) == (read_log(resumed)[-2]["total"], read_log(resumed)[-1]["eval_psnr"])
     assert tensorboard_steps(resumed / "logs" / "nbp-tokenizer", "train/total") == [1, 2, 3, 4]  # 3-4 shown once
     strip = lambda rs: [{k: v for k, v in r.items() if k != "clips_per_s"} for r in rs if r["step"] > 2]  # noqa: E731
     assert strip(read_log(resumed)) == strip(read_log(run))

@@ -364,6 +364,20 @@ class JsonlLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def last(self, key: str, default=None):
+        """The last value of `key` logged (None and non-finite values aside), else `default`: what a resumed run
+        that has no step left to train reports."""
+        value = default
+        if self.enabled and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        logged = json.loads(line).get(key)
+                    except json.JSONDecodeError:  # a line cut short when a run was killed
+                        continue
+                    value = value if logged is None else logged
+        return value
+
     def truncate(self, last_step: int) -> None:
         """Drop records after `last_step` (those a killed run wrote after the checkpoint it is resumed from)."""
         if not (self.enabled and os.path.isfile(self.path)):

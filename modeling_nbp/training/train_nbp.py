@@ -476,7 +476,8 @@ def main(argv=None) -> dict:
                       f"{per_device_batch} x {accum} accumulation = {global_batch} clips per step")
     can_sample = tokenizer is not None and not sharded
     meter = common.ThroughputMeter()
-    start_time, loss_value, val_loss = time.perf_counter(), float("nan"), None
+    # a resumed run with no step left reports the last logged loss
+    start_time, loss_value, val_loss = time.perf_counter(), log.last("loss", float("nan")), None
     model.train()
     batches = iter(loader)
     progress = common.training_progress(accelerator, global_step, args.max_steps)

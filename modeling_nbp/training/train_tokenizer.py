@@ -401,7 +401,9 @@ def main(argv=None) -> dict:
     accelerator.print(f"{described}; {accelerator.num_processes} process(es) x {per_device_batch} x {accum} "
                       "accumulation")
     skips, meter = SkipSummary(), common.ThroughputMeter()
-    start_time, record, scores = time.perf_counter(), {}, {}
+    # a resumed run with no step left reports the last logged loss and scores
+    start_time, record = time.perf_counter(), {"total": log.last("total", math.nan)}
+    scores = {k: log.last(f"eval_{k}", math.nan) for k in ("psnr", "ssim")}
     for model in models:
         model.train()
     batches = iter(loader)
