@@ -87,3 +87,14 @@ def test_written_folder_reads_back_through_the_folder_loader(tmp_path):
         write_moving_digits_folder(tmp_path, num_clips_per_class=1, seed=7, **kwargs)
     with pytest.raises(ValueError, match="`size` must be even"):
         write_moving_digits_folder(tmp_path / "odd", num_clips_per_class=1, size=17, digit_size=8)
+
+
+def test_make_digits_reports_bad_arguments_as_usage_errors(tmp_path, capsys):
+    from modeling_nbp.data.moving_digits import main
+
+    for flags, message in [(["--clips_per_class", "0"], "argument --clips_per_class: expected an integer >= 1"),
+                           (["--size", "8"], "1 <= digit_size <= size"),  # were tracebacks
+                           (["--seed", "-1"], "argument --seed: expected an integer >= 0")]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--output_dir", str(tmp_path / "digits"), *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err

@@ -168,18 +168,24 @@ def main(argv=None):
     """`nbp make-digits`: write moving-digits clips as MP4 files in the folder layout (root/<digit>/clip_*.mp4)."""
     import argparse
 
+    from ..training.common import non_negative_int, positive_int
+
     p = argparse.ArgumentParser(prog="nbp make-digits", description=main.__doc__)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--clips_per_class", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_frames", type=int, default=17)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--digit_size", type=int, default=24)
+    p.add_argument("--clips_per_class", type=positive_int, default=100)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--num_frames", type=positive_int, default=17)
+    p.add_argument("--size", type=positive_int, default=64)
+    p.add_argument("--digit_size", type=positive_int, default=24, help="at most --size")
     p.add_argument("--speed_range", type=float, nargs=2, default=(1.0, 3.0))
-    p.add_argument("--styles_per_class", type=int, default=None, help="writing samples used per digit (default: all)")
-    p.add_argument("--num_digits", type=int, default=1)
+    p.add_argument("--styles_per_class", type=positive_int, default=None,
+                   help="writing samples used per digit (default: all)")
+    p.add_argument("--num_digits", type=positive_int, default=1)
     args = p.parse_args(argv)
-    write_moving_digits_folder(args.output_dir, args.clips_per_class, seed=args.seed, num_frames=args.num_frames,
-                               size=args.size, digit_size=args.digit_size, speed_range=tuple(args.speed_range),
-                               styles_per_class=args.styles_per_class, num_digits=args.num_digits)
+    try:
+        write_moving_digits_folder(args.output_dir, args.clips_per_class, seed=args.seed, num_frames=args.num_frames,
+                                   size=args.size, digit_size=args.digit_size, speed_range=tuple(args.speed_range),
+                                   styles_per_class=args.styles_per_class, num_digits=args.num_digits)
+    except (ValueError, FileExistsError) as error:  # sizes that do not fit together, a folder that holds clips
+        p.error(str(error))
     print(f"wrote {10 * args.clips_per_class} clips to {args.output_dir}")
