@@ -458,7 +458,7 @@ def format_table(rows: list[dict]) -> str:
 # ---- command line ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog="nbp check-conversion", description=summary,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp check-conversion", description=summary,
                                      epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official_repo", required=True, help="checkout of github.com/RenShuhuai-Andy/NBP")
     parser.add_argument("--generator", help="official generator checkpoint (*.ckpt)")

@@ -145,7 +145,7 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
 
 def build_parser() -> argparse.ArgumentParser:
     summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(prog="nbp convert", description=summary, epilog=details,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp convert", description=summary, epilog=details,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", help="official generator checkpoint (PyTorch Lightning *.ckpt)")
     parser.add_argument("--tokenizer", help="official tokenizer file (magvit2_{ucf,k600}.pt)")

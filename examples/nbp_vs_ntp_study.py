@@ -73,7 +73,8 @@ def bar_chart(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", required=True, help="pre-tokenized moving-digits training set")
     p.add_argument("--validation_tokens", help="pre-tokenized held-out set (its loss is reported)")
     p.add_argument("--tokenizer", default=DEMO_MODEL, help="tokenizer (or pipeline) folder used for the tokens")

@@ -255,7 +255,7 @@ def progress(row: dict) -> None:
 def main(argv=None):
     from .training.common import positive_float, positive_int
 
-    parser = argparse.ArgumentParser(prog="nbp bench", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--size", choices=list(SIZES), default="700m" if cuda else "small",

@@ -132,10 +132,10 @@ def _generate_parser(parser):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="nbp", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name == "generate")
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=name == "generate", allow_abbrev=False)
         if name == "generate":
             _generate_parser(p)
             generate_parser = p

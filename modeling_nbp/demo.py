@@ -24,7 +24,7 @@ LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="nbp demo", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from .training.common import positive_int
 

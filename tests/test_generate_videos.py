@@ -94,6 +94,9 @@ def test_bad_arguments(saved, tmp_path, capsys):
                         ("--context_fps", "nan"), ("--clip_fps", "-8")):  # refused by the parser, before any model loads
         with pytest.raises(SystemExit):
             nbp(["generate", "--model", str(tmp_path / "missing"), flag, value])
+    with pytest.raises(SystemExit):  # no abbreviations: --num_videos was taken as --num_videos_per_class
+        nbp(["generate", "--model", model, "--num_videos", "3"])
+    assert "unrecognized arguments: --num_videos 3" in capsys.readouterr().err
     # found before any video is made: a usage error, not a traceback
     assert "unknown class name 'hexagon'" in refused(capsys, model, tmp_path / "bad", "--class_labels", "hexagon")
     assert "two videos would be called 'circle_0'" in refused(capsys, model, tmp_path / "bad", "--class_labels", "0",

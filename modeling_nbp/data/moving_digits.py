@@ -170,7 +170,7 @@ def main(argv=None):
 
     from ..training.common import non_negative_int, positive_int
 
-    p = argparse.ArgumentParser(prog="nbp make-digits", description=main.__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="nbp make-digits", description=main.__doc__)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--clips_per_class", type=positive_int, default=100)
     p.add_argument("--seed", type=non_negative_int, default=0)

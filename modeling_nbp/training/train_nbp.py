@@ -46,7 +46,8 @@ DEFAULTS = dict(train_batch_size=8, learning_rate=3e-4, max_steps=1000, dropout=
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
     g.add_argument("--train_data", required=True, help="pre-tokenized dataset folder (output of pretokenize)")
     g.add_argument("--validation_data", help="pre-tokenized validation folder: its loss is reported")

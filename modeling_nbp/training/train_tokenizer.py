@@ -47,7 +47,8 @@ DEFAULT_BATCH_SIZE = 8  # clips per process and micro-step
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and outputs")
     g.add_argument("--train_data", help="video dataset root (folder of class folders, UCF-101 or Kinetics layout)")
     g.add_argument("--dataset", choices=["folder", "moving_digits"], default="folder",
