@@ -377,6 +377,11 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
     pipe.video_tokenizer.norm_implementation = args.norm_implementation
     pipe.video_tokenizer.conv_implementation = args.conv_implementation
     with arguments_checked((OSError, ValueError)):
+        if args.num_frames is not None and args.num_frames > pipe.num_frames:  # more windows: their context length
+            try:
+                pipe._window_context(args.window_context_frames)
+            except ValueError as error:
+                raise ValueError(f"--window_context_frames / --num_frames: {error}") from None
         contexts = context_files(args.context) if args.context else None
         clips = None
         if args.dataset:
