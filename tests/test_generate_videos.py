@@ -88,8 +88,9 @@ def test_files_hold_the_pipeline_videos(saved, tmp_path):
 
 def test_bad_arguments(saved, tmp_path, capsys):
     _, model = saved
-    assert "--window_context_frames / --num_frames: context_frames must be one of [1, 3]" in refused(capsys, model, tmp_path / "bad", "--class_labels", "0",
-                                                             "--num_frames", "9", "--window_context_frames", "2")
+    error = refused(capsys, model, tmp_path / "bad", "--class_labels", "0", "--num_frames", "9",
+                    "--window_context_frames", "2")
+    assert "--window_context_frames / --num_frames: context_frames must be one of [1, 3]" in error
     assert not os.path.exists(tmp_path / "bad" / "generate.json")  # refused before the run's settings are written
     for flag, value in (("--batch_size", "0"), ("--num_videos_per_class", "0"), ("--context_fps", "0"),
                         ("--context_fps", "nan"), ("--clip_fps", "-8")):  # refused by the parser, before any model loads
