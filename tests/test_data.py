@@ -97,6 +97,13 @@ def test_folder_layout(tmp_path):
     assert data.sampling == "random"  # split "train"
 
 
+def test_a_flat_folder_is_refused_with_the_unlabelled_route(tmp_path):
+    write_counting_video(tmp_path / "0.mp4", frames=4)
+    with pytest.raises(FileNotFoundError, match=r"expects class subfolders in .*, found none; for unlabelled videos "
+                                                r"put them in one folder \(.*all\) .*--condition_mode none or frames"):
+        load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
+
+
 def test_folder_layout_reads_every_common_video_extension(tmp_path):
     for k, ext in enumerate([".mp4", ".MPG", ".mpeg", ".ts", ".flv", ".3gp", ".wmv", ".ogv"]):  # .mpg etc. were left out
         os.replace(write_counting_video(tmp_path / "a" / f"{k}.mp4", frames=4), tmp_path / "a" / f"{k}{ext}")

@@ -88,7 +88,9 @@ def _folder_index(root: str, split: str | None) -> datasets.Dataset:
         logger.info("folder layout: no %r subfolder in %s, using the whole folder", split, root)
     class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_names:
-        raise FileNotFoundError(f"folder layout expects class subfolders in {root}, found none")
+        raise FileNotFoundError(f"folder layout expects class subfolders in {root}, found none; for unlabelled "
+                                f"videos put them in one folder ({os.path.join(root, 'all')}) and train the generator "
+                                "with --condition_mode none or frames")
     paths, labels = [], []
     for label, name in enumerate(class_names):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if is_video_file(f))
