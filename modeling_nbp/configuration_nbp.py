@@ -209,8 +209,11 @@ class NBPConfig(PreTrainedConfig):
                   "condition ids": (self.condition_token_offset, self.condition_token_offset + self.condition_vocab_size),
                   "video ids": (self.video_token_offset, self.video_token_offset + self.video_vocab_size)}
         for name, (start, stop) in ranges.items():
-            if start < 0 or stop > self.vocab_size:
-                raise ValueError(f"the {name} [{start}, {stop}) do not fit in vocab_size {self.vocab_size}")
+            if start < 0:
+                raise ValueError(f"the {name} [{start}, {stop}) must not start below 0")
+            if stop > self.vocab_size:  # a saved config keeps its vocab_size when video_vocab_size is overridden
+                raise ValueError(f"the {name} [{start}, {stop}) do not fit in vocab_size {self.vocab_size}: give "
+                                 f"vocab_size >= {max(r[1] for r in ranges.values())}")
         named = [(n, r) for n, r in ranges.items() if r[1] > r[0]]
         for i, (a, (a0, a1)) in enumerate(named):
             for b, (b0, b1) in named[i + 1 :]:

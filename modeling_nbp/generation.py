@@ -243,7 +243,8 @@ class NBPGenerationMixin:
         """transformers' `from_pretrained`, then the folder's `generation_config.json` (default sampling), which
         transformers loads only for models built on its own GenerationMixin."""
         given = kwargs.get("generation_config")
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         if given is not None:
             model.generation_config = given
         elif pretrained_model_name_or_path is not None:
@@ -253,7 +254,7 @@ class NBPGenerationMixin:
                 model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **where)
             except OSError:  # no generation_config.json: the paper's sampling
                 pass
-        return model
+        return loaded
 
     def default_sampling(self) -> dict:
         """What generation samples with when a call sets nothing (`resolve_sampling` of the generation_config)."""

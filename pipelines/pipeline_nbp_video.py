@@ -164,6 +164,10 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, video_tokenizer):
         super().__init__()
+        if not hasattr(getattr(transformer, "config", None), "video_vocab_size") or not hasattr(video_tokenizer,
+                                                                                              "codebook_size"):
+            raise TypeError(f"transformer must be an NBPForVideoGeneration and video_tokenizer an NBPVideoTokenizer; "
+                            f"got {type(transformer).__name__} and {type(video_tokenizer).__name__}")
         self.register_modules(transformer=transformer, video_tokenizer=video_tokenizer)
 
     # ---- properties ---------------------------------------------------------------------------------------------
@@ -230,6 +234,10 @@ class NBPVideoPipeline(DiffusionPipeline):
     def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
                      context_frames=None, batch_size=None, decode_batch_size=None) -> int:
         """Checks the arguments; -> the number of frames to return."""
+        vocab, codes = self.transformer.config.video_vocab_size, self.video_tokenizer.codebook_size
+        if vocab != codes:  # else the frames decode from other codes, or decoding fails after the whole generation
+            raise ValueError(f"the transformer's video_vocab_size ({vocab}) must equal the video_tokenizer's "
+                             f"codebook_size ({codes}): the generator was made for another tokenizer")
         T = self.num_frames
         if num_frames is not None and not is_positive_int(num_frames):
             raise ValueError(f"num_frames must be a positive int (this model generates {T} frames per window), "
@@ -737,6 +745,12 @@ class NBPVideoPipeline(DiffusionPipeline):
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         variant = kwargs.pop("variant", None)
         variant = {"variant": variant} if variant else {}
+        dtype = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        transformer, video_tokenizer = kwargs.pop("transformer", None), kwargs.pop("video_tokenizer", None)
+        if kwargs:  # before any download
+            raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)} (it takes "
+                            "transformer, video_tokenizer, dtype or torch_dtype, variant, revision, cache_dir, token, "
+                            "local_files_only; place the pipeline with pipe.to(device))")
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
@@ -749,13 +763,19 @@ class NBPVideoPipeline(DiffusionPipeline):
                 raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could "
                               f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                               ) from err
-        dtype = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
-        transformer = kwargs.pop("transformer", None) or installed.NBPForVideoGeneration.from_pretrained(
+        missing = [f"{name}/config.json" for name, given in (("transformer", transformer),
+                                                              ("video_tokenizer", video_tokenizer))
+                   if given is None and not os.path.isfile(os.path.join(folder, name, "config.json"))]
+        if missing:  # e.g. a training run's folder, or one model's folder
+            final = os.path.join(folder, "final")
+            hint = (f"its pipeline is {final}" if os.path.isdir(final) else "a training run's pipeline is its final/ "
+                    "folder; a generator or a tokenizer alone loads with NBPForVideoGeneration.from_pretrained or "
+                    "NBPVideoTokenizer.from_pretrained")
+            raise FileNotFoundError(f"{folder} is not an NBPVideoPipeline folder (no {', '.join(missing)}): {hint}")
+        transformer = transformer or installed.NBPForVideoGeneration.from_pretrained(
             os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant)
-        video_tokenizer = kwargs.pop("video_tokenizer", None) or installed.NBPVideoTokenizer.from_pretrained(
+        video_tokenizer = video_tokenizer or installed.NBPVideoTokenizer.from_pretrained(
             os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant)
-        if kwargs:
-            raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)}")
         return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
 
     @staticmethod
