@@ -150,7 +150,8 @@ def main(argv=None):
         from .generate_videos import run_generate
 
         args = parser.parse_args(argv)
-        if args.model == "demo" and not os.path.isdir("demo"):  # a folder of that name comes first
+        if args.model == "demo" and not os.path.isfile(os.path.join("demo", "model_index.json")):  # a pipeline
+            # folder of that name comes first (not, say, the output folder of `nbp demo --output_dir demo`)
             args.model = DEMO_MODEL
         run_generate(args, usage_error=generate_parser.error)
         return 0

@@ -365,7 +365,7 @@ def test_demo_names_the_bundled_model(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "generate.json").read_text())["model"]["path"] == DEMO_MODEL
 
 
-def test_demo_names_the_bundled_model_unless_a_folder_is_called_so(tmp_path, monkeypatch):
+def test_demo_names_the_bundled_model_unless_a_pipeline_folder_is_called_so(tmp_path, monkeypatch):
     import modeling_nbp.generate_videos as generate_videos
     from modeling_nbp.demo import DEMO_MODEL
 
@@ -375,6 +375,8 @@ def test_demo_names_the_bundled_model_unless_a_folder_is_called_so(tmp_path, mon
     (tmp_path / "demo").write_text("a file, not a pipeline folder")
     nbp(["generate", "--model", "demo"])
     os.remove(tmp_path / "demo")
-    os.mkdir(tmp_path / "demo")
+    os.mkdir(tmp_path / "demo")  # a folder that is not a pipeline (`nbp demo --output_dir demo`'s videos)
     nbp(["generate", "--model", "demo"])
-    assert models == [DEMO_MODEL, "demo"]
+    (tmp_path / "demo" / "model_index.json").write_text("{}")
+    nbp(["generate", "--model", "demo"])
+    assert models == [DEMO_MODEL, DEMO_MODEL, "demo"]
