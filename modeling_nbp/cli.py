@@ -76,6 +76,7 @@ def _generate_parser(parser):
     clips.add_argument("--clip_fps", type=positive_float, default=8, help="frame rate of the clips (UCF-101: 8)")
     clips.add_argument("--clip_sampling", default="center", choices=["center", "start", "random"],
                        help="where each clip starts in its video (random: seeded per clip)")
+    parser.set_defaults(clip_flags=[s for a in clips._group_actions for s in a.option_strings if s != "--dataset"])
 
     parser.add_argument("--num_frames", type=positive_int, default=None,
                         help="frames per video (default: the model's window; more are made by windows that each "
@@ -150,6 +151,12 @@ def main(argv=None):
         from .generate_videos import run_generate
 
         args = parser.parse_args(argv)
+        needs = {**{flag: ("--dataset", args.dataset) for flag in args.clip_flags},  # flag -> what reads it
+                 "--context_frames": ("--context or --dataset", args.context or args.dataset),
+                 "--context_fps": ("--context", args.context or args.dataset)}  # with --dataset: refused later
+        for flag, (reader, present) in needs.items():
+            if not present and any(word == flag or word.startswith(flag + "=") for word in rest):
+                generate_parser.error(f"{flag} would be ignored: only {reader} reads it")
         if args.model == "demo" and not os.path.isfile(os.path.join("demo", "model_index.json")):  # a pipeline
             # folder of that name comes first (not, say, the output folder of `nbp demo --output_dir demo`)
             args.model = DEMO_MODEL

@@ -96,6 +96,10 @@ def test_bad_arguments(saved, tmp_path, capsys):
                         ("--context_fps", "nan"), ("--clip_fps", "-8")):  # refused by the parser, before any model loads
         with pytest.raises(SystemExit):
             nbp(["generate", "--model", str(tmp_path / "missing"), flag, value])
+    for flags, reader in [(["--clip_fps", "16"], "--dataset"), (["--num_clips=3"], "--dataset"),
+                          (["--context_frames", "5"], "--context or --dataset"), (["--context_fps", "8"], "--context")]:
+        assert f"{flags[0].split('=')[0]} would be ignored: only {reader} reads it" in refused(capsys, model,
+                                                                                                  tmp_path / "x", *flags)
     with pytest.raises(SystemExit):  # no abbreviations: --num_videos was taken as --num_videos_per_class
         nbp(["generate", "--model", model, "--num_videos", "3"])
     assert "unrecognized arguments: --num_videos 3" in capsys.readouterr().err
