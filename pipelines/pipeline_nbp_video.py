@@ -164,8 +164,8 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, video_tokenizer):
         super().__init__()
-        if not hasattr(getattr(transformer, "config", None), "video_vocab_size") or not hasattr(video_tokenizer,
-                                                                                              "codebook_size"):
+        if not (hasattr(getattr(transformer, "config", None), "video_vocab_size")
+                and hasattr(video_tokenizer, "codebook_size")):
             raise TypeError(f"transformer must be an NBPForVideoGeneration and video_tokenizer an NBPVideoTokenizer; "
                             f"got {type(transformer).__name__} and {type(video_tokenizer).__name__}")
         self.register_modules(transformer=transformer, video_tokenizer=video_tokenizer)
