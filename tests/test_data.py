@@ -1,6 +1,7 @@
 import importlib
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -535,3 +536,19 @@ def test_settings_files_from_before_a_setting_existed(tmp_path):
         "clip.resize 'crop' on disk, 'squash' now"]
     assert read_settings_differences(path, {"clip": {"fps": 8, "resize": "crop"}, "chunk_size": 4}) == [
         "clip.resize None on disk, 'crop' now"]
+
+
+def test_pretokenize_command_checks_its_flags_before_reading_videos(tmp_path, capsys):
+    from modeling_nbp.data.pretokenize import main
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                      fsq_levels=(8, 5, 5, 5), norm_num_groups=4).save_pretrained(tmp_path / "tok")
+    base = ["--data", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "tok"), "--output_dir", str(tmp_path / "o")]
+    for flags, message in [(["--batch_size", "0"], "argument --batch_size: expected an integer >= 1"),
+                           (["--fps", "0"], "argument --fps"),
+                           (["--num_frames", "4"], "--num_frames / --resolution: `num_frames` must be 1 \\+ 2 \\* n"),
+                           (["--resolution", "9"], "--num_frames / --resolution: `height` must be a multiple of")]:
+        with pytest.raises(SystemExit) as exited:  # were found after the dataset was read, or not at all
+            main([*base, *flags])
+        assert exited.value.code == 2 and re.search(message, capsys.readouterr().err), flags

@@ -294,6 +294,7 @@ def main(argv=None):
     launch) split the chunks by rank, and a rerun resumes."""
     import argparse
 
+    from ..training.common import non_negative_int, positive_float, positive_int
     from ..video_tokenizer import NBPVideoTokenizer
     from .video_datasets import load_video_dataset
 
@@ -303,14 +304,14 @@ def main(argv=None):
     p.add_argument("--split", default="train")
     p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_frames", type=int, default=17)
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--fps", type=float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
+    p.add_argument("--num_frames", type=positive_int, default=17)
+    p.add_argument("--resolution", type=positive_int, default=128)
+    p.add_argument("--fps", type=positive_float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
     p.add_argument("--resize", default="squash", choices=["squash", "crop"],
                    help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--chunk_size", type=int, default=256)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--chunk_size", type=positive_int, default=256)
+    p.add_argument("--num_workers", type=non_negative_int, default=0)
     p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
@@ -318,6 +319,10 @@ def main(argv=None):
     if os.path.isdir(os.path.join(folder, "video_tokenizer")):
         folder = os.path.join(folder, "video_tokenizer")
     tokenizer = NBPVideoTokenizer.from_pretrained(folder).to(args.device).eval()
+    try:  # sizes the tokenizer cannot take, before any video is read
+        tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)
+    except ValueError as error:
+        p.error(f"--num_frames / --resolution: {error}")
     dataset = load_video_dataset(args.data, layout=args.layout, split=args.split, num_frames=args.num_frames,
                                  resolution=args.resolution, fps=args.fps, sampling="center", resize=args.resize)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
