@@ -130,7 +130,7 @@ PAPER_SAMPLING = dict(top_k=16000, top_p=0.9, temperature=1.0)
 
 
 # the GenerationConfig fields that generation reads; token ids may be set too (they describe the vocabulary)
-GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "guidance_scale", "do_sample")
+GENERATION_CONFIG_FIELDS = ("temperature", "top_k", "top_p", "guidance_scale", "do_sample", "cache_implementation")
 
 
 @cache
@@ -156,7 +156,7 @@ def check_generation_config(generation_config) -> None:
             f"the generation_config (the model's own, with the fields set by one given to generate()) sets "
             f"{fields}, which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} and produces "
             "the whole video token grid, one video per class label, condition or context (repeat those for more "
-            "samples); pass use_cache / cache_implementation to the call"
+            "samples); pass use_cache to the call"
         )
 
 
@@ -315,8 +315,9 @@ class NBPGenerationMixin:
         reference path).
         cache_implementation: "dynamic" (transformers' DynamicCache, grown every step) or "static" (a cache
         preallocated for the whole sequence and kept on the model between calls: every decode step has fixed
-        shapes and no host synchronisation); default "static" on CUDA and CPU, "dynamic" elsewhere and for models whose
-        modules the static step would skip (`static_decode_blockers`: adapters, hooks, several devices).
+        shapes and no host synchronisation); default the `generation_config`'s, else "static" on CUDA and CPU,
+        "dynamic" elsewhere and for models whose modules the static step would skip (`static_decode_blockers`:
+        adapters, hooks, several devices).
         use_cuda_graphs (default: on with a static cache on CUDA) replays each step (the prefill too) from a CUDA graph
         (`StaticDecoder`); compile_decode (True, or a mode of `DECODE_COMPILE_MODES`; static cache only) runs the
         dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
@@ -327,8 +328,11 @@ class NBPGenerationMixin:
             raise ValueError("the generator's weights are on the meta device (not loaded, or sequential CPU offloading, "
                              "which generation does not support: it reads weights outside the modules' forward); "
                              "load the weights, or use enable_model_cpu_offload() or .to(device)")
+        configured = getattr(self.generation_config, "cache_implementation", None)
+        source = " (from the model's generation_config)" if cache_implementation is None and configured else ""
+        cache_implementation = cache_implementation or configured
         if cache_implementation not in (None, "dynamic", "static"):
-            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}{source}")
         fast = self.device.type in STATIC_BY_DEFAULT
         wants_static = use_cache and (cache_implementation == "static" or (cache_implementation is None and fast))
         blockers = self.static_decode_blockers(triton=compile_decode == "triton") if wants_static else []
@@ -567,6 +571,8 @@ class NBPGenerationMixin:
             merged.update(**fields)
             generation_config = merged
         if generation_config is not None:
+            if kwargs.get("cache_implementation") is None and generation_config.cache_implementation is not None:
+                kwargs["cache_implementation"] = generation_config.cache_implementation
             names = ("temperature", "top_k", "top_p", "guidance_scale")
             kwargs.update(zip(names, resolve_sampling(generation_config, *(kwargs.pop(n, None) for n in names),
                                                       source=source)))

@@ -106,3 +106,19 @@ def test_the_sampling_noise_is_float32_whatever_the_default_dtype():
             assert torch.equal(tokens, expected)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_the_generation_configs_cache_implementation_is_used():
+    # transformers' `model.generation_config.cache_implementation = "static"` pattern (was refused as unsupported)
+    model = make_model(latent=(2, 4, 4))
+    model.generation_config.cache_implementation = "dynamic"
+    tokens = model.generate_video_tokens(class_labels=[0], generator=seeded())
+    assert getattr(model, "_static_decoder", None) is None  # the static path keeps its decoder on the model
+    model.generate(class_labels=[0], generation_config=GenerationConfig(cache_implementation="static"))
+    assert model._static_decoder is not None
+    model.clear_decode_cache()
+    assert torch.equal(model.generate(class_labels=[0], generator=seeded(), cache_implementation="static"), tokens)
+    assert model._static_decoder is not None  # the call's value comes first
+    model.generation_config.cache_implementation = "offloaded"
+    with pytest.raises(ValueError, match=r"got 'offloaded' \(from the model's generation_config\)"):
+        model.generate_video_tokens(class_labels=[0])
