@@ -50,7 +50,8 @@ from ..modeling_nbp import NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
 from ..ucf101 import load_ucf101_table
 from ..video_tokenizer import NBPVideoTokenizer
-from .convert_nbp import MAGVIT2_VOCAB_SIZE, training_arguments, generator_from_checkpoint
+from .convert_nbp import (MAGVIT2_VOCAB_SIZE, config_from_checkpoint, generator_from_checkpoint,
+                          split_checkpoint_state_dict, training_arguments)
 from .convert_tokenizer import tokenizer_from_state_dict, tokenizer_state_dict_from_checkpoint
 from .safe_load import require_checkpoint_file, safe_torch_load, strip_prefix
 
@@ -241,6 +242,24 @@ def stored_dtype(folder: str) -> torch.dtype:
     return torch.float32
 
 
+# the fields that make a converted folder the conversion of a checkpoint, not of another setting or size
+PAIRED_FIELDS = ("condition_mode", "first_block", "num_condition_tokens", "condition_vocab_size", "vocab_size",
+                 "latent_shape", "block_shape", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings")
+
+
+def check_paired(model, generator_checkpoint, folder: str) -> None:
+    """Raise ValueError when the converted generator in `folder` is not of the checkpoint's setting and size (another
+    checkpoint's conversion would otherwise crash inside the comparisons or fail every row on shapes)."""
+    expected = config_from_checkpoint(generator_checkpoint["hyper_parameters"],
+                                      split_checkpoint_state_dict(generator_checkpoint["state_dict"])[0])
+    differ = [f"{k} {getattr(model.config, k)} (checkpoint: {getattr(expected, k)})" for k in PAIRED_FIELDS
+              if getattr(model.config, k) != getattr(expected, k)]
+    if differ:
+        raise ValueError(f"--converted {folder} is not a conversion of this checkpoint: its transformer/ has "
+                         f"{', '.join(differ)}")
+
+
 def our_models(args, generator_checkpoint, tokenizer_state_dict):
     """Our generator and tokenizer (in float32): converted in memory from the checkpoints, or loaded from
     --converted; -> (generator, tokenizer, the dtype each was stored in)."""
@@ -248,6 +267,7 @@ def our_models(args, generator_checkpoint, tokenizer_state_dict):
     if args.converted:
         if generator_checkpoint is not None:
             generator = NBPForVideoGeneration.from_pretrained(os.path.join(args.converted, "transformer"))
+            check_paired(generator, generator_checkpoint, args.converted)
         if tokenizer_state_dict is not None:
             tokenizer = NBPVideoTokenizer.from_pretrained(os.path.join(args.converted, "video_tokenizer"))
     else:

@@ -15,6 +15,7 @@ default; UCF-101 takes 95 steps, K600 2 context latent frames and 48 steps.
 import argparse
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -29,6 +30,7 @@ from .safe_load import safe_torch_load
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_SIZE = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*[KMGT]B\s*", re.IGNORECASE)  # what save_pretrained parses
 
 
 def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_size, repo_id: str = None,
@@ -49,7 +51,15 @@ def write_pipeline_folder(folder: str, transformer, video_tokenizer, max_shard_s
 
 def _check_output(output: str, inputs: list, overwrite: bool) -> None:
     """Refuse an existing `output` that is not a folder, holds one of the `inputs` (symlinks resolved) or, without
-    `overwrite`, exists at all: replacing it would delete it."""
+    `overwrite`, exists at all: replacing it would delete it. Also refuse an `output` that cannot be written, below a
+    file or a folder without write access (checked before the slow conversion, which writes only at the end)."""
+    parent = os.path.dirname(output)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"output {output} cannot be made: {parent} is a file, not a folder (--output)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output {output} cannot be made: {parent} is not writable (--output)")
     if not os.path.exists(output):
         return
     if not os.path.isdir(output):
@@ -96,6 +106,10 @@ def convert_checkpoints(output, generator=None, tokenizer=None, dtype: str = "fl
         raise ValueError("num_context_frames (--num_context_frames) needs a generator checkpoint")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not (isinstance(max_shard_size, int) and max_shard_size > 0
+            or isinstance(max_shard_size, str) and SHARD_SIZE.fullmatch(max_shard_size)):
+        raise ValueError(f"max_shard_size (--max_shard_size) must be a size in KB, MB, GB or TB such as '5GB', or a "
+                         f"positive number of bytes; got {max_shard_size!r}")
     given_output, output = os.fspath(output), os.path.abspath(os.fspath(output))
     _check_output(output, [f for f in (generator, tokenizer) if f is not None], overwrite)
     torch_dtype = DTYPES[dtype]

@@ -30,7 +30,7 @@ from ..configuration_nbp import NBPConfig
 from ..generation import PAPER_SAMPLING
 from ..modeling_nbp import NBPForVideoGeneration
 from ..ucf101 import load_ucf101_table, ucf101_id2label
-from .safe_load import load_exact_state_dict, strip_prefix
+from .safe_load import load_exact_state_dict, strip_prefix, zero_to_fp32_advice
 
 MAGVIT2_VOCAB_SIZE = 64000  # official first_stage_vocab_size for tokenizer "magvit2"
 EMBEDDED_TOKENIZER_PREFIX = "first_stage_model."
@@ -219,8 +219,15 @@ def generator_from_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float
     (official key names without prefix; empty when the checkpoint holds none))."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        hint = ""
+        if isinstance(checkpoint, dict) and "param_shapes" in checkpoint:
+            hint = (" It is a DeepSpeed model-states file (of a checkpoint folder's global_step*/ or checkpoint/). "
+                    + zero_to_fp32_advice("FOLDER"))
+        elif isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+            hint = (" It holds tensors only, without Lightning's hyper_parameters (the settings), as DeepSpeed's own "
+                    "zero_to_fp32.py writes. " + zero_to_fp32_advice("FOLDER"))
         raise ValueError(f"not a Lightning generator checkpoint: expected 'state_dict' and 'hyper_parameters', "
-                         f"got {found}")
+                         f"got {found}.{hint}")
     generator, tokenizer = split_checkpoint_state_dict(checkpoint["state_dict"])
     config = config_from_checkpoint(checkpoint["hyper_parameters"], generator, num_context_frames)
     with init_empty_weights(include_buffers=False):

@@ -51,14 +51,17 @@ def require_checkpoint_file(path: str) -> None:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not os.path.isfile(os.path.join(path, "latest")):  # DeepSpeed names its last save there
         raise ValueError(f"{path} is a folder, not a checkpoint file")
+    raise ValueError(f"{path} is a folder, not a checkpoint file: it looks like a DeepSpeed checkpoint folder (what "
+                     f"the official training saves with --use_deepspeed). {zero_to_fp32_advice(path)}")
+
+
+def zero_to_fp32_advice(folder: str) -> str:
+    """How to make a DeepSpeed checkpoint folder the one file the conversion reads."""
     # DeepSpeed's own copy of zero_to_fp32.py in the folder saves the weights alone; the official one keeps
     # Lightning's hyper_parameters, which the conversion reads
-    raise ValueError(
-        f"{path} is a folder, not a checkpoint file: it looks like a DeepSpeed checkpoint folder (what the official "
-        f"training saves with --use_deepspeed). Make it one file with the zero_to_fp32.py at the root of the official "
-        f"repository (github.com/RenShuhuai-Andy/NBP): `python zero_to_fp32.py {path} OUTPUT.ckpt`, and give "
-        "OUTPUT.ckpt here; the zero_to_fp32.py that DeepSpeed copies into the folder drops the hyper_parameters"
-    )
+    return (f"Make it one file with the zero_to_fp32.py at the root of the official repository "
+            f"(github.com/RenShuhuai-Andy/NBP): `python zero_to_fp32.py {folder} OUTPUT.ckpt`, and give OUTPUT.ckpt "
+            "here; the zero_to_fp32.py that DeepSpeed copies into the folder drops the hyper_parameters")
 
 
 def safe_torch_load(path) -> dict:

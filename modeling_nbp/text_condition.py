@@ -25,17 +25,28 @@ def class_name_to_text(name: str) -> str:
 
 
 def load_condition_tokenizer(tokenizer_path: str):
-    """A tokenizer from a LOCAL folder only (never downloads): AutoTokenizer when the folder has a
-    tokenizer_config.json, else `LlamaTokenizer` (the official `llama_tokenizer/` folder holds only
-    tokenizer.model and tokenizer.json). pad_token is set to eos, as in the official code."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+    """A tokenizer from a LOCAL folder only (never downloads): its tokenizer.json as saved (special tokens from its
+    tokenizer_config.json; LLaMA's when it has none, as the official `llama_tokenizer/` folder, which holds only
+    tokenizer.json and tokenizer.model), else AutoTokenizer, else `LlamaTokenizer` on tokenizer.model. pad_token is
+    set to eos, as in the official code.
+
+    Not the transformers 5 `LlamaTokenizer` on a tokenizer.json: it rebuilds the normalizer and so drops a leading
+    space (" riding" -> "▁riding"), which the official slow tokenizer and LLaMA-2's tokenizer.json keep ("▁",
+    "▁riding"). Still different from the slow tokenizer: text holding "<s>", "</s>" or "<unk>" (it puts "▁" around
+    them)."""
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
     if not isinstance(tokenizer_path, (str, os.PathLike)) or not os.path.isdir(tokenizer_path):
         raise ValueError(f"tokenizer_path must be a local tokenizer folder (nothing is downloaded), "
                          f"got {tokenizer_path!r}")
     has_config = os.path.isfile(os.path.join(tokenizer_path, "tokenizer_config.json"))
-    cls = AutoTokenizer if has_config else LlamaTokenizer
-    tokenizer = cls.from_pretrained(tokenizer_path, local_files_only=True)
+    if os.path.isfile(os.path.join(tokenizer_path, "tokenizer.json")):
+        special = {} if has_config else dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path, local_files_only=True, **special)
+    elif has_config:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    else:
+        tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
     if tokenizer.eos_token is None:
         raise ValueError(f"the tokenizer in {tokenizer_path} has no eos token, which the official rules pad with")
     tokenizer.pad_token = tokenizer.eos_token

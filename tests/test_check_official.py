@@ -1,12 +1,15 @@
 """Argument and environment validation of `check_official` (no checkout of the official NBP code needed)."""
 
+import argparse
 import os
 
 import pytest
 import torch
 
-from modeling_nbp.conversion import check_official
-from modeling_nbp.conversion.check_official import OFFICIAL_FILES, id_row, main, value_row
+from modeling_nbp.conversion import check_official, generator_from_checkpoint
+from modeling_nbp.conversion.check_official import OFFICIAL_FILES, id_row, main, our_models, value_row
+from test_conversion import lightning_checkpoint, official_gpt_tensors, training_args
+from test_conversion import SETTINGS as CHECKPOINT_SETTINGS
 
 
 @pytest.fixture
@@ -86,3 +89,19 @@ def test_nbp_check_conversion_returns_the_check_status(files, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:  # the real parser: usage errors exit with status 2
         cli.main(["check-conversion", "--official_repo", str(files / "NBP")])
     assert exit_info.value.code == 2
+
+
+def test_a_converted_folder_of_another_checkpoint_is_named(tmp_path):
+    """--converted must be the conversion of --generator: a K600 folder given with a UCF checkpoint used to crash
+    inside the comparisons (a RuntimeError from drawing class labels of a model without classes)."""
+    checkpoints = {}
+    for setting in ("ucf", "k600"):
+        args = training_args(**CHECKPOINT_SETTINGS[setting])
+        checkpoints[setting] = lightning_checkpoint(args, official_gpt_tensors(args))
+    model, _ = generator_from_checkpoint(checkpoints["k600"])
+    model.save_pretrained(tmp_path / "out" / "transformer")
+    args = argparse.Namespace(converted=str(tmp_path / "out"), device="cpu")
+    assert our_models(args, checkpoints["k600"], None)[0].config.condition_mode == "frames"
+    with pytest.raises(ValueError, match=r"is not a conversion of this checkpoint: its transformer/ has "
+                                         r"condition_mode frames \(checkpoint: class\)"):
+        our_models(args, checkpoints["ucf"], None)

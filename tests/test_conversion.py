@@ -338,6 +338,17 @@ def test_a_deepspeed_checkpoint_folder_is_named_with_how_to_make_it_one_file(tmp
         convert_checkpoints(tmp_path / "out", tokenizer=tmp_path / "other")
 
 
+def test_files_taken_from_a_deepspeed_checkpoint_say_how_to_make_the_right_one(tmp_path):
+    args, sd = write_generator(tmp_path / "gen.ckpt", "k600")
+    model_states = {"module": {"module." + k: v for k, v in sd.items()}, "buffer_names": [], "ds_version": "0.14.0",
+                    "param_shapes": [{"module." + k: v.shape for k, v in sd.items()}], "hyper_parameters": {}}
+    for name, checkpoint, message in [("bare.ckpt", sd, "It holds tensors only"),
+                                      ("mp_rank_00_model_states.pt", model_states, "a DeepSpeed model-states file")]:
+        torch.save(checkpoint, tmp_path / name)
+        with pytest.raises(ValueError, match=message + r".*`python zero_to_fp32\.py FOLDER OUTPUT\.ckpt`"):
+            convert_checkpoints(tmp_path / "out", generator=tmp_path / name)
+
+
 CALLS = []
 
 
@@ -581,6 +592,14 @@ def test_cli_writes_a_sharded_bfloat16_pipeline_folder(tmp_path):
     assert (loaded.generation_config.top_k, loaded.generation_config.top_p) == (16000, 0.9)
 
 
+@pytest.mark.parametrize("size", ["2G", "5GiB", "0", "", -1])
+def test_a_bad_shard_size_is_named_before_converting(tmp_path, size):
+    write_generator(tmp_path / "gen.ckpt", "k600")
+    with pytest.raises(ValueError, match=r"max_shard_size \(--max_shard_size\) must be a size in KB, MB, GB or TB"):
+        convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt", max_shard_size=size)
+    assert sorted(os.listdir(tmp_path)) == ["gen.ckpt"]
+
+
 def test_existing_output_is_replaced_only_with_overwrite(tmp_path):
     write_tokenizer(tmp_path / "tok.pt")
     (tmp_path / "out").mkdir()
@@ -606,6 +625,17 @@ def test_overwrite_never_deletes_the_inputs(tmp_path, output, generator, message
     with pytest.raises(ValueError, match=message):
         convert_checkpoints(tmp_path / output, generator=tmp_path / generator, overwrite=True)
     assert sorted(os.listdir(tmp_path / "ckpts")) == ["gen.ckpt"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_converting(tmp_path, monkeypatch):
+    write_generator(tmp_path / "gen.ckpt", "k600")
+    with pytest.raises(ValueError, match=r"gen\.ckpt is a file, not a folder \(--output\)"):
+        convert_checkpoints(tmp_path / "gen.ckpt" / "sub" / "out", generator=tmp_path / "gen.ckpt")
+    access = os.access  # a read-only folder (faked: root may write anywhere)
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != str(tmp_path) and access(p, mode))
+    with pytest.raises(ValueError, match=r"is not writable \(--output\)"):
+        convert_checkpoints(tmp_path / "new" / "out", generator=tmp_path / "gen.ckpt")
+    assert sorted(os.listdir(tmp_path)) == ["gen.ckpt"]
 
 
 def test_the_folder_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
@@ -678,6 +708,23 @@ def test_text_to_condition_ids_follows_the_official_rules(word_tokenizer):
                             [17, 23, 24, 25, 23, 26, 27, 28]]
     assert ids.dtype == torch.long
     assert text_to_condition_ids("yo", word_tokenizer, num_tokens=3, offset=0).tolist() == [[1, 6, 2]]
+
+
+def test_a_folder_without_config_keeps_the_leading_spaces_of_the_official_tokenizer(tmp_path):
+    """The official llama_tokenizer/ (tokenizer.json without tokenizer_config.json) normalizes as LLaMA-2's slow
+    tokenizer: "▁" is prepended and spaces become "▁", so " a" is "▁" + "▁a" (the slow tokenizer gives
+    [1, 29871, 364, ...] for " riding ..."); the transformers 5 LlamaTokenizer would drop that leading space."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "▁▁": 4, "a": 5, "▁a": 6, "b": 7, "▁b": 8}
+    backend = Tokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b"), ("▁", "▁")], unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.add_special_tokens([AddedToken(t, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    (tmp_path / "llama_tokenizer").mkdir()
+    backend.save(str(tmp_path / "llama_tokenizer" / "tokenizer.json"))
+    ids = text_to_condition_ids([" a", "  b", "a b", ""], tmp_path / "llama_tokenizer", num_tokens=4, offset=0)
+    assert ids.tolist() == [[1, 3, 6, 2], [1, 4, 8, 2], [1, 6, 8, 2], [1, 2, 2, 2]]
 
 
 @pytest.mark.parametrize("kwargs,message", [
