@@ -120,6 +120,9 @@ def test_fvd_from_features_sampling_and_checks():
         fvd_from_features(fake[:12], real, num_repeats=2, num_samples=12)
     varied = fvd_from_features(fake, real, num_repeats=2, num_samples=12)["values"]  # 12 of 20 fake: repeats differ
     assert varied[0] != varied[1]
+    # drawn without replacement: all 12 of each set are the whole sets in another order
+    whole = fvd_from_features(fake[:12], real)["mean"]
+    assert fvd_from_features(fake[:12], real, num_samples=12, seed=3)["mean"] == pytest.approx(whole, rel=1e-9)
     with pytest.raises(ValueError, match="at least 2 fake videos"):
         fvd_from_features(fake[:1], real)
     real[3, 1] = np.nan
@@ -269,9 +272,12 @@ def test_fvd_of_tiny_i3d_and_clear_errors(tmp_path):
     assert calculator.fvd(longer, real)["mean"] == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(ValueError, match="protocol must be one of"):
         FVDCalculator(calculator.detector, protocol="ucf")
-    # Under k600_64 both sets are brought to 64x64 first, so resolutions may differ.
+    # Under k600_64 both sets are brought to 64x64 first, so resolutions may differ: 128x128 copies made by pixel
+    # repetition are the same videos to it (the bilinear halving undoes the repetition exactly)
     k600, _ = _counting_calculator(protocol="k600_64")
-    assert k600.fvd(moving_squares(2, size=24), moving_squares(2, size=16))["mean"] >= 0
+    small = moving_squares(2, size=64)
+    large = small.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    assert k600.fvd(large, small)["mean"] == pytest.approx(0.0, abs=1e-6)
 
 
 class _StyleGANVLikeDetector(nn.Module):

@@ -28,6 +28,24 @@ def test_rows_and_frames_are_raster_order():
         assert torch.equal(layout.grid_to_sequence(grid)[0], torch.arange(1280))
 
 
+@pytest.mark.parametrize("latent,block", [((2, 4, 6), (1, 2, 3)), ((4, 4, 4), (2, 2, 1)), ((2, 4, 4), (2, 2, 2))])
+def test_blocks_follow_in_raster_order_and_so_do_their_tokens(latent, block):
+    """Several blocks per frame in both directions: the grid index of every sequence position, written out with loops
+    (blocks over time, rows, columns; inside a block the same). A round trip alone holds for any order."""
+    (T, H, W), (t, h, w) = latent, block
+    layout = BlockLayout(latent, block)
+    expected = [(bt * t + dt) * H * W + (bh * h + dh) * W + bw * w + dw
+                for bt in range(T // t) for bh in range(H // h) for bw in range(W // w)
+                for dt in range(t) for dh in range(h) for dw in range(w)]
+    grid = torch.arange(T * H * W).view(1, T, H, W)
+    sequence = layout.grid_to_sequence(grid)
+    assert sequence[0].tolist() == expected
+    # the first c latent frames (context, frames streamed as they complete) are the first c H' W' tokens
+    for c in range(t, T + 1, t):
+        assert torch.equal(layout.grid_to_sequence(grid[:, :c]), sequence[:, : c * H * W])
+        assert torch.equal(layout.sequence_to_grid(sequence[:, : c * H * W]), grid[:, :c])
+
+
 def test_official_step_counts():
     ucf = NBPConfig.from_preset("ucf-tiny")
     k600 = NBPConfig.from_preset("k600-tiny")

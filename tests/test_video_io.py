@@ -104,6 +104,9 @@ def test_fps_resampling_picks_nearest_frames(tmp_path):
     assert decoded_indices(double) == [k // 2 for k in range(32)]
     third, _ = read_video(path, fps=16 / 3)  # targets at 0, 3, 6, ... source frames
     assert decoded_indices(third) == [0, 3, 6, 9, 12]
+    # targets between two source frames take the nearer one: 8k / 3 (flooring would give 0, 2, 5, 8, 10, 13)
+    sixth, _ = read_video(path, fps=6)
+    assert decoded_indices(sixth) == [0, 3, 5, 8, 11, 13]
     for fps in (0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="`fps` must be a positive finite number"):
             read_video(path, fps=fps)
