@@ -37,7 +37,7 @@ def test_model_loading_options_give_the_plain_load_outputs(tmp_path):
     for dtype, kw in ((torch.float16, dict(dtype="auto")), (torch.bfloat16, dict(torch_dtype=torch.bfloat16))):
         loaded = NBPForVideoGeneration.from_pretrained(tmp_path / ("half" if dtype == torch.float16 else "plain"), **kw)
         assert loaded.dtype == dtype
-        torch.testing.assert_close(loaded(input_ids=inputs).logits.float(), expected, atol=0.05, rtol=0)
+        torch.testing.assert_close(loaded(input_ids=inputs).logits.float(), expected, atol=0.01, rtol=0)  # bf16: 3e-3
     with pytest.raises(ValueError, match='attn_implementation="foo"` is not supported'):
         NBPForVideoGeneration.from_pretrained(plain, attn_implementation="foo")
     with pytest.raises(ValueError, match="tie_word_embeddings must be False"):

@@ -156,6 +156,20 @@ def test_cached_guidance_equals_full_recompute(cache):
     assert torch.equal(cached, full)
 
 
+@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("block,first_block,frames", [((1, 1, 4), "hybrid", 1), ((2, 1, 2), "bov", 2)])
+def test_cached_class_model_continuing_frames_equals_full_recompute(block, first_block, frames, cache):
+    # the demo's frame prediction and every window after the first of a long video: a class model given frames,
+    # with guidance; blocks that span two latent frames too
+    latent = (4, 4, 4) if block[0] == 2 else (3, 4, 4)
+    model = make_model(block=block, latent=latent, first_block=first_block)
+    context = grid(model, batch=2)[:, :frames]
+    kw = dict(class_labels=[1, 2], context_ids=context, guidance_scale=3.0, top_k=20)
+    cached = model.generate_video_tokens(generator=torch.Generator().manual_seed(4), cache_implementation=cache, **kw)
+    full = model.generate_video_tokens(generator=torch.Generator().manual_seed(4), use_cache=False, **kw)
+    assert torch.equal(cached, full) and torch.equal(cached[:, :frames], context)
+
+
 def test_batch_equals_single_runs_with_generator_list():
     model = make_model()
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
