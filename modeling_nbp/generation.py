@@ -483,11 +483,13 @@ class NBPGenerationMixin:
     def static_step(self, ids, start: int, keep: slice, noise, cache, compiled=None, nonfinite=None, mask=None,
                     drop=None, **sampling):
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
-        logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=nonfinite, mask=mask, drop=drop)
-        # the raw logits are checked above; guidance combines them in float32, where a huge scale overflows
-        combined = nonfinite if sampling["guidance_scale"] != 1.0 else None
-        return sample_guided(logits, noise, nonfinite=combined, fused=compiled in ("triton", "triton-attention"),
-                             **sampling)
+        # with guidance the combined logits are checked instead of the raw ones: a non-finite raw logit makes them
+        # non-finite too, and a huge scale overflows float32 where they are combined
+        guided = sampling["guidance_scale"] != 1.0
+        logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=None if guided else nonfinite,
+                                          mask=mask, drop=drop)
+        return sample_guided(logits, noise, nonfinite=nonfinite if guided else None,
+                             fused=compiled in ("triton", "triton-attention"), **sampling)
 
     def static_decoder(self, batch_size: int, use_cuda_graphs: bool, compile_decode: str | None = None,
                        **sampling) -> "StaticDecoder":

@@ -1040,20 +1040,22 @@ def test_static_path_never_skips_adapters_or_hooks(replay_graphs):
 @pytest.mark.parametrize("path", [dict(use_cache=False), dict(cache_implementation="dynamic"),
                                   dict(cache_implementation="static", use_cuda_graphs=False),
                                   dict(cache_implementation="static", use_cuda_graphs=True)])
-def test_nan_logits_raise_a_clear_error(path, replay_graphs):
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])  # with guidance the combined logits are the ones checked
+def test_nan_logits_raise_a_clear_error(path, guidance_scale, replay_graphs):
     model = make_model(block=(1, 1, 4), first_block="hybrid")
     poisoned = model.config.video_token_offset + 3
+    kw = dict(class_labels=[0], top_k=20, guidance_scale=guidance_scale, **path)
     with torch.no_grad():
         model.lm_head.weight[poisoned] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
-        model.generate_video_tokens(class_labels=[0], top_k=20, **path)
-    steps = model.iter_generation(class_labels=[0], top_k=20, **path)
+        model.generate_video_tokens(**kw)
+    steps = model.iter_generation(**kw)
     next(steps), next(steps)
     with pytest.raises(FloatingPointError, match="NaN or infinite logits"):  # a consumer that stops early is told too
         steps.close()
     with torch.no_grad():
         model.lm_head.weight[poisoned] = 0.0
-    model.generate_video_tokens(class_labels=[0], top_k=20, **path)  # a static decoder was released: runs again
+    model.generate_video_tokens(**kw)  # a static decoder was released: runs again
     assert not path.get("use_cuda_graphs") or replay_graphs  # the graph path was taken
 
 
