@@ -154,8 +154,8 @@ def check_generation_config(generation_config) -> None:
         fields = ", ".join(f"{n}={getattr(generation_config, n)!r}" for n in unsupported)
         raise ValueError(
             f"the generation_config (the model's own, with the fields set by one given to generate()) sets "
-            f"{fields}, which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} and produces "
-            "the whole video token grid, one video per class label, condition or context (repeat those for more "
+            f"{fields}, which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} "
+            "and produces the whole video token grid, one video per class label, condition or context (repeat those for more "
             "samples); pass use_cache to the call"
         )
 
@@ -332,7 +332,8 @@ class NBPGenerationMixin:
         source = " (from the model's generation_config)" if cache_implementation is None and configured else ""
         cache_implementation = cache_implementation or configured
         if cache_implementation not in (None, "dynamic", "static"):
-            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}{source}")
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
+                             f"{source}")
         fast = self.device.type in STATIC_BY_DEFAULT
         wants_static = use_cache and (cache_implementation == "static" or (cache_implementation is None and fast))
         blockers = self.static_decode_blockers(triton=compile_decode == "triton") if wants_static else []
@@ -554,7 +555,8 @@ class NBPGenerationMixin:
             raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
                              "those to generate() instead")
-        # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in transformers
+        # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in
+        # transformers
         own = inspect.signature(self.generate_video_tokens).parameters
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k in _generation_config_defaults()}
         if fields.get("do_sample", getattr(generation_config, "do_sample", None)) is False:

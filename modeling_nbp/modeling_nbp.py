@@ -139,8 +139,8 @@ class NBPPreTrainedModel(PreTrainedModel):
         used = max(cfg.bov_token_id + cfg.num_special_tokens, cfg.condition_token_offset + cfg.condition_vocab_size,
                    cfg.video_token_offset + cfg.video_vocab_size)
         if new_num_tokens is not None and new_num_tokens < used:
-            raise ValueError(f"new_num_tokens ({new_num_tokens}) must be at least {used}: the BOV/placeholder, condition "
-                             f"and video ids (video_token_offset {cfg.video_token_offset} + video_vocab_size "
+            raise ValueError(f"new_num_tokens ({new_num_tokens}) must be at least {used}: the BOV/placeholder, "
+                             f"condition and video ids (video_token_offset {cfg.video_token_offset} + video_vocab_size "
                              f"{cfg.video_vocab_size}) all lie below that")
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
@@ -207,8 +207,8 @@ class NBPModel(NBPPreTrainedModel):
                              f"scores: 0 or -inf); got {attention_mask.dtype}")
         if self.config._attn_implementation == "flex_attention" and given.device.type not in FLEX_ATTENTION_DEVICES:
             raise ValueError(f"attn_implementation='flex_attention' runs on {FLEX_ATTENTION_DEVICES} devices, got "
-                             f"{given.device.type}: torch's compiled flex attention on CPU gives wrong results for some "
-                             "sequence lengths (keys 8 mod 16 in torch 2.13); use 'sdpa' there, the same function")
+                             f"{given.device.type}: torch's compiled flex attention on CPU gives wrong results for "
+                             "some sequence lengths (keys 8 mod 16 in torch 2.13); use 'sdpa' there, the same function")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("the forward takes a DynamicCache (or none); for a preallocated cache and CUDA graphs use "
                              "generate_video_tokens / iter_generation with cache_implementation='static'")

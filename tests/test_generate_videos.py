@@ -98,8 +98,8 @@ def test_bad_arguments(saved, tmp_path, capsys):
             nbp(["generate", "--model", str(tmp_path / "missing"), flag, value])
     for flags, reader in [(["--clip_fps", "16"], "--dataset"), (["--num_clips=3"], "--dataset"),
                           (["--context_frames", "5"], "--context or --dataset"), (["--context_fps", "8"], "--context")]:
-        assert f"{flags[0].split('=')[0]} would be ignored: only {reader} reads it" in refused(capsys, model,
-                                                                                                  tmp_path / "x", *flags)
+        error = refused(capsys, model, tmp_path / "x", *flags)
+        assert f"{flags[0].split('=')[0]} would be ignored: only {reader} reads it" in error
     with pytest.raises(SystemExit):  # no abbreviations: --num_videos was taken as --num_videos_per_class
         nbp(["generate", "--model", model, "--num_videos", "3"])
     assert "unrecognized arguments: --num_videos 3" in capsys.readouterr().err

@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints, logging, hub")
     common.add_checkpoint_arguments(g)
     g.add_argument("--validation_steps", type=common.non_negative_int, default=0, help="0: validate at the end only")
-    g.add_argument("--sample_steps", type=common.non_negative_int, default=0, help="sample videos every N steps (needs --tokenizer; 0: "
-                   "at the end only)")
+    g.add_argument("--sample_steps", type=common.non_negative_int, default=0,
+                   help="sample videos every N steps (needs --tokenizer; 0: at the end only)")
     g.add_argument("--num_samples", type=int, default=4)
     g = p.add_argument_group("sampling", "for the sample videos, and saved as the final model's generation_config (its "
                              "default sampling in the pipeline); unset values: the paper's top-k 16000, top-p 0.9, "

@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_batch_arguments(g, DEFAULT_BATCH_SIZE)
     g = p.add_argument_group("checkpoints, logging, hub")
     common.add_checkpoint_arguments(g)
-    g.add_argument("--eval_steps", type=common.non_negative_int, default=0, help="PSNR/SSIM every N steps (0: at the end only)")
-    g.add_argument("--num_log_videos", type=common.non_negative_int, default=4, help="held-out reconstructions saved at each eval")
+    g.add_argument("--eval_steps", type=common.non_negative_int, default=0,
+                   help="PSNR/SSIM every N steps (0: at the end only)")
+    g.add_argument("--num_log_videos", type=common.non_negative_int, default=4,
+                   help="held-out reconstructions saved at each eval")
     common.add_tracking_arguments(g, "nbp-tokenizer")
     return p
 
@@ -454,8 +456,8 @@ def main(argv=None) -> dict:
         done = global_step == args.max_steps
         if global_step % args.logging_steps == 0 or done:
             record = {"step": global_step, "lr": lr, "clips_per_s": meter.rate}
-            read = accelerator.reduce(torch.tensor(read, device=accelerator.device), "sum").clamp(min=1)
-            record.update({k: (accelerator.reduce(v, "sum") / read).item() for k, v in totals.items()})
+            all_read = accelerator.reduce(torch.tensor(read, device=accelerator.device), "sum").clamp(min=1)
+            record.update({k: (accelerator.reduce(v, "sum") / all_read).item() for k, v in totals.items()})
             log.append(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=global_step)
             progress.set_postfix(loss=f"{record['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
