@@ -155,8 +155,8 @@ def check_generation_config(generation_config) -> None:
         raise ValueError(
             f"the generation_config (the model's own, with the fields set by one given to generate()) sets "
             f"{fields}, which NBP generation does not support: it reads only {', '.join(GENERATION_CONFIG_FIELDS)} "
-            "and produces the whole video token grid, one video per class label, condition or context (repeat those for more "
-            "samples); pass use_cache to the call"
+            "and produces the whole video token grid, one video per class label, condition or context (repeat those "
+            "for more samples); pass use_cache to the call"
         )
 
 
