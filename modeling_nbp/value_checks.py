@@ -1,6 +1,14 @@
-"""Checks of tensor values that also hold inside torch.compile (where they read nothing back to the host)."""
+"""Checks of argument values; those of tensors also hold inside torch.compile (where they read nothing back to the
+host)."""
+
+import numbers
 
 import torch
+
+
+def is_integer(value) -> bool:
+    """An integer of any type (Python's, numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_in_range(values: torch.Tensor, low: int, high: int, message: str):

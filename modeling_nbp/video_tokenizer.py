@@ -19,7 +19,6 @@ index), so the official state dict loads after stripping its `module.` prefix. F
 
 import logging
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 
 from .fsq import FSQ
 from .triton_support import require_triton
-from .value_checks import check_in_range
+from .value_checks import check_in_range, is_integer
 
 logger = logging.getLogger(__name__)
 
@@ -236,16 +235,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_integer(value) -> bool:
-    """Any integer type (numpy's too), for sizes that are only computed with."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _decode_batch_size(value) -> int | None:
     """`decode_batch_size` checked: None, or a positive integer (numpy's too) as an int."""
     if value is None:
         return None
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"`decode_batch_size` must be a positive integer or None; got {value!r}")
     return int(value)
 
@@ -399,7 +393,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     def _latent_shape(self, num_frames, height, width, names) -> tuple[int, int, int]:
         for name, value in zip(names, (num_frames, height, width)):
-            if not _is_integer(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         num_frames, height, width = int(num_frames), int(height), int(width)
         tc, sc = self.temporal_compression, self.spatial_compression
@@ -419,7 +413,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     def num_frames_for_latent(self, latent_frames: int) -> int:
         """Number of pixel frames that `latent_frames` latent frames decode to: 1 + temporal_compression * (t - 1)."""
-        if not _is_integer(latent_frames) or latent_frames < 1:
+        if not is_integer(latent_frames) or latent_frames < 1:
             raise ValueError(f"`latent_frames` must be a positive integer; got {latent_frames!r}")
         return 1 + self.temporal_compression * (int(latent_frames) - 1)
 

@@ -16,7 +16,6 @@ import csv
 import functools
 import logging
 import math
-import numbers
 import os
 import re
 from typing import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from ..value_checks import is_integer
 from ..video_io import VideoDecodeError
 from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip
 
@@ -45,10 +45,6 @@ K600_SPLIT_ALIASES = {
 def class_name_to_text(name: str) -> str:
     """Class name as text: camel case split, underscores to spaces, lower case ("YoYo" -> "yo yo")."""
     return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_video_file(name: str) -> bool:
@@ -258,7 +254,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"`sampling` must be one of {SAMPLING_MODES}, got {sampling!r}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
-        if not all(_is_int(v) and v >= 1 for v in (num_frames, resolution)) or (
+        if not all(is_integer(v) and v >= 1 for v in (num_frames, resolution)) or (
                 fps is not None and not (math.isfinite(fps) and fps > 0)):
             raise ValueError(f"need num_frames and resolution integers >= 1, fps a finite number > 0 or None; got "
                              f"{num_frames!r}, {resolution!r}, {fps!r}")
@@ -348,7 +344,7 @@ def streaming_video_dataset(dataset: VideoClipDataset, rank: int = 0, world_size
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if not (seed is None or (_is_int(seed) and seed >= 0)) or not (_is_int(epoch) and epoch >= 0):
+    if not (seed is None or (is_integer(seed) and seed >= 0)) or not (is_integer(epoch) and epoch >= 0):
         raise ValueError(f"`seed` must be a non-negative integer or None and `epoch` a non-negative integer; got "
                          f"seed={seed!r}, epoch={epoch!r}")
     num_shards = num_shards or min(len(dataset.index), 4 * world_size)

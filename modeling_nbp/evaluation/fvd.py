@@ -692,7 +692,8 @@ def _fvd_frame_count(text: str) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     from modeling_nbp.training.common import non_negative_int, positive_float, positive_int
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="nbp evaluate",
         description="FVD (StyleGAN-V protocol) between two folders of videos (.mp4 and other video files, "
         ".npy or .pt tensors); with --reconstruction also PSNR and SSIM of files paired by name."
