@@ -140,7 +140,7 @@ def step_kernels(dtype=torch.bfloat16, hidden=1536, heads=16, vocab=64000, rows=
                 stride_position=hidden), dict(BLOCK=triton.next_power_of_2(hidden)), 4, 3)
     yield ("sampler after the top-k", dk._sample_ranked_kernel,
            dict(values_ptr=dtype, index_ptr=torch.int64, noise_ptr=torch.float32, out_ptr=torch.int64, k=top_k,
-                temperature=1.0, top_p=0.9, stride_v=top_k, stride_i=top_k),
+                inverse_temperature_ptr=torch.float32, top_p_ptr=torch.float32, stride_v=top_k, stride_i=top_k),
            dict(TEMPERATURE=False, TOP_P=True, BLOCK=triton.next_power_of_2(top_k)), 16, 3)
 
 

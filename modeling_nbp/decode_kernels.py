@@ -227,21 +227,22 @@ def _attention_kernel(q_ptr, kv_ptr, acc_ptr, stats_ptr, counter_ptr, out_ptr, t
 
 
 @triton.jit
-def _sample_ranked_kernel(values_ptr, index_ptr, noise_ptr, out_ptr, k, temperature, top_p, stride_v, stride_i,
-                          TEMPERATURE: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of `generation.sample_tokens` after its ranking: the k kept logits, largest first, with their ids."""
+def _sample_ranked_kernel(values_ptr, index_ptr, noise_ptr, out_ptr, k, inverse_temperature_ptr, top_p_ptr, stride_v,
+                          stride_i, TEMPERATURE: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of `generation.sample_tokens` after its ranking: the k kept logits, largest first, with their ids.
+    1 / temperature and top_p are read from device memory (a captured graph serves any value)."""
     row = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     ok = j < k
     logits = tl.load(values_ptr + row * stride_v + j, mask=ok, other=float("-inf")).to(tl.float32)
     if TEMPERATURE:  # shifted first, as in `sample_tokens`
-        logits = (logits - tl.max(logits, axis=0)) / temperature
+        logits = (logits - tl.max(logits, axis=0)) * tl.load(inverse_temperature_ptr)
     e = tl.exp(logits - tl.max(logits, axis=0))
     probs = e / tl.sum(e, axis=0)
     cumulative = tl.cumsum(probs, axis=0)
     last = k - 1
     if TOP_P:  # the kept tokens: those with at most top_p of the probability ranked above them (a prefix)
-        last = tl.maximum(tl.sum(((cumulative - probs <= top_p) & ok).to(tl.int32), axis=0), 1) - 1
+        last = tl.maximum(tl.sum(((cumulative - probs <= tl.load(top_p_ptr)) & ok).to(tl.int32), axis=0), 1) - 1
     total = tl.sum(tl.where(j == last, cumulative, 0.0), axis=0)
     target = tl.load(noise_ptr + row) * total
     # searchsorted(cumulative, target, right=True): how many cumulative sums are <= target
@@ -252,17 +253,23 @@ def _sample_ranked_kernel(values_ptr, index_ptr, noise_ptr, out_ptr, k, temperat
 MAX_RANKED = 16384  # the fused sampler holds a row's kept logits in one program (the paper's top-k is 16000)
 
 
-def sample_ranked(values: torch.Tensor, index: torch.Tensor, noise: torch.Tensor, temperature: float,
-                  top_p: float) -> torch.Tensor:
+def sample_ranked(values: torch.Tensor, index: torch.Tensor, noise: torch.Tensor, inverse_temperature,
+                  top_p) -> torch.Tensor:
     """The sampling that `generation.sample_tokens` does after its top-k (or sort), fused: `values` (..., k) the
-    kept logits largest first, `index` (..., k) their ids, `noise` (...) one uniform number per row -> ids (...)."""
+    kept logits largest first, `index` (..., k) their ids, `noise` (...) one uniform number per row -> ids (...).
+    `inverse_temperature` (None: temperature 1) and `top_p` (None: 1) are numbers or float32 device scalars."""
     k = values.shape[-1]
     rows = values.reshape(-1, k)
     ids = index.reshape(-1, k)
     out = torch.empty(rows.shape[0], dtype=index.dtype, device=values.device)
-    _sample_ranked_kernel[(rows.shape[0],)](rows, ids, noise.reshape(-1).float().contiguous(), out, k, float(temperature),
-                                            float(top_p), rows.stride(0), ids.stride(0),
-                                            TEMPERATURE=temperature != 1.0, TOP_P=top_p < 1.0,
+
+    def on_device(number):  # a fill, not a copy from the host: no synchronisation
+        return number if torch.is_tensor(number) else torch.full((), number, dtype=torch.float32, device=values.device)
+
+    _sample_ranked_kernel[(rows.shape[0],)](rows, ids, noise.reshape(-1).float().contiguous(), out, k,
+                                            on_device(1.0 if inverse_temperature is None else inverse_temperature),
+                                            on_device(1.0 if top_p is None else top_p), rows.stride(0), ids.stride(0),
+                                            TEMPERATURE=inverse_temperature is not None, TOP_P=top_p is not None,
                                             BLOCK=max(16, triton.next_power_of_2(k)), num_warps=16)
     return out.view(values.shape[:-1])
 

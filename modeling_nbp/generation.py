@@ -55,46 +55,62 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     at which the cumulative probability of the kept tokens (largest first) passes u times their total.
     `noise` (the u, one per position: shape `logits.shape[:-1]`) may be drawn beforehand; else it is drawn here.
     `fused`: everything after the ranking in one Triton kernel (`decode_kernels.sample_ranked`; CUDA, or CPU under
-    Triton's interpreter) when at most `decode_kernels.MAX_RANKED` tokens are ranked."""
-    if temperature == 0:
+    Triton's interpreter) when at most `decode_kernels.MAX_RANKED` tokens are ranked.
+    `temperature` (not 0) and `top_p` may also be float32 scalars on the logits' device, read by the device
+    kernels: a static decoder's captured steps then serve any value (`StaticDecoder`)."""
+    if not torch.is_tensor(temperature) and temperature == 0:
         return logits.argmax(dim=-1)
-    # a smaller one rounds to 0 in float32 (0 / 0 = NaN); the smallest normal float32 is as greedy (but for ties)
-    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    scaled, nucleus = applies(temperature, 1.0), applies(top_p, 1.0)
     # rank in the logits' own dtype (bf16 halves the bytes read), then compute in float32 on the kept ones;
     # dividing by a temperature does not change the ranking
     V = logits.shape[-1]
     index = None
     if top_k and top_k < V:
         logits, index = logits.topk(top_k, dim=-1)  # sorted, largest first
-    elif top_p < 1.0:
+    elif nucleus:
         logits, index = logits.sort(dim=-1, descending=True)
     if noise is None:
         noise = _noise(logits.shape[:-1], generator, logits.device)
+    inverse = inverse_temperature(temperature) if scaled else None
     if fused and index is not None:
         from .decode_kernels import MAX_RANKED, sample_ranked  # imports triton
 
         if logits.shape[-1] <= MAX_RANKED:
-            return sample_ranked(logits, index, noise, temperature, top_p)
+            return sample_ranked(logits, index, noise, inverse, top_p if nucleus else None)
     logits = logits.float()
-    if temperature != 1.0:  # shifted first: the largest becomes 0, so a tiny temperature cannot overflow to inf
-        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if scaled:  # shifted first: the largest becomes 0, so a tiny temperature cannot overflow to inf
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) * inverse
     probs = logits.softmax(dim=-1)
     cumulative = probs.cumsum(dim=-1)
     # the kept tokens are a prefix: drop a token when the tokens ranked above it hold more than top_p
     # (u * total < total, and a cumulative sum of non-negative numbers never decreases, so a kept token is
     # chosen; the clamps only keep NaN logits, reported after the run, from indexing out of range)
-    last = (cumulative - probs <= top_p).sum(dim=-1, keepdim=True).clamp_(min=1) - 1 if top_p < 1.0 else None
+    last = (cumulative - probs <= top_p).sum(dim=-1, keepdim=True).clamp_(min=1) - 1 if nucleus else None
     total = cumulative[..., -1:] if last is None else cumulative.gather(-1, last)
     choice = torch.searchsorted(cumulative, noise.unsqueeze(-1) * total, right=True).clamp_(max=probs.shape[-1] - 1)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
+
+
+def applies(value, neutral: float) -> bool:
+    """Whether a sampling value (a number, or a device scalar that may hold any value) may differ from `neutral`."""
+    return torch.is_tensor(value) or value != neutral
+
+
+def inverse_temperature(temperature):
+    """1 / temperature, rounded to float32 (a number, or a device scalar for one): the logits are multiplied by it,
+    so a number and a device scalar of the same temperature give the same tokens. Below float32's smallest normal
+    number a temperature counts as that number (the reciprocal of 0 is infinite: NaN probabilities), which is as
+    greedy, but for ties."""
+    inverse = torch.as_tensor(temperature, dtype=torch.float32).clamp(min=torch.finfo(torch.float32).tiny).reciprocal()
+    return inverse if torch.is_tensor(temperature) else inverse.item()
 
 
 def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidance_scale=1.0, nonfinite=None,
                   fused=False):
     """`sample_tokens` from video logits (2B, n, V) combined by classifier-free guidance, or (B, n, V) without.
     `nonfinite`, a bool device scalar, is set when a combined logit is NaN or infinite (checked once, after the run;
-    a huge guidance_scale overflows float32); `fused` as in `sample_tokens`."""
-    if guidance_scale != 1.0:
+    a huge guidance_scale overflows float32); `fused` as in `sample_tokens`; guidance_scale may be a device scalar."""
+    if applies(guidance_scale, 1.0):
         cond, uncond = logits.float().chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
     if nonfinite is not None:
@@ -486,7 +502,7 @@ class NBPGenerationMixin:
         """`decode_step` on the static path (`decode_block_logits` over a `BlockKVCache`)."""
         # with guidance the combined logits are checked instead of the raw ones: a non-finite raw logit makes them
         # non-finite too, and a huge scale overflows float32 where they are combined
-        guided = sampling["guidance_scale"] != 1.0
+        guided = applies(sampling["guidance_scale"], 1.0)
         logits = self.decode_block_logits(cache, ids, start, keep, compiled, nonfinite=None if guided else nonfinite,
                                           mask=mask, drop=drop)
         return sample_guided(logits, noise, nonfinite=nonfinite if guided else None,
@@ -496,19 +512,22 @@ class NBPGenerationMixin:
                        **sampling) -> "StaticDecoder":
         """The model's `StaticDecoder` for this batch size and sampling, reset for a new sequence. One is kept
         (with its cache and graphs) between calls until `clear_decode_cache()`; another configuration, or
-        parameters moved or replaced, give a new one."""
+        parameters moved or replaced, give a new one. Of the sampling, only which filters apply is part of the
+        configuration (`sampling_filters`): its temperature, top-p and guidance scale are set for each call."""
         autocast = (torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type))
+        filters = sampling_filters(**sampling)
         key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, self.config.sample_whole_vocabulary,
-               autocast, tuple(sorted(sampling.items())), tuple(p.data_ptr() for p in self.parameters()))
+               autocast, filters, tuple(p.data_ptr() for p in self.parameters()))
         decoder = getattr(self, "_static_decoder", None)
         if decoder is not None and decoder.in_use:
             # another generation on this model is still under way (two streams consumed in turn, say): it keeps
             # the shared decoder, this one gets a private cache and runs without graphs
-            decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode), False)
+            decoder = StaticDecoder(key, self, batch_size, compile_decode, filters, False)
         elif decoder is None or decoder.key != key:
             self._static_decoder = decoder = None  # free the old cache and graphs before allocating new ones
-            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, dict(sampling, compiled=compile_decode),
+            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, compile_decode, filters,
                                                            use_cuda_graphs)
+        decoder.set_sampling(**sampling)
         decoder.cache.reset(self)
         decoder.nonfinite.zero_()
         decoder.in_use = True
@@ -618,6 +637,12 @@ class BlockKVCache:
             torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b)
 
 
+def sampling_filters(temperature, top_k, top_p, guidance_scale) -> tuple:
+    """What of the sampling fixes a static decoder's steps: greedy or not, top-k, and whether a temperature, a
+    nucleus (top-p) filter and guidance apply."""
+    return temperature == 0, top_k, temperature not in (0.0, 1.0), top_p < 1.0, guidance_scale != 1.0
+
+
 def cuda_graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
@@ -639,19 +664,29 @@ class StaticDecoder:
     calls; the first step of each feed length runs eagerly first, as the warm-up. Before a replay the
     step's ids are copied and its sampling noise drawn into the graph's static inputs, so a graph holds no host
     work, no allocation and no random draw: its tokens equal the eager step's. All graphs share one memory pool
-    (they run one after another, and each output is copied out before the next replay)."""
+    (they run one after another, and each output is copied out before the next replay). The temperature, top-p
+    and guidance scale are read from a device tensor that `set_sampling` writes: the same graphs serve any values
+    (`key` holds the `sampling_filters`)."""
 
-    def __init__(self, key, model, batch_size: int, step_options: dict, use_cuda_graphs: bool):
-        self.key, self.step_options, self.use_cuda_graphs = key, step_options, use_cuda_graphs
+    def __init__(self, key, model, batch_size: int, compiled: str | None, filters: tuple, use_cuda_graphs: bool):
+        self.key, self.use_cuda_graphs = key, use_cuda_graphs
         self.cache = BlockKVCache(model, batch_size)
+        greedy, top_k, scaled, nucleus, guided = filters
         with torch.inference_mode(False):
             self.nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)  # see `sample_guided`
+            self.sampling = torch.ones(3, dtype=torch.float32, device=model.device)  # temperature, top_p, guidance
             # classifier-free guidance doubles the batch: the second half is the unconditional one
-            guided = step_options["guidance_scale"] != 1.0
             self.drop = torch.arange(batch_size, device=model.device) >= batch_size // 2 if guided else None
+            temperature, top_p, guidance_scale = self.sampling.unbind()  # device scalars where the filter applies
+        self.step_options = dict(compiled=compiled, top_k=top_k, temperature=temperature if scaled else float(not greedy),
+                                 top_p=top_p if nucleus else 1.0, guidance_scale=guidance_scale if guided else 1.0)
         self.in_use = False
         self.graphs, self.inputs, self.warm, self.masks = {}, {}, set(), {}
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
+
+    def set_sampling(self, temperature, top_k, top_p, guidance_scale):
+        """This call's sampling values (its `sampling_filters` are the decoder's)."""
+        self.sampling.copy_(torch.tensor([temperature, top_p, guidance_scale], dtype=torch.float32))
 
     def _prefill_options(self, model, start: int, end: int) -> dict:
         """The mask and condition dropout of a step feeding [start, end): none for a decode step."""

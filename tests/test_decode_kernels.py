@@ -159,6 +159,20 @@ def test_fused_sampler_gives_the_tokens_of_the_plain_one(dtype, sampling):
     assert fused.dtype == plain.dtype and torch.equal(fused, plain)
 
 
+def test_sampling_values_on_the_device_give_the_tokens_of_numbers():
+    # a static decoder passes its temperature and top-p as device scalars (so that its graphs serve any value)
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn((3, 4, 300), generator=g)).to(DEVICE)
+    noise = torch.rand((3, 4), generator=g).to(DEVICE)
+    on_device = lambda x: torch.tensor(x, device=DEVICE)  # noqa: E731
+    for temperature, top_p in ((0.6, 0.8), (1.7, 0.95), (1e-40, 0.5)):
+        plain = generation.sample_tokens(logits, temperature, 100, top_p, noise=noise)
+        for fused in (False, True):
+            tokens = generation.sample_tokens(logits, on_device(temperature), 100, on_device(top_p), noise=noise,
+                                              fused=fused)
+            assert torch.equal(tokens, plain)
+
+
 def test_strided_inputs_are_read_as_their_values():
     # the kernels read dense rows: a strided view (a column of a wider table) must be copied, not misread
     g = torch.Generator().manual_seed(0)
