@@ -678,8 +678,9 @@ class StaticDecoder:
             # classifier-free guidance doubles the batch: the second half is the unconditional one
             self.drop = torch.arange(batch_size, device=model.device) >= batch_size // 2 if guided else None
             temperature, top_p, guidance_scale = self.sampling.unbind()  # device scalars where the filter applies
-        self.step_options = dict(compiled=compiled, top_k=top_k, temperature=temperature if scaled else float(not greedy),
-                                 top_p=top_p if nucleus else 1.0, guidance_scale=guidance_scale if guided else 1.0)
+        self.step_options = dict(compiled=compiled, top_k=top_k, top_p=top_p if nucleus else 1.0,
+                                 temperature=temperature if scaled else float(not greedy),
+                                 guidance_scale=guidance_scale if guided else 1.0)
         self.in_use = False
         self.graphs, self.inputs, self.warm, self.masks = {}, {}, set(), {}
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
