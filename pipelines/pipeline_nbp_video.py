@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -187,6 +188,12 @@ class NBPVideoPipeline(DiffusionPipeline):
         return getattr(self, "_interrupt", False)
 
     @property
+    def num_timesteps(self) -> int | None:
+        """Steps of the window being generated (diffusers' name, which callbacks read: `step == pipe.num_timesteps //
+        2`); None before the first call."""
+        return getattr(self, "_num_timesteps", None)
+
+    @property
     def class_names(self) -> list[str]:
         """The class names of a class-conditional model (`config.id2label`), or [] when it names no classes
         (transformers fills id2label with two placeholder labels when none are given)."""
@@ -345,6 +352,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         first = next(steps, None)
         if first is None:
             return
+        self._num_timesteps = first.num_steps
         try:
             with self.progress_bar(total=first.num_steps) as progress_bar:
                 step = first
@@ -507,7 +515,9 @@ class NBPVideoPipeline(DiffusionPipeline):
                 top-p 0.9, temperature 1, no guidance).
             generator: a `torch.Generator` or one per video (then a batch equals the single runs).
             output_type: "pil", "np", "pt" or "latent" (token ids).
-            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, called after every step;
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` (or a diffusers
+                `PipelineCallback` / `MultiPipelineCallbacks`: its `tensor_inputs` are then the ones passed), called
+                after every step of the window's `pipe.num_timesteps`;
                 `callback_kwargs["video_tokens"]` is the live (B, N) tensor of video ids in block order (-1 = not
                 generated yet; in a video longer than one window, steps and tokens are those of the current
                 window); a returned "video_tokens" replaces it (only the tokens of the step just made can
@@ -528,6 +538,8 @@ class NBPVideoPipeline(DiffusionPipeline):
                 (in a video longer than one window, a rounding difference can change a token of a re-encoded
                 context, and so the windows after it).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers' pipelines
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
                                   context_frames, batch_size, decode_batch_size)
         if class_labels is not None:  # resolved once: an iterator would be used up by the first window
@@ -574,6 +586,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         and callbacks included; generation stops as soon as `num_frames` frames are out."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers' pipelines
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
                                   context_frames, batch_size, decode_batch_size)
         if class_labels is not None:  # resolved once: an iterator would be used up by the first window
@@ -735,22 +749,30 @@ class NBPVideoPipeline(DiffusionPipeline):
         on CPUs; a dict such as `{"transformer": torch.bfloat16, "default": torch.float32}` sets it per component, as
         in diffusers;
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` without a dtype keeps the generator's saved
-        dtype, as transformers does), revision, cache_dir, token, local_files_only."""
+        dtype, as transformers does), use_safetensors (True: refuse pickled weights), revision, cache_dir, token,
+        local_files_only, force_download."""
         try:  # not an import statement: diffusers' check of carried code would ask to `pip install modeling_nbp`
             installed = importlib.import_module("modeling_nbp")
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
+            given = sorted({"transformer", "video_tokenizer"} & set(kwargs))
+            if given:  # diffusers would ask for `modeling_nbp` to be imported, to check the given object's class
+                raise TypeError(f"without nbp-video installed, from_pretrained cannot take {', '.join(given)}: load "
+                                "the folder, then swap in yours with `type(pipe).from_pipe(pipe, transformer=...)`")
             kwargs["dtype"] = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         folder = str(pretrained_model_name_or_path)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
+                      if k in kwargs}
+        weights = {"use_safetensors": kwargs.pop("use_safetensors")} if "use_safetensors" in kwargs else {}
         variant = kwargs.pop("variant", None)
         variant = {"variant": variant} if variant else {}
         dtype = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
         transformer, video_tokenizer = kwargs.pop("transformer", None), kwargs.pop("video_tokenizer", None)
         if kwargs:  # before any download
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)} (it takes "
-                            "transformer, video_tokenizer, dtype or torch_dtype, variant, revision, cache_dir, token, "
-                            "local_files_only; place the pipeline with pipe.to(device))")
+                            "transformer, video_tokenizer, dtype or torch_dtype, variant, use_safetensors, revision, "
+                            "cache_dir, token, local_files_only, force_download; place the pipeline with "
+                            "pipe.to(device))")
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
 
@@ -773,10 +795,32 @@ class NBPVideoPipeline(DiffusionPipeline):
                     "NBPVideoTokenizer.from_pretrained")
             raise FileNotFoundError(f"{folder} is not an NBPVideoPipeline folder (no {', '.join(missing)}): {hint}")
         transformer = transformer or installed.NBPForVideoGeneration.from_pretrained(
-            os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant)
+            os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant, **weights)
         video_tokenizer = video_tokenizer or installed.NBPVideoTokenizer.from_pretrained(
-            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant)
+            os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant, **weights)
         return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """A new pipeline sharing the components of `pipeline` (an NBPVideoPipeline, also one loaded from carried
+        code), as diffusers' `from_pipe`: `transformer=` / `video_tokenizer=` replace one; `dtype` (or torch_dtype;
+        one dtype, or a dict per component as in `from_pretrained`) casts the shared components, so `pipeline`'s
+        too; without it they keep their dtypes (diffusers' own `from_pipe` casts them to float32)."""
+        # not diffusers' from_pipe: it keeps a diffusers model only if its class is the one annotated on `__init__`,
+        # and the carried copy of this file cannot import the component classes to annotate it with
+        components = {name: kwargs.pop(name) if name in kwargs else getattr(pipeline, name, None)
+                      for name in ("transformer", "video_tokenizer")}
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pipe: {sorted(kwargs)} (it takes "
+                            "transformer, video_tokenizer, dtype or torch_dtype)")
+        pipe = cls(**components)
+        if dtype is not None or torch_dtype is not None:
+            for name, component_dtype in cls._component_dtypes(dtype, torch_dtype).items():
+                getattr(pipe, name).to(component_dtype)
+        if getattr(pipeline, "name_or_path", None) is not None:
+            pipe.register_to_config(_name_or_path=pipeline.name_or_path)
+        return pipe
 
     @staticmethod
     def _component_dtypes(dtype, torch_dtype) -> dict:

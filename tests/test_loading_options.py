@@ -76,6 +76,7 @@ def test_pipeline_loading_options_round_trip(tmp_path):
     loads = [NBPVideoPipeline.from_pretrained(tmp_path / "sharded"),
              NBPVideoPipeline.from_pretrained(tmp_path / "variant", variant="fp16"),
              DiffusionPipeline.from_pretrained(tmp_path / "variant", variant="fp16", trust_remote_code=True),
+             NBPVideoPipeline.from_pretrained(tmp_path / "sharded", use_safetensors=True, force_download=False),
              NBPVideoPipeline.from_pretrained(tmp_path / "sharded", transformer=pipe.transformer)]
     assert loads[-1].transformer is pipe.transformer
     for loaded in loads:

@@ -307,6 +307,31 @@ def test_callback_sees_and_modifies_tokens(pipe):
     assert calls and calls[0] == {}
 
 
+def test_diffusers_callback_objects_and_num_timesteps(pipe):
+    """A diffusers `PipelineCallback` (or `MultiPipelineCallbacks`) brings its own tensor_inputs, checked against the
+    pipeline's, and reads `pipe.num_timesteps`, as in diffusers' pipelines."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    class PinAtCutoff(PipelineCallback):
+        tensor_inputs = ["video_tokens"]
+
+        def callback_fn(self, p, step, timestep, kwargs):
+            if step == int(p.num_timesteps * self.config.cutoff_step_ratio):
+                kwargs["video_tokens"][:, 0] = 7
+            return kwargs
+
+    class WantsLatents(PinAtCutoff):
+        tensor_inputs = ["latents"]
+
+    for callback in (PinAtCutoff(cutoff_step_ratio=0.5), MultiPipelineCallbacks([PinAtCutoff(cutoff_step_ratio=0.5)])):
+        out = pipe(class_labels=[0], generator=gen(0), output_type="latent", callback_on_step_end=callback).frames
+        assert out[0, 0, 0, 0] == 7
+    assert pipe.num_timesteps == len(pipe.transformer.layout.decode_schedule(0))
+    for call in (pipe, lambda **kw: next(pipe.stream(**kw))):
+        with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs must be a subset of \['video_"):
+            call(class_labels=[0], callback_on_step_end=WantsLatents())
+
+
 def test_tokens_edited_in_place_by_a_callback_are_checked_at_that_step(pipe):
     V, steps = pipe.transformer.config.video_vocab_size, []
 
@@ -416,6 +441,29 @@ def test_save_load_round_trip(pipe, tmp_path):
         set_hub_offline(monkeypatch)
         with pytest.raises(OSError, match="neither a local pipeline folder .* nor a Hub repo"):
             NBPVideoPipeline.from_pretrained("someone/not-here")
+
+
+def test_from_pipe_shares_the_components(tmp_path):
+    """diffusers' `from_pipe` dropped the tokenizer (its class is not annotated on `__init__`, which the carried copy of
+    the pipeline's file could not import) and then failed; it also cast the shared components to float32."""
+    pipe = tiny_pipeline().to(torch.bfloat16)
+    expected = pipe(class_labels=[1], generator=gen(2), output_type="latent").frames
+    new = NBPVideoPipeline.from_pipe(pipe)
+    assert (new.transformer, new.video_tokenizer) == (pipe.transformer, pipe.video_tokenizer)
+    assert pipe.dtype == torch.bfloat16
+    new.set_progress_bar_config(disable=True)
+    assert torch.equal(new(class_labels=[1], generator=gen(2), output_type="latent").frames, expected)
+    tok = tiny_tokenizer()
+    assert NBPVideoPipeline.from_pipe(pipe, video_tokenizer=tok).video_tokenizer is tok
+    NBPVideoPipeline.from_pipe(pipe, dtype={"transformer": torch.float16, "default": torch.float32})
+    assert (pipe.transformer.dtype, pipe.video_tokenizer.dtype) == (torch.float16, torch.float32)  # shared
+    with pytest.raises(TypeError, match=r"unexpected arguments for NBPVideoPipeline.from_pipe: \['unet'\]"):
+        NBPVideoPipeline.from_pipe(pipe, unet=None)
+    # the class of a folder's carried code, as diffusers' loader gives it
+    pipe.save_pretrained(tmp_path)
+    generic = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    again = type(generic).from_pipe(generic)
+    assert again.video_tokenizer is generic.video_tokenizer and str(again.name_or_path) == str(tmp_path)
 
 
 def test_model_card(pipe, frames_pipe, tmp_path, monkeypatch):
@@ -672,6 +720,14 @@ def test_remote_code_without_the_package(pipe, tmp_path):
         # the class's own from_pretrained, with a dtype's name
         half = type(pipe).from_pretrained({str(tmp_path / 'pipe')!r}, dtype="bfloat16")
         assert (half.transformer.dtype, half.video_tokenizer.dtype) == (torch.bfloat16,) * 2
+        # a component of one's own: diffusers' loader cannot check its class without the package, from_pipe can
+        try:
+            type(pipe).from_pretrained({str(tmp_path / 'pipe')!r}, transformer=half.transformer)
+            raise AssertionError("not refused")
+        except TypeError as err:
+            assert "cannot take transformer: load the folder, then swap in yours with `type(pipe).from_pipe" in str(err)
+        mixed = type(pipe).from_pipe(pipe, transformer=half.transformer)
+        assert mixed.transformer is half.transformer and mixed.video_tokenizer is pipe.video_tokenizer
         if {triton}:  # the kernels of the tokenizer's Triton norm came with the code
             pipe.video_tokenizer.norm_implementation = "triton"
             assert pipe.video_tokenizer.encode(torch.rand(1, 3, 5, 8, 8)).shape == (1, 3, 4, 4)
