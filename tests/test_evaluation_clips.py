@@ -232,3 +232,15 @@ def test_the_real_set_is_the_clips_the_videos_were_made_from(dataset, tmp_path):
     (fake / "stray_0.npy").write_bytes((fake / fakes[0].name).read_bytes())
     with pytest.raises(ValueError, match="stray_0.npy was not made from a clip"):
         fvd_module._paired_clips(clips.position, sorted(Path(fake).glob("*.npy")), fake)
+
+
+def test_a_replaced_dataset_file_is_not_served_from_the_feature_cache(dataset, tmp_path):
+    # a broken download fixed (or any video re-encoded) under the same name: its clip's cached features, or its
+    # place in the cache's list of unreadable files, must not be reused
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    clips = EvaluationClips(copy, num_frames=5, resolution=8)
+    key = fvd_module._clips_cache_key(clips, range(len(clips)))
+    assert fvd_module._clips_cache_key(EvaluationClips(copy, num_frames=5, resolution=8), range(4)) == key
+    export_to_mp4(np.zeros((12, 16, 16, 3), dtype=np.uint8), str(copy / "square" / "broken.mp4"), fps=8)
+    assert fvd_module._clips_cache_key(EvaluationClips(copy, num_frames=5, resolution=8), range(4)) != key

@@ -102,6 +102,14 @@ def test_frechet_distance_rejects_bad_shapes_and_non_finite_statistics():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), sigma)
     with pytest.raises(ValueError, match="mu1 holds NaN or infinite"):
         frechet_distance(np.array([0.0, np.inf, 0.0]), np.eye(3), np.zeros(3), np.eye(3))
+    # a matrix that is no covariance (statistics of another tool, a precision matrix) used to come out as distance 0
+    not_symmetric = np.eye(3) + np.triu(np.ones((3, 3)), 1)
+    for name, sigma in (("sigma1", -np.eye(3)), ("sigma1", not_symmetric)):
+        with pytest.raises(ValueError, match=f"{name} must be a covariance matrix"):
+            frechet_distance(np.zeros(3), sigma, np.zeros(3), np.eye(3))
+    # the singular covariances of fewer samples than dimensions are covariances
+    few = np.random.default_rng(0).normal(size=(3, 50)) * 30
+    assert frechet_distance(*feature_statistics(few), *feature_statistics(few)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_fvd_from_features_sampling_and_checks():
@@ -323,6 +331,12 @@ def test_bad_weight_arguments(tmp_path):
         FVDCalculator(checkpoint)
     with pytest.raises(TypeError, match="i3d_weights"):
         FVDCalculator(42)
+    # a damaged weight file (a copy cut short, another format under the name) is named, not a bare parser error
+    broken = tmp_path / "i3d.safetensors"
+    for contents in (b"not safetensors at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": "):
+        broken.write_bytes(contents)
+        with pytest.raises(ValueError, match=r"i3d.safetensors is not a readable safetensors file"):
+            FVDCalculator(broken)
 
 
 def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch, capsys):
@@ -514,6 +528,7 @@ def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path
     assert first["skipped_unreadable"] == again["skipped_unreadable"] == {"fake": [str(tmp_path / "fake" / "9.npy")],
                                                                           "real": []}
     assert first["fvd"] == again["fvd"]
+    assert first["fvd"]["num_videos"] == {"fake": 3, "real": 4}  # what was measured: the unreadable file left out
     with pytest.warns(UserWarning, match="unreadable video"):  # read in two worker processes: the same result
         workers = fvd_module.main(command[:3] + ["--num-workers", "2"])
     assert workers["fvd"] == first["fvd"] and workers["skipped_unreadable"] == first["skipped_unreadable"]
@@ -523,6 +538,18 @@ def test_videos_are_read_in_batches_of_one_shape():
     shapes = [(1, 3, 16, 8, 8)] * 3 + [(2, 3, 16, 8, 8), (1, 3, 16, 4, 4)]
     batches = list(fvd_module.ReadVideos(shapes, lambda shape: torch.zeros(shape), batch_size=2))
     assert [tuple(b.shape) for b in batches] == [(2, 3, 16, 8, 8), (3, 3, 16, 8, 8), (1, 3, 16, 4, 4)]
+
+
+def test_float_arrays_outside_zero_one_are_named(tmp_path):
+    # among thousands of files the one in [0, 255] or [-1, 1], or with NaNs, must be findable from the message
+    video = np.linspace(0, 1, 3 * 16 * 8 * 8, dtype=np.float32).reshape(3, 16, 8, 8)
+    for name, values, shown in (("255", video * 255, r"\[0, 255\]"), ("signed", video * 2 - 1, r"\[-1, 1\]"),
+                                ("nan", np.where(video > 0.5, np.nan, video), "nan")):
+        np.save(tmp_path / f"{name}.npy", values)
+        with pytest.raises(ValueError, match=rf"{name}.npy: float videos must lie in \[0, 1\], got .*{shown}"):
+            fvd_module.load_video_file(tmp_path / f"{name}.npy", num_frames=16)
+    np.save(tmp_path / "fine.npy", video + 5e-4)  # a rounding overshoot is accepted, as by the detector's check
+    assert fvd_module.load_video_file(tmp_path / "fine.npy").shape == (1, 3, 16, 8, 8)
 
 
 def test_a_short_video_file_is_named(tmp_path):

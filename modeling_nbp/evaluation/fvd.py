@@ -82,6 +82,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(value).all():  # scipy's sqrtm can hang on NaN
             raise ValueError(f"frechet_distance needs finite statistics; {name} holds NaN or infinite values")
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        # anything else gives a root with large imaginary parts, whose real part is a meaningless distance (often 0)
+        tolerance = 1e-6 * np.abs(sigma).max()  # round-off of np.cov, and the zero eigenvalues of N < D samples
+        if np.abs(sigma - sigma.T).max() > tolerance or np.linalg.eigvalsh(sigma).min() < -tolerance:
+            raise ValueError(f"{name} must be a covariance matrix (symmetric positive semi-definite), as "
+                             "feature_statistics returns")
     with warnings.catch_warnings():
         # Covariances of fewer samples than dimensions are singular; scipy warns, the root is still usable.
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
@@ -130,7 +136,8 @@ def fvd_from_features(
     seed: int = 0,
 ) -> Dict[str, object]:
     """FVD between two feature sets (N, D); with `num_samples`, each repeat draws that many rows from each
-    set without replacement. Returns {"mean", "std" (population std over repeats), "values"}."""
+    set without replacement. Returns {"mean", "std" (population std over repeats), "values", "num_videos" (the
+    sizes of the two sets: {"fake", "real"}), "num_samples"}."""
     fake_features, real_features = np.asarray(fake_features), np.asarray(real_features)
     for name, features in (("fake", fake_features), ("real", real_features)):
         if features.ndim != 2:
@@ -150,7 +157,8 @@ def fvd_from_features(
             fake = fake[rng.choice(len(fake), num_samples, replace=False)]
             real = real[rng.choice(len(real), num_samples, replace=False)]
         values.append(frechet_distance(*feature_statistics(fake), *feature_statistics(real)))
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values,
+            "num_videos": {"fake": len(fake_features), "real": len(real_features)}, "num_samples": num_samples}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +517,13 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
         raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
     if num_frames is not None and videos.shape[2] < num_frames:
         raise ValueError(f"{path} has {videos.shape[2]} frames; FVD needs videos of at least {num_frames}")
-    return videos[:, :, :num_frames]
+    videos = videos[:, :, :num_frames]
+    if videos.numel():  # checked here, where the file can be named (the detector's check names no file)
+        low, high = videos.min().item(), videos.max().item()  # NaN if any value is NaN: refused below
+        if not (-_RANGE_TOLERANCE <= low and high <= 1 + _RANGE_TOLERANCE):
+            raise ValueError(f"{path}: float videos must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
+                             "(uint8 arrays hold 0-255)")
+    return videos
 
 
 def count_videos(path: Path) -> int:
@@ -636,8 +650,13 @@ def _paired_clips(clips_at, fake_files: Sequence[Path], fake_folder: Path) -> Li
 def _clips_cache_key(clips, positions: Sequence[int]) -> str:
     """Identifies an evaluation clip set by its settings and the clips it reads."""
     digest = hashlib.sha256(json.dumps(clips.settings, sort_keys=True).encode())
-    for i in positions:
-        digest.update(f"{i}:{clips.path(i)}\n".encode())
+    for i in positions:  # with the file's size and time: a video replaced under its name (a fixed download) is new
+        try:
+            stat = os.stat(clips.path(i))
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:  # its reading reports it
+            stamp = "missing"
+        digest.update(f"{i}:{clips.path(i)}:{stamp}\n".encode())
     return "clips-" + digest.hexdigest()
 
 

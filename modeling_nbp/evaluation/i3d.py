@@ -167,9 +167,14 @@ class I3D(nn.Module):
 
 def load_i3d(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> I3D:
     """Builds the full-width I3D from a safetensors file written by `convert_i3d_weights`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state_dict = load_file(os.fspath(path), device=str(device))
+    try:
+        state_dict = load_file(os.fspath(path), device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): a damaged or truncated copy? Write it "
+                         "again with `python -m modeling_nbp.evaluation.convert_i3d_weights`") from None
     num_classes = state_dict["logits.weight"].shape[0] if "logits.weight" in state_dict else 400
     model = I3D(num_classes=num_classes).to(device)
     try:
