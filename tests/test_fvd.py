@@ -532,6 +532,11 @@ def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path
     with pytest.warns(UserWarning, match="unreadable video"):  # read in two worker processes: the same result
         workers = fvd_module.main(command[:3] + ["--num-workers", "2"])
     assert workers["fvd"] == first["fvd"] and workers["skipped_unreadable"] == first["skipped_unreadable"]
+    (tmp_path / "broken").mkdir()  # a set with no readable video: which set, and why
+    (tmp_path / "broken" / "0.npy").write_bytes(b"not an array")
+    with pytest.warns(UserWarning, match="unreadable video"), \
+            pytest.raises(ValueError, match=r"^real: got no video .*\(1 unreadable, e\.g\. .*broken/0\.npy\)"):
+        fvd_module.main(command[:1] + [str(tmp_path / "broken"), "--no-progress"])
 
 
 def test_videos_are_read_in_batches_of_one_shape():

@@ -266,14 +266,15 @@ class FVDCalculator:
                 raise ValueError(f"FVD needs at least 2 {name} videos to estimate a covariance, got {len(videos)}")
         sizes = [len(videos) if isinstance(videos, torch.Tensor) else None for videos in (fake, real)]
         check_sampling(*sizes, num_repeats, num_samples, seed)  # before the detector runs
-        fake_features, fake_shape = self._features_and_shape(fake, fake_cache_key)
-        real_features, _ = self._features_and_shape(real, real_cache_key, expected_shape=fake_shape)
+        fake_features, fake_shape = self._features_and_shape(fake, fake_cache_key, name="fake")
+        real_features, _ = self._features_and_shape(real, real_cache_key, expected_shape=fake_shape, name="real")
         return fvd_from_features(fake_features, real_features, num_repeats, num_samples, seed)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _features_and_shape(
-        self, videos: Videos, cache_key: Optional[str], expected_shape: Optional[Tuple[int, int, int]] = None
+        self, videos: Videos, cache_key: Optional[str], expected_shape: Optional[Tuple[int, int, int]] = None,
+        name: str = "videos"
     ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
         batches = _video_batches(videos)
         cache_path = self._cache_path(videos, cache_key)
@@ -296,7 +297,9 @@ class FVDCalculator:
                     features.append(self._extract(preprocess_videos(chunk, self.protocol)))
                     progress.update(len(chunk))
         if not features:
-            raise ValueError("videos is empty: got no video to compute features from")
+            skipped = getattr(videos, "skipped", [])
+            unread = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
+            raise ValueError(f"{name}: got no video to compute features from{unread}")
         features = np.concatenate(features)
         if cache_path is not None:
             _save_cached_features(cache_path, features, shape, getattr(videos, "skipped", []))
