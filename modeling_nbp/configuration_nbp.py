@@ -30,6 +30,23 @@ TASK_PRESETS = {
 }
 
 
+# the vocabulary layout's counts (ints >= 0) and ids (ints); those of DERIVED_FIELDS may be None (derived)
+COUNT_FIELDS = ("num_classes", "num_condition_tokens", "condition_vocab_size", "num_context_frames", "video_vocab_size")
+ID_FIELDS = ("bov_token_id", "condition_token_offset", "video_token_offset", "vocab_size")
+DERIVED_FIELDS = ("num_classes", "condition_vocab_size", "condition_token_offset", "video_token_offset", "vocab_size")
+
+
+def check_int_fields(config):
+    for name in COUNT_FIELDS + ID_FIELDS:
+        value = getattr(config, name)
+        if value is None and name in DERIVED_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or (name in COUNT_FIELDS and value < 0):
+            kind = "an int >= 0" if name in COUNT_FIELDS else "an int"
+            raise ValueError(f"{name} must be {kind}{' (or None: derived)' if name in DERIVED_FIELDS else ''}, "
+                             f"got {value!r}")
+
+
 def special_token_count(first_block: str, block_size: int) -> int:
     return {"none": 0, "bov": 1, "hybrid": block_size}[first_block]
 
@@ -94,6 +111,7 @@ class NBPConfig(PreTrainedConfig):
     sample_whole_vocabulary: bool = False
 
     def __post_init__(self, **kwargs):
+        check_int_fields(self)
         if self.condition_mode not in CONDITION_MODES:
             raise ValueError(f"condition_mode must be one of {CONDITION_MODES}, got {self.condition_mode!r}")
         if self.first_block not in FIRST_BLOCK_SCHEMES:
@@ -140,8 +158,16 @@ class NBPConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Checked on every instantiation and again when a model is built (`from_pretrained(path, **overrides)`
         and attribute changes bypass the instantiation)."""
+        check_int_fields(self)
+
         def positive_ints(values):
             return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            return value
 
         if len(self.latent_shape) != 3 or len(self.block_shape) != 3 or not positive_ints(
                 [*self.latent_shape, *self.block_shape]):
@@ -154,10 +180,10 @@ class NBPConfig(PreTrainedConfig):
                      video_vocab_size=self.video_vocab_size, max_position_embeddings=self.max_position_embeddings)
         if not positive_ints(sizes.values()):
             raise ValueError(f"the transformer sizes must be positive ints; got {sizes}")
-        if not self.layer_norm_eps > 0:
+        if not number("layer_norm_eps") > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("class_dropout_prob", "hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if not 0.0 <= number(name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings must be False: NBP's output head is separate from its embeddings "
@@ -172,6 +198,14 @@ class NBPConfig(PreTrainedConfig):
                 "first_block='none' means the first block is always given as context, which needs "
                 "condition_mode='frames'; use first_block='bov' or 'hybrid' for class-conditional or "
                 "unconditional models"
+            )
+        if self.condition_mode != "class" and (self.num_condition_tokens or self.class_condition_ids):
+            # (a class model's config with condition_mode overridden at loading keeps its prefix and class ids)
+            class_ids = "set" if self.class_condition_ids else "empty"
+            raise ValueError(
+                f"condition_mode={self.condition_mode!r} takes no condition prefix, but num_condition_tokens is "
+                f"{self.num_condition_tokens} and class_condition_ids is {class_ids}: build a new NBPConfig for "
+                "another condition_mode"
             )
         if self.condition_mode == "class" and not self.num_classes:
             raise ValueError("condition_mode='class' needs num_classes > 0 or class_condition_ids")
@@ -193,8 +227,6 @@ class NBPConfig(PreTrainedConfig):
                 f"({self.max_position_embeddings})"
             )
         self._check_id_ranges()
-        if not isinstance(self.num_context_frames, int) or isinstance(self.num_context_frames, bool):
-            raise ValueError(f"num_context_frames must be an int, got {self.num_context_frames!r}")
         if self.condition_mode == "frames" and (self.num_context_frames % self.block_shape[0]
                                                  or not 0 <= self.num_context_frames < self.latent_shape[0]):
             raise ValueError(

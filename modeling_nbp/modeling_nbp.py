@@ -227,7 +227,8 @@ class NBPModel(NBPPreTrainedModel):
             )
 
         if attention_mask is not None and (attention_mask.shape[-2:] != (q_len, past + q_len)
-                                           or attention_mask.shape[0] not in (1, inputs_embeds.shape[0])):
+                                           or attention_mask.shape[0] not in (1, inputs_embeds.shape[0])
+                                           or attention_mask.shape[1] not in (1, self.config.num_attention_heads)):
             raise ValueError(f"a 4-D attention_mask must have shape (batch or 1, 1 or heads, query, key) = "
                              f"({inputs_embeds.shape[0]}, 1, {q_len}, {past + q_len}); got {tuple(attention_mask.shape)}")
         positions = past + torch.arange(q_len, device=inputs_embeds.device)
@@ -317,16 +318,22 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048,
-                    num_items_in_batch=None, implementation: str = "chunked") -> torch.Tensor:
+                    num_items_in_batch=None, implementation: str = "chunked",
+                    video_ids: tuple[int, int] | None = None) -> torch.Tensor:
     """Mean cross-entropy of `logits` (..., V) against `labels` (...), -100 ignored (0 when every label is); with
     `num_items_in_batch` (the labelled positions of a whole accumulated batch, as transformers' Trainer passes it)
-    the sum divided by that count instead. `implementation`: one of `LOSS_IMPLEMENTATIONS`."""
+    the sum divided by that count instead. `implementation`: one of `LOSS_IMPLEMENTATIONS`. `video_ids` [low, high):
+    the only ids a label may hold (else any id of the vocabulary)."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])} "
                          f"(-100 = no target); got {tuple(labels.shape)}")
-    vocab = logits.shape[-1]
-    outside = ((labels < 0) | (labels >= vocab)) & (labels != -100)
-    message = f"labels must lie in [0, {vocab}) or be -100 (no target)"
+    low, high = video_ids or (0, logits.shape[-1])
+    outside = ((labels < low) | (labels >= high)) & (labels != -100)
+    message = f"labels must lie in [{low}, {high}) or be -100 (no target)"
+    if video_ids:  # labels=input_ids, the causal LM idiom, puts condition and start ids there
+        message = (f"labels must be video ids, in [{low}, {high}), or -100 (no target), each at the position that "
+                   "predicts it (not input_ids shifted inside the model as in causal LMs; layout.training_inputs or "
+                   "video_ids= build them)")
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         if outside.any():
             raise ValueError(f"{message}; got {labels[outside][0].item()}")
@@ -452,8 +459,10 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
+            off = self.config.video_token_offset
             loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch,
-                                   implementation=self.loss_implementation)
+                                   implementation=self.loss_implementation,
+                                   video_ids=(off, off + self.config.video_vocab_size))
         result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
         return result if return_dict is not False else result.to_tuple()
 

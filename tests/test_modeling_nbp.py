@@ -512,8 +512,10 @@ def test_bad_inputs_give_clear_errors():
     inputs, labels = model.prepare_training_inputs(grid(model), [0, 1])
     with pytest.raises(ValueError, match=r"labels must have the logits' shape"):
         model(input_ids=inputs, labels=labels[:, 1:])
+    with pytest.raises(ValueError, match=r"labels must be video ids, in \[4, 44\), or -100 .*\(not input_ids shifted"):
+        model(input_ids=inputs, labels=inputs)  # the causal LM idiom: would train each position to copy itself
     labels[0, -1] = -1  # only -100 means "no target": another negative label is refused, never read as id 0
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, \d+\) or be -100 \(no target\); got -1"):
+    with pytest.raises(ValueError, match=r"labels must be video ids, in \[4, 44\), or -100 \(no target\).*; got -1"):
         model(input_ids=inputs, labels=labels)
     low, high = model.config.condition_token_offset, model.config.condition_token_offset + 3
     with pytest.raises(ValueError, match=rf"condition_ids must lie in this model's condition range \[{low}, {high}\)"):
@@ -626,6 +628,22 @@ def test_config_refuses_class_counts_and_sizes_that_disagree():
                        ("layer_norm_eps", -1.0), ("num_context_frames", True)):
         with pytest.raises(ValueError, match=field):
             tiny_config(**{field: bad})
+    # a TypeError from deep inside, or a confusing message, before: each names the field now
+    for field, bad, allowed in (("hidden_dropout", None, "a number"), ("class_dropout_prob", "0.1", "a number"),
+                                ("layer_norm_eps", None, "a number"), ("num_classes", "3", r"an int >= 0 \(or None"),
+                                ("num_classes", -2, "an int >= 0"), ("vocab_size", 100.5, "an int"),
+                                ("bov_token_id", 1.5, "an int")):
+        with pytest.raises(ValueError, match=rf"{field} must be {allowed}.*, got {bad!r}"):
+            tiny_config(**{field: bad})
+
+
+def test_condition_mode_overridden_at_loading_is_refused(tmp_path):
+    # from_pretrained(path, condition_mode=...) sets the field on the saved class model's config, whose condition
+    # prefix and class ids stay: refused when the model is built, never a shape error at the first forward
+    NBPForVideoGeneration(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"condition_mode='none' takes no condition prefix, but num_condition_tokens "
+                                         r"is 1 and class_condition_ids is set"):
+        NBPForVideoGeneration.from_pretrained(tmp_path, condition_mode="none")
 
 
 @pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
@@ -1194,6 +1212,10 @@ def test_forward_follows_the_transformers_conventions():
         model(input_ids=input_ids, attention_mask=full.long())
     with pytest.raises(ValueError, match=rf"must have shape .* = \(2, 1, {L}, {L}\)"):
         model(input_ids=input_ids, attention_mask=full[..., 1:])
+    torch.testing.assert_close(model(input_ids=input_ids, attention_mask=full.expand(2, 4, L, L)).logits,
+                               model(input_ids=input_ids, attention_mask=full).logits)  # one mask per head
+    with pytest.raises(ValueError, match=r"\(batch or 1, 1 or heads, query, key\).*; got \(2, 3, "):
+        model(input_ids=input_ids, attention_mask=full.expand(2, 3, L, L))  # 4 heads
     # past_key_values is the cache; the loss comes first in the tuple form
     cache = DynamicCache(config=model.config)
     assert model(input_ids=input_ids[:, :5], past_key_values=cache).past_key_values is cache  # and the output's
