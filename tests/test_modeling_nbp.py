@@ -904,6 +904,22 @@ def test_cuda_graph_replays_give_the_reference_tokens(replay_graphs):
         model.generate_video_tokens(cache_implementation="dynamic", use_cuda_graphs=True, class_labels=[0])
 
 
+def test_sampling_sweeps_replay_the_same_graphs(replay_graphs):
+    """A static decoder reads the temperature, top-p and guidance scale from the device at every step: a sweep over
+    them replays the graphs captured once, and each value gives the reference path's tokens."""
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    steps = len(model.layout.decode_schedule(0))
+    runs = []
+    for temperature, top_p, guidance in ((0.7, 0.9, 3.0), (0.7, 0.9, 3.0), (1.6, 0.6, 1.5), (1e-30, 0.99, 0.5)):
+        kw = dict(class_labels=[0, 2], top_k=20, temperature=temperature, top_p=top_p, guidance_scale=guidance)
+        fast = model.generate_video_tokens(generator=torch.Generator().manual_seed(7), cache_implementation="static",
+                                           **kw)
+        runs.append(model.generate_video_tokens(generator=torch.Generator().manual_seed(7), use_cache=False, **kw))
+        assert torch.equal(fast, runs[-1])
+    assert not torch.equal(runs[0], runs[2]) and not torch.equal(runs[2], runs[3])
+    assert len(replay_graphs) == steps  # captured in the second call, replayed in the later ones
+
+
 def test_static_decoder_follows_weight_updates():
     # the decoder (cache, fused q/k/v weights, graphs) is kept between calls: an in-place update of the weights,
     # as an optimizer makes between sample videos, must reach the next call
