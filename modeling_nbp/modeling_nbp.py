@@ -138,7 +138,10 @@ class NBPPreTrainedModel(PreTrainedModel):
         cfg = self.config
         used = max(cfg.bov_token_id + cfg.num_special_tokens, cfg.condition_token_offset + cfg.condition_vocab_size,
                    cfg.video_token_offset + cfg.video_vocab_size)
-        if new_num_tokens is not None and new_num_tokens < used:
+        size = new_num_tokens
+        if size is not None and isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of  # rounded up, as transformers does
+        if size is not None and size < used:
             raise ValueError(f"new_num_tokens ({new_num_tokens}) must be at least {used}: the BOV/placeholder, "
                              f"condition and video ids (video_token_offset {cfg.video_token_offset} + video_vocab_size "
                              f"{cfg.video_vocab_size}) all lie below that")

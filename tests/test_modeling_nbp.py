@@ -404,6 +404,9 @@ def test_resize_token_embeddings_keeps_the_vocabulary_layout():
     model.resize_token_embeddings(50)  # growing adds ids past the video range
     assert model.config.vocab_size == 50 and model.lm_head.weight.shape[0] == 50
     assert model.generate_video_tokens(class_labels=[0]).shape == (1, 3, 4, 4)
+    model.resize_token_embeddings(41, pad_to_multiple_of=16)  # rounded up to 48: every id kept
+    assert model.config.vocab_size == 48 and model.lm_head.weight.shape[0] == 48
+
 
 def test_remote_code_loads_without_the_package(tmp_path):
     model = make_model(first_block="hybrid")
