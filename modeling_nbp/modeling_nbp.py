@@ -154,6 +154,9 @@ class NBPModelOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
+    # with output_hidden_states: the layers' input embeddings, then every layer's output (the last after the final
+    # norm, so it equals last_hidden_state), as in transformers' decoders
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
     @property
     def past_key_values(self) -> Cache | None:
@@ -187,7 +190,8 @@ class NBPModel(NBPPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: Cache | None = None,
-                use_cache: bool | None = None, drop_condition: torch.Tensor | None = None):
+                use_cache: bool | None = None, drop_condition: torch.Tensor | None = None,
+                output_hidden_states: bool = False):
         """`input_ids` (B, q) are the sequence positions [past, past + q) where past = tokens in `cache`.
         `drop_condition` (B,) bool replaces the condition prefix of those rows by `uncond_embedding`.
         `attention_mask`: None (the block-causal mask of the layout), a 2-D mask of ones (the same: sequences have
@@ -256,9 +260,15 @@ class NBPModel(NBPPreTrainedModel):
                 attention_mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                                     cache=cache, block_sequence_ids=block_ids,
                                                     position_ids=positions.unsqueeze(0))
+        states = [hidden] if output_hidden_states else None
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, cache=cache)
-        return NBPModelOutput(last_hidden_state=self.norm(hidden), cache=cache)
+            if states is not None:
+                states.append(hidden)
+        hidden = self.norm(hidden)
+        if states is not None:
+            states[-1] = hidden
+        return NBPModelOutput(last_hidden_state=hidden, cache=cache, hidden_states=states and tuple(states))
 
 
 # how the training loss is computed (`NBPForVideoGeneration.loss_implementation`): "chunked", PyTorch operations a
@@ -437,14 +447,15 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
                 num_items_in_batch=None, return_dict: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None) -> NBPModelOutput | tuple:
         """`past_key_values` is another name for `cache`. `num_items_in_batch`: see `next_block_loss`.
-        Attention weights and per-layer hidden states are not returned (`output_attentions` /
-        `output_hidden_states` must stay off)."""
+        `output_hidden_states`: see `NBPModelOutput.hidden_states`; attention weights are not returned (the
+        attention runs through SDPA or flex kernels: `output_attentions` must stay off)."""
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("give cache or past_key_values (the same argument), not both")
             cache = past_key_values
-        if output_attentions or output_hidden_states:
-            raise ValueError("output_attentions / output_hidden_states are not supported by NBPForVideoGeneration")
+        if output_attentions:
+            raise ValueError("output_attentions is not supported by NBPForVideoGeneration (its attention runs through "
+                             "SDPA or flex kernels, which return no weights)")
         if video_ids is not None:
             if input_ids is not None or labels is not None:
                 raise ValueError("give either video_ids (with class_labels) or input_ids/labels, not both")
@@ -453,7 +464,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             n = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             drop_condition = torch.rand(n, device=self.device) < self.config.class_dropout_prob
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         cache=cache, use_cache=use_cache, drop_condition=drop_condition)
+                         cache=cache, use_cache=use_cache, drop_condition=drop_condition,
+                         output_hidden_states=bool(output_hidden_states))
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -466,7 +478,8 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
             loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch,
                                    implementation=self.loss_implementation,
                                    video_ids=(off, off + self.config.video_vocab_size))
-        result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+        result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache,
+                                hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
 
     def static_decode_blockers(self, triton: bool = False) -> list[str]:

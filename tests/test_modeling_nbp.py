@@ -1246,6 +1246,16 @@ def test_forward_follows_the_transformers_conventions():
         model(input_ids=input_ids, position_ids=torch.arange(L)[None])
     with pytest.raises(ValueError, match="output_attentions"):
         model(input_ids=input_ids, output_attentions=True)
+    # hidden states as in transformers' decoders: the embeddings, then each layer's output, the last one normed
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, kwargs, output: seen.append((args[0], output)),
+                                         with_kwargs=True) for layer in model.model.layers]
+    states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    for hook in hooks:
+        hook.remove()
+    assert len(states) == model.config.num_hidden_layers + 1 and out.hidden_states is None
+    assert torch.equal(states[0], seen[0][0]) and all(torch.equal(a, b[1]) for a, b in zip(states[1:-1], seen))
+    torch.testing.assert_close(states[-1], out.last_hidden_state)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
