@@ -31,7 +31,7 @@ from torch import nn
 
 from .fsq import FSQ
 from .triton_support import require_triton
-from .value_checks import check_in_range, is_integer
+from .value_checks import check_in_range, is_integer, require
 
 logger = logging.getLogger(__name__)
 
@@ -477,6 +477,15 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         check_in_range(ids, 0, self.codebook_size,
                        f"`ids` must lie in [0, {self.codebook_size}) (the FSQ codebook size)")
 
+    def _check_pixels(self, video: torch.Tensor) -> None:
+        """FloatingPointError for NaN in clamped decoded pixels, which would show as black frames (an infinity clamps
+        to 0 or 1, as a large finite value does; NaN stays)."""
+        fp16 = self.dtype == torch.float16
+        hint = "; float16 overflows easily in its decoder: run it in bfloat16 or float32" if fp16 else ""
+        require(~video.isnan().any(), FloatingPointError,
+                f"the video tokenizer decoded NaN pixels from NaN or infinite values in its decoder (weights in "
+                f"{self.dtype}{hint})")
+
     # ------------------------------------------------------------------------------------ quantizer
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FSQ of encoder latents `z` (B, D, T', H', W') -> (codes float32 (B, D, T', H', W') with straight-through
@@ -564,6 +573,8 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             `(batch, channels, 1 + temporal_compression * (latent_frames - 1), H' * s, W' * s)` video in [0, 1],
             in the model's dtype. The decoder is causal in time, so decoding `ids[:, :k]` gives the first
             `num_frames_for_latent(k)` frames of decoding `ids`.
+
+        Raises FloatingPointError when the decoder makes NaN pixels (float16 overflow), as `encode` does for latents.
         """
         self._check_ids(ids)
         size = _decode_batch_size(decode_batch_size) or ids.shape[0]
@@ -571,7 +582,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             try:
                 videos = [self._decode_codes(self.indices_to_codes(chunk, validate=False)).clamp(0, 1)
                           for chunk in ids.split(size)]
-                return videos[0] if len(videos) == 1 else torch.cat(videos)
+                break
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -580,6 +591,9 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             logger.warning("out of memory decoding %d videos at once: retrying with decode_batch_size=%d", failed, size)
+        video = videos[0] if len(videos) == 1 else torch.cat(videos)
+        self._check_pixels(video)
+        return video
 
     def incremental_decoder(self, decode_batch_size: int | None = None) -> "IncrementalDecoder":
         """A stateful decoder for latent frames that arrive in order: `dec(ids[:, a:b])` returns the pixel frames
@@ -621,7 +635,8 @@ class IncrementalDecoder:
     def __call__(self, ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """ids (B, k, H', W') of the next k latent frames -> their pixel frames (B, C, f, H, W) in [0, 1]:
         f = 1 + t (k - 1) for the first chunk (k >= 1), t k after (t = temporal compression). `validate=False` skips the
-        range check of the ids (it reads them back to the host), for ids a model has just produced."""
+        checks that read back to the host, of the ids' range and of NaN pixels (as `decode` raises), for ids a model
+        has just produced."""
         tok = self.tokenizer
         if validate:
             tok._check_ids(ids, allow_no_frames=self.states is not None)
@@ -653,7 +668,10 @@ class IncrementalDecoder:
             if tok._patch_size > 1:
                 x = depth_to_space(x, 1, tok._patch_size)
             videos.append(x.clamp(0, 1))
-        return videos[0] if len(videos) == 1 else torch.cat(videos)
+        video = videos[0] if len(videos) == 1 else torch.cat(videos)
+        if validate:
+            tok._check_pixels(video)
+        return video
 
     def _layer(self, layer: nn.Module, x: torch.Tensor, state: dict) -> torch.Tensor:
         if isinstance(layer, ResidualUnit):

@@ -364,6 +364,18 @@ def test_non_finite_latents_raise_instead_of_giving_bad_ids():
         tok.encode(rand_video(1, 3, 5, 8, 8))
 
 
+def test_nan_pixels_raise_instead_of_giving_black_frames():
+    tok = make(TINY).to(torch.float16)
+    ids = torch.randint(0, tok.codebook_size, (2, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tok.decoder_layers[0].conv.weight.mul_(6e4)  # stands in for activations that overflow float16
+    message = r"decoded NaN pixels from .* \(weights in torch.float16; float16 overflows .* bfloat16 or float32"
+    for decode in (tok.decode, lambda ids: tok.decode(ids, decode_batch_size=1), tok.incremental_decoder()):
+        with pytest.raises(FloatingPointError, match=message):
+            decode(ids)
+    assert tok.incremental_decoder()(ids, validate=False).isnan().any()  # unchecked: NaN kept for the caller to see
+
+
 def test_non_finite_latents_give_no_ids_in_training_and_quantize():
     tok = make(TINY)
     with pytest.raises(FloatingPointError, match="`z` holds NaN or infinite values"):
@@ -461,6 +473,10 @@ def test_forward_encode_and_decode_compile_as_one_graph_and_still_check_their_in
         encode(video)
     with pytest.raises(RuntimeError, match="`z` holds NaN or infinite values"):  # the quantizer's own check
         forward(video)
+    with torch.no_grad():
+        tok.decoder_layers[0].conv.weight.fill_(float("inf"))
+    with pytest.raises(RuntimeError, match="the video tokenizer decoded NaN pixels"):
+        decode(ids)
     assert torch.is_grad_enabled()  # a failed check leaves the caller's grad mode as it was
 
 
