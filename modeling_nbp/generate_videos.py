@@ -377,20 +377,23 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
     pipe.video_tokenizer.norm_implementation = args.norm_implementation
     pipe.video_tokenizer.conv_implementation = args.conv_implementation
     with arguments_checked((OSError, ValueError)):
-        if args.num_frames is not None and args.num_frames > pipe.num_frames:  # more windows: their context length
+        # more windows: their context length (a given one is checked by the pipeline even for one window)
+        if (args.num_frames or 0) > pipe.num_frames or args.window_context_frames is not None:
             try:
                 pipe._window_context(args.window_context_frames)
             except ValueError as error:
                 raise ValueError(f"--window_context_frames / --num_frames: {error}") from None
+        if args.context_frames is not None and (args.context or args.dataset):  # else `nbp` refuses it
+            allowed = pipe._context_lengths()
+            if args.context_frames not in allowed:
+                raise ValueError(f"--context_frames must be one of {allowed} for this model (whole blocks of latent "
+                                 f"frames, fewer than its {pipe.num_frames}); got {args.context_frames}")
         contexts = context_files(args.context) if args.context else None
         clips = None
         if args.dataset:
             height, width = pipe.resolution
             if height != width:
                 raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
-            if args.context_frames is not None and args.context_frames >= pipe.num_frames:
-                raise ValueError(f"--context_frames must be fewer than the model's {pipe.num_frames} frames (the "
-                                 f"clips' length); got {args.context_frames}")
             clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed,
                                     pipe.num_frames, height, args.clip_fps, args.clip_sampling, args.dataset_layout,
                                     args.resize)

@@ -114,6 +114,17 @@ def test_bad_arguments(saved, tmp_path, capsys):
     assert "file is a file, not a folder" in refused(capsys, model, tmp_path / "file")
 
 
+def test_context_lengths_the_model_cannot_take_are_refused_before_any_video(saved, tmp_path, capsys):
+    _, model = saved  # contexts of 1 or 3 frames (whole latent frames, fewer than the 5 of a window)
+    export_to_mp4(np.zeros((3, 8, 8, 3), np.uint8), str(tmp_path / "clips" / "a.mp4"), fps=8)
+    error = refused(capsys, model, tmp_path / "out", "--context", tmp_path / "clips", "--class_labels", "0",
+                    "--context_frames", "2")
+    assert "--context_frames must be one of [1, 3] for this model" in error
+    error = refused(capsys, model, tmp_path / "out", "--window_context_frames", "2")  # also without --num_frames
+    assert "--window_context_frames / --num_frames: context_frames must be one of [1, 3]" in error
+    assert not (tmp_path / "out").exists()  # no settings written, no clip read
+
+
 def test_a_rerun_resumes_and_other_settings_are_refused(saved, tmp_path):
     _, model = saved
     out = tmp_path / "out"
