@@ -404,7 +404,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         super().maybe_free_model_hooks()
 
     def _window_pixels(self, steps: Iterator, decode_batch_size, overlap: bool) -> torch.Tensor:
-        """Run one window's steps; -> its pixels (B, 3, T, H, W), as decoded (not clamped)."""
+        """Run one window's steps; -> its pixels (B, 3, T, H, W) in [0, 1], as decoded (NaN not checked yet)."""
         if overlap:
             return torch.cat([pixels for _, _, pixels in self._decode_as_completed(steps, decode_batch_size, overlap)],
                              dim=2)
