@@ -357,7 +357,9 @@ def test_a_tokenizer_that_did_not_make_the_tokens_is_reported(tmp_path, caplog):
 
 # ---- training runs ---------------------------------------------------------------------------------------------
 def test_two_process_ddp_matches_one_process(token_data, tmp_path):
-    args = ["--train_data", token_data[0], *TINY, "--max_steps", "4", "--dropout", "0", "--checkpointing_steps", "100"]
+    # the validation loss is each process's share of the 6 clips, gathered
+    args = ["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "4", "--dropout",
+            "0", "--checkpointing_steps", "100"]
     main([*args, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *args,
                "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"]
@@ -370,8 +372,9 @@ def test_two_process_ddp_matches_one_process(token_data, tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
-    losses = lambda run: [r["loss"] for r in read_log(tmp_path / run)]  # noqa: E731
+    losses = lambda run, key="loss": [r[key] for r in read_log(tmp_path / run) if key in r]  # noqa: E731
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    assert len(losses("two", "val_loss")) == 1 and losses("two", "val_loss") == pytest.approx(losses("one", "val_loss"))
 
 
 def test_killed_run_resumes_with_identical_losses(token_data, tmp_path, capsys):

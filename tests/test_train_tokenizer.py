@@ -211,6 +211,75 @@ def test_an_unreadable_micro_batch_is_left_out_of_the_logged_losses(tmp_path):
     assert mixed["total"] == pytest.approx(alone["total"], rel=1e-6) and mixed["l1"] == pytest.approx(alone["l1"])
 
 
+class OneOfProcesses:
+    """What `evaluate` uses of an Accelerator, as process `index` of `count`: its collectives return this process's
+    part and keep what it reduced."""
+    device, trackers = torch.device("cpu"), []
+
+    def __init__(self, count: int, index: int):
+        self.num_processes, self.process_index, self.is_main_process, self.reduced = count, index, index == 0, None
+
+    def reduce(self, tensor, reduction):
+        self.reduced = tensor.clone()
+        return tensor
+
+    def gather(self, tensor):
+        return tensor.repeat(self.num_processes)
+
+    def unwrap_model(self, model, keep_torch_compile=True):
+        return model
+
+
+def test_each_process_scores_its_share_of_the_held_out_clips(tmp_path):
+    """Under several processes the held-out clips are shared out and the sums reduced (the main process scored them
+    all while the others waited in a collective, which times out on a large --validation_data): process 0 of 2
+    reconstructs the first 3 of 5 clips, process 1 the last 2, and their sums give the one-process scores."""
+    args = parse_args([*TINY, "--num_eval_clips", "5", "--output_dir", str(tmp_path)])
+    tokenizer, (_, held_out) = build_tokenizer(args).eval(), build_datasets(args)
+    seen = []
+    tokenizer.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    one = train_tokenizer.evaluate(OneOfProcesses(1, 0), tokenizer, held_out, 2, 1, str(tmp_path / "one"), 0)
+    assert sum(seen) == 5
+    processes, shares = [OneOfProcesses(2, 0), OneOfProcesses(2, 1)], []
+    for process in processes:
+        seen.clear()
+        train_tokenizer.evaluate(process, tokenizer, held_out, 2, 1, str(tmp_path / str(process.process_index)), 2)
+        shares.append(sum(seen))
+    assert shares == [3, 2]
+    psnr_sum, ssim_sum, count = (processes[0].reduced + processes[1].reduced).tolist()
+    assert count == 5 and psnr_sum / count == pytest.approx(one["psnr"], rel=1e-5)
+    assert ssim_sum / count == pytest.approx(one["ssim"], abs=1e-6)  # other batches: float rounding
+    assert len(os.listdir(tmp_path / "0" / "samples" / "step-0000001")) == 3  # 2 clips and their contact sheet
+    assert not (tmp_path / "1").exists()
+
+
+def test_the_skip_summary_counts_the_clips_of_every_process(tmp_path, monkeypatch, capsys):
+    """Each process reads its share of the clips: the summary at the end lists the videos every process skipped, not
+    the main process's alone (here process 1 skipped a video twice, the main one none)."""
+    gather = train_tokenizer.gather_object
+
+    def gather_beside_process_1(items):
+        skips = bool(items) and isinstance(items[0], tuple)  # (clips read, paths skipped), not videos to show
+        return gather(items) + ([(6, ["data/a/broken.mp4"] * 2)] if skips else [])
+
+    monkeypatch.setattr(train_tokenizer, "gather_object", gather_beside_process_1)
+    main([*TINY, "--max_steps", "1", "--adversarial_weight", "0", "--output_dir", str(tmp_path)])
+    assert "skipped 2 of 8 videos: data/a/broken.mp4, data/a/broken.mp4" in capsys.readouterr().out
+
+
+def test_the_upload_comes_after_the_last_barrier(tmp_path, monkeypatch):
+    """The other processes must not wait in a collective (and time out) while the main one uploads final/."""
+    from accelerate import Accelerator
+
+    events, barrier = [], Accelerator.wait_for_everyone
+    monkeypatch.setattr(common, "create_hub_repo", lambda repo_id, private: repo_id)
+    monkeypatch.setattr(train_tokenizer, "upload_to_hub", lambda *args, **kwargs: events.append("upload"))
+    monkeypatch.setattr(Accelerator, "wait_for_everyone", lambda self: events.append("barrier") or barrier(self))
+    main([*TINY, "--max_steps", "1", "--adversarial_weight", "0", "--output_dir", str(tmp_path), "--push_to_hub",
+          "--hub_model_id", "me/tok"])
+    assert events[-2:] == ["barrier", "upload"]
+
+
 def test_a_step_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch):
     def failing_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")
@@ -349,6 +418,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert done.stdout.count("done: 3 steps") == 1
     losses = lambda run: [r["total"] for r in read_log(tmp_path / run) if "total" in r]  # noqa: E731
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+    # each process scored one of the 2 held-out clips: the reduced scores are those of all of them
+    scores = lambda run, key: [r[key] for r in read_log(tmp_path / run) if key in r]  # noqa: E731
+    assert scores("two", "eval_psnr") == pytest.approx(scores("one", "eval_psnr"), rel=1e-4)
+    assert scores("two", "eval_ssim") == pytest.approx(scores("one", "eval_ssim"), abs=1e-5)
     # Adam moves a weight by up to ~lr per step whatever its gradient's size, so where a gradient is near zero
     # (e.g. first-layer discriminator weights over black background) rounding-level differences between the two
     # reductions show up at the scale of the learning rate (1e-3); everything else agrees far more closely.

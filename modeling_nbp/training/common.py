@@ -193,6 +193,23 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     return final
 
 
+_LAST_BARRIER = []  # see `wait_for_everyone_at_exit`
+
+
+def wait_for_everyone_at_exit(accelerator) -> None:
+    """The last `accelerator.wait_for_everyone()` of a run, safe from a deadlock of gloo (DDP on the CPU) at exit: a
+    barrier keeps the collectives still in progress when it starts, and a worker thread that frees the last of them
+    after a collective on tensors made in Python (reduce, gather) needs the GIL, which the main thread holds while it
+    tears the process group down at exit. A second barrier, kept alive here until the interpreter exits, takes over
+    the first one, so no worker thread frees them."""
+    accelerator.wait_for_everyone()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":  # (NCCL untouched)
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _LAST_BARRIER.append(work)
+
+
 def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlier_defaults: dict | None = None) -> dict:
     """Restore what `save_checkpoint` saved through the accelerator, once `settings` are checked against the
     checkpoint's (`check_resume_settings`: before the states are loaded, which would fail on another model with an
@@ -569,7 +586,7 @@ __all__ = [
     "load_checkpoint", "load_checkpoint_tensors", "log_videos", "make_accelerator", "prepare_output_dir",
     "read_trainer_state", "remove_stale_temporaries", "remove_tree", "resolve_batch_layout", "resolve_mixed_precision",
     "resolve_report_to", "resolve_resume_checkpoint", "save_checkpoint", "seed_step", "StepBatchSampler",
-    "ThroughputMeter", "tracker_config", "training_progress", "use_cpu", "write_json",
+    "ThroughputMeter", "tracker_config", "training_progress", "use_cpu", "wait_for_everyone_at_exit", "write_json",
 ]
 
 

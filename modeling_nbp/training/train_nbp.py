@@ -368,7 +368,7 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
                     tmp, repo_id=repo_id or final_dir, model_card_notes=notes)
             else:
                 final.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+    common.wait_for_everyone_at_exit(accelerator)
     return final_dir
 
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 
 from ..data import MovingDigits, VideoClipDataset, collate_videos, load_video_dataset, SkipSummary
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
@@ -304,28 +304,37 @@ def step_optimizers(accelerator, pairs, max_grad_norm: float) -> None:
 
 @torch.no_grad()
 def evaluate(accelerator, tokenizer, eval_data, batch_size: int, step: int, output_dir: str,
-             num_log_videos: int) -> dict:
-    """Main process: PSNR / SSIM of reconstructions of the held-out clips, and the first reconstructions saved
-    as videos (each clip above its reconstruction)."""
+             num_log_videos: int, num_workers: int = 0) -> dict:
+    """PSNR / SSIM of reconstructions of the held-out clips; every process must call this. Each process scores a
+    contiguous share of the clips and the sums are reduced, so a large held-out set takes 1 / processes of the time
+    (the others do not wait on the main one); the main process saves the first reconstructions as videos (each clip
+    above its reconstruction), the same clips whatever the number of processes."""
     tokenizer = common.bare_model(accelerator, tokenizer)
-    loader = torch.utils.data.DataLoader(eval_data, batch_size=batch_size, collate_fn=collate_videos)
+    share = torch.tensor_split(torch.arange(len(eval_data)), accelerator.num_processes)[accelerator.process_index]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(eval_data, share.tolist()), batch_size=batch_size,
+                                         collate_fn=collate_videos, num_workers=num_workers,
+                                         worker_init_fn=common.dataloader_worker_init)
     was_training = tokenizer.training
     tokenizer.eval()
-    scores, shown = {"psnr": [], "ssim": []}, []
+    sums, shown = torch.zeros(3, dtype=torch.float64, device=accelerator.device), []  # PSNR, SSIM, clips
     for batch in loader:
         if batch["video"] is None:
             continue
         video = batch["video"].to(accelerator.device)
         reconstruction = tokenizer(video).reconstruction.float().clamp(0, 1)
-        scores["psnr"].append(psnr(reconstruction, video))
-        scores["ssim"].append(ssim(reconstruction, video))
-        shown += [torch.cat([v, r], dim=2) for v, r in zip(video, reconstruction)][: num_log_videos - len(shown)]
+        sums += torch.stack([psnr(reconstruction, video).sum().double(), ssim(reconstruction, video).sum().double(),
+                             torch.tensor(len(video), dtype=torch.float64, device=sums.device)])
+        shown += [torch.cat([v, r], dim=2).cpu() for v, r in zip(video, reconstruction)][: num_log_videos - len(shown)]
     tokenizer.train(was_training)
-    if not scores["psnr"]:
+    psnr_sum, ssim_sum, count = accelerator.reduce(sums, "sum").tolist()
+    if not count:
         raise ValueError("no held-out clip could be decoded")
+    # the first readable clips of the held-out set: those of the shares before this one first
+    before = accelerator.gather(torch.tensor([len(shown)], device=accelerator.device))[: accelerator.process_index]
+    shown = gather_object(shown[: max(0, num_log_videos - int(before.sum()))])
     if shown:
         common.log_videos(accelerator, "reconstruction", torch.stack(shown), step, output_dir)
-    return {k: torch.cat(v).mean().item() for k, v in scores.items()}
+    return {"psnr": psnr_sum / count, "ssim": ssim_sum / count}
 
 
 def main(argv=None) -> dict:
@@ -467,30 +476,35 @@ def main(argv=None) -> dict:
                                    dict(resume_settings(args, common.bare_model(accelerator, tokenizer)),
                                         global_batch_size=global_batch),
                                    total_limit=args.checkpoints_total_limit)
-        if ((args.eval_steps and global_step % args.eval_steps == 0) or done) and accelerator.is_main_process:
+        if (args.eval_steps and global_step % args.eval_steps == 0) or done:
             scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
-                              args.num_log_videos)
+                              args.num_log_videos, decoding_workers(args.dataloader_num_workers))
             accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=global_step)
             log.append({"step": global_step, **{f"eval_{k}": v for k, v in scores.items()}})
             accelerator.print(f"step {global_step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
                               f"({len(eval_data)} held-out clips)")
         meter.resume()
     progress.close()
+    # every process's skipped videos, not the main one's alone
+    every_skip = SkipSummary()
+    for total, paths in gather_object([(skips.total, skips.skipped_paths)]):
+        every_skip.total += total
+        every_skip.skipped_paths += paths
 
     final_dir = os.path.join(args.output_dir, "final")
     if accelerator.is_main_process:
         with atomic_output_path(final_dir) as tmp:
             common.bare_model(accelerator, tokenizer).save_pretrained(tmp)
-        if hub_repo:
-            upload_to_hub(final_dir, hub_repo, commit_message=f"NBP video tokenizer after {global_step} steps")
-            accelerator.print(f"pushed {final_dir} to {hub_repo}")
-    accelerator.wait_for_everyone()
+    common.wait_for_everyone_at_exit(accelerator)
     wall = time.perf_counter() - start_time
-    if skips.num_skipped:
-        accelerator.print(str(skips))
+    if every_skip.num_skipped:
+        accelerator.print(str(every_skip))
     accelerator.print(f"done: {global_step} steps, loss {record.get('total', math.nan):.4f}, PSNR "
                       f"{scores.get('psnr', math.nan):.2f} dB, SSIM {scores.get('ssim', math.nan):.4f}, "
                       f"{meter.describe('clips/s', 1)}, wall time {wall:.1f} s, saved {final_dir}")
+    if hub_repo:  # main process, after the last collective: the others do not wait on an upload (and time out)
+        upload_to_hub(final_dir, hub_repo, commit_message=f"NBP video tokenizer after {global_step} steps")
+        accelerator.print(f"pushed {final_dir} to {hub_repo}")
     accelerator.end_training()
     return {"steps": global_step, "loss": record.get("total"), "psnr": scores.get("psnr"),
             "ssim": scores.get("ssim"), "clips_per_s": meter.rate, "wall_time_s": wall, "final_dir": final_dir}
