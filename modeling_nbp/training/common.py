@@ -481,8 +481,9 @@ def resolve_batch_layout(train_batch_size: int | None, gradient_accumulation_ste
     else:
         rem = G - a * b * num_processes
     if rem or b < 1 or a < 1:
-        raise ValueError(f"--global_batch_size {G} must equal --train_batch_size x --gradient_accumulation_steps x "
-                         f"{num_processes} processes (got {train_batch_size}, {gradient_accumulation_steps})")
+        raise ValueError(f"--global_batch_size {G} (given, or set by a --preset: pass your own to change it) must "
+                         f"equal --train_batch_size x --gradient_accumulation_steps x {num_processes} processes (got "
+                         f"{train_batch_size}, {gradient_accumulation_steps})")
     return b, a
 
 
