@@ -124,7 +124,9 @@ def generation_rows(size, device, dtype, batches, repeats, ntp_repeats, sampling
         for variant in variants if method == "NBP" else ntp_variants:
             kwargs = VARIANTS[variant]
             for batch in batches if method == "NBP" or ntp_batches is None else ntp_batches:
-                context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W), device=device)
+                # drawn from its own seed: every row of a batch size gets the same context, whichever rows ran before
+                context = torch.randint(0, model.config.video_vocab_size, (batch, 2, H, W),
+                                        generator=torch.Generator().manual_seed(batch)).to(device)
                 generator = torch.Generator(device).manual_seed(0)
 
                 def run():
@@ -257,19 +259,21 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="nbp bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--size", choices=list(SIZES), default="700m" if cuda else "small",
+    # defaults (None here) follow --device: a CPU run on a GPU machine gets the CPU ones
+    parser.add_argument("--size", choices=list(SIZES),
                         help="model size (default: 700m on a GPU, small on CPU; tiny for smoke runs)")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:index] (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         help="generation weights (default: bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are "
                              "slow)")
-    parser.add_argument("--large_batch", type=positive_int, default=64 if cuda else 8,
-                        help="the batch timed beside batch 1 (1: batch 1 only)")
-    parser.add_argument("--repeats", type=positive_int, default=10 if cuda else 3,
-                        help="timed NBP runs (training steps with --train) after a warm-up")
-    parser.add_argument("--ntp_repeats", type=positive_int, default=3 if cuda else 1,
-                        help="timed NTP runs after a warm-up")
+    parser.add_argument("--large_batch", type=positive_int,
+                        help="the batch timed beside batch 1 (default: 64 on a GPU, 8 on CPU; 1: batch 1 only)")
+    parser.add_argument("--repeats", type=positive_int,
+                        help="timed NBP runs (training steps with --train) after a warm-up (default: 10 on a GPU, 3 "
+                             "on CPU)")
+    parser.add_argument("--ntp_repeats", type=positive_int,
+                        help="timed NTP runs after a warm-up (default: 3 on a GPU, 1 on CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="generation: also time NBP with compile_decode=True (torch.compile of the decode step's "
                              "dense parts); --train: torch.compile the training forward")
@@ -281,22 +285,42 @@ def main(argv=None):
                              "large batches); CUDA")
     train = parser.add_argument_group("training (--train)")
     train.add_argument("--train", action="store_true", help="time training steps instead of generation")
-    train.add_argument("--train_batch", type=positive_int, nargs="+", default=[16, 32] if cuda else [2],
+    train.add_argument("--train_batch", type=positive_int, nargs="+",
                        help="clips per step (default: 16 32 on a GPU, 2 on CPU)")
     train.add_argument("--attn_implementation", choices=["flex_attention", "sdpa", "eager"],
-                       default="flex_attention" if cuda else "sdpa")
+                       help="default: flex_attention on a GPU, sdpa on CPU")
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--loss_implementation", choices=LOSS_IMPLEMENTATIONS, default="chunked",
-                       help="the training loss: PyTorch in chunks of rows, or one Triton kernel (CUDA)")
+    train.add_argument("--loss_implementation", choices=LOSS_IMPLEMENTATIONS,
+                       help="the training loss: PyTorch in chunks of rows (chunked, the default), or one Triton kernel "
+                            "(CUDA)")
     train.add_argument("--peak_tflops", type=positive_float,
                        help="peak bf16 TFLOP/s of the device, for MFU (known GPUs: auto)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.train and args.attn_implementation == "flex_attention" and device.type != "cuda":
-        parser.error("--attn_implementation flex_attention trains on CUDA only (no backward on CPU); use sdpa")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # the timings synchronise with these only
+        parser.error(f"--device: expected cpu or cuda[:index], got {args.device!r}")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        parser.error(f"--device {args.device}: no such CUDA device ({torch.cuda.device_count()} available)")
     if args.train and (args.triton or args.autotune):
         parser.error("--triton and --autotune time generation, not --train (its Triton option: --loss_implementation "
                      "triton)")
+    ignored = (("dtype", "large_batch", "ntp_repeats") if args.train else
+               ("train_batch", "attn_implementation", "gradient_checkpointing", "loss_implementation", "peak_tflops"))
+    given = [f"--{name}" for name in ignored if getattr(args, name) not in (None, False)]
+    if given:
+        parser.error(f"{', '.join(given)}: " + ("for generation, not --train" if args.train else "for --train only"))
+    gpu = device.type == "cuda"
+    defaults = dict(size="700m" if gpu else "small", large_batch=64 if gpu else 8, repeats=10 if gpu else 3,
+                    ntp_repeats=3 if gpu else 1, train_batch=[16, 32] if gpu else [2],
+                    attn_implementation="flex_attention" if gpu else "sdpa", loss_implementation="chunked")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.train and args.attn_implementation == "flex_attention" and not gpu:
+        parser.error("--attn_implementation flex_attention trains on CUDA only (no backward on CPU); use sdpa")
     try:  # now, not after minutes of timing the other rows
         if args.triton:
             require_triton(device, "--triton")

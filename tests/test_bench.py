@@ -1,6 +1,8 @@
 """`nbp bench`: the generation and training tables, on a tiny model (the timings themselves are not checked)."""
 
 import math
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +44,27 @@ def test_generation_rows_count_no_earlier_rows_decoder_in_a_peak(monkeypatch):
     assert [(r["variant"], r["batch"]) for r in rows] == [("optimized", 1), ("optimized", 2), ("static, no graphs", 1),
                                                          ("static, no graphs", 2)]
     assert held == [None] * 4
+
+
+def test_compared_rows_generate_from_the_same_context(monkeypatch):
+    """NBP and NTP rows of a variant and batch size get the same context ids: they were drawn from the global RNG
+    in row order, so an NBP-only variant (--compile) before the others gave NTP's rows other contexts."""
+    contexts = {}
+    build = bench.build
+
+    def recording_build(size, block, *args, **kwargs):
+        model = build(size, block, *args, **kwargs)
+        model.generate_video_tokens = lambda context_ids, **kw: contexts.setdefault(
+            (block, kw.get("compile_decode"), kw["cache_implementation"], len(context_ids)), context_ids.clone())
+        return model
+
+    monkeypatch.setattr(bench, "build", recording_build)
+    bench.generation_rows("tiny", torch.device("cpu"), torch.float32, batches=(1, 2), repeats=1, ntp_repeats=1,
+                          log=lambda row: None, variants=("eager", "compiled", "optimized"))
+    for cache in ("dynamic", "static"):
+        for batch in (1, 2):
+            nbp, ntp = (contexts[(block, None, cache, batch)] for block in ((1, 1, 16), (1, 1, 1)))
+            assert torch.equal(nbp, ntp), (cache, batch)
 
 
 def test_cuda_timing_and_memory_follow_the_given_device(monkeypatch):
@@ -108,6 +131,35 @@ def test_options_that_cannot_run_are_refused_before_any_timing(monkeypatch, caps
         assert exited.value.code == 2 and message in capsys.readouterr().err, flags
 
 
+def test_bad_devices_and_options_of_the_other_mode_are_refused(monkeypatch, capsys):
+    """A device the timings do not synchronise with, a missing GPU, and options the run would ignore (training
+    options without --train: minutes of generation timed instead) are usage errors, not tracebacks or silence."""
+    monkeypatch.setattr(bench, "generation_rows", lambda *a, **k: pytest.fail("timed before checking the options"))
+    monkeypatch.setattr(bench, "training_rows", lambda *a, **k: pytest.fail("timed before checking the options"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for flags, message in ((["--device", "mps"], "--device: expected cpu or cuda[:index], got 'mps'"),
+                           (["--device", "gpu"], "--device: expected cpu or cuda[:index], got 'gpu'"),
+                           (["--device", "cuda:1"], "--device cuda:1: no such CUDA device (0 available)"),
+                           (["--train_batch", "4"], "--train_batch: for --train only"),
+                           (["--gradient_checkpointing"], "--gradient_checkpointing: for --train only"),
+                           (["--train", "--dtype", "bfloat16", "--large_batch", "2"],
+                            "--dtype, --large_batch: for generation, not --train")):
+        with pytest.raises(SystemExit) as exited:
+            bench.main(["--size", "tiny", *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_defaults_follow_the_chosen_device(monkeypatch, capsys):
+    """`--device cpu` on a GPU machine gets the CPU defaults: it failed on flex attention, which it never asked for."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "training_rows", lambda *args, **kwargs: calls.append(args) or [])
+    bench.main(["--train", "--device", "cpu"])
+    assert calls == [("small", torch.device("cpu"), [2], "sdpa", False, 3, False, None)]
+    assert "attention=sdpa float32 loss=chunked" in capsys.readouterr().out
+
+
 def test_gpu_check_decides_by_the_runs_spread_and_the_checks():
     import importlib.util
     from pathlib import Path
@@ -137,3 +189,28 @@ def test_gpu_check_decides_by_the_runs_spread_and_the_checks():
     assert gpu_check.pipeline_rankings({"pipeline": pipeline}) == [
         "ranking, decode 17 frames: triton norms + frames2d 21.0 ms; triton norms 30.1 ms; default 34.6 ms",
         "ranking, end to end: default 184.2 ms"]
+
+
+def test_study_times_generation_after_a_warm_up():
+    """The NBP-vs-NTP study's seconds per video leave out the pipeline's first call: it timed that one, so the first
+    variant (class-conditional NTP) carried the process's one-time costs (0.86 s/video against 0.10 after it for 4
+    videos of a tiny model on this machine)."""
+    import runpy
+    from pathlib import Path
+
+    study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "nbp_vs_ntp_study.py"))
+    calls = []
+
+    class Pipe:
+        def __call__(self, generator, **kwargs):
+            calls.append([g.initial_seed() for g in generator])
+            if len(calls) == 1:
+                time.sleep(0.3)  # the one-time costs
+            return SimpleNamespace(frames=torch.zeros(len(generator), 17, 3, 4, 4))
+
+    real = torch.rand(2, 3, 17, 4, 4)
+    for task in ("class-conditional", "frame prediction"):
+        calls.clear()
+        videos, seconds = study["generate"](Pipe(), task, real, num_videos=2, seed=5)
+        assert videos.shape == (2, 3, 17, 4, 4) and calls == [[5, 6], [5, 6]]  # the same videos twice
+        assert seconds < 0.1, task
