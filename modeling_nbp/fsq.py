@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .value_checks import require
+from .value_checks import all_finite, require
 
 # Keeps the bounded value strictly inside the outermost rounding cells (official value).
 _BOUND_EPS = 1e-3
@@ -94,7 +94,7 @@ class FSQ(nn.Module):
         """
         self._check_latents(z, "z")
         # NaN would round to an id far outside the codebook (INT64_MIN on CPU), infinity to a saturated code
-        require(torch.isfinite(z).all(), FloatingPointError,
+        require(all_finite(z), FloatingPointError,
                 f"`z` holds NaN or infinite values (dtype {z.dtype}): FSQ can make no valid ids from them")
         rounded = round_straight_through(self.bound(z.float()))
         half = self._half_width()  # `rounded` holds exact integers (x + (round(x) - x) is exact), digits on the grid

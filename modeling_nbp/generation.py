@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from .triton_support import require_triton
-from .value_checks import check_in_range
+from .value_checks import all_finite, check_in_range
 
 
 def _noise(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,7 +114,7 @@ def sample_guided(logits, noise, temperature=1.0, top_k=None, top_p=1.0, guidanc
         cond, uncond = logits.float().chunk(2)
         logits = uncond + guidance_scale * (cond - uncond)
     if nonfinite is not None:
-        nonfinite.logical_or_(~torch.isfinite(logits).all())
+        nonfinite.logical_or_(~all_finite(logits))
     return sample_tokens(logits, temperature, top_k, top_p, noise=noise, fused=fused)
 
 

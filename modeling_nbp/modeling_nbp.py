@@ -21,7 +21,7 @@ from .configuration_nbp import NBPConfig
 from .generation import NBPGenerationMixin
 from .layout import BlockLayout
 from .triton_support import require_triton
-from .value_checks import check_in_range
+from .value_checks import all_finite, check_in_range
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -538,7 +538,7 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
         else:
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS)
         if nonfinite is not None:
-            nonfinite.logical_or_(~torch.isfinite(logits).all())
+            nonfinite.logical_or_(~all_finite(logits))
         return logits
 
     def _block_logits(self, cache, ids, start: int, keep: slice, parts, mask=None, drop=None, attention=None):

@@ -31,7 +31,7 @@ from torch import nn
 
 from .fsq import FSQ
 from .triton_support import require_triton
-from .value_checks import check_in_range, is_integer, require
+from .value_checks import all_finite, check_in_range, is_integer, require
 
 logger = logging.getLogger(__name__)
 
@@ -549,8 +549,8 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
             latents = self._encode_latents(video)
         # checked outside no_grad: an assert failing in a compiled no_grad block leaves grad mode off (torch 2.13)
         if torch.compiler.is_compiling():  # no host read inside a compiled graph
-            torch._assert_async(torch.isfinite(latents).all(), "the video tokenizer encoded NaN or infinite latents")
-        elif latents.device.type != "meta" and not torch.isfinite(latents).all():
+            torch._assert_async(all_finite(latents), "the video tokenizer encoded NaN or infinite latents")
+        elif latents.device.type != "meta" and not all_finite(latents):
             # FSQ would turn NaN into ids far outside the codebook (INT64_MIN on CPU)
             bad = int((~torch.isfinite(latents)).sum())
             fp16 = self.dtype == torch.float16

@@ -122,3 +122,17 @@ def test_the_generation_configs_cache_implementation_is_used():
     model.generation_config.cache_implementation = "offloaded"
     with pytest.raises(ValueError, match=r"got 'offloaded' \(from the model's generation_config\)"):
         model.generate_video_tokens(class_labels=[0])
+
+
+def test_all_finite_finds_every_kind_of_non_finite_value():
+    # the steps' logit check: one min/max reduction instead of a mask of the whole logits
+    from modeling_nbp.value_checks import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, 5, 70).to(dtype)
+        assert all_finite(x) and all_finite(x[:0])
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for at in ((0, 0, 0), (2, 4, 69), (1, 2, 33)):
+                y = x.clone()
+                y[at] = bad
+                assert not all_finite(y), (dtype, bad, at)
