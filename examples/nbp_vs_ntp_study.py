@@ -51,7 +51,8 @@ def generate(pipe, task, real, num_videos, seed):
         gens = [torch.Generator().manual_seed(seed + i) for i in range(num_videos)]
         if task == "class-conditional":
             return pipe(class_labels=[i % 10 for i in range(num_videos)], generator=gens, **kw).frames
-        context = real[:num_videos, :, :5].permute(0, 2, 1, 3, 4)
+        frames = pipe.video_tokenizer.num_frames_for_latent(pipe.transformer.config.num_context_frames)
+        context = real[:num_videos, :, :frames].permute(0, 2, 1, 3, 4)  # the model's context (5 frames: demo)
         return pipe(video=context, generator=gens, **kw).frames
 
     call()
@@ -125,7 +126,9 @@ def main(argv=None):
             # into the same folder must not score against the last run's set
             score = fvd.fvd(videos.float(), real, num_repeats=args.fvd_repeats, num_samples=args.fvd_samples,
                             seed=args.seed)
-            steps = len(pipe.transformer.layout.decode_schedule(0 if task == "class-conditional" else 128))
+            layout = pipe.transformer.layout
+            given = 0 if task == "class-conditional" else layout.context_tokens(pipe.transformer.config.num_context_frames)
+            steps = len(layout.decode_schedule(given))
             results.append(dict(task=task, variant=variant, steps=steps, seconds_per_video=seconds,
                                 train_minutes=train_s / 60, train_loss=summary.get("train_loss"),
                                 val_loss=summary.get("val_loss"), fvd_mean=score["mean"], fvd_std=score["std"]))

@@ -70,8 +70,12 @@ def study_without_models(monkeypatch, train_nbp=lambda argv: {}):
 
     class Pipeline:  # what the study reads of a trained pipeline
         class transformer:
+            class config:
+                num_context_frames = 2
+
             class layout:
                 decode_schedule = staticmethod(lambda num_context_tokens: [(0, 1)])
+                context_tokens = staticmethod(lambda num_context_frames: 64 * num_context_frames)
 
         @classmethod
         def from_pretrained(cls, path):
