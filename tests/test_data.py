@@ -2,6 +2,7 @@ import importlib
 import logging
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -57,8 +58,12 @@ def test_load_clip_resamples_and_pads_short_videos(tmp_path):
     assert clip.shape == (3, 4, 16, 16) and clip.dtype == torch.float32
     assert frame_numbers(clip) == [0, 2, 4, 6]
     # 10 frames at 8 fps < 17 needed: all of them, then the last one repeated
-    short = load_clip(path, num_frames=17, resolution=16, fps=8, sampling="random")
+    with pytest.warns(UserWarning, match="fewer than 17 frames at 8 fps are padded by repeating their last frame"):
+        short = load_clip(path, num_frames=17, resolution=16, fps=8, sampling="random")
     assert frame_numbers(short) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18] + [18] * 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clip that fits is no warning
+        load_clip(path, num_frames=10, resolution=16, fps=8)
 
 
 def test_a_seeded_item_always_cuts_the_same_random_window(tmp_path):
@@ -96,6 +101,21 @@ def test_folder_layout(tmp_path):
     assert item["video"].shape == (3, 17, 16, 16) and 0 <= item["video"].min() and item["video"].max() <= 1
     assert item["label"] == 0 and item["path"].endswith(os.path.join("Cats", "0.mp4"))
     assert data.sampling == "random"  # split "train"
+
+
+def test_folders_without_videos_are_not_classes(tmp_path, caplog):
+    # an unzipped archive's __MACOSX, an empty class folder, videos one folder too deep: none is a class, so the
+    # labels of the real classes do not move and no class without clips reaches the model
+    write_counting_video(tmp_path / "cat" / "0.mp4", frames=4)
+    write_counting_video(tmp_path / "dog" / "0.mp4", frames=4)
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._0.mp4").write_bytes(b"\0")
+    (tmp_path / "bird").mkdir()
+    write_counting_video(tmp_path / "fish" / "day1" / "0.mp4", frames=4)
+    with caplog.at_level(logging.WARNING, logger="modeling_nbp.data.video_datasets"):
+        data = load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
+    assert data.class_names == ["cat", "dog"] and data.index["label"] == [0, 1]
+    assert re.search(r"these 3 folders .*__MACOSX, .*bird, .*fish", caplog.text)
 
 
 def test_a_flat_folder_is_refused_with_the_unlabelled_route(tmp_path):

@@ -8,7 +8,8 @@ evaluated on squashed frames); "crop" resizes the shorter side to ``resolution``
 aspect ratio.
 
 Too-short rule: a video with fewer than ``num_frames`` frames at the target rate is used whole and
-padded at the end by repeating its last frame.
+padded at the end by repeating its last frame, with a warning (shown once: a whole dataset padded usually means
+the clip length or frame rate is not the one meant).
 """
 
 from __future__ import annotations
@@ -100,7 +101,15 @@ def load_clip(path: str, num_frames: int = 17, resolution: int = 128, fps: float
     """
     if resize not in RESIZE_MODES:  # before decoding
         raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
-    frames, _ = read_video(
-        path, fps=fps, select=lambda n: clip_frame_indices(n, num_frames, sampling, generator)
-    )
+    available = []
+
+    def select(count: int) -> np.ndarray:
+        available.append(count)
+        return clip_frame_indices(count, num_frames, sampling, generator)
+
+    frames, _ = read_video(path, fps=fps, select=select)
+    if available[-1] < num_frames:  # the too-short rule; all of a folder's clips padded is usually a wrong num_frames
+        rate = f" at {fps:g} fps" if fps is not None else ""
+        warnings.warn(f"videos with fewer than {num_frames} frames{rate} are padded by repeating their last frame; "
+                      "pass the num_frames (and fps) the tokenizer expects", stacklevel=2)
     return frames_to_tensor(resize_frames(frames, resolution, resize))

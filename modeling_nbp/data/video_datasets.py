@@ -87,13 +87,19 @@ def _folder_index(root: str, split: str | None) -> datasets.Dataset:
         raise FileNotFoundError(f"folder layout expects class subfolders in {root}, found none; for unlabelled "
                                 f"videos put them in one folder ({os.path.join(root, 'all')}) and train the generator "
                                 "with --condition_mode none or frames")
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if is_video_file(f))
-        paths += [os.path.join(root, name, f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
+    files = {name: sorted(f for f in os.listdir(os.path.join(root, name)) if is_video_file(f)) for name in class_names}
+    if not any(files.values()):
         raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
+    # a folder without videos (__MACOSX, an empty class, videos nested deeper) is no class: the model would get a
+    # label it never sees, and every later label would move
+    empty = [name for name in class_names if not files[name]]
+    if empty:
+        logger.warning("folder layout: %s holds no video files directly, so is not a class (videos in its subfolders "
+                       "are not read): %s", "this folder" if len(empty) == 1 else f"these {len(empty)} folders",
+                       ", ".join(os.path.join(root, name) for name in empty[:20]))
+    class_names = [name for name in class_names if files[name]]
+    paths = [os.path.join(root, name, f) for name in class_names for f in files[name]]
+    labels = [label for label, name in enumerate(class_names) for _ in files[name]]
     return _make_index(paths, labels, class_names)
 
 
