@@ -394,8 +394,10 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
             height, width = pipe.resolution
             if height != width:
                 raise ValueError(f"--dataset clips are square; this model is {height}x{width}")
+            # as long as the videos made from them: `nbp evaluate --real-dataset` scores the videos against them
+            clip_frames = max(pipe.num_frames, args.num_frames or 0)
             clips = EvaluationClips(args.dataset, args.dataset_split, args.num_clips, args.clips_seed,
-                                    pipe.num_frames, height, args.clip_fps, args.clip_sampling, args.dataset_layout,
+                                    clip_frames, height, args.clip_fps, args.clip_sampling, args.dataset_layout,
                                     args.resize)
         jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
 
