@@ -379,6 +379,21 @@ def test_main_reads_npy_folders_and_reports_reconstruction(tmp_path, monkeypatch
     assert "pairs files by name: 1 of the 2 videos" in err and "9.npy" in err
 
 
+def test_reconstruction_alone_scores_clips_shorter_than_fvd_needs(tmp_path, monkeypatch, capsys):
+    # a tokenizer trained on 9-frame clips: PSNR/SSIM over all their frames, no detector (FVD needs 16 frames)
+    monkeypatch.setattr(fvd_module, "_load_detector", lambda weights, device: pytest.fail("no detector needed"))
+    for name, offset in (("real", 0.0), ("fake", 0.1)):
+        (tmp_path / name).mkdir()
+        for index, video in enumerate(moving_squares(2, frames=9, size=16) * 0.8):
+            np.save(tmp_path / name / f"{index}.npy", (video + offset).numpy())
+    command = [str(tmp_path / "fake"), str(tmp_path / "real"), "--no-progress"]
+    results = fvd_module.main(command + ["--reconstruction", "--no-fvd"])
+    assert results["psnr"] == pytest.approx(20.0, abs=1e-3) and "fvd" not in results and "protocol" not in results
+    with pytest.raises(SystemExit):
+        fvd_module.main(command + ["--no-fvd"])
+    assert "pass --reconstruction too" in capsys.readouterr().err
+
+
 def test_main_refuses_gif_folders_and_ignores_gif_previews(tmp_path, capsys):
     from modeling_nbp.video_io import export_to_gif
 

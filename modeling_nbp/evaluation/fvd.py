@@ -519,7 +519,8 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
     else:
         raise ValueError(f"{path}: videos must be uint8 (0-255) or float in [0, 1], got dtype {videos.dtype}")
     if num_frames is not None and videos.shape[2] < num_frames:
-        raise ValueError(f"{path} has {videos.shape[2]} frames; FVD needs videos of at least {num_frames}")
+        raise ValueError(f"{path} has {videos.shape[2]} frames; FVD needs videos of at least {num_frames} (PSNR and "
+                         "SSIM of shorter reconstructions: nbp evaluate --reconstruction --no-fvd)")
     videos = videos[:, :, :num_frames]
     if videos.numel():  # checked here, where the file can be named (the detector's check names no file)
         low, high = videos.min().item(), videos.max().item()  # NaN if any value is NaN: refused below
@@ -683,8 +684,8 @@ def _reconstruction_metrics(fake_folder: Path, real_folder: Path, fake_files: Se
         if not real_path.is_file():
             raise FileNotFoundError(f"--reconstruction pairs files by name: {real_path} (for {fake_path}) is missing")
         try:
-            # the official tokenizer_eval.py compares the first 16 of its 17 frames
-            fake, real = (load_video_file(path, num_frames=FVD_NUM_FRAMES) for path in (fake_path, real_path))
+            # the official tokenizer_eval.py compares the first 16 of its 17 frames (shorter clips: all of theirs)
+            fake, real = (load_video_file(path)[:, :, :FVD_NUM_FRAMES] for path in (fake_path, real_path))
         except VideoDecodeError as error:
             warnings.warn(f"--reconstruction skips a pair ({error})", stacklevel=2)
             skipped.append(str(fake_path))
@@ -736,6 +737,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("--reconstruction", action="store_true",
                         help="also PSNR/SSIM of same-named file pairs, over their first 16 frames as the official "
                              "tokenizer evaluation (PSNR of the whole clip's mean squared error)")
+    parser.add_argument("--no-fvd", action="store_true",
+                        help="with --reconstruction: PSNR and SSIM alone (no I3D; videos may be shorter than FVD's 16 "
+                             "frames: then all their frames are compared)")
     parser.add_argument("--no-progress", action="store_true")
     clips = parser.add_argument_group(
         "real clips from a dataset", "the official evaluation's real set: the clips that `nbp generate --dataset` "
@@ -759,6 +763,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     clips.add_argument("--real-num-frames", type=_fvd_frame_count)
     args = parser.parse_args(argv)
 
+    if args.no_fvd and not args.reconstruction:
+        parser.error("--no-fvd leaves only the reconstruction metrics: pass --reconstruction too")
     if args.real_dataset and args.reconstruction:
         parser.error("--reconstruction pairs files by name: REAL must be a folder of videos, not --real-dataset")
     if args.i3d_weights is not None and not os.path.isfile(args.i3d_weights):
@@ -817,6 +823,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         parser.error(str(error).replace("num_", "--num-"))
     if args.reconstruction:  # first: a pair that does not match fails in seconds, not after the FVD
         results.update(_reconstruction_metrics(fake_folder, real_folder, fake_files))
+    if args.no_fvd:
+        del results["protocol"]  # FVD's
+        print(json.dumps(results, indent=2))
+        return results
     calculator = FVDCalculator(
         args.i3d_weights, args.device, args.batch_size, args.cache_dir, args.protocol, not args.no_progress
     )
