@@ -172,6 +172,26 @@ def test_clipping_and_schedule_values_are_checked():
     assert (args.max_grad_norm, args.lr_min) == (0, 3e-4)
 
 
+def test_deepspeed_clips_at_max_grad_norm(monkeypatch):
+    """DeepSpeed clips in its engine at the config's gradient_clipping, which Accelerate fills from "auto" with 1.0:
+    --max_grad_norm must reach it, and a config that says otherwise is refused rather than silently applied."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from modeling_nbp.training.train_nbp import configure_deepspeed
+
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING", raising=False)
+    for norm in (0.0, 0.5, 1.0):
+        config = DeepSpeedPlugin().deepspeed_config  # an `accelerate config` without gradient_clipping: "auto"
+        configure_deepspeed(config, 4, norm)
+        assert (config["gradient_clipping"], config["train_micro_batch_size_per_gpu"]) == (norm, 4)
+    config = DeepSpeedPlugin(gradient_clipping=1.0).deepspeed_config  # the examples' configs
+    configure_deepspeed(config, 4, 1.0)
+    assert config["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match="--max_grad_norm 0.5 differs from the DeepSpeed config's gradient_clipping "
+                                         "1.0, which DeepSpeed applies instead"):
+        configure_deepspeed(config, 4, 0.5)
+
+
 def test_mixed_precision_follows_the_device(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     with pytest.raises(ValueError, match="--mixed_precision fp16 needs a GPU: on the CPU"):  # accelerate ignores it

@@ -86,6 +86,8 @@ def lr_at_step(step: int, base_lr: float, total_steps: int, warmup_steps: int = 
       * "linear": from `base_lr` at the end of the warmup down to `lr_min` at `total_steps`.
       * "constant": `base_lr`.
     From `total_steps` on, cosine and linear stay at `lr_min`.
+    (The official loop steps timm's scheduler after each update with that update's index, so its update k uses the
+    rate of step k - 1, and its first two updates `warmup_lr_init`: one step later than here.)
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")

@@ -4,6 +4,8 @@
         --preset ucf-700m --tokenizer pretrained/tokenizer --resume_from_checkpoint latest
 
 (`examples/train_nbp.py` in a checkout of the repository, or `nbp train ...` in one process.)
+Each item is one pre-tokenized clip, the same every epoch (the official loader cuts a new random window of each video
+whenever it reads one).
 
 Outputs in --output_dir: checkpoint-<step>/ (complete training state; resume with --resume_from_checkpoint),
 train_log.jsonl (one line per logged step and per validation), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the tokenizer's codebook, the preset's, or the largest id in the data + 1")
     g.add_argument("--dropout", type=float, help=f"embedding/residual dropout (default {DEFAULTS['dropout']})")
     g.add_argument("--class_dropout_prob", type=float, default=0.0,
-                   help="probability of replacing the class prefix by the unconditional embedding (for CFG)")
+                   help="probability, per clip, of replacing the class prefix by the unconditional embedding (for CFG)")
     g.add_argument("--attn_implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
                    help="auto: flex_attention on CUDA, sdpa on CPU")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -372,6 +374,21 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
     return final_dir
 
 
+def configure_deepspeed(ds_config: dict, per_device_batch: int, max_grad_norm: float) -> None:
+    """Put the run's micro-batch and clipping into the DeepSpeed config. DeepSpeed clips inside its engine
+    (`accelerator.clip_grad_norm_` does nothing there) at the config's `gradient_clipping`, which Accelerate would turn
+    from "auto" into 1.0 whatever --max_grad_norm says: "auto" (or absent) takes --max_grad_norm, and a number in the
+    config that differs from it is refused."""
+    ds_config["train_micro_batch_size_per_gpu"] = per_device_batch
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping == "auto":
+        ds_config["gradient_clipping"] = max_grad_norm
+    elif float(clipping) != max_grad_norm:
+        raise ValueError(f"--max_grad_norm {max_grad_norm} differs from the DeepSpeed config's gradient_clipping "
+                         f"{clipping}, which DeepSpeed applies instead: pass --max_grad_norm {clipping}, or set "
+                         "gradient_clipping to auto (or the same value) in the config")
+
+
 def resume_settings(args, config: NBPConfig, data) -> dict:
     """What a resume takes from the checkpoint (the training data and its order, the model, optimizer rates and decay,
     the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
@@ -401,7 +418,7 @@ def main(argv=None) -> dict:
     if args.ema_decay and sharded:
         raise ValueError("--ema_decay is not supported with FSDP or DeepSpeed ZeRO-3 (sharded weights)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_device_batch
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, per_device_batch, args.max_grad_norm)
     hub_repo = common.prepare_output_dir(accelerator, args)
     resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule"})
