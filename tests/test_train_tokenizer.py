@@ -73,6 +73,18 @@ def test_gan_losses():
     assert not adversarial_active(1, 2) and adversarial_active(2, 2)
 
 
+@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
+def test_gan_losses_of_bf16_logits_are_computed_in_float32(kind):
+    """bf16 logits (a discriminator under autocast): 1 - logit or softplus(logit) in bf16 would round away the
+    loss's low bits, e.g. 1 - (-3.140625) = 4.140625 needs 9 significant bits, bf16 holds 8."""
+    real = torch.tensor([-3.140625, 0.3, 2.7, -0.01], dtype=torch.bfloat16)
+    fake = torch.tensor([3.140625, -0.7, 0.02, 1.3], dtype=torch.bfloat16)
+    d_loss, g_loss = discriminator_loss(real, fake, kind), generator_adversarial_loss(fake, kind)
+    assert d_loss.dtype == g_loss.dtype == torch.float32
+    assert d_loss.item() == discriminator_loss(real.float(), fake.float(), kind).item()
+    assert g_loss.item() == generator_adversarial_loss(fake.float(), kind).item()
+
+
 # 16 px -> 8 -> 4 (two strided convs) -> 3 -> 2 (two stride-1 4x4 convs); time keeps its 5 frames
 @pytest.mark.parametrize("kind, shape", [("3d", (2, 1, 5, 2, 2)), ("2d", (10, 1, 2, 2))])
 def test_patch_discriminator_scores_patches(kind, shape):
@@ -131,6 +143,9 @@ def test_argument_errors(tmp_path):
     check_discriminator_input(parse_args([*base, "--resolution", "24"]))
     with pytest.raises(ValueError, match="--max_grad_norm must be >= 0 \\(0: no clipping\\), got -1.0"):
         parse_args([*base, "--max_grad_norm=-1"])  # clip_grad_norm_ would flip the gradients' sign
+    for flag in ("--l1_weight", "--perceptual_weight", "--adversarial_weight"):  # maximised, or no GAN without a word
+        with pytest.raises(ValueError, match=f"{flag} must be >= 0 \\(0: leave that loss out\\), got -0.1"):
+            parse_args([*base, f"{flag}=-0.1"])
     for flag in ("--eval_steps", "--num_log_videos"):  # a negative interval evaluated at every step
         with pytest.raises(SystemExit):
             parse_args([*base, f"{flag}=-1"])
@@ -464,12 +479,54 @@ def test_fp16_gan_with_accumulation_unscales_each_optimizer_by_its_own_scale(tmp
         assert (accumulated - one).norm() <= 1e-5 * one.norm()
 
 
+def test_the_generator_and_discriminator_losses_train_only_their_own_model(tmp_path, monkeypatch):
+    """At a GAN step, the gradients each optimizer steps with: the generator's adversarial term (scaled by
+    --adversarial_weight) must not reach the discriminator, and the discriminator's loss must not reach the tokenizer."""
+    gradients, adam_step = [], torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        gradients.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+        return adam_step(self, *args, **kwargs)
+
+    def run(name, *flags):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        gradients.clear()
+        main([*TINY, "--max_steps", "1", "--disc_start_step", "0", "--eval_steps", "0", "--max_grad_norm", "0",
+              "--num_log_videos", "0", "--output_dir", str(tmp_path / name), *flags])
+        assert len(gradients) == 2  # the tokenizer's step, then the discriminator's
+        return list(gradients)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    tokenizer, discriminator = run("base")
+    louder_generator = run("adversarial", "--adversarial_weight", "10")
+    assert not torch.equal(louder_generator[0], tokenizer)
+    assert torch.equal(louder_generator[1], discriminator)
+    loss = train_tokenizer.discriminator_loss
+    monkeypatch.setattr(train_tokenizer, "discriminator_loss", lambda *a, **k: 10 * loss(*a, **k))
+    louder_discriminator = run("discriminator")
+    assert torch.equal(louder_discriminator[0], tokenizer)
+    torch.testing.assert_close(louder_discriminator[1], 10 * discriminator)
+
+
 def test_presets_set_the_paper_values(tmp_path):
     base = ["--train_data", str(tmp_path), "--output_dir", str(tmp_path), "--max_steps", "500"]
     ucf, k600 = parse_args([*base, "--preset", "ucf"]), parse_args([*base, "--preset", "k600", "--fps", "8"])
     assert (ucf.learning_rate, ucf.global_batch_size, ucf.fps, ucf.perceptual_weight, ucf.adversarial_weight) == (
         5e-5, 256, 8, 0.1, 0.1)
     assert (k600.learning_rate, k600.fps, k600.warmup_steps, k600.lr_schedule) == (1e-4, 8, 5, "linear")
+
+
+def test_a_preset_run_without_a_perceptual_network_says_it_leaves_that_loss_out(tmp_path, caplog):
+    tiny = ["--preset", "ucf", "--global_batch_size", "2", "--max_steps", "1", "--eval_steps", "0",
+            "--num_log_videos", "0", "--adversarial_weight", "0"]
+    main([*TINY, *tiny, "--output_dir", str(tmp_path / "a")])
+    assert "--preset ucf: no perceptual loss without --perceptual_model" in caplog.text
+    caplog.clear()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main([*TINY, *tiny, "--output_dir", str(tmp_path / "b"), "--perceptual_model", "test_train_tokenizer:L1Distance"])
+    assert "perceptual" not in caplog.text
 
 
 def test_help_through_the_example_wrapper(monkeypatch, capsys):

@@ -129,22 +129,24 @@ class PatchDiscriminator(nn.Module):
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """hinge: (mean relu(1 - real) + mean relu(1 + fake)) / 2; non_saturating: (mean softplus(-real) +
-    mean softplus(fake)) / 2 (binary cross-entropy with logits)."""
+    mean softplus(fake)) / 2 (binary cross-entropy with logits). Computed in float32 whatever the logits' dtype."""
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
     if kind == "hinge":
         real, fake = F.relu(1 - real_logits), F.relu(1 + fake_logits)
     elif kind == "non_saturating":
         real, fake = F.softplus(-real_logits), F.softplus(fake_logits)
     else:
         raise ValueError(f"GAN loss must be one of {GAN_LOSSES}, got {kind!r}")
-    return 0.5 * (real.float().mean() + fake.float().mean())
+    return 0.5 * (real.mean() + fake.mean())
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """hinge: -mean(fake); non_saturating: mean softplus(-fake)."""
+    """hinge: -mean(fake); non_saturating: mean softplus(-fake). Computed in float32 whatever the logits' dtype."""
+    fake_logits = fake_logits.float()
     if kind == "hinge":
-        return -fake_logits.float().mean()
+        return -fake_logits.mean()
     if kind == "non_saturating":
-        return F.softplus(-fake_logits).float().mean()
+        return F.softplus(-fake_logits).mean()
     raise ValueError(f"GAN loss must be one of {GAN_LOSSES}, got {kind!r}")
 
 

@@ -13,6 +13,14 @@ none are downloaded, so it is off unless you give a network), + PatchGAN adversa
 --disc_start_step on. Adam with linear warmup (1% of the steps by default) and linear decay, as in the paper's
 Table 5. PSNR / SSIM on held-out clips are printed every --eval_steps and at the end.
 
+From the paper (Table 5, set by --preset): Adam, batch 256, the learning rate, the linear schedule with 1% warmup,
+perceptual and adversarial weights 0.1, a PatchGAN discriminator. The official code releases no tokenizer trainer,
+so the rest is this script's own choice: L1 + L2 (weights 1) on [0, 1] pixels, the perceptual distance over every
+frame, the hinge loss, a 3D PatchGAN with GroupNorm, a fixed adversarial weight (no adaptive weight, gradient
+penalty or LeCam term), the GAN from 20% of the steps, the discriminator at the tokenizer's learning rate and
+schedule, Adam betas (0.9, 0.99), gradient clipping at 1.0, no EMA. FSQ has no commitment or entropy loss (the
+official model has none either).
+
 Outputs in --output_dir: checkpoint-<step>/ (resume with --resume_from_checkpoint), train_log.jsonl, logs/
 (TensorBoard), samples/ (held-out clips above their reconstructions) and final/ (the tokenizer folder, loadable
 with NBPVideoTokenizer.from_pretrained).
@@ -147,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--disc_start_step must be >= 0, got {args.disc_start_step}")
     if args.max_grad_norm < 0:
         raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
+    for key in ("l1_weight", "l2_weight", "perceptual_weight", "adversarial_weight"):
+        if not getattr(args, key) >= 0:  # negative: trains towards that loss's maximum (or turns off the GAN)
+            raise ValueError(f"--{key} must be >= 0 (0: leave that loss out), got {getattr(args, key)}")
     if args.tokenizer_config:
         given = [f"--{k}" for k in SIZE_FLAGS if getattr(args, k) != parser.get_default(k)]
         if given:
@@ -361,6 +372,9 @@ def main(argv=None) -> dict:
     perceptual = load_perceptual_model(args.perceptual_model)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
+    elif args.preset and args.perceptual_weight and accelerator.is_main_process:
+        logger.warning("--preset %s: no perceptual loss without --perceptual_model (e.g. an LPIPS network), so this "
+                       "run leaves out the paper's perceptual term (weight %g)", args.preset, args.perceptual_weight)
     opt_g = adam(tokenizer.parameters(), args.learning_rate, args)
     sched_g = lambda_schedule(opt_g, args)
     size = sum(p.numel() for p in tokenizer.parameters()) / 1e6  # before sharding
