@@ -146,6 +146,10 @@ def test_argument_errors(tmp_path):
     for flag in ("--l1_weight", "--perceptual_weight", "--adversarial_weight"):  # maximised, or no GAN without a word
         with pytest.raises(ValueError, match=f"{flag} must be >= 0 \\(0: leave that loss out\\), got -0.1"):
             parse_args([*base, f"{flag}=-0.1"])
+    assert args.disc_learning_rate == args.learning_rate  # by default
+    assert parse_args([*base, "--disc_learning_rate", "0"]).disc_learning_rate == 0  # a frozen discriminator (was the
+    with pytest.raises(ValueError, match="--disc_learning_rate must be >= 0"):       # tokenizer's rate)
+        parse_args([*base, "--disc_learning_rate=-1e-4"])
     for flag in ("--eval_steps", "--num_log_videos"):  # a negative interval evaluated at every step
         with pytest.raises(SystemExit):
             parse_args([*base, f"{flag}=-1"])

@@ -155,6 +155,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--disc_start_step must be >= 0, got {args.disc_start_step}")
     if args.max_grad_norm < 0:
         raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
+    if args.disc_learning_rate is None:
+        args.disc_learning_rate = args.learning_rate
+    if args.disc_learning_rate < 0:
+        raise ValueError(f"--disc_learning_rate must be >= 0 (0: the discriminator stays as it is), got "
+                         f"{args.disc_learning_rate}")
     for key in ("l1_weight", "l2_weight", "perceptual_weight", "adversarial_weight"):
         if not getattr(args, key) >= 0:  # negative: trains towards that loss's maximum (or turns off the GAN)
             raise ValueError(f"--{key} must be >= 0 (0: leave that loss out), got {getattr(args, key)}")
@@ -270,7 +275,7 @@ def resume_settings(args, tokenizer) -> dict:
     every checkpoint: a resume asking for others is refused (`common.check_resume_settings`)."""
     adversarial = args.adversarial_weight > 0
     # without the GAN its settings are unused (the default start moves with --max_steps, which a resume may raise)
-    gan = dict(disc_learning_rate=args.disc_learning_rate or args.learning_rate,
+    gan = dict(disc_learning_rate=args.disc_learning_rate,
                disc_start_step=args.disc_start_step) if adversarial else {}
     return {"seed": args.seed, "data": data_settings(args),
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
@@ -383,7 +388,7 @@ def main(argv=None) -> dict:
     if adversarial:
         check_discriminator_input(args)
         discriminator = PatchDiscriminator(3, args.disc_base_channels, args.disc_num_layers, args.discriminator)
-        opt_d = adam(discriminator.parameters(), args.disc_learning_rate or args.learning_rate, args)
+        opt_d = adam(discriminator.parameters(), args.disc_learning_rate, args)
         # the discriminator's first update is global step disc_start_step: its schedule starts there
         sched_d = lambda_schedule(opt_d, args, offset=args.disc_start_step)
         described += f", discriminator {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M"
