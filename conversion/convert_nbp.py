@@ -182,8 +182,9 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
         raise ValueError(f"unsupported cond_stage_key {cond_key!r}; supported: 'text' (UCF-101), 'label', "
                          "unconditional")
 
+    fps = args.get("fps")  # the training clips' rate (official data flag; -1 or None: the videos' own)
     config = NBPConfig(
-        **task,
+        **task, fps=float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0 else None,
         hidden_size=int(args["n_embd"]), num_hidden_layers=int(args["n_layer"]),
         num_attention_heads=int(args["n_head"]), max_position_embeddings=int(args["block_size"]),
         hidden_dropout=float(args.get("transformer_dropout") or 0.0), attention_dropout=0.0,

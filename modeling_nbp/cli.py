@@ -57,8 +57,8 @@ def _generate_parser(parser):
                              "as the official loader and the official models' training data) or crop (shorter side + "
                              "centre crop)")
     parser.add_argument("--context_fps", type=positive_float, default=None,
-                        help="resample the context clips to this frame rate first (default: their own; the K600 "
-                             "models were trained at 16 fps, the UCF ones at 8)")
+                        help="resample the context clips to this frame rate first (default: the rate of the model's "
+                             "training clips, config.fps: 16 for the K600 models; else their own)")
     parser.add_argument("--num_videos_per_class", type=positive_int, default=1,
                         help="videos per class (or per context clip or --dataset clip, or in all for an "
                              "unconditional model)")
@@ -102,7 +102,7 @@ def _generate_parser(parser):
                           "(nbp evaluate reads MP4 and npy, not GIF)")
     out.add_argument("--fps", type=positive_int, default=None,
                      help="frame rate of the files (default: the clips' rate, --context_fps or --clip_fps with "
-                          "--dataset, else 8)")
+                          "--dataset, else the model's config.fps, else 8)")
     out.add_argument("--contact_sheet", type=non_negative_int, default=64,
                      help="contact_sheet.png of the run's first this many videos (0: none; under accelerate launch, "
                           "of the main process's share)")

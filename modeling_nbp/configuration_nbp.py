@@ -20,12 +20,12 @@ TASK_PRESETS = {
     # UCF-101: 8 LLaMA-2 text ids (+16) per class, BOV + 15 placeholders, hybrid start, 95 steps
     "ucf": dict(
         latent_shape=[5, 16, 16], block_shape=[1, 1, 16], video_vocab_size=64000, condition_mode="class",
-        num_condition_tokens=8, condition_vocab_size=32000, first_block="hybrid",
+        num_condition_tokens=8, condition_vocab_size=32000, first_block="hybrid", fps=8,
     ),
     # Kinetics-600 frame prediction: 2 context latent frames, 48 steps, no special tokens
     "k600": dict(
         latent_shape=[5, 16, 16], block_shape=[1, 1, 16], video_vocab_size=64000, condition_mode="frames",
-        num_condition_tokens=0, condition_vocab_size=0, first_block="none", num_context_frames=2,
+        num_condition_tokens=0, condition_vocab_size=0, first_block="none", num_context_frames=2, fps=16,
     ),
 }
 
@@ -109,6 +109,7 @@ class NBPConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     # generation
     sample_whole_vocabulary: bool = False
+    fps: float | None = None  # frame rate of the training clips (None: not recorded); `nbp generate` works at it
 
     def __post_init__(self, **kwargs):
         check_int_fields(self)
@@ -180,6 +181,8 @@ class NBPConfig(PreTrainedConfig):
                      video_vocab_size=self.video_vocab_size, max_position_embeddings=self.max_position_embeddings)
         if not positive_ints(sizes.values()):
             raise ValueError(f"the transformer sizes must be positive ints; got {sizes}")
+        if self.fps is not None and not (number("fps") > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"fps (the training clips' frame rate) must be a number > 0 or None, got {self.fps!r}")
         if not number("layer_norm_eps") > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
         for name in ("class_dropout_prob", "hidden_dropout", "attention_dropout"):

@@ -357,12 +357,6 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
         if args.dataset and args.context_fps is not None:  # it would be ignored: the clips are not read at that rate
             raise ValueError("--context_fps resamples --context files; --dataset clips are read at --clip_fps")
         check_output_dir(args.output_dir, args.context, args.dataset)
-    if args.fps is None:  # the files play at the rate of the frames the model continued; a folder keeps its own
-        recorded = os.path.join(args.output_dir, SETTINGS_FILE)
-        if os.path.isfile(recorded) and not args.overwrite:
-            with open(recorded, encoding="utf-8") as f:
-                args.fps = json.load(f).get("fps")
-        args.fps = args.fps or max(1, round(args.context_fps or (args.clip_fps if args.dataset else 8)))
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
@@ -374,6 +368,15 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
         pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
+    model_fps = getattr(pipe.transformer.config, "fps", None)  # the training clips' rate, when the model records it
+    if args.context and args.context_fps is None:
+        args.context_fps = model_fps  # context files continued at the rate the model learned (None: their own)
+    if args.fps is None:  # the files play at the rate of the frames the model continued; a folder keeps its own
+        recorded = os.path.join(args.output_dir, SETTINGS_FILE)
+        if os.path.isfile(recorded) and not args.overwrite:
+            with open(recorded, encoding="utf-8") as f:
+                args.fps = json.load(f).get("fps")
+        args.fps = args.fps or max(1, round(args.context_fps or (args.clip_fps if args.dataset else model_fps or 8)))
     pipe.video_tokenizer.norm_implementation = args.norm_implementation
     pipe.video_tokenizer.conv_implementation = args.conv_implementation
     with arguments_checked((OSError, ValueError)):

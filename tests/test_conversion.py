@@ -43,8 +43,8 @@ def training_args(**overrides):
 
 # UCF-like: LLaMA text prefix of 8 ids, BOV, hybrid start; K600-like: unconditional, plain next-block shift
 SETTINGS = {
-    "ucf": dict(cond_stage_key="text", cond_token_num=8, hybrid=True, starts_with_bov=True, sequence_length=5),
-    "k600": dict(unconditional=True, sequence_length=9),
+    "ucf": dict(cond_stage_key="text", cond_token_num=8, hybrid=True, starts_with_bov=True, sequence_length=5, fps=8),
+    "k600": dict(unconditional=True, sequence_length=9, fps=16),
     "label": dict(cond_stage_key="label", class_cond_dim=5, cond_token_num=1, hybrid=True, starts_with_bov=True),
 }
 
@@ -196,6 +196,7 @@ def test_converted_generator_matches_reference_forward(tmp_path, setting):
     out = convert_checkpoints(tmp_path / "out", generator=tmp_path / "gen.ckpt")
     model = NBPForVideoGeneration.from_pretrained(os.path.join(out, "transformer")).eval()
     assert not os.path.exists(os.path.join(out, "video_tokenizer"))  # the first_stage_model keys are skipped
+    assert model.config.fps == getattr(args, "fps", None)  # the training clips' rate, for nbp generate
 
     g = torch.Generator().manual_seed(1)
     T, Hl, Wl = latent_shape(args)

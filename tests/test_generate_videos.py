@@ -395,3 +395,20 @@ def test_demo_names_the_bundled_model_unless_a_pipeline_folder_is_called_so(tmp_
     (tmp_path / "demo" / "model_index.json").write_text("{}")
     nbp(["generate", "--model", "demo"])
     assert models == [DEMO_MODEL, DEMO_MODEL, "demo"]
+
+
+def test_context_files_are_read_and_videos_written_at_the_models_training_rate(tmp_path):
+    pipe = tiny_pipeline(mode="frames")
+    pipe.transformer.config.fps = 4  # trained on 4 fps clips (nbp train records it; converted K600 models: 16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    clip = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    export_to_mp4(clip, str(tmp_path / "clips" / "a.mp4"), fps=8)
+    generate(tmp_path / "pipe", tmp_path / "out", "--context", tmp_path / "clips", "--context_frames", "3",
+             "--formats", "mp4", "--contact_sheet", "0")
+    settings = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert settings["context_fps"] == 4 and settings["fps"] == 4
+    context, _ = read_video(str(tmp_path / "clips" / "a.mp4"))
+    expected = pipe(video=context[[0, 2, 4]], generator=gen(name_seed(0, "a_0")), output_type="np").frames[0]
+    got, fps = read_video(str(tmp_path / "out" / "a_0.mp4"))
+    assert fps == 4
+    assert_same_video(got, read_video(export_to_mp4(expected, str(tmp_path / "ref.mp4"), fps=4))[0])

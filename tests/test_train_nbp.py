@@ -354,10 +354,12 @@ def test_a_validation_folder_with_some_of_the_classes_is_scored_with_the_trainin
 def test_class_count_comes_from_the_class_names(tmp_path):
     # a class with no items left (every video skipped) is still a class of the model
     data = write_tokens(tmp_path / "data", 6, 0, class_names=["cat", "dog", "fox", "owl"])
+    Path(data, "pretokenize.json").write_text(json.dumps({"clip": {"fps": 12.5}}))  # as nbp pretokenize records it
     main(["--train_data", data, "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1",
           "--train_batch_size", "2", "--warmup_steps", "0"])
     config = NBPConfig.from_pretrained(tmp_path / "run" / "final")
     assert config.num_classes == 4 and config.id2label == {0: "cat", 1: "dog", 2: "fox", 3: "owl"}
+    assert config.fps == 12.5  # the clips' rate, which nbp generate then works at
 
 
 def test_a_tokenizer_that_did_not_make_the_tokens_is_reported(tmp_path, caplog):

@@ -246,19 +246,26 @@ def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> torc
     return label_map
 
 
-def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
-    """Warn when --tokenizer is not the one that made --train_data (its pretokenize.json keeps a digest of the
-    weights): sample videos and final/ would decode the tokens with another tokenizer."""
+def pretokenize_record(train_data: str) -> tuple[str | None, dict]:
+    """(path, contents) of the pretokenize.json of --train_data (the output_dir or its tokens folder); (None, {})
+    for token folders made otherwise."""
     for folder in (train_data, os.path.dirname(os.path.normpath(train_data))):
         path = os.path.join(folder, "pretokenize.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                recorded = json.load(f).get("tokenizer_weights")
-            digest = weights_digest(tokenizer) if recorded else None  # hashes every weight: once
-            if recorded and recorded != digest:
-                logger.warning("--tokenizer is not the tokenizer that made --train_data (weights digest %s, %s "
-                               "records %s): sample videos and final/ decode with it", digest, path, recorded)
-            return
+                return path, json.load(f)
+    return None, {}
+
+
+def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
+    """Warn when --tokenizer is not the one that made --train_data (its pretokenize.json keeps a digest of the
+    weights): sample videos and final/ would decode the tokens with another tokenizer."""
+    path, record = pretokenize_record(train_data)
+    recorded = record.get("tokenizer_weights")
+    digest = weights_digest(tokenizer) if recorded else None  # hashes every weight: once
+    if recorded and recorded != digest:
+        logger.warning("--tokenizer is not the tokenizer that made --train_data (weights digest %s, %s "
+                       "records %s): sample videos and final/ decode with it", digest, path, recorded)
 
 
 def load_tokenizer(path: str | None, device):
@@ -393,7 +400,7 @@ def resume_settings(args, config: NBPConfig, data) -> dict:
     """What a resume takes from the checkpoint (the training data and its order, the model, optimizer rates and decay,
     the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
     (`common.check_resume_settings`)."""
-    weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout")]
+    weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout", "fps")]
     recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
     return {"seed": args.seed, "model": {k: getattr(config, k) for k in weights},
             # the token folder's contents (its datasets fingerprint survives a copy to another path), not its path
@@ -426,6 +433,9 @@ def main(argv=None) -> dict:
     info = describe_tokens(args.train_data)
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
     config = build_config(args, info, tokenizer)
+    fps = pretokenize_record(args.train_data)[1].get("clip", {}).get("fps")
+    if fps:  # the clips' rate: `nbp generate` reads contexts and writes videos at it
+        config.fps = float(fps)
     val_data = val_labels = None
     if args.validation_data:
         val_info = describe_tokens(args.validation_data)
