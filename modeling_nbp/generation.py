@@ -686,8 +686,10 @@ class StaticDecoder:
         self.pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
 
     def set_sampling(self, temperature, top_k, top_p, guidance_scale):
-        """This call's sampling values (its `sampling_filters` are the decoder's)."""
-        self.sampling.copy_(torch.tensor([temperature, top_p, guidance_scale], dtype=torch.float32))
+        """This call's sampling values (its `sampling_filters` are the decoder's): fills, not a copy from the host,
+        which would wait for the device."""
+        for slot, value in zip(self.sampling, (temperature, top_p, guidance_scale)):
+            slot.fill_(value)
 
     def _prefill_options(self, model, start: int, end: int) -> dict:
         """The mask and condition dropout of a step feeding [start, end): none for a decode step."""
