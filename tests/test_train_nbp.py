@@ -362,19 +362,83 @@ def test_class_count_comes_from_the_class_names(tmp_path):
     assert config.fps == 12.5  # the clips' rate, which nbp generate then works at
 
 
-def test_a_tokenizer_that_did_not_make_the_tokens_is_reported(tmp_path, caplog):
+def test_a_tokenizer_that_did_not_make_the_tokens_is_refused(tmp_path):
     from modeling_nbp.data.pretokenize import weights_digest
     from modeling_nbp.training.train_nbp import check_tokenizer_made_tokens
 
     made, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     (tmp_path / "tokens").mkdir()
-    (tmp_path / "pretokenize.json").write_text(json.dumps({"tokenizer_weights": weights_digest(made)}))
+    record = tmp_path / "pretokenize.json"
+    record.write_text(json.dumps({"tokenizer_weights": weights_digest(made)}))
     for path in (tmp_path, tmp_path / "tokens"):  # the pretokenize folder or its tokens folder
-        caplog.clear()
         check_tokenizer_made_tokens(str(path), made)
-        assert not caplog.records
-        check_tokenizer_made_tokens(str(path), other)
-        assert "--tokenizer is not the tokenizer that made --train_data" in caplog.text
+        with pytest.raises(ValueError, match=f"--tokenizer is not the tokenizer that made --train_data: its weights "
+                                             f"digest is {weights_digest(other)}, {re.escape(str(record))} records "
+                                             f"{weights_digest(made)};.* Pass the tokenizer that made the tokens, or "
+                                             "pre-tokenize the videos again with this one"):
+            check_tokenizer_made_tokens(str(path), other)
+    record.write_text(json.dumps({"clip": {"fps": 8}}))  # no digest recorded: nothing to check
+    check_tokenizer_made_tokens(str(tmp_path), other)
+    record.unlink()
+    check_tokenizer_made_tokens(str(tmp_path), other)
+
+
+def test_a_run_with_a_tokenizer_that_did_not_make_the_tokens_stops_before_training(tmp_path):
+    from modeling_nbp.data.pretokenize import weights_digest
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    tiny = dict(block_out_channels=(8, 8), layers_per_block=(1, 1), downsample_strides=((2, 2),), fsq_levels=(4, 4),
+                norm_num_groups=4, patch_size=2)
+    torch.manual_seed(0)
+    NBPVideoTokenizer(**tiny).save_pretrained(tmp_path / "tokenizer")
+    data = write_tokens(tmp_path / "data", 4, 0)
+    made = {"tokenizer_weights": weights_digest(NBPVideoTokenizer(**tiny))}  # another initialisation
+    Path(data, "pretokenize.json").write_text(json.dumps(made))
+    with pytest.raises(ValueError, match="--tokenizer is not the tokenizer that made --train_data"):
+        main(["--train_data", data, "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1",
+              "--train_batch_size", "2", "--warmup_steps", "0", "--tokenizer", str(tmp_path / "tokenizer")])
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_validation_data_made_by_another_tokenizer_or_other_clips_is_refused(tmp_path):
+    clip = {"num_frames": 3, "resolution": 16, "fps": 8.0, "resize": "squash", "sampling": "center"}
+    made = {"tokenizer": "NBPVideoTokenizer", "tokenizer_config": {"fsq_levels": [4, 4], "patch_size": 2},
+            "tokenizer_weights": "aaaa", "clip": clip}
+
+    def folder(name, record=None):
+        path = write_tokens(tmp_path / name, 4, len(name))
+        if record is not None:
+            Path(path, "pretokenize.json").write_text(json.dumps(record))
+        return path
+
+    def run(val):
+        main(["--train_data", train, "--validation_data", val, "--output_dir", str(tmp_path / "run"), *TINY,
+              "--max_steps", "1", "--train_batch_size", "2", "--warmup_steps", "0", "--overwrite_output_dir"])
+
+    train = folder("train", made)
+    other = folder("weights", dict(made, tokenizer_weights="bbbb"))
+    folders = f"--validation_data {re.escape(other)} and --train_data {re.escape(train)}"
+    with pytest.raises(ValueError, match=f"{folders} were pre-tokenized by different tokenizers \\(validation vs "
+                                         "training: tokenizer_weights 'bbbb' vs 'aaaa'\\).*pre-tokenize both with the "
+                                         "same tokenizer"):
+        run(other)
+    other = folder("config", dict(made, tokenizer_config={"fsq_levels": [4, 4], "patch_size": 4}))
+    with pytest.raises(ValueError, match="different tokenizers \\(validation vs training: tokenizer_config.patch_size "
+                                         "4 vs 2\\)"):
+        run(other)
+    other = folder("clips", dict(made, clip=dict(clip, fps=16.0, resize="crop", sampling="random")))
+    folders = f"--validation_data {re.escape(other)} and --train_data {re.escape(train)}"
+    with pytest.raises(ValueError, match=f"{folders} hold clips made with different settings \\(validation vs "
+                                         "training: fps 16.0 vs 8.0; resize 'crop' vs 'squash'\\): pre-tokenize both "
+                                         "with the same clip settings"):
+        run(other)
+    cropped = {k: v for k, v in clip.items() if k != "resize"}  # recorded before --resize existed: cropped
+    with pytest.raises(ValueError, match="validation vs training: resize 'crop' vs 'squash'"):
+        run(folder("before_resize", dict(made, clip=cropped)))
+    # the same tokenizer and clips (sampled otherwise), records without these entries, folders without records: run
+    run(folder("same", dict(made, clip=dict(clip, sampling="random"))))
+    run(folder("partial", {"clip": {"fps": 8.0}}))
+    run(folder("plain"))
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------

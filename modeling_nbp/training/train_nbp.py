@@ -246,10 +246,10 @@ def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> torc
     return label_map
 
 
-def pretokenize_record(train_data: str) -> tuple[str | None, dict]:
-    """(path, contents) of the pretokenize.json of --train_data (the output_dir or its tokens folder); (None, {})
+def pretokenize_record(token_data: str) -> tuple[str | None, dict]:
+    """(path, contents) of the pretokenize.json of a token folder (the output_dir or its tokens folder); (None, {})
     for token folders made otherwise."""
-    for folder in (train_data, os.path.dirname(os.path.normpath(train_data))):
+    for folder in (token_data, os.path.dirname(os.path.normpath(token_data))):
         path = os.path.join(folder, "pretokenize.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -258,14 +258,52 @@ def pretokenize_record(train_data: str) -> tuple[str | None, dict]:
 
 
 def check_tokenizer_made_tokens(train_data: str, tokenizer) -> None:
-    """Warn when --tokenizer is not the one that made --train_data (its pretokenize.json keeps a digest of the
+    """Refuse a --tokenizer that is not the one that made --train_data (its pretokenize.json keeps a digest of the
     weights): sample videos and final/ would decode the tokens with another tokenizer."""
     path, record = pretokenize_record(train_data)
     recorded = record.get("tokenizer_weights")
     digest = weights_digest(tokenizer) if recorded else None  # hashes every weight: once
     if recorded and recorded != digest:
-        logger.warning("--tokenizer is not the tokenizer that made --train_data (weights digest %s, %s "
-                       "records %s): sample videos and final/ decode with it", digest, path, recorded)
+        raise ValueError(f"--tokenizer is not the tokenizer that made --train_data: its weights digest is {digest}, "
+                         f"{path} records {recorded}; the samples and final/ would decode the tokens into other "
+                         "videos. Pass the tokenizer that made the tokens, or pre-tokenize the videos again with this "
+                         "one")
+
+
+# pretokenize.json entries that must agree between --train_data and --validation_data (compared where both have them)
+TOKENIZER_RECORDS = ("tokenizer", "tokenizer_config", "tokenizer_weights")
+CLIP_RECORDS = ("num_frames", "resolution", "size", "fps", "resize")
+
+
+def record_differences(first: dict, second: dict, keys, prefix: str = "") -> list[str]:
+    """'key first vs second' for each of `keys` (nested: each sub-key) that both records hold with other values."""
+    lines = []
+    for key in keys:
+        if key in first and key in second and first[key] != second[key]:
+            if isinstance(first[key], dict) and isinstance(second[key], dict):
+                lines += record_differences(first[key], second[key], sorted(first[key]), f"{prefix}{key}.")
+            else:
+                lines.append(f"{prefix}{key} {first[key]!r} vs {second[key]!r}")
+    return lines
+
+
+def check_same_pretokenization(validation_data: str, train_data: str) -> None:
+    """Refuse --validation_data tokenized by another tokenizer or from clips made otherwise than --train_data, as
+    far as their pretokenize.json files tell (folders without one are not checked)."""
+    val, train = pretokenize_record(validation_data)[1], pretokenize_record(train_data)[1]
+    folders = f"--validation_data {validation_data} and --train_data {train_data}"
+    tokenizer = record_differences(val, train, TOKENIZER_RECORDS)
+    if tokenizer:
+        raise ValueError(f"{folders} were pre-tokenized by different tokenizers (validation vs training: "
+                         f"{'; '.join(tokenizer)}), so a token id means another code in each: pre-tokenize both with "
+                         "the same tokenizer")
+    # clips recorded before --resize existed were cropped (as `pretokenize` reads such records)
+    val_clip, train_clip = ({"resize": "crop", **r["clip"]} if "resolution" in r.get("clip", {}) else r.get("clip", {})
+                            for r in (val, train))
+    clip = record_differences(val_clip, train_clip, CLIP_RECORDS)
+    if clip:
+        raise ValueError(f"{folders} hold clips made with different settings (validation vs training: "
+                         f"{'; '.join(clip)}): pre-tokenize both with the same clip settings")
 
 
 def load_tokenizer(path: str | None, device):
@@ -438,10 +476,11 @@ def main(argv=None) -> dict:
         config.fps = float(fps)
     val_data = val_labels = None
     if args.validation_data:
+        check_same_pretokenization(args.validation_data, args.train_data)
         val_info = describe_tokens(args.validation_data)
         val_labels = check_validation_data(val_info, info, config)
         val_data = val_info["data"]
-    if tokenizer is not None and accelerator.is_main_process:
+    if tokenizer is not None:  # on every process: a refusal stops them all
         check_tokenizer_made_tokens(args.train_data, tokenizer)
     torch.manual_seed(args.seed)  # same initial weights on every process
     attn = args.attn_implementation
