@@ -201,7 +201,10 @@ def test_study_times_generation_after_a_warm_up():
     study = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "nbp_vs_ntp_study.py"))
     calls = []
 
-    class Pipe:
+    class Pipe:  # 2 latent context frames = 5 pixel frames
+        transformer = SimpleNamespace(config=SimpleNamespace(num_context_frames=2))
+        video_tokenizer = SimpleNamespace(num_frames_for_latent=lambda k: 1 + 4 * (k - 1))
+
         def __call__(self, generator, **kwargs):
             calls.append([g.initial_seed() for g in generator])
             if len(calls) == 1:
