@@ -560,6 +560,44 @@ def test_settings_files_from_before_a_setting_existed(tmp_path):
         "clip.resize None on disk, 'crop' now"]
 
 
+def test_pretokenize_command_defaults_to_the_tokenizers_training_clips(tmp_path, monkeypatch, caplog):
+    """A tokenizer trained on 3-frame 8x8 16 fps cropped clips (as `nbp train-tokenizer` records them) tokenizes such
+    clips unless a flag says otherwise (17 frames at 128x128, 8 fps, squashed, were cut whatever it was trained on)."""
+    module = importlib.import_module("modeling_nbp.data.pretokenize")
+    from modeling_nbp.run_files import write_json
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    tokenizer = NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                                  fsq_levels=(8, 5, 5, 5), norm_num_groups=4)
+    tokenizer.save_pretrained(tmp_path / "plain")  # as a converted official tokenizer: no training clips
+    tokenizer.save_pretrained(tmp_path / "trained")
+    recorded = tmp_path / "trained" / module.TRAINING_CLIPS_FILE
+    write_json(recorded, {"num_frames": 3, "resolution": 8, "fps": 16.0, "resize": "crop"})
+    for k in range(2):
+        write_counting_video(tmp_path / "videos" / "a" / f"{k}.mp4", frames=6)
+
+    def clips(tokenizer_folder, *flags):
+        """The clip settings of the dataset that `nbp pretokenize` tokenizes."""
+        module.main(["--data", str(tmp_path / "videos"), "--tokenizer", str(tmp_path / tokenizer_folder),
+                     "--output_dir", str(tmp_path / "tokens"), "--device", "cpu", *flags])
+        return [getattr(tokenized[-1], k) for k in ("num_frames", "resolution", "fps", "resize")]
+
+    tokenized, pretokenize = [], module.pretokenize
+    monkeypatch.setattr(module, "pretokenize", lambda data, *args, **kwargs: tokenized.append(data) or pretokenize(
+        data, *args, **kwargs))
+    assert clips("trained") == [3, 8, 16, "crop"]
+    assert load_token_dataset(tmp_path / "tokens")[0]["input_ids"].shape == (2, 4, 4)
+    monkeypatch.setattr(module, "pretokenize", lambda data, *args, **kwargs: tokenized.append(data))  # settings only
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        assert clips("trained", "--fps", "16") == [3, 8, 16, "crop"] and not caplog.records
+        assert clips("trained", "--fps", "8", "--resize", "squash") == [3, 8, 8, "squash"]  # a flag wins
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--fps 8.0 differs from the tokenizer's training clips (fps 16.0 in {recorded})",
+        f"--resize squash differs from the tokenizer's training clips (resize crop in {recorded})"]
+    assert clips("plain") == [17, 128, 8, "squash"]  # a folder without the file: the defaults as before
+    assert module.training_clips("someone/tokenizer") == {}  # nor has a Hub id
+
+
 def test_pretokenize_command_checks_its_flags_before_reading_videos(tmp_path, capsys):
     from modeling_nbp.data.pretokenize import main
     from modeling_nbp.video_tokenizer import NBPVideoTokenizer

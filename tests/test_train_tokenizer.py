@@ -299,6 +299,27 @@ def test_the_upload_comes_after_the_last_barrier(tmp_path, monkeypatch):
     assert events[-2:] == ["barrier", "upload"]
 
 
+def test_the_final_folder_records_the_training_clips_for_pretokenize(tmp_path):
+    """`nbp pretokenize --tokenizer RUN/final` cuts the clips the tokenizer was trained on (it cut 17 frames at
+    128x128 and 8 fps, squashed, whatever they were); moving digits have no frame rate or resizing to record."""
+    from modeling_nbp.data.pretokenize import main as pretokenize_main
+
+    data = write_noise_videos(tmp_path / "data", 3, frames=10)
+    main(["--train_data", data, "--num_eval_clips", "1", *RUN, "--max_steps", "1", "--adversarial_weight", "0",
+          "--fps", "16", "--resize", "crop", "--output_dir", str(tmp_path / "run")])
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "training_clips.json").read_text()) == {
+        "num_frames": 5, "resolution": 16, "fps": 16.0, "resize": "crop"}
+    assert NBPVideoTokenizer.from_pretrained(final).latent_shape(5, 16, 16) == (3, 4, 4)
+    pretokenize_main(["--data", data, "--tokenizer", str(final), "--output_dir", str(tmp_path / "tokens"), "--device",
+                      "cpu"])
+    clip = json.loads((tmp_path / "tokens" / "pretokenize.json").read_text())["clip"]
+    assert (clip["num_frames"], clip["resolution"], clip["fps"], clip["resize"]) == (5, 16, 16, "crop")
+    main([*TINY, "--max_steps", "1", "--adversarial_weight", "0", "--output_dir", str(tmp_path / "digits")])
+    assert json.loads((tmp_path / "digits" / "final" / "training_clips.json").read_text()) == {
+        "num_frames": 5, "resolution": 16}
+
+
 def test_a_step_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch):
     def failing_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")

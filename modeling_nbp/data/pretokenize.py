@@ -284,6 +284,23 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
                                 f"tokens folder){hint}") from err
 
 
+# written by `nbp train-tokenizer` beside a tokenizer's weights: the clips it was trained on
+TRAINING_CLIPS_FILE = "training_clips.json"
+# `nbp pretokenize`'s clip flags, and their defaults for a tokenizer without that file (the official UCF-101 clips)
+CLIP_FLAG_DEFAULTS = {"num_frames": 17, "resolution": 128, "fps": 8, "resize": "squash"}
+
+
+def training_clips(folder: str | os.PathLike) -> dict:
+    """The clip settings (of `CLIP_FLAG_DEFAULTS`) a tokenizer folder records in `TRAINING_CLIPS_FILE`; {} for a
+    folder without it or a Hub id."""
+    path = os.path.join(folder, TRAINING_CLIPS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    return {key: recorded[key] for key in CLIP_FLAG_DEFAULTS if key in recorded}
+
+
 def default_device() -> str:
     """This process's GPU under torchrun / accelerate launch (LOCAL_RANK), else the CPU."""
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -298,17 +315,21 @@ def main(argv=None):
     from ..video_tokenizer import NBPVideoTokenizer
     from .video_datasets import load_video_dataset
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="nbp pretokenize", description=main.__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="nbp pretokenize", description=main.__doc__, epilog=(
+        "The clip flags (--num_frames, --resolution, --fps, --resize) default to the clips the tokenizer was trained "
+        f"on when its folder holds {TRAINING_CLIPS_FILE} (written by nbp train-tokenizer), else to the values shown; "
+        "a flag that differs from the tokenizer's training clips is warned about."))
     p.add_argument("--data", required=True, help="video dataset root (folder of class folders, UCF-101, K600)")
     p.add_argument("--layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
     p.add_argument("--split", default="train")
     p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_frames", type=positive_int, default=17)
-    p.add_argument("--resolution", type=positive_int, default=128)
-    p.add_argument("--fps", type=positive_float, default=8, help="clip frame rate (paper: 8 for UCF, 16 for K600)")
-    p.add_argument("--resize", default="squash", choices=["squash", "crop"],
-                   help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
+    trained = "default: the tokenizer's training clips (see below), else"
+    p.add_argument("--num_frames", type=positive_int, help=f"{trained} 17")
+    p.add_argument("--resolution", type=positive_int, help=f"{trained} 128")
+    p.add_argument("--fps", type=positive_float, help=f"clip frame rate (paper: 8 for UCF, 16 for K600); {trained} 8")
+    p.add_argument("--resize", choices=["squash", "crop"], help="squash: whole frames to the square (the official "
+                   f"loader); crop: shorter side + centre crop; {trained} squash")
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--chunk_size", type=positive_int, default=256)
     p.add_argument("--num_workers", type=non_negative_int, default=0)
@@ -318,6 +339,14 @@ def main(argv=None):
     folder = args.tokenizer
     if os.path.isdir(os.path.join(folder, "video_tokenizer")):
         folder = os.path.join(folder, "video_tokenizer")
+    recorded = training_clips(folder)
+    for key, default in CLIP_FLAG_DEFAULTS.items():
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, recorded.get(key, default))
+        elif key in recorded and given != recorded[key]:
+            logger.warning("--%s %s differs from the tokenizer's training clips (%s %s in %s)", key, given, key,
+                           recorded[key], os.path.join(folder, TRAINING_CLIPS_FILE))
     tokenizer = NBPVideoTokenizer.from_pretrained(folder).to(args.device).eval()
     try:  # sizes the tokenizer cannot take, before any video is read
         tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)

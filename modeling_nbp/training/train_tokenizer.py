@@ -23,7 +23,8 @@ official model has none either).
 
 Outputs in --output_dir: checkpoint-<step>/ (resume with --resume_from_checkpoint), train_log.jsonl, logs/
 (TensorBoard), samples/ (held-out clips above their reconstructions) and final/ (the tokenizer folder, loadable
-with NBPVideoTokenizer.from_pretrained).
+with NBPVideoTokenizer.from_pretrained, and training_clips.json: the clip settings it was trained on, which
+`nbp pretokenize` takes as its defaults).
 """
 
 import argparse
@@ -37,8 +38,10 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
 
 from ..data import MovingDigits, VideoClipDataset, collate_videos, load_video_dataset, SkipSummary
+from ..data.pretokenize import CLIP_FLAG_DEFAULTS, TRAINING_CLIPS_FILE
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
 from ..pipelines.pipeline_nbp_video import upload_to_hub
+from ..run_files import write_json
 from ..video_io import atomic_output_path, decoding_workers
 from ..video_tokenizer import NBPVideoTokenizer
 from . import common
@@ -210,6 +213,12 @@ def data_settings(args) -> dict:
     return dict(settings, train_data=os.path.abspath(args.train_data), layout=args.layout, fps=args.fps,
                 resize=args.resize, num_eval_clips=args.num_eval_clips, held_out="spread",
                 validation_data=args.validation_data and os.path.abspath(args.validation_data))
+
+
+def training_clips(args) -> dict:
+    """The clip settings saved beside the final weights, `nbp pretokenize`'s defaults for this tokenizer (moving digits
+    have no frame rate or resizing)."""
+    return {k: v for k, v in data_settings(args).items() if k in CLIP_FLAG_DEFAULTS}
 
 
 def build_datasets(args):
@@ -514,6 +523,7 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         with atomic_output_path(final_dir) as tmp:
             common.bare_model(accelerator, tokenizer).save_pretrained(tmp)
+            write_json(os.path.join(tmp, TRAINING_CLIPS_FILE), training_clips(args), indent=2)
     common.wait_for_everyone_at_exit(accelerator)
     wall = time.perf_counter() - start_time
     if every_skip.num_skipped:
