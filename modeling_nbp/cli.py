@@ -51,7 +51,8 @@ def _generate_parser(parser):
                              "continued, --num_videos_per_class times (frame prediction)")
     parser.add_argument("--context_frames", type=positive_int, default=None,
                         help="frames of each context clip to give (default: the pixel frames of the model's "
-                             "num_context_frames latent frames, else of one block of latent frames: 5 for 2)")
+                             "num_context_frames latent frames, else of one block of latent frames: 5 for 2; the "
+                             "pipeline's `video`; its `context_frames` is --window_context_frames)")
     parser.add_argument("--resize", default="squash", choices=["squash", "crop"],
                         help="how context and --dataset clips become the model's square frames: squash (whole frames, "
                              "as the official loader and the official models' training data) or crop (shorter side + "
@@ -83,7 +84,8 @@ def _generate_parser(parser):
                              "continue the last frames, see NBPVideoPipeline.__call__)")
     parser.add_argument("--window_context_frames", type=positive_int, default=None,
                         help="with --num_frames beyond the window: the frames each further window continues "
-                             "(default: the model's context latent frames, at least 2)")
+                             "(default: the model's context latent frames, at least 2; the pipeline's "
+                             "context_frames)")
     parser.add_argument("--seed", type=int, default=0,
                         help="each video's generator is seeded from this and the video's name")
     sampling = parser.add_argument_group(

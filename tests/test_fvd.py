@@ -389,6 +389,8 @@ def test_reconstruction_alone_scores_clips_shorter_than_fvd_needs(tmp_path, monk
     command = [str(tmp_path / "fake"), str(tmp_path / "real"), "--no-progress"]
     results = fvd_module.main(command + ["--reconstruction", "--no-fvd"])
     assert results["psnr"] == pytest.approx(20.0, abs=1e-3) and "fvd" not in results and "protocol" not in results
+    # the flags as the other nbp commands spell theirs
+    assert fvd_module.main(command[:2] + ["--no_progress", "--reconstruction", "--no_fvd", "--batch_size=2"]) == results
     with pytest.raises(SystemExit):
         fvd_module.main(command + ["--no-fvd"])
     assert "pass --reconstruction too" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import warnings
 from functools import partial
@@ -719,7 +720,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         allow_abbrev=False,
         prog="nbp evaluate",
         description="FVD (StyleGAN-V protocol) between two folders of videos (.mp4 and other video files, "
-        ".npy or .pt tensors); with --reconstruction also PSNR and SSIM of files paired by name."
+        ".npy or .pt tensors); with --reconstruction also PSNR and SSIM of files paired by name.",
+        epilog="Flags may also be written with underscores (--batch_size), as the other nbp commands spell theirs."
     )
     parser.add_argument("fake", help="folder of generated or reconstructed videos")
     parser.add_argument("real", help="folder of reference videos, or with --real-dataset a video dataset root")
@@ -761,6 +763,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                        help="squash: whole frames to the square, as the official loader; crop: shorter side + "
                             "centre crop")
     clips.add_argument("--real-num-frames", type=_fvd_frame_count)
+    # the other nbp commands spell their flags with underscores: --batch_size reads as --batch-size
+    argv = [re.sub(r"^(--[a-z0-9]+(?:_[a-z0-9]+)+)(?==|$)", lambda m: m.group(1).replace("_", "-"), a)
+            for a in (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
 
     if args.no_fvd and not args.reconstruction:
