@@ -18,10 +18,11 @@ from .ucf101 import UCF101_TEXT_ID_OFFSET, load_ucf101_table
 
 
 def class_name_to_text(name: str) -> str:
-    """UCF-101 class folder name -> the official prompt text: camel case split, lower case ("YoYo" -> "yo yo")."""
+    """Class folder name -> text: camel case split, underscores to spaces, lower case ("YoYo" -> "yo yo"); for the
+    UCF-101 names, the official prompt text."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()
+    return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
 
 
 def load_condition_tokenizer(tokenizer_path: str):

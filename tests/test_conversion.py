@@ -742,6 +742,7 @@ def test_class_names_become_the_official_texts():
     assert class_name_to_text("ApplyEyeMakeup") == "apply eye makeup"
     assert class_name_to_text("YoYo") == "yo yo"
     assert class_name_to_text("Skijet") == "skijet"
+    assert class_name_to_text("riding_or_walking_with_horse") == "riding or walking with horse"  # Kinetics folders
     assert all(class_name_to_text(c["name"]) == c["text"] for c in load_ucf101_table())
 
 

@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import re
 from typing import Sequence
 
 import datasets
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from ..text_condition import class_name_to_text
 from ..value_checks import is_integer
 from ..video_io import VideoDecodeError
 from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip
@@ -40,11 +40,6 @@ K600_SPLIT_ALIASES = {
     "validation": ("validate", "val", "validation"),
     "test": ("test",),
 }
-
-
-def class_name_to_text(name: str) -> str:
-    """Class name as text: camel case split, underscores to spaces, lower case ("YoYo" -> "yo yo")."""
-    return re.sub(r"([a-z])([A-Z])", r"\1 \2", name).replace("_", " ").lower()
 
 
 def is_video_file(name: str) -> bool:
