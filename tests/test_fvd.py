@@ -552,7 +552,7 @@ def test_unreadable_files_are_skipped_and_still_reported_from_the_cache(tmp_path
     (tmp_path / "broken").mkdir()  # a set with no readable video: which set, and why
     (tmp_path / "broken" / "0.npy").write_bytes(b"not an array")
     with pytest.warns(UserWarning, match="unreadable video"), \
-            pytest.raises(ValueError, match=r"^real: got no video .*\(1 unreadable, e\.g\. .*broken/0\.npy\)"):
+            pytest.raises(ValueError, match=r"^real is empty: got no video .*\(1 unreadable, e\.g\. .*broken/0\.npy\)"):
         fvd_module.main(command[:1] + [str(tmp_path / "broken"), "--no-progress"])
 
 

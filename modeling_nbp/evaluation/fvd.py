@@ -300,7 +300,7 @@ class FVDCalculator:
         if not features:
             skipped = getattr(videos, "skipped", [])
             unread = f" ({len(skipped)} unreadable, e.g. {skipped[0]})" if skipped else ""
-            raise ValueError(f"{name}: got no video to compute features from{unread}")
+            raise ValueError(f"{name} is empty: got no video to compute features from{unread}")
         features = np.concatenate(features)
         if cache_path is not None:
             _save_cached_features(cache_path, features, shape, getattr(videos, "skipped", []))
