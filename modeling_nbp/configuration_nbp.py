@@ -138,6 +138,9 @@ class NBPConfig(PreTrainedConfig):
                 ids = [i for c in self.class_condition_ids or () for i in c]
                 self.condition_vocab_size = max(ids) + 1 - self.condition_token_offset if ids else self.num_classes or 0
         else:
+            if self.num_classes or self.class_condition_ids:  # a class model's fields: a mistaken condition_mode?
+                raise ValueError(f"num_classes / class_condition_ids are for condition_mode='class'; got "
+                                 f"condition_mode={self.condition_mode!r} with num_classes={self.num_classes!r}")
             self.num_classes, self.class_condition_ids = 0, None
             self.num_condition_tokens = 0
             self.condition_vocab_size = self.condition_vocab_size or 0

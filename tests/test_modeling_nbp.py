@@ -624,6 +624,9 @@ def test_config_refuses_class_counts_and_sizes_that_disagree():
         NBPConfig(**dict(config.to_dict(), num_classes=5))
     with pytest.raises(ValueError, match=r"num_condition_tokens \(2\) disagrees"):
         NBPConfig(**dict(config.to_dict(), num_condition_tokens=2))
+    with pytest.raises(ValueError, match=r"num_classes / class_condition_ids are for condition_mode='class'; got "
+                                         r"condition_mode='frames' with num_classes=3"):  # was dropped silently
+        NBPConfig.from_preset("k600-tiny", num_classes=3)
     config.num_classes = 5  # as from_pretrained(path, num_classes=5) sets it: refused when a model is built
     with pytest.raises(ValueError, match="must equal the number of class_condition_ids"):
         NBPForVideoGeneration(config)

@@ -196,12 +196,15 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
             raise ValueError(f"--condition_mode class needs a label for every clip; --train_data {args.train_data} "
                              "holds unlabelled clips (label -1): pre-tokenize videos in class folders, or use "
                              "--condition_mode none")
+        if args.num_classes and mode != "class":
+            raise ValueError(f"--num_classes is for --condition_mode class (got {mode}: the model takes no class)")
         names = info["class_names"]
         first = args.first_block or ("none" if mode == "frames" else "hybrid")
         config = NBPConfig(
             latent_shape=latent, block_shape=block, video_vocab_size=vocab or max_token_id(info["data"]) + 1,
             condition_mode=mode, first_block=first,
-            num_classes=args.num_classes or (len(names) if names else info["max_label"] + 1),
+            num_classes=(args.num_classes or (len(names) if names else info["max_label"] + 1)) if mode == "class"
+            else None,
             id2label=dict(enumerate(names)) if mode == "class" and names else None,
             num_condition_tokens=1, num_context_frames=args.num_context_frames if mode == "frames" else 0,
             num_hidden_layers=args.num_layers or DEFAULTS["num_layers"],
