@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .value_checks import all_finite, require
+from .value_checks import all_finite, is_integer, require
 
 # Keeps the bounded value strictly inside the outermost rounding cells (official value).
 _BOUND_EPS = 1e-3
@@ -36,9 +36,9 @@ class FSQ(nn.Module):
     def __init__(self, levels):
         super().__init__()
         levels = tuple(levels)
-        if len(levels) == 0 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in levels):
+        if len(levels) == 0 or not all(is_integer(n) and n >= 2 for n in levels):
             raise ValueError(f"`levels` must be a non-empty sequence of integers >= 2, e.g. (8, 5, 5, 5); got {levels}")
-        self.levels = levels
+        self.levels = levels = tuple(int(n) for n in levels)
         # basis[i] = prod(levels[:i]): the place value of channel i in the id.
         basis = [math.prod(levels[:i]) for i in range(len(levels))]
         # Integer buffers: `module.to(dtype)` leaves them alone, so the quantizer math stays exact.

@@ -45,6 +45,18 @@ def check_generator(generator, batch_size: int) -> None:
         raise ValueError(f"generator: got {len(generator)} generators for a batch of {batch_size} (one per video)")
 
 
+def as_id_tensor(value, name: str, shape: str, device=None) -> torch.Tensor:
+    """`value` (a tensor, an array, an int or nested lists of ints) as a tensor on `device`, or a clear error naming
+    the argument `name` and its `shape` for what torch cannot read (None, strings, sets, meta tensors)."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values; give {shape} ints on a real device")
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be {shape} ints (a tensor, an array or nested lists); got "
+                        f"{type(value).__name__} {value!r:.80} ({err})") from None
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   generator=None, noise: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: a
@@ -278,6 +290,9 @@ class NBPGenerationMixin:
         return dict(zip(("temperature", "top_k", "top_p", "guidance_scale"), values))
 
     def check_video_ids(self, video_ids: torch.Tensor):
+        if not isinstance(video_ids, torch.Tensor):
+            raise TypeError(f"video token ids must be an integer torch.Tensor (batch, T', H', W'), got "
+                            f"{type(video_ids).__name__}")
         if video_ids.is_floating_point() or video_ids.is_complex() or video_ids.dtype == torch.bool:
             raise TypeError(f"video token ids must be an integer tensor, got {video_ids.dtype}")
         V = self.config.video_vocab_size
@@ -290,7 +305,8 @@ class NBPGenerationMixin:
         if condition_ids is not None and class_labels is not None:
             raise ValueError("give class_labels or condition_ids (the prefix they stand for), not both")
         if condition_ids is not None:
-            condition_ids = torch.as_tensor(condition_ids, device=device)
+            condition_ids = as_id_tensor(condition_ids, "condition_ids", f"(batch, {cfg.num_condition_tokens})",
+                                         device)
             if condition_ids.is_floating_point() or condition_ids.is_complex() or condition_ids.dtype == torch.bool:
                 raise ValueError(f"condition_ids must be ints; got {condition_ids.dtype} values")
             condition_ids = condition_ids.long()
@@ -308,8 +324,8 @@ class NBPGenerationMixin:
             return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         if class_labels is None:
             raise ValueError(f"this model is class-conditional: pass class_labels (ints in [0, {cfg.num_classes}))")
-        labels = torch.as_tensor(class_labels, device=device).view(-1)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        labels = as_id_tensor(class_labels, "class_labels", "(batch,)", device).view(-1)
+        if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
             raise ValueError(f"class_labels must be ints in [0, {cfg.num_classes}); got {labels.dtype} values")
         labels = labels.long()
         check_in_range(labels, 0, cfg.num_classes, f"class_labels must lie in [0, {cfg.num_classes})")
@@ -380,8 +396,13 @@ class NBPGenerationMixin:
                                                  and any(isinstance(c, str) for c in class_labels)):
                 raise ValueError("class_labels must be ints here (class names: NBPVideoPipeline takes them, or map them "
                                  f"with config.id2label); got {class_labels!r}")
-            class_labels = torch.as_tensor(class_labels).view(-1)  # an int, a list, an array or a tensor
-        sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None}
+            class_labels = as_id_tensor(class_labels, "class_labels", "(batch,)").view(-1)  # an int, a list, ...
+        if condition_ids is not None:
+            condition_ids = as_id_tensor(condition_ids, "condition_ids", f"(batch, {cfg.num_condition_tokens})")
+        if context_ids is not None:
+            context_ids = as_id_tensor(context_ids, "context_ids", f"(batch, frames, {layout.latent_shape[1]}, "
+                                                                   f"{layout.latent_shape[2]})")
+        sizes = {len(x) for x in (class_labels, context_ids, condition_ids) if x is not None and x.ndim}
         if batch_size is not None:
             if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
                 raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -555,6 +576,8 @@ class NBPGenerationMixin:
         Steps = (video tokens - context tokens) / block size, plus block_size - 1 for the hybrid start
         (48 for the K600 setting with 1x1x16 blocks, 95 for UCF's hybrid start). `callback(step_info)` is
         called after every step."""
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function of the GenerationStep (or None), got {callback!r}")
         last = None
         for last in self.iter_generation(class_labels, context_ids, batch_size, temperature, top_k, top_p,
                                          guidance_scale, generator, use_cache, condition_ids,
@@ -574,6 +597,9 @@ class NBPGenerationMixin:
             raise ValueError("input_ids: an NBP video is generated from class_labels, condition_ids (text ids) or "
                              "context_ids (video ids of its first latent frames, (batch, frames, H', W')); pass "
                              "those to generate() instead")
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig (or None), got "
+                            f"{type(generation_config).__name__}: pass sampling values as keyword arguments instead")
         # other GenerationConfig fields as keyword arguments (do_sample=False, say) update the config, as in
         # transformers
         own = inspect.signature(self.generate_video_tokens).parameters
@@ -687,9 +713,11 @@ class StaticDecoder:
 
     def set_sampling(self, temperature, top_k, top_p, guidance_scale):
         """This call's sampling values (its `sampling_filters` are the decoder's): fills, not a copy from the host,
-        which would wait for the device."""
+        which would wait for the device. A value beyond float32's range is stored as infinity, as the dynamic
+        path's float32 arithmetic reads it (a huge temperature samples uniformly, a huge guidance scale overflows
+        the logits: reported after the run); filling it in as it is raises."""
         for slot, value in zip(self.sampling, (temperature, top_p, guidance_scale)):
-            slot.fill_(value)
+            slot.fill_(value if value <= torch.finfo(torch.float32).max else math.inf)
 
     def _prefill_options(self, model, start: int, end: int) -> dict:
         """The mask and condition dropout of a step feeding [start, end): none for a decode step."""

@@ -21,7 +21,7 @@ from .configuration_nbp import NBPConfig
 from .generation import NBPGenerationMixin
 from .layout import BlockLayout
 from .triton_support import require_triton
-from .value_checks import all_finite, check_in_range
+from .value_checks import all_finite, check_in_range, is_integer
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -199,9 +199,22 @@ class NBPModel(NBPPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         given = input_ids if input_ids is not None else inputs_embeds
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(f"input_ids / inputs_embeds must be a torch.Tensor, got {type(given).__name__}")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()
+                                      or input_ids.dtype == torch.bool):
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+        if inputs_embeds is not None and not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a floating-point tensor, got {inputs_embeds.dtype}")
         if given.ndim != (2 if input_ids is not None else 3) or 0 in given.shape[:2]:
             raise ValueError(f"input_ids must be (batch, positions) / inputs_embeds (batch, positions, hidden) with "
                              f"batch and positions >= 1; got shape {tuple(given.shape)}")
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, positions, hidden_size={self.config.hidden_size}); got "
+                             f"shape {tuple(inputs_embeds.shape)}")
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache / past_key_values must be a transformers Cache (a DynamicCache), got "
+                            f"{type(cache).__name__}")
         if attention_mask is not None and attention_mask.ndim == 2:
             if not bool(attention_mask.all()):
                 raise ValueError("attention_mask: NBP sequences have a fixed layout without padding, so a 2-D mask must "
@@ -221,7 +234,7 @@ class NBPModel(NBPPreTrainedModel):
                              "generate_video_tokens / iter_generation with cache_implementation='static'")
         if inputs_embeds is None:
             check_in_range(input_ids, 0, self.config.vocab_size, f"input_ids must lie in [0, {self.config.vocab_size})")
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids if input_ids.dtype == torch.int32 else input_ids.long())
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
@@ -337,6 +350,10 @@ def next_block_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int 
     `num_items_in_batch` (the labelled positions of a whole accumulated batch, as transformers' Trainer passes it)
     the sum divided by that count instead. `implementation`: one of `LOSS_IMPLEMENTATIONS`. `video_ids` [low, high):
     the only ids a label may hold (else any id of the vocabulary)."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of target ids (-100 = no target), got {got}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have the logits' shape without the vocabulary, {tuple(logits.shape[:-1])} "
                          f"(-100 = no target); got {tuple(labels.shape)}")
@@ -467,15 +484,21 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
                          cache=cache, use_cache=use_cache, drop_condition=drop_condition,
                          output_hidden_states=bool(output_hidden_states))
         hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
+        positions = isinstance(logits_to_keep, torch.Tensor) and not (logits_to_keep.is_floating_point()
+                                                                      or logits_to_keep.dtype == torch.bool)
+        if not positions and not (is_integer(logits_to_keep) and logits_to_keep >= 0):
+            raise ValueError(f"logits_to_keep must be an int >= 0 (the last positions; 0 = all) or an integer tensor "
+                             f"of positions, got {logits_to_keep!r}")
+        if positions:
             hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -int(logits_to_keep):]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             off = self.config.video_token_offset
-            loss = next_block_loss(logits, labels.to(logits.device), num_items_in_batch=num_items_in_batch,
+            labels = labels.to(logits.device) if isinstance(labels, torch.Tensor) else labels
+            loss = next_block_loss(logits, labels, num_items_in_batch=num_items_in_batch,
                                    implementation=self.loss_implementation,
                                    video_ids=(off, off + self.config.video_vocab_size))
         result = NBPModelOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache,
@@ -589,6 +612,10 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
     def prepare_training_inputs(self, video_ids: torch.Tensor, class_labels=None):
         """Video token grids (B, T', H', W') (+ class labels) -> (input_ids, labels) for next-block training."""
         self.check_video_ids(video_ids)
+        if video_ids.ndim == 0 or video_ids.shape[0] == 0:
+            T, H, W = self.layout.latent_shape
+            raise ValueError(f"video_ids must be token grids (batch >= 1, {T}, {H}, {W}); got shape "
+                             f"{tuple(video_ids.shape)}")
         prefix = self.condition_prefix(class_labels, video_ids.shape[0], video_ids.device)
         return self.layout.training_inputs(prefix, video_ids.long())
 

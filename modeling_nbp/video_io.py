@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fractions
 import math
+import numbers
 import os
 import shutil
 import uuid
@@ -343,15 +344,17 @@ def as_uint8_frames(frames) -> np.ndarray:
     elif isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("`frames` is empty")
-        frames = np.stack([np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f)
-                           for f in frames])
+        frames = [np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f) for f in frames]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"the frames of `frames` must have one shape, got {sorted({f.shape for f in frames})}")
+        frames = np.stack(frames)
     elif not isinstance(frames, np.ndarray):
         raise TypeError(
             "`frames` must be a list of PIL images / (H, W, 3) arrays, a (T, H, W, 3) numpy array or a "
             f"(T, 3, H, W) or (3, T, H, W) torch tensor, got {type(frames).__name__}"
         )
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"frames must have shape (T, H, W, 3) with T >= 1, got {frames.shape}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(f"frames must have shape (T, H, W, 3) with T, H, W >= 1, got {frames.shape}")
     if frames.dtype == np.uint8:
         return np.ascontiguousarray(frames)
     if np.issubdtype(frames.dtype, np.floating):
@@ -359,9 +362,12 @@ def as_uint8_frames(frames) -> np.ndarray:
     raise TypeError(f"frames must be uint8 or float in [0, 1], got dtype {frames.dtype}")
 
 
-def _check_fps(fps) -> None:
-    if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"`fps` must be a positive finite number, got {fps}")
+def _check_fps(fps, low: float = 0.0) -> None:
+    """`fps` must be a real number (numpy's too) above 0, and at least `low` (the least rate a format stores)."""
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"`fps` must be a positive finite number, got {fps!r}")
+    if fps < low:
+        raise ValueError(f"`fps` must be at least {low:.3g} for this format, got {fps!r}")
 
 
 def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12) -> str:
@@ -371,9 +377,9 @@ def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12
     so a 63x63 video is stored (and read back) as 64x64. ``crf`` sets the quality (0 lossless luma,
     higher = smaller files); the default of 12 keeps small frames such as 64x64 close to the input.
     """
-    _check_fps(fps)
-    if not 0 <= crf <= 51:
-        raise ValueError(f"`crf` must be in [0, 51], got {crf}")
+    _check_fps(fps, low=1 / 1001)  # the stream rate is a fraction with a denominator of at most 1001
+    if not isinstance(crf, numbers.Real) or isinstance(crf, bool) or not 0 <= crf <= 51:
+        raise ValueError(f"`crf` must be a number in [0, 51], got {crf!r}")
     video = as_uint8_frames(frames)
     _, height, width, _ = video.shape
     pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
@@ -382,7 +388,7 @@ def export_to_mp4(frames, path: str | os.PathLike, fps: float = 8, crf: int = 12
     path = os.fspath(path)
     with atomic_output_path(path) as tmp:
         with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+            stream = container.add_stream("libx264", rate=fractions.Fraction(float(fps)).limit_denominator(1001))
             stream.width, stream.height = video.shape[2], video.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf)}
@@ -403,7 +409,7 @@ def export_to_gif(frames, path: str | os.PathLike, fps: float = 8) -> str:
     identical consecutive frames into one longer frame, so a video with repeated frames reads back with
     fewer frames: GIFs are for viewing, not for evaluation (FVD refuses them).
     """
-    _check_fps(fps)
+    _check_fps(fps, low=100 / 65535)  # a frame lasts at most 65535 hundredths of a second
     images = [Image.fromarray(frame) for frame in as_uint8_frames(frames)]
     path = os.fspath(path)
     with atomic_output_path(path) as tmp:
@@ -442,12 +448,16 @@ def make_contact_sheet(
     height, width = clips[0].shape[1:3]
     if any(clip.shape[1:3] != (height, width) for clip in clips):
         raise ValueError(f"all videos must share one frame size, got {[c.shape[1:3] for c in clips]}")
+    if isinstance(labels, str):
+        raise ValueError(f"`labels` must be a list of one text per video, got the string {labels!r}")
     if labels is not None and len(labels) != len(clips):
         raise ValueError(f"`labels` has {len(labels)} entries for {len(clips)} videos")
     longest = max(len(clip) for clip in clips)
     columns = longest if columns is None else columns
-    if columns < 1:
-        raise ValueError(f"`columns` must be >= 1, got {columns}")
+    if not isinstance(columns, numbers.Integral) or isinstance(columns, bool) or columns < 1:
+        raise ValueError(f"`columns` must be an int >= 1, got {columns!r}")
+    if not isinstance(gap, numbers.Integral) or isinstance(gap, bool) or gap < 0:
+        raise ValueError(f"`gap` must be an int >= 0, got {gap!r}")
 
     font = ImageFont.load_default()
     margin = 0

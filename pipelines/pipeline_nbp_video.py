@@ -239,7 +239,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         return ids
 
     def check_inputs(self, num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                     context_frames=None, batch_size=None, decode_batch_size=None) -> int:
+                     context_frames=None, batch_size=None, decode_batch_size=None, callback_on_step_end=None) -> int:
         """Checks the arguments; -> the number of frames to return."""
         vocab, codes = self.transformer.config.video_vocab_size, self.video_tokenizer.codebook_size
         if vocab != codes:  # else the frames decode from other codes, or decoding fails after the whole generation
@@ -260,6 +260,9 @@ class NBPVideoPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs must be a subset of {self._callback_tensor_inputs}")
         if not is_positive_int(num_videos_per_prompt):
             raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be a function (pipe, step, timestep, callback_kwargs) -> "
+                            f"dict, a PipelineCallback or None; got {callback_on_step_end!r}")
         if decode_batch_size is not None and not is_positive_int(decode_batch_size):  # before any step, not after all
             raise ValueError(f"decode_batch_size must be a positive int or None, got {decode_batch_size!r}")
         if batch_size is not None and not is_positive_int(batch_size):
@@ -296,6 +299,8 @@ class NBPVideoPipeline(DiffusionPipeline):
 
     def encode_context(self, video, num_videos_per_prompt: int = 1) -> torch.Tensor:
         """Context video -> token grids (B, c, H', W') of its latent frames, checked against the model."""
+        if not is_positive_int(num_videos_per_prompt):
+            raise ValueError(f"num_videos_per_prompt must be a positive int, got {num_videos_per_prompt!r}")
         pixels = preprocess_video(video)
         tok, cfg = self.video_tokenizer, self.transformer.config
         B, _, T, H, W = pixels.shape
@@ -317,7 +322,15 @@ class NBPVideoPipeline(DiffusionPipeline):
         if class_labels is not None:
             labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_videos_per_prompt)
         if condition_ids is not None:
-            condition_ids = torch.as_tensor(condition_ids).repeat_interleave(num_videos_per_prompt, dim=0)
+            try:
+                condition_ids = torch.as_tensor(condition_ids)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"condition_ids must be (batch, condition tokens) ints; got "
+                                f"{type(condition_ids).__name__} {condition_ids!r:.80} ({err})") from None
+            if condition_ids.ndim != 2:
+                raise ValueError(f"condition_ids must have shape (batch, condition tokens); got "
+                                 f"{tuple(condition_ids.shape)}")
+            condition_ids = condition_ids.repeat_interleave(num_videos_per_prompt, dim=0)
         return labels, condition_ids
 
     def _steps(self, class_labels, video, batch_size, num_videos_per_prompt, guidance_scale, top_k, top_p,
@@ -541,7 +554,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers' pipelines
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                                  context_frames, batch_size, decode_batch_size)
+                                  context_frames, batch_size, decode_batch_size, callback_on_step_end)
         if class_labels is not None:  # resolved once: an iterator would be used up by the first window
             class_labels = self._class_ids(class_labels)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -589,7 +602,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers' pipelines
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         total = self.check_inputs(num_frames, output_type, callback_on_step_end_tensor_inputs, num_videos_per_prompt,
-                                  context_frames, batch_size, decode_batch_size)
+                                  context_frames, batch_size, decode_batch_size, callback_on_step_end)
         if class_labels is not None:  # resolved once: an iterator would be used up by the first window
             class_labels = self._class_ids(class_labels)
         sampling = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
