@@ -584,7 +584,7 @@ class NBPVideoPipeline(DiffusionPipeline):
         return NBPVideoPipelineOutput(frames=frames)
 
     @torch.no_grad()
-    def stream(self, class_labels=None, video=None, num_videos_per_prompt: int = 1, batch_size: int | None = None,
+    def stream(self, class_labels=None, video=None, *, num_videos_per_prompt: int = 1, batch_size: int | None = None,
                guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,
                temperature: float | None = None,
                generator=None, output_type: str = "np", decode_batch_size: int | None = None, condition_ids=None,
@@ -596,7 +596,9 @@ class NBPVideoPipeline(DiffusionPipeline):
         its blocks are generated (the tokenizer is causal in time, so finished frames decode on their own, each
         once: `NBPVideoTokenizer.incremental_decoder`). Concatenating the chunks' frames gives the frames of
         `__call__(..., overlap_decode=True)` for the same seed, longer videos (`num_frames`, `context_frames`)
-        and callbacks included; generation stops as soon as `num_frames` frames are out."""
+        and callbacks included; generation stops as soon as `num_frames` frames are out. Unlike `__call__`, its
+        frames are numpy arrays by default (`output_type="np"`), and the arguments after `video` are keyword-only
+        (their order differs from `__call__`'s)."""
         if output_type == "latent":
             raise ValueError("stream() hands out pixel frames: output_type must be 'pil', 'np' or 'pt'")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers' pipelines

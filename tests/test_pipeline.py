@@ -327,6 +327,8 @@ def test_diffusers_callback_objects_and_num_timesteps(pipe):
         out = pipe(class_labels=[0], generator=gen(0), output_type="latent", callback_on_step_end=callback).frames
         assert out[0, 0, 0, 0] == 7
     assert pipe.num_timesteps == len(pipe.transformer.layout.decode_schedule(0))
+    with pytest.raises(TypeError, match="positional"):  # pipe([0], None, 2) means num_frames=2: stream says so
+        next(pipe.stream([0], None, 2))
     for call in (pipe, lambda **kw: next(pipe.stream(**kw))):
         with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs must be a subset of \['video_"):
             call(class_labels=[0], callback_on_step_end=WantsLatents())
