@@ -18,6 +18,9 @@ import torch
 
 
 class BlockLayout:
+    """The sequence layout of one model (`model.layout`): positions, targets, block ids and masks, decode plans (see
+    the module docstring)."""
+
     def __init__(self, latent_shape, block_shape, num_condition_tokens=0, first_block="none", bov_token_id=0,
                  video_token_offset=0):
         with torch.device("cpu"):  # small index tables; models may be built under a meta-device context
