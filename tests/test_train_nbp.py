@@ -397,7 +397,7 @@ def test_a_run_with_a_tokenizer_that_did_not_make_the_tokens_stops_before_traini
     with pytest.raises(ValueError, match="--tokenizer is not the tokenizer that made --train_data"):
         main(["--train_data", data, "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1",
               "--train_batch_size", "2", "--warmup_steps", "0", "--tokenizer", str(tmp_path / "tokenizer")])
-    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run").exists()  # refused before the output folder (or a Hub repository) is made
 
 
 def test_validation_data_made_by_another_tokenizer_or_other_clips_is_refused(tmp_path):
@@ -619,6 +619,7 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     tokenizer = NBPVideoTokenizer(block_out_channels=(8, 8), layers_per_block=(1, 1), downsample_strides=((2, 2),),
                                   fsq_levels=(4, 4), norm_num_groups=4, patch_size=2)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "tokenizer" / "training_clips.json").write_text('{"num_frames": 3, "resolution": 16}')
     out = tmp_path / "run"
     sampled = []
     log_videos = common.log_videos
@@ -631,7 +632,8 @@ def test_samples_pipeline_folder_and_push_to_hub(token_data, tmp_path, local_hub
     for step in (1, 2):
         names = os.listdir(out / "samples" / f"step-{step:07d}")
         assert {"samples_0.mp4", "samples_1.mp4", "samples.png"} <= set(names)
-    final = out / "final"  # a pipeline folder
+    final = out / "final"  # a pipeline folder; its tokenizer's training clips for `nbp pretokenize --tokenizer final`
+    assert (final / "video_tokenizer" / "training_clips.json").read_text() == '{"num_frames": 3, "resolution": 16}'
     pipe = NBPVideoPipeline.from_pretrained(final)
     assert pipe.transformer.config.video_vocab_size == VOCAB
     assert pipe.video_tokenizer.codebook_size == VOCAB

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
-from ..data.pretokenize import weights_digest
+from ..data.pretokenize import TRAINING_CLIPS_FILE, weights_digest
 from ..generation import resolve_sampling
 from ..modeling_nbp import LOSS_IMPLEMENTATIONS, NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
@@ -309,13 +310,17 @@ def check_same_pretokenization(validation_data: str, train_data: str) -> None:
                          f"{'; '.join(clip)}): pre-tokenize both with the same clip settings")
 
 
+def tokenizer_subfolder(path: str) -> str | None:
+    """The tokenizer's subfolder of --tokenizer: "video_tokenizer" in a pipeline folder, else None."""
+    return "video_tokenizer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+
+
 def load_tokenizer(path: str | None, device):
     if path is None:
         return None
     from ..video_tokenizer import NBPVideoTokenizer
 
-    subfolder = "video_tokenizer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
-    return NBPVideoTokenizer.from_pretrained(path, subfolder=subfolder).to(device).eval()
+    return NBPVideoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder(path)).to(device).eval()
 
 
 def collate_tokens(items: list[dict]) -> dict:
@@ -400,9 +405,11 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     common.log_videos(accelerator, "samples", videos, step, output_dir, labels=labels)
 
 
-def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str) -> str:
+def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str,
+               tokenizer_path: str | None = None) -> str:
     """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`,
-    else from the folder, and says `notes`), else the generator folder."""
+    else from the folder, and says `notes`; the tokenizer's training clips, `tokenizer_path`'s
+    `TRAINING_CLIPS_FILE`, go with it, for `nbp pretokenize --tokenizer final`), else the generator folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
     consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")  # the names under torch.compile's wrapper
@@ -416,6 +423,10 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
             if tokenizer is not None:
                 NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(
                     tmp, repo_id=repo_id or final_dir, model_card_notes=notes)
+                if tokenizer_path:
+                    clips = os.path.join(tokenizer_path, tokenizer_subfolder(tokenizer_path) or "", TRAINING_CLIPS_FILE)
+                    if os.path.isfile(clips):
+                        shutil.copyfile(clips, os.path.join(tmp, "video_tokenizer", TRAINING_CLIPS_FILE))
             else:
                 final.save_pretrained(tmp)
     common.wait_for_everyone_at_exit(accelerator)
@@ -467,10 +478,6 @@ def main(argv=None) -> dict:
         raise ValueError("--ema_decay is not supported with FSDP or DeepSpeed ZeRO-3 (sharded weights)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, per_device_batch, args.max_grad_norm)
-    hub_repo = common.prepare_output_dir(accelerator, args)
-    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule"})
-
     info = describe_tokens(args.train_data)
     tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
     config = build_config(args, info, tokenizer)
@@ -485,6 +492,10 @@ def main(argv=None) -> dict:
         val_data = val_info["data"]
     if tokenizer is not None:  # on every process: a refusal stops them all
         check_tokenizer_made_tokens(args.train_data, tokenizer)
+    # after the data and tokenizer checks: a refused run leaves no output folder or Hub repository behind
+    hub_repo = common.prepare_output_dir(accelerator, args)
+    resume = common.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    common.keep_resumed_defaults(args, resume, {"warmup_steps": "schedule"})
     torch.manual_seed(args.seed)  # same initial weights on every process
     attn = args.attn_implementation
     if attn == "flex_attention" and accelerator.device.type != "cuda":
@@ -612,7 +623,8 @@ def main(argv=None) -> dict:
              f"`{os.path.basename(os.path.normpath(args.train_data))}`"
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
-    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes)
+    final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes,
+                           args.tokenizer)
     if args.push_to_hub and accelerator.is_main_process:
         upload_to_hub(final_dir, hub_repo, commit_message=f"NBP generator after {global_step} steps")
         accelerator.print(f"pushed {final_dir} to {hub_repo}")
