@@ -127,7 +127,8 @@ def main(argv=None):
             score = fvd.fvd(videos.float(), real, num_repeats=args.fvd_repeats, num_samples=args.fvd_samples,
                             seed=args.seed)
             layout = pipe.transformer.layout
-            given = 0 if task == "class-conditional" else layout.context_tokens(pipe.transformer.config.num_context_frames)
+            context = pipe.transformer.config.num_context_frames
+            given = 0 if task == "class-conditional" else layout.context_tokens(context)
             steps = len(layout.decode_schedule(given))
             results.append(dict(task=task, variant=variant, steps=steps, seconds_per_video=seconds,
                                 train_minutes=train_s / 60, train_loss=summary.get("train_loss"),

@@ -197,7 +197,8 @@ def test_evaluate_takes_the_clip_settings_from_generate_json(dataset, tmp_path, 
                                                resolution=8, resize="squash", num_frames=5, videos=videos)
     # videos longer than the model's window are paired with clips of their length (the real set FVD compares)
     nbp(["generate", "--model", str(tmp_path / "pipe"), "--output_dir", str(tmp_path / "long"), "--device", "cpu",
-         "--dataset", str(dataset), "--num_clips", "2", "--num_frames", "9", "--formats", "npy", "--contact_sheet", "0"])
+         "--dataset", str(dataset), "--num_clips", "2", "--num_frames", "9", "--formats", "npy",
+         "--contact_sheet", "0"])
     given.real = str(dataset)
     assert fvd_module._real_clip_settings(given, tmp_path / "long")[0]["num_frames"] == 9
     capsys.readouterr()

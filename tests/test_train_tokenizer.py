@@ -506,7 +506,8 @@ def test_fp16_gan_with_accumulation_unscales_each_optimizer_by_its_own_scale(tmp
 
 def test_the_generator_and_discriminator_losses_train_only_their_own_model(tmp_path, monkeypatch):
     """At a GAN step, the gradients each optimizer steps with: the generator's adversarial term (scaled by
-    --adversarial_weight) must not reach the discriminator, and the discriminator's loss must not reach the tokenizer."""
+    --adversarial_weight) must not reach the discriminator, and the discriminator's loss must not reach the
+    tokenizer."""
     gradients, adam_step = [], torch.optim.Adam.step
 
     def recording_step(self, *args, **kwargs):
