@@ -396,7 +396,11 @@ class NBPGenerationMixin:
                                                  and any(isinstance(c, str) for c in class_labels)):
                 raise ValueError("class_labels must be ints here (class names: NBPVideoPipeline takes them, or map them "
                                  f"with config.id2label); got {class_labels!r}")
-            class_labels = as_id_tensor(class_labels, "class_labels", "(batch,)").view(-1)  # an int, a list, ...
+            class_labels = as_id_tensor(class_labels, "class_labels", "(batch,)")  # an int, a list, an array, ...
+            if class_labels.ndim > 1:  # one label per video: a grid of labels is no batch of them
+                raise ValueError(f"class_labels must be one label per video, shape (batch,); got shape "
+                                 f"{tuple(class_labels.shape)}")
+            class_labels = class_labels.view(-1)
         if condition_ids is not None:
             condition_ids = as_id_tensor(condition_ids, "condition_ids", f"(batch, {cfg.num_condition_tokens})")
         if context_ids is not None:

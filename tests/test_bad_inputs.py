@@ -31,6 +31,7 @@ GREEDY = dict(temperature=0.0)
     ({0, 1}, TypeError, "class_labels must be"),
     ([2**70], TypeError, "class_labels must be"),
     (torch.tensor([0], device="meta"), ValueError, "class_labels is on the meta device"),
+    ([[0, 1], [1, 0]], ValueError, r"one label per video, shape \(batch,\); got shape \(2, 2\)"),  # was 4 videos
 ])
 def test_unreadable_class_labels(model, labels, error, match):
     with pytest.raises(error, match=match):
