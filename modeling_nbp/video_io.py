@@ -250,7 +250,10 @@ def _pick(count: int, timestamps: np.ndarray, native_fps: float, fps: float | No
     """Indices into the stream's frames of the returned frames (see `read_video`)."""
     indices = np.arange(count) if fps is None else resample_frame_indices(timestamps, native_fps, fps)
     if select is not None:
-        chosen = np.asarray(select(len(indices)), dtype=np.int64)
+        chosen = np.asarray(select(len(indices)))
+        if chosen.size and not np.issubdtype(chosen.dtype, np.integer):  # 0.5 would be cut to frame 0
+            raise ValueError(f"`select` must return integer indices, got {chosen.dtype} values {chosen.tolist()[:5]}")
+        chosen = chosen.astype(np.int64)
         if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= len(indices):
             raise ValueError(f"`select` must return indices in [0, {len(indices)}), got {chosen.tolist()}")
         indices = indices[chosen]

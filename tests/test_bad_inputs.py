@@ -157,6 +157,9 @@ FRAMES = np.random.default_rng(0).random((3, 8, 8, 3)).astype(np.float32)
 def test_numpy_and_integer_fps_write_the_rate(tmp_path):
     path = export_to_mp4(FRAMES, tmp_path / "a.mp4", fps=np.float32(10))
     assert read_video(path)[1] == 10
+    assert len(read_video(path, select=lambda n: np.array([0, n - 1], dtype=np.int32))[0]) == 2
+    with pytest.raises(ValueError, match="`select` must return integer indices"):  # 0.5 was read as frame 0
+        read_video(path, select=lambda n: [0.5])
 
 
 @pytest.mark.parametrize("write, kwargs, match", [
