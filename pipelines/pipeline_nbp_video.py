@@ -830,9 +830,12 @@ class NBPVideoPipeline(DiffusionPipeline):
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pipe: {sorted(kwargs)} (it takes "
                             "transformer, video_tokenizer, dtype or torch_dtype)")
         pipe = cls(**components)
-        if dtype is not None or torch_dtype is not None:
+        given = torch_dtype if dtype is None else dtype
+        if given is not None:
             for name, component_dtype in cls._component_dtypes(dtype, torch_dtype).items():
-                getattr(pipe, name).to(component_dtype)
+                # a dict casts the components it names (all of them with "default"); the others keep their dtype
+                if not isinstance(given, dict) or name in given or "default" in given:
+                    getattr(pipe, name).to(component_dtype)
         if getattr(pipeline, "name_or_path", None) is not None:
             pipe.register_to_config(_name_or_path=pipeline.name_or_path)
         return pipe

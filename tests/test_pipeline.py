@@ -457,8 +457,10 @@ def test_from_pipe_shares_the_components(tmp_path):
     assert torch.equal(new(class_labels=[1], generator=gen(2), output_type="latent").frames, expected)
     tok = tiny_tokenizer()
     assert NBPVideoPipeline.from_pipe(pipe, video_tokenizer=tok).video_tokenizer is tok
+    NBPVideoPipeline.from_pipe(pipe, dtype={"transformer": torch.float16})  # the tokenizer keeps its bf16
+    assert (pipe.transformer.dtype, pipe.video_tokenizer.dtype) == (torch.float16, torch.bfloat16)  # shared
     NBPVideoPipeline.from_pipe(pipe, dtype={"transformer": torch.float16, "default": torch.float32})
-    assert (pipe.transformer.dtype, pipe.video_tokenizer.dtype) == (torch.float16, torch.float32)  # shared
+    assert (pipe.transformer.dtype, pipe.video_tokenizer.dtype) == (torch.float16, torch.float32)
     with pytest.raises(TypeError, match=r"unexpected arguments for NBPVideoPipeline.from_pipe: \['unet'\]"):
         NBPVideoPipeline.from_pipe(pipe, unet=None)
     # the class of a folder's carried code, as diffusers' loader gives it
