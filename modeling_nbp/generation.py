@@ -57,6 +57,14 @@ def as_id_tensor(value, name: str, shape: str, device=None) -> torch.Tensor:
                         f"{type(value).__name__} {value!r:.80} ({err})") from None
 
 
+def one_label_per_video(labels: torch.Tensor) -> torch.Tensor:
+    """Class labels (batch,) from an int, (batch,) or (batch, 1); a grid of labels (batch, 2), say, is refused."""
+    if labels.ndim > 1 and math.prod(labels.shape[1:]) != 1:
+        raise ValueError(f"class_labels must be one label per video, shape (batch,) or (batch, 1); got shape "
+                         f"{tuple(labels.shape)}")
+    return labels.reshape(-1)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   generator=None, noise: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Sample one id per position from logits (..., V): temperature 0 is greedy; top-k then top-p (nucleus: a
@@ -324,7 +332,7 @@ class NBPGenerationMixin:
             return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         if class_labels is None:
             raise ValueError(f"this model is class-conditional: pass class_labels (ints in [0, {cfg.num_classes}))")
-        labels = as_id_tensor(class_labels, "class_labels", "(batch,)", device).view(-1)
+        labels = one_label_per_video(as_id_tensor(class_labels, "class_labels", "(batch,)", device))
         if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
             raise ValueError(f"class_labels must be ints in [0, {cfg.num_classes}); got {labels.dtype} values")
         labels = labels.long()
@@ -396,11 +404,7 @@ class NBPGenerationMixin:
                                                  and any(isinstance(c, str) for c in class_labels)):
                 raise ValueError("class_labels must be ints here (class names: NBPVideoPipeline takes them, or map them "
                                  f"with config.id2label); got {class_labels!r}")
-            class_labels = as_id_tensor(class_labels, "class_labels", "(batch,)")  # an int, a list, an array, ...
-            if class_labels.ndim > 1:  # one label per video: a grid of labels is no batch of them
-                raise ValueError(f"class_labels must be one label per video, shape (batch,); got shape "
-                                 f"{tuple(class_labels.shape)}")
-            class_labels = class_labels.view(-1)
+            class_labels = one_label_per_video(as_id_tensor(class_labels, "class_labels", "(batch,)"))
         if condition_ids is not None:
             condition_ids = as_id_tensor(condition_ids, "condition_ids", f"(batch, {cfg.num_condition_tokens})")
         if context_ids is not None:

@@ -31,11 +31,19 @@ GREEDY = dict(temperature=0.0)
     ({0, 1}, TypeError, "class_labels must be"),
     ([2**70], TypeError, "class_labels must be"),
     (torch.tensor([0], device="meta"), ValueError, "class_labels is on the meta device"),
-    ([[0, 1], [1, 0]], ValueError, r"one label per video, shape \(batch,\); got shape \(2, 2\)"),  # was 4 videos
+    ([[0, 1], [1, 0]], ValueError, r"one label per video, shape \(batch,\) or \(batch, 1\); got shape \(2, 2\)"),
 ])
 def test_unreadable_class_labels(model, labels, error, match):
     with pytest.raises(error, match=match):
         model.generate_video_tokens(class_labels=labels, **GREEDY)
+    with pytest.raises(error, match=match):  # training reads them as generation does
+        model(video_ids=torch.zeros(2, *model.layout.latent_shape, dtype=torch.long), class_labels=labels)
+
+
+def test_a_column_of_class_labels_is_one_per_video(model):
+    # (batch, 1), as a data loader may give them (a grid of labels made 4 videos of 2 rows before it was refused)
+    column = model.generate_video_tokens(class_labels=torch.tensor([[0], [2]]), **GREEDY)
+    assert torch.equal(column, model.generate_video_tokens(class_labels=[0, 2], **GREEDY))
 
 
 @pytest.mark.parametrize("condition_ids, error, match", [
