@@ -596,6 +596,9 @@ def test_pretokenize_command_defaults_to_the_tokenizers_training_clips(tmp_path,
         f"--resize squash differs from the tokenizer's training clips (resize crop in {recorded})"]
     assert clips("plain") == [17, 128, 8, "squash"]  # a folder without the file: the defaults as before
     assert module.training_clips("someone/tokenizer") == {}  # nor has a Hub id
+    recorded.write_text('{"num_frames": 3,')  # cut off
+    with pytest.raises(ValueError, match="training_clips.json is not readable JSON"):
+        module.training_clips(tmp_path / "trained")
 
 
 def test_pretokenize_command_checks_its_flags_before_reading_videos(tmp_path, capsys):

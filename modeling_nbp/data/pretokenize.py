@@ -296,8 +296,14 @@ def training_clips(folder: str | os.PathLike) -> dict:
     path = os.path.join(folder, TRAINING_CLIPS_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        recorded = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not readable JSON ({error}): give the clip flags and remove or fix the "
+                         "file") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} must hold a JSON object of clip settings, got {type(recorded).__name__}")
     return {key: recorded[key] for key in CLIP_FLAG_DEFAULTS if key in recorded}
 
 

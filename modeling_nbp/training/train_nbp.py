@@ -402,7 +402,7 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
     unwrapped.set_attn_implementation(attention)
     unwrapped.train(was_training)
     videos = tokenizer.decode(grid)
-    common.log_videos(accelerator, "samples", videos, step, output_dir, labels=labels)
+    common.log_videos(accelerator, "samples", videos, step, output_dir, fps=config.fps or 8, labels=labels)
 
 
 def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str,

@@ -341,14 +341,15 @@ def evaluate(accelerator, tokenizer, eval_data, batch_size: int, step: int, outp
                                          worker_init_fn=common.dataloader_worker_init)
     was_training = tokenizer.training
     tokenizer.eval()
-    sums, shown = torch.zeros(3, dtype=torch.float64, device=accelerator.device), []  # PSNR, SSIM, clips
+    exact = torch.float32 if accelerator.device.type == "mps" else torch.float64  # (Apple GPUs have no float64)
+    sums, shown = torch.zeros(3, dtype=exact, device=accelerator.device), []  # PSNR, SSIM, clips
     for batch in loader:
         if batch["video"] is None:
             continue
         video = batch["video"].to(accelerator.device)
         reconstruction = tokenizer(video).reconstruction.float().clamp(0, 1)
-        sums += torch.stack([psnr(reconstruction, video).sum().double(), ssim(reconstruction, video).sum().double(),
-                             torch.tensor(len(video), dtype=torch.float64, device=sums.device)])
+        sums += torch.stack([psnr(reconstruction, video).sum().to(exact), ssim(reconstruction, video).sum().to(exact),
+                             torch.tensor(len(video), dtype=exact, device=sums.device)])
         shown += [torch.cat([v, r], dim=2).cpu() for v, r in zip(video, reconstruction)][: num_log_videos - len(shown)]
     tokenizer.train(was_training)
     psnr_sum, ssim_sum, count = accelerator.reduce(sums, "sum").tolist()
