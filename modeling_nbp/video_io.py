@@ -133,6 +133,9 @@ def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float
     timestamps = np.asarray(timestamps, dtype=np.float64)
     duration = timestamps[-1] - timestamps[0] + 1.0 / native_fps
     count = max(1, int(np.floor(duration * fps + 1e-6)))
+    if count > 1000 * len(timestamps):  # a rate typed wrong: fps=1e12 asked for terabytes
+        raise ValueError(f"`fps` {fps:g} would repeat each of the video's {len(timestamps)} frames (at "
+                         f"{native_fps:g} fps) {count // len(timestamps)} times; give a rate near the video's")
     targets = timestamps[0] + np.arange(count) / fps
     right = np.clip(np.searchsorted(timestamps, targets, side="left"), 0, len(timestamps) - 1)
     left = np.clip(right - 1, 0, len(timestamps) - 1)

@@ -168,6 +168,9 @@ def test_numpy_and_integer_fps_write_the_rate(tmp_path):
     assert len(read_video(path, select=lambda n: np.array([0, n - 1], dtype=np.int32))[0]) == 2
     with pytest.raises(ValueError, match="`select` must return integer indices"):  # 0.5 was read as frame 0
         read_video(path, select=lambda n: [0.5])
+    with pytest.raises(ValueError, match="`fps` 1e\\+12 would repeat each of the video's"):  # tried to allocate TBs
+        read_video(path, fps=1e12)
+    assert len(read_video(path, fps=1000)[0]) == 100 * len(read_video(path)[0])  # upsampling stays possible
 
 
 @pytest.mark.parametrize("write, kwargs, match", [
