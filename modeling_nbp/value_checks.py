@@ -15,13 +15,15 @@ def check_in_range(values: torch.Tensor, low: int, high: int, message: str):
     """ValueError(`message` and the values' range) when `values` leave [low, high). Inside torch.compile the
     check is a device-side assert with the same message instead, so that it reads nothing back to the host and
     the compiled graph does not break there."""
-    values = values.long()  # a narrow integer type would wrap the bounds (64000 as uint8 is 0)
     if values.device.type == "meta":  # shape-only run: there are no values to check
         return
+    values = values.long()  # a narrow integer type would wrap the bounds (64000 as uint8 is 0)
     if torch.compiler.is_compiling():
         torch._assert_async(((values >= low) & (values < high)).all(), message)
-    elif values.numel() and (values.min() < low or values.max() >= high):
-        raise ValueError(f"{message}; got values in [{int(values.min())}, {int(values.max())}]")
+    elif values.numel():
+        smallest, largest = torch.stack(torch.aminmax(values)).tolist()  # one pass, one read back
+        if smallest < low or largest >= high:
+            raise ValueError(f"{message}; got values in [{smallest}, {largest}]")
 
 
 def all_finite(values: torch.Tensor) -> torch.Tensor:

@@ -479,10 +479,10 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
 
     def _check_pixels(self, video: torch.Tensor) -> None:
         """FloatingPointError for NaN in clamped decoded pixels, which would show as black frames (an infinity clamps
-        to 0 or 1, as a large finite value does; NaN stays)."""
+        to 0 or 1, as a large finite value does; NaN stays, so finite means no NaN here)."""
         fp16 = self.dtype == torch.float16
         hint = "; float16 overflows easily in its decoder: run it in bfloat16 or float32" if fp16 else ""
-        require(~video.isnan().any(), FloatingPointError,
+        require(all_finite(video), FloatingPointError,
                 f"the video tokenizer decoded NaN pixels from NaN or infinite values in its decoder (weights in "
                 f"{self.dtype}{hint})")
 

@@ -524,7 +524,7 @@ def load_video_file(path: Path, num_frames: Optional[int] = None) -> torch.Tenso
                          "SSIM of shorter reconstructions: nbp evaluate --reconstruction --no-fvd)")
     videos = videos[:, :, :num_frames]
     if videos.numel():  # checked here, where the file can be named (the detector's check names no file)
-        low, high = videos.min().item(), videos.max().item()  # NaN if any value is NaN: refused below
+        low, high = torch.stack(torch.aminmax(videos)).tolist()  # NaN if any value is NaN: refused below
         if not (-_RANGE_TOLERANCE <= low and high <= 1 + _RANGE_TOLERANCE):
             raise ValueError(f"{path}: float videos must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
                              "(uint8 arrays hold 0-255)")
