@@ -4,13 +4,15 @@ import os
 import re
 import warnings
 
+import datasets
 import numpy as np
 import pytest
 import torch
 
-from modeling_nbp.data import (MovingDigits, SkipSummary, VideoClipDataset, clip_frame_indices, collate_videos,
-                               item_seed, load_clip, load_token_dataset, load_video_dataset, merge_token_chunks,
-                               pretokenize, resize_center_crop, streaming_video_dataset)
+from modeling_nbp.data import (MovingDigits, SkipSummary, TokenDataset, VideoClipDataset, clip_frame_indices,
+                               collate_videos, item_seed, load_clip, load_clip_windows, load_token_dataset,
+                               load_video_dataset, merge_token_chunks, pretokenize, resize_center_crop,
+                               streaming_video_dataset, window_starts)
 from modeling_nbp.training.common import StepBatchSampler
 from modeling_nbp.video_io import export_to_mp4
 
@@ -73,6 +75,21 @@ def test_a_seeded_item_always_cuts_the_same_random_window(tmp_path):
     assert windows == [clip_frame_indices(20, 4, "random", torch.Generator().manual_seed(seed)).tolist()
                        for seed in range(6)]
     assert len({w[0] for w in windows}) > 1 and frame_numbers(data[(0, 5)]["video"]) == windows[5]
+
+
+def test_windows_spread_over_the_whole_video(tmp_path):
+    assert window_starts(40, 4, 3).tolist() == [0, 18, 36]  # the first and the last window included
+    assert window_starts(6, 4, 5).tolist() == [0, 1, 2]  # 3 possible windows: equal starts merged
+    assert window_starts(3, 4, 5).tolist() == [0] and window_starts(40, 4, 1).tolist() == [0]
+    path = write_counting_video(tmp_path / "v.mp4", frames=20, fps=8)
+    clips = load_clip_windows(path, 3, num_frames=4, resolution=8, fps=8)
+    assert clips.shape == (3, 3, 4, 8, 8)
+    assert [frame_numbers(clip) for clip in clips] == [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]
+    one = load_clip_windows(path, 1, num_frames=4, resolution=8, fps=8)
+    assert torch.equal(one[0], load_clip(path, num_frames=4, resolution=8, fps=8, sampling="start"))
+    with pytest.warns(UserWarning, match="fewer than 24 frames at 8 fps are padded"):
+        short = load_clip_windows(path, 3, num_frames=24, resolution=8, fps=8)
+    assert [frame_numbers(clip) for clip in short] == [list(range(20)) + [19] * 4]
 
 
 def test_resize_center_crop_keeps_the_middle():
@@ -477,6 +494,39 @@ def test_pretokenize_resumes_only_with_the_same_tokenizer_and_clip_settings(tmp_
         pretokenize(TinyClips(), tokenizer(seed=1), out, batch_size=2, chunk_size=2)
 
 
+def test_pretokenized_windows_give_each_video_a_new_window_every_epoch(tmp_path):
+    for name, frames in (("a/long.mp4", 40), ("a/short.mp4", 5), ("b/mid.mp4", 20)):
+        write_counting_video(tmp_path / "videos" / name, frames=frames, fps=8)
+    data = load_video_dataset(tmp_path / "videos", num_frames=4, resolution=8, fps=8, sampling="center")
+    tokens = pretokenize(data, FakeTokenizer(), tmp_path / "tokens", batch_size=2, chunk_size=2, windows_per_video=3)
+    assert list(tokens["index"]) == [0, 0, 0, 1, 1, 2, 2, 2]  # the 5-frame video has 2 possible windows, 3 wanted
+    windows = load_token_dataset(tmp_path / "tokens")
+    assert len(windows) == 3 and windows.num_windows == 8
+    for i, path in enumerate(data.index["path"]):
+        expected = [FakeTokenizer().encode(clip[None])[0] for clip in load_clip_windows(path, 3, 4, 8, 8)]
+        drawn = [windows[(i, seed)]["input_ids"] for seed in range(12)]
+        assert {tuple(t.flatten().tolist()) for t in drawn} == {tuple(t.flatten().tolist()) for t in expected}
+        assert torch.equal(windows[i]["input_ids"], expected[len(expected) // 2])  # no seed: the middle window
+        assert windows[(i, 5)]["label"] == data.index[i]["label"]
+
+    # the training loop's sampler: a video per slot, its window drawn from (seed, epoch, video)
+    sampler = iter(StepBatchSampler(len(windows), 3, seed=0, item_seeds=True))
+    epochs = [[windows[key]["input_ids"] for key in sorted(next(sampler))] for _ in range(6)]
+    assert any(not torch.equal(a[0], b[0]) for a in epochs for b in epochs)  # the long video's window changes
+    again = iter(StepBatchSampler(len(windows), 3, seed=0, item_seeds=True, start_step=5))
+    assert all(torch.equal(x, windows[key]["input_ids"]) for x, key in zip(epochs[5], sorted(next(again))))
+
+    twice = TokenDataset(datasets.concatenate_datasets([tokens, tokens]))  # indices repeat, in two runs each
+    assert len(twice) == 6 and all(torch.equal(twice[i + 3]["input_ids"], windows[i]["input_ids"]) for i in range(3))
+
+    with pytest.raises(ValueError, match=r"windows_per_video 3 on disk, 2 now"):
+        pretokenize(data, FakeTokenizer(), tmp_path / "tokens", batch_size=2, chunk_size=2, windows_per_video=2)
+    with pytest.raises(TypeError, match=r"windows_per_video=2 needs a dataset that cuts videos into windows"):
+        pretokenize(TinyClips(), FakeTokenizer(), tmp_path / "other", windows_per_video=2)
+    with pytest.raises(ValueError, match=r"`windows_per_video` must be an integer >= 1, got 0"):
+        pretokenize(data, FakeTokenizer(), tmp_path / "other", windows_per_video=0)
+
+
 def test_a_folder_without_tokens_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty holds no pre-tokenized videos \(the output_dir of `nbp "
@@ -587,6 +637,9 @@ def test_pretokenize_command_defaults_to_the_tokenizers_training_clips(tmp_path,
         data, *args, **kwargs))
     assert clips("trained") == [3, 8, 16, "crop"]
     assert load_token_dataset(tmp_path / "tokens")[0]["input_ids"].shape == (2, 4, 4)
+    module.main(["--data", str(tmp_path / "videos"), "--tokenizer", str(tmp_path / "trained"), "--output_dir",
+                 str(tmp_path / "windows"), "--device", "cpu", "--windows_per_video", "2"])
+    assert load_token_dataset(tmp_path / "windows").num_windows == 4  # 6 frames: windows from frames 0 and 3
     monkeypatch.setattr(module, "pretokenize", lambda data, *args, **kwargs: tokenized.append(data))  # settings only
     with caplog.at_level(logging.WARNING, logger=module.__name__):
         assert clips("trained", "--fps", "16") == [3, 8, 16, "crop"] and not caplog.records

@@ -362,6 +362,29 @@ def test_class_count_comes_from_the_class_names(tmp_path):
     assert config.fps == 12.5  # the clips' rate, which nbp generate then works at
 
 
+def test_each_epoch_trains_on_a_new_window_of_every_video(tmp_path, monkeypatch, capsys):
+    from modeling_nbp.training import train_nbp
+
+    # 4 videos x 3 windows; every token of window w of video v is 3 * v + w, so a grid tells which window it is
+    rows = {"tokens": [[3 * v + w] * 32 for v in range(4) for w in range(3)], "latent_shape": [list(GRID)] * 12,
+            "label": [v % CLASSES for v in range(4) for _ in range(3)],
+            "index": [v for v in range(4) for _ in range(3)]}
+    datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(str(tmp_path / "data" / "tokens"))
+    seen, collate = [], train_nbp.collate_tokens
+
+    def recording(items):
+        seen.append(sorted(int(item["input_ids"].flatten()[0]) for item in items))
+        return collate(items)
+
+    monkeypatch.setattr(train_nbp, "collate_tokens", recording)
+    main(["--train_data", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "4",
+          "--train_batch_size", "4", "--warmup_steps", "0", "--video_vocab_size", "16"])
+    assert "4 videos in 12 pre-tokenized windows: each epoch draws one window of every video" in capsys.readouterr().out
+    epochs = seen[:4]  # a step is an epoch: one window of each video
+    assert all([t // 3 for t in epoch] == [0, 1, 2, 3] for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1
+
+
 def test_a_tokenizer_that_did_not_make_the_tokens_is_refused(tmp_path):
     from modeling_nbp.data.pretokenize import weights_digest
     from modeling_nbp.training.train_nbp import check_tokenizer_made_tokens

@@ -52,6 +52,17 @@ def clip_frame_indices(num_available: int, num_frames: int, sampling: str = "cen
     return np.arange(start, start + num_frames)
 
 
+def window_starts(num_available: int, num_frames: int, num_windows: int) -> np.ndarray:
+    """Starts of ``num_windows`` windows of ``num_frames`` frames spread evenly over ``num_available`` frames, the
+    first and the last possible window included, equal starts merged: a video with fewer spare frames than windows
+    gives fewer windows, one shorter than a window gives one (start 0, padded by the too-short rule)."""
+    if num_windows < 1 or num_frames < 1 or num_available < 1:
+        raise ValueError(f"need num_windows, num_frames and num_available >= 1, got {num_windows}, {num_frames}, "
+                         f"{num_available}")
+    spare = max(num_available - num_frames, 0)
+    return np.unique(np.round(np.linspace(0, spare, num_windows)).astype(np.int64))
+
+
 def _warn_if_enlarging(height: int, width: int, resolution: int) -> None:
     if min(height, width) < resolution:
         warnings.warn(f"enlarging {height}x{width} video frames to resolution {resolution}: the clips (and their "
@@ -99,17 +110,39 @@ def load_clip(path: str, num_frames: int = 17, resolution: int = 128, fps: float
     ``fps=None`` keeps the file's own frame rate; ``resize`` is "squash" or "crop" (see the module docstring).
     Raises `VideoDecodeError` for unreadable files.
     """
+    return _read_clips(path, num_frames, resolution, fps, resize,
+                       lambda count: clip_frame_indices(count, num_frames, sampling, generator))[0]
+
+
+def load_clip_windows(path: str, num_windows: int, num_frames: int = 17, resolution: int = 128,
+                      fps: float | None = 8, resize: str = "squash") -> torch.Tensor:
+    """Read the clips of one video at `window_starts` (``num_windows`` spread evenly, each frame decoded once):
+    FloatTensor ``(n, 3, num_frames, resolution, resolution)`` in ``[0, 1]``, ``n <= num_windows``.
+
+    Arguments as `load_clip`. Raises `VideoDecodeError` for unreadable files.
+    """
+    def select(count: int) -> np.ndarray:
+        starts = window_starts(count, num_frames, num_windows)
+        return np.concatenate([start + clip_frame_indices(count - start, num_frames, "start") for start in starts])
+
+    return _read_clips(path, num_frames, resolution, fps, resize, select)
+
+
+def _read_clips(path: str, num_frames: int, resolution: int, fps: float | None, resize: str, select) -> torch.Tensor:
+    """The clips whose frame indices `select(number of frames at fps)` gives, ``num_frames`` after another:
+    ``(n, 3, num_frames, resolution, resolution)``."""
     if resize not in RESIZE_MODES:  # before decoding
         raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
     available = []
 
-    def select(count: int) -> np.ndarray:
+    def counted(count: int) -> np.ndarray:
         available.append(count)
-        return clip_frame_indices(count, num_frames, sampling, generator)
+        return select(count)
 
-    frames, _ = read_video(path, fps=fps, select=select)
+    frames, _ = read_video(path, fps=fps, select=counted)
     if available[-1] < num_frames:  # the too-short rule; all of a folder's clips padded is usually a wrong num_frames
         rate = f" at {fps:g} fps" if fps is not None else ""
         warnings.warn(f"videos with fewer than {num_frames} frames{rate} are padded by repeating their last frame; "
-                      "pass the num_frames (and fps) the tokenizer expects", stacklevel=2)
-    return frames_to_tensor(resize_frames(frames, resolution, resize))
+                      "pass the num_frames (and fps) the tokenizer expects", stacklevel=3)
+    clips = frames_to_tensor(resize_frames(frames, resolution, resize))  # (3, n * num_frames, H, W)
+    return clips.unflatten(1, (-1, num_frames)).transpose(0, 1).contiguous()

@@ -9,7 +9,8 @@ Output folder layout::
     output_dir/skipped.json          # paths of items that could not be decoded
 
 Rows: ``tokens`` (flat int32 list), ``latent_shape`` ([T', H', W']), ``label`` (int64) and ``index``
-(position in the source dataset). Chunk ``k`` holds items ``[k * chunk_size, (k + 1) * chunk_size)``
+(position in the source dataset); a video cut into several windows (``windows_per_video``) has a row per window, all
+with its index. Chunk ``k`` holds items ``[k * chunk_size, (k + 1) * chunk_size)``
 and belongs to shard ``k % num_shards``, so processes can split the work by index and a killed run
 restarted with the same arguments skips the chunks already on disk; a rerun with another tokenizer or other
 clip settings is refused rather than mixed with them.
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..run_files import read_settings_differences, write_json
+from ..value_checks import is_integer
 from ..video_io import atomic_output_path
 from .video_datasets import collate_videos, is_video_file
 
@@ -52,20 +54,33 @@ def token_features(dataset) -> datasets.Features:
 
 
 class _IndexedItems(torch.utils.data.Dataset):
-    """Items ``indices`` of ``dataset``, each tagged with its source index; None becomes a skipped item."""
+    """Items ``indices`` of ``dataset``, each tagged with its source index; None becomes a skipped item. With
+    ``windows_per_video`` > 1 an item's video is its windows, ``(n, 3, T, H, W)``
+    (`VideoClipDataset.decode_windows`)."""
 
-    def __init__(self, dataset, indices: range):
-        self.dataset, self.indices = dataset, indices
+    def __init__(self, dataset, indices: range, windows_per_video: int = 1):
+        self.dataset, self.indices, self.windows_per_video = dataset, indices, windows_per_video
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, j: int) -> dict:
         index = self.indices[j]
-        item = self.dataset[index]
+        if self.windows_per_video > 1:
+            item = self.dataset.decode_windows(index, self.windows_per_video)
+        else:
+            item = self.dataset[index]
         if item is None or item.get("video") is None:
             return {"video": None, "path": str(item.get("path", f"item {index}")) if item else f"item {index}"}
-        return {"video": item["video"], "label": int(item["label"]), "index": index}
+        video = item["video"] if self.windows_per_video > 1 else item["video"][None]
+        return {"video": video, "label": int(item["label"]), "index": index}
+
+
+def _collate_windows(items: list[dict]) -> dict:
+    """`collate_videos` over every window of the items: a video of n windows becomes n clips with its label and
+    index."""
+    return collate_videos([dict(item, video=clip) for item in items if item["video"] is not None
+                           for clip in item["video"]] + [item for item in items if item["video"] is None])
 
 
 # Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`, then `MovingDigits`').
@@ -83,13 +98,14 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _run_settings(dataset, tokenizer, chunk_size: int) -> dict:
+def _run_settings(dataset, tokenizer, chunk_size: int, windows_per_video: int) -> dict:
     """Everything that decides the chunks' contents, as plain JSON values."""
     config = getattr(tokenizer, "config", None)
     config = dict(config) if isinstance(config, Mapping) else {}
     settings = {
         "num_items": len(dataset),
         "chunk_size": chunk_size,
+        "windows_per_video": windows_per_video,
         "clip": {name: getattr(dataset, name) for name in CLIP_SETTINGS + LATER_SETTINGS if hasattr(dataset, name)},
         "tokenizer": type(tokenizer).__name__,
         # diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...) do not change the tokens.
@@ -110,7 +126,7 @@ def _check_metadata(output_dir: str, wanted: dict) -> None:
     # folders from before clips could be squashed were cropped; the settings kept later are not checked in them
     later = {k: v for k, v in wanted["clip"].items() if k in LATER_SETTINGS}
     differences = read_settings_differences(meta_path, wanted, earlier_defaults={
-        "clip": {"resize": "crop", **later}, "videos": wanted.get("videos")})
+        "clip": {"resize": "crop", **later}, "videos": wanted.get("videos"), "windows_per_video": 1})
     if differences and not _holds_tokens(output_dir):  # an earlier run that failed before its first chunk
         logger.warning("%s holds no tokens yet: its settings file is replaced (%s)", output_dir,
                        "; ".join(differences))
@@ -135,22 +151,19 @@ def _chunk_dir(output_dir: str, chunk: int) -> str:
 
 
 @torch.inference_mode()
-def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_workers: int,
-                    device: torch.device) -> tuple[dict, list[str]]:
-    loader = torch.utils.data.DataLoader(_IndexedItems(dataset, indices), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=collate_videos)
+def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_workers: int, device: torch.device,
+                    windows_per_video: int) -> tuple[dict, list[str]]:
+    # about batch_size clips per read; the clips of the videos read together are encoded batch_size at a time
+    loader = torch.utils.data.DataLoader(_IndexedItems(dataset, indices, windows_per_video),
+                                         batch_size=max(1, batch_size // windows_per_video),
+                                         num_workers=num_workers, collate_fn=_collate_windows)
     rows = {"tokens": [], "latent_shape": [], "label": [], "index": []}
     skipped = []
     for batch in loader:
         skipped += batch["skipped_paths"]
         if batch["video"] is None:
             continue
-        tokens = tokenizer.encode(batch["video"].to(device))
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tokens.shape[0] != len(batch["label"]):
-            raise ValueError("tokenizer.encode must return a LongTensor (B, T', H', W'), got "
-                             f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
-        if tokens.is_floating_point() or tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
-            raise ValueError("tokenizer.encode must return non-negative integer ids that fit in int32")
+        tokens = torch.cat([_encode(tokenizer, clips.to(device)) for clips in batch["video"].split(batch_size)])
         grid = tokens.cpu().numpy().astype(np.int32)
         rows["tokens"] += list(grid.reshape(len(grid), -1))
         rows["latent_shape"] += [list(grid.shape[1:])] * len(grid)
@@ -159,9 +172,19 @@ def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_wor
     return rows, skipped
 
 
+def _encode(tokenizer, clips: torch.Tensor) -> torch.Tensor:
+    tokens = tokenizer.encode(clips)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 4 or tokens.shape[0] != len(clips):
+        raise ValueError("tokenizer.encode must return a LongTensor (B, T', H', W'), got "
+                         f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+    if tokens.is_floating_point() or tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
+        raise ValueError("tokenizer.encode must return non-negative integer ids that fit in int32")
+    return tokens
+
+
 def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: int = 8, num_shards: int = 1,
                 shard_index: int = 0, chunk_size: int = 256, num_workers: int = 0,
-                device: str | torch.device | None = None) -> datasets.Dataset | None:
+                device: str | torch.device | None = None, windows_per_video: int = 1) -> datasets.Dataset | None:
     """Tokenize this process's share of ``dataset`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -169,10 +192,15 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
             are None or have ``"video"`` None (unreadable files) are skipped and listed in skipped.json.
         tokenizer: any object with ``encode(video (B, 3, T, H, W) float in [0, 1]) -> LongTensor
             (B, T', H', W')``.
-        batch_size, num_workers: DataLoader settings for decoding.
+        batch_size: clips per `encode` call (and about as many decoded per DataLoader batch).
+        num_workers: DataLoader workers for decoding.
         num_shards, shard_index: this process handles chunks ``k`` with ``k % num_shards == shard_index``.
         chunk_size: items per chunk file (the unit of resumption).
         device: where videos are sent; default the tokenizer's parameters' device, else CPU.
+        windows_per_video: 1 tokenizes each item's clip (a `VideoClipDataset`'s ``sampling`` window); more cuts each
+            video of a `VideoClipDataset` into that many windows spread evenly over it, the first and last included
+            (`VideoClipDataset.decode_windows`; fewer for videos with fewer spare frames), a row each, so that
+            training can draw a new window of each video every epoch (`TokenDataset`) as the official loader does.
 
     Returns:
         With ``num_shards == 1``, the merged dataset (as `merge_token_chunks`). With several shards,
@@ -183,6 +211,11 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
                          f"{chunk_size}, {num_workers}")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    if not is_integer(windows_per_video) or windows_per_video < 1:
+        raise ValueError(f"`windows_per_video` must be an integer >= 1, got {windows_per_video!r}")
+    if windows_per_video > 1 and not callable(getattr(dataset, "decode_windows", None)):
+        raise TypeError(f"windows_per_video={windows_per_video} needs a dataset that cuts videos into windows "
+                        f"(VideoClipDataset), got {type(dataset).__name__}; use windows_per_video=1")
     if not callable(getattr(tokenizer, "encode", None)):
         raise TypeError(f"`tokenizer` must have an encode(video) method, got {type(tokenizer).__name__}")
     output_dir = os.fspath(output_dir)
@@ -193,7 +226,7 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
     num_items = len(dataset)
     if num_items == 0:
         raise ValueError("`dataset` is empty")
-    _check_metadata(output_dir, _run_settings(dataset, tokenizer, chunk_size))  # a finished folder too
+    _check_metadata(output_dir, _run_settings(dataset, tokenizer, chunk_size, windows_per_video))  # a finished one too
     if os.path.isdir(os.path.join(output_dir, "tokens")):
         logger.info("%s is already merged; nothing to do", output_dir)
         return merge_token_chunks(output_dir) if num_shards == 1 else None
@@ -204,7 +237,8 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
             logger.info("chunk %d/%d already on disk, skipped", chunk + 1, num_chunks)
             continue
         indices = range(chunk * chunk_size, min(num_items, (chunk + 1) * chunk_size))
-        rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device)
+        rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device,
+                                        windows_per_video)
         with atomic_output_path(target) as tmp:
             datasets.Dataset.from_dict(rows, features=token_features(dataset)).save_to_disk(tmp)
             write_json(os.path.join(tmp, "skipped.json"), skipped)
@@ -248,16 +282,33 @@ def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Pre-tokenized items ``{"input_ids": LongTensor (T', H', W'), "label": int}``."""
+    """Pre-tokenized videos: item ``i`` is ``{"input_ids": LongTensor (T', H', W'), "label": int}`` of the ``i``-th
+    video (in source order).
+
+    A video pre-tokenized with several windows (``windows_per_video``) has a row per window, one after another with
+    the same ``index``: the key ``(i, seed)`` picks one from ``seed`` (the training loop's per-epoch item seeds, so
+    each epoch draws a new window of every video, as the official loader does), ``i`` alone the middle one. Each video
+    counts once whatever its number of windows (rows of equal index apart, as in token folders concatenated, are
+    other videos). ``tokens`` holds the rows."""
 
     def __init__(self, tokens: datasets.Dataset):
         self.tokens = tokens.with_format("numpy")
+        video = np.asarray(self.tokens["index"][:]) if "index" in tokens.column_names else np.arange(len(tokens))
+        self._first = np.flatnonzero(np.diff(video, prepend=video[:1] - 1))  # where a run of equal indices starts
+        self._count = np.diff(self._first, append=len(video))
 
     def __len__(self) -> int:
+        return len(self._first)
+
+    @property
+    def num_windows(self) -> int:
+        """Rows (windows) over all videos."""
         return len(self.tokens)
 
-    def __getitem__(self, i: int) -> dict:
-        row = self.tokens[int(i)]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        count = int(self._count[i])
+        row = self.tokens[int(self._first[i]) + (count // 2 if seed is None else seed % count)]
         grid = torch.from_numpy(row["tokens"].astype(np.int64)).view(*row["latent_shape"].tolist())
         return {"input_ids": grid, "label": int(row["label"])}
 
@@ -336,7 +387,12 @@ def main(argv=None):
     p.add_argument("--fps", type=positive_float, help=f"clip frame rate (paper: 8 for UCF, 16 for K600); {trained} 8")
     p.add_argument("--resize", choices=["squash", "crop"], help="squash: whole frames to the square (the official "
                    f"loader); crop: shorter side + centre crop; {trained} squash")
-    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--windows_per_video", type=positive_int, default=1,
+                   help="1: each video's centre window; more: that many windows spread evenly over each video (first "
+                        "and last included, fewer for short videos), of which training draws one per video each epoch, "
+                        "as the official loader cuts a new random window at every read (costs that many times the "
+                        "tokenizing and the disk space)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="clips per tokenizer call")
     p.add_argument("--chunk_size", type=positive_int, default=256)
     p.add_argument("--num_workers", type=non_negative_int, default=0)
     p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
@@ -363,7 +419,7 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     result = pretokenize(dataset, tokenizer, args.output_dir, batch_size=args.batch_size, num_shards=world,
                          shard_index=rank, chunk_size=args.chunk_size, num_workers=args.num_workers,
-                         device=args.device)
+                         device=args.device, windows_per_video=args.windows_per_video)
     if result is not None:
         print(f"{len(result)} token grids in {os.path.join(args.output_dir, 'tokens')}")
     else:

@@ -27,7 +27,7 @@ from datasets.distributed import split_dataset_by_node
 from ..text_condition import class_name_to_text
 from ..value_checks import is_integer
 from ..video_io import VideoDecodeError
-from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip
+from .clips import RESIZE_MODES, SAMPLING_MODES, load_clip, load_clip_windows
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +279,20 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def decode_example(self, example: dict, generator: torch.Generator | None = None) -> dict:
         """{"path", "label"} -> item; ``"video"`` is None (and one line is logged) if decoding fails. "random"
         sampling draws the window from ``generator`` (default: torch's global RNG)."""
+        return self._decode(example, lambda path: load_clip(path, self.num_frames, self.resolution, self.fps,
+                                                            self.sampling, generator, self.resize))
+
+    def decode_windows(self, i: int, num_windows: int) -> dict:
+        """Video ``i`` cut into windows spread evenly over it (`load_clip_windows`, whatever ``sampling`` is):
+        ``"video"`` ``(n, 3, T, H, W)`` with ``n <= num_windows``, or None (logged) if decoding fails."""
+        return self._decode(self.index[int(i)], lambda path: load_clip_windows(
+            path, num_windows, self.num_frames, self.resolution, self.fps, self.resize))
+
+    @staticmethod
+    def _decode(example: dict, load) -> dict:
         path, label = example["path"], int(example["label"])
         try:
-            video = load_clip(path, self.num_frames, self.resolution, self.fps, self.sampling, generator, self.resize)
+            video = load(path)
         except VideoDecodeError as err:
             logger.warning("skipping unreadable video %s (%s)", path, err)
             video = None

@@ -11,8 +11,9 @@ checked against the pre-tokenized data at start-up.
 # runs over 4M steps and the learning rate stays near its peak for the first 100k; `lr_schedule_steps` keeps that.
 # Where these runs still differ from the official ones: its K600 script leaves --bf16 and DeepSpeed commented out (fp32
 # for the 700M), while --mixed_precision defaults to bf16 on CUDA; and its loader cuts a new random 17-frame window of
-# each training video whenever it reads one, while `pretokenize` stores one window (the centre) per video, so every
-# epoch here sees the same clips.
+# each training video whenever it reads one, while `pretokenize` stores one window (the centre) per video by default,
+# so every epoch sees the same clips (`nbp pretokenize --windows_per_video N` stores N evenly spread windows, of which
+# each epoch draws one per video: the official random start among N fixed ones).
 _UCF = dict(global_batch_size=256, learning_rate=6e-4, warmup_steps=5000, max_steps=100_000,
             weight_decay=0.01, dropout=0.1, optimizer_recipe="official", lr_min=0.0, warmup_lr_init=0.0)
 _K600 = dict(global_batch_size=64, warmup_steps=10_000, max_steps=100_000, lr_schedule_steps=4_000_000,

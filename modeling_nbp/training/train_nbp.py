@@ -4,8 +4,9 @@
         --preset ucf-700m --tokenizer pretrained/tokenizer --resume_from_checkpoint latest
 
 (`examples/train_nbp.py` in a checkout of the repository, or `nbp train ...` in one process.)
-Each item is one pre-tokenized clip, the same every epoch (the official loader cuts a new random window of each video
-whenever it reads one).
+Each item is one video's token grid: its one pre-tokenized window, or, for data pre-tokenized with
+`--windows_per_video`, one of its windows drawn anew every epoch (the official loader cuts a new random window of each
+video whenever it reads one).
 
 Outputs in --output_dir: checkpoint-<step>/ (complete training state; resume with --resume_from_checkpoint),
 train_log.jsonl (one line per logged step and per validation), logs/ (TensorBoard), samples/ (MP4 + contact sheets, with
@@ -542,7 +543,7 @@ def main(argv=None) -> dict:
 
     sampler = common.StepBatchSampler(len(info["data"]), per_device_batch, accelerator.num_processes,
                                       accelerator.process_index, args.seed, start_step=global_step * accum,
-                                      accumulation_steps=accum)
+                                      accumulation_steps=accum, item_seeds=True)  # seeds: each epoch's windows
     loader = torch.utils.data.DataLoader(info["data"], batch_sampler=sampler, collate_fn=collate_tokens,
                                          num_workers=decoding_workers(args.dataloader_num_workers),
                                          worker_init_fn=common.dataloader_worker_init,
@@ -555,6 +556,10 @@ def main(argv=None) -> dict:
     accelerator.print(f"{num_parameters / 1e6:.2f}M parameters, grid "
                       f"{config.latent_shape}, blocks {config.block_shape}, {accelerator.num_processes} process(es) x "
                       f"{per_device_batch} x {accum} accumulation = {global_batch} clips per step")
+    data = info["data"]
+    if data.num_windows > len(data):
+        accelerator.print(f"{len(data)} videos in {data.num_windows} pre-tokenized windows: each epoch draws one "
+                          "window of every video")
     can_sample = tokenizer is not None and not sharded
     meter = common.ThroughputMeter()
     # a resumed run with no step left reports the last logged loss
