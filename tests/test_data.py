@@ -668,3 +668,44 @@ def test_pretokenize_command_checks_its_flags_before_reading_videos(tmp_path, ca
         with pytest.raises(SystemExit) as exited:  # were found after the dataset was read, or not at all
             main([*base, *flags])
         assert exited.value.code == 2 and re.search(message, capsys.readouterr().err), flags
+
+
+def test_a_tokenizer_on_the_hub_is_found_with_its_training_clips(tmp_path, local_hub):
+    """`nbp pretokenize --tokenizer owner/name` (and `nbp train --tokenizer`): a pipeline repo's tokenizer (not its
+    generator) or a tokenizer repo is downloaded, with the clips it was trained on."""
+    from huggingface_hub import HfApi
+
+    from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
+    from modeling_nbp.run_files import write_json
+    from modeling_nbp.video_tokenizer import NBPVideoTokenizer
+
+    module = importlib.import_module("modeling_nbp.data.pretokenize")
+    tokenizer = NBPVideoTokenizer(block_out_channels=(8, 16), layers_per_block=(1, 1), downsample_strides=((2, 2),),
+                                  fsq_levels=(8, 5, 5, 5), norm_num_groups=4)
+    generator = NBPForVideoGeneration(NBPConfig(latent_shape=[2, 4, 4], block_shape=[1, 1, 4], video_vocab_size=1000,
+                                                num_classes=2, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2))
+    NBPVideoPipeline(transformer=generator, video_tokenizer=tokenizer).save_pretrained(tmp_path / "pipe")
+    write_json(tmp_path / "pipe" / "video_tokenizer" / module.TRAINING_CLIPS_FILE, {"num_frames": 3, "resolution": 8})
+    api = HfApi()
+    for repo, folder in (("test-user/pipe", tmp_path / "pipe"), ("test-user/tok", tmp_path / "pipe/video_tokenizer")):
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=folder)
+    local_hub.requests.clear()
+
+    for repo in ("test-user/pipe", "test-user/tok"):
+        folder = module.tokenizer_folder(repo)
+        assert module.training_clips(folder) == {"num_frames": 3, "resolution": 8}
+        assert NBPVideoTokenizer.from_pretrained(folder).codebook_size == tokenizer.codebook_size
+    assert not [path for _, path in local_hub.requests if "transformer" in path]  # the generator is not downloaded
+    assert module.tokenizer_folder(tmp_path / "pipe") == str(tmp_path / "pipe" / "video_tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer '\./tok': no folder at .* \(a Hub repo id has the form"):
+        module.tokenizer_folder("./tok")
+    with pytest.raises(OSError, match=r"tokenizer 'test-user/none' is neither a local folder .* nor a Hub repo that"):
+        module.tokenizer_folder("test-user/none")
+
+    for k in range(2):
+        write_counting_video(tmp_path / "videos" / "a" / f"{k}.mp4", frames=6)
+    module.main(["--data", str(tmp_path / "videos"), "--tokenizer", "test-user/pipe", "--output_dir",
+                 str(tmp_path / "tokens"), "--device", "cpu"])
+    assert load_token_dataset(tmp_path / "tokens")[0]["input_ids"].shape == (2, 4, 4)  # 3 frames of 8x8: the record

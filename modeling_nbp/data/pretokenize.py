@@ -341,9 +341,32 @@ TRAINING_CLIPS_FILE = "training_clips.json"
 CLIP_FLAG_DEFAULTS = {"num_frames": 17, "resolution": 128, "fps": 8, "resize": "squash"}
 
 
+def tokenizer_folder(source: str | os.PathLike) -> str:
+    """The local folder of the video tokenizer that ``source`` names: a tokenizer folder, a pipeline folder (its
+    ``video_tokenizer/``), or a Hub repo id of either (only the tokenizer's files are downloaded, with its
+    `TRAINING_CLIPS_FILE` if the repo has one)."""
+    folder = os.fspath(source)
+    if not os.path.isdir(folder):
+        where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
+        if folder.startswith((".", "/", "~")) or folder.count("/") != 1 or os.path.exists(folder):
+            raise FileNotFoundError(f"tokenizer {folder!r}: {where} (a Hub repo id has the form 'owner/name')")
+        from huggingface_hub import snapshot_download
+
+        tokenizer_files = ["config.json", "diffusion_pytorch_model*", TRAINING_CLIPS_FILE]
+        try:
+            folder = snapshot_download(folder, allow_patterns=["model_index.json", "video_tokenizer/*",
+                                                               *tokenizer_files])
+        except Exception as err:  # not on the Hub, offline, or not a valid repo id
+            raise OSError(f"tokenizer {folder!r} is neither a local folder ({where}) nor a Hub repo that could be "
+                          f"downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                          ) from err
+    pipeline_part = os.path.join(folder, "video_tokenizer")
+    return pipeline_part if os.path.isdir(pipeline_part) else folder
+
+
 def training_clips(folder: str | os.PathLike) -> dict:
-    """The clip settings (of `CLIP_FLAG_DEFAULTS`) a tokenizer folder records in `TRAINING_CLIPS_FILE`; {} for a
-    folder without it or a Hub id."""
+    """The clip settings (of `CLIP_FLAG_DEFAULTS`) a tokenizer folder (`tokenizer_folder`) records in
+    `TRAINING_CLIPS_FILE`; {} for a folder without it."""
     path = os.path.join(folder, TRAINING_CLIPS_FILE)
     if not os.path.isfile(path):
         return {}
@@ -379,7 +402,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="video dataset root (folder of class folders, UCF-101, K600)")
     p.add_argument("--layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
     p.add_argument("--split", default="train")
-    p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder")
+    p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder, or a Hub repo "
+                   "id of either")
     p.add_argument("--output_dir", required=True)
     trained = "default: the tokenizer's training clips (see below), else"
     p.add_argument("--num_frames", type=positive_int, help=f"{trained} 17")
@@ -398,9 +422,7 @@ def main(argv=None):
     p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
-    folder = args.tokenizer
-    if os.path.isdir(os.path.join(folder, "video_tokenizer")):
-        folder = os.path.join(folder, "video_tokenizer")
+    folder = tokenizer_folder(args.tokenizer)
     recorded = training_clips(folder)
     for key, default in CLIP_FLAG_DEFAULTS.items():
         given = getattr(args, key)

@@ -32,7 +32,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
-from ..data.pretokenize import TRAINING_CLIPS_FILE, weights_digest
+from ..data.pretokenize import TRAINING_CLIPS_FILE, tokenizer_folder, weights_digest
 from ..generation import resolve_sampling
 from ..modeling_nbp import LOSS_IMPLEMENTATIONS, NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_data", required=True, help="pre-tokenized dataset folder (output of pretokenize)")
     g.add_argument("--validation_data", help="pre-tokenized validation folder: its loss is reported")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder): enables sample videos and "
-                   "makes final/ a full NBPVideoPipeline")
+    g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder, or a Hub repo id of either): "
+                   "enables sample videos and makes final/ a full NBPVideoPipeline")
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=2,
                    help="at most as many as this process may use CPUs")
     g = p.add_argument_group("model (one of --preset, --model_config or the size flags; the latent grid, video "
@@ -311,17 +311,13 @@ def check_same_pretokenization(validation_data: str, train_data: str) -> None:
                          f"{'; '.join(clip)}): pre-tokenize both with the same clip settings")
 
 
-def tokenizer_subfolder(path: str) -> str | None:
-    """The tokenizer's subfolder of --tokenizer: "video_tokenizer" in a pipeline folder, else None."""
-    return "video_tokenizer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
-
-
-def load_tokenizer(path: str | None, device):
-    if path is None:
+def load_tokenizer(folder: str | None, device):
+    """The tokenizer in `folder` (`tokenizer_folder`), or None."""
+    if folder is None:
         return None
     from ..video_tokenizer import NBPVideoTokenizer
 
-    return NBPVideoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder(path)).to(device).eval()
+    return NBPVideoTokenizer.from_pretrained(folder).to(device).eval()
 
 
 def collate_tokens(items: list[dict]) -> dict:
@@ -407,10 +403,10 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
 
 
 def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str,
-               tokenizer_path: str | None = None) -> str:
+               tokenizer_folder: str | None = None) -> str:
     """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`,
-    else from the folder, and says `notes`; the tokenizer's training clips, `tokenizer_path`'s
-    `TRAINING_CLIPS_FILE`, go with it, for `nbp pretokenize --tokenizer final`), else the generator folder."""
+    else from the folder, and says `notes`; the tokenizer's training clips, the `TRAINING_CLIPS_FILE` in
+    `tokenizer_folder`, go with it, for `nbp pretokenize --tokenizer final`), else the generator folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
     consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")  # the names under torch.compile's wrapper
@@ -424,8 +420,8 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
             if tokenizer is not None:
                 NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(
                     tmp, repo_id=repo_id or final_dir, model_card_notes=notes)
-                if tokenizer_path:
-                    clips = os.path.join(tokenizer_path, tokenizer_subfolder(tokenizer_path) or "", TRAINING_CLIPS_FILE)
+                if tokenizer_folder:
+                    clips = os.path.join(tokenizer_folder, TRAINING_CLIPS_FILE)
                     if os.path.isfile(clips):
                         shutil.copyfile(clips, os.path.join(tmp, "video_tokenizer", TRAINING_CLIPS_FILE))
             else:
@@ -480,7 +476,9 @@ def main(argv=None) -> dict:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, per_device_batch, args.max_grad_norm)
     info = describe_tokens(args.train_data)
-    tokenizer = load_tokenizer(args.tokenizer, accelerator.device)
+    with accelerator.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
+        tokenizer_dir = tokenizer_folder(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_tokenizer(tokenizer_dir, accelerator.device)
     config = build_config(args, info, tokenizer)
     fps = pretokenize_record(args.train_data)[1].get("clip", {}).get("fps")
     if fps:  # the clips' rate: `nbp generate` reads contexts and writes videos at it
@@ -629,7 +627,7 @@ def main(argv=None) -> dict:
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
     final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes,
-                           args.tokenizer)
+                           tokenizer_dir)
     if args.push_to_hub and accelerator.is_main_process:
         upload_to_hub(final_dir, hub_repo, commit_message=f"NBP generator after {global_step} steps")
         accelerator.print(f"pushed {final_dir} to {hub_repo}")
