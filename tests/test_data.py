@@ -81,6 +81,7 @@ def test_windows_spread_over_the_whole_video(tmp_path):
     assert window_starts(40, 4, 3).tolist() == [0, 18, 36]  # the first and the last window included
     assert window_starts(6, 4, 5).tolist() == [0, 1, 2]  # 3 possible windows: equal starts merged
     assert window_starts(3, 4, 5).tolist() == [0] and window_starts(40, 4, 1).tolist() == [0]
+    assert window_starts(40, 4, 10**12).tolist() == list(range(37))  # every start, without 10**12 candidates
     path = write_counting_video(tmp_path / "v.mp4", frames=20, fps=8)
     clips = load_clip_windows(path, 3, num_frames=4, resolution=8, fps=8)
     assert clips.shape == (3, 3, 4, 8, 8)
@@ -500,13 +501,14 @@ def test_pretokenized_windows_give_each_video_a_new_window_every_epoch(tmp_path)
     data = load_video_dataset(tmp_path / "videos", num_frames=4, resolution=8, fps=8, sampling="center")
     tokens = pretokenize(data, FakeTokenizer(), tmp_path / "tokens", batch_size=2, chunk_size=2, windows_per_video=3)
     assert list(tokens["index"]) == [0, 0, 0, 1, 1, 2, 2, 2]  # the 5-frame video has 2 possible windows, 3 wanted
+    assert list(tokens["window"]) == [0, 1, 2, 0, 1, 0, 1, 2]
     windows = load_token_dataset(tmp_path / "tokens")
     assert len(windows) == 3 and windows.num_windows == 8
     for i, path in enumerate(data.index["path"]):
         expected = [FakeTokenizer().encode(clip[None])[0] for clip in load_clip_windows(path, 3, 4, 8, 8)]
         drawn = [windows[(i, seed)]["input_ids"] for seed in range(12)]
         assert {tuple(t.flatten().tolist()) for t in drawn} == {tuple(t.flatten().tolist()) for t in expected}
-        assert torch.equal(windows[i]["input_ids"], expected[len(expected) // 2])  # no seed: the middle window
+        assert torch.equal(windows[i]["input_ids"], expected[(len(expected) - 1) // 2])  # no seed: the middle one
         assert windows[(i, 5)]["label"] == data.index[i]["label"]
 
     # the training loop's sampler: a video per slot, its window drawn from (seed, epoch, video)
@@ -518,6 +520,10 @@ def test_pretokenized_windows_give_each_video_a_new_window_every_epoch(tmp_path)
 
     twice = TokenDataset(datasets.concatenate_datasets([tokens, tokens]))  # indices repeat, in two runs each
     assert len(twice) == 6 and all(torch.equal(twice[i + 3]["input_ids"], windows[i]["input_ids"]) for i in range(3))
+    # rows without window numbers are an item each, whatever their index: e.g. a folder oversampled by repeating rows
+    repeated = TokenDataset(tokens.remove_columns("window").select([0, 0, 0, 3]))
+    assert len(repeated) == 4 and repeated.num_windows == 4
+    assert len(TokenDataset(tokens.remove_columns(["window", "index"]).add_column("index", list("aabbbccc")))) == 8
 
     with pytest.raises(ValueError, match=r"windows_per_video 3 on disk, 2 now"):
         pretokenize(data, FakeTokenizer(), tmp_path / "tokens", batch_size=2, chunk_size=2, windows_per_video=2)

@@ -368,8 +368,9 @@ def test_each_epoch_trains_on_a_new_window_of_every_video(tmp_path, monkeypatch,
     # 4 videos x 3 windows; every token of window w of video v is 3 * v + w, so a grid tells which window it is
     rows = {"tokens": [[3 * v + w] * 32 for v in range(4) for w in range(3)], "latent_shape": [list(GRID)] * 12,
             "label": [v % CLASSES for v in range(4) for _ in range(3)],
-            "index": [v for v in range(4) for _ in range(3)]}
-    datasets.Dataset.from_dict(rows, features=TOKEN_FEATURES).save_to_disk(str(tmp_path / "data" / "tokens"))
+            "index": [v for v in range(4) for _ in range(3)], "window": [w for _ in range(4) for w in range(3)]}
+    features = datasets.Features(dict(TOKEN_FEATURES, window=datasets.Value("int32")))
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "data" / "tokens"))
     seen, collate = [], train_nbp.collate_tokens
 
     def recording(items):
@@ -851,3 +852,73 @@ def test_transformers_trainer_trains_the_generator(tmp_path):
     for a, b, c in zip(large.parameters(), accumulated.parameters(), compiled.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_starts_from_a_pretrained_generator(tmp_path, local_hub, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from modeling_nbp.training import train_nbp
+
+    data = write_tokens(tmp_path / "data", 8, 0, class_names=["cat", "dog", "fox"])
+    run = ["--train_data", data, *TINY[8:], "--train_batch_size", "4", "--warmup_steps", "0"]  # no size flags
+    main([*run, *TINY[:8], "--output_dir", str(tmp_path / "a"), "--max_steps", "2"])
+    pretrained = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    HfApi().create_repo("test-user/gen")
+    HfApi().upload_folder(repo_id="test-user/gen", folder_path=tmp_path / "a" / "final")
+    started, labels, build = [], [], train_nbp.NBPForVideoGeneration
+
+    class Recorded(build):  # the weights each run starts from, before its first step, and the labels it trains on
+        def set_attn_implementation(self, *args):
+            started.append({k: t.clone() for k, t in self.state_dict().items()})
+            return super().set_attn_implementation(*args)
+
+        def forward(self, *args, class_labels=None, **kwargs):
+            labels.extend([] if class_labels is None else class_labels.tolist())
+            return super().forward(*args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(train_nbp, "NBPForVideoGeneration", Recorded)
+    for source in (str(tmp_path / "a" / "final"), "test-user/gen"):
+        out = tmp_path / source.replace("/", "_")
+        main([*run, "--output_dir", str(out), "--max_steps", "1", "--init_from", source])
+        assert started[-1].keys() == pretrained.keys()
+        assert all(torch.equal(t, pretrained[k]) for k, t in started[-1].items())
+    main([*run, *TINY[:8], "--output_dir", str(tmp_path / "fresh"), "--max_steps", "1"])
+    assert not all(torch.equal(t, pretrained[k]) for k, t in started[-1].items())
+    # two of the model's classes, in a folder of their own: data labels 0, 1 are the model's 1 (dog), 2 (fox)
+    subset = write_tokens(tmp_path / "subset", 8, 1, class_names=["dog", "fox"], classes=2)
+    labels.clear()
+    main(["--train_data", subset, *run[2:], "--output_dir", str(tmp_path / "subset_run"), "--max_steps", "1",
+          "--init_from", source])
+    assert sorted(set(labels)) == [1, 2]
+    with pytest.raises(ValueError, match=r"give one of --preset, --init_from"):
+        main([*run, "--output_dir", str(tmp_path / "x"), "--preset", "ucf-700m", "--init_from", source])
+    with pytest.raises(ValueError, match=r"--num_layers cannot be combined with --init_from"):
+        main([*run, "--output_dir", str(tmp_path / "x"), "--num_layers", "1", "--init_from", source])
+
+
+def test_fine_tuning_data_labels_follow_the_pretrained_models_class_names(tmp_path):
+    from modeling_nbp.training.train_nbp import data_label_map, model_class_names
+
+    config = NBPConfig(latent_shape=list(GRID), num_classes=3, id2label={0: "cat", 1: "dog", 2: "fox"})
+    info = {"class_names": ["dog", "fox"]}  # a folder of two of the classes: its labels are 0 and 1
+    assert data_label_map(info, config).tolist() == [1, 2]
+    assert data_label_map({"class_names": ["cat", "dog", "fox"]}, config) is None
+    assert data_label_map({"class_names": None}, config) is None  # token rows without names: labels as they are
+    with pytest.raises(ValueError, match=r"classes the model names \(1\) and classes it does not \(\['owl'\]\)"):
+        data_label_map({"class_names": ["dog", "owl"]}, config)
+    assert data_label_map({"class_names": ["ant", "bee"]}, config) is None  # new classes train the slots in order
+    assert model_class_names(config) == ["ant", "bee", "fox"] and config.label2id["bee"] == 1
+    assert model_class_names(NBPConfig(latent_shape=list(GRID), num_classes=2)) is None  # LABEL_0, LABEL_1
+
+
+def test_a_resume_needs_the_same_init_from(tmp_path):
+    data = write_tokens(tmp_path / "data", 8, 0)
+    run = ["--train_data", data, *TINY[8:], "--train_batch_size", "4", "--warmup_steps", "0"]
+    for name in ("a", "b"):
+        main([*run, *TINY[:8], "--output_dir", str(tmp_path / name), "--max_steps", "1"])
+    tuned = [*run, "--output_dir", str(tmp_path / "tuned"), "--checkpointing_steps", "1",
+             "--resume_from_checkpoint", "latest"]
+    main([*tuned, "--max_steps", "1", "--init_from", str(tmp_path / "a" / "final")])
+    with pytest.raises(ValueError, match=r"init_from '.*/a/final' on disk, '.*/b/final' now"):
+        main([*tuned, "--max_steps", "2", "--init_from", str(tmp_path / "b" / "final")])
+    assert main([*tuned, "--max_steps", "2", "--init_from", str(tmp_path / "a" / "final")])["steps"] == 2

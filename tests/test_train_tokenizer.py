@@ -11,6 +11,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
+from modeling_nbp.run_files import write_json
 from modeling_nbp.training import common, train_tokenizer
 from modeling_nbp.training.optim import lr_at_step
 from modeling_nbp.training.tokenizer_losses import (PatchDiscriminator, adversarial_active, discriminator_loss,
@@ -24,13 +25,16 @@ from test_data import write_corrupt, write_counting_video
 from train_helpers import fresh_accelerate_state, read_log, tensorboard_steps  # noqa: F401 (autouse fixture)
 
 # 5 frames of 16 x 16 moving digits -> a 3 x 4 x 4 grid of 16 codes; 2 steps without the GAN, then 2 with it
-RUN = ["--num_frames", "5", "--resolution", "16", "--base_channels", "8", "--channel_multipliers", "1,1",
-       "--layers_per_block", "1", "--time_strides", "2", "--space_strides", "2", "--fsq_levels", "4,4",
-       "--norm_num_groups", "4", "--patch_size", "2", "--disc_base_channels", "8", "--disc_num_layers", "2",
-       "--train_batch_size", "2", "--max_steps", "4", "--disc_start_step", "2", "--checkpointing_steps", "1",
-       "--logging_steps", "1", "--eval_steps", "2", "--num_log_videos", "1", "--dataloader_num_workers", "0",
-       "--report_to", "none", "--learning_rate", "1e-3", "--seed", "3"]
-TINY = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2", *RUN]
+CLIPS = ["--num_frames", "5", "--resolution", "16"]
+SIZE = ["--base_channels", "8", "--channel_multipliers", "1,1", "--layers_per_block", "1", "--time_strides", "2",
+        "--space_strides", "2", "--fsq_levels", "4,4", "--norm_num_groups", "4", "--patch_size", "2"]
+TRAINING = ["--disc_base_channels", "8", "--disc_num_layers", "2", "--train_batch_size", "2", "--max_steps", "4",
+            "--disc_start_step", "2", "--checkpointing_steps", "1", "--logging_steps", "1", "--eval_steps", "2",
+            "--num_log_videos", "1", "--dataloader_num_workers", "0", "--report_to", "none", "--learning_rate", "1e-3",
+            "--seed", "3"]
+RUN = [*CLIPS, *SIZE, *TRAINING]
+DIGITS = ["--dataset", "moving_digits", "--num_clips", "8", "--num_eval_clips", "2"]
+TINY = [*DIGITS, *RUN]
 
 
 def write_noise_videos(folder, count: int, frames: int = 40) -> str:
@@ -566,7 +570,7 @@ def test_help_through_the_example_wrapper(monkeypatch, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--perceptual_model", "--disc_start_step", "--gan_loss", "--fsq_levels", "--patch_size",
-                 "--tokenizer_config", "--push_to_hub", "no perceptual weights ship"):
+                 "--tokenizer_config", "--init_from", "--push_to_hub", "no perceptual weights ship"):
         assert flag in text
 
 
@@ -591,3 +595,115 @@ def test_a_run_compiled_by_accelerate_trains_like_an_eager_one(tmp_path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ---- fine-tuning a pretrained tokenizer (--init_from) ----------------------------------------------------------
+def save_tiny_tokenizer(folder, clips: dict | None = None, seed: int = 7) -> NBPVideoTokenizer:
+    """TINY's tokenizer with weights of its own (`seed`), saved to `folder` with the training clips `clips`."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(parse_args([*TINY, "--output_dir", str(folder)]))
+    tokenizer.save_pretrained(folder)
+    if clips is not None:
+        write_json(os.path.join(folder, "training_clips.json"), clips)
+    return tokenizer
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer", "pipeline"])
+def test_init_from_starts_from_the_pretrained_weights(tmp_path, layout, capsys):
+    """--init_from a tokenizer folder, or a pipeline folder (its video_tokenizer/): the run starts from its weights (a
+    learning rate of 0 keeps them to the end) and its training clips (no clip flag given: 5 x 16 x 16, not the
+    default 17 x 128 x 128), and final/ names where they came from; a run without it starts from its own."""
+    from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
+
+    source = tmp_path / "pretrained"
+    pretrained = save_tiny_tokenizer(tmp_path / "tok", {"num_frames": 5, "resolution": 16})
+    if layout == "pipeline":
+        generator = NBPForVideoGeneration(NBPConfig(latent_shape=[3, 4, 4], block_shape=[1, 4, 4], video_vocab_size=16,
+                                                    num_classes=10, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2))
+        NBPVideoPipeline(transformer=generator, video_tokenizer=pretrained).save_pretrained(source)
+        shutil.copy(tmp_path / "tok" / "training_clips.json", source / "video_tokenizer")
+    else:
+        shutil.copytree(tmp_path / "tok", source)
+    frozen = [*DIGITS, *TRAINING, "--learning_rate", "0", "--max_steps", "1", "--adversarial_weight", "0",
+              "--eval_steps", "0", "--num_log_videos", "0"]
+    main([*frozen, "--init_from", str(source), "--output_dir", str(tmp_path / "run")])
+    final = tmp_path / "run" / "final"
+    assert same_weights(load_file(str(final / "diffusion_pytorch_model.safetensors")), pretrained.state_dict())
+    assert json.loads((final / "config.json").read_text())["_name_or_path"] == str(source)
+    assert json.loads((final / "training_clips.json").read_text()) == {"num_frames": 5, "resolution": 16}
+    assert f"parameters from {source}" in capsys.readouterr().out
+    main([*frozen, *CLIPS, *SIZE, "--output_dir", str(tmp_path / "new")])
+    assert not same_weights(load_file(str(tmp_path / "new" / "final" / "diffusion_pytorch_model.safetensors")),
+                            pretrained.state_dict())
+
+
+def test_a_resume_needs_the_same_init_from(tmp_path):
+    """A resumed run takes its weights from the checkpoint; resuming it with another --init_from (or none) is refused
+    rather than recorded as a run of that other tokenizer."""
+    for name in ("a", "b"):
+        save_tiny_tokenizer(tmp_path / name, {"num_frames": 5, "resolution": 16})
+    run = [*DIGITS, *TRAINING, "--max_steps", "1", "--adversarial_weight", "0", "--eval_steps", "0",
+           "--num_log_videos", "0", "--output_dir", str(tmp_path / "run")]
+    main([*run, "--init_from", str(tmp_path / "a")])
+    resume = [*run, "--max_steps", "2", "--resume_from_checkpoint", "latest"]
+    a, b = repr(str(tmp_path / "a")), repr(str(tmp_path / "b"))
+    for flags, change in [(["--init_from", str(tmp_path / "b")], f"init_from {a} on disk, {b} now"),
+                          ([*CLIPS, *SIZE], f"init_from {a} on disk, None now")]:
+        with pytest.raises(ValueError, match=f"trained with other settings \\({re.escape(change)}\\)"):
+            main([*resume, *flags])
+    main([*resume, "--init_from", str(tmp_path / "a")])
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_init_from_cannot_be_combined_with_another_model_definition(tmp_path):
+    """Checked before the source is resolved (no download): the pretrained tokenizer is the model. A source that is
+    not there is reported as --init_from's."""
+    base = ["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--init_from", "someone/tokenizer"]
+    for flags, given in [(["--fsq_levels", "8,8", "--patch_size", "2"], "--fsq_levels, --patch_size"),
+                         (["--tokenizer_config", "tok.json"], "--tokenizer_config")]:
+        with pytest.raises(ValueError, match=re.escape(f"{given} cannot be combined with --init_from, whose pretrained "
+                                                       "tokenizer is the model")):
+            parse_args([*base, *flags])
+    with pytest.raises(FileNotFoundError, match=r"--init_from: tokenizer '\./missing': no folder at"):
+        parse_args(["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--init_from", "./missing"])
+
+
+def test_init_from_takes_the_tokenizers_training_clips_as_the_clip_defaults(tmp_path, caplog):
+    """Each clip flag: the command line, else --preset, else the tokenizer's training clips, else the default; a
+    value that differs from those training clips is warned about."""
+    save_tiny_tokenizer(tmp_path / "tok", {"num_frames": 9, "resolution": 24, "fps": 4, "resize": "crop"})
+    clips = lambda args: (args.num_frames, args.resolution, args.fps, args.resize)  # noqa: E731
+    folder = ["--train_data", str(tmp_path), "--output_dir", str(tmp_path)]
+    fine_tune = [*folder, "--init_from", str(tmp_path / "tok")]
+    assert clips(parse_args(fine_tune)) == (9, 24, 4, "crop") and not caplog.text
+    assert clips(parse_args([*fine_tune, "--resolution", "32", "--resize", "crop"])) == (9, 32, 4, "crop")
+    assert re.search(r"--resolution 32 differs from the clips the --init_from tokenizer was trained on \(resolution 24 "
+                     r"in .*training_clips.json\)", caplog.text) and "--resize" not in caplog.text
+    caplog.clear()
+    assert clips(parse_args([*fine_tune, "--preset", "k600"])) == (17, 128, 16, "crop")  # paper Table 5's clips
+    assert "--fps 16 (--preset k600) differs from the clips" in caplog.text
+    assert clips(parse_args(folder)) == (17, 128, 8, "squash")  # without --init_from: the defaults
+    # moving digits have no frame rate or resizing: the recorded ones are neither taken nor warned about
+    caplog.clear()
+    digits = parse_args(["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--init_from",
+                         str(tmp_path / "tok"), "--preset", "k600"])
+    assert clips(digits) == (17, 128, 16, "squash") and "--fps" not in caplog.text and "--resize" not in caplog.text
+
+
+def test_init_from_a_hub_repo_id(tmp_path, local_hub):
+    from huggingface_hub import HfApi
+
+    pretrained = save_tiny_tokenizer(tmp_path / "tok", {"num_frames": 5, "resolution": 16})
+    api = HfApi()
+    api.create_repo("test-user/tok")
+    api.upload_folder(repo_id="test-user/tok", folder_path=tmp_path / "tok")
+    args = parse_args([*DIGITS, "--init_from", "test-user/tok", "--output_dir", str(tmp_path / "run")])
+    assert (args.init_from, args.num_frames, args.resolution) == ("test-user/tok", 5, 16)
+    tokenizer = build_tokenizer(args)
+    assert same_weights(tokenizer.state_dict(), pretrained.state_dict())
+    assert tokenizer.config._name_or_path == "test-user/tok"  # final/config.json names the repo, not the cache

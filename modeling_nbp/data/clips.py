@@ -60,7 +60,7 @@ def window_starts(num_available: int, num_frames: int, num_windows: int) -> np.n
         raise ValueError(f"need num_windows, num_frames and num_available >= 1, got {num_windows}, {num_frames}, "
                          f"{num_available}")
     spare = max(num_available - num_frames, 0)
-    return np.unique(np.round(np.linspace(0, spare, num_windows)).astype(np.int64))
+    return np.unique(np.round(np.linspace(0, spare, min(num_windows, spare + 1))).astype(np.int64))
 
 
 def _warn_if_enlarging(height: int, width: int, resolution: int) -> None:
@@ -130,19 +130,21 @@ def load_clip_windows(path: str, num_windows: int, num_frames: int = 17, resolut
 
 def _read_clips(path: str, num_frames: int, resolution: int, fps: float | None, resize: str, select) -> torch.Tensor:
     """The clips whose frame indices `select(number of frames at fps)` gives, ``num_frames`` after another:
-    ``(n, 3, num_frames, resolution, resolution)``."""
+    ``(n, 3, num_frames, resolution, resolution)``. A frame that several clips share is decoded and resized once."""
     if resize not in RESIZE_MODES:  # before decoding
         raise ValueError(f"`resize` must be one of {RESIZE_MODES}, got {resize!r}")
-    available = []
+    available, positions = [], []
 
     def counted(count: int) -> np.ndarray:
         available.append(count)
-        return select(count)
+        frames, where = np.unique(select(count), return_inverse=True)
+        positions.append(torch.from_numpy(where.reshape(-1)))
+        return frames
 
     frames, _ = read_video(path, fps=fps, select=counted)
     if available[-1] < num_frames:  # the too-short rule; all of a folder's clips padded is usually a wrong num_frames
         rate = f" at {fps:g} fps" if fps is not None else ""
         warnings.warn(f"videos with fewer than {num_frames} frames{rate} are padded by repeating their last frame; "
                       "pass the num_frames (and fps) the tokenizer expects", stacklevel=3)
-    clips = frames_to_tensor(resize_frames(frames, resolution, resize))  # (3, n * num_frames, H, W)
+    clips = frames_to_tensor(resize_frames(frames, resolution, resize))[:, positions[-1]]  # (3, n * num_frames, H, W)
     return clips.unflatten(1, (-1, num_frames)).transpose(0, 1).contiguous()

@@ -9,11 +9,11 @@ Output folder layout::
     output_dir/skipped.json          # paths of items that could not be decoded
 
 Rows: ``tokens`` (flat int32 list), ``latent_shape`` ([T', H', W']), ``label`` (int64) and ``index``
-(position in the source dataset); a video cut into several windows (``windows_per_video``) has a row per window, all
-with its index. Chunk ``k`` holds items ``[k * chunk_size, (k + 1) * chunk_size)``
-and belongs to shard ``k % num_shards``, so processes can split the work by index and a killed run
-restarted with the same arguments skips the chunks already on disk; a rerun with another tokenizer or other
-clip settings is refused rather than mixed with them.
+(position in the source dataset); a video cut into several windows (``windows_per_video`` > 1) has a row per window, one
+after another, with its index and a ``window`` column (0, 1, ... in the video). Chunk ``k`` holds items
+``[k * chunk_size, (k + 1) * chunk_size)`` and belongs to shard ``k % num_shards``, so processes can split the work by
+index and a killed run restarted with the same arguments skips the chunks already on disk; a rerun with another
+tokenizer or other clip settings is refused rather than mixed with them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..hub_folders import component_folder
 from ..run_files import read_settings_differences, write_json
 from ..value_checks import is_integer
 from ..video_io import atomic_output_path
@@ -45,12 +46,14 @@ TOKEN_FEATURES = datasets.Features({
 })
 
 
-def token_features(dataset) -> datasets.Features:
-    """The token rows' features; the label column carries the source's class names when it has them."""
+def token_features(dataset, windows: bool = False) -> datasets.Features:
+    """The token rows' features; the label column carries the source's class names when it has them, and rows of
+    several windows per video their window number."""
+    features = dict(TOKEN_FEATURES, window=datasets.Value("int32")) if windows else dict(TOKEN_FEATURES)
     names = getattr(dataset, "class_names", None)
-    if not names:
-        return TOKEN_FEATURES
-    return datasets.Features(dict(TOKEN_FEATURES, label=datasets.ClassLabel(names=list(names))))
+    if names:
+        features["label"] = datasets.ClassLabel(names=list(names))
+    return datasets.Features(features)
 
 
 class _IndexedItems(torch.utils.data.Dataset):
@@ -78,9 +81,9 @@ class _IndexedItems(torch.utils.data.Dataset):
 
 def _collate_windows(items: list[dict]) -> dict:
     """`collate_videos` over every window of the items: a video of n windows becomes n clips with its label and
-    index."""
-    return collate_videos([dict(item, video=clip) for item in items if item["video"] is not None
-                           for clip in item["video"]] + [item for item in items if item["video"] is None])
+    index, numbered by ``"window"``."""
+    return collate_videos([dict(item, video=clip, window=k) for item in items if item["video"] is not None
+                           for k, clip in enumerate(item["video"])] + [item for item in items if item["video"] is None])
 
 
 # Dataset attributes that change the clips, hence the tokens (those of `VideoClipDataset`, then `MovingDigits`').
@@ -158,6 +161,8 @@ def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_wor
                                          batch_size=max(1, batch_size // windows_per_video),
                                          num_workers=num_workers, collate_fn=_collate_windows)
     rows = {"tokens": [], "latent_shape": [], "label": [], "index": []}
+    if windows_per_video > 1:
+        rows["window"] = []
     skipped = []
     for batch in loader:
         skipped += batch["skipped_paths"]
@@ -169,6 +174,8 @@ def _tokenize_chunk(dataset, tokenizer, indices: range, batch_size: int, num_wor
         rows["latent_shape"] += [list(grid.shape[1:])] * len(grid)
         rows["label"] += batch["label"].tolist()
         rows["index"] += batch["index"]
+        if "window" in rows:
+            rows["window"] += batch["window"]
     return rows, skipped
 
 
@@ -240,7 +247,7 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
         rows, skipped = _tokenize_chunk(dataset, tokenizer, indices, batch_size, num_workers, device,
                                         windows_per_video)
         with atomic_output_path(target) as tmp:
-            datasets.Dataset.from_dict(rows, features=token_features(dataset)).save_to_disk(tmp)
+            datasets.Dataset.from_dict(rows, features=token_features(dataset, windows_per_video > 1)).save_to_disk(tmp)
             write_json(os.path.join(tmp, "skipped.json"), skipped)
         logger.info("chunk %d/%d written (%d items, %d skipped)", chunk + 1, num_chunks, len(rows["label"]), len(skipped))
     return merge_token_chunks(output_dir) if num_shards == 1 else None
@@ -285,17 +292,20 @@ class TokenDataset(torch.utils.data.Dataset):
     """Pre-tokenized videos: item ``i`` is ``{"input_ids": LongTensor (T', H', W'), "label": int}`` of the ``i``-th
     video (in source order).
 
-    A video pre-tokenized with several windows (``windows_per_video``) has a row per window, one after another with
-    the same ``index``: the key ``(i, seed)`` picks one from ``seed`` (the training loop's per-epoch item seeds, so
-    each epoch draws a new window of every video, as the official loader does), ``i`` alone the middle one. Each video
-    counts once whatever its number of windows (rows of equal index apart, as in token folders concatenated, are
-    other videos). ``tokens`` holds the rows."""
+    A video pre-tokenized with several windows (``windows_per_video``) has a row per window, numbered 0, 1, ... one
+    after another (the ``window`` column): the key ``(i, seed)`` picks one from ``seed`` (the training loop's per-epoch
+    item seeds, so each epoch draws a new window of every video, as the official loader does), ``i`` alone the middle
+    one (the earlier of two). Each video counts once whatever its number of windows. Without a ``window`` column
+    every row is an item. ``tokens`` holds the rows."""
 
     def __init__(self, tokens: datasets.Dataset):
         self.tokens = tokens.with_format("numpy")
-        video = np.asarray(self.tokens["index"][:]) if "index" in tokens.column_names else np.arange(len(tokens))
-        self._first = np.flatnonzero(np.diff(video, prepend=video[:1] - 1))  # where a run of equal indices starts
-        self._count = np.diff(self._first, append=len(video))
+        if "window" in tokens.column_names:
+            window = np.asarray(self.tokens["window"][:])
+            self._first = np.flatnonzero(np.diff(window, prepend=window[:1]) != 1)  # where a video's windows start
+        else:
+            self._first = np.arange(len(tokens))
+        self._count = np.diff(self._first, append=len(tokens))
 
     def __len__(self) -> int:
         return len(self._first)
@@ -308,7 +318,7 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, seed = key if isinstance(key, tuple) else (key, None)
         count = int(self._count[i])
-        row = self.tokens[int(self._first[i]) + (count // 2 if seed is None else seed % count)]
+        row = self.tokens[int(self._first[i]) + ((count - 1) // 2 if seed is None else seed % count)]
         grid = torch.from_numpy(row["tokens"].astype(np.int64)).view(*row["latent_shape"].tolist())
         return {"input_ids": grid, "label": int(row["label"])}
 
@@ -345,23 +355,8 @@ def tokenizer_folder(source: str | os.PathLike) -> str:
     """The local folder of the video tokenizer that ``source`` names: a tokenizer folder, a pipeline folder (its
     ``video_tokenizer/``), or a Hub repo id of either (only the tokenizer's files are downloaded, with its
     `TRAINING_CLIPS_FILE` if the repo has one)."""
-    folder = os.fspath(source)
-    if not os.path.isdir(folder):
-        where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
-        if folder.startswith((".", "/", "~")) or folder.count("/") != 1 or os.path.exists(folder):
-            raise FileNotFoundError(f"tokenizer {folder!r}: {where} (a Hub repo id has the form 'owner/name')")
-        from huggingface_hub import snapshot_download
-
-        tokenizer_files = ["config.json", "diffusion_pytorch_model*", TRAINING_CLIPS_FILE]
-        try:
-            folder = snapshot_download(folder, allow_patterns=["model_index.json", "video_tokenizer/*",
-                                                               *tokenizer_files])
-        except Exception as err:  # not on the Hub, offline, or not a valid repo id
-            raise OSError(f"tokenizer {folder!r} is neither a local folder ({where}) nor a Hub repo that could be "
-                          f"downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                          ) from err
-    pipeline_part = os.path.join(folder, "video_tokenizer")
-    return pipeline_part if os.path.isdir(pipeline_part) else folder
+    return component_folder(source, "video_tokenizer", ["config.json", "diffusion_pytorch_model*",
+                                                        TRAINING_CLIPS_FILE], "tokenizer")
 
 
 def training_clips(folder: str | os.PathLike) -> dict:

@@ -33,6 +33,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from ..configuration_nbp import FIRST_BLOCK_SCHEMES, CONDITION_MODES, NBPConfig
 from ..data import load_token_dataset
 from ..data.pretokenize import TRAINING_CLIPS_FILE, tokenizer_folder, weights_digest
+from ..hub_folders import component_folder
 from ..generation import resolve_sampling
 from ..modeling_nbp import LOSS_IMPLEMENTATIONS, NBPForVideoGeneration
 from ..pipelines import NBPVideoPipeline
@@ -60,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "enables sample videos and makes final/ a full NBPVideoPipeline")
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=2,
                    help="at most as many as this process may use CPUs")
-    g = p.add_argument_group("model (one of --preset, --model_config or the size flags; the latent grid, video "
-                             "vocabulary and classes come from the data)")
+    g = p.add_argument_group("model (one of --preset, --model_config, --init_from or the size flags; the latent grid, "
+                             "video vocabulary and classes come from the data)")
     g.add_argument("--preset", choices=sorted(GENERATOR_PRESETS),
                    help="paper setting: model size and task plus batch, lr, warmup and steps (training flags override "
                         "these; the model size comes only from the preset)")
     g.add_argument("--model_config", help="NBPConfig JSON file or model folder")
+    g.add_argument("--init_from", help="pretrained generator to fine-tune: a generator folder, a pipeline folder (its "
+                   "transformer/) or a Hub repo id of either; it defines the model (size, grid, blocks, vocabulary, "
+                   "classes: the data must fit them) and its weights start the run (a resumed run takes its "
+                   "checkpoint's)")
     g.add_argument("--num_layers", type=common.positive_int, help=f"default {DEFAULTS['num_layers']}")
     g.add_argument("--hidden_size", type=common.positive_int, help=f"default {DEFAULTS['hidden_size']}")
     g.add_argument("--num_heads", type=common.positive_int, help=f"default {DEFAULTS['num_heads']}")
@@ -148,15 +153,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "learning-rate schedule (--lr_schedule_steps, else --max_steps)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
-    if args.preset and args.model_config:
-        raise ValueError("give --preset or --model_config, not both")
-    if args.preset or args.model_config:  # these flags only shape a model built from the size flags
+    sources = [f"--{k}" for k in ("preset", "model_config", "init_from") if getattr(args, k)]
+    if len(sources) > 1:
+        raise ValueError(f"give one of {', '.join(sources)}: each defines the model (with --init_from, give the "
+                         "training flags rather than a --preset)")
+    if sources:  # these flags only shape a model built from the size flags
         ignored = ["num_layers", "hidden_size", "num_heads", "first_block", "condition_mode", "num_classes"]
-        ignored += ["block_shape", "video_vocab_size"] if args.model_config else []
+        ignored += [] if args.preset else ["block_shape", "video_vocab_size"]
         given = [f"--{k}" for k in ignored if getattr(args, k) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with "
-                             f"{'--preset' if args.preset else '--model_config'}, which defines the model")
+            raise ValueError(f"{', '.join(given)} cannot be combined with {sources[0]}, which defines the model")
     return args
 
 
@@ -178,17 +184,24 @@ def max_token_id(data) -> int:
     return max(int(batch["tokens"].max()) for batch in data.tokens.iter(batch_size=4096))
 
 
-def build_config(args, info: dict, tokenizer) -> NBPConfig:
+def build_config(args, info: dict, tokenizer, init_folder: str | None = None) -> NBPConfig:
+    """The model's config: from --model_config or `init_folder` (--init_from's folder, `generator_folder`), else
+    built from the preset or the size flags and the data."""
     latent = info["latent_shape"]
     training = dict(hidden_dropout=args.dropout, class_dropout_prob=args.class_dropout_prob)
-    if args.model_config:
-        config = NBPConfig.from_pretrained(args.model_config, **training)
+    if args.model_config or init_folder:
+        flag = "--model_config" if args.model_config else "--init_from"
+        config = NBPConfig.from_pretrained(args.model_config or init_folder, **training)
         if list(config.latent_shape) != latent:
-            raise ValueError(f"--model_config has latent_shape {config.latent_shape}, the data {latent}")
-        return config
-    vocab = args.video_vocab_size or (tokenizer.codebook_size if tokenizer is not None else None)
-    block = args.block_shape or [1, 1, latent[2]]
-    if args.preset:
+            raise ValueError(f"{flag} has latent_shape {config.latent_shape}, the data {latent}: pre-tokenize the "
+                             "videos with the model's tokenizer and clip size")
+        largest = max_token_id(info["data"])
+        if largest >= config.video_vocab_size:
+            raise ValueError(f"--train_data holds token id {largest}, the {flag} model's video vocabulary "
+                             f"{config.video_vocab_size} ids")
+    elif args.preset:
+        vocab = args.video_vocab_size or (tokenizer.codebook_size if tokenizer is not None else None)
+        block = args.block_shape or [1, 1, latent[2]]
         preset_vocab = NBPConfig.from_preset(args.model_preset).video_vocab_size
         config = NBPConfig.from_preset(args.model_preset, latent_shape=latent, block_shape=block,
                                        video_vocab_size=vocab or preset_vocab, **training)
@@ -202,8 +215,10 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
             raise ValueError(f"--num_classes is for --condition_mode class (got {mode}: the model takes no class)")
         names = info["class_names"]
         first = args.first_block or ("none" if mode == "frames" else "hybrid")
+        vocab = args.video_vocab_size or (tokenizer.codebook_size if tokenizer is not None else None)
         config = NBPConfig(
-            latent_shape=latent, block_shape=block, video_vocab_size=vocab or max_token_id(info["data"]) + 1,
+            latent_shape=latent, block_shape=args.block_shape or [1, 1, latent[2]],
+            video_vocab_size=vocab or max_token_id(info["data"]) + 1,
             condition_mode=mode, first_block=first,
             num_classes=(args.num_classes or (len(names) if names else info["max_label"] + 1)) if mode == "class"
             else None,
@@ -220,22 +235,56 @@ def build_config(args, info: dict, tokenizer) -> NBPConfig:
     return config
 
 
+def model_class_names(config: NBPConfig) -> list[str] | None:
+    """The class names of a class-conditional config (`id2label`); None when it names none (transformers' LABEL_i
+    placeholders)."""
+    id2label = config.id2label or {}
+    if (config.condition_mode != "class" or len(id2label) != config.num_classes
+            or all(str(name) == f"LABEL_{i}" for i, name in id2label.items())):
+        return None
+    return [str(id2label[i]) for i in sorted(id2label)]
+
+
+def data_label_map(info: dict, config: NBPConfig) -> torch.Tensor | None:
+    """The model's label of each label of the training data, where a model read from a file (--init_from,
+    --model_config) names other classes than the data in another order, matched by name; else None (labels are
+    the model's). Data whose classes the model names none of trains its class slots by position: `config.id2label`
+    then takes the data's names (logged)."""
+    names, model_names = info["class_names"], model_class_names(config)
+    if not names or not model_names or names == model_names:
+        return None
+    unknown = [name for name in names if name not in model_names]
+    if not unknown:
+        return torch.tensor([model_names.index(name) for name in names])
+    if len(unknown) < len(names):
+        raise ValueError(f"--train_data has classes the model names ({len(names) - len(unknown)}) and classes it "
+                         f"does not ({unknown[:5]}): name the class folders as the model's classes (e.g. "
+                         f"{model_names[:3]}), or use only new classes, which then train the model's classes by "
+                         "position")
+    logger.warning("the model names none of the data's classes (%s...): class i of the data trains the model's class "
+                   "i, which takes its name", ", ".join(names[:3]))
+    config.id2label = {i: names[i] if i < len(names) else name for i, name in enumerate(model_names)}
+    config.label2id = {name: i for i, name in config.id2label.items()}
+    return None
+
+
 def check_validation_data(val_info: dict, info: dict, config: NBPConfig) -> torch.Tensor | None:
     """The validation items must fit the model the training data shaped (checked before training: a mismatch
     found at the final validation would lose the run's last steps and final/). -> the training label of each
-    validation label where the two class lists differ (labels are positions in each split's list: a validation
-    folder may hold some of the classes only), else None."""
+    validation label where its class list differs from the model's (else from the training data's: labels are
+    positions in each list; a validation folder may hold some of the classes only), else None."""
     if val_info["latent_shape"] != info["latent_shape"]:
         raise ValueError(f"--validation_data has latent grids {val_info['latent_shape']}, --train_data "
                          f"{info['latent_shape']}: pre-tokenize both with the same tokenizer and clip settings")
     label_map = None
     if config.condition_mode == "class":
-        names, val_names = info["class_names"], val_info["class_names"]
+        names, val_names = model_class_names(config) or info["class_names"], val_info["class_names"]
         low, high = val_info["min_label"], val_info["max_label"]
         if names and val_names and names != val_names:
             unknown = sorted(set(val_names) - set(names))
             if unknown:
-                raise ValueError(f"--validation_data has classes that --train_data lacks ({unknown[:5]}), which the "
+                source = "--train_data" if names == info["class_names"] else "the model"
+                raise ValueError(f"--validation_data has classes that {source} lacks ({unknown[:5]}), which the "
                                  "model has no label for")
             label_map = torch.tensor([names.index(name) for name in val_names])
             if low >= 0:
@@ -311,6 +360,25 @@ def check_same_pretokenization(validation_data: str, train_data: str) -> None:
                          f"{'; '.join(clip)}): pre-tokenize both with the same clip settings")
 
 
+def generator_folder(source: str) -> str:
+    """The local folder of the generator --init_from names: a generator folder, a pipeline folder (its transformer/)
+    or a Hub repo id of either (only the generator's files are downloaded)."""
+    return component_folder(source, "transformer", ["config.json", "generation_config.json", "model*.safetensors",
+                                                    "model.safetensors.index.json"], "--init_from")
+
+
+def load_initial_weights(folder: str, config: NBPConfig) -> NBPForVideoGeneration:
+    """The generator in `folder` in float32 (training's mixed precision casts it where it computes), with `config`
+    (its own, with this run's dropout); every weight must be in the folder and fit."""
+    model, loading = NBPForVideoGeneration.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                            output_loading_info=True)
+    problems = {k: v for k, v in loading.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"--init_from {folder} does not hold this generator's weights: "
+                         + "; ".join(f"{k} {sorted(v)[:5]}" for k, v in problems.items()))
+    return model
+
+
 def load_tokenizer(folder: str | None, device):
     """The tokenizer in `folder` (`tokenizer_folder`), or None."""
     if folder is None:
@@ -325,10 +393,13 @@ def collate_tokens(items: list[dict]) -> dict:
             "class_labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
 
 
-def model_inputs(batch: dict, config: NBPConfig, device) -> dict:
+def model_inputs(batch: dict, config: NBPConfig, device, label_map: torch.Tensor | None = None) -> dict:
+    """The model's inputs for a batch of `collate_tokens`; `label_map` gives the model's label of each of the data's
+    (`data_label_map`, `check_validation_data`)."""
     inputs = {"video_ids": batch["video_ids"].to(device, non_blocking=True)}
     if config.condition_mode == "class":
-        inputs["class_labels"] = batch["class_labels"].to(device, non_blocking=True)
+        labels = batch["class_labels"].to(device, non_blocking=True)
+        inputs["class_labels"] = labels if label_map is None else label_map.to(device)[labels]
     return inputs
 
 
@@ -344,9 +415,7 @@ def validation_loss(accelerator, model, data, batch_size: int, label_map: torch.
     model.eval()
     losses = []
     for batch in loader:
-        if label_map is not None:
-            batch["class_labels"] = label_map.to(batch["class_labels"].device)[batch["class_labels"]]
-        inputs = model_inputs(batch, unwrapped.config, accelerator.device)
+        inputs = model_inputs(batch, unwrapped.config, accelerator.device, label_map)
         input_ids, labels = unwrapped.prepare_training_inputs(inputs["video_ids"], inputs.get("class_labels"))
         logits = model(input_ids=input_ids).logits
         per_item = torch.stack([F.cross_entropy(lg.float(), lb) for lg, lb in zip(logits, labels)])
@@ -375,16 +444,18 @@ def set_sampling(model, args):
 
 
 @torch.no_grad()
-def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int, seed: int, step: int, output_dir: str):
-    """Generate `num_samples` videos with the model's sampling (`set_sampling`) and log them (main process)."""
+def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int, seed: int, step: int, output_dir: str,
+                  classes: list[int] | None = None):
+    """Generate `num_samples` videos with the model's sampling (`set_sampling`) and log them (main process); a
+    class-conditional model's samples cycle through `classes` (default: all of its classes)."""
     unwrapped = common.bare_model(accelerator, model)
     config = unwrapped.config
     kwargs, labels = {}, None
     if config.condition_mode == "class":
-        classes = [i % config.num_classes for i in range(num_samples)]
-        kwargs["class_labels"] = classes
-        names = config.id2label if len(config.id2label or {}) == config.num_classes else {}  # not the LABEL_i default
-        labels = [str(names.get(c, c)) for c in classes]
+        pool = classes or range(config.num_classes)
+        kwargs["class_labels"] = [pool[i % len(pool)] for i in range(num_samples)]
+        names = model_class_names(config)
+        labels = [names[c] if names else str(c) for c in kwargs["class_labels"]]
     elif config.condition_mode == "frames":
         grids = torch.stack([context_data[i % len(context_data)]["input_ids"] for i in range(num_samples)])
         kwargs["context_ids"] = grids[:, : config.num_context_frames].to(accelerator.device)
@@ -446,12 +517,13 @@ def configure_deepspeed(ds_config: dict, per_device_batch: int, max_grad_norm: f
 
 
 def resume_settings(args, config: NBPConfig, data) -> dict:
-    """What a resume takes from the checkpoint (the training data and its order, the model, optimizer rates and decay,
-    the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
+    """What a resume takes from the checkpoint (the training data and its order, the model and the --init_from it
+    started from, optimizer rates and decay, the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
     (`common.check_resume_settings`)."""
     weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout", "fps")]
     recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
-    return {"seed": args.seed, "model": {k: getattr(config, k) for k in weights},
+    init_from = os.path.abspath(args.init_from) if args.init_from and os.path.isdir(args.init_from) else args.init_from
+    return {"seed": args.seed, "model": {k: getattr(config, k) for k in weights}, "init_from": init_from,
             # the token folder's contents (its datasets fingerprint survives a copy to another path), not its path
             "data": dict(fingerprint=data.tokens._fingerprint, num_items=len(data)),
             "optimization": dict(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
@@ -478,8 +550,11 @@ def main(argv=None) -> dict:
     info = describe_tokens(args.train_data)
     with accelerator.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
         tokenizer_dir = tokenizer_folder(args.tokenizer) if args.tokenizer else None
+        init_dir = generator_folder(args.init_from) if args.init_from else None
     tokenizer = load_tokenizer(tokenizer_dir, accelerator.device)
-    config = build_config(args, info, tokenizer)
+    config = build_config(args, info, tokenizer, init_dir)
+    train_labels = data_label_map(info, config) if config.condition_mode == "class" else None
+    sample_classes = train_labels.tolist() if train_labels is not None else None
     fps = pretokenize_record(args.train_data)[1].get("clip", {}).get("fps")
     if fps:  # the clips' rate: `nbp generate` reads contexts and writes videos at it
         config.fps = float(fps)
@@ -489,6 +564,9 @@ def main(argv=None) -> dict:
         val_info = describe_tokens(args.validation_data)
         val_labels = check_validation_data(val_info, info, config)
         val_data = val_info["data"]
+        if val_data.num_windows > len(val_data) and accelerator.is_main_process:
+            logger.warning("--validation_data holds several windows per video, of which the validation loss reads one "
+                           "(the middle one): pre-tokenize validation videos with one window (their centre)")
     if tokenizer is not None:  # on every process: a refusal stops them all
         check_tokenizer_made_tokens(args.train_data, tokenizer)
     # after the data and tokenizer checks: a refused run leaves no output folder or Hub repository behind
@@ -500,7 +578,10 @@ def main(argv=None) -> dict:
     if attn == "flex_attention" and accelerator.device.type != "cuda":
         raise ValueError("--attn_implementation flex_attention trains on CUDA only (on CPU torch's flex attention has "
                          "no backward, and its compiled kernel is wrong for some lengths); use auto or sdpa")
-    model = NBPForVideoGeneration(config)
+    if init_dir and not resume:  # a resume takes the weights from its checkpoint
+        model = load_initial_weights(init_dir, config)
+    else:
+        model = NBPForVideoGeneration(config)
     model.set_attn_implementation(("flex_attention" if accelerator.device.type == "cuda" else "sdpa")
                                   if attn == "auto" else attn)
     if args.gradient_checkpointing:
@@ -572,7 +653,7 @@ def main(argv=None) -> dict:
             batch = next(batches)
             common.seed_step(args.seed, global_step * accum + micro, accelerator.process_index)
             with accelerator.accumulate(model):
-                loss = model(**model_inputs(batch, config, accelerator.device)).loss
+                loss = model(**model_inputs(batch, config, accelerator.device, train_labels)).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -604,7 +685,7 @@ def main(argv=None) -> dict:
                 and accelerator.is_main_process):  # the last step's samples are made after the loop
             with ema_weights(accelerator, model, ema):
                 sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
-                              global_step, args.output_dir)
+                              global_step, args.output_dir, sample_classes)
         if global_step % args.checkpointing_steps == 0 or done:
             common.save_checkpoint(accelerator, args.output_dir, global_step,
                                    dict(settings, global_batch_size=global_batch),
@@ -621,9 +702,10 @@ def main(argv=None) -> dict:
     if can_sample and accelerator.is_main_process:
         with ema_weights(accelerator, model, ema):
             sample_videos(accelerator, model, tokenizer, val_data or info["data"], args.num_samples, args.seed,
-                          global_step, args.output_dir)
+                          global_step, args.output_dir, sample_classes)
     notes = (f"Trained with nbp-video's `nbp train` for {global_step} steps of {global_batch} clips on "
              f"`{os.path.basename(os.path.normpath(args.train_data))}`"
+             + (f", starting from `{args.init_from}`" if args.init_from else "")
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
     final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes,

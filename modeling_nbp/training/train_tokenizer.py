@@ -25,6 +25,12 @@ Outputs in --output_dir: checkpoint-<step>/ (resume with --resume_from_checkpoin
 (TensorBoard), samples/ (held-out clips above their reconstructions) and final/ (the tokenizer folder, loadable
 with NBPVideoTokenizer.from_pretrained, and training_clips.json: the clip settings it was trained on, which
 `nbp pretokenize` takes as its defaults).
+
+--init_from fine-tunes a pretrained tokenizer (a tokenizer or pipeline folder, or a Hub repo id of either) instead
+of training a new one; the discriminator still starts fresh. Each clip flag (--num_frames, --resolution, --fps,
+--resize) takes, in this order: its value on the command line, else --preset's, else the --init_from tokenizer's
+training clips (its training_clips.json), else the default shown; a value that differs from those training clips is
+warned about.
 """
 
 import argparse
@@ -38,7 +44,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
 
 from ..data import MovingDigits, VideoClipDataset, collate_videos, load_video_dataset, SkipSummary
-from ..data.pretokenize import CLIP_FLAG_DEFAULTS, TRAINING_CLIPS_FILE
+from ..data.pretokenize import CLIP_FLAG_DEFAULTS, TRAINING_CLIPS_FILE, tokenizer_folder
+from ..data.pretokenize import training_clips as recorded_training_clips
 from ..evaluation.reconstruction import SSIM_WINDOW_SIZE, psnr, ssim
 from ..pipelines.pipeline_nbp_video import upload_to_hub
 from ..run_files import write_json
@@ -71,16 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "clips)")
     g.add_argument("--validation_split", default="test", help="--validation_data's split")
     g.add_argument("--num_eval_clips", type=int, default=16, help="held-out clips, without --validation_data")
-    g.add_argument("--num_frames", type=int, default=17)
-    g.add_argument("--resolution", type=int, default=128)
-    g.add_argument("--fps", type=float, default=8)
-    g.add_argument("--resize", default="squash", choices=["squash", "crop"],
-                   help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop")
+    # None: not given (see `fill_clip_flags`)
+    clip_default = "default: --preset's, else the --init_from tokenizer's training clips, else"
+    g.add_argument("--num_frames", type=int, help=f"{clip_default} {CLIP_FLAG_DEFAULTS['num_frames']}")
+    g.add_argument("--resolution", type=int, help=f"{clip_default} {CLIP_FLAG_DEFAULTS['resolution']}")
+    g.add_argument("--fps", type=float, help=f"{clip_default} {CLIP_FLAG_DEFAULTS['fps']}")
+    g.add_argument("--resize", choices=["squash", "crop"],
+                   help="squash: whole frames to the square (the official loader); crop: shorter side + centre crop; "
+                        f"{clip_default} {CLIP_FLAG_DEFAULTS['resize']}")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=4,
                    help="at most as many as this process may use CPUs")
-    g = p.add_argument_group("tokenizer (size flags or --tokenizer_config; defaults: the official 370M tokenizer)")
+    g = p.add_argument_group("tokenizer (--init_from, --tokenizer_config or the size flags; defaults: the official "
+                             "370M tokenizer)")
     g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override its values)")
+    g.add_argument("--init_from", metavar="SOURCE",
+                   help="fine-tune this pretrained NBPVideoTokenizer: a tokenizer folder, a pipeline folder (its "
+                        "video_tokenizer/) or a Hub repo id of either (only the tokenizer's files are downloaded). "
+                        "The discriminator starts fresh (a tokenizer folder holds none). Clip flags that neither the "
+                        "command line nor --preset sets default to the clips it was trained on. A resume takes the "
+                        "weights from its checkpoint, and needs the same --init_from")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
     g.add_argument("--base_channels", type=int, default=128)
     g.add_argument("--channel_multipliers", type=common.int_list, default=[1, 2, 2, 4], help="width of each level / base")
@@ -139,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
     check_data_flags(parser, args)
+    check_model_flags(parser, args)
+    fill_clip_flags(parser, args)
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
@@ -166,11 +185,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("l1_weight", "l2_weight", "perceptual_weight", "adversarial_weight"):
         if not getattr(args, key) >= 0:  # negative: trains towards that loss's maximum (or turns off the GAN)
             raise ValueError(f"--{key} must be >= 0 (0: leave that loss out), got {getattr(args, key)}")
-    if args.tokenizer_config:
-        given = [f"--{k}" for k in SIZE_FLAGS if getattr(args, k) != parser.get_default(k)]
-        if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with --tokenizer_config, which defines the "
-                             "tokenizer")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return args
@@ -190,7 +204,53 @@ def check_data_flags(parser, args) -> None:
             raise ValueError(f"{', '.join(given)} would be ignored: {why}")
 
 
+def check_model_flags(parser, args) -> None:
+    """--init_from or --tokenizer_config defines the tokenizer: refuse the size flags given (set to other than their
+    default) beside it, which would be ignored."""
+    if args.init_from:
+        source, flags, what = "init_from", ("tokenizer_config", *SIZE_FLAGS), "whose pretrained tokenizer is the model"
+    elif args.tokenizer_config:
+        source, flags, what = "tokenizer_config", SIZE_FLAGS, "which defines the tokenizer"
+    else:
+        return
+    given = [f"--{k}" for k in flags if getattr(args, k) != parser.get_default(k)]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --{source}, {what}")
+
+
+def fill_clip_flags(parser, args) -> None:
+    """Resolve --init_from (`args.init_folder`: its local tokenizer folder, or None) and set the clip flags that
+    neither the command line nor --preset set: to the clips that tokenizer was trained on (`TRAINING_CLIPS_FILE`),
+    else to `CLIP_FLAG_DEFAULTS`; a set one that differs from those training clips is warned about."""
+    args.init_folder, recorded, warn = None, {}, False
+    if args.init_from:
+        if os.path.isdir(args.init_from):  # kept with the run's settings: the same folder from any directory
+            args.init_from = os.path.abspath(args.init_from)
+        state = PartialState(cpu=common.use_cpu(args.cpu))
+        with state.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
+            try:
+                args.init_folder = tokenizer_folder(args.init_from)
+            except OSError as error:  # no such folder, or a Hub repo that could not be downloaded
+                raise type(error)(f"--init_from: {error}") from error
+        recorded, warn = recorded_training_clips(args.init_folder), state.is_main_process
+    # moving digits are made at the clip size: no frame rate or resizing
+    read = ("num_frames", "resolution") if args.dataset == "moving_digits" else tuple(CLIP_FLAG_DEFAULTS)
+    for key, default in CLIP_FLAG_DEFAULTS.items():
+        value = getattr(args, key)
+        if value is None:
+            setattr(args, key, recorded.get(key, default) if key in read else default)
+        elif warn and key in read and key in recorded and value != recorded[key]:
+            source = f" (--preset {args.preset})" if args.preset and value == parser.get_default(key) else ""
+            logger.warning("--%s %s%s differs from the clips the --init_from tokenizer was trained on (%s %s in %s)",
+                           key, value, source, key, recorded[key], os.path.join(args.init_folder, TRAINING_CLIPS_FILE))
+
+
 def build_tokenizer(args) -> NBPVideoTokenizer:
+    if args.init_from:
+        tokenizer = NBPVideoTokenizer.from_pretrained(args.init_folder, torch_dtype=torch.float32)
+        # final/config.json names the source (diffusers' own record would be the resolved, possibly cached, folder)
+        tokenizer.register_to_config(_name_or_path=args.init_from)
+        return tokenizer
     if args.tokenizer_config:
         return NBPVideoTokenizer.from_config(NBPVideoTokenizer.load_config(args.tokenizer_config))
     levels = len(args.channel_multipliers)
@@ -280,13 +340,14 @@ def check_discriminator_input(args) -> None:
 
 
 def resume_settings(args, tokenizer) -> dict:
-    """What a resume takes from the checkpoint (clips, data order, model, optimizers, the GAN's start), kept in
-    every checkpoint: a resume asking for others is refused (`common.check_resume_settings`)."""
+    """What a resume takes from the checkpoint (clips, data order, model and the --init_from it started from,
+    optimizers, the GAN's start), kept in every checkpoint: a resume asking for others is refused
+    (`common.check_resume_settings`)."""
     adversarial = args.adversarial_weight > 0
     # without the GAN its settings are unused (the default start moves with --max_steps, which a resume may raise)
     gan = dict(disc_learning_rate=args.disc_learning_rate,
                disc_start_step=args.disc_start_step) if adversarial else {}
-    return {"seed": args.seed, "data": data_settings(args),
+    return {"seed": args.seed, "data": data_settings(args), "init_from": args.init_from,
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
             "optimization": dict(learning_rate=args.learning_rate, adam_betas=[args.adam_beta1, args.adam_beta2],
                                  discriminator=adversarial, **gan),
@@ -393,7 +454,7 @@ def main(argv=None) -> dict:
     opt_g = adam(tokenizer.parameters(), args.learning_rate, args)
     sched_g = lambda_schedule(opt_g, args)
     size = sum(p.numel() for p in tokenizer.parameters()) / 1e6  # before sharding
-    described = f"tokenizer {size:.2f}M parameters"
+    described = f"tokenizer {size:.2f}M parameters" + (f" from {args.init_from}" if args.init_from else "")
     adversarial = args.adversarial_weight > 0  # else no discriminator is built, trained or saved
     if adversarial:
         check_discriminator_input(args)
@@ -533,7 +594,8 @@ def main(argv=None) -> dict:
                       f"{scores.get('psnr', math.nan):.2f} dB, SSIM {scores.get('ssim', math.nan):.4f}, "
                       f"{meter.describe('clips/s', 1)}, wall time {wall:.1f} s, saved {final_dir}")
     if hub_repo:  # main process, after the last collective: the others do not wait on an upload (and time out)
-        upload_to_hub(final_dir, hub_repo, commit_message=f"NBP video tokenizer after {global_step} steps")
+        commit = f"NBP video tokenizer after {global_step} steps" + (f" of {args.init_from}" if args.init_from else "")
+        upload_to_hub(final_dir, hub_repo, commit_message=commit)
         accelerator.print(f"pushed {final_dir} to {hub_repo}")
     accelerator.end_training()
     return {"steps": global_step, "loss": record.get("total"), "psnr": scores.get("psnr"),
