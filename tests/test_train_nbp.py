@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import runpy
@@ -922,3 +923,31 @@ def test_a_resume_needs_the_same_init_from(tmp_path):
     with pytest.raises(ValueError, match=r"init_from '.*/a/final' on disk, '.*/b/final' now"):
         main([*tuned, "--max_steps", "2", "--init_from", str(tmp_path / "b" / "final")])
     assert main([*tuned, "--max_steps", "2", "--init_from", str(tmp_path / "a" / "final")])["steps"] == 2
+
+
+def test_a_converted_official_checkpoint_fine_tunes_on_some_of_its_classes(tmp_path, monkeypatch):
+    """A UCF-like official checkpoint (text condition of 8 LLaMA ids per class, hybrid start, whole-vocabulary
+    sampling), converted, then fine-tuned on a folder of two of its classes: the data's labels become the model's."""
+    from test_conversion import write_generator
+
+    from modeling_nbp.conversion import convert_checkpoints
+    from modeling_nbp.training import train_nbp
+    from modeling_nbp.ucf101 import ucf101_id2label
+
+    write_generator(tmp_path / "gen.ckpt", "ucf")
+    convert_checkpoints(tmp_path / "converted", generator=tmp_path / "gen.ckpt")
+    names = ucf101_id2label()
+    data = write_tokens(tmp_path / "data", 8, 0, class_names=[names[4], names[2]], classes=2)
+    labels, build = [], train_nbp.NBPForVideoGeneration
+
+    class Recorded(build):
+        def forward(self, *args, class_labels=None, **kwargs):
+            labels.extend(class_labels.tolist())
+            return super().forward(*args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(train_nbp, "NBPForVideoGeneration", Recorded)
+    summary = main(["--train_data", data, *TINY[8:], "--train_batch_size", "4", "--max_steps", "2", "--output_dir",
+                    str(tmp_path / "run"), "--init_from", str(tmp_path / "converted")])
+    assert sorted(set(labels)) == [2, 4] and math.isfinite(summary["train_loss"])
+    tuned = NBPConfig.from_pretrained(tmp_path / "run" / "final")
+    assert tuned.sample_whole_vocabulary and tuned.id2label == {i: names[i] for i in range(101)}
