@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-digits")
+from .hub_folders import DEMO_MODEL
+
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
 HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training clips use seed 0)

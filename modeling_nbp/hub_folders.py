@@ -1,16 +1,23 @@
 """The local folder of a model that a command names: the model's own folder, a pipeline folder (the model's component
-subfolder), or a Hub repo id of either, of which only that component's files are downloaded."""
+subfolder), a Hub repo id of either, of which only that component's files are downloaded, or "demo"."""
 
 from __future__ import annotations
 
 import os
 
+# the bundled moving-digits pipeline, which the commands call "demo"
+DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-digits")
+
 
 def component_folder(source: str | os.PathLike, component: str, files: list[str], what: str) -> str:
     """The folder holding the model `source` names. `component`: its subfolder in a pipeline ("transformer",
     "video_tokenizer"); `files`: the patterns of its files in its own folder (what a Hub repo download fetches, also
-    under `component/`); `what` names the model in errors."""
+    under `component/`); `what` names the model in errors. "demo" is `DEMO_MODEL` unless a model folder has that name
+    (not, say, the output folder of `nbp demo --output_dir demo`)."""
     folder = os.fspath(source)
+    if folder == "demo" and not any(os.path.isfile(os.path.join(folder, name)) for name in ("model_index.json",
+                                                                                          "config.json")):
+        folder = DEMO_MODEL
     if not os.path.isdir(folder):
         where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
         if folder.startswith((".", "/", "~")) or folder.count("/") != 1 or os.path.exists(folder):

@@ -951,3 +951,32 @@ def test_a_converted_official_checkpoint_fine_tunes_on_some_of_its_classes(tmp_p
     assert sorted(set(labels)) == [2, 4] and math.isfinite(summary["train_loss"])
     tuned = NBPConfig.from_pretrained(tmp_path / "run" / "final")
     assert tuned.sample_whole_vocabulary and tuned.id2label == {i: names[i] for i in range(101)}
+
+
+def test_the_bundled_demo_model_fine_tunes_on_a_digits_folder(tmp_path, monkeypatch):
+    """`nbp pretokenize --tokenizer demo` then `nbp train --init_from demo --tokenizer demo`: the demo tokenizer's
+    clips (17 frames of 32x32 at 8 fps) are the defaults, and the folder's digit classes are the model's."""
+    from modeling_nbp.data import write_moving_digits_folder
+    from modeling_nbp.data.pretokenize import main as pretokenize_main
+    from modeling_nbp.demo import DEMO_DATA
+    from modeling_nbp.training import train_nbp
+
+    monkeypatch.chdir(tmp_path)  # "demo" is no folder here
+    digits = {k: v for k, v in DEMO_DATA.items() if k != "num_frames"}
+    write_moving_digits_folder(tmp_path / "videos", 1, seed=5, num_frames=17, **digits)
+    for name in ("1", "2", "4", "5", "6", "7", "8", "9"):  # a folder of 0 and 3 only
+        shutil.rmtree(tmp_path / "videos" / name)
+    pretokenize_main(["--data", "videos", "--tokenizer", "demo", "--output_dir", "tokens", "--device", "cpu"])
+    assert load_token_dataset("tokens")[0]["input_ids"].shape == (5, 8, 8)
+    labels, build = [], train_nbp.NBPForVideoGeneration
+
+    class Recorded(build):
+        def forward(self, *args, class_labels=None, **kwargs):
+            labels.extend([] if class_labels is None else class_labels.tolist())
+            return super().forward(*args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(train_nbp, "NBPForVideoGeneration", Recorded)
+    main(["--train_data", "tokens", *TINY[8:], "--train_batch_size", "2", "--max_steps", "2", "--output_dir", "run",
+          "--init_from", "demo", "--tokenizer", "demo"])
+    assert sorted(set(labels)) == [0, 3]
+    assert NBPVideoPipeline.from_pretrained(tmp_path / "run" / "final").class_names == list("0123456789")

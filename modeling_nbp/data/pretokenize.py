@@ -398,7 +398,7 @@ def main(argv=None):
     p.add_argument("--layout", default="auto", choices=["auto", "folder", "ucf101", "k600"])
     p.add_argument("--split", default="train")
     p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder, or a Hub repo "
-                   "id of either")
+                   "id of either, or demo (the bundled moving-digits model's)")
     p.add_argument("--output_dir", required=True)
     trained = "default: the tokenizer's training clips (see below), else"
     p.add_argument("--num_frames", type=positive_int, help=f"{trained} 17")

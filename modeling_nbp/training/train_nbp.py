@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_data", required=True, help="pre-tokenized dataset folder (output of pretokenize)")
     g.add_argument("--validation_data", help="pre-tokenized validation folder: its loss is reported")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder, or a Hub repo id of either): "
-                   "enables sample videos and makes final/ a full NBPVideoPipeline")
+    g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder, a Hub repo id of either, or "
+                   "demo): enables sample videos and makes final/ a full NBPVideoPipeline")
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=2,
                    help="at most as many as this process may use CPUs")
     g = p.add_argument_group("model (one of --preset, --model_config, --init_from or the size flags; the latent grid, "
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "these; the model size comes only from the preset)")
     g.add_argument("--model_config", help="NBPConfig JSON file or model folder")
     g.add_argument("--init_from", help="pretrained generator to fine-tune: a generator folder, a pipeline folder (its "
-                   "transformer/) or a Hub repo id of either; it defines the model (size, grid, blocks, vocabulary, "
-                   "classes: the data must fit them) and its weights start the run (a resumed run takes its "
-                   "checkpoint's)")
+                   "transformer/), a Hub repo id of either, or demo (the bundled moving-digits model); it defines the "
+                   "model (size, grid, blocks, vocabulary, classes: the data must fit them) and its weights start the "
+                   "run (a resumed run takes its checkpoint's)")
     g.add_argument("--num_layers", type=common.positive_int, help=f"default {DEFAULTS['num_layers']}")
     g.add_argument("--hidden_size", type=common.positive_int, help=f"default {DEFAULTS['hidden_size']}")
     g.add_argument("--num_heads", type=common.positive_int, help=f"default {DEFAULTS['num_heads']}")

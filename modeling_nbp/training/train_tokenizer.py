@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), help="paper Table 5 setting (flags override its values)")
     g.add_argument("--init_from", metavar="SOURCE",
                    help="fine-tune this pretrained NBPVideoTokenizer: a tokenizer folder, a pipeline folder (its "
-                        "video_tokenizer/) or a Hub repo id of either (only the tokenizer's files are downloaded). "
+                        "video_tokenizer/), a Hub repo id of either (only the tokenizer's files are downloaded), or "
+                        "demo (the bundled moving-digits model's). "
                         "The discriminator starts fresh (a tokenizer folder holds none). Clip flags that neither the "
                         "command line nor --preset sets default to the clips it was trained on. A resume takes the "
                         "weights from its checkpoint, and needs the same --init_from")
