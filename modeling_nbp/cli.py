@@ -42,7 +42,12 @@ def _generate_parser(parser):
     from .video_tokenizer import CONV_IMPLEMENTATIONS, NORM_IMPLEMENTATIONS
 
     parser.add_argument("--model", required=True,
-                        help="pipeline folder, Hub repo id, or demo (the bundled moving-digits model)")
+                        help="pipeline folder, Hub repo id (a private one reads the token of `hf auth login` or "
+                             "HF_TOKEN; HF_HUB_OFFLINE=1 loads it from the cache), or demo (the bundled moving-digits "
+                             "model)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub repo id: the branch, tag or commit id to load (default: main); generate.json "
+                             "records the commit loaded, so a resumed run refuses a repo that has changed")
     parser.add_argument("--class_labels", nargs="*", default=None,
                         help="class ids or names (default: every class of a class-conditional model; with --context "
                              "the one class the continuations are conditioned on)")

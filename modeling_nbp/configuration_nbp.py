@@ -1,6 +1,7 @@
 """Configuration of the NBP generator (a minGPT-style decoder trained with next-block prediction)."""
 
 import math
+import os
 
 from transformers import PreTrainedConfig
 
@@ -283,6 +284,21 @@ class NBPConfig(PreTrainedConfig):
         """Length of the full sequence: prefix, start tokens and every video token."""
         start = {"none": 0, "bov": self.block_size, "hybrid": self.block_size}[self.first_block]
         return self.num_condition_tokens + start + self.num_video_tokens
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reading of config.json, which gives an empty dict for a folder or repo without one (then a
+        config of defaults): refused, as is another model's config, naming the subfolder of a pipeline's generator."""
+        subfolder = kwargs.get("subfolder") or ""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        other = config_dict.get("_class_name") or config_dict.get("model_type", cls.model_type)
+        if not config_dict or other != cls.model_type:
+            where = os.path.join(str(pretrained_model_name_or_path), subfolder).rstrip("/")
+            holds = (f"holds the config of {other}, not of an NBP generator" if config_dict
+                     else "has no config.json, so it holds no NBP generator")
+            raise OSError(f"{where} {holds}; in a pipeline (a folder or repo with model_index.json) the generator is "
+                          "subfolder='transformer'")
+        return config_dict, kwargs
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "NBPConfig":

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .data.clips import frames_to_tensor, resize_frames
 from .data.evaluation_clips import EvaluationClips
 from .data.video_datasets import VIDEO_EXTENSIONS, is_video_file
+from .pipelines.pipeline_nbp_video import pipeline_folder
 from .run_files import read_settings_differences, write_json
 from .triton_support import require_triton
 from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, decoding_workers, export_to_gif,
@@ -279,11 +280,12 @@ def write_contact_sheet(output_dir: str, jobs: list[VideoJob], formats, limit: i
     return path
 
 
-def model_identity(model: str):
+def model_identity(model: str, folder: str):
     """A local pipeline folder by its absolute path and a digest of its files' names, sizes and modification times
-    (a model retrained or converted again in place is another model); a Hub repo id as given."""
+    (a model retrained or converted again in place is another model); a Hub repo id with the commit of its snapshot
+    `folder` (a repo pushed to again is another model)."""
     if not os.path.isdir(model):
-        return model
+        return dict(repo=model, commit=os.path.basename(folder))
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(model)):
         for name in sorted(files):
@@ -294,14 +296,15 @@ def model_identity(model: str):
     return dict(path=os.path.abspath(model), files=digest.hexdigest()[:16])
 
 
-def run_settings(args, pipe, device, clips: EvaluationClips | None) -> dict:
+def run_settings(args, pipe, device, clips: EvaluationClips | None, folder: str) -> dict:
     """What decides the files' contents, as `generate.json` keeps it (the set of videos, and the number of an
-    evaluation set's clips, may grow between runs; `nbp evaluate --real-dataset` reads the clip settings)."""
+    evaluation set's clips, may grow between runs; `nbp evaluate --real-dataset` reads the clip settings). `folder`:
+    the pipeline's local folder."""
     config = pipe.transformer.config
     dataset = None if clips is None else {k: v for k, v in clips.settings.items() if k != "num_clips"}
     context = [os.path.abspath(p) for p in args.context] if args.context else None
-    return dict(model=model_identity(args.model), dtype=str(pipe.transformer.dtype), device=torch.device(device).type,
-                seed=args.seed, context=context,
+    return dict(model=model_identity(args.model, folder), dtype=str(pipe.transformer.dtype),
+                device=torch.device(device).type, seed=args.seed, context=context,
                 guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                 temperature=args.temperature, num_frames=args.num_frames,
                 window_context_frames=args.window_context_frames, context_frames=args.context_frames,
@@ -357,6 +360,8 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
         if args.dataset and args.context_fps is not None:  # it would be ignored: the clips are not read at that rate
             raise ValueError("--context_fps resamples --context files; --dataset clips are read at --clip_fps")
         check_output_dir(args.output_dir, args.context, args.dataset)
+        if args.revision is not None and os.path.isdir(args.model):
+            raise ValueError(f"--revision selects a version of a Hub repo; --model {args.model} is a local folder")
     state = PartialState(cpu=use_cpu(args.device == "cpu"))
     device = args.device or state.device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
@@ -365,7 +370,8 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
             if getattr(args, option).startswith("triton"):
                 require_triton(torch.device(device), f"--{option} {getattr(args, option)}")
     with arguments_checked(OSError):  # no such model folder or Hub repo
-        pipe = NBPVideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype))
+        folder = pipeline_folder(args.model, revision=args.revision)
+        pipe = NBPVideoPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over the videos instead
     model_fps = getattr(pipe.transformer.config, "fps", None)  # the training clips' rate, when the model records it
@@ -404,8 +410,12 @@ def run_generate(args, usage_error=None) -> GenerationSummary:
                                     args.resize)
         jobs = plan_videos(pipe, args.seed, args.num_videos_per_class, args.class_labels, contexts, clips)
 
-    settings = run_settings(args, pipe, device, clips)
+    settings = run_settings(args, pipe, device, clips, folder)
     settings_path = os.path.join(args.output_dir, SETTINGS_FILE)
+    if os.path.isfile(settings_path):  # folders made before a Hub repo was recorded with its commit keep the id
+        with open(settings_path, encoding="utf-8") as f:
+            if json.load(f).get("model") == args.model:
+                settings["model"] = args.model
     # folders started before the speed options existed were made with their defaults
     differences = read_settings_differences(settings_path, settings, earlier_defaults=dict(
         compile_decode="off", norm_implementation="torch", conv_implementation="conv3d"))

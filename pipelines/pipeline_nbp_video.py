@@ -1,7 +1,9 @@
 """NBPVideoPipeline: class-conditional generation and frame prediction with a Next-Block Prediction model.
 
 This file only needs torch, numpy, PIL and diffusers: saved pipelines carry a copy of it (with the components'
-code) so that `DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)` works without nbp-video.
+code) so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without nbp-video (a local
+folder: diffusers' download of a Hub repo fetches only the first module of each component's code, so a repo is loaded
+from `huggingface_hub.snapshot_download(repo_id)`).
 
 Pixel convention: videos go in and come out in [0, 1] (PIL/uint8 inputs are scaled once, in `preprocess_video`);
 that is also the video tokenizer's range.
@@ -145,6 +147,66 @@ def upload_to_hub(folder: str, repo_id: str, token: str | None = None, commit_me
     return api.upload_folder(repo_id=repo_id, folder_path=folder, create_pr=create_pr,
                              commit_message=commit_message or "Upload NBPVideoPipeline",
                              ignore_patterns=["README.md"] if keep_card else None)
+
+
+# each component's weight files: (safetensors, pickled) names before the variant and the extension
+WEIGHT_NAMES = {"transformer": ("model", "pytorch_model"),
+                "video_tokenizer": ("diffusion_pytorch_model", "diffusion_pytorch_model")}
+
+
+def why_not_downloaded(error: Exception, revision: str | None = None) -> str:
+    """What a failed Hub download means, in words (the client's first line of a 404 says only "404 Client Error")."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return f"the repo has no revision {revision or 'main'!r} (a branch, tag or commit id)"
+    if isinstance(error, RepositoryNotFoundError):  # also a gated repo
+        return ("no such repo, or a private or gated one that the token (token=, HF_TOKEN or `hf auth login`) does "
+                "not open")
+    text = str(error).splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def pipeline_files(components, variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    """The patterns of the files of a pipeline repo that loading `components` reads: model_index.json, each one's
+    JSON files (configs, weight indices) and its weights of `variant` (pickled ones too unless `use_safetensors`);
+    not the other variants' weights, the carried code or the model card."""
+    tag = f".{variant}" if variant else ""
+    patterns = ["model_index.json"]
+    for name in components:
+        safe, pickled = WEIGHT_NAMES[name]
+        patterns += [f"{name}/*.json", f"{name}/{safe}{tag}.safetensors", f"{name}/{safe}{tag}-*.safetensors"]
+        if not use_safetensors:
+            patterns += [f"{name}/{pickled}{tag}.bin", f"{name}/{pickled}{tag}-*.bin"]
+    return patterns
+
+
+def pipeline_folder(source: str | os.PathLike, components=("transformer", "video_tokenizer"),
+                    variant: str | None = None, use_safetensors: bool | None = None, **hub_kwargs) -> str:
+    """The local folder of the pipeline `source` names: itself, or the snapshot of a Hub repo id (its folder in the
+    cache, named by its commit) holding `pipeline_files` of `components`. `hub_kwargs` go to `snapshot_download`
+    (revision, token, cache_dir, local_files_only, force_download)."""
+    folder = os.fspath(source)
+    if os.path.isdir(folder):
+        return folder
+    where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
+    if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.exists(folder):
+        raise FileNotFoundError(f"{folder!r}: {where} (a Hub repo id has the form 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(folder, allow_patterns=pipeline_files(components, variant, use_safetensors),
+                                     **hub_kwargs)
+    except Exception as err:  # not on the Hub, offline, or not a valid repo id
+        raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could be "
+                      f"downloaded: {why_not_downloaded(err, hub_kwargs.get('revision'))}") from err
+    missing = [f"{name}/config.json" for name in components
+               if not os.path.isfile(os.path.join(snapshot, name, "config.json"))]
+    if missing:  # a model repo, or a pipeline pushed without a component
+        raise FileNotFoundError(f"the Hub repo {folder!r} is not an NBPVideoPipeline repo (no {', '.join(missing)}): "
+                                "a generator or a tokenizer alone loads with NBPForVideoGeneration.from_pretrained or "
+                                "NBPVideoTokenizer.from_pretrained")
+    return snapshot
 
 
 class NBPVideoPipeline(DiffusionPipeline):
@@ -643,9 +705,9 @@ class NBPVideoPipeline(DiffusionPipeline):
         card (README.md, `model_card`; `model_card_notes`, e.g. how the model was trained, become a section of it;
         a README.md that is not a generated card is kept). With `carry_code` (default) it also carries the code of
         the pipeline and its components, so `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` works
-        without nbp-video; without it the folder names the installed modules (for folders that live beside the
-        package, like the bundled demo). `push_to_hub=True` uploads it (kwargs: repo_id, private, token,
-        commit_message, create_pr); the card then loads it from the repo."""
+        without nbp-video (for a Hub repo, on its `snapshot_download`); without it the folder names the installed
+        modules (for folders that live beside the package, like the bundled demo). `push_to_hub=True` uploads it
+        (kwargs: repo_id, private, token, commit_message, create_pr); the card then loads it from the repo."""
         hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr") if k in kwargs}
         repo_id = hub.get("repo_id") or str(save_directory)
         if push_to_hub:  # the full id ("owner/name") for the card
@@ -732,10 +794,10 @@ class NBPVideoPipeline(DiffusionPipeline):
             "from modeling_nbp.video_io import export_to_mp4", "",
             f"pipe = NBPVideoPipeline.from_pretrained({where})", *inputs,
             f"video = {call}.frames[0]", 'export_to_mp4(video, "video.mp4", fps=8)', "```", ""]
-        if carries_code:
-            lines += ["Without nbp-video installed, the folder carries its code: "
-                      f"`DiffusionPipeline.from_pretrained({where}, trust_remote_code=True)` (diffusers, transformers).",
-                      ""]
+        if carries_code:  # diffusers' download of a repo id fetches only the first module of each component's code
+            lines += ["Without nbp-video installed, the folder carries its code: load a local copy with diffusers and "
+                      "transformers, `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, where "
+                      f"`folder = huggingface_hub.snapshot_download({json.dumps(repo_id)})` for the Hub repo.", ""]
         if notes:
             lines += ["## Notes", "", notes.strip(), ""]
         return "\n".join(lines)
@@ -788,32 +850,26 @@ class NBPVideoPipeline(DiffusionPipeline):
                             "transformer, video_tokenizer, dtype or torch_dtype, variant, use_safetensors, revision, "
                             "cache_dir, token, local_files_only, force_download; place the pipeline with "
                             "pipe.to(device))")
-        if not os.path.isdir(folder):
-            from huggingface_hub import snapshot_download
-
-            where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
-            if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.exists(folder):
-                raise FileNotFoundError(f"{folder!r}: {where} (a Hub repo id has the form 'owner/name')")
-            try:
-                folder = snapshot_download(folder, **hub_kwargs)
-            except Exception as err:  # not on the Hub, offline, or not a valid repo id
-                raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could "
-                              f"be downloaded: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                              ) from err
+        needed = [name for name, given in (("transformer", transformer), ("video_tokenizer", video_tokenizer))
+                  if given is None]  # a component passed in is not downloaded
+        folder = pipeline_folder(folder, needed, variant.get("variant"), weights.get("use_safetensors"), **hub_kwargs)
         missing = [f"{name}/config.json" for name, given in (("transformer", transformer),
                                                               ("video_tokenizer", video_tokenizer))
                    if given is None and not os.path.isfile(os.path.join(folder, name, "config.json"))]
         if missing:  # e.g. a training run's folder, or one model's folder
             final = os.path.join(folder, "final")
             hint = (f"its pipeline is {final}" if os.path.isdir(final) else "a training run's pipeline is its final/ "
-                    "folder; a generator or a tokenizer alone loads with NBPForVideoGeneration.from_pretrained or "
-                    "NBPVideoTokenizer.from_pretrained")
+                    "folder (with a tokenizer: `nbp train --tokenizer`); a generator or a tokenizer alone loads with "
+                    "NBPForVideoGeneration.from_pretrained or NBPVideoTokenizer.from_pretrained, and "
+                    "NBPVideoPipeline(transformer=..., video_tokenizer=...) joins them")
             raise FileNotFoundError(f"{folder} is not an NBPVideoPipeline folder (no {', '.join(missing)}): {hint}")
         transformer = transformer or installed.NBPForVideoGeneration.from_pretrained(
             os.path.join(folder, "transformer"), dtype=dtype["transformer"], **variant, **weights)
         video_tokenizer = video_tokenizer or installed.NBPVideoTokenizer.from_pretrained(
             os.path.join(folder, "video_tokenizer"), torch_dtype=dtype["video_tokenizer"], **variant, **weights)
-        return cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
+        pipe = cls(transformer=transformer.eval(), video_tokenizer=video_tokenizer.eval())
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))  # as diffusers' loader does
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):

@@ -412,3 +412,28 @@ def test_context_files_are_read_and_videos_written_at_the_models_training_rate(t
     got, fps = read_video(str(tmp_path / "out" / "a_0.mp4"))
     assert fps == 4
     assert_same_video(got, read_video(export_to_mp4(expected, str(tmp_path / "ref.mp4"), fps=4))[0])
+
+
+def test_a_hub_model_is_recorded_with_its_commit(local_hub, saved, tmp_path, capsys):
+    """`nbp generate --model owner/name` recorded the repo id alone, so a rerun after a push to the repo added the new
+    model's videos to the old ones; and no flag could pin a revision."""
+    pipe = tiny_pipeline()
+    first = pipe.push_to_hub("test-user/pipe").oid
+    out, flags = tmp_path / "out", ("--formats", "gif", "--contact_sheet", "0", "--class_labels", "circle")
+    generate("test-user/pipe", out, *flags)
+    assert json.loads((out / "generate.json").read_text())["model"] == {"repo": "test-user/pipe", "commit": first}
+    pipe.transformer.generation_config.update(do_sample=True, top_k=3)
+    pipe.push_to_hub("test-user/pipe")  # another model under the same id
+    with pytest.raises(SystemExit, match=r"other settings \(model.commit '[0-9a-f]{40}' on disk, '[0-9a-f]{40}' now"):
+        generate("test-user/pipe", out, *flags)
+    generate("test-user/pipe", out, *flags, "--revision", first)  # the recorded version resumes
+    assert "made 0 videos, 1 were already" in capsys.readouterr().out
+    # a folder that recorded the repo id alone (made before commits were recorded) resumes as it did
+    settings = json.loads((out / "generate.json").read_text())
+    (out / "generate.json").write_text(json.dumps({**settings, "model": "test-user/pipe"}))
+    generate("test-user/pipe", out, *flags)
+    assert "made 0 videos, 1 were already" in capsys.readouterr().out
+    assert refused(capsys, "test-user/pipe", out, "--revision", "v2").endswith("the repo has no revision 'v2' (a "
+                                                                               "branch, tag or commit id)")
+    assert refused(capsys, saved[1], tmp_path / "other", "--revision", "main").endswith(
+        f"--revision selects a version of a Hub repo; --model {saved[1]} is a local folder")

@@ -116,9 +116,103 @@ def test_a_folder_that_is_not_a_pipeline_is_named(tmp_path):
                                                 r"video_tokenizer/config.json\): its pipeline is .*final"):
         NBPVideoPipeline.from_pretrained(tmp_path / "run")
     pipe.video_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    with pytest.raises(FileNotFoundError, match=r"config.json\): a training run's pipeline is its final/ folder; .*"
-                                                r"NBPVideoTokenizer.from_pretrained"):
+    with pytest.raises(FileNotFoundError, match=r"config.json\): a training run's pipeline is its final/ folder \(with a "
+                                                r"tokenizer: `nbp train --tokenizer`\); .*NBPVideoTokenizer.from_pretrained"):
         NBPVideoPipeline.from_pretrained(tmp_path / "tokenizer")
     # the given component needs no folder
     assert NBPVideoPipeline.from_pretrained(tmp_path / "tokenizer" / "..", transformer=pipe.transformer,
                                             video_tokenizer=pipe.video_tokenizer).transformer is pipe.transformer
+
+
+def downloaded(hub) -> list[str]:
+    """The repo paths of the files `hub` served since the last call (and forgets them)."""
+    with hub._state.lock:
+        requests, hub._state.requests[:] = list(hub._state.requests), []
+    return sorted({path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in requests
+                   if method == "GET" and "/resolve/" in path})
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for name in ("transformer", "video_tokenizer")
+               for x, y in zip(getattr(a, name).state_dict().values(), getattr(b, name).state_dict().values()))
+
+
+def test_a_hub_pipeline_downloads_only_what_it_loads(local_hub, monkeypatch, tmp_path):
+    """Was the whole repo: both variants' weights, the carried code, and a component passed in (the 1.4 GB generator
+    for a swapped-in one); a model repo was downloaded before being refused, and a missing repo or revision was
+    reported as "404 Client Error."."""
+    from hub_server import set_hub_offline
+
+    pipe = tiny_pipeline()
+    pipe.push_to_hub("test-user/pipe")
+    pipe.push_to_hub("test-user/pipe", variant="fp16")
+    pipe.transformer.push_to_hub("test-user/generator")
+    downloaded(local_hub)
+    configs = ["model_index.json", "transformer/config.json", "transformer/generation_config.json",
+               "video_tokenizer/config.json"]
+    loaded = NBPVideoPipeline.from_pretrained("test-user/pipe")
+    assert downloaded(local_hub) == sorted([*configs, "transformer/model.safetensors",
+                                            "video_tokenizer/diffusion_pytorch_model.safetensors"])
+    assert loaded.name_or_path == "test-user/pipe" and same_weights(loaded, pipe)
+    NBPVideoPipeline.from_pretrained("test-user/pipe", variant="fp16", cache_dir=tmp_path / "other")
+    assert downloaded(local_hub) == sorted([*configs, "transformer/model.fp16.safetensors",
+                                            "video_tokenizer/diffusion_pytorch_model.fp16.safetensors"])
+    NBPVideoPipeline.from_pretrained("test-user/pipe", transformer=pipe.transformer, cache_dir=tmp_path / "third")
+    assert downloaded(local_hub) == ["model_index.json", "video_tokenizer/config.json",
+                                     "video_tokenizer/diffusion_pytorch_model.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"the Hub repo 'test-user/generator' is not an NBPVideoPipeline repo "
+                                                r"\(no transformer/config.json, .*NBPForVideoGeneration"):
+        NBPVideoPipeline.from_pretrained("test-user/generator")
+    assert downloaded(local_hub) == []
+    with pytest.raises(OSError, match=r"'test-user/none' .* nor a Hub repo that could be downloaded: no such repo, or "
+                                      r"a private or gated one"):
+        NBPVideoPipeline.from_pretrained("test-user/none")
+    with pytest.raises(OSError, match=r"could be downloaded: the repo has no revision 'v2'"):
+        NBPVideoPipeline.from_pretrained("test-user/pipe", revision="v2")
+    # offline, the cache of a partial download is enough for what it holds
+    local_hub.stop()
+    set_hub_offline(monkeypatch)
+    assert same_weights(NBPVideoPipeline.from_pretrained("test-user/pipe"), pipe)
+
+
+def test_a_model_of_the_other_kind_is_named(local_hub, tmp_path):
+    """`--tokenizer` given a generator (or `--init_from` a tokenizer) failed in diffusers ("no file named
+    diffusion_pytorch_model.bin") or in the config ("condition_mode='class' needs num_classes > 0"); a Hub repo's
+    other variants' weights were downloaded too."""
+    from modeling_nbp.data.pretokenize import tokenizer_folder
+    from modeling_nbp.training.train_nbp import generator_folder
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    pipe.push_to_hub("test-user/pipe")
+    pipe.push_to_hub("test-user/pipe", variant="fp16")
+    pipe.transformer.push_to_hub("test-user/generator")
+    downloaded(local_hub)
+    assert tokenizer_folder("test-user/pipe").endswith("video_tokenizer")
+    assert not [f for f in downloaded(local_hub) if "fp16" in f or f.startswith("transformer/")]
+    for find, source, message in (
+            (tokenizer_folder, "test-user/generator", "tokenizer 'test-user/generator' is an NBP generator, not an NBP "
+                                                      "video tokenizer"),
+            (tokenizer_folder, tmp_path / "pipe" / "transformer", "is an NBP generator, not an NBP video tokenizer"),
+            (generator_folder, tmp_path / "pipe" / "video_tokenizer", "--init_from .* is an NBP video tokenizer, not "
+                                                                      "an NBP generator"),
+            (generator_folder, tmp_path / "run", r"is not an NBP generator or a pipeline holding one: it has no "
+                                                 r"readable config.json or transformer/config.json: a training "
+                                                 r"run's model is in .*final")):
+        with pytest.raises(OSError, match=message):
+            find(source)
+
+
+def test_a_generator_is_not_loaded_from_a_folder_without_its_config(tmp_path):
+    """A pipeline folder (or a tokenizer's) given to NBPForVideoGeneration.from_pretrained: transformers read no
+    config.json as an empty one, and the defaults failed with "condition_mode='class' needs num_classes > 0"."""
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(OSError, match=r"has no config.json, so it holds no NBP generator; in a pipeline"):
+        NBPForVideoGeneration.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match=r"video_tokenizer holds the config of NBPVideoTokenizer, not of an NBP generator; "
+                                      r"in a pipeline .* subfolder='transformer'"):
+        NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="video_tokenizer")
+    loaded = NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="transformer")
+    assert loaded.config.latent_shape == pipe.transformer.config.latent_shape

@@ -980,3 +980,52 @@ def test_the_bundled_demo_model_fine_tunes_on_a_digits_folder(tmp_path, monkeypa
           "--init_from", "demo", "--tokenizer", "demo"])
     assert sorted(set(labels)) == [0, 3]
     assert NBPVideoPipeline.from_pretrained(tmp_path / "run" / "final").class_names == list("0123456789")
+
+
+def test_fine_tuning_keeps_the_pretrained_models_dropout_unless_given(tmp_path):
+    """A model trained with class dropout (for guidance) goes on with it: the flags' from-scratch defaults (dropout 0.1,
+    class dropout 0) would freeze its unconditional embedding under a generation_config that still guides."""
+    data = write_tokens(tmp_path / "data", 8, 0, class_names=["cat", "dog", "fox"])
+    run = ["--train_data", data, *TINY[8:], "--train_batch_size", "4", "--max_steps", "1", "--warmup_steps", "0"]
+    main([*run, *TINY[:8], "--output_dir", str(tmp_path / "a"), "--dropout", "0.2", "--class_dropout_prob", "0.3",
+          "--guidance_scale", "2"])
+    source = ["--init_from", str(tmp_path / "a" / "final")]
+    main([*run, *source, "--output_dir", str(tmp_path / "tuned"), "--guidance_scale", "3"])
+    tuned = NBPConfig.from_pretrained(tmp_path / "tuned" / "final")
+    assert (tuned.hidden_dropout, tuned.class_dropout_prob) == (0.2, 0.3)
+    main([*run, *source, "--output_dir", str(tmp_path / "flags"), "--dropout", "0", "--class_dropout_prob", "0"])
+    flags = NBPConfig.from_pretrained(tmp_path / "flags" / "final")
+    assert (flags.hidden_dropout, flags.class_dropout_prob) == (0.0, 0.0)
+
+
+def test_samples_of_a_model_fine_tuned_on_new_classes_show_those_classes(tmp_path, monkeypatch):
+    """The demo (digits 0-9) fine-tuned on two new classes: they take its classes 0 and 1, and the sample videos show
+    them, not the untouched digits 2 and 3."""
+    from modeling_nbp.training import train_nbp
+
+    data = write_tokens(tmp_path / "data", 4, 0, grid=(5, 8, 8), class_names=["ant", "bee"], classes=2)
+    shown = []
+    monkeypatch.setattr(train_nbp, "sample_videos", lambda *args: shown.append(args[-1]))
+    main(["--train_data", data, *TINY[8:], "--train_batch_size", "2", "--max_steps", "1", "--warmup_steps", "0",
+          "--output_dir", str(tmp_path / "run"), "--init_from", "demo", "--tokenizer", "demo", "--num_samples", "4"])
+    assert shown == [[0, 1]]
+    assert NBPConfig.from_pretrained(tmp_path / "run" / "final" / "transformer").id2label[1] == "bee"
+
+
+def test_num_context_frames_sets_a_given_models_and_is_refused_where_unused(tmp_path):
+    """--num_context_frames (a sampling setting) changes an --init_from frame-prediction model's; it and the dropouts
+    are range-checked before the run makes anything; a model without context frames refuses it."""
+    data = write_tokens(tmp_path / "data", 8, 0)
+    run = ["--train_data", data, *TINY[8:], "--train_batch_size", "4", "--max_steps", "1", "--warmup_steps", "0"]
+    main([*run, *TINY[:8], "--output_dir", str(tmp_path / "frames"), "--condition_mode", "frames"])
+    assert NBPConfig.from_pretrained(tmp_path / "frames" / "final").num_context_frames == 1  # the default
+    source = ["--init_from", str(tmp_path / "frames" / "final")]
+    main([*run, *source, "--output_dir", str(tmp_path / "tuned"), "--num_context_frames", "0"])
+    assert NBPConfig.from_pretrained(tmp_path / "tuned" / "final").num_context_frames == 0
+    with pytest.raises(ValueError, match=r"num_context_frames \(2\) must be a multiple .* in \[0, 2\)"):
+        main([*run, *source, "--output_dir", str(tmp_path / "x"), "--num_context_frames", "2"])
+    with pytest.raises(ValueError, match=r"hidden_dropout must lie in \[0, 1\], got 5"):
+        main([*run, *source, "--output_dir", str(tmp_path / "x"), "--dropout", "5"])
+    assert not (tmp_path / "x").exists()  # refused before the run made anything
+    with pytest.raises(ValueError, match=r"--num_context_frames is for frame prediction .* condition_mode is 'class'"):
+        main([*run, *TINY[:8], "--output_dir", str(tmp_path / "x"), "--num_context_frames", "1"])

@@ -79,15 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default hybrid ('none' for --condition_mode frames)")
     g.add_argument("--condition_mode", choices=CONDITION_MODES,
                    help="default: class if every item has a label >= 0, else none")
-    g.add_argument("--num_context_frames", type=int, default=1,
-                   help="frames mode: latent frames given as context when sampling (training predicts all)")
+    g.add_argument("--num_context_frames", type=int,
+                   help="frames mode: latent frames given as context when sampling (training predicts all; default 1, "
+                        "or the model's with --preset, --model_config or --init_from)")
     g.add_argument("--num_classes", type=common.positive_int,
                    help="default: the data's class names, else its largest label + 1")
     g.add_argument("--video_vocab_size", type=common.positive_int,
                    help="default: the tokenizer's codebook, the preset's, or the largest id in the data + 1")
-    g.add_argument("--dropout", type=float, help=f"embedding/residual dropout (default {DEFAULTS['dropout']})")
-    g.add_argument("--class_dropout_prob", type=float, default=0.0,
-                   help="probability, per clip, of replacing the class prefix by the unconditional embedding (for CFG)")
+    g.add_argument("--dropout", type=float, help="embedding/residual dropout (default: the --init_from model's, else "
+                   f"{DEFAULTS['dropout']})")
+    g.add_argument("--class_dropout_prob", type=float,
+                   help="probability, per clip, of replacing the class prefix by the unconditional embedding (for CFG; "
+                        "default: the --init_from model's, else 0)")
     g.add_argument("--attn_implementation", choices=["auto", "sdpa", "eager", "flex_attention"], default="auto",
                    help="auto: flex_attention on CUDA, sdpa on CPU")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -131,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_preset(build_parser(), argv, GENERATOR_PRESETS, "generator")
-    for key in ("learning_rate", "max_steps", "dropout"):
+    for key in ("learning_rate", "max_steps"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key])
+    if not args.init_from:  # a pretrained model goes on with the dropout it was trained with (`build_config`)
+        args.dropout = DEFAULTS["dropout"] if args.dropout is None else args.dropout
+        args.class_dropout_prob = args.class_dropout_prob or 0.0
     args._from_max_steps = ["warmup_steps"] if args.warmup_steps is None else []  # a resume keeps the checkpoint's
     if args.warmup_steps is None:
         args.warmup_steps = args.max_steps // 20  # the UCF recipe's share: 5k of 100k steps
@@ -188,10 +194,14 @@ def build_config(args, info: dict, tokenizer, init_folder: str | None = None) ->
     """The model's config: from --model_config or `init_folder` (--init_from's folder, `generator_folder`), else
     built from the preset or the size flags and the data."""
     latent = info["latent_shape"]
-    training = dict(hidden_dropout=args.dropout, class_dropout_prob=args.class_dropout_prob)
+    training = {k: v for k, v in dict(hidden_dropout=args.dropout, class_dropout_prob=args.class_dropout_prob).items()
+                if v is not None}  # unset with --init_from: the model's own
+    # a sampling setting, which may change a given model's
+    context = {} if args.num_context_frames is None else dict(num_context_frames=args.num_context_frames)
     if args.model_config or init_folder:
         flag = "--model_config" if args.model_config else "--init_from"
-        config = NBPConfig.from_pretrained(args.model_config or init_folder, **training)
+        config = NBPConfig.from_pretrained(args.model_config or init_folder, **training, **context)
+        config.validate_architecture()  # from_pretrained leaves the overrides unchecked
         if list(config.latent_shape) != latent:
             raise ValueError(f"{flag} has latent_shape {config.latent_shape}, the data {latent}: pre-tokenize the "
                              "videos with the model's tokenizer and clip size")
@@ -204,7 +214,7 @@ def build_config(args, info: dict, tokenizer, init_folder: str | None = None) ->
         block = args.block_shape or [1, 1, latent[2]]
         preset_vocab = NBPConfig.from_preset(args.model_preset).video_vocab_size
         config = NBPConfig.from_preset(args.model_preset, latent_shape=latent, block_shape=block,
-                                       video_vocab_size=vocab or preset_vocab, **training)
+                                       video_vocab_size=vocab or preset_vocab, **training, **context)
     else:
         mode = args.condition_mode or ("class" if info["min_label"] >= 0 else "none")
         if mode == "class" and info["min_label"] < 0:
@@ -223,10 +233,13 @@ def build_config(args, info: dict, tokenizer, init_folder: str | None = None) ->
             num_classes=(args.num_classes or (len(names) if names else info["max_label"] + 1)) if mode == "class"
             else None,
             id2label=dict(enumerate(names)) if mode == "class" and names else None,
-            num_condition_tokens=1, num_context_frames=args.num_context_frames if mode == "frames" else 0,
+            num_condition_tokens=1, num_context_frames=context.get("num_context_frames", 1) if mode == "frames" else 0,
             num_hidden_layers=args.num_layers or DEFAULTS["num_layers"],
             hidden_size=args.hidden_size or DEFAULTS["hidden_size"],
             num_attention_heads=args.num_heads or DEFAULTS["num_heads"], **training)
+    if context and config.condition_mode != "frames":
+        raise ValueError(f"--num_context_frames is for frame prediction (condition_mode frames); the model's "
+                         f"condition_mode is {config.condition_mode!r}")
     if config.condition_mode == "class" and not 0 <= info["min_label"] <= info["max_label"] < config.num_classes:
         raise ValueError(f"the data has labels in [{info['min_label']}, {info['max_label']}], the model "
                          f"{config.num_classes} classes")
@@ -245,11 +258,11 @@ def model_class_names(config: NBPConfig) -> list[str] | None:
     return [str(id2label[i]) for i in sorted(id2label)]
 
 
-def data_label_map(info: dict, config: NBPConfig) -> torch.Tensor | None:
+def data_label_map(info: dict, config: NBPConfig, warn: bool = True) -> torch.Tensor | None:
     """The model's label of each label of the training data, where a model read from a file (--init_from,
     --model_config) names other classes than the data in another order, matched by name; else None (labels are
     the model's). Data whose classes the model names none of trains its class slots by position: `config.id2label`
-    then takes the data's names (logged)."""
+    then takes the data's names (logged if `warn`)."""
     names, model_names = info["class_names"], model_class_names(config)
     if not names or not model_names or names == model_names:
         return None
@@ -261,8 +274,9 @@ def data_label_map(info: dict, config: NBPConfig) -> torch.Tensor | None:
                          f"does not ({unknown[:5]}): name the class folders as the model's classes (e.g. "
                          f"{model_names[:3]}), or use only new classes, which then train the model's classes by "
                          "position")
-    logger.warning("the model names none of the data's classes (%s...): class i of the data trains the model's class "
-                   "i, which takes its name", ", ".join(names[:3]))
+    if warn:
+        logger.warning("the model names none of the data's classes (%s...): class i of the data trains the model's "
+                       "class i, which takes its name", ", ".join(names[:3]))
     config.id2label = {i: names[i] if i < len(names) else name for i, name in enumerate(model_names)}
     config.label2id = {name: i for i, name in config.id2label.items()}
     return None
@@ -553,8 +567,14 @@ def main(argv=None) -> dict:
         init_dir = generator_folder(args.init_from) if args.init_from else None
     tokenizer = load_tokenizer(tokenizer_dir, accelerator.device)
     config = build_config(args, info, tokenizer, init_dir)
-    train_labels = data_label_map(info, config) if config.condition_mode == "class" else None
-    sample_classes = train_labels.tolist() if train_labels is not None else None
+    train_labels = None
+    if config.condition_mode == "class":
+        train_labels = data_label_map(info, config, warn=accelerator.is_main_process)
+    sample_classes = None  # the classes the samples show: the data's (a fine-tuned model may have others), else all
+    if train_labels is not None:
+        sample_classes = train_labels.tolist()
+    elif config.condition_mode == "class" and info["class_names"]:  # the model's labels are the data's
+        sample_classes = list(range(len(info["class_names"])))
     fps = pretokenize_record(args.train_data)[1].get("clip", {}).get("fps")
     if fps:  # the clips' rate: `nbp generate` reads contexts and writes videos at it
         config.fps = float(fps)
@@ -705,7 +725,8 @@ def main(argv=None) -> dict:
                           global_step, args.output_dir, sample_classes)
     notes = (f"Trained with nbp-video's `nbp train` for {global_step} steps of {global_batch} clips on "
              f"`{os.path.basename(os.path.normpath(args.train_data))}`"
-             + (f", starting from `{args.init_from}`" if args.init_from else "")
+             + (f", starting from {'the bundled moving-digits model' if args.init_from == 'demo' else args.init_from}"
+                if args.init_from else "")
              + ("" if math.isnan(loss_value) else f"; last training loss {loss_value:.4f}")
              + ("" if val_loss is None else f", validation loss {val_loss:.4f}") + ".")
     final_dir = save_final(accelerator, model, config, tokenizer, ema, args.output_dir, hub_repo, notes,
