@@ -19,6 +19,7 @@ index), so the official state dict loads after stripping its `module.` prefix. F
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -341,6 +342,24 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
                 decoder += [CausalConv3d(width, width * t * s * s), CausalDepthToSpace(t, s)]
         decoder += [FrameGroupNorm(norm_num_groups, width), Swish(width), CausalConv3d(width, pixel_channels)]
         self.decoder_layers = nn.ModuleList(decoder)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' reading of config.json; a folder holding an NBP generator's config (a transformers one) instead
+        of a tokenizer's, or a pipeline folder, is named with the subfolder of a pipeline's tokenizer."""
+        where = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "").rstrip("/")
+        hint = "in a pipeline (a folder or repo with model_index.json) the tokenizer is subfolder='video_tokenizer'"
+        try:
+            loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as err:
+            if os.path.isfile(os.path.join(where, "model_index.json")):
+                raise OSError(f"{where} is a pipeline folder: {hint}") from err
+            raise
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if "model_type" in config:
+            raise OSError(f"{where} holds the config of a transformers model ({config['model_type']}), not of a video "
+                          f"tokenizer; {hint}")
+        return loaded
 
     @property
     def norm_implementation(self) -> str:

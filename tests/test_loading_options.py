@@ -9,7 +9,7 @@ from transformers import AutoModel
 
 from test_modeling_nbp import grid, make_model
 from test_pipeline import gen, tiny_pipeline
-from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
+from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline, NBPVideoTokenizer
 
 
 def test_model_loading_options_give_the_plain_load_outputs(tmp_path):
@@ -204,7 +204,7 @@ def test_a_model_of_the_other_kind_is_named(local_hub, tmp_path):
             find(source)
 
 
-def test_a_generator_is_not_loaded_from_a_folder_without_its_config(tmp_path):
+def test_a_model_is_not_loaded_from_a_folder_without_its_config(tmp_path):
     """A pipeline folder (or a tokenizer's) given to NBPForVideoGeneration.from_pretrained: transformers read no
     config.json as an empty one, and the defaults failed with "condition_mode='class' needs num_classes > 0"."""
     pipe = tiny_pipeline()
@@ -216,3 +216,9 @@ def test_a_generator_is_not_loaded_from_a_folder_without_its_config(tmp_path):
         NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="video_tokenizer")
     loaded = NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="transformer")
     assert loaded.config.latent_shape == pipe.transformer.config.latent_shape
+    # the tokenizer's: diffusers said "no file named diffusion_pytorch_model.bin" for a generator's folder
+    with pytest.raises(OSError, match=r"is a pipeline folder: in a pipeline .* subfolder='video_tokenizer'"):
+        NBPVideoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match=r"transformer holds the config of a transformers model \(nbp\), not of a video "
+                                      r"tokenizer; in a pipeline"):
+        NBPVideoTokenizer.from_pretrained(tmp_path, subfolder="transformer")
