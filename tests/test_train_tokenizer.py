@@ -665,6 +665,7 @@ def test_init_from_cannot_be_combined_with_another_model_definition(tmp_path):
     not there is reported as --init_from's."""
     base = ["--dataset", "moving_digits", "--output_dir", str(tmp_path), "--init_from", "someone/tokenizer"]
     for flags, given in [(["--fsq_levels", "8,8", "--patch_size", "2"], "--fsq_levels, --patch_size"),
+                         (["--patch_size", "1"], "--patch_size"),  # the default value, given: ignored all the same
                          (["--tokenizer_config", "tok.json"], "--tokenizer_config")]:
         with pytest.raises(ValueError, match=re.escape(f"{given} cannot be combined with --init_from, whose pretrained "
                                                        "tokenizer is the model")):

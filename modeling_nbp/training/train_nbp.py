@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_preset(build_parser(), argv, GENERATOR_PRESETS, "generator")
+    # which flags define the model, first: a preset also fills in the values checked below
+    sources = [f"--{k}" for k in ("preset", "model_config", "init_from") if getattr(args, k)]
+    if len(sources) > 1:
+        raise ValueError(f"give one of {', '.join(sources)}: each defines the model (with --init_from, give the "
+                         "training flags rather than a --preset)")
+    if sources:  # these flags only shape a model built from the size flags
+        ignored = ["num_layers", "hidden_size", "num_heads", "first_block", "condition_mode", "num_classes"]
+        ignored += [] if args.preset else ["block_shape", "video_vocab_size"]
+        given = [f"--{k}" for k in ignored if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with {sources[0]}, which defines the model")
     for key in ("learning_rate", "max_steps"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key])
@@ -159,16 +170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "learning-rate schedule (--lr_schedule_steps, else --max_steps)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
-    sources = [f"--{k}" for k in ("preset", "model_config", "init_from") if getattr(args, k)]
-    if len(sources) > 1:
-        raise ValueError(f"give one of {', '.join(sources)}: each defines the model (with --init_from, give the "
-                         "training flags rather than a --preset)")
-    if sources:  # these flags only shape a model built from the size flags
-        ignored = ["num_layers", "hidden_size", "num_heads", "first_block", "condition_mode", "num_classes"]
-        ignored += [] if args.preset else ["block_shape", "video_vocab_size"]
-        given = [f"--{k}" for k in ignored if getattr(args, k) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with {sources[0]}, which defines the model")
     return args
 
 
@@ -270,8 +271,9 @@ def data_label_map(info: dict, config: NBPConfig, warn: bool = True) -> torch.Te
     if not unknown:
         return torch.tensor([model_names.index(name) for name in names])
     if len(unknown) < len(names):
-        raise ValueError(f"--train_data has classes the model names ({len(names) - len(unknown)}) and classes it "
-                         f"does not ({unknown[:5]}): name the class folders as the model's classes (e.g. "
+        known = [name for name in names if name not in unknown]
+        raise ValueError(f"--train_data has classes the model names ({known[:5]}) and classes it does not "
+                         f"({unknown[:5]}): name the class folders as the model's classes (e.g. "
                          f"{model_names[:3]}), or use only new classes, which then train the model's classes by "
                          "position")
     if warn:

@@ -100,14 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "command line nor --preset sets default to the clips it was trained on. A resume takes the "
                         "weights from its checkpoint, and needs the same --init_from")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
-    g.add_argument("--base_channels", type=int, default=128)
-    g.add_argument("--channel_multipliers", type=common.int_list, default=[1, 2, 2, 4], help="width of each level / base")
-    g.add_argument("--layers_per_block", type=common.int_list, default=[4, 4, 4, 8], help="one value or one per level")
-    g.add_argument("--time_strides", type=common.int_list, default=[1, 2, 2], help="time factor (1 or 2) between levels")
-    g.add_argument("--space_strides", type=common.int_list, default=[2, 2, 2], help="space factor (1 or 2) between levels")
-    g.add_argument("--fsq_levels", type=common.int_list, default=[8, 8, 8, 5, 5, 5])
-    g.add_argument("--norm_num_groups", type=int, default=32)
-    g.add_argument("--patch_size", type=int, default=1)
+    # None: not given (`check_model_flags` then sets SIZE_DEFAULTS)
+    g.add_argument("--base_channels", type=int, help="default 128")
+    g.add_argument("--channel_multipliers", type=common.int_list, help="width of each level / base; default 1,2,2,4")
+    g.add_argument("--layers_per_block", type=common.int_list, help="one value or one per level; default 4,4,4,8")
+    g.add_argument("--time_strides", type=common.int_list, help="time factor (1 or 2) between levels; default 1,2,2")
+    g.add_argument("--space_strides", type=common.int_list, help="space factor (1 or 2) between levels; default 2,2,2")
+    g.add_argument("--fsq_levels", type=common.int_list, help="default 8,8,8,5,5,5")
+    g.add_argument("--norm_num_groups", type=int, help="default 32")
+    g.add_argument("--patch_size", type=int, help="default 1")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g = p.add_argument_group("losses")
     g.add_argument("--l1_weight", type=float, default=1.0)
@@ -146,9 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# the flags that shape the tokenizer when no --tokenizer_config is given
-SIZE_FLAGS = ("base_channels", "channel_multipliers", "layers_per_block", "time_strides", "space_strides",
-              "fsq_levels", "norm_num_groups", "patch_size")
+# the flags that shape the tokenizer when neither --init_from nor --tokenizer_config is given: the official 370M size
+SIZE_DEFAULTS = dict(base_channels=128, channel_multipliers=[1, 2, 2, 4], layers_per_block=[4, 4, 4, 8],
+                     time_strides=[1, 2, 2], space_strides=[2, 2, 2], fsq_levels=[8, 8, 8, 5, 5, 5], norm_num_groups=32,
+                     patch_size=1)
+SIZE_FLAGS = tuple(SIZE_DEFAULTS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -206,17 +209,20 @@ def check_data_flags(parser, args) -> None:
 
 
 def check_model_flags(parser, args) -> None:
-    """--init_from or --tokenizer_config defines the tokenizer: refuse the size flags given (set to other than their
-    default) beside it, which would be ignored."""
+    """--init_from or --tokenizer_config defines the tokenizer: refuse the size flags given beside it, which would be
+    ignored; the others take `SIZE_DEFAULTS`."""
     if args.init_from:
         source, flags, what = "init_from", ("tokenizer_config", *SIZE_FLAGS), "whose pretrained tokenizer is the model"
     elif args.tokenizer_config:
         source, flags, what = "tokenizer_config", SIZE_FLAGS, "which defines the tokenizer"
     else:
-        return
-    given = [f"--{k}" for k in flags if getattr(args, k) != parser.get_default(k)]
+        source = None
+    given = [f"--{k}" for k in flags if getattr(args, k) is not None] if source else []
     if given:
         raise ValueError(f"{', '.join(given)} cannot be combined with --{source}, {what}")
+    for name, default in SIZE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def fill_clip_flags(parser, args) -> None:
