@@ -116,8 +116,9 @@ def test_a_folder_that_is_not_a_pipeline_is_named(tmp_path):
                                                 r"video_tokenizer/config.json\): its pipeline is .*final"):
         NBPVideoPipeline.from_pretrained(tmp_path / "run")
     pipe.video_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    with pytest.raises(FileNotFoundError, match=r"config.json\): a training run's pipeline is its final/ folder \(with a "
-                                                r"tokenizer: `nbp train --tokenizer`\); .*NBPVideoTokenizer.from_pretrained"):
+    with pytest.raises(FileNotFoundError, match=r"config.json\): a training run's pipeline is its final/ folder "
+                                                r"\(with a tokenizer: `nbp train --tokenizer`\); "
+                                                r".*NBPVideoTokenizer.from_pretrained"):
         NBPVideoPipeline.from_pretrained(tmp_path / "tokenizer")
     # the given component needs no folder
     assert NBPVideoPipeline.from_pretrained(tmp_path / "tokenizer" / "..", transformer=pipe.transformer,
@@ -211,8 +212,8 @@ def test_a_model_is_not_loaded_from_a_folder_without_its_config(tmp_path):
     pipe.save_pretrained(tmp_path)
     with pytest.raises(OSError, match=r"has no config.json, so it holds no NBP generator; in a pipeline"):
         NBPForVideoGeneration.from_pretrained(tmp_path)
-    with pytest.raises(OSError, match=r"video_tokenizer holds the config of NBPVideoTokenizer, not of an NBP generator; "
-                                      r"in a pipeline .* subfolder='transformer'"):
+    with pytest.raises(OSError, match=r"video_tokenizer holds the config of NBPVideoTokenizer, not of an NBP "
+                                      r"generator; in a pipeline .* subfolder='transformer'"):
         NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="video_tokenizer")
     loaded = NBPForVideoGeneration.from_pretrained(tmp_path, subfolder="transformer")
     assert loaded.config.latent_shape == pipe.transformer.config.latent_shape

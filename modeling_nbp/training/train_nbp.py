@@ -490,10 +490,11 @@ def sample_videos(accelerator, model, tokenizer, context_data, num_samples: int,
 
 
 def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo_id: str | None, notes: str,
-               tokenizer_folder: str | None = None) -> str:
+               tokenizer_dir: str | None = None) -> str:
     """Write output_dir/final: an NBPVideoPipeline folder with a tokenizer (its model card loads it from `repo_id`,
     else from the folder, and says `notes`; the tokenizer's training clips, the `TRAINING_CLIPS_FILE` in
-    `tokenizer_folder`, go with it, for `nbp pretokenize --tokenizer final`), else the generator folder."""
+    `tokenizer_dir` (`tokenizer_folder`), go with it, for `nbp pretokenize --tokenizer final`), else the generator
+    folder."""
     final_dir = os.path.join(output_dir, "final")
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; every process
     consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")  # the names under torch.compile's wrapper
@@ -507,8 +508,8 @@ def save_final(accelerator, model, config, tokenizer, ema, output_dir: str, repo
             if tokenizer is not None:
                 NBPVideoPipeline(transformer=final, video_tokenizer=tokenizer).save_pretrained(
                     tmp, repo_id=repo_id or final_dir, model_card_notes=notes)
-                if tokenizer_folder:
-                    clips = os.path.join(tokenizer_folder, TRAINING_CLIPS_FILE)
+                if tokenizer_dir:
+                    clips = os.path.join(tokenizer_dir, TRAINING_CLIPS_FILE)
                     if os.path.isfile(clips):
                         shutil.copyfile(clips, os.path.join(tmp, "video_tokenizer", TRAINING_CLIPS_FILE))
             else:
@@ -534,8 +535,8 @@ def configure_deepspeed(ds_config: dict, per_device_batch: int, max_grad_norm: f
 
 def resume_settings(args, config: NBPConfig, data) -> dict:
     """What a resume takes from the checkpoint (the training data and its order, the model and the --init_from it
-    started from, optimizer rates and decay, the schedule, EMA), kept in every checkpoint: a resume asking for other values is refused
-    (`common.check_resume_settings`)."""
+    started from, optimizer rates and decay, the schedule, EMA), kept in every checkpoint: a resume asking for other
+    values is refused (`common.check_resume_settings`)."""
     weights = [k for k in NBPConfig.__annotations__ if k not in ("hidden_dropout", "attention_dropout", "fps")]
     recipe = OPTIMIZER_RECIPES[args.optimizer_recipe]
     init_from = os.path.abspath(args.init_from) if args.init_from and os.path.isdir(args.init_from) else args.init_from

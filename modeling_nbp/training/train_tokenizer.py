@@ -160,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.dataset == "folder") != (args.train_data is not None):
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
     check_data_flags(parser, args)
-    check_model_flags(parser, args)
+    check_model_flags(args)
     fill_clip_flags(parser, args)
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
@@ -208,7 +208,7 @@ def check_data_flags(parser, args) -> None:
             raise ValueError(f"{', '.join(given)} would be ignored: {why}")
 
 
-def check_model_flags(parser, args) -> None:
+def check_model_flags(args) -> None:
     """--init_from or --tokenizer_config defines the tokenizer: refuse the size flags given beside it, which would be
     ignored; the others take `SIZE_DEFAULTS`."""
     if args.init_from:
