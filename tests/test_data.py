@@ -646,7 +646,9 @@ def test_pretokenize_command_defaults_to_the_tokenizers_training_clips(tmp_path,
     module.main(["--data", str(tmp_path / "videos"), "--tokenizer", str(tmp_path / "trained"), "--output_dir",
                  str(tmp_path / "windows"), "--device", "cpu", "--windows_per_video", "2"])
     assert load_token_dataset(tmp_path / "windows").num_windows == 4  # 6 frames: windows from frames 0 and 3
-    monkeypatch.setattr(module, "pretokenize", lambda data, *args, **kwargs: tokenized.append(data))  # settings only
+    calls = []  # settings only from here on
+    monkeypatch.setattr(module, "pretokenize",
+                        lambda data, *args, **kwargs: tokenized.append(data) or calls.append(kwargs))
     with caplog.at_level(logging.WARNING, logger=module.__name__):
         assert clips("trained", "--fps", "16") == [3, 8, 16, "crop"] and not caplog.records
         assert clips("trained", "--fps", "8", "--resize", "squash") == [3, 8, 8, "squash"]  # a flag wins
@@ -654,6 +656,7 @@ def test_pretokenize_command_defaults_to_the_tokenizers_training_clips(tmp_path,
         f"--fps 8.0 differs from the tokenizer's training clips (fps 16.0 in {recorded})",
         f"--resize squash differs from the tokenizer's training clips (resize crop in {recorded})"]
     assert clips("plain") == [17, 128, 8, "squash"]  # a folder without the file: the defaults as before
+    assert calls[-1]["num_workers"] == min(4, len(os.sched_getaffinity(0)))  # videos decode beside the tokenizer
     assert module.training_clips("someone/tokenizer") == {}  # nor has a Hub id
     recorded.write_text('{"num_frames": 3,')  # cut off
     with pytest.raises(ValueError, match="training_clips.json is not readable JSON"):

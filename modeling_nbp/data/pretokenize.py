@@ -33,7 +33,7 @@ import torch
 from ..hub_folders import component_folder
 from ..run_files import read_settings_differences, write_json
 from ..value_checks import is_integer
-from ..video_io import atomic_output_path
+from ..video_io import atomic_output_path, decoding_workers
 from .video_datasets import collate_videos, is_video_file
 
 logger = logging.getLogger(__name__)
@@ -413,7 +413,9 @@ def main(argv=None):
                         "tokenizing and the disk space)")
     p.add_argument("--batch_size", type=positive_int, default=8, help="clips per tokenizer call")
     p.add_argument("--chunk_size", type=positive_int, default=256)
-    p.add_argument("--num_workers", type=non_negative_int, default=0)
+    p.add_argument("--num_workers", type=non_negative_int, default=4,
+                   help="processes decoding videos while the tokenizer runs (at most this process's CPUs; 0: decode in "
+                        "this process)")
     p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
@@ -435,7 +437,7 @@ def main(argv=None):
                                  resolution=args.resolution, fps=args.fps, sampling="center", resize=args.resize)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     result = pretokenize(dataset, tokenizer, args.output_dir, batch_size=args.batch_size, num_shards=world,
-                         shard_index=rank, chunk_size=args.chunk_size, num_workers=args.num_workers,
+                         shard_index=rank, chunk_size=args.chunk_size, num_workers=decoding_workers(args.num_workers),
                          device=args.device, windows_per_video=args.windows_per_video)
     if result is not None:
         print(f"{len(result)} token grids in {os.path.join(args.output_dir, 'tokens')}")
