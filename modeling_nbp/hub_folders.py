@@ -16,16 +16,20 @@ CONFIG_MARKS = {"transformer": ("model_type", "nbp", "an NBP generator"),
 VARIANT_WEIGHTS = ["*.*.safetensors", "*.*.bin"]
 
 
-def component_folder(source: str | os.PathLike, component: str, files: list[str], what: str) -> str:
+def component_folder(source: str | os.PathLike, component: str, files: list[str], what: str,
+                     revision: str | None = None) -> str:
     """The folder holding the model `source` names. `component`: its subfolder in a pipeline ("transformer",
     "video_tokenizer"); `files`: the patterns of its files in its own folder (what a Hub repo download fetches, also
-    under `component/`, without other variants' weights); `what` names the model in errors. "demo" is `DEMO_MODEL`
-    unless a model folder has that name (not, say, the output folder of `nbp demo --output_dir demo`). A folder that
-    holds no such model (another model, or no config.json) raises OSError naming what it is."""
+    under `component/`, without other variants' weights); `what` names the model in errors; `revision`: the branch,
+    tag or commit of a Hub repo (default: main). "demo" is `DEMO_MODEL` unless a model folder has that name (not, say,
+    the output folder of `nbp demo --output_dir demo`). A folder that holds no such model (another model, or no
+    config.json) raises OSError naming what it is."""
     folder = name = os.fspath(source)
     if folder == "demo" and not any(os.path.isfile(os.path.join(folder, f)) for f in ("model_index.json",
                                                                                     "config.json")):
         folder = name = DEMO_MODEL
+    if revision is not None and os.path.isdir(folder):
+        raise ValueError(f"a revision selects a version of a Hub repo; {what} {name!r} is a local folder")
     if not os.path.isdir(folder):
         where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
         if folder.startswith((".", "/", "~")) or folder.count("/") != 1 or os.path.exists(folder):
@@ -34,12 +38,12 @@ def component_folder(source: str | os.PathLike, component: str, files: list[str]
 
         try:
             folder = snapshot_download(folder, allow_patterns=["model_index.json", f"{component}/*", *files],
-                                       ignore_patterns=VARIANT_WEIGHTS)
+                                       ignore_patterns=VARIANT_WEIGHTS, revision=revision)
         except Exception as err:  # not on the Hub, offline, or not a valid repo id
             from .pipelines.pipeline_nbp_video import why_not_downloaded
 
             raise OSError(f"{what} {folder!r} is neither a local folder ({where}) nor a Hub repo that could be "
-                          f"downloaded: {why_not_downloaded(err)}") from err
+                          f"downloaded: {why_not_downloaded(err, revision)}") from err
     part = os.path.join(folder, component)
     folder = part if os.path.isdir(part) else folder
     key, value, kind = CONFIG_MARKS[component]

@@ -223,3 +223,34 @@ def test_a_model_is_not_loaded_from_a_folder_without_its_config(tmp_path):
     with pytest.raises(OSError, match=r"transformer holds the config of a transformers model \(nbp\), not of a video "
                                       r"tokenizer; in a pipeline"):
         NBPVideoTokenizer.from_pretrained(tmp_path, subfolder="transformer")
+
+
+def test_command_line_sources_take_a_hub_revision(local_hub, tmp_path):
+    """`--tokenizer_revision` / `--init_from_revision` pin the version of a Hub repo that `nbp pretokenize`,
+    `nbp train` and `nbp train-tokenizer` start from (they took the default branch, whatever was pushed since)."""
+    from modeling_nbp.data.pretokenize import main as pretokenize_main
+    from modeling_nbp.data.pretokenize import tokenizer_folder
+    from modeling_nbp.training import train_nbp, train_tokenizer
+
+    pipe = tiny_pipeline()
+    first = pipe.push_to_hub("test-user/pipe").oid
+    old = {k: t.clone() for k, t in pipe.video_tokenizer.state_dict().items()}
+    with torch.no_grad():
+        for tensor in [*pipe.video_tokenizer.parameters(), *pipe.transformer.parameters()]:
+            tensor.add_(1)
+    pipe.push_to_hub("test-user/pipe")
+    for revision, expected in ((first, old), (None, pipe.video_tokenizer.state_dict())):
+        loaded = NBPVideoTokenizer.from_pretrained(tokenizer_folder("test-user/pipe", revision))
+        assert all(torch.equal(t, expected[k]) for k, t in loaded.state_dict().items())
+    loaded = NBPForVideoGeneration.from_pretrained(train_nbp.generator_folder("test-user/pipe", first))
+    assert not torch.equal(loaded.lm_head.weight, pipe.transformer.lm_head.weight)
+    with pytest.raises(OSError, match=r"the repo has no revision 'v9'"):
+        pretokenize_main(["--data", str(tmp_path), "--tokenizer", "test-user/pipe", "--tokenizer_revision", "v9",
+                          "--output_dir", str(tmp_path / "tokens")])
+    pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"a revision selects a version of a Hub repo; tokenizer '.*pipe' is a local"):
+        tokenizer_folder(tmp_path / "pipe", first)
+    with pytest.raises(ValueError, match=r"--init_from_revision is a version of --init_from's Hub repo; give"):
+        train_nbp.parse_args(["--train_data", "t", "--output_dir", "o", "--init_from_revision", first])
+    with pytest.raises(ValueError, match=r"--init_from_revision is a version of --init_from's Hub repo; give"):
+        train_tokenizer.parse_args(["--dataset", "moving_digits", "--output_dir", "o", "--init_from_revision", first])

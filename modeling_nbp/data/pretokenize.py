@@ -351,12 +351,12 @@ TRAINING_CLIPS_FILE = "training_clips.json"
 CLIP_FLAG_DEFAULTS = {"num_frames": 17, "resolution": 128, "fps": 8, "resize": "squash"}
 
 
-def tokenizer_folder(source: str | os.PathLike) -> str:
+def tokenizer_folder(source: str | os.PathLike, revision: str | None = None) -> str:
     """The local folder of the video tokenizer that ``source`` names: a tokenizer folder, a pipeline folder (its
     ``video_tokenizer/``), or a Hub repo id of either (only the tokenizer's files are downloaded, with its
     `TRAINING_CLIPS_FILE` if the repo has one)."""
     return component_folder(source, "video_tokenizer", ["config.json", "diffusion_pytorch_model*",
-                                                        TRAINING_CLIPS_FILE], "tokenizer")
+                                                        TRAINING_CLIPS_FILE], "tokenizer", revision)
 
 
 def training_clips(folder: str | os.PathLike) -> dict:
@@ -399,6 +399,7 @@ def main(argv=None):
     p.add_argument("--split", default="train")
     p.add_argument("--tokenizer", required=True, help="NBPVideoTokenizer folder, or a pipeline folder, or a Hub repo "
                    "id of either, or demo (the bundled moving-digits model's)")
+    p.add_argument("--tokenizer_revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     p.add_argument("--output_dir", required=True)
     trained = "default: the tokenizer's training clips (see below), else"
     p.add_argument("--num_frames", type=positive_int, help=f"{trained} 17")
@@ -419,7 +420,7 @@ def main(argv=None):
     p.add_argument("--device", help="default: this process's GPU (cuda:LOCAL_RANK) if there is one, else cpu")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
-    folder = tokenizer_folder(args.tokenizer)
+    folder = tokenizer_folder(args.tokenizer, args.tokenizer_revision)
     recorded = training_clips(folder)
     for key, default in CLIP_FLAG_DEFAULTS.items():
         given = getattr(args, key)

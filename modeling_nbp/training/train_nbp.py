@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", required=True)
     g.add_argument("--tokenizer", help="NBPVideoTokenizer folder (or a pipeline folder, a Hub repo id of either, or "
                    "demo): enables sample videos and makes final/ a full NBPVideoPipeline")
+    g.add_argument("--tokenizer_revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     g.add_argument("--dataloader_num_workers", type=common.non_negative_int, default=2,
                    help="at most as many as this process may use CPUs")
     g = p.add_argument_group("model (one of --preset, --model_config, --init_from or the size flags; the latent grid, "
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformer/), a Hub repo id of either, or demo (the bundled moving-digits model); it defines the "
                    "model (size, grid, blocks, vocabulary, classes: the data must fit them) and its weights start the "
                    "run (a resumed run takes its checkpoint's)")
+    g.add_argument("--init_from_revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     g.add_argument("--num_layers", type=common.positive_int, help=f"default {DEFAULTS['num_layers']}")
     g.add_argument("--hidden_size", type=common.positive_int, help=f"default {DEFAULTS['hidden_size']}")
     g.add_argument("--num_heads", type=common.positive_int, help=f"default {DEFAULTS['num_heads']}")
@@ -134,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_preset(build_parser(), argv, GENERATOR_PRESETS, "generator")
+    for flag, source in (("tokenizer_revision", "tokenizer"), ("init_from_revision", "init_from")):
+        if getattr(args, flag) is not None and not getattr(args, source):
+            raise ValueError(f"--{flag} is a version of --{source}'s Hub repo; give --{source}")
     # which flags define the model, first: a preset also fills in the values checked below
     sources = [f"--{k}" for k in ("preset", "model_config", "init_from") if getattr(args, k)]
     if len(sources) > 1:
@@ -376,11 +381,11 @@ def check_same_pretokenization(validation_data: str, train_data: str) -> None:
                          f"{'; '.join(clip)}): pre-tokenize both with the same clip settings")
 
 
-def generator_folder(source: str) -> str:
+def generator_folder(source: str, revision: str | None = None) -> str:
     """The local folder of the generator --init_from names: a generator folder, a pipeline folder (its transformer/)
-    or a Hub repo id of either (only the generator's files are downloaded)."""
+    or a Hub repo id of either (only the generator's files are downloaded; `revision` as in `component_folder`)."""
     return component_folder(source, "transformer", ["config.json", "generation_config.json", "model*.safetensors",
-                                                    "model.safetensors.index.json"], "--init_from")
+                                                    "model.safetensors.index.json"], "--init_from", revision)
 
 
 def load_initial_weights(folder: str, config: NBPConfig) -> NBPForVideoGeneration:
@@ -566,8 +571,8 @@ def main(argv=None) -> dict:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, per_device_batch, args.max_grad_norm)
     info = describe_tokens(args.train_data)
     with accelerator.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
-        tokenizer_dir = tokenizer_folder(args.tokenizer) if args.tokenizer else None
-        init_dir = generator_folder(args.init_from) if args.init_from else None
+        tokenizer_dir = tokenizer_folder(args.tokenizer, args.tokenizer_revision) if args.tokenizer else None
+        init_dir = generator_folder(args.init_from, args.init_from_revision) if args.init_from else None
     tokenizer = load_tokenizer(tokenizer_dir, accelerator.device)
     config = build_config(args, info, tokenizer, init_dir)
     train_labels = None

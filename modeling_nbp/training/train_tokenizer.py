@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "The discriminator starts fresh (a tokenizer folder holds none). Clip flags that neither the "
                         "command line nor --preset sets default to the clips it was trained on. A resume takes the "
                         "weights from its checkpoint, and needs the same --init_from")
+    g.add_argument("--init_from_revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     g.add_argument("--tokenizer_config", help="NBPVideoTokenizer config.json (or its folder)")
     # None: not given (`check_model_flags` then sets SIZE_DEFAULTS)
     g.add_argument("--base_channels", type=int, help="default 128")
@@ -161,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("give --train_data (a video folder) or --dataset moving_digits, not both or neither")
     check_data_flags(parser, args)
     check_model_flags(args)
+    if args.init_from_revision is not None and not args.init_from:
+        raise ValueError("--init_from_revision is a version of --init_from's Hub repo; give --init_from")
     fill_clip_flags(parser, args)
     for key in ("max_steps", "num_eval_clips", "num_frames", "resolution"):
         if getattr(args, key) < 1:
@@ -236,7 +239,7 @@ def fill_clip_flags(parser, args) -> None:
         state = PartialState(cpu=common.use_cpu(args.cpu))
         with state.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
             try:
-                args.init_folder = tokenizer_folder(args.init_from)
+                args.init_folder = tokenizer_folder(args.init_from, args.init_from_revision)
             except OSError as error:  # no such folder, or a Hub repo that could not be downloaded
                 raise type(error)(f"--init_from: {error}") from error
         recorded, warn = recorded_training_clips(args.init_folder), state.is_main_process
