@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from .pipelines.pipeline_nbp_video import hub_snapshot
+
 # the bundled moving-digits pipeline, which the commands call "demo"
 DEMO_MODEL = os.path.join(os.path.dirname(__file__), "pretrained", "nbp-moving-digits")
 
@@ -28,22 +30,8 @@ def component_folder(source: str | os.PathLike, component: str, files: list[str]
     if folder == "demo" and not any(os.path.isfile(os.path.join(folder, f)) for f in ("model_index.json",
                                                                                     "config.json")):
         folder = name = DEMO_MODEL
-    if revision is not None and os.path.isdir(folder):
-        raise ValueError(f"a revision selects a version of a Hub repo; {what} {name!r} is a local folder")
-    if not os.path.isdir(folder):
-        where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
-        if folder.startswith((".", "/", "~")) or folder.count("/") != 1 or os.path.exists(folder):
-            raise FileNotFoundError(f"{what} {folder!r}: {where} (a Hub repo id has the form 'owner/name')")
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = snapshot_download(folder, allow_patterns=["model_index.json", f"{component}/*", *files],
-                                       ignore_patterns=VARIANT_WEIGHTS, revision=revision)
-        except Exception as err:  # not on the Hub, offline, or not a valid repo id
-            from .pipelines.pipeline_nbp_video import why_not_downloaded
-
-            raise OSError(f"{what} {folder!r} is neither a local folder ({where}) nor a Hub repo that could be "
-                          f"downloaded: {why_not_downloaded(err, revision)}") from err
+    folder = hub_snapshot(folder, what, ["model_index.json", f"{component}/*", *files],
+                          ignore_patterns=VARIANT_WEIGHTS, revision=revision) or folder
     part = os.path.join(folder, component)
     folder = part if os.path.isdir(part) else folder
     key, value, kind = CONFIG_MARKS[component]

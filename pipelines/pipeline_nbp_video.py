@@ -181,25 +181,36 @@ def pipeline_files(components, variant: str | None = None, use_safetensors: bool
     return patterns
 
 
-def pipeline_folder(source: str | os.PathLike, components=("transformer", "video_tokenizer"),
-                    variant: str | None = None, use_safetensors: bool | None = None, **hub_kwargs) -> str:
-    """The local folder of the pipeline `source` names: itself, or the snapshot of a Hub repo id (its folder in the
-    cache, named by its commit) holding `pipeline_files` of `components`. `hub_kwargs` go to `snapshot_download`
-    (revision, token, cache_dir, local_files_only, force_download)."""
+def hub_snapshot(source: str | os.PathLike, what: str, allow_patterns: list[str], **hub_kwargs) -> str | None:
+    """None for a local folder `source` (a `revision` in `hub_kwargs` is refused there); else the snapshot of the Hub
+    repo id `source` (its folder in the cache, named by its commit) holding the files of `allow_patterns`.
+    `hub_kwargs` go to `snapshot_download` (revision, token, cache_dir, local_files_only, force_download,
+    ignore_patterns); `what` names `source` in errors."""
     folder = os.fspath(source)
     if os.path.isdir(folder):
-        return folder
+        if hub_kwargs.get("revision") is not None:
+            raise ValueError(f"a revision selects a version of a Hub repo; {what} {folder!r} is a local folder")
+        return None
     where = f"no folder at {os.path.abspath(os.path.expanduser(folder))}"
     if folder.startswith((".", "/", "~")) or folder.count("/") > 1 or os.path.exists(folder):
-        raise FileNotFoundError(f"{folder!r}: {where} (a Hub repo id has the form 'owner/name')")
+        raise FileNotFoundError(f"{what} {folder!r}: {where} (a Hub repo id has the form 'owner/name')")
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot = snapshot_download(folder, allow_patterns=pipeline_files(components, variant, use_safetensors),
-                                     **hub_kwargs)
+        return snapshot_download(folder, allow_patterns=allow_patterns, **hub_kwargs)
     except Exception as err:  # not on the Hub, offline, or not a valid repo id
-        raise OSError(f"{folder!r} is neither a local pipeline folder ({where}) nor a Hub repo that could be "
+        raise OSError(f"{what} {folder!r} is neither a local folder ({where}) nor a Hub repo that could be "
                       f"downloaded: {why_not_downloaded(err, hub_kwargs.get('revision'))}") from err
+
+
+def pipeline_folder(source: str | os.PathLike, components=("transformer", "video_tokenizer"),
+                    variant: str | None = None, use_safetensors: bool | None = None, **hub_kwargs) -> str:
+    """The local folder of the pipeline `source` names: itself, or the `hub_snapshot` of a Hub repo id holding
+    `pipeline_files` of `components`."""
+    folder = os.fspath(source)
+    snapshot = hub_snapshot(folder, "pipeline", pipeline_files(components, variant, use_safetensors), **hub_kwargs)
+    if snapshot is None:
+        return folder
     missing = [f"{name}/config.json" for name in components
                if not os.path.isfile(os.path.join(snapshot, name, "config.json"))]
     if missing:  # a model repo, or a pipeline pushed without a component

@@ -441,7 +441,7 @@ def test_save_load_round_trip(pipe, tmp_path):
             NBPVideoPipeline.from_pretrained(wrong)
     with pytest.MonkeyPatch.context() as monkeypatch:
         set_hub_offline(monkeypatch)
-        with pytest.raises(OSError, match="neither a local pipeline folder .* nor a Hub repo"):
+        with pytest.raises(OSError, match="pipeline 'someone/not-here' is neither a local folder .* nor a Hub repo"):
             NBPVideoPipeline.from_pretrained("someone/not-here")
 
 
