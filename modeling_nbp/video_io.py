@@ -122,6 +122,11 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _resampled_count(timestamps: np.ndarray, native_fps: float, fps: float) -> int:
+    duration = timestamps[-1] - timestamps[0] + 1.0 / native_fps
+    return max(1, int(np.floor(duration * fps + 1e-6)))
+
+
 def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float) -> np.ndarray:
     """Indices of the source frames that represent the video at ``fps`` (nearest frame by timestamp).
 
@@ -131,8 +136,7 @@ def resample_frame_indices(timestamps: np.ndarray, native_fps: float, fps: float
     """
     _check_fps(fps)
     timestamps = np.asarray(timestamps, dtype=np.float64)
-    duration = timestamps[-1] - timestamps[0] + 1.0 / native_fps
-    count = max(1, int(np.floor(duration * fps + 1e-6)))
+    count = _resampled_count(timestamps, native_fps, fps)
     if count > 1000 * len(timestamps):  # a rate typed wrong: fps=1e12 asked for terabytes
         raise ValueError(f"`fps` {fps:g} would repeat each of the video's {len(timestamps)} frames (at "
                          f"{native_fps:g} fps) {count // len(timestamps)} times; give a rate near the video's")
@@ -249,8 +253,14 @@ def _decode_all(path: str) -> tuple[list, np.ndarray, float]:
     return [frames[i] for i in order], timestamps[order], _native_fps(rate, timestamps[order])
 
 
-def _pick(count: int, timestamps: np.ndarray, native_fps: float, fps: float | None, select) -> np.ndarray:
+def _pick(count: int, timestamps: np.ndarray, native_fps: float, fps: float | None, select, path: str) -> np.ndarray:
     """Indices into the stream's frames of the returned frames (see `read_video`)."""
+    if fps is not None and len(timestamps) > 1 and _resampled_count(timestamps, native_fps, fps) > 1000 * count:
+        # most frames a normal interval apart: not a wrong `fps` (`resample_frame_indices` refuses those) but a
+        # damaged file, or recordings joined without retiming, that would resample to hours of one frame
+        if np.median(np.diff(timestamps)) * fps <= 1000:
+            raise VideoDecodeError(f"cannot decode {path}: its frames' timestamps leap: {count} frames span "
+                                   f"{timestamps[-1] - timestamps[0]:.0f} s")
     indices = np.arange(count) if fps is None else resample_frame_indices(timestamps, native_fps, fps)
     if select is not None:
         chosen = np.asarray(select(len(indices)))
@@ -288,21 +298,25 @@ def read_video(
 
     Raises:
         VideoDecodeError: the file is missing, unreadable or has no decodable video frames, or its frame size
-            changes. Packets the decoder refuses are left out: a truncated or damaged file gives the frames that
-            decode (a truncated one those before the damage), resampled by their timestamps.
+            changes, or (with ``fps``) its timestamps leap by far more than its frames' usual interval (a damaged
+            file: hours of one frame at ``fps``). Packets the decoder refuses are left out: a truncated or damaged
+            file gives the frames that decode (a truncated one those before the damage), resampled by their
+            timestamps.
     """
     path = os.fspath(path)
+    if fps is not None:
+        _check_fps(fps)
     packets = _packet_times(path)
     if packets is not None:
         pts, time_base, rate = packets
         timestamps = pts * time_base
         native_fps = _native_fps(rate, timestamps)
-        indices = _pick(len(pts), timestamps, native_fps, fps, select)
+        indices = _pick(len(pts), timestamps, native_fps, fps, select, path)
         found = _decode_wanted(path, {int(p) for p in pts[indices]})
         if found is not None:
             return _stack([found[int(p)] for p in pts[indices]], path), float(fps if fps is not None else native_fps)
     frames, timestamps, native_fps = _decode_all(path)
-    indices = _pick(len(frames), timestamps, native_fps, fps, select)
+    indices = _pick(len(frames), timestamps, native_fps, fps, select, path)
     try:
         rgb = [_upright_rgb(frames[i]) for i in indices]
     except (av.FFmpegError, ValueError) as err:

@@ -136,10 +136,29 @@ def test_folders_without_videos_are_not_classes(tmp_path, caplog):
     assert re.search(r"these 3 folders .*__MACOSX, .*bird, .*fish", caplog.text)
 
 
+def test_a_symlink_loop_beside_the_class_folders_is_no_class(tmp_path):
+    write_counting_video(tmp_path / "cat" / "0.mp4", frames=4)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # is_dir() raised "Too many levels of symbolic links"
+    (tmp_path / "linked").symlink_to(tmp_path / "cat")  # a linked class folder is a class
+    data = load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
+    assert data.class_names == ["cat", "linked"]
+    (tmp_path / "ucfTrainTestlist").mkdir()  # UCF-101 without classInd.txt: its classes are the folders too
+    (tmp_path / "ucfTrainTestlist" / "trainlist01.txt").write_text("cat/0.mp4\n")
+    assert load_video_dataset(tmp_path, layout="ucf101", num_frames=4, resolution=8).class_names == ["cat", "linked"]
+
+
 def test_a_flat_folder_is_refused_with_the_unlabelled_route(tmp_path):
     write_counting_video(tmp_path / "0.mp4", frames=4)
     with pytest.raises(FileNotFoundError, match=r"expects class subfolders in .*, found none; for unlabelled videos "
                                                 r"put them in one folder \(.*all\) .*--condition_mode none or frames"):
+        load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
+
+
+def test_videos_two_levels_down_are_no_dataset_and_the_error_says_where_it_looked(tmp_path):
+    write_counting_video(tmp_path / "Train" / "cat" / "0.mp4", frames=4)  # split folders in another case
+    with pytest.raises(FileNotFoundError, match=r"none of the folders in .* \(Train\) holds video files .* directly: "
+                                                r"the folder layout is ROOT\[/SPLIT\]/<class>/<video>, SPLIT one of "
+                                                r"train, test"):  # was "no video files under ROOT", which it has
         load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
 
 
@@ -149,6 +168,12 @@ def test_folder_layout_reads_every_common_video_extension(tmp_path):
         os.replace(write_counting_video(tmp_path / "a" / f"{k}.mp4", frames=4), tmp_path / "a" / f"{k}{ext}")
     data = load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)
     assert len(data) == 8 and data[1]["video"].shape == (3, 4, 8, 8)
+
+
+def test_a_class_folder_dataset_with_its_own_csv_is_no_kinetics(tmp_path):
+    write_counting_video(tmp_path / "train" / "cat" / "0.mp4", frames=4)
+    (tmp_path / "train.csv").write_text("video_name,tag\ncat/0.mp4,cat\n")  # was read as a Kinetics CSV, and refused
+    assert load_video_dataset(tmp_path, num_frames=4, resolution=8).class_names == ["cat"]
 
 
 def test_folder_layout_with_split_folders(tmp_path):

@@ -1,3 +1,4 @@
+import fractions
 import os
 
 import numpy as np
@@ -344,3 +345,31 @@ def test_a_video_whose_frame_size_changes_is_an_unreadable_video(tmp_path):
     for select in (None, lambda n: [0, n - 1]):
         with pytest.raises(VideoDecodeError, match=r"frame size changes .*16x16.*32x32"):
             read_video(path, select=select)
+
+
+def write_with_times(path, times, fps=8):
+    """index_video frames at the given times (in 1/fps s units): a variable frame rate file."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"bf": "0"})
+        stream.width = stream.height = 16
+        stream.pix_fmt, stream.time_base = "yuv420p", fractions.Fraction(1, fps)
+        for frame, time in zip(index_video(len(times)), times):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            frame.pts, frame.time_base = time, stream.time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_a_leap_in_the_timestamps_is_an_unreadable_video_not_a_wrong_fps(tmp_path):
+    # 8 frames at 8 fps, then one two hours later (a damaged file, or recordings joined without retiming): read at
+    # 8 fps that is hours of one frame; it raised ValueError("`fps` 8 would repeat..."), which no dataset skips
+    path = write_with_times(tmp_path / "leap.mp4", list(range(8)) + [8 * 7200])
+    assert decoded_indices(read_video(path)[0]) == list(range(9))  # every frame is there
+    with pytest.raises(VideoDecodeError, match=r"leap.mp4: its frames' timestamps leap: 9 frames span 7200 s"):
+        read_video(path, fps=8)
+    gaps = write_with_times(tmp_path / "gaps.mp4", [0, 1, 2, 40, 41, 42, 80])  # gaps of seconds are variable rate
+    frames = decoded_indices(read_video(gaps, fps=8)[0])
+    assert frames[:3] == [0, 1, 2] and frames[40:43] == [3, 4, 5] and frames[80] == 6

@@ -46,6 +46,13 @@ def is_video_file(name: str) -> bool:
     return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
 
 
+def _subfolders(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Sorted names of the folders in `root` (linked ones too), hidden ones and `exclude` left out; a link that
+    leads nowhere or loops is none (`os.path.isdir` is False where `DirEntry.is_dir` raises)."""
+    return sorted(e.name for e in os.scandir(root)
+                  if not e.name.startswith(".") and e.name not in exclude and os.path.isdir(e.path))
+
+
 def _make_index(paths: list[str], labels: list[int], class_names: list[str]) -> datasets.Dataset:
     features = datasets.Features({"path": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=class_names)})
@@ -77,14 +84,17 @@ def _folder_index(root: str, split: str | None) -> datasets.Dataset:
         if split_folders:
             raise ValueError(f"{root} has split folders {split_folders} but no {split!r} folder; pick one of them")
         logger.info("folder layout: no %r subfolder in %s, using the whole folder", split, root)
-    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    class_names = _subfolders(root)
     if not class_names:
         raise FileNotFoundError(f"folder layout expects class subfolders in {root}, found none; for unlabelled "
                                 f"videos put them in one folder ({os.path.join(root, 'all')}) and train the generator "
                                 "with --condition_mode none or frames")
     files = {name: sorted(f for f in os.listdir(os.path.join(root, name)) if is_video_file(f)) for name in class_names}
     if not any(files.values()):
-        raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
+        raise FileNotFoundError(f"none of the folders in {root} ({', '.join(class_names[:5])}"
+                                f"{', ...' if len(class_names) > 5 else ''}) holds video files "
+                                f"({', '.join(VIDEO_EXTENSIONS)}) directly: the folder layout is "
+                                f"ROOT[/SPLIT]/<class>/<video>, SPLIT one of {', '.join(FOLDER_SPLIT_NAMES)}")
     # a folder without videos (__MACOSX, an empty class, videos nested deeper) is no class: the model would get a
     # label it never sees, and every later label would move
     empty = [name for name in class_names if not files[name]]
@@ -122,8 +132,7 @@ def _ucf101_index(root: str, split: str, fold: int) -> datasets.Dataset:
         with open(class_index, encoding="utf-8") as f:
             class_names = sorted(line.split()[1] for line in f if line.strip())
     else:
-        class_names = sorted(e.name for e in os.scandir(root)
-                             if e.is_dir() and e.name != "ucfTrainTestlist" and not e.name.startswith("."))
+        class_names = _subfolders(root, exclude=("ucfTrainTestlist",))
     label_of = {name: i for i, name in enumerate(class_names)}
     paths, labels = [], []
     with open(os.path.join(lists, f"{split}list0{fold}.txt"), encoding="utf-8") as f:
@@ -199,9 +208,17 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     return _make_index(paths, labels, class_names)
 
 
+def _is_kinetics_csv(path: str | None) -> bool:
+    if path is None:
+        return False
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return "youtube_id" in next(csv.reader(f), [])
+
+
 def detect_layout(root: str, split: str = "train") -> str:
-    """'k600' if a Kinetics CSV for ``split`` exists, 'ucf101' if ucfTrainTestlist exists, else 'folder'."""
-    if _k600_aliases(split) is not None and _k600_split_files(root, split)[0] is not None:
+    """'k600' if a Kinetics CSV for ``split`` exists, 'ucf101' if ucfTrainTestlist exists, else 'folder'. A CSV
+    without Kinetics' youtube_id column (the metadata that class folder datasets often carry) is no Kinetics CSV."""
+    if _k600_aliases(split) is not None and _is_kinetics_csv(_k600_split_files(root, split)[0]):
         return "k600"
     if _find_ucf_lists(root) is not None:
         return "ucf101"
