@@ -2,6 +2,7 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import warnings
 
 import datasets
@@ -419,6 +420,18 @@ def test_pretokenize_round_trip_and_resume(tmp_path):
     pretokenize(data, second, tmp_path / "resumed", batch_size=2, chunk_size=4)
     assert second.calls == 5  # chunks 1..3 only: 2 + 2 + 1 batches
     assert read_all(tmp_path / "resumed") == items
+
+
+def test_rerun_after_a_merge_killed_part_way_removes_its_leftovers(tmp_path):
+    data = WithUnreadable()
+    pretokenize(data, FakeTokenizer(), tmp_path, batch_size=2, chunk_size=4)
+    # a kill after the merge's rename leaves the chunks; one while it saved, a temporary copy of the tokens
+    shutil.copytree(tmp_path / "tokens", tmp_path / "chunks" / "chunk_000000")
+    shutil.copytree(tmp_path / "tokens", tmp_path / ".tokens.tmp-123-abcdef01")
+    items = read_all(tmp_path)
+    assert len(pretokenize(data, FakeTokenizer(), tmp_path, batch_size=2, chunk_size=4)) == 12
+    assert sorted(os.listdir(tmp_path)) == ["pretokenize.json", "skipped.json", "tokens"]
+    assert read_all(tmp_path) == items
 
 
 class UnreadableRun(WithUnreadable):

@@ -255,8 +255,8 @@ def pretokenize(dataset, tokenizer, output_dir: str | os.PathLike, batch_size: i
 
 def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
     """Concatenate all chunks (in index order) into ``output_dir/tokens``, delete the chunks and return
-    the merged dataset. Does nothing but load it if the merge already happened; raises if chunks are
-    missing."""
+    the merged dataset. Does nothing but load it (and remove what a merge killed part-way left) if the merge
+    already happened; raises if chunks are missing."""
     output_dir = os.fspath(output_dir)
     final = os.path.join(output_dir, "tokens")
     if not os.path.isdir(final):
@@ -281,10 +281,14 @@ def merge_token_chunks(output_dir: str | os.PathLike) -> datasets.Dataset:
                              f"{os.path.join(output_dir, 'skipped.json')})")
         with atomic_output_path(final) as tmp:
             datasets.concatenate_datasets(parts).save_to_disk(tmp)
-        shutil.rmtree(os.path.join(output_dir, "chunks"), ignore_errors=True)
         if skipped:
             logger.warning("pre-tokenization skipped %d of %d items: %s", len(skipped), meta["num_items"],
                            ", ".join(skipped[:20]))
+    # once the tokens exist, the chunks (left by a merge killed after its rename) and temporary copies of the tokens
+    # (by one killed while saving) are leftovers, each about as large as the tokens
+    temporary = [name for name in os.listdir(output_dir) if name.startswith((".tokens.tmp-", ".tokens.old-"))]
+    for name in ["chunks"] + temporary:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return datasets.load_from_disk(final)
 
 
