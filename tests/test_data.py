@@ -261,6 +261,17 @@ def test_k600_layout(tmp_path):
     assert picks == {str(tmp_path / "train" / "abc_000003_000013.mp4")}
 
 
+def test_a_missing_k600_file_names_the_paths_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no Kinetics annotation CSV for split 'val': looked for "
+                                                r".*annotations/\{validate\|val\|validation\}\.csv and .*"):
+        load_video_dataset(tmp_path, layout="k600", split="val", num_frames=4, resolution=8)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.csv").write_text("label,youtube_id,time_start,time_end\nabseiling,abc,0,10\n")
+    with pytest.raises(FileNotFoundError, match=r"no Kinetics clip folder for split 'train': looked for .*/\{train\} "
+                                                r"and .*videos/\{train\} \(or pass `video_dir`\)"):
+        load_video_dataset(tmp_path, split="train", num_frames=4, resolution=8)
+
+
 def test_k600_clips_in_linked_class_folders_are_found(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "train.csv").write_text("label,youtube_id,time_start,time_end\nabseiling,abc,0,10\n")

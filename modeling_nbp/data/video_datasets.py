@@ -171,10 +171,15 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     Labels follow the sorted label names of the CSV; CSV rows whose clip is missing are left out."""
     found_csv, found_dir = _k600_split_files(root, split)
     annotations, video_dir = annotations or found_csv, video_dir or found_dir
+    names = "|".join(_k600_aliases(split))  # in the order they are searched
     if annotations is None or not os.path.isfile(annotations):
-        raise FileNotFoundError(f"no Kinetics annotation CSV for split {split!r} under {root} (pass `annotations`)")
+        raise FileNotFoundError(f"no Kinetics annotation CSV for split {split!r}: looked for "
+                                f"{os.path.join(root, 'annotations', '{' + names + '}.csv')} and "
+                                f"{os.path.join(root, '{' + names + '}.csv')} (or pass `annotations`)")
     if video_dir is None or not os.path.isdir(video_dir):
-        raise FileNotFoundError(f"no Kinetics clip folder for split {split!r} under {root} (pass `video_dir`)")
+        raise FileNotFoundError(f"no Kinetics clip folder for split {split!r}: looked for "
+                                f"{os.path.join(root, '{' + names + '}')} and "
+                                f"{os.path.join(root, 'videos', '{' + names + '}')} (or pass `video_dir`)")
     with open(annotations, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark would hide "label"
         rows = list(csv.DictReader(f))
     required = {"youtube_id", "time_start", "time_end"}
