@@ -112,8 +112,8 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
 
 
 def test_a_finished_run_resumed_says_there_is_nothing_to_train(token_data, tmp_path, capsys):
-    args = ["--train_data", token_data[0], *TINY, "--max_steps", "2", "--train_batch_size", "4",
-            "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "latest"]
+    args = ["--train_data", token_data[0], "--validation_data", token_data[1], *TINY, "--max_steps", "2",
+            "--train_batch_size", "4", "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "latest"]
     first = main(args)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -124,6 +124,9 @@ def test_a_finished_run_resumed_says_there_is_nothing_to_train(token_data, tmp_p
     # the run's last logged loss (was NaN: "n/a" in the output, left out of final/'s model card and the study's table)
     assert f"train loss {first['train_loss']:.4f}" in out and summary["steps"] == 2
     assert summary["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)
+    # the final validation is made again (a run killed while making it resumes here too) and logged once
+    assert [r["step"] for r in read_log(tmp_path / "run") if "val_loss" in r] == [2]
+    assert summary["val_loss"] == first["val_loss"]
 
 
 def test_batch_layout_from_global_batch():
@@ -242,6 +245,20 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
         common.resolve_resume_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-15"))
 
 
+def test_what_a_killed_run_was_writing_is_deleted_when_it_is_rerun(tmp_path):
+    """A run killed while writing final/ (a model's size) or rewriting its log leaves `atomic_output_path`'s temporary
+    copies: deleted before the rerun, as are half checkpoints, except an earlier final/ that a kill left set aside
+    before the new one took its place (the only copy then)."""
+    for name in (".tmp-checkpoint-20", ".deleting-0a1b2c3d", ".final.tmp-123-0a1b2c3d", ".final.old-0a1b2c3d"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".train_log.tmp-123-0a1b2c3d.jsonl").write_text('{"step": 1}')
+    common.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == [".final.old-0a1b2c3d"]
+    (tmp_path / "final").mkdir()  # the new final/ took its place: the set-aside one is stale
+    common.remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["final"]
+
+
 def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(3, 2))
@@ -253,6 +270,23 @@ def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
     assert state == {"seed": 0, "global_step": 3}
     assert torch.equal(common.load_checkpoint_tensors(str(tmp_path / "checkpoint-3"), "ema")["w"], torch.ones(2))
     del model
+
+
+@pytest.mark.parametrize("name, damage", [("model.safetensors", "cut"), ("optimizer.bin", "cut"),
+                                          ("optimizer.bin", "empty")])
+def test_a_damaged_checkpoint_is_named_as_such(tmp_path, name, damage):
+    """A checkpoint file damaged after it was written (a disk or network filesystem failing) is a clear error that
+    says so and how to resume from the checkpoint before (was a raw SafetensorError, or "another model")."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    path = common.save_checkpoint(accelerator, str(tmp_path), 1, {})
+    damaged = Path(path) / name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2] if damage == "cut" else b"")
+    with pytest.raises(ValueError, match=f"{re.escape(path)} could not be loaded .*a damaged file \\(delete "
+                                         "checkpoint-1 to resume from the checkpoint before it\\)"):
+        common.load_checkpoint(accelerator, path)
+    del model, optimizer
 
 
 def test_a_resume_with_other_accumulation_steps_updates_at_its_step_boundaries(tmp_path):

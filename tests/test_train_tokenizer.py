@@ -325,13 +325,25 @@ def test_the_final_folder_records_the_training_clips_for_pretokenize(tmp_path):
 
 
 def test_a_step_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch):
+    """...so a run killed while evaluating its last step resumes with nothing left to train: rerun, it evaluates
+    the final weights (it reported the scores of an earlier evaluation, here none), and rerun again logs them once."""
     def failing_evaluation(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(train_tokenizer, "evaluate", failing_evaluation)
-    with pytest.raises(RuntimeError, match="evaluation failed"):
-        main([*TINY, "--max_steps", "2", "--adversarial_weight", "0", "--output_dir", str(tmp_path)])
-    assert common.find_latest_checkpoint(tmp_path).endswith("checkpoint-2")  # the step evaluated is not lost
+    args = [*TINY, "--max_steps", "1", "--adversarial_weight", "0", "--output_dir", str(tmp_path),
+            "--resume_from_checkpoint", "latest"]
+    with monkeypatch.context() as patched:
+        patched.setattr(train_tokenizer, "evaluate", failing_evaluation)
+        with pytest.raises(RuntimeError, match="evaluation failed"):
+            main(args)
+    assert common.find_latest_checkpoint(tmp_path).endswith("checkpoint-1")  # the step evaluated is not lost
+    for _ in range(2):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        summary = main(args)
+        evaluations = [r for r in read_log(tmp_path) if "eval_psnr" in r]
+        assert [r["step"] for r in evaluations] == [1] and summary["psnr"] == evaluations[0]["eval_psnr"]
+    assert os.path.isfile(tmp_path / "samples" / "step-0000001" / "reconstruction_0.mp4")
 
 
 # ---- training runs ---------------------------------------------------------------------------------------------
@@ -347,6 +359,11 @@ def test_random_clip_windows_resume_exactly(tmp_path):
     # which videos are held out decides the training set: a resume cannot change it
     with pytest.raises(ValueError, match="data.num_eval_clips 1 on disk, 2 now"):
         main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--num_eval_clips", "2"])
+    # nor can the videos of the folder (one more moves the held-out ones and the data order)
+    shutil.copyfile(os.path.join(data, "a", "0.mp4"), os.path.join(data, "a", "8.mp4"))
+    with pytest.raises(ValueError, match="trained with other settings \\(data.videos '[0-9a-f]+' on disk"):
+        main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    os.remove(os.path.join(data, "a", "8.mp4"))
     # a checkpoint from before the held-out videos were spread over the classes held out the last ones
     marker = resumed / "checkpoint-2" / common.CHECKPOINT_MARKER
     state = json.loads(marker.read_text())

@@ -131,12 +131,20 @@ def remove_tree(path: str) -> None:
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
-    """Delete temporary checkpoint folders left by a killed run (call from the main process before training)."""
+    """Delete what a killed run left half written (call from the main process before training): temporary checkpoint
+    folders, and `atomic_output_path`'s temporaries of final/ and the log. An earlier final/ that was set aside to make
+    room for a new one is kept while it is the only one."""
     if not os.path.isdir(output_dir):
         return
+    stale = (_TMP_PREFIX, ".deleting-", ".final.tmp-", ".train_log.tmp-")
+    if os.path.isdir(os.path.join(output_dir, "final")):
+        stale += (".final.old-",)
     for name in os.listdir(output_dir):
-        if name.startswith(_TMP_PREFIX) or name.startswith(".deleting-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        path = os.path.join(output_dir, name)
+        if name.startswith(stale) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(stale):
+            os.remove(path)
 
 
 def prepare_output_dir(accelerator, args) -> str | None:
@@ -219,13 +227,15 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
         check_resume_settings(path, state, settings, earlier_defaults)
     try:
         accelerator.load_state(path)
-    except (RuntimeError, ValueError, KeyError) as error:  # checkpoints from before the settings were kept
-        raise ValueError(f"{path} holds another model or optimizer than this run builds: resume with the flags that "
-                         f"started the run ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
     except FileNotFoundError as error:  # e.g. scaler.pt: fp16's gradient scaler is saved by fp16 runs only
         raise ValueError(f"{path} lacks {os.path.basename(error.filename or str(error))}, which this run loads: resume "
                          "with the settings that started the run (--mixed_precision fp16 needs a checkpoint of an fp16 "
                          "run), or from a complete checkpoint") from error
+    except Exception as error:  # another model (checkpoints from before the settings were kept), or a damaged file
+        reason = (str(error).splitlines() or [""])[0][:300]
+        raise ValueError(f"{path} could not be loaded ({type(error).__name__}: {reason}): it holds another model or "
+                         "optimizer than this run builds (resume with the flags that started the run), or a damaged "
+                         f"file (delete {os.path.basename(path)} to resume from the checkpoint before it)") from error
     # load_state restores the micro-step count, which decides where `accumulate` updates: a checkpoint is taken at an
     # update, so count from 0 (the saved count is off the boundaries when the accumulation steps change)
     accelerator.step = 0
@@ -395,8 +405,9 @@ class JsonlLog:
                     value = value if logged is None else logged
         return value
 
-    def truncate(self, last_step: int) -> None:
-        """Drop records after `last_step` (those a killed run wrote after the checkpoint it is resumed from)."""
+    def truncate(self, last_step: int, redone: tuple[str, ...] = ()) -> None:
+        """Drop records after `last_step` (those a killed run wrote after the checkpoint it is resumed from), and those
+        at `last_step` that hold a key of `redone` (an evaluation that the resumed run makes again)."""
         if not (self.enabled and os.path.isfile(self.path)):
             return
         keep, torn = [], 0
@@ -407,7 +418,8 @@ class JsonlLog:
                 except json.JSONDecodeError:  # a line cut short when the run was killed
                     torn += 1
                     continue
-                if record.get("step", 0) <= last_step:
+                step = record.get("step", 0)
+                if step < last_step or step == last_step and not any(key in record for key in redone):
                     keep.append(line)
         if torn:
             logger.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", self.path, torn)

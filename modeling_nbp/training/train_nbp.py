@@ -642,7 +642,8 @@ def main(argv=None) -> dict:
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         if ema is not None:
             ema.load_state_dict(common.load_checkpoint_tensors(resume, "ema"))
-        log.truncate(global_step)
+        # a run that has no step left validates its last one again (it may have been killed while validating it)
+        log.truncate(global_step, redone=("val_loss",) if global_step >= args.max_steps else ())
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
         os.remove(log.path)  # a fresh run starts a fresh log

@@ -34,6 +34,7 @@ warned about.
 """
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -349,15 +350,24 @@ def check_discriminator_input(args) -> None:
                              f"lower --disc_num_layers ({error})") from None
 
 
-def resume_settings(args, tokenizer) -> dict:
-    """What a resume takes from the checkpoint (clips, data order, model and the --init_from it started from,
-    optimizers, the GAN's start), kept in every checkpoint: a resume asking for others is refused
-    (`common.check_resume_settings`)."""
+def videos_digest(data: VideoClipDataset, root: str) -> str:
+    """A digest of the training videos of a folder (their paths under `root` and labels, in order): other videos in
+    the same folder move the held-out ones and the data order."""
+    index = data.index
+    listing = "\n".join(f"{os.path.relpath(p, root)}\t{label}" for p, label in zip(index["path"], index["label"]))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def resume_settings(args, tokenizer, videos: str | None = None) -> dict:
+    """What a resume takes from the checkpoint (clips and the training videos (`videos_digest`), data order, model and
+    the --init_from it started from, optimizers, the GAN's start), kept in every checkpoint: a resume asking for
+    others is refused (`common.check_resume_settings`)."""
     adversarial = args.adversarial_weight > 0
     # without the GAN its settings are unused (the default start moves with --max_steps, which a resume may raise)
     gan = dict(disc_learning_rate=args.disc_learning_rate,
                disc_start_step=args.disc_start_step) if adversarial else {}
-    return {"seed": args.seed, "data": data_settings(args), "init_from": args.init_from,
+    data = dict(data_settings(args), **({"videos": videos} if videos else {}))
+    return {"seed": args.seed, "data": data, "init_from": args.init_from,
             "tokenizer": {k: v for k, v in tokenizer.config.items() if not k.startswith("_")},
             "optimization": dict(learning_rate=args.learning_rate, adam_betas=[args.adam_beta1, args.adam_beta2],
                                  discriminator=adversarial, **gan),
@@ -450,6 +460,7 @@ def main(argv=None) -> dict:
 
     train_data, eval_data = build_datasets(args)
     check_readable_data(train_data, eval_data, args)
+    videos = videos_digest(train_data, args.train_data) if args.dataset == "folder" else None
     torch.manual_seed(args.seed)  # same initial weights on every process
     tokenizer = build_tokenizer(args)
     tokenizer.latent_shape(args.num_frames, args.resolution, args.resolution)  # clear error for sizes it can't take
@@ -485,8 +496,8 @@ def main(argv=None) -> dict:
     common.check_run_start(args.output_dir, resume, args.overwrite_output_dir, accelerator.is_main_process)
     if resume:
         # checkpoints from before clips could be squashed were cropped; the held-out flags were kept later
-        settings = resume_settings(args, common.bare_model(accelerator, tokenizer))
-        later = {k: settings["data"].get(k) for k in ("num_eval_clips", "validation_data")}
+        settings = resume_settings(args, common.bare_model(accelerator, tokenizer), videos)
+        later = {k: settings["data"].get(k) for k in ("num_eval_clips", "validation_data", "videos")}
         # and before the held-out videos were spread over the classes, they were the last ones of the index
         earlier = {"resize": "crop", **later, "held_out": "last"}
         state = common.load_checkpoint(accelerator, resume, settings, earlier_defaults={"data": earlier})
@@ -494,7 +505,8 @@ def main(argv=None) -> dict:
             follow_schedule(scheduler)
         common.warn_if_global_batch_changed(state, per_device_batch * accum * accelerator.num_processes)
         global_step = state["global_step"]
-        log.truncate(global_step)
+        # a run that has no step left evaluates its last one again (it may have been killed while evaluating it)
+        log.truncate(global_step, redone=("eval_psnr",) if global_step >= args.max_steps else ())
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
         os.remove(log.path)
@@ -513,9 +525,18 @@ def main(argv=None) -> dict:
     accelerator.print(f"{described}; {accelerator.num_processes} process(es) x {per_device_batch} x {accum} "
                       "accumulation")
     skips, meter = SkipSummary(), common.ThroughputMeter()
-    # a resumed run with no step left reports the last logged loss and scores
+    # a resumed run with no step left reports the last logged loss
     start_time, record = time.perf_counter(), {"total": log.last("total", math.nan)}
-    scores = {k: log.last(f"eval_{k}", math.nan) for k in ("psnr", "ssim")}
+
+    def run_evaluation() -> dict:
+        scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
+                          args.num_log_videos, decoding_workers(args.dataloader_num_workers))
+        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=global_step)
+        log.append({"step": global_step, **{f"eval_{k}": v for k, v in scores.items()}})
+        accelerator.print(f"step {global_step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
+                          f"({len(eval_data)} held-out clips)")
+        return scores
+
     for model in models:
         model.train()
     batches = iter(loader)
@@ -573,18 +594,14 @@ def main(argv=None) -> dict:
         meter.pause()
         if global_step % args.checkpointing_steps == 0 or done:  # before evaluating: an error there loses no step
             common.save_checkpoint(accelerator, args.output_dir, global_step,
-                                   dict(resume_settings(args, common.bare_model(accelerator, tokenizer)),
+                                   dict(resume_settings(args, common.bare_model(accelerator, tokenizer), videos),
                                         global_batch_size=global_batch),
                                    total_limit=args.checkpoints_total_limit)
-        if (args.eval_steps and global_step % args.eval_steps == 0) or done:
-            scores = evaluate(accelerator, tokenizer, eval_data, per_device_batch, global_step, args.output_dir,
-                              args.num_log_videos, decoding_workers(args.dataloader_num_workers))
-            accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=global_step)
-            log.append({"step": global_step, **{f"eval_{k}": v for k, v in scores.items()}})
-            accelerator.print(f"step {global_step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
-                              f"({len(eval_data)} held-out clips)")
+        if args.eval_steps and global_step % args.eval_steps == 0 and not done:
+            run_evaluation()
         meter.resume()
     progress.close()
+    scores = run_evaluation()  # after the loop: also when a resumed run has no step left
     # every process's skipped videos, not the main one's alone
     every_skip = SkipSummary()
     for total, paths in gather_object([(skips.total, skips.skipped_paths)]):
@@ -601,15 +618,15 @@ def main(argv=None) -> dict:
     if every_skip.num_skipped:
         accelerator.print(str(every_skip))
     accelerator.print(f"done: {global_step} steps, loss {record.get('total', math.nan):.4f}, PSNR "
-                      f"{scores.get('psnr', math.nan):.2f} dB, SSIM {scores.get('ssim', math.nan):.4f}, "
+                      f"{scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}, "
                       f"{meter.describe('clips/s', 1)}, wall time {wall:.1f} s, saved {final_dir}")
     if hub_repo:  # main process, after the last collective: the others do not wait on an upload (and time out)
         commit = f"NBP video tokenizer after {global_step} steps" + (f" of {args.init_from}" if args.init_from else "")
         upload_to_hub(final_dir, hub_repo, commit_message=commit)
         accelerator.print(f"pushed {final_dir} to {hub_repo}")
     accelerator.end_training()
-    return {"steps": global_step, "loss": record.get("total"), "psnr": scores.get("psnr"),
-            "ssim": scores.get("ssim"), "clips_per_s": meter.rate, "wall_time_s": wall, "final_dir": final_dir}
+    return {"steps": global_step, "loss": record.get("total"), "psnr": scores["psnr"],
+            "ssim": scores["ssim"], "clips_per_s": meter.rate, "wall_time_s": wall, "final_dir": final_dir}
 
 
 if __name__ == "__main__":
