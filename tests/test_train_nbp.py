@@ -337,6 +337,10 @@ def test_help_through_the_example_wrapper(monkeypatch, capsys):
 
 
 def test_bad_arguments_are_clear_errors(token_data, tmp_path):
+    for flag, given in (("--train_data", [str(tmp_path / "gone")]), ("--validation_data", [token_data[0]])):
+        with pytest.raises(FileNotFoundError, match=f"^{flag}: no folder at .*gone$"):  # was datasets' message
+            main(["--train_data", *given, "--validation_data", str(tmp_path / "gone"), "--output_dir", str(tmp_path),
+                  *TINY])
     with pytest.raises(ValueError, match="hub_model_id"):
         main(["--train_data", token_data[0], "--output_dir", str(tmp_path), "--push_to_hub"])
     with pytest.raises(ValueError, match="--num_layers cannot be combined with --preset"):

@@ -341,7 +341,7 @@ def load_token_dataset(path: str | os.PathLike) -> TokenDataset:
                                         "done, run the same nbp pretokenize command in one process (it finds every "
                                         f"chunk on disk and merges them) or merge_token_chunks({output_dir!r})") from err
         if not os.path.isdir(path):
-            raise
+            raise FileNotFoundError(f"no folder at {path}") from err
         videos = any(is_video_file(name) for _, _, names in os.walk(path) for name in names)
         hint = (f"; it holds videos: tokenize them first (`nbp pretokenize --data {path} --tokenizer ... --output_dir "
                 "...`) and pass that output_dir") if videos else ""

@@ -178,11 +178,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def describe_tokens(path: str) -> dict:
-    """Grid shape, label range and dataset of a pre-tokenized folder."""
-    data = load_token_dataset(path)
+def describe_tokens(path: str, flag: str) -> dict:
+    """Grid shape, label range and dataset of a pre-tokenized folder (the value of `flag`, which errors name)."""
+    try:
+        data = load_token_dataset(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{flag}: {err}") from err
     if len(data) == 0:
-        raise ValueError(f"{path} holds no items")
+        raise ValueError(f"{flag} {path} holds no items")
     shapes = np.unique(np.asarray(data.tokens["latent_shape"][:]), axis=0)
     if len(shapes) != 1:
         raise ValueError(f"{path} mixes latent grids {shapes.tolist()}; training needs one grid size")
@@ -569,7 +572,7 @@ def main(argv=None) -> dict:
         raise ValueError("--ema_decay is not supported with FSDP or DeepSpeed ZeRO-3 (sharded weights)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, per_device_batch, args.max_grad_norm)
-    info = describe_tokens(args.train_data)
+    info = describe_tokens(args.train_data, "--train_data")
     with accelerator.main_process_first():  # a Hub id is downloaded by one process, then found in the cache
         tokenizer_dir = tokenizer_folder(args.tokenizer, args.tokenizer_revision) if args.tokenizer else None
         init_dir = generator_folder(args.init_from, args.init_from_revision) if args.init_from else None
@@ -589,7 +592,7 @@ def main(argv=None) -> dict:
     val_data = val_labels = None
     if args.validation_data:
         check_same_pretokenization(args.validation_data, args.train_data)
-        val_info = describe_tokens(args.validation_data)
+        val_info = describe_tokens(args.validation_data, "--validation_data")
         val_labels = check_validation_data(val_info, info, config)
         val_data = val_info["data"]
         if val_data.num_windows > len(val_data) and accelerator.is_main_process:
