@@ -92,7 +92,8 @@ def _generate_parser(parser):
                              "(default: the model's context latent frames, at least 2; the pipeline's "
                              "context_frames)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="each video's generator is seeded from this and the video's name")
+                        help="each video's generator is seeded from this and the video's name "
+                             "(modeling_nbp.generate_videos.name_seed(seed, name): how to make one video again)")
     sampling = parser.add_argument_group(
         "sampling", "defaults: the model's generation_config, else the paper's (top-k 16000, top-p 0.9, temperature 1, "
         "no guidance)")

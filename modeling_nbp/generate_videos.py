@@ -6,6 +6,12 @@ and that name, so a video does not depend on the batch size, on how many process
 videos whose files are already there, once it has checked that the folder's `generate.json` holds the settings
 asked for: an interrupted run is resumed by running the same command again. Files appear as each batch finishes,
 each written under a temporary name and renamed; only one batch of frames is held in memory.
+
+One video of a run is made again on its own by the pipeline call that the run made for it, with the folder's
+`generate.json` settings (sampling, num_frames, dtype) and a generator on the run's device seeded with
+`name_seed(seed, name)`, e.g. for `3_5.mp4` of `--seed 0` on a CPU:
+`pipe(class_labels=[3], generator=torch.Generator("cpu").manual_seed(name_seed(0, "3_5")), output_type="np")`
+(`video=` the context frames that `load_context` reads, for a continuation). `--seed` alone is not a video's seed.
 """
 
 import hashlib

@@ -585,7 +585,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         Args:
             ids: `(batch, latent_frames, latent_height, latent_width)` integer ids in `[0, codebook_size)`.
             decode_batch_size: decode at most this many videos at a time (bounds peak memory); `None` decodes
-                the whole batch in one pass. The result does not depend on it. When a pass runs out of GPU
+                the whole batch in one pass. The result depends on it only by float rounding. When a pass runs out of GPU
                 memory, the batch is split in halves and decoded again (with a warning), down to one video.
 
         Returns:

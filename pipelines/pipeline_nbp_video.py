@@ -43,7 +43,8 @@ class NBPVideoPipelineOutput(BaseOutput):
 @dataclass
 class NBPVideoStreamChunk(BaseOutput):
     """Pixel frames [start_frame, start_frame + n) of every video, available once their latent frame is complete.
-    `frames` has the pipeline's `output_type` layout; `done` is True for the last chunk."""
+    `frames` has the pipeline's `output_type` layout; `done` is True for the last chunk (a stream interrupted
+    through `pipe._interrupt` ends without one)."""
 
     frames: list | np.ndarray | torch.Tensor
     start_frame: int
