@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from modeling_nbp import NBPConfig, NBPForVideoGeneration, NBPVideoPipeline
 from modeling_nbp.data import load_token_dataset
@@ -287,6 +287,13 @@ def test_a_damaged_checkpoint_is_named_as_such(tmp_path, name, damage):
                                          "checkpoint-1 to resume from the checkpoint before it\\)"):
         common.load_checkpoint(accelerator, path)
     del model, optimizer
+
+
+def test_a_damaged_ema_file_is_named_as_such(tmp_path):
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "ema.safetensors"))
+    (tmp_path / "ema.safetensors").write_bytes((tmp_path / "ema.safetensors").read_bytes()[:-3])
+    with pytest.raises(ValueError, match=f"ema.safetensors could not be loaded .*a damaged file \\(delete {tmp_path.name}"):
+        common.load_checkpoint_tensors(str(tmp_path), "ema")  # was a raw SafetensorError
 
 
 def test_a_resume_with_other_accumulation_steps_updates_at_its_step_boundaries(tmp_path):

@@ -262,7 +262,12 @@ def warn_if_global_batch_changed(state: dict, global_batch: int) -> None:
 
 
 def load_checkpoint_tensors(path: str, stem: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(path, f"{stem}.safetensors"))
+    file = os.path.join(path, f"{stem}.safetensors")
+    try:
+        return load_file(file)
+    except Exception as error:  # SafetensorError, OSError: a file cut short or damaged on disk
+        raise ValueError(f"{file} could not be loaded ({type(error).__name__}: {str(error)[:300]}): a damaged file "
+                         f"(delete {os.path.basename(path)} to resume from the checkpoint before it)") from error
 
 
 # ------------------------------------------------------------------------------------- data order, seeding
