@@ -585,8 +585,8 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         Args:
             ids: `(batch, latent_frames, latent_height, latent_width)` integer ids in `[0, codebook_size)`.
             decode_batch_size: decode at most this many videos at a time (bounds peak memory); `None` decodes
-                the whole batch in one pass. The result depends on it only by float rounding. When a pass runs out of GPU
-                memory, the batch is split in halves and decoded again (with a warning), down to one video.
+                the whole batch in one pass. The result depends on it only by float rounding. When a pass runs out
+                of GPU memory, the batch is split in halves and decoded again (with a warning), down to one video.
 
         Returns:
             `(batch, channels, 1 + temporal_compression * (latent_frames - 1), H' * s, W' * s)` video in [0, 1],

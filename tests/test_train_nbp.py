@@ -292,7 +292,7 @@ def test_a_damaged_checkpoint_is_named_as_such(tmp_path, name, damage):
 def test_a_damaged_ema_file_is_named_as_such(tmp_path):
     save_file({"w": torch.zeros(4)}, str(tmp_path / "ema.safetensors"))
     (tmp_path / "ema.safetensors").write_bytes((tmp_path / "ema.safetensors").read_bytes()[:-3])
-    with pytest.raises(ValueError, match=f"ema.safetensors could not be loaded .*a damaged file \\(delete {tmp_path.name}"):
+    with pytest.raises(ValueError, match=f"ema.safetensors could not be loaded .*damaged file \\(delete {tmp_path.name}"):
         common.load_checkpoint_tensors(str(tmp_path), "ema")  # was a raw SafetensorError
 
 
