@@ -123,8 +123,8 @@ class BlockLayout:
 
     # ---- sequences -----------------------------------------------------------------------------------
     def build_sequence(self, prefix_ids: torch.Tensor, video_ids: torch.Tensor) -> torch.Tensor:
-        """prefix_ids (B, P) and video vocabulary ids (B, n) in block order -> the first positions of the full
-        sequence that those tokens determine, in model vocabulary ids (video ids shifted by the offset)."""
+        """prefix_ids (B, P) and video vocabulary ids (B, n) in block order -> the full sequence (B, L) in model
+        vocabulary ids (video ids shifted by the offset), -1 at the video positions past the n given tokens."""
         B, n = video_ids.shape
         seq = torch.full((B, self.sequence_length), -1, dtype=torch.long, device=video_ids.device)
         seq[:, : self.prefix_length] = prefix_ids

@@ -591,7 +591,7 @@ class NBPVideoTokenizer(ModelMixin, ConfigMixin):
         Returns:
             `(batch, channels, 1 + temporal_compression * (latent_frames - 1), H' * s, W' * s)` video in [0, 1],
             in the model's dtype. The decoder is causal in time, so decoding `ids[:, :k]` gives the first
-            `num_frames_for_latent(k)` frames of decoding `ids`.
+            `num_frames_for_latent(k)` frames of decoding `ids`, up to float rounding.
 
         Raises FloatingPointError when the decoder makes NaN pixels (float16 overflow), as `encode` does for latents.
         """
