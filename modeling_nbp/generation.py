@@ -363,7 +363,7 @@ class NBPGenerationMixin:
         dense parts of its layers through `torch.compile`, or ("triton") the whole step through this project's Triton
         kernels, or ("triton-attention") only its attention and sampling.
         The same seed gives the same tokens on every path, up to the float rounding of the device's kernels.
-        The model runs in eval mode while generating (a model in training mode is switched back afterwards)."""
+        The model runs in eval mode while generating (each module's mode is restored afterwards)."""
         if self.device.type == "meta":
             raise ValueError("the generator's weights are on the meta device (not loaded, or sequential CPU offloading, "
                              "which generation does not support: it reads weights outside the modules' forward); "
@@ -460,10 +460,11 @@ class NBPGenerationMixin:
         cache = DynamicCache(config=cfg) if use_cache and decoder is None else None
         # set on the device by any step whose logits are not finite; read once, at the end or when the consumer stops
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
-        # no dropout, no class dropout: a model in training mode samples what it would in eval mode; the mode comes
-        # back when the last of the generations under way on the model ends
+        # no dropout, no class dropout: a model in training mode samples what it would in eval mode; each module's
+        # mode comes back (a frozen part stays in eval) when the last of the generations under way on the model ends
         if not getattr(self, "_generations_under_way", 0):
-            self._mode_before_generation = self.training
+            modes = [m.training for m in self.modules()]
+            self._modes_before_generation = modes if any(modes) else None
         self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
         if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
             self.eval()
@@ -481,8 +482,9 @@ class NBPGenerationMixin:
             raise
         finally:
             self._generations_under_way -= 1
-            if not self._generations_under_way and self._mode_before_generation:
-                self.train()
+            if not self._generations_under_way and self._modes_before_generation is not None:
+                for module, mode in zip(self.modules(), self._modes_before_generation):
+                    module.training = mode
             if decoder is not None:
                 decoder.in_use = False
 

@@ -689,6 +689,12 @@ def test_generation_in_training_mode_samples_as_in_eval_mode():
     tokens = model.generate_video_tokens(class_labels=[0, 2], top_k=5, generator=torch.Generator().manual_seed(0),
                                          cache_implementation="dynamic")  # (the static step calls no dropout)
     assert torch.equal(tokens, expected)
+    assert [name for name, m in model.named_modules() if m.training] == ["model.layers.0"] + [
+        f"model.layers.0.{name}" for name, _ in model.model.layers[0].named_modules() if name]  # as it was
+    model.train()
+    model.model.embed_positions.eval()  # a frozen part stays in eval (was put in training mode)
+    model.generate_video_tokens(class_labels=[0], temperature=0.0)
+    assert model.training and not model.model.embed_positions.training
 
 
 # ---- the fast path: a static (preallocated) cache gives the reference tokens -------------------------------------
