@@ -22,6 +22,7 @@ the vocabulary, feed the sampled id back as it is, and clamp `id - video offset`
 """
 
 import argparse
+import numbers
 
 import torch
 from accelerate import init_empty_weights
@@ -30,7 +31,7 @@ from ..configuration_nbp import NBPConfig
 from ..generation import PAPER_SAMPLING
 from ..modeling_nbp import NBPForVideoGeneration
 from ..ucf101 import load_ucf101_table, ucf101_id2label
-from .safe_load import load_exact_state_dict, strip_prefix, zero_to_fp32_advice
+from .safe_load import check_tensor_dict, load_exact_state_dict, strip_prefix, zero_to_fp32_advice
 
 MAGVIT2_VOCAB_SIZE = 64000  # official first_stage_vocab_size for tokenizer "magvit2"
 EMBEDDED_TOKENIZER_PREFIX = "first_stage_model."
@@ -72,6 +73,7 @@ def split_checkpoint_state_dict(state_dict: dict) -> tuple[dict, dict]:
 
     Strips `module.` (DeepSpeed/DDP), drops every key containing "mask" (as the official loader does) and fails
     on keys that belong to neither part."""
+    state_dict = check_tensor_dict(state_dict, "the checkpoint's 'state_dict'")
     state_dict = {k: v for k, v in strip_prefix(state_dict, "module.").items() if "mask" not in k}
     generator = {k: v for k, v in state_dict.items() if k.startswith(GENERATOR_PREFIX)}
     tokenizer = {k[len(EMBEDDED_TOKENIZER_PREFIX):]: v for k, v in state_dict.items()
@@ -93,9 +95,24 @@ def training_arguments(hyper_parameters) -> dict:
                          f"{type(hyper_parameters).__name__}")
     hp = dict(hyper_parameters)
     args = hp.pop("args", {})
-    args = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(args, dict):
+        raise ValueError(f"checkpoint hyper_parameters 'args' must be a dict or Namespace, got {type(args).__name__}")
+    args = dict(args)
     args.update(hp)
     return args
+
+
+def _number(args: dict, key: str, default=None, kind=int):
+    """The hyper-parameter `key` (`default` when absent or None) as `kind` (int or float); a value of another type,
+    or a fraction for an int, raises ValueError naming it (a damaged or foreign checkpoint)."""
+    value = args.get(key)
+    value = default if value is None else value
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or kind is int and not (isinstance(value, numbers.Integral) or float(value).is_integer())):
+        wanted = "an integer" if kind is int else "a number"
+        raise ValueError(f"checkpoint hyper_parameters {key}={value!r} is not {wanted}")
+    return kind(value)
 
 
 def _block_shape(tokens_per_step: int, latent_shape) -> list[int]:
@@ -130,7 +147,7 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
     if args.get("bov_token", 0) != 0:
         raise ValueError(f"bov_token must be 0 (official), got {args['bov_token']}")
 
-    S = int(args.get("token_number_per_step") or 1)
+    S = _number(args, "token_number_per_step", 1) or 1
     hybrid, starts_with_bov = bool(args.get("hybrid")), bool(args.get("starts_with_bov"))
     unconditional = bool(args.get("unconditional"))
     cond_key = args.get("cond_stage_key", "label")
@@ -138,8 +155,8 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
         raise ValueError(f"num_context_frames={num_context_frames} (--num_context_frames) is only for unconditional "
                          f"(frame prediction) checkpoints; this one is conditioned on cond_stage_key={cond_key!r}: "
                          "leave num_context_frames out")
-    frames = int(args.get("sequence_length", 17))
-    resolution = int(args.get("resolution", 128))
+    frames = _number(args, "sequence_length", 17)
+    resolution = _number(args, "resolution", 128)
     latent_shape = [(frames - 1) // 4 + 1, resolution // 8, resolution // 8]  # official eval: 4x time, 8x space
     if GENERATOR_PREFIX + "tok_emb.weight" not in generator_state_dict:
         raise ValueError(f"the checkpoint has no {GENERATOR_PREFIX}tok_emb.weight")
@@ -161,7 +178,7 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
     elif cond_key == "text":
         condition_vocab = vocab_size - MAGVIT2_VOCAB_SIZE - S  # the LLaMA-2 vocabulary (32000)
         classes = load_ucf101_table()
-        if int(args.get("cond_token_num", 0)) != len(classes[0]["llama2_ids"]):
+        if _number(args, "cond_token_num", 0) != len(classes[0]["llama2_ids"]):
             raise ValueError(f"text-conditioned checkpoints are the UCF-101 models, whose class names are "
                              f"{len(classes[0]['llama2_ids'])} LLaMA-2 ids; got "
                              f"cond_token_num={args.get('cond_token_num')}")
@@ -173,11 +190,11 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
                     class_condition_ids=[[i + S for i in c["llama2_ids"]] for c in classes],
                     id2label=ucf101_id2label())
     elif cond_key == "label":
-        classes = args.get("class_cond_dim")
-        if not classes:
+        if not args.get("class_cond_dim"):
             raise ValueError("label-conditioned checkpoint without class_cond_dim in its hyper_parameters")
-        task.update(condition_mode="class", first_block="hybrid", num_classes=int(classes), num_condition_tokens=1,
-                    condition_vocab_size=int(classes))
+        classes = _number(args, "class_cond_dim")
+        task.update(condition_mode="class", first_block="hybrid", num_classes=classes, num_condition_tokens=1,
+                    condition_vocab_size=classes)
     else:
         raise ValueError(f"unsupported cond_stage_key {cond_key!r}; supported: 'text' (UCF-101), 'label', "
                          "unconditional")
@@ -185,10 +202,10 @@ def config_from_checkpoint(hyper_parameters, generator_state_dict: dict,
     fps = args.get("fps")  # the training clips' rate (official data flag; -1 or None: the videos' own)
     config = NBPConfig(
         **task, fps=float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0 else None,
-        hidden_size=int(args["n_embd"]), num_hidden_layers=int(args["n_layer"]),
-        num_attention_heads=int(args["n_head"]), max_position_embeddings=int(args["block_size"]),
-        hidden_dropout=float(args.get("transformer_dropout") or 0.0), attention_dropout=0.0,
-        class_dropout_prob=float(args.get("p_drop_cond") or 0.0), layer_norm_eps=1e-5,
+        hidden_size=_number(args, "n_embd"), num_hidden_layers=_number(args, "n_layer"),
+        num_attention_heads=_number(args, "n_head"), max_position_embeddings=_number(args, "block_size"),
+        hidden_dropout=_number(args, "transformer_dropout", 0.0, float), attention_dropout=0.0,
+        class_dropout_prob=_number(args, "p_drop_cond", 0.0, float), layer_norm_eps=1e-5,
         sample_whole_vocabulary=True,  # the official samplers: every id, fed back as sampled, clamped when decoded
     )
     if config.vocab_size != vocab_size:
@@ -231,6 +248,18 @@ def generator_from_checkpoint(checkpoint: dict, dtype: torch.dtype = torch.float
                          f"got {found}.{hint}")
     generator, tokenizer = split_checkpoint_state_dict(checkpoint["state_dict"])
     config = config_from_checkpoint(checkpoint["hyper_parameters"], generator, num_context_frames)
+    # sizes larger than the tensors hold are refused before the model is built (a damaged file could ask for
+    # millions of layers, or embeddings of terabytes); smaller ones fail below, naming the tensors left over
+    blocks, pos = GENERATOR_PREFIX + "blocks.", generator.get(GENERATOR_PREFIX + "pos_emb")
+    held = {"n_layer": (config.num_hidden_layers, f"{blocks}*", "layers",
+                        len({k[len(blocks):].split(".")[0] for k in generator if k.startswith(blocks)})),
+            "n_embd": (config.hidden_size, f"{GENERATOR_PREFIX}tok_emb.weight", "columns",
+                       generator[GENERATOR_PREFIX + "tok_emb.weight"].shape[-1]),
+            "block_size": (config.max_position_embeddings, f"{GENERATOR_PREFIX}pos_emb", "positions",
+                           pos.shape[-2] if pos is not None and pos.ndim >= 2 else 0)}
+    larger = [f"{key}={size}, but {name} holds {n} {what}" for key, (size, name, what, n) in held.items() if size > n]
+    if larger:
+        raise ValueError(f"checkpoint hyper_parameters larger than its tensors: {'; '.join(larger)}")
     with init_empty_weights(include_buffers=False):
         model = NBPForVideoGeneration(config)
     ours_to_official = {v: k for k, v in official_key_map(config.num_hidden_layers).items()}

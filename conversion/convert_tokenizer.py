@@ -11,7 +11,7 @@ import torch
 from accelerate import init_empty_weights
 
 from ..video_tokenizer import NBPVideoTokenizer
-from .safe_load import load_exact_state_dict, strip_prefix
+from .safe_load import check_tensor_dict, load_exact_state_dict, strip_prefix
 
 TOKENIZER_STATE_KEY = "model_state_dict"
 
@@ -22,7 +22,8 @@ def tokenizer_state_dict_from_checkpoint(checkpoint: dict) -> dict:
         found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"not an official NBP tokenizer file: expected a dict with {TOKENIZER_STATE_KEY!r}, "
                          f"got {found}")
-    return strip_prefix(checkpoint[TOKENIZER_STATE_KEY], "module.")
+    tensors = check_tensor_dict(checkpoint[TOKENIZER_STATE_KEY], f"the tokenizer file's {TOKENIZER_STATE_KEY!r}")
+    return strip_prefix(tensors, "module.")
 
 
 def differing_tensors(embedded: dict, state_dict: dict) -> list[str]:

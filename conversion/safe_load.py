@@ -91,6 +91,19 @@ def safe_torch_load(path) -> dict:
     )
 
 
+def check_tensor_dict(state_dict, what: str) -> dict:
+    """`state_dict` when it maps names (str) to tensors; else ValueError naming `what` and what it holds (a damaged
+    or foreign file, refused before any of its keys or shapes is read)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{what} must be a dict of tensors, got {type(state_dict).__name__}")
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in state_dict.items()
+           if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise ValueError(f"{what} must map names to tensors; it holds {bad[:10]}"
+                         + (" (and more)" if len(bad) > 10 else ""))
+    return state_dict
+
+
 def strip_prefix(state_dict: dict, prefix: str) -> dict:
     """Drop a leading `prefix` (e.g. DataParallel's `module.`) from every key that has it."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

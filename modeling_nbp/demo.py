@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .hub_folders import DEMO_MODEL
+from .video_io import safe_file_name
 
 # the dataset the demo models were trained on (the training commands in the README use the same values)
 DEMO_DATA = dict(num_frames=17, size=32, digit_size=16, speed_range=(1.0, 2.0), styles_per_class=2)
@@ -22,6 +23,15 @@ HELD_OUT_SEED = 12345  # the held-out clips (examples/train_demo.sh; training cl
 # --model that saved no sampling: classifier-free guidance (trained with class dropout), a cool temperature
 DEMO_SAMPLING = dict(guidance_scale=3.0, temperature=0.8, top_k=100, top_p=0.95)
 LONG_VIDEO_FRAMES = 53  # the model's 17 frames and three further windows of 12
+
+
+def class_file_names(names) -> list[str]:
+    """Names for the classes' video files (class names come from the model's config, so any text): each name made
+    file-name safe; "<id>_<safe name>" for every class when two would collide, or one is empty or another file's."""
+    files = [safe_file_name(str(name)).encode()[:100].decode(errors="ignore") for name in names]  # 100 bytes at most
+    if len(set(files)) < len(files) or {"", "frame_prediction", "long_video"} & set(files):
+        files = [f"{c}_{name}" for c, name in enumerate(files)]
+    return files
 
 
 def main(argv=None):
@@ -66,7 +76,7 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
-    for c, name in enumerate(names):
+    for c, name in enumerate(class_file_names(names)):
         video = videos[c * n]
         written.append(export_to_gif(video, os.path.join(args.output_dir, f"{name}.gif"), fps=args.fps))
         written.append(export_to_mp4(video, os.path.join(args.output_dir, f"{name}.mp4"), fps=args.fps))

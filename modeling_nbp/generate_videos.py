@@ -38,6 +38,9 @@ from .video_io import (VideoDecodeError, as_uint8_frames, atomic_output_path, de
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "generate.json"
+# the longest video name, in bytes: its temporary file, ".<name>.tmp-<pid>-<8 hex digits>.mp4" (`atomic_output_path`),
+# must fit in a file name's 255
+MAX_NAME_BYTES = 229
 
 
 def export_to_npy(frames, path: str, fps: float = 8) -> str:
@@ -139,6 +142,10 @@ def plan_videos(pipe, seed: int, num_videos_per_class: int, class_labels=None,
             raise ValueError(f"two videos would be called {job.name!r} (context files whose names differ only in "
                              "characters that file names replace, or a class listed twice); rename or list them once")
         seen.add(job.name)
+        if len(job.name.encode()) > MAX_NAME_BYTES:  # else writing its files fails once it is made
+            raise ValueError(f"the video {job.name[:50]!r}... would have a name of {len(job.name.encode())} bytes; "
+                             f"file names allow {MAX_NAME_BYTES} here: shorten the name of its class, context file or "
+                             "dataset video")
     return [VideoJob(j.name, name_seed(seed, j.name), j.class_label, j.context, j.clip) for j in jobs]
 
 

@@ -839,7 +839,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         in diffusers;
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` without a dtype keeps the generator's saved
         dtype, as transformers does), use_safetensors (True: refuse pickled weights), revision, cache_dir, token,
-        local_files_only, force_download."""
+        local_files_only, force_download. `trust_remote_code`: as in diffusers, the class of a carried copy of this file
+        (no nbp-video installed) runs a folder's code only when it is True; the installed classes run none."""
         try:  # not an import statement: diffusers' check of carried code would ask to `pip install modeling_nbp`
             installed = importlib.import_module("modeling_nbp")
         except ImportError:  # running from a repository's copy of this file: diffusers' loader with its code
@@ -848,7 +849,8 @@ class NBPVideoPipeline(DiffusionPipeline):
                 raise TypeError(f"without nbp-video installed, from_pretrained cannot take {', '.join(given)}: load "
                                 "the folder, then swap in yours with `type(pipe).from_pipe(pipe, transformer=...)`")
             kwargs["dtype"] = cls._component_dtypes(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
-            return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        kwargs.pop("trust_remote_code", None)
         folder = str(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
                       if k in kwargs}
@@ -860,8 +862,8 @@ class NBPVideoPipeline(DiffusionPipeline):
         if kwargs:  # before any download
             raise TypeError(f"unexpected arguments for NBPVideoPipeline.from_pretrained: {sorted(kwargs)} (it takes "
                             "transformer, video_tokenizer, dtype or torch_dtype, variant, use_safetensors, revision, "
-                            "cache_dir, token, local_files_only, force_download; place the pipeline with "
-                            "pipe.to(device))")
+                            "cache_dir, token, local_files_only, force_download, trust_remote_code; place the pipeline "
+                            "with pipe.to(device))")
         needed = [name for name, given in (("transformer", transformer), ("video_tokenizer", video_tokenizer))
                   if given is None]  # a component passed in is not downloaded
         folder = pipeline_folder(folder, needed, variant.get("variant"), weights.get("use_safetensors"), **hub_kwargs)

@@ -379,6 +379,40 @@ def test_pickles_needing_other_globals_are_refused(tmp_path, payload, name):
     assert CALLS == []
 
 
+def set_hyper_parameter(name, value):
+    return lambda checkpoint: setattr(checkpoint["hyper_parameters"]["args"], name, value)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(state_dict=list(c["state_dict"].values())), "'state_dict' must be a dict of tensors, got list"),
+    (lambda c: c["state_dict"].update({3: torch.ones(1)}), r"must map names to tensors; it holds \['3: Tensor"),
+    (lambda c: c["state_dict"].update({"transformer.tok_emb.weight": 5}), "'transformer.tok_emb.weight': int"),
+    (lambda c: c["hyper_parameters"].update(args=[1, 2]), "'args' must be a dict or Namespace, got list"),
+    (set_hyper_parameter("n_embd", None), "n_embd=None is not an integer"),
+    (set_hyper_parameter("p_drop_cond", [0.1]), r"p_drop_cond=\[0.1\] is not a number"),
+    # sizes larger than the tensors: refused before the model is built (were minutes, or terabytes allocated)
+    (set_hyper_parameter("n_layer", 3000), r"n_layer=3000, but transformer.blocks.\* holds 2 layers"),
+    (set_hyper_parameter("n_embd", 10 ** 7), "n_embd=10000000, but transformer.tok_emb.weight holds 32 columns"),
+    (set_hyper_parameter("block_size", 10 ** 9), "block_size=1000000000, but transformer.pos_emb holds 64 positions"),
+])
+def test_malformed_generator_checkpoints_are_refused_with_a_clear_message(tmp_path, change, message):
+    args, sd = write_generator(tmp_path / "gen.ckpt", "k600")
+    checkpoint = lightning_checkpoint(args, sd)
+    change(checkpoint)
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoints(tmp_path / "out", generator=tmp_path / "bad.ckpt")
+
+
+def test_malformed_tokenizer_files_are_refused_with_a_clear_message(tmp_path):
+    named = r"map names to tensors; it holds \[\"'module.encoder_layers.0.conv.weight': str"
+    for contents, message in (([torch.ones(1)], "be a dict of tensors, got list"),
+                              ({"module.encoder_layers.0.conv.weight": "x"}, named)):
+        torch.save({"model_state_dict": contents}, tmp_path / "tok.pt")
+        with pytest.raises(ValueError, match=f"the tokenizer file's 'model_state_dict' must {message}"):
+            convert_checkpoints(tmp_path / "out", tokenizer=tmp_path / "tok.pt")
+
+
 def test_foreign_files_are_refused_with_a_clear_message(tmp_path):
     (tmp_path / "notes.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read .*notes.ckpt"):

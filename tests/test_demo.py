@@ -84,3 +84,29 @@ def test_demo_refuses_an_output_path_that_is_a_file_before_generating(tmp_path, 
     with pytest.raises(SystemExit) as exited:
         demo(["--output_dir", str(tmp_path / "taken"), "--model", str(tmp_path / "no model")])
     assert exited.value.code == 2 and "--output_dir" in capsys.readouterr().err
+
+
+def test_class_names_from_a_model_cannot_name_files_outside_the_output_folder(tmp_path, monkeypatch):
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from modeling_nbp import NBPVideoPipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    hostile = ["../escaped", str(tmp_path / "absolute"), "long_video", "a b", "a_b", "", "6", "7", "8", "9"]
+    config["id2label"] = dict(enumerate(hostile))
+    config["label2id"] = {name: i for i, name in enumerate(hostile)}
+    (model / "transformer" / "config.json").write_text(json.dumps(config))
+
+    def blank_videos(self, class_labels, num_videos_per_prompt=1, num_frames=17, **kwargs):  # the files are tested
+        return SimpleNamespace(frames=np.zeros((len(class_labels) * num_videos_per_prompt, num_frames, 32, 32, 3)))
+
+    monkeypatch.setattr(NBPVideoPipeline, "__call__", blank_videos)
+    out = tmp_path / "out"
+    written = demo(["--model", str(model), "--output_dir", str(out), "--videos_per_class", "1"])
+    assert sorted(os.listdir(tmp_path)) == ["model", "out"]
+    assert all(os.path.dirname(path) == str(out) for path in written)
+    assert len(set(written)) == len(written) == len(os.listdir(out)) == 2 * len(hostile) + 4

@@ -437,3 +437,15 @@ def test_a_hub_model_is_recorded_with_its_commit(local_hub, saved, tmp_path, cap
                                                                                "branch, tag or commit id)")
     assert refused(capsys, saved[1], tmp_path / "other", "--revision", "main").endswith(
         f"--revision selects a version of a Hub repo; --model {saved[1]} is a local folder")
+
+
+def test_names_too_long_for_a_file_are_refused_before_any_video(tmp_path):
+    from modeling_nbp.generate_videos import context_files
+
+    pipe = tiny_pipeline(id2label={0: "é" * 114, 1: "é" * 113, 2: "x"})  # 2 bytes a letter, and "_0"
+    with pytest.raises(ValueError, match=r"would have a name of 230 bytes; file names allow 229"):
+        plan_videos(pipe, 0, 1)
+    assert [job.name for job in plan_videos(pipe, 0, 1, class_labels=[1])] == ["é" * 113 + "_0"]
+    (tmp_path / ("v" * 236 + ".mp4")).write_bytes(b"")  # a file name that fits; its videos' temporary names would not
+    with pytest.raises(ValueError, match=r"'vvv.*would have a name of 238 bytes"):
+        plan_videos(tiny_pipeline(mode="frames"), 0, 1, contexts=context_files([str(tmp_path)]))

@@ -90,6 +90,15 @@ def test_pipeline_loading_options_round_trip(tmp_path):
             NBPVideoPipeline.from_pretrained(where, device_map="cpu")
 
 
+def test_the_installed_classes_run_no_code_from_a_folder(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)  # carries its code, here made to fail if imported
+    for code in tmp_path.rglob("*.py"):
+        code.write_text("raise RuntimeError('code of the folder ran')\n" + code.read_text())
+    for kwargs in ({}, dict(trust_remote_code=True)):  # as diffusers users pass it: accepted, nothing to trust
+        loaded = NBPVideoPipeline.from_pretrained(tmp_path, **kwargs)
+        assert type(loaded) is NBPVideoPipeline
+
+
 def test_pipeline_components_that_do_not_fit_are_refused():
     pipe = tiny_pipeline()
     tok, codes = pipe.video_tokenizer, pipe.video_tokenizer.codebook_size

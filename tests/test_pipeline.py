@@ -704,6 +704,9 @@ def test_remote_code_without_the_package(pipe, tmp_path):
     triton = importlib.util.find_spec("triton") is not None  # on CPU under Triton's interpreter (conftest)
     expected = pipe(class_labels=[1], generator=gen(2), output_type="np").frames
     np.save(tmp_path / "expected.npy", expected)
+    pipe.save_pretrained(tmp_path / "other")  # a folder someone else made: its code must not run untrusted
+    for code in (tmp_path / "other").rglob("*.py"):
+        code.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n" + code.read_text())
     stdout = run_without_package(f"""
         import logging
         import numpy as np, torch
@@ -721,8 +724,14 @@ def test_remote_code_without_the_package(pipe, tmp_path):
         again = DiffusionPipeline.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)
         out = again(class_labels=[1], generator=torch.Generator().manual_seed(2), output_type="np").frames
         np.testing.assert_array_equal(out, np.load({str(tmp_path / 'expected.npy')!r}))
-        # the class's own from_pretrained, with a dtype's name
-        half = type(pipe).from_pretrained({str(tmp_path / 'pipe')!r}, dtype="bfloat16")
+        # the class's own from_pretrained runs another folder's code only when trusted, as diffusers' loader does
+        try:
+            type(pipe).from_pretrained({str(tmp_path / 'other')!r})
+            raise AssertionError("not refused")
+        except ValueError as err:
+            assert "trust_remote_code=True" in str(err)
+        # with a dtype's name
+        half = type(pipe).from_pretrained({str(tmp_path / 'pipe')!r}, dtype="bfloat16", trust_remote_code=True)
         assert (half.transformer.dtype, half.video_tokenizer.dtype) == (torch.bfloat16,) * 2
         # a component of one's own: diffusers' loader cannot check its class without the package, from_pipe can
         try:
@@ -737,7 +746,7 @@ def test_remote_code_without_the_package(pipe, tmp_path):
             assert pipe.video_tokenizer.encode(torch.rand(1, 3, 5, 8, 8)).shape == (1, 3, 4, 4)
         print("remote ok", type(pipe).__module__)
     """, tmp_path / "modules")
-    assert "remote ok diffusers_modules" in stdout
+    assert "remote ok diffusers_modules" in stdout and not (tmp_path / "ran").exists()
 
 
 def test_relative_imports_in_every_form():
