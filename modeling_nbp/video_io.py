@@ -481,15 +481,16 @@ def make_contact_sheet(
 
     font = ImageFont.load_default()
     margin = 0
-    if labels is not None:
+    if labels is not None:  # one line each: PIL cannot measure a line break, and a tab or other control has no glyph
+        labels = ["".join(c if c.isprintable() else " " for c in str(text)) for text in labels]
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        margin = max(int(np.ceil(probe.textlength(str(text), font=font))) for text in labels) + 2 * gap + 4
+        margin = max(int(np.ceil(probe.textlength(text, font=font))) for text in labels) + 2 * gap + 4
     sheet = Image.new("RGB", (margin + columns * (width + gap) + gap, len(clips) * (height + gap) + gap))
     draw = ImageDraw.Draw(sheet)
     for row, clip in enumerate(clips):
         top = gap + row * (height + gap)
         if labels is not None:
-            draw.text((gap + 2, top + 2), str(labels[row]), fill=(255, 255, 255), font=font)
+            draw.text((gap + 2, top + 2), labels[row], fill=(255, 255, 255), font=font)
         picks = np.round(np.linspace(0, longest - 1, columns)).astype(int) if columns > 1 else [0]
         for col, index in enumerate(picks):
             if index < len(clip):

@@ -240,6 +240,9 @@ def test_contact_sheet_layout(tmp_path):
         assert saved.size == labelled.size
     with pytest.raises(ValueError, match="labels"):
         make_contact_sheet([long, short], labels=["only one"])
+    # class names are any text: a line break made PIL raise (a training run's first sample step, `nbp demo`)
+    broken = make_contact_sheet([long, short], labels=["first\nline", "tab\there"], columns=2)
+    assert broken.size == make_contact_sheet([long, short], labels=["first line", "tab here"], columns=2).size
 
 
 def test_atomic_writes_reach_the_disk_before_their_name(tmp_path, monkeypatch):

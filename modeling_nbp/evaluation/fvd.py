@@ -726,7 +726,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser.add_argument("fake", help="folder of generated or reconstructed videos")
     parser.add_argument("real", help="folder of reference videos, or with --real-dataset a video dataset root")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="styleganv")
-    parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache)")
+    parser.add_argument("--i3d-weights", help="I3D .safetensors or StyleGAN-V i3d_torchscript.pt (default: cache; "
+                                              "a TorchScript file carries code: load only files you trust)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--num-workers", type=non_negative_int, default=4,
