@@ -225,10 +225,9 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path):
     assert [s for s, _ in common.list_checkpoints(tmp_path)] == [40]
     (tmp_path / "samples" / "step-0000040").mkdir(parents=True)
     (tmp_path / "logs").mkdir()
-    (tmp_path / "final").mkdir()
     common.check_run_start(str(tmp_path), None, overwrite=True, is_main_process=True)
     assert common.list_checkpoints(tmp_path) == [] and not (tmp_path / "samples").exists()
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "final").exists()
+    assert not (tmp_path / "logs").exists()
 
 
 def test_latest_checkpoint_skips_incomplete_folders(tmp_path):

@@ -102,13 +102,12 @@ def keep_resumed_defaults(args, resume: str | None, groups: dict[str, str]) -> N
 def check_run_start(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool) -> None:
     """Refuse to mix two runs' checkpoints in `output_dir`: a fresh run (`resume` None) finds none there, a
     resumed one none newer than the checkpoint it resumes. With `overwrite` (--overwrite_output_dir) the main
-    process deletes them instead, and for a fresh run also the earlier run's final/, samples/ and logs/ (TensorBoard):
-    a final/ left there would pass for this run's model until it ends."""
+    process deletes them instead, and for a fresh run also the earlier run's samples/ and logs/ (TensorBoard)."""
     step = -1 if resume is None else read_trainer_state(resume)["global_step"]
     others = [path for s, path in list_checkpoints(output_dir) if s > step]
     if overwrite:
         if is_main_process:
-            earlier = [os.path.join(output_dir, name) for name in ("final", "samples", "logs")] if resume is None else []
+            earlier = [os.path.join(output_dir, name) for name in ("samples", "logs")] if resume is None else []
             for path in others + [p for p in earlier if os.path.isdir(p)]:
                 remove_tree(path)
         return
@@ -685,7 +684,7 @@ def add_checkpoint_arguments(group) -> None:
                        help="'latest' (start fresh if there is none) or a checkpoint folder")
     group.add_argument("--overwrite_output_dir", action="store_true",
                        help="delete an earlier run's checkpoints in --output_dir (those newer than the resumed one; "
-                            "for a fresh run all, with its final/, samples/ and logs/)")
+                            "for a fresh run all, with its samples/ and logs/)")
     group.add_argument("--logging_steps", type=positive_int, default=10)
 
 
