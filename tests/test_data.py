@@ -270,6 +270,10 @@ def test_a_missing_k600_file_names_the_paths_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no Kinetics clip folder for split 'train': looked for .*/\{train\} "
                                                 r"and .*videos/\{train\} \(or pass `video_dir`\)"):
         load_video_dataset(tmp_path, split="train", num_frames=4, resolution=8)
+    # a path passed that is not there is named (was: looked for others, "pass `video_dir`")
+    for given, message in (("video_dir", "is not a folder"), ("annotations", "is not a file")):
+        with pytest.raises(FileNotFoundError, match=f"^`{given}` .*mine {message}$"):
+            load_video_dataset(tmp_path, split="train", num_frames=4, resolution=8, **{given: str(tmp_path / "mine")})
 
 
 def test_k600_clips_in_linked_class_folders_are_found(tmp_path):

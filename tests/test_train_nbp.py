@@ -127,6 +127,11 @@ def test_a_finished_run_resumed_says_there_is_nothing_to_train(token_data, tmp_p
     # the final validation is made again (a run killed while making it resumes here too) and logged once
     assert [r["step"] for r in read_log(tmp_path / "run") if "val_loss" in r] == [2]
     assert summary["val_loss"] == first["val_loss"]
+    # a rerun without --validation_data makes none: the logged one stays (was dropped)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    main([a for a in args if a not in ("--validation_data", token_data[1])])
+    assert [r["val_loss"] for r in read_log(tmp_path / "run") if "val_loss" in r] == [first["val_loss"]]
 
 
 def test_batch_layout_from_global_batch():
@@ -289,10 +294,34 @@ def test_a_damaged_checkpoint_is_named_as_such(tmp_path, name, damage):
     del model, optimizer
 
 
+def test_an_unreadable_checkpoint_file_is_not_called_damaged(tmp_path, monkeypatch):
+    """A file that cannot be read now (permissions, a filesystem error) keeps its own error: the advice to delete a
+    damaged checkpoint would throw away a sound one."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    path = common.save_checkpoint(accelerator, str(tmp_path), 1, {})
+    real_open = open
+
+    def deny(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: (deny if str(file).endswith(".bin") else real_open)(
+        file, *a, **k))
+    monkeypatch.setattr(common, "load_file", deny)
+    # were "could not be loaded ... a damaged file (delete checkpoint-1 ...)"
+    with pytest.raises(PermissionError, match="optimizer.bin"):
+        common.load_checkpoint(accelerator, path)
+    with pytest.raises(PermissionError, match="ema.safetensors"):
+        common.load_checkpoint_tensors(path, "ema")
+    del model, optimizer
+
+
 def test_a_damaged_ema_file_is_named_as_such(tmp_path):
     save_file({"w": torch.zeros(4)}, str(tmp_path / "ema.safetensors"))
     (tmp_path / "ema.safetensors").write_bytes((tmp_path / "ema.safetensors").read_bytes()[:-3])
-    with pytest.raises(ValueError, match=f"ema.safetensors could not be loaded .*damaged file \\(delete {tmp_path.name}"):
+    with pytest.raises(ValueError, match=f"ema.safetensors could not be loaded .*damaged file \\(delete "
+                                         f"{tmp_path.name}"):
         common.load_checkpoint_tensors(str(tmp_path), "ema")  # was a raw SafetensorError
 
 

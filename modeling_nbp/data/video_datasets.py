@@ -170,13 +170,17 @@ def _k600_index(root: str, split: str, annotations: str | None, video_dir: str |
     clips named {youtube_id}_{time_start:06d}_{time_end:06d}.<ext> anywhere under the split folder.
     Labels follow the sorted label names of the CSV; CSV rows whose clip is missing are left out."""
     found_csv, found_dir = _k600_split_files(root, split)
+    if annotations and not os.path.isfile(annotations):
+        raise FileNotFoundError(f"`annotations` {annotations} is not a file")
+    if video_dir and not os.path.isdir(video_dir):
+        raise FileNotFoundError(f"`video_dir` {video_dir} is not a folder")
     annotations, video_dir = annotations or found_csv, video_dir or found_dir
     names = "|".join(_k600_aliases(split))  # in the order they are searched
-    if annotations is None or not os.path.isfile(annotations):
+    if annotations is None:
         raise FileNotFoundError(f"no Kinetics annotation CSV for split {split!r}: looked for "
                                 f"{os.path.join(root, 'annotations', '{' + names + '}.csv')} and "
                                 f"{os.path.join(root, '{' + names + '}.csv')} (or pass `annotations`)")
-    if video_dir is None or not os.path.isdir(video_dir):
+    if video_dir is None:
         raise FileNotFoundError(f"no Kinetics clip folder for split {split!r}: looked for "
                                 f"{os.path.join(root, '{' + names + '}')} and "
                                 f"{os.path.join(root, 'videos', '{' + names + '}')} (or pass `video_dir`)")

@@ -31,6 +31,7 @@ import uuid
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data.video_datasets import item_seed
@@ -231,6 +232,8 @@ def load_checkpoint(accelerator, path: str, settings: dict | None = None, earlie
         raise ValueError(f"{path} lacks {os.path.basename(error.filename or str(error))}, which this run loads: resume "
                          "with the settings that started the run (--mixed_precision fp16 needs a checkpoint of an fp16 "
                          "run), or from a complete checkpoint") from error
+    except OSError:  # a file that cannot be read (permissions, the filesystem) is not damaged: its error names it
+        raise
     except Exception as error:  # another model (checkpoints from before the settings were kept), or a damaged file
         reason = (str(error).splitlines() or [""])[0][:300]
         raise ValueError(f"{path} could not be loaded ({type(error).__name__}: {reason}): it holds another model or "
@@ -265,7 +268,7 @@ def load_checkpoint_tensors(path: str, stem: str) -> dict[str, torch.Tensor]:
     file = os.path.join(path, f"{stem}.safetensors")
     try:
         return load_file(file)
-    except Exception as error:  # SafetensorError, OSError: a file cut short or damaged on disk
+    except SafetensorError as error:  # a file cut short or damaged on disk
         raise ValueError(f"{file} could not be loaded ({type(error).__name__}: {str(error)[:300]}): a damaged file "
                          f"(delete {os.path.basename(path)} to resume from the checkpoint before it)") from error
 

@@ -646,7 +646,8 @@ def main(argv=None) -> dict:
         if ema is not None:
             ema.load_state_dict(common.load_checkpoint_tensors(resume, "ema"))
         # a run that has no step left validates its last one again (it may have been killed while validating it)
-        log.truncate(global_step, redone=("val_loss",) if global_step >= args.max_steps else ())
+        redone = ("val_loss",) if global_step >= args.max_steps and val_data is not None else ()
+        log.truncate(global_step, redone=redone)
         accelerator.print(f"resumed from {resume} at step {global_step}")
     elif accelerator.is_main_process and os.path.isfile(log.path):
         os.remove(log.path)  # a fresh run starts a fresh log
