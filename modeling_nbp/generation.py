@@ -4,6 +4,7 @@ import copy
 import inspect
 import math
 import numbers
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import cache, partial
@@ -242,6 +243,10 @@ def check_sampling_args(temperature, top_k, top_p, guidance_scale) -> tuple:
     return float(temperature), None if top_k is None else int(top_k), float(top_p), float(guidance_scale)
 
 
+# guards what generations on one model share (the kept static decoder, the count of generations under way and the
+# modes they restore): calls from several threads, as a web server makes, must not both claim one decoder's cache
+_SHARED_STATE_LOCK = threading.Lock()
+
 # devices whose generation uses the static path unless a call says otherwise (on CUDA with CUDA graphs; on CPU it is
 # faster too, without them: `nbp bench`, README); elsewhere the dynamic cache, until measured
 STATIC_BY_DEFAULT = ("cuda", "cpu")
@@ -462,12 +467,13 @@ class NBPGenerationMixin:
         nonfinite = decoder.nonfinite if decoder is not None else torch.zeros((), dtype=torch.bool, device=device)
         # no dropout, no class dropout: a model in training mode samples what it would in eval mode; each module's
         # mode comes back (a frozen part stays in eval) when the last of the generations under way on the model ends
-        if not getattr(self, "_generations_under_way", 0):
-            modes = [m.training for m in self.modules()]
-            self._modes_before_generation = modes if any(modes) else None
-        self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
-        if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
-            self.eval()
+        with _SHARED_STATE_LOCK:
+            if not getattr(self, "_generations_under_way", 0):
+                modes = [m.training for m in self.modules()]
+                self._modes_before_generation = modes if any(modes) else None
+            self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
+            if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
+                self.eval()
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,
                                          sampling, nonfinite)
@@ -481,12 +487,13 @@ class NBPGenerationMixin:
             check_finite_logits(nonfinite, self.dtype, guidance_scale)
             raise
         finally:
-            self._generations_under_way -= 1
-            if not self._generations_under_way and self._modes_before_generation is not None:
-                for module, mode in zip(self.modules(), self._modes_before_generation):
-                    module.training = mode
-            if decoder is not None:
-                decoder.in_use = False
+            with _SHARED_STATE_LOCK:
+                self._generations_under_way -= 1
+                if not self._generations_under_way and self._modes_before_generation is not None:
+                    for module, mode in zip(self.modules(), self._modes_before_generation):
+                        module.training = mode
+                if decoder is not None:
+                    decoder.in_use = False
 
     def _decode_plan(self, plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator, sampling,
                      nonfinite):
@@ -549,19 +556,22 @@ class NBPGenerationMixin:
         filters = sampling_filters(**sampling)
         key = (batch_size, self.device, self.dtype, use_cuda_graphs, compile_decode, self.config.sample_whole_vocabulary,
                autocast, filters, tuple(p.data_ptr() for p in self.parameters()))
-        decoder = getattr(self, "_static_decoder", None)
-        if decoder is not None and decoder.in_use:
-            # another generation on this model is still under way (two streams consumed in turn, say): it keeps
-            # the shared decoder, this one gets a private cache and runs without graphs
+        with _SHARED_STATE_LOCK:  # claimed in one go: another thread may be looking for a decoder too
+            decoder = getattr(self, "_static_decoder", None)
+            shared = decoder is None or not decoder.in_use
+            if shared:
+                if decoder is None or decoder.key != key:
+                    self._static_decoder = decoder = None  # free the old cache and graphs before allocating anew
+                    decoder = self._static_decoder = StaticDecoder(key, self, batch_size, compile_decode, filters,
+                                                                   use_cuda_graphs)
+                decoder.in_use = True
+        if not shared:
+            # another generation on this model is still under way (two streams consumed in turn, or another
+            # thread's call): it keeps the shared decoder, this one gets a private cache and runs without graphs
             decoder = StaticDecoder(key, self, batch_size, compile_decode, filters, False)
-        elif decoder is None or decoder.key != key:
-            self._static_decoder = decoder = None  # free the old cache and graphs before allocating new ones
-            decoder = self._static_decoder = StaticDecoder(key, self, batch_size, compile_decode, filters,
-                                                           use_cuda_graphs)
         decoder.set_sampling(**sampling)
         decoder.cache.reset(self)
         decoder.nonfinite.zero_()
-        decoder.in_use = True
         return decoder
 
     def clear_decode_cache(self):
@@ -687,7 +697,8 @@ def capture_cuda_graph(fn, pool):
     """Record `fn()` (device work only) into a CUDA graph drawing on memory `pool`, without running it:
     -> (graph, fn's output)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: another thread's generation (a server's) may allocate memory while this one captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 

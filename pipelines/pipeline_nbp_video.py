@@ -232,6 +232,12 @@ class NBPVideoPipeline(DiffusionPipeline):
     >>> for chunk in pipe.stream(class_labels=[3]):  # frames as soon as their latent frame is complete
     ...     show(chunk.frames)
     ```
+
+    Calls from several threads at once (a web server's workers), like streams consumed in turn, give each caller its
+    own videos: the generator's kept decode cache serves one generation at a time, the others get their own. What a
+    call sets on the pipeline object is shared, though: `pipe._interrupt = True` stops every call under way on it,
+    and `num_timesteps` is the last started call's. For requests that may be interrupted, give each its own pipeline
+    object over the same components, `NBPVideoPipeline.from_pipe(pipe)` (no copy of the weights).
     """
 
     model_cpu_offload_seq = "transformer->video_tokenizer"

@@ -984,6 +984,31 @@ def test_interleaved_static_generations_do_not_share_a_cache():
     assert not model._static_decoder.in_use  # released when the generation ends
 
 
+def test_generations_from_two_threads_do_not_share_a_cache(monkeypatch):
+    # a web server's threads calling one model at once: both look for the kept decoder before either has claimed
+    # it (held at the cache's reset, where the claim used to come after), and only one may get it
+    import threading
+
+    model = make_model(block=(1, 1, 4), first_block="hybrid")
+    kw = dict(top_k=20, cache_implementation="static")
+    alone = {c: model.generate_video_tokens(class_labels=[c], generator=torch.Generator().manual_seed(c), **kw)
+             for c in (1, 2)}
+    both_there, reset = threading.Barrier(2, timeout=5), generation.BlockKVCache.reset
+    monkeypatch.setattr(generation.BlockKVCache, "reset", lambda cache, m: (both_there.wait(), reset(cache, m)))
+    out = {}
+
+    def run(c):
+        out[c] = model.generate_video_tokens(class_labels=[c], generator=torch.Generator().manual_seed(c), **kw)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(out[1], alone[1]) and torch.equal(out[2], alone[2])
+    assert not model._static_decoder.in_use and model._generations_under_way == 0
+
+
 def test_interleaved_generations_of_a_model_in_training_mode_sample_in_eval_mode():
     model = make_model(block=(1, 1, 4), first_block="hybrid", hidden_dropout=0.5)
     kw = dict(top_k=20, cache_implementation="dynamic")

@@ -371,6 +371,37 @@ def test_interrupt_returns_complete_frames(pipe):
     assert NBPVideoPipeline(transformer=pipe.transformer, video_tokenizer=pipe.video_tokenizer).interrupt is False
 
 
+def test_concurrent_requests_each_get_their_own_video(pipe, monkeypatch):
+    # a server's threads, each with its own pipeline object over the shared components (the documented way to
+    # interrupt one request alone); both start before either has claimed the generator's kept decode cache
+    import threading
+
+    from modeling_nbp import generation
+
+    alone = {c: pipe(class_labels=[c], generator=gen(c), output_type="np").frames for c in (1, 2)}
+    both_there, reset = threading.Barrier(2, timeout=5), generation.BlockKVCache.reset
+    monkeypatch.setattr(generation.BlockKVCache, "reset", lambda cache, m: (both_there.wait(), reset(cache, m)))
+
+    def stop(p, step, timestep, kwargs):
+        p._interrupt = step == 4 + 3  # latent frame 0 complete
+        return {}
+
+    out = {}
+
+    def request(c, callback=None):
+        out[c] = NBPVideoPipeline.from_pipe(pipe)(class_labels=[c], generator=gen(c), output_type="np",
+                                                  callback_on_step_end=callback).frames
+
+    threads = [threading.Thread(target=request, args=(1, stop)), threading.Thread(target=request, args=(2,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(out[2], alone[2])
+    assert out[1].shape[1] == 1
+    np.testing.assert_allclose(out[1], alone[1][:, :1], atol=1e-5)
+
+
 def test_streaming_matches_full_generation(pipe):
     full = pipe(class_labels=[0, 2], generator=gen(5), output_type="np").frames
     chunks = list(pipe.stream(class_labels=[0, 2], generator=gen(5)))
