@@ -1,6 +1,7 @@
 import importlib
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -171,6 +172,17 @@ def test_folder_layout_reads_every_common_video_extension(tmp_path):
     assert len(data) == 8 and data[1]["video"].shape == (3, 4, 8, 8)
 
 
+def test_a_video_name_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ok.mp4").touch()
+    try:
+        open(os.path.join(os.fsencode(tmp_path / "a"), b"caf\xe9.mp4"), "wb").close()  # Latin-1, as old archives
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    with pytest.raises(ValueError, match=r"1 video path\(s\) are not valid UTF-8, e.g. b'.*caf\\xe9.mp4'"):
+        load_video_dataset(tmp_path, layout="folder", num_frames=4, resolution=8)  # was a UnicodeEncodeError
+
+
 def test_a_class_folder_dataset_with_its_own_csv_is_no_kinetics(tmp_path):
     write_counting_video(tmp_path / "train" / "cat" / "0.mp4", frames=4)
     (tmp_path / "train.csv").write_text("video_name,tag\ncat/0.mp4,cat\n")  # was read as a Kinetics CSV, and refused
@@ -225,6 +237,16 @@ def test_ucf101_layout(tmp_path, caplog):
     (root / ".ipynb_checkpoints").mkdir()
     train = load_video_dataset(root, split="train", num_frames=5, resolution=16)
     assert train.class_names == ["ApplyEyeMakeup", "Biking", "YoYo"] and train.index["label"] == [0, 1]
+
+
+def test_ucf101_lists_with_backslashes_name_the_same_files(tmp_path):
+    """A split list saved on Windows separates class and file with a backslash: the same videos on every system."""
+    root = make_ucf(tmp_path)
+    expected = load_video_dataset(root, split="test", num_frames=5, resolution=16).index
+    lists = tmp_path / "ucfTrainTestlist" / "testlist01.txt"
+    lists.write_text(lists.read_text().replace("/", "\\"))
+    index = load_video_dataset(root, split="test", num_frames=5, resolution=16).index
+    assert index["path"] == expected["path"] and index["label"] == [0, 1, 2]
 
 
 def test_k600_layout(tmp_path):
@@ -321,6 +343,17 @@ def test_dataloader_with_workers_counts_skipped_videos(folder_with_corrupt_files
         labels += batch["label"].tolist()
     assert labels == [0, 0, 0, 0] and summary.total == 6 and summary.num_skipped == 2
     assert str(summary).startswith("skipped 2 of 6 videos: ") and "truncated.mp4" in str(summary)
+
+
+def test_datasets_survive_the_pickling_of_spawned_workers(tmp_path):
+    """DataLoader workers started by "spawn" (macOS, Windows) get the dataset pickled: every item must come back the
+    same (no lambdas, open files or containers held), the random windows included."""
+    write_counting_video(tmp_path / "a" / "0.mp4", frames=20)
+    data = load_video_dataset(tmp_path, num_frames=6, resolution=8, sampling="random")
+    for dataset, key in [(data, (0, 7)), (MovingDigits(2, num_frames=3, size=8, digit_size=4), 1)]:
+        torch.testing.assert_close(pickle.loads(pickle.dumps(dataset))[key]["video"], dataset[key]["video"])
+    streaming = pickle.loads(pickle.dumps(streaming_video_dataset(data, seed=3)))
+    torch.testing.assert_close(next(iter(streaming))["video"], data[(0, item_seed(3, 0, 0))]["video"])
 
 
 def test_streaming_split_by_node(folder_with_corrupt_files):

@@ -53,7 +53,20 @@ def _subfolders(root: str, exclude: tuple[str, ...] = ()) -> list[str]:
                   if not e.name.startswith(".") and e.name not in exclude and os.path.isdir(e.path))
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir escapes the bytes of a name in another encoding as surrogates
+        return False
+    return True
+
+
 def _make_index(paths: list[str], labels: list[int], class_names: list[str]) -> datasets.Dataset:
+    # Arrow stores text as UTF-8: a name in another encoding (from an old archive, on Linux) fails it, unnamed
+    unnamed = [path for path in paths if not _is_utf8(path)]
+    if unnamed:
+        raise ValueError(f"{len(unnamed)} video path(s) are not valid UTF-8, e.g. {os.fsencode(unnamed[0])}: rename "
+                         "them to UTF-8 names")
     features = datasets.Features({"path": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=class_names)})
     return datasets.Dataset.from_dict({"path": paths, "label": labels}, features=features)
@@ -139,11 +152,11 @@ def _ucf101_index(root: str, split: str, fold: int) -> datasets.Dataset:
         for line in f:
             if not line.strip():
                 continue
-            relative = line.split()[0]
-            class_name = relative.replace("\\", "/").split("/")[0]
+            parts = line.split()[0].replace("\\", "/").split("/")  # lists edited on Windows: backslashes
+            class_name = parts[0]
             if class_name not in label_of:
                 raise ValueError(f"{split}list0{fold}.txt names class {class_name!r}, not among {len(class_names)} classes")
-            paths.append(os.path.join(root, relative))
+            paths.append(os.path.join(root, *parts))
             labels.append(label_of[class_name])
     paths, labels = _keep_existing(paths, labels, f"UCF-101 {split} fold {fold}")
     return _make_index(paths, labels, class_names)
