@@ -354,7 +354,8 @@ def videos_digest(data: VideoClipDataset, root: str) -> str:
     """A digest of the training videos of a folder (their paths under `root` and labels, in order): other videos in
     the same folder move the held-out ones and the data order."""
     index = data.index
-    listing = "\n".join(f"{os.path.relpath(p, root)}\t{label}" for p, label in zip(index["path"], index["label"]))
+    listing = "\n".join(f"{os.path.relpath(p, root).replace(os.sep, '/')}\t{label}"  # the same on every system
+                        for p, label in zip(index["path"], index["label"]))
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
