@@ -556,7 +556,9 @@ class NBPForVideoGeneration(NBPGenerationMixin, NBPPreTrainedModel):
 
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS, attention=attention)
         elif compiled:
-            with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
+            # torch 2.6 has only the older name of the limit; later versions keep it as an alias
+            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            with torch._dynamo.config.patch(**{limit: DECODE_RECOMPILE_LIMIT}):
                 logits = self._block_logits(cache, ids, start, keep, compiled_decode_parts(compiled))
         else:
             logits = self._block_logits(cache, ids, start, keep, DECODE_PARTS)

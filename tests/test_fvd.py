@@ -301,7 +301,6 @@ class _StyleGANVLikeDetector(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_fvd_checks_the_seed_and_the_sampling_before_the_detector_runs():
     calculator, calls = _counting_calculator()
     videos = moving_squares(3, size=16)
@@ -313,6 +312,7 @@ def test_fvd_checks_the_seed_and_the_sampling_before_the_detector_runs():
     assert calls == []
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch 2.13 deprecates TorchScript
 def test_torchscript_detector_is_called_like_stylegan_v(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.save(torch.jit.script(_StyleGANVLikeDetector()), str(path))

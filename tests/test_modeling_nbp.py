@@ -460,7 +460,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # the current transformers name, not the deprecated one
         enable_activation_checkpointing(checkpointed)
-    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert checkpointed.is_activation_checkpointing and not plain.is_activation_checkpointing
     losses = []
     for model in (plain, checkpointed):
         torch.manual_seed(3)  # the same dropout masks; checkpointing replays them in the backward
@@ -823,6 +823,32 @@ def test_compiled_decoding_takes_many_batch_sizes(monkeypatch):
         model.generate_video_tokens(class_labels=[0] * batch, top_k=5, cache_implementation="static",
                                     compile_decode=True, generator=torch.Generator().manual_seed(0))
     assert counter.frame_count > 8
+
+
+def test_compiled_decoding_runs_on_torch_2_6(monkeypatch):
+    """torch 2.6, the oldest one setup.py allows, names dynamo's recompile limit `cache_size_limit` only (2.7 renamed
+    it `recompile_limit`, keeping the old name as an alias)."""
+    import contextlib
+
+    import torch._dynamo
+
+    from modeling_nbp import modeling_nbp
+
+    class Torch26DynamoConfig:
+        cache_size_limit = 8
+
+        def patch(self, **changes):
+            for name in changes:
+                if not hasattr(self, name):
+                    raise AttributeError(f"torch._dynamo.config.{name} does not exist")
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch._dynamo, "config", Torch26DynamoConfig())
+    monkeypatch.setattr(modeling_nbp, "compiled_decode_parts", lambda mode="default": modeling_nbp.DECODE_PARTS)
+    model = make_model(latent=(2, 2, 4))
+    kw = dict(class_labels=[0], top_k=5, cache_implementation="static", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate_video_tokens(compile_decode=True, **kw),
+                       model.generate_video_tokens(**dict(kw, generator=torch.Generator().manual_seed(0))))
 
 
 def test_a_new_static_decoder_is_allocated_after_the_old_one_is_freed(monkeypatch):

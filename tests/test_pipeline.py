@@ -1,6 +1,8 @@
 """NBPVideoPipeline tests in the spirit of diffusers' PipelineTesterMixin, with tiny dummy components."""
 
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -709,14 +711,14 @@ def test_hub_push_and_pull(pipe, local_hub, monkeypatch, tmp_path):
     pipe.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="test-user/nbp-tiny")
     # diffusers' push_to_hub uploads the same folder with this pipeline's card; a card already on the Hub is kept
     pipe.push_to_hub("nbp-other", variant="fp16")  # the card names the full repo id (and the variant)
-    card = open(hf_hub_download("test-user/nbp-other", "README.md")).read()
+    card = Path(hf_hub_download("test-user/nbp-other", "README.md")).read_text()
     assert 'NBPVideoPipeline.from_pretrained("test-user/nbp-other", variant="fp16")' in card
     files = HfApi().list_repo_files("test-user/nbp-other")
     assert "pipeline_nbp_video.py" in files and "transformer/model.fp16.safetensors" in files
     assert NBPVideoPipeline.from_pretrained("test-user/nbp-other", variant="fp16").num_frames == pipe.num_frames
     HfApi().upload_file(path_or_fileobj=b"my card", path_in_repo="README.md", repo_id="test-user/nbp-other")
     pipe.push_to_hub("test-user/nbp-other")
-    assert open(hf_hub_download("test-user/nbp-other", "README.md")).read() == "my card"
+    assert Path(hf_hub_download("test-user/nbp-other", "README.md")).read_text() == "my card"
     expected = pipe(class_labels=[2], generator=gen(1), output_type="np").frames
     pulled = NBPVideoPipeline.from_pretrained("test-user/nbp-tiny")
     pulled.set_progress_bar_config(disable=True)
