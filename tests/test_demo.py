@@ -33,8 +33,8 @@ def test_demo_writes_every_promised_file(tmp_path):
         votes = [best_matching_class(gray[f], templates) for f in range(0, 17, 2)]
         shown.append(max(set(votes), key=votes.count))
     assert sum(s == int(n) for s, n in zip(shown, names)) >= 7, shown
-    sheet = PIL.Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.size[0] > 17 * 32 and sheet.size[1] >= 10 * 2 * 32  # 17 frames across, 2 videos per class
+    with PIL.Image.open(tmp_path / "contact_sheet.png") as sheet:
+        assert sheet.size[0] > 17 * 32 and sheet.size[1] >= 10 * 2 * 32  # 17 frames across, 2 videos per class
     frames, _ = read_video(str(tmp_path / "frame_prediction.gif"))
     assert frames.shape == (17, 10 * 32, 2 * 32, 3)  # true clips beside their continuations
     assert os.path.isfile(tmp_path / "frame_prediction.png")

@@ -64,7 +64,8 @@ def test_files_hold_the_pipeline_videos(saved, tmp_path):
             assert_same_video(frames, reference)
             # ... and within the codec's loss of them (8x8 noise-like frames: 4:2:0 chroma / a 256-colour palette)
             assert np.abs(frames.astype(np.float32) - expected[i] * 255).mean() < (40 if fmt == "mp4" else 12)
-    assert PIL.Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 5 * 8
+    with PIL.Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
+        assert sheet.size[0] > 5 * 8
     # npy: the frames themselves, as uint8 (what an exact FVD reads)
     generate(model, tmp_path / "npy", "--class_labels", "square", "--seed", "3", "--formats", "npy")
     frames = np.load(tmp_path / "npy" / "square_0.npy")
