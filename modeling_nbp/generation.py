@@ -468,11 +468,11 @@ class NBPGenerationMixin:
         # no dropout, no class dropout: a model in training mode samples what it would in eval mode; each module's
         # mode comes back (a frozen part stays in eval) when the last of the generations under way on the model ends
         with _SHARED_STATE_LOCK:
+            modes = [m.training for m in self.modules()]  # reading the flags costs a quarter of setting them
             if not getattr(self, "_generations_under_way", 0):
-                modes = [m.training for m in self.modules()]
                 self._modes_before_generation = modes if any(modes) else None
             self._generations_under_way = getattr(self, "_generations_under_way", 0) + 1
-            if any(m.training for m in self.modules()):  # reading the flags costs a quarter of setting them
+            if any(modes):
                 self.eval()
         try:
             yield from self._decode_plan(plan, seq, video, B, guided, drop, decoder, cache, use_cache, generator,

@@ -581,6 +581,8 @@ def main(argv=None) -> dict:
     train_labels = None
     if config.condition_mode == "class":
         train_labels = data_label_map(info, config, warn=accelerator.is_main_process)
+        if train_labels is not None:
+            train_labels = train_labels.to(accelerator.device)  # once, not at every batch (`model_inputs`)
     sample_classes = None  # the classes the samples show: the data's (a fine-tuned model may have others), else all
     if train_labels is not None:
         sample_classes = train_labels.tolist()
@@ -594,6 +596,7 @@ def main(argv=None) -> dict:
         check_same_pretokenization(args.validation_data, args.train_data)
         val_info = describe_tokens(args.validation_data, "--validation_data")
         val_labels = check_validation_data(val_info, info, config)
+        val_labels = None if val_labels is None else val_labels.to(accelerator.device)
         val_data = val_info["data"]
         if val_data.num_windows > len(val_data) and accelerator.is_main_process:
             logger.warning("--validation_data holds several windows per video, of which the validation loss reads one "
